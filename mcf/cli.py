@@ -1,0 +1,63 @@
+"""The ``mcf`` command: a thin dispatcher over the library's components.
+
+Each command lives in its component's ``cli`` module, which exposes ``add_parser(subparsers)``;
+those modules import nothing heavy at the top, so ``mcf --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from mcf.errors import UserError
+
+# (module, command names it registers): imported lazily so a missing optional extra only
+# breaks its own command.
+COMMAND_MODULES = [
+    "mcf.train.cli",
+    "mcf.data.cli",
+    "mcf.downstream.cli",
+    "mcf.bench.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcf", description="Mask Contrastive Face pre-training and evaluation.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        if hasattr(module, "add_parser"):
+            module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:
+        argv = ["pretrain"]  # the main job on the built-in default (the demo preset)
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        rc = args.func(args)
+    except UserError as e:
+        print(f"mcf: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mcf: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""The mcf config: one tree of documented, validated dataclasses; named YAML presets; overrides.
+
+Resolution order (later wins): the dataclass defaults, the preset or YAML file named by
+``--config``, the dedicated CLI flags (``--batch-size`` …), then each ``--set key.sub=value``.
+The resolved tree is written to ``config.yaml`` in the output folder and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mcf.configtree import field, from_dict, load_yaml, merge, parse_override, to_dict
+from mcf.data.config import DataConfig
+from mcf.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = field("mcf_vit_base_patch16", help="Registered model (mcf.models.list_models()).")
+    img_size: int | None = field(None, help="Input resolution; None = the model's default.")
+    norm_impl: Literal["torch", "apex"] = field("torch", help="LayerNorm implementation: torch, or NVIDIA apex's FusedLayerNorm (must be installed).")
+    init_from: str | None = field(None, help="MAE checkpoint to initialise encoder and decoder from ('partially pre-trained decoder').")
+    init_decoder: bool = field(True, help="With init_from: also load the decoder weights when the checkpoint has them.")
+
+    def __post_init__(self) -> None:
+        if self.img_size is not None and self.img_size <= 0:
+            raise ConfigError("model.img_size must be positive")
+
+
+@dataclass(kw_only=True)
+class MaskingConfig:
+    ratio: float = field(0.75, help="Fraction of patches removed from the online and target encoders' input.")
+    ratio_range: tuple[float, float] | None = field(None, help="Draw a mask ratio per image uniformly in [min, max] (beyond the paper; padded encoder with key mask).")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ConfigError("masking.ratio must be in [0, 1)")
+        if self.ratio_range is not None:
+            lo, hi = self.ratio_range
+            if not 0.0 <= lo <= hi < 1.0:
+                raise ConfigError("masking.ratio_range must satisfy 0 <= min <= max < 1")
+
+
+@dataclass(kw_only=True)
+class AttentionConfig:
+    backend: Literal["auto", "sdpa", "triton", "math"] = field("auto", help="Attention kernel: math (reference), sdpa (PyTorch), triton (mcf kernels), auto (measured choice).")
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    perceptual_weight: float = field(1000.0, help="Weight of the perceptual loss (the paper: 1000).")
+    contrastive_weight: float = field(1.0, help="Weight of the momentum contrastive loss.")
+    pixel_weight: float = field(0.0, help="Weight of the MAE pixel loss on masked patches (ablations; 0 = off, the paper).")
+    norm_pix: bool = field(False, help="Pixel loss on per-patch normalised pixels (MAE's norm_pix_loss).")
+    temperature: float = field(0.2, help="InfoNCE temperature tau; the loss is scaled by 2*tau.")
+    perceptual_layers: tuple[int, ...] = field((2, 5, 8, 11), help="Teacher blocks whose token outputs are compared.")
+    perceptual_norm: Literal["token", "feature"] = field("token", help="L2-normalise teacher features along the token axis (as released) or the feature axis.")
+    perceptual_resize: Literal["nearest", "bilinear"] = field("nearest", help="Resize to the teacher's input size: nearest (as released) or bilinear.")
+    projector_hidden: int | None = field(None, help="Hidden width of projector and predictor MLPs; None = the model's (4096 for the paper's models).")
+    projector_dim: int | None = field(None, help="Output width of projector and predictor; None = the model's (256 for the paper's models).")
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError("loss.temperature must be > 0")
+        for name in ("perceptual_weight", "contrastive_weight", "pixel_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0")
+        if not self.perceptual_layers:
+            raise ConfigError("loss.perceptual_layers must name at least one block")
+
+
+@dataclass(kw_only=True)
+class TeacherConfig:
+    checkpoint: str | None = field(None, help="Frozen perceptual teacher weights (MoCo v3, MAE, timm or safetensors); 'random' only for tests/benchmarks.")
+    name: str | None = field(None, help="Teacher architecture; None = the model's matching teacher (ViT-B/16 for the paper's models).")
+    img_size: int | None = field(None, help="Teacher input size; None = the teacher architecture's default.")
+
+
+@dataclass(kw_only=True)
+class MomentumConfig:
+    base: float = field(0.99, help="EMA momentum of the target encoder (the paper: 0.99).")
+    schedule: Literal["constant", "cosine"] = field("constant", help="constant (as released) or cosine from base to 1 over training.")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.base <= 1.0:
+            raise ConfigError("momentum.base must be in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    impl: Literal["torch", "apex"] = field("torch", help="AdamW implementation: torch (fused where supported) or NVIDIA apex FusedAdam (must be installed).")
+    blr: float = field(1.5e-4, help="Base learning rate; lr = blr * global_batch / 256.")
+    lr: float | None = field(None, help="Absolute learning rate; overrides blr when set.")
+    min_lr: float = field(0.0, help="Floor of the cosine schedule.")
+    weight_decay: float = field(0.05, help="AdamW weight decay (none on biases, norms, tokens, position embeddings).")
+    betas: tuple[float, float] = field((0.9, 0.95), help="AdamW betas.")
+    warmup_steps: int | None = field(None, help="Linear warm-up steps; None = warmup_epochs converted to steps.")
+    warmup_epochs: float = field(40.0, help="Linear warm-up length in epochs (as released), used when warmup_steps is None.")
+    grad_clip: float = field(0.0, help="Gradient-norm clipping (0 = off, as released).")
+
+    def __post_init__(self) -> None:
+        if self.blr <= 0 or (self.lr is not None and self.lr <= 0):
+            raise ConfigError("optim.blr / optim.lr must be > 0")
+        if self.min_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.min_lr, weight_decay and grad_clip must be >= 0")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError("optim.warmup_steps must be >= 0")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    output_dir: str = field("runs/mcf", help="Run folder: config.yaml, metrics.jsonl, checkpoints/, reconstructions/, mlflow.db.")
+    batch_size: int = field(64, help="Micro-batch size per rank.")
+    accum_steps: int = field(1, help="Gradient accumulation steps per optimizer step.")
+    epochs: int = field(400, help="Epochs (ignored when max_steps is set).")
+    max_steps: int | None = field(None, help="Stop after this many optimizer steps (overrides epochs).")
+    precision: Literal["fp32", "bf16", "fp16"] = field("bf16", help="Training precision (fp16 uses dynamic loss scaling).")
+    seed: int = field(0, help="Seed of weights, masks, augmentation and data order.")
+    resume: str = field("auto", help="auto (newest complete checkpoint in output_dir), none, or a checkpoint path.")
+    compile: bool = field(False, help="torch.compile the online model.")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.accum_steps < 1 or self.epochs < 1:
+            raise ConfigError("train.batch_size, accum_steps and epochs must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError("train.max_steps must be >= 1")
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    zero: int = field(1, help="ZeRO stage 0-3.")
+    config: str | None = field(None, help="DeepSpeed JSON (ds_configs/…); None = chosen from zero and precision. Batch keys are filled by mcf.")
+
+    def __post_init__(self) -> None:
+        if self.zero not in (0, 1, 2, 3):
+            raise ConfigError("deepspeed.zero must be 0, 1, 2 or 3")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    log_every: int = field(10, help="Steps between metric logs (values are gathered from the device only then).")
+    recon_every: int = field(500, help="Steps between reconstruction PNGs (0 = only at the end).")
+    tracking_uri: str | None = field(None, help="MLflow tracking URI; None = a local sqlite store in the output folder; 'none' disables MLflow.")
+    experiment: str = field("mcf", help="MLflow experiment name.")
+    progress: bool = field(True, help="tqdm progress bar on rank 0.")
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1 or self.recon_every < 0:
+            raise ConfigError("logging.log_every must be >= 1 and recon_every >= 0")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = field(1000, help="Steps between checkpoints (a final one is always written).")
+    keep_last: int = field(3, help="Complete checkpoints kept; older ones are deleted.")
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.keep_last < 1:
+            raise ConfigError("checkpoint.every and keep_last must be >= 1")
+
+
+@dataclass(kw_only=True)
+class MonitorConfig:
+    every: int = field(0, help="Steps between representation probes on held-out built-in faces (0 = off).")
+    data: str = field("builtin", help="Held-out images for the probe ('builtin' = the built-in validation split).")
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig, help="Architecture.")
+    masking: MaskingConfig = field(default_factory=MaskingConfig, help="Random masking.")
+    attention: AttentionConfig = field(default_factory=AttentionConfig, help="Attention kernels.")
+    loss: LossConfig = field(default_factory=LossConfig, help="Objective.")
+    teacher: TeacherConfig = field(default_factory=TeacherConfig, help="Frozen perceptual teacher.")
+    momentum: MomentumConfig = field(default_factory=MomentumConfig, help="EMA target encoder.")
+    data: DataConfig = field(default_factory=DataConfig, help="Input pipeline.")
+    optim: OptimConfig = field(default_factory=OptimConfig, help="Optimizer and learning-rate schedule.")
+    train: TrainConfig = field(default_factory=TrainConfig, help="Run length, batch, precision, seed.")
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig, help="DeepSpeed engine.")
+    logging: LoggingConfig = field(default_factory=LoggingConfig, help="Metrics, pictures, MLflow.")
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, help="Checkpointing.")
+    monitor: MonitorConfig = field(default_factory=MonitorConfig, help="Representation monitor.")
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_dict(name_or_path: str) -> dict[str, Any]:
+    """The partial dict of a named preset or a YAML file (a preset may ``inherit:`` another)."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset '{name_or_path}' (presets: {', '.join(list_presets())}; or give a YAML path)")
+    data = load_yaml(path)
+    parent = data.pop("inherit", None)
+    if parent:
+        data = merge(preset_dict(parent), data)
+    return data
+
+
+def build_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = (), updates: dict[str, Any] | None = None) -> Config:
+    """Resolve a config: preset/YAML, then the nested ``updates`` dict (CLI flags), then overrides."""
+    data: dict[str, Any] = preset_dict(preset) if preset else {}
+    if updates:
+        data = merge(data, updates)
+    for text in overrides:
+        data = merge(data, parse_override(text, Config))
+    return from_dict(Config, data)
+
+
+def load_config_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a config from its saved dict (``config.yaml`` or a checkpoint)."""
+    return from_dict(Config, data)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

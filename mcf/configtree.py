@@ -1,0 +1,232 @@
+"""Machinery for a tree of config dataclasses: documented fields, dotted overrides, YAML I/O.
+
+Every section is a ``@dataclass(kw_only=True)`` whose fields are declared with :func:`field`, which
+stores the help text in the field's metadata, so ``--help`` and error messages can quote it. A
+section validates itself in ``__post_init__`` and raises :class:`~mcf.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mcf.errors import ConfigError
+
+_MISSING = dataclasses.MISSING
+
+
+def field(default: Any = _MISSING, *, help: str, default_factory: Any = _MISSING) -> Any:
+    """A dataclass field with a help string (shown by ``mcf config`` and in errors)."""
+    if default_factory is not _MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def section(cls: type) -> type:
+    """Mark a dataclass as a config section (a nested dataclass built by default)."""
+    return cls
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def flat_keys(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """All dotted leaf keys of a config class, mapped to their dataclass fields."""
+    out: dict[str, dataclasses.Field] = {}
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if _is_dataclass_type(tp):
+            out.update(flat_keys(tp, key + "."))
+        else:
+            out[key] = f
+    return out
+
+
+def _unknown_key_error(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    if not close:
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in valid if k.rsplit(".", 1)[-1] == leaf][:3]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise a ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"invalid value for '{key}': {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"invalid value for '{key}': {value!r} (choose from {', '.join(map(str, args))})")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"invalid value for '{key}': expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, key) for v in value]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"invalid value for '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"invalid value for '{key}': expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"invalid value for '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"invalid value for '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"invalid value for '{key}': expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Build a config dataclass from a (possibly partial) nested dict; unknown keys raise."""
+    data = dict(data or {})
+    hints = _field_types(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for k, v in data.items():
+        if k not in names:
+            raise _unknown_key_error(prefix + str(k), list(flat_keys(_root_of(cls, prefix)).keys()) if prefix == "" else [prefix + n for n in names])
+        tp = hints[k]
+        if _is_dataclass_type(tp):
+            if v is not None and not isinstance(v, dict):
+                raise ConfigError(f"'{prefix}{k}' is a section; set its keys, e.g. {prefix}{k}.<key>=...")
+            kwargs[k] = from_dict(tp, v, prefix + k + ".")
+        else:
+            kwargs[k] = _coerce(v, tp, prefix + k)
+    for name, f in names.items():
+        if name not in kwargs and _is_dataclass_type(hints[name]):
+            kwargs[name] = from_dict(hints[name], {}, prefix + name + ".")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if prefix and not str(e).startswith(prefix):
+            raise ConfigError(f"{prefix.rstrip('.')}: {e}") from None
+        raise
+
+
+def _root_of(cls: type, prefix: str) -> type:
+    return cls
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts/lists (tuples become lists), YAML-safe."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: values of ``update`` win; nested dicts merge."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str, cls: type) -> dict[str, Any]:
+    """``"a.b=1"`` → ``{"a": {"b": 1}}``, checking the key exists in ``cls``."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    valid = flat_keys(cls)
+    if key not in valid:
+        raise _unknown_key_error(key, list(valid))
+    value: Any = yaml.safe_load(raw) if raw.strip() != "" else ""
+    if value is None and raw.strip().lower() not in ("null", "none", "~"):
+        value = raw
+    if isinstance(value, str) and raw.strip().lower() == "none":
+        value = None
+    node: dict[str, Any] = {}
+    cur = node
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return node
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return data
+
+
+def describe(cls: type) -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every leaf, for documentation and ``mcf config --list``."""
+    rows = []
+    defaults = to_dict(from_dict(cls, {}))
+    for key, f in flat_keys(cls).items():
+        cur: Any = defaults
+        for part in key.split("."):
+            cur = cur[part]
+        rows.append((key, cur, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,36 @@
+"""The ``data`` section of the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from mcf.configtree import field
+from mcf.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str = field("builtin", help="Image folder, mcf LMDB, or the paper's LMDB; 'builtin' = the built-in real faces (train split).")
+    lmdb_keys: str | None = field(None, help="Key list file of the paper's LMDB layout (one key per line); only with such an LMDB.")
+    loader: Literal["auto", "dali", "torch"] = field("auto", help="Input pipeline: DALI when installed and working ('auto'), or the PyTorch DataLoader.")
+    num_workers: int = field(2, help="Decoding workers per rank (DataLoader workers / DALI threads).")
+    prefetch: int = field(2, help="Batches prefetched per worker / DALI queue depth.")
+    img_size: int | None = field(None, help="Input resolution; None = the model's image size.")
+    random_resized_crop: bool = field(False, help="RandomResizedCrop instead of the released plain resize.")
+    crop_scale: tuple[float, float] = field((0.2, 1.0), help="Area range of RandomResizedCrop.")
+    hflip: bool = field(True, help="Random horizontal flip (p=0.5), as released.")
+    max_bad_fraction: float = field(0.01, help="Stop the run when more than this fraction of the samples seen failed to decode.")
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers must be >= 0")
+        if self.prefetch < 1:
+            raise ConfigError("data.prefetch must be >= 1")
+        if self.img_size is not None and self.img_size <= 0:
+            raise ConfigError("data.img_size must be positive")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError("data.crop_scale must satisfy 0 < min <= max <= 1")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError("data.max_bad_fraction must be in [0, 1]")

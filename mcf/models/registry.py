@@ -1,0 +1,117 @@
+"""Models by name: ``create_model`` builds the whole MCF model, teacher included."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from mcf.errors import ConfigError
+from mcf.models.loading import init_from_mae, load_teacher_weights
+from mcf.models.mcf import MCF, MCFSpec
+from mcf.models.teacher import TEACHERS, PerceptualTeacher, TeacherSpec
+
+log = logging.getLogger(__name__)
+
+_SMALL = dict(embed_dim=384, depth=12, num_heads=6)
+_BASE = dict(embed_dim=768, depth=12, num_heads=12)
+_LARGE = dict(embed_dim=1024, depth=24, num_heads=16)
+_HUGE = dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16)
+
+MODELS: dict[str, MCFSpec] = {
+    # debug model + matching tiny teacher (32 px, 4 px patches): tests and the demo
+    "mcf_vit_tiny": MCFSpec(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, decoder_dim=64, decoder_depth=2,
+                            decoder_heads=2, proj_hidden=256, proj_dim=64, teacher="vit_tiny_debug"),
+    "mcf_vit_small_patch16": MCFSpec(**_SMALL, decoder_dim=256, decoder_depth=2, decoder_heads=16),
+    "mcf_vit_base_patch16": MCFSpec(**_BASE),
+    "mcf_vit_large_patch16": MCFSpec(**_LARGE),
+    "mcf_vit_huge_patch14": MCFSpec(**_HUGE),
+}
+for _depth in (1, 2, 4, 8):
+    MODELS[f"mcf_vit_base_patch16_dec512d{_depth}b"] = MCFSpec(**_BASE, decoder_depth=_depth)
+MODELS["mcf_vit_small_patch16_dec256d2b"] = MODELS["mcf_vit_small_patch16"]
+
+# timm architecture names of each encoder (for ``mcf export``)
+TIMM_NAMES = {
+    "mcf_vit_small_patch16": "vit_small_patch16_224",
+    "mcf_vit_base_patch16": "vit_base_patch16_224",
+    "mcf_vit_large_patch16": "vit_large_patch16_224",
+    "mcf_vit_huge_patch14": "vit_huge_patch14_224",
+}
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def get_spec(name: str, **overrides: Any) -> MCFSpec:
+    if name not in MODELS:
+        import difflib
+
+        close = difflib.get_close_matches(name, MODELS, n=3)
+        raise ConfigError(f"unknown model '{name}'" + (f"; did you mean {', '.join(close)}?" if close else f" (models: {', '.join(list_models())})"))
+    spec = MODELS[name]
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(MCFSpec)}
+    if unknown:
+        raise ConfigError(f"unknown model override(s) {sorted(unknown)}")
+    return dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def create_teacher(name: str, checkpoint: str | None, img_size: int | None = None) -> PerceptualTeacher:
+    """The frozen teacher; ``checkpoint='random'`` is the only way to a random one."""
+    if name not in TEACHERS:
+        raise ConfigError(f"unknown teacher '{name}' (teachers: {', '.join(sorted(TEACHERS))})")
+    spec: TeacherSpec = TEACHERS[name]
+    if img_size is not None:
+        spec = dataclasses.replace(spec, img_size=img_size)
+    if checkpoint is None:
+        raise ConfigError("a perceptual teacher checkpoint is required: teacher_checkpoint=PATH (MoCo v3 ViT-B/16 in the paper), "
+                          "or the explicit value 'random' for tests and benchmarks")
+    teacher = PerceptualTeacher(spec, name)
+    if checkpoint == "random":
+        log.warning("perceptual teacher '%s' has RANDOM weights (teacher_checkpoint='random'): fine for tests and benchmarks, "
+                    "not for real pre-training", name)
+    else:
+        load_teacher_weights(teacher, checkpoint)
+    return teacher
+
+
+def create_model(name: str, *, teacher_checkpoint: str | None = None, teacher_name: str | None = None, teacher_img_size: int | None = None,
+                 init_from: str | None = None, init_decoder: bool = True, img_size: int | None = None, mask_ratio: float = 0.75,
+                 mask_ratio_range: tuple[float, float] | None = None, perceptual_weight: float = 1000.0, contrastive_weight: float = 1.0,
+                 pixel_weight: float = 0.0, norm_pix: bool = False, temperature: float = 0.2,
+                 perceptual_layers: tuple[int, ...] = (2, 5, 8, 11), perceptual_norm: str = "token", perceptual_resize: str = "nearest",
+                 norm_impl: str = "torch", attn_backend: str = "auto", **spec_overrides: Any) -> MCF:
+    """Build the MCF model ``name`` (see :func:`list_models`), teacher included.
+
+    ``teacher_checkpoint`` is required: a path (MoCo v3, MAE, timm or safetensors), or ``"random"``
+    for tests and benchmarks. ``init_from`` initialises encoder and decoder from an MAE checkpoint.
+    Architecture fields of :class:`MCFSpec` may be overridden (``depth=2`` …).
+    """
+    spec = get_spec(name, img_size=img_size, **spec_overrides)
+    teacher = create_teacher(teacher_name or spec.teacher, teacher_checkpoint, teacher_img_size)
+    model = MCF(spec, teacher, mask_ratio=mask_ratio, mask_ratio_range=mask_ratio_range, perceptual_weight=perceptual_weight,
+                contrastive_weight=contrastive_weight, pixel_weight=pixel_weight, norm_pix=norm_pix, temperature=temperature,
+                perceptual_layers=tuple(perceptual_layers), perceptual_norm=perceptual_norm, perceptual_resize=perceptual_resize,
+                norm_impl=norm_impl, attn_backend=attn_backend)
+    if init_from:
+        init_from_mae(model.online, init_from, decoder=init_decoder)
+        model.target.encoder.load_state_dict(model.online.encoder.state_dict())
+    return model
+
+
+def create_model_from_config(cfg: Any) -> MCF:
+    """Build the model described by an :class:`mcf.config.Config`."""
+    spec_overrides = {}
+    if cfg.loss.projector_hidden is not None:
+        spec_overrides["proj_hidden"] = cfg.loss.projector_hidden
+    if cfg.loss.projector_dim is not None:
+        spec_overrides["proj_dim"] = cfg.loss.projector_dim
+    return create_model(cfg.model.name, teacher_checkpoint=cfg.teacher.checkpoint, teacher_name=cfg.teacher.name,
+                        teacher_img_size=cfg.teacher.img_size, init_from=cfg.model.init_from, init_decoder=cfg.model.init_decoder,
+                        img_size=cfg.model.img_size, mask_ratio=cfg.masking.ratio, mask_ratio_range=cfg.masking.ratio_range,
+                        perceptual_weight=cfg.loss.perceptual_weight, contrastive_weight=cfg.loss.contrastive_weight,
+                        pixel_weight=cfg.loss.pixel_weight, norm_pix=cfg.loss.norm_pix, temperature=cfg.loss.temperature,
+                        perceptual_layers=cfg.loss.perceptual_layers, perceptual_norm=cfg.loss.perceptual_norm,
+                        perceptual_resize=cfg.loss.perceptual_resize, norm_impl=cfg.model.norm_impl, attn_backend=cfg.attention.backend,
+                        **spec_overrides)

@@ -1,0 +1,71 @@
+"""The frozen perceptual teacher: a timm ViT whose intermediate token features supervise the decoder."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+
+    def build(self) -> VisionTransformer:
+        return VisionTransformer(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
+                                 num_heads=self.num_heads, mlp_ratio=4.0, qkv_bias=True, num_classes=0, global_pool="token",
+                                 norm_layer=partial(nn.LayerNorm, eps=1e-6))
+
+
+TEACHERS = {
+    "vit_base_patch16": TeacherSpec(),  # the paper's MoCo v3 ViT-B/16
+    "vit_small_patch16": TeacherSpec(embed_dim=384, num_heads=6),
+    "vit_large_patch16": TeacherSpec(embed_dim=1024, depth=24, num_heads=16),
+    "vit_tiny_debug": TeacherSpec(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=2),
+}
+
+
+class PerceptualTeacher(nn.Module):
+    """A frozen timm ViT: no gradients, always in eval mode, never in the optimizer or the run state.
+
+    ``features(x, layers)`` returns the token outputs (class token included, before the final norm)
+    of the given blocks, ``[N, 1 + L, D]`` each.
+    """
+
+    def __init__(self, spec: TeacherSpec, name: str = "custom"):
+        super().__init__()
+        self.spec, self.name = spec, name
+        self.model = spec.build()
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def img_size(self) -> int:
+        return self.spec.img_size
+
+    def train(self, mode: bool = True) -> PerceptualTeacher:  # noqa: ARG002 - frozen: stays in eval mode
+        return super().train(False)
+
+    def features(self, x: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
+        m = self.model
+        x = m.patch_embed(x)
+        x = m._pos_embed(x)  # class token + position embedding, as timm does
+        x = m.norm_pre(x)
+        wanted, out, last = set(layers), [], max(layers)
+        for i, blk in enumerate(m.blocks):
+            x = blk(x)
+            if i in wanted:
+                out.append(x)
+            if i == last:
+                break
+        return out

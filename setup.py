@@ -1,0 +1,39 @@
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+PACKAGES = ["mcf", "mcf.models", "mcf.losses", "mcf.train", "mcf.data", "mcf.downstream", "mcf.bench", "mcf.kernels"]
+
+setup(
+    name="mcf",
+    version="0.1.0",
+    description="Mask Contrastive Face: self-supervised facial representation learning at scale",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir={"mcf.kernels": "kernels"},
+    package_data={"mcf": ["presets/*.yaml"], "mcf.data": ["*.json"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "timm>=1.0",
+        "deepspeed>=0.16",
+        "numpy",
+        "pillow",
+        "lmdb",
+        "mlflow>=2.10",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "scikit-image>=0.22",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda130"],
+        "triton": ["triton>=3.2"],
+        "test": ["pytest", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["mcf=mcf.cli:main"]},
+)
