@@ -1,0 +1,69 @@
+"""What the kernel files share: an optional Triton import, the output allocator, dtype helpers.
+
+Triton is an optional extra (``pip install mcf[triton]``; CUDA builds of PyTorch bring it). When it
+is missing, the kernel files still import, so their pure-PyTorch references (the ``math`` attention
+backend) keep working; only calling a Triton kernel raises, with the import error as the reason.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    TRITON_IMPORT_ERROR: str | None = None
+except ImportError as e:  # CPU-only PyTorch wheels do not ship triton
+    triton = None
+    tl = None
+    TRITON_IMPORT_ERROR = f"triton is not installed ({e}); install mcf[triton] or a CUDA build of PyTorch"
+
+# Dtypes the kernels load and store; every kernel accumulates in fp32.
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def jit(fn):
+    """``triton.jit``, or, without triton, a stand-in that raises when the kernel is launched.
+
+    Under ``TRITON_INTERPRET=1`` (read by triton when this runs, i.e. when the kernel module is
+    imported) the result is an interpreted function that runs on CPU tensors.
+    """
+    if triton is not None:
+        return triton.jit(fn)
+
+    class _Missing:
+        __name__ = fn.__name__
+
+        def __getitem__(self, grid):
+            raise RuntimeError(f"cannot launch the Triton kernel {fn.__name__}: {TRITON_IMPORT_ERROR}")
+
+    return _Missing()
+
+
+def is_interpreted(kernel) -> bool:
+    """Whether ``kernel`` (a jitted function) runs in Triton's CPU interpreter."""
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernel, InterpretedFunction)
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate a kernel output; every element must be written by the kernel.
+
+    One place on purpose: the tests replace it with a NaN-filled allocator, so an element a kernel
+    forgets to write fails the comparison instead of passing by luck.
+    """
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: IEEE fp32 unless PyTorch itself allows TF32 for fp32 matmuls.
+
+    Half-precision inputs ignore it; for fp32 the kernels then match PyTorch's own fp32 matmul.
+    """
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
