@@ -21,6 +21,7 @@ class DataConfig:
     crop_scale: tuple[float, float] = field((0.2, 1.0), help="Area range of RandomResizedCrop.")
     hflip: bool = field(True, help="Random horizontal flip (p=0.5), as released.")
     max_bad_fraction: float = field(0.01, help="Stop the run when more than this fraction of the samples seen failed to decode.")
+    max_image_pixels: int = field(64_000_000, help="Images with more pixels (from the header) are bad samples: a decompression-bomb guard.")
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
@@ -34,3 +35,7 @@ class DataConfig:
             raise ConfigError("data.crop_scale must satisfy 0 < min <= max <= 1")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError("data.max_bad_fraction must be in [0, 1]")
+        if self.loader not in ("auto", "dali", "torch"):
+            raise ConfigError(f"data.loader must be auto, dali or torch, not {self.loader!r}")
+        if self.max_image_pixels < 1:
+            raise ConfigError("data.max_image_pixels must be positive")

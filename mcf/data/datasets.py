@@ -1,0 +1,284 @@
+"""Datasets of encoded images: an image folder, our LMDB format, and the paper's LMDB layout.
+
+Every dataset maps an index to encoded bytes (:meth:`read_bytes`), a name for error messages
+(:meth:`name`) and, through ``__getitem__``, a decoded RGB PIL image. The length is fixed and
+checked against the index when the dataset is opened, so ``__len__`` and the index never disagree.
+LMDB environments are opened lazily in the process that reads them (each DataLoader/DALI worker),
+``readonly=True, lock=False``, and are dropped when the dataset is pickled.
+
+Our LMDB format (written by :func:`mcf.data.lmdb_build.build_lmdb`), a directory holding:
+
+* ``data.mdb``: values ``b"%09d" % i`` -> encoded image, ``b"name:%09d" % i`` -> source name,
+  ``b"length"`` -> the count as decimal text (so it is also readable as the paper's layout);
+* ``manifest.json``, written last (its presence marks a complete build): ``format``, ``version``,
+  ``count``, optional ``splits`` (name -> ``[start, stop)``), ``provenance``, ``build`` options.
+
+The paper's layout: an LMDB whose values are encoded images under arbitrary keys, whose ``length``
+key holds the count, plus a text file listing the keys, one per line (``--lmdb-keys``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from mcf.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_rgb
+from mcf.errors import DataError
+
+MANIFEST = "manifest.json"
+FORMAT = "mcf-lmdb"
+FORMAT_VERSION = 1
+LENGTH_KEY = b"length"
+
+
+def image_key(i: int) -> bytes:
+    return b"%09d" % i
+
+
+def name_key(i: int) -> bytes:
+    return b"name:%09d" % i
+
+
+class EncodedImageDataset:
+    """Base class: ``read_bytes(i)``, ``name(i)``, ``__getitem__(i) -> PIL RGB``, ``__len__``."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def read_bytes(self, i: int) -> bytes:
+        raise NotImplementedError
+
+    def name(self, i: int) -> str:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> Image.Image:
+        """The decoded RGB image; raises :class:`~mcf.data.decode.BadImage` on a bad sample."""
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return decode_rgb(self.read_bytes(i), self.max_pixels)
+
+    def _check_index(self, i: int) -> int:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} samples")
+        return i
+
+
+class ImageFolderDataset(EncodedImageDataset):
+    """All images under ``root`` (recursive, sorted; extensions in ``IMAGE_EXTENSIONS``)."""
+
+    def __init__(self, root: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"image folder not found: {self.root}")
+        self.max_pixels = max_pixels
+        self.files = scan_image_folder(self.root)
+        if not self.files:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read_bytes(self, i: int) -> bytes:
+        return (self.root / self.files[self._check_index(i)]).read_bytes()
+
+    def name(self, i: int) -> str:
+        return str(self.root / self.files[i])
+
+
+def scan_image_folder(root: Path) -> list[str]:
+    """Relative paths of the image files under ``root``, sorted (deterministic across ranks)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for f in filenames:
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
+                out.append(os.path.relpath(os.path.join(dirpath, f), root))
+    out.sort()
+    return out
+
+
+class _LazyLMDB:
+    """An LMDB environment opened on first use in the current process (never shared by fork)."""
+
+    def __init__(self, path: Path, subdir: bool):
+        self.path, self.subdir = path, subdir
+        self._env = None
+        self._pid = -1
+
+    def txn(self):
+        if self._env is None or self._pid != os.getpid():
+            import lmdb
+
+            self._env = lmdb.open(
+                str(self.path), subdir=self.subdir, readonly=True, lock=False, readahead=False, meminit=False, max_readers=512
+            )
+            self._pid = os.getpid()
+        return self._env.begin(write=False, buffers=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "subdir": self.subdir, "_env": None, "_pid": -1}
+
+    def close(self) -> None:
+        if self._env is not None and self._pid == os.getpid():
+            self._env.close()
+        self._env = None
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    m = path / MANIFEST
+    if not m.is_file():
+        return None
+    try:
+        return json.loads(m.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"unreadable manifest {m}: {e}") from None
+
+
+class LMDBDataset(EncodedImageDataset):
+    """Our LMDB format (see the module docstring); ``split`` selects a range listed in the manifest."""
+
+    def __init__(self, path: str | os.PathLike, *, split: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.path = Path(path)
+        self.max_pixels = max_pixels
+        if not self.path.exists():
+            raise DataError(f"LMDB not found: {self.path}")
+        manifest = read_manifest(self.path)
+        if manifest is None:
+            hint = " (an interrupted build: run `mcf data build-lmdb` again to resume)" if self.path.name.endswith(".partial") else ""
+            raise DataError(f"{self.path} has no {MANIFEST}: not a complete mcf LMDB{hint}")
+        if manifest.get("format") != FORMAT:
+            raise DataError(f"{self.path / MANIFEST} is not an {FORMAT} manifest")
+        self.manifest = manifest
+        self.count = int(manifest["count"])
+        splits = manifest.get("splits") or {}
+        if split is None or (split == "train" and split not in splits):
+            self.start, self.stop = 0, self.count
+        elif split in splits:
+            self.start, self.stop = (int(v) for v in splits[split])
+        else:
+            raise DataError(f"{self.path} has no '{split}' split (it has: {', '.join(splits) or 'none'})")
+        if not 0 <= self.start <= self.stop <= self.count:
+            raise DataError(f"{self.path}: split '{split}' range {self.start}..{self.stop} outside 0..{self.count}")
+        self._db = _LazyLMDB(self.path, subdir=True)
+        self._check()
+        if self.stop == self.start:
+            raise DataError(f"{self.path} is empty" + (f" (split '{split}')" if split else ""))
+
+    def _check(self) -> None:
+        with self._db.txn() as txn:
+            length = txn.get(LENGTH_KEY)
+            if length is None or int(length) != self.count:
+                raise DataError(f"{self.path}: manifest count {self.count} != stored length {length!r}")
+            if self.count and txn.get(image_key(self.count - 1)) is None or txn.get(image_key(self.count)) is not None:
+                raise DataError(f"{self.path}: stored images do not match the manifest count {self.count}")
+        self._db.close()
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def read_bytes(self, i: int) -> bytes:
+        j = self.start + self._check_index(i)
+        with self._db.txn() as txn:
+            v = txn.get(image_key(j))
+        if v is None:
+            raise DataError(f"{self.path}: missing key {image_key(j).decode()}")
+        return v
+
+    def name(self, i: int) -> str:
+        j = self.start + i
+        with self._db.txn() as txn:
+            v = txn.get(name_key(j))
+        return f"{self.path}[{j}]" + (f" ({v.decode()})" if v else "")
+
+    @property
+    def provenance(self) -> list[dict[str, Any]]:
+        return list(self.manifest.get("provenance") or [])
+
+
+class PaperLMDBDataset(EncodedImageDataset):
+    """The paper's layout, read as is: ``db`` (LMDB dir or file) + ``keys_file`` (one key a line).
+
+    The key count must equal the ``length`` value stored in the LMDB, and the first and last keys
+    must exist, or a :class:`~mcf.errors.DataError` is raised at open.
+    """
+
+    def __init__(self, db: str | os.PathLike, keys_file: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.path = Path(db)
+        self.max_pixels = max_pixels
+        if not self.path.exists():
+            raise DataError(f"LMDB not found: {self.path}")
+        kf = Path(keys_file)
+        if not kf.is_file():
+            raise DataError(f"LMDB key list not found: {kf}")
+        with open(kf, encoding="utf-8") as f:
+            self.keys = [line.strip() for line in f if line.strip()]
+        if not self.keys:
+            raise DataError(f"LMDB key list {kf} is empty")
+        self._db = _LazyLMDB(self.path, subdir=self.path.is_dir())
+        try:
+            with self._db.txn() as txn:
+                length = txn.get(LENGTH_KEY)
+                missing = [k for k in (self.keys[0], self.keys[-1]) if txn.get(k.encode("utf-8")) is None]
+        except Exception as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"cannot open LMDB {self.path}: {e}") from None
+        finally:
+            self._db.close()
+        if length is None:
+            raise DataError(f"{self.path} has no 'length' key: not the paper's LMDB layout")
+        if int(length) != len(self.keys):
+            raise DataError(f"{self.path}: 'length' is {int(length)} but {kf} lists {len(self.keys)} keys")
+        if missing:
+            raise DataError(f"{self.path}: keys listed in {kf} are missing from the LMDB, e.g. {missing[0]!r}")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def read_bytes(self, i: int) -> bytes:
+        k = self.keys[self._check_index(i)]
+        with self._db.txn() as txn:
+            v = txn.get(k.encode("utf-8"))
+        return v if v is not None else b""  # a missing value is an (empty) bad sample
+
+    def name(self, i: int) -> str:
+        return f"{self.path}[{self.keys[i]}]"
+
+
+def open_dataset(
+    path: str | os.PathLike,
+    lmdb_keys: str | os.PathLike | None = None,
+    split: str | None = None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> EncodedImageDataset:
+    """Open whatever ``path`` is: ``"builtin"``, our LMDB, the paper's LMDB (with ``lmdb_keys``),
+    or an image folder. ``dataset[i]`` is an RGB PIL image.
+
+    Raises:
+        DataError: missing path, empty dataset, unknown or inconsistent layout.
+    """
+    if str(path) == "builtin":
+        from mcf.data.builtin import ensure_builtin
+
+        return LMDBDataset(ensure_builtin(), split=split or "train", max_pixels=max_pixels)
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"data path not found: {p}")
+    if lmdb_keys is not None:
+        return PaperLMDBDataset(p, lmdb_keys, max_pixels=max_pixels)
+    if p.is_dir() and ((p / MANIFEST).is_file() or (p / "data.mdb").is_file()):
+        if (p / MANIFEST).is_file() or p.name.endswith(".partial"):
+            return LMDBDataset(p, split=split, max_pixels=max_pixels)
+        raise DataError(f"{p} is an LMDB without {MANIFEST}: pass --lmdb-keys KEYS.txt for the paper's layout")
+    if p.is_file():
+        raise DataError(f"{p} is a file: pass an image folder, an LMDB directory, or an LMDB with --lmdb-keys")
+    if split not in (None, "train"):
+        raise DataError(f"image folder {p} has no '{split}' split")
+    return ImageFolderDataset(p, max_pixels=max_pixels)

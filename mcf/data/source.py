@@ -1,0 +1,120 @@
+"""Per-sample fetching shared by both loaders: read, validate, substitute bad samples, augment.
+
+A bad (undecodable) sample at position ``index`` of ``epoch`` is replaced by the sample at
+``sample_rng(seed, epoch, index, attempt).integers(n)`` for ``attempt = 1, 2, ...`` -- a fixed
+function of the position, so every loader and every resume makes the same substitution -- and
+each failed attempt is counted. The crop/flip are those of the position ``(seed, epoch, index)``.
+
+Numpy/PIL/lmdb only: :class:`DaliBatchSource` is pickled into DALI's spawned workers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mcf.data.decode import BadImage, decode_rgb, prepare_for_dali
+from mcf.data.sampler import DistributedSampler
+from mcf.data.transforms import PretrainTransform, SampleParams, sample_rng
+from mcf.errors import DataError
+
+MAX_ATTEMPTS = 16
+
+
+class SampleSource:
+    """Fetches augmented samples by ``(epoch, index)`` from an encoded-image dataset."""
+
+    def __init__(self, dataset: Any, transform: PretrainTransform, seed: int, max_attempts: int = MAX_ATTEMPTS):
+        self.dataset, self.transform, self.seed, self.max_attempts = dataset, transform, seed, max_attempts
+
+    def _candidates(self, epoch: int, index: int):
+        yield index
+        n = len(self.dataset)
+        for attempt in range(1, self.max_attempts):
+            yield int(sample_rng(self.seed, epoch, index, attempt).integers(n))
+
+    def _fetch(self, epoch: int, index: int, decode):
+        n_bad, first_bad = 0, -1
+        for j in self._candidates(epoch, index):
+            try:
+                return decode(self.dataset.read_bytes(j)), n_bad, first_bad
+            except BadImage:
+                n_bad += 1
+                first_bad = j if first_bad < 0 else first_bad
+        raise DataError(
+            f"{self.max_attempts} samples in a row failed to decode around {self.dataset.name(index)}: "
+            "the data set is mostly unreadable"
+        )
+
+    def params(self, epoch: int, index: int, width: int, height: int) -> SampleParams:
+        return self.transform.params(width, height, seed=self.seed, epoch=epoch, index=index)
+
+    def torch_sample(self, epoch: int, index: int) -> tuple[np.ndarray, int, int]:
+        """``(float32 (3, S, S) normalised image, failed attempts, first bad index or -1)``."""
+        mp = self.dataset.max_pixels
+        img, n_bad, first_bad = self._fetch(epoch, index, lambda b: decode_rgb(b, mp))
+        return self.transform.apply(img, self.params(epoch, index, *img.size)), n_bad, first_bad
+
+    def dali_sample(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int]:
+        """``(encoded uint8 bytes, roi_start [y, x], roi_end [y, x], mirror, failed, first bad)``."""
+        mp = self.dataset.max_pixels
+        (data, h, w), n_bad, first_bad = self._fetch(epoch, index, lambda b: prepare_for_dali(b, mp))
+        p = self.params(epoch, index, w, h)
+        x0, y0, x1, y1 = p.box
+        return (
+            np.frombuffer(data, dtype=np.uint8),
+            np.array([y0, x0], dtype=np.float32),
+            np.array([y1, x1], dtype=np.float32),
+            np.array(int(p.flip), dtype=np.int32),
+            n_bad,
+            first_bad,
+        )
+
+
+class TorchSampleDataset:
+    """Map-style dataset for ``torch.utils.data.DataLoader``: indexed by ``(epoch, index)`` pairs
+    (what :class:`DistributedSampler` yields), so persistent workers need no epoch broadcast."""
+
+    def __init__(self, source: SampleSource):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, int, int]:
+        epoch, index = key
+        return self.source.torch_sample(epoch, index)
+
+
+class DaliBatchSource:
+    """The callable of DALI's parallel ``external_source`` (``batch=True, batch_info=True``).
+
+    It is a pure function of the iteration number: batch ``it`` of the stream is batch
+    ``(start_batch + it) % num_batches`` of epoch ``base_epoch + (start_batch + it) // num_batches``,
+    so the stream runs across epoch boundaries without a pipeline reset and prefetching never
+    stalls; the loader counts what it consumed to know the (epoch, batch) of the next output.
+
+    Outputs (per sample): encoded bytes (uint8), roi_start and roi_end ([y, x] float32), mirror
+    (int32), failed decode attempts (int32) and the first bad dataset index (int64, -1 if none).
+    """
+
+    def __init__(self, source: SampleSource, sampler: DistributedSampler, batch_size: int, base_epoch: int, start_batch: int):
+        self.source, self.sampler, self.batch_size = source, sampler, batch_size
+        self.base_epoch, self.start_batch = base_epoch, start_batch
+        self.num_batches = sampler.per_rank // batch_size
+
+    def position(self, iteration: int) -> tuple[int, int]:
+        g = self.start_batch + iteration
+        return self.base_epoch + g // self.num_batches, g % self.num_batches
+
+    def __call__(self, batch_info) -> tuple[list[np.ndarray], ...]:
+        it = batch_info if isinstance(batch_info, int) else batch_info.iteration
+        epoch, b = self.position(it)
+        idx = self.sampler.indices(epoch)[b * self.batch_size : (b + 1) * self.batch_size]
+        cols: tuple[list, ...] = ([], [], [], [], [], [])
+        for i in idx:
+            data, r0, r1, flip, n_bad, first_bad = self.source.dali_sample(epoch, int(i))
+            for col, v in zip(cols, (data, r0, r1, flip, np.array(n_bad, np.int32), np.array(first_bad, np.int64))):
+                col.append(v)
+        return cols
