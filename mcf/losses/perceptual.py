@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mcf.models.teacher import PerceptualTeacher
+if TYPE_CHECKING:  # the teacher lives in mcf.models, which imports this module
+    from mcf.models.teacher import PerceptualTeacher
 
 
 class PerceptualLoss(nn.Module):

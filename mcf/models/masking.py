@@ -41,7 +41,8 @@ def random_masking(noise: torch.Tensor, ratio: float, ratios: torch.Tensor | Non
         mask = torch.ones(N, L, device=noise.device)
         mask[:, :keep] = 0
         return Masking(ids_shuffle, ids_restore, torch.gather(mask, 1, ids_restore), keep)
-    keep_lens = (L * (1 - ratios.double())).floor().long().clamp_(min=1, max=L)  # (N,)
+    # + 1e-4: float32 ratios (0.6 → 0.60000002) must floor like the Python int() of the fixed path
+    keep_lens = (L * (1 - ratios.double()) + 1e-4).floor().long().clamp_(min=1, max=L)  # (N,)
     keep = int(keep_lens.max())
     mask = (ids_restore >= keep_lens[:, None]).float()  # rank in the shuffle >= keep_len → removed
     return Masking(ids_shuffle, ids_restore, mask, keep, keep_lens)

@@ -1,0 +1,56 @@
+import pytest
+import yaml
+
+from mcf.config import Config, build_config, dump_config, list_presets, load_config_dict
+from mcf.configtree import describe
+from mcf.errors import ConfigError
+
+
+def test_presets_load():
+    assert {"demo", "base", "small", "large", "huge"} <= set(list_presets())
+    for name in list_presets():
+        cfg = build_config(name)
+        assert isinstance(cfg, Config)
+    assert build_config("small").model.name == "mcf_vit_small_patch16"
+    assert build_config("small").loss.perceptual_weight == 1000.0  # inherited from base via defaults
+
+
+def test_overrides_apply_and_coerce():
+    cfg = build_config("demo", ["optim.lr=0.01", "masking.ratio_range=[0.6, 0.9]", "loss.perceptual_layers=1,2", "data.hflip=false",
+                                "train.max_steps=7"])
+    assert cfg.optim.lr == 0.01 and cfg.masking.ratio_range == (0.6, 0.9)
+    assert cfg.loss.perceptual_layers == (1, 2) and cfg.data.hflip is False and cfg.train.max_steps == 7
+
+
+@pytest.mark.parametrize("bad,fragment", [("optim.lrr=1", "optim.lr"), ("trian.seed=1", "train.seed"), ("seed=1", "train.seed")])
+def test_unknown_key_names_it_and_close_keys(bad, fragment):
+    with pytest.raises(ConfigError) as e:
+        build_config("demo", [bad])
+    assert bad.split("=")[0] in str(e.value) and fragment in str(e.value)
+
+
+def test_bad_values_raise():
+    for bad in ["masking.ratio=1.5", "train.batch_size=0", "deepspeed.zero=4", "train.precision=fp8", "train.batch_size=abc"]:
+        with pytest.raises(ConfigError):
+            build_config("demo", [bad])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        build_config("nope")
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("inherit: demo\ntrain:\n  batch_sise: 4\n")
+    with pytest.raises(ConfigError, match="train.batch_sise"):
+        build_config(str(p))
+
+
+def test_round_trip_through_yaml():
+    cfg = build_config("demo", ["masking.ratio_range=[0.6,0.9]"])
+    again = load_config_dict(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
+
+
+def test_every_field_is_documented():
+    rows = describe(Config)
+    assert len(rows) > 50
+    assert all(help_text for _, _, help_text in rows), [k for k, _, h in rows if not h]

@@ -1,0 +1,132 @@
+import pytest
+import torch
+
+from mcf.errors import ConfigError
+from mcf.models import create_model, list_models
+from mcf.models.pos_embed import interpolate_pos_embed, sincos_2d
+
+
+@pytest.fixture()
+def tiny():
+    torch.manual_seed(0)
+    return create_model("mcf_vit_tiny", teacher_checkpoint="random")
+
+
+def test_registry_lists_paper_sizes():
+    names = list_models()
+    for n in ["mcf_vit_tiny", "mcf_vit_small_patch16", "mcf_vit_base_patch16", "mcf_vit_large_patch16", "mcf_vit_huge_patch14",
+              "mcf_vit_base_patch16_dec512d1b", "mcf_vit_base_patch16_dec512d4b"]:
+        assert n in names
+    with pytest.raises(ConfigError, match="unknown model"):
+        create_model("mcf_vit_gigantic", teacher_checkpoint="random")
+
+
+def test_teacher_checkpoint_is_required():
+    with pytest.raises(ConfigError, match="teacher checkpoint is required"):
+        create_model("mcf_vit_tiny")
+
+
+def test_every_trainable_parameter_gets_a_gradient_and_frozen_parts_none(tiny):
+    tiny.train()
+    out = tiny(torch.randn(4, 3, 32, 32))
+    assert out.pred.shape == (4, 64, 48) and out.mask.shape == (4, 64)
+    assert set(out.losses) == {"perceptual", "contrastive", "pixel"}
+    out.loss.backward()
+    for name, p in tiny.online.named_parameters():
+        assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+    for name, p in list(tiny.target.named_parameters()) + list(tiny.teacher.named_parameters()):
+        assert not p.requires_grad and p.grad is None, name
+    # frozen parts stay in eval mode through model.train()
+    assert not tiny.teacher.training and not tiny.target.training and tiny.online.training
+
+
+def test_loss_is_weighted_sum_of_reported_terms(tiny):
+    out = tiny(torch.randn(4, 3, 32, 32))
+    expected = 1000 * out.losses["perceptual"] + out.losses["contrastive"]
+    torch.testing.assert_close(out.loss.detach(), expected)
+    m2 = create_model("mcf_vit_tiny", teacher_checkpoint="random", pixel_weight=2.0, norm_pix=True)
+    o2 = m2(torch.randn(4, 3, 32, 32))
+    torch.testing.assert_close(o2.loss.detach(), 1000 * o2.losses["perceptual"] + o2.losses["contrastive"] + 2 * o2.losses["pixel"])
+
+
+def test_ema_matches_formula(tiny):
+    with torch.no_grad():
+        for p in tiny.online.parameters():
+            p.add_(torch.randn_like(p))
+    before = {n: p.clone() for n, p in tiny.target.named_parameters()}
+    online = dict(tiny.online.named_parameters())
+    tiny.update_target(0.99)
+    for n, p in tiny.target.named_parameters():
+        torch.testing.assert_close(p, before[n] * 0.99 + online[n] * 0.01, rtol=0, atol=1e-6)
+    # explicit fp32 masters (what the trainer passes under mixed precision / ZeRO)
+    masters = {n: torch.randn_like(p) for n, p in tiny.target.named_parameters()}
+    before = {n: p.clone() for n, p in tiny.target.named_parameters()}
+    tiny.update_target(0.9, masters)
+    for n, p in tiny.target.named_parameters():
+        torch.testing.assert_close(p, before[n] * 0.9 + masters[n] * 0.1, rtol=0, atol=1e-6)
+
+
+def test_state_dict_leaves_out_teacher_and_round_trips(tiny):
+    sd = tiny.state_dict()
+    assert not any(k.startswith("perceptual.teacher") for k in sd)
+    assert any(k.startswith("target.encoder.") for k in sd)
+    other = create_model("mcf_vit_tiny", teacher_checkpoint="random")
+    other.load_state_dict(sd)
+    x = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 64)
+    other.eval(), tiny.eval()
+    torch.testing.assert_close(other.online.encoder(x, 0.75, noise)[0], tiny.online.encoder(x, 0.75, noise)[0])
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_attention_backends_agree(tiny, backend):
+    x, n1, n2 = torch.randn(3, 3, 32, 32), torch.rand(3, 64), torch.rand(3, 64)
+    tiny.set_attention_backend("math")
+    ref = tiny(x, n1, n2).loss
+    tiny.set_attention_backend(backend)
+    torch.testing.assert_close(tiny(x, n1, n2).loss, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_variable_mask_ratio_pads_and_trains():
+    torch.manual_seed(0)
+    model = create_model("mcf_vit_tiny", teacher_checkpoint="random", mask_ratio_range=(0.6, 0.9))
+    x = torch.randn(8, 3, 32, 32)
+    removed = model(x).mask.sum(1)
+    assert removed.min() >= int(64 * 0.6) - 1 and removed.max() <= 64 - int(64 * 0.1) and removed.unique().numel() > 1
+    # padded keys must not change the visible tokens' encoding: compare with an unpadded pass
+    enc = model.online.encoder.eval()
+    noise = torch.rand(2, 64)
+    lat, m, key_mask = enc(x[:2], 0.75, noise, torch.tensor([0.75, 0.9]))
+    assert key_mask is not None and key_mask.sum(1).tolist() == [17, 7]
+    alone, _, _ = enc(x[1:2], 0.9, noise[1:2])
+    torch.testing.assert_close(lat[1, :7], alone[0], rtol=1e-5, atol=1e-5)
+    # and the model trains: the loss falls on a fixed batch
+    model.train()
+    opt = torch.optim.AdamW(model.online.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        out = model(x)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3, losses
+
+
+def test_pos_embed_interpolation_preserves_grid():
+    pe = sincos_2d(32, 4)
+    same = interpolate_pos_embed(pe, 16)
+    assert same is pe
+    big = interpolate_pos_embed(pe, 64)
+    assert big.shape == (1, 65, 32)
+    torch.testing.assert_close(big[:, 0], pe[:, 0])
+
+
+def test_base_model_api_at_224():
+    model = create_model("mcf_vit_base_patch16", teacher_checkpoint="random")
+    assert model.num_patches == 196 and model.teacher.img_size == 224
+    noise = torch.rand(2, 196)
+    out = model(torch.randn(2, 3, 224, 224), online_noise=noise, target_noise=torch.rand(2, 196))
+    assert out.pred.shape == (2, 196, 768) and torch.all(out.mask.sum(1) == 147)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
