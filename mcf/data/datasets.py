@@ -103,6 +103,28 @@ def scan_image_folder(root: Path) -> list[str]:
     return out
 
 
+_ENVS: dict[tuple[str, bool, int], Any] = {}
+_ENVS_PID = -1
+
+
+def _shared_env(path: Path, subdir: bool):
+    """One read-only environment per (file, process): py-lmdb refuses to open an LMDB twice in a
+    process, and an environment inherited through fork must not be used."""
+    global _ENVS_PID
+    import lmdb
+
+    if _ENVS_PID != os.getpid():
+        _ENVS.clear()
+        _ENVS_PID = os.getpid()
+    data = path / "data.mdb" if subdir else path
+    key = (str(path.resolve()), subdir, data.stat().st_ino)
+    env = _ENVS.get(key)
+    if env is None:
+        env = lmdb.open(str(path), subdir=subdir, readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
+        _ENVS[key] = env
+    return env
+
+
 class _LazyLMDB:
     """An LMDB environment opened on first use in the current process (never shared by fork)."""
 
@@ -113,11 +135,7 @@ class _LazyLMDB:
 
     def txn(self):
         if self._env is None or self._pid != os.getpid():
-            import lmdb
-
-            self._env = lmdb.open(
-                str(self.path), subdir=self.subdir, readonly=True, lock=False, readahead=False, meminit=False, max_readers=512
-            )
+            self._env = _shared_env(self.path, self.subdir)
             self._pid = os.getpid()
         return self._env.begin(write=False, buffers=False)
 
@@ -125,8 +143,6 @@ class _LazyLMDB:
         return {"path": self.path, "subdir": self.subdir, "_env": None, "_pid": -1}
 
     def close(self) -> None:
-        if self._env is not None and self._pid == os.getpid():
-            self._env.close()
         self._env = None
 
 
@@ -175,9 +191,8 @@ class LMDBDataset(EncodedImageDataset):
             length = txn.get(LENGTH_KEY)
             if length is None or int(length) != self.count:
                 raise DataError(f"{self.path}: manifest count {self.count} != stored length {length!r}")
-            if self.count and txn.get(image_key(self.count - 1)) is None or txn.get(image_key(self.count)) is not None:
+            if (self.count and txn.get(image_key(self.count - 1)) is None) or txn.get(image_key(self.count)) is not None:
                 raise DataError(f"{self.path}: stored images do not match the manifest count {self.count}")
-        self._db.close()
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -225,12 +240,10 @@ class PaperLMDBDataset(EncodedImageDataset):
             with self._db.txn() as txn:
                 length = txn.get(LENGTH_KEY)
                 missing = [k for k in (self.keys[0], self.keys[-1]) if txn.get(k.encode("utf-8")) is None]
+        except DataError:
+            raise
         except Exception as e:
-            if isinstance(e, DataError):
-                raise
             raise DataError(f"cannot open LMDB {self.path}: {e}") from None
-        finally:
-            self._db.close()
         if length is None:
             raise DataError(f"{self.path} has no 'length' key: not the paper's LMDB layout")
         if int(length) != len(self.keys):
