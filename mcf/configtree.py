@@ -28,11 +28,6 @@ def field(default: Any = _MISSING, *, help: str, default_factory: Any = _MISSING
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def section(cls: type) -> type:
-    """Mark a dataclass as a config section (a nested dataclass built by default)."""
-    return cls
-
-
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
@@ -137,7 +132,8 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
     kwargs: dict[str, Any] = {}
     for k, v in data.items():
         if k not in names:
-            raise _unknown_key_error(prefix + str(k), list(flat_keys(_root_of(cls, prefix)).keys()) if prefix == "" else [prefix + n for n in names])
+            valid = list(flat_keys(cls)) if prefix == "" else [prefix + n for n in names]
+            raise _unknown_key_error(prefix + str(k), valid)
         tp = hints[k]
         if _is_dataclass_type(tp):
             if v is not None and not isinstance(v, dict):
@@ -145,7 +141,7 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
             kwargs[k] = from_dict(tp, v, prefix + k + ".")
         else:
             kwargs[k] = _coerce(v, tp, prefix + k)
-    for name, f in names.items():
+    for name in names:
         if name not in kwargs and _is_dataclass_type(hints[name]):
             kwargs[name] = from_dict(hints[name], {}, prefix + name + ".")
     try:
@@ -154,10 +150,6 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
         if prefix and not str(e).startswith(prefix):
             raise ConfigError(f"{prefix.rstrip('.')}: {e}") from None
         raise
-
-
-def _root_of(cls: type, prefix: str) -> type:
-    return cls
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

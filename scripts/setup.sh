@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a venv in .venv with torch 2.14.1 / torchvision 0.29.1, DeepSpeed (a source
+# package, built against that torch), and mcf with its DALI and test extras. Idempotent: a re-run
+# only checks what is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+
+if [[ ! -x $VENV/bin/python ]]; then
+  echo "[setup] creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.mcf-setup-$(cat setup.py scripts/setup.sh | sha1sum | cut -c1-12)"
+if [[ -f $stamp ]]; then
+  echo "[setup] $VENV is up to date"
+  exit 0
+fi
+echo "[setup] installing torch, DeepSpeed and mcf into $VENV (a few minutes on a fresh machine)"
+$PIP install --upgrade pip setuptools wheel
+# torch first: DeepSpeed's sdist builds against the installed torch (no build isolation).
+$PIP install torch==2.14.1 torchvision==0.29.1
+$PIP install --no-build-isolation deepspeed==0.19.8
+$PIP install --no-build-isolation -e ".[dali,test]"
+touch "$stamp"
+echo "[setup] done: $VENV/bin/mcf"
