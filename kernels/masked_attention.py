@@ -46,6 +46,16 @@ def masked_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
 
 
 @jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    # UPCAST_DOT: only in the interpreter, whose bf16 tl.dot is wrong (triton 3.8); bf16 values are
+    # exact in fp32 and the product accumulates in fp32 either way, as on the GPU.
+    if UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@jit
 def _key_validity(Mask, KvLen, b, offs_n, S_K, stride_mb, stride_ms, HAS_MASK: tl.constexpr, HAS_KVLEN: tl.constexpr):
     valid = offs_n < S_K
     if HAS_KVLEN:
@@ -66,7 +76,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_os, stride_od,
     stride_mb, stride_ms,
     H, S_Q, S_K, D,
-    HAS_MASK: tl.constexpr, HAS_KVLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KVLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # grid: (B * H, cdiv(S_Q, BLOCK_M)); one program = BLOCK_M query rows of one (b, h)
@@ -97,14 +107,14 @@ def _attn_fwd_kernel(
                          mask=valid[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
             v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
                         mask=valid[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+            s = _dot(q, kt, DOT_PRECISION, UPCAST_DOT) * qk_scale
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
             m_i = m_new
 
     empty_row = l_i == 0.0
@@ -149,7 +159,7 @@ def _attn_bwd_dkdv_kernel(
     stride_gb, stride_gh, stride_gs, stride_gd,
     stride_mb, stride_ms,
     H, S_Q, S_K, D,
-    HAS_MASK: tl.constexpr, HAS_KVLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KVLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # grid: (B * H, cdiv(S_K, BLOCK_N)); one program = BLOCK_N keys, looping over all query blocks.
@@ -178,12 +188,12 @@ def _attn_bwd_dkdv_kernel(
             do = tl.load(do_base + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
             lse2 = tl.load(Lse + pid_bh * S_Q + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
             delta = tl.load(Delta + pid_bh * S_Q + offs_m, mask=m_ok, other=0.0)
-            st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+            st = _dot(k, qt, DOT_PRECISION, UPCAST_DOT) * qk_scale  # (BLOCK_N, BLOCK_M)
             pt = tl.where(valid[:, None], tl.exp2(st - lse2[None, :]), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            dv += _dot(pt.to(do.dtype), do, DOT_PRECISION, UPCAST_DOT)
+            dpt = _dot(v, tl.trans(do), DOT_PRECISION, UPCAST_DOT)  # (BLOCK_N, BLOCK_M)
             dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+            dk += _dot(dst.to(qt.dtype), tl.trans(qt), DOT_PRECISION, UPCAST_DOT)
         dk = dk * sm_scale
     out_off = pid_bh * S_K * D + offs_n[:, None] * D + offs_d[None, :]
     out_ok = (offs_n[:, None] < S_K) & d_ok[None, :]
@@ -201,7 +211,7 @@ def _attn_bwd_dq_kernel(
     stride_gb, stride_gh, stride_gs, stride_gd,
     stride_mb, stride_ms,
     H, S_Q, S_K, D,
-    HAS_MASK: tl.constexpr, HAS_KVLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KVLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # grid: (B * H, cdiv(S_Q, BLOCK_M)); one program = BLOCK_M query rows, looping over key blocks.
@@ -232,11 +242,11 @@ def _attn_bwd_dq_kernel(
             kv_ok = valid[None, :] & d_ok[:, None]
             kt = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd, mask=kv_ok, other=0.0)  # (BLOCK_D, BLOCK_N)
             vt = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None] * stride_vd, mask=kv_ok, other=0.0)  # (BLOCK_D, BLOCK_N)
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+            s = _dot(q, kt, DOT_PRECISION, UPCAST_DOT) * qk_scale
             p = tl.where(valid[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+            dp = _dot(do, vt, DOT_PRECISION, UPCAST_DOT)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+            dq += _dot(ds.to(kt.dtype), tl.trans(kt), DOT_PRECISION, UPCAST_DOT)
     dq = dq * sm_scale
     tl.store(DQ + pid_bh * S_Q * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
@@ -268,6 +278,11 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16
 
 
+def _dot_flags(dtype: torch.dtype, interpreted: bool) -> dict:
+    upcast = interpreted and dtype == torch.bfloat16
+    return dict(DOT_PRECISION="ieee" if upcast else tu.dot_precision(dtype), UPCAST_DOT=upcast)
+
+
 def _key_args(q: torch.Tensor, key_mask: torch.Tensor | None, kv_lens: torch.Tensor | None):
     """Kernel arguments for the key validity: (mask, kv_lens, mask strides), dummies when absent."""
     mask = key_mask.view(torch.uint8) if key_mask is not None else q  # bool → bytes, no copy
@@ -295,7 +310,7 @@ def _attn_fwd(q, k, v, key_mask, kv_lens, scale: float) -> tuple[torch.Tensor, t
             q, k, v, out, lse, mask, lens, scale,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, sms,
             H, S_Q, S_K, D,
-            HAS_MASK=key_mask is not None, HAS_KVLEN=kv_lens is not None, DOT_PRECISION=tu.dot_precision(q.dtype),
+            HAS_MASK=key_mask is not None, HAS_KVLEN=kv_lens is not None, **_dot_flags(q.dtype, tu.is_interpreted(_attn_fwd_kernel)),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
         )
     return out, lse
@@ -313,7 +328,7 @@ def _attn_bwd(dout, q, k, v, out, lse, key_mask, kv_lens, scale: float) -> tuple
     mask, lens, (smb, sms) = _key_args(q, key_mask, kv_lens)
     block_d = _block_d(D)
     interpreted = tu.is_interpreted(_attn_fwd_kernel)
-    flags = dict(HAS_MASK=key_mask is not None, HAS_KVLEN=kv_lens is not None, DOT_PRECISION=tu.dot_precision(q.dtype))
+    flags = dict(HAS_MASK=key_mask is not None, HAS_KVLEN=kv_lens is not None, **_dot_flags(q.dtype, interpreted))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), smb, sms)
     with _on_device(q):
         bm = 64 if not interpreted else 32
