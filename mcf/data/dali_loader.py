@@ -28,6 +28,7 @@ import torch
 from mcf.data.loader import PretrainLoader
 from mcf.data.source import DaliBatchSource
 from mcf.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mcf.errors import DataError
 
 
 def decoder_device(device: torch.device) -> str:
@@ -114,7 +115,13 @@ class DaliPretrainLoader(PretrainLoader):
         if self._pipe is None or self._next_position() != (epoch, position):
             self._build(epoch, position)
         while position < self.num_batches:
-            images, n_bad, bad_idx = self._pipe.run()
+            try:
+                images, n_bad, bad_idx = self._pipe.run()
+            except RuntimeError as e:  # an error raised in the Python source arrives wrapped
+                self.close()
+                if "DataError" in str(e):
+                    raise DataError(str(e).split("DataError:", 1)[-1].strip().splitlines()[0]) from None
+                raise
             self._consumed += 1
             position += 1
             yield _to_torch(images, self.device), np.array(n_bad.as_tensor()), np.array(bad_idx.as_tensor())
