@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Start `mcf pretrain` on one node with torchrun, one process per GPU (or N CPU processes).
+#
+#   launchers/torchrun.sh [launcher options] [--] [mcf pretrain options]
+#
+# Launcher options (each also read from the environment; the flag wins):
+#   --nproc-per-node N   processes on this node   (NPROC_PER_NODE; default: GPUs seen by nvidia-smi, else 1)
+#   --nnodes N           nodes in the run          (NNODES; default 1)
+#   --node-rank R        this node's index         (NODE_RANK; default 0)
+#   --master-addr A      rank-0 node address       (MASTER_ADDR; default 127.0.0.1)
+#   --master-port P      rank-0 TCP port           (MASTER_PORT; default 29500)
+# Everything else is passed to `mcf pretrain` unchanged, e.g.
+#   launchers/torchrun.sh --nproc-per-node 8 --config base --data /data/faces.lmdb --output-dir runs/base
+# The interpreter is $MCF_PYTHON (default: python); extra torchrun flags go in $MCF_TORCHRUN_ARGS.
+# With --nnodes > 1, start the script once per node with its --node-rank (static rendezvous).
+set -euo pipefail
+
+PY=${MCF_PYTHON:-python}
+NPROC=${NPROC_PER_NODE:-}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+ADDR=${MASTER_ADDR:-127.0.0.1}
+PORT=${MASTER_PORT:-29500}
+
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+need() { [ "$2" -ge 2 ] || { echo "torchrun.sh: $1 needs a value" >&2; exit 2; }; }
+
+ARGS=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --nproc-per-node|--nproc_per_node) need "$1" $#; NPROC=$2; shift 2 ;;
+        --nnodes) need "$1" $#; NNODES=$2; shift 2 ;;
+        --node-rank|--node_rank) need "$1" $#; NODE_RANK=$2; shift 2 ;;
+        --master-addr|--master_addr) need "$1" $#; ADDR=$2; shift 2 ;;
+        --master-port|--master_port) need "$1" $#; PORT=$2; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        --) shift; ARGS+=("$@"); break ;;
+        *) ARGS+=("$1"); shift ;;
+    esac
+done
+
+if [ -z "$NPROC" ]; then
+    NPROC=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    [ "${NPROC:-0}" -ge 1 ] || NPROC=1
+fi
+
+# shellcheck disable=SC2086  # MCF_TORCHRUN_ARGS is a list of flags
+exec "$PY" -m torch.distributed.run \
+    --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC" \
+    --master-addr "$ADDR" --master-port "$PORT" ${MCF_TORCHRUN_ARGS:-} \
+    -m mcf pretrain "${ARGS[@]}"
