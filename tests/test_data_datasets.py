@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from data_helpers import BAD_FILES, HUGE_LIMIT, ODD_FILES, make_folder, make_paper_lmdb, make_salted_folder
 
-from mcf.data import ImageFolderDataset, LMDBDataset, PaperLMDBDataset, build_lmdb, open_dataset, verify_dataset
-from mcf.data import lmdb_build
+from mcf.data import ImageFolderDataset, LMDBDataset, PaperLMDBDataset, build_lmdb, lmdb_build, open_dataset, verify_dataset
 from mcf.data.cli import add_parser
 from mcf.errors import DataError
 
@@ -110,7 +109,13 @@ def test_interrupted_build_never_opens_and_resumes(tmp_path, monkeypatch):
         open_dataset(partial)
     monkeypatch.setattr(lmdb_build, "_commit_chunk", real)
     resumed = []
-    monkeypatch.setattr(lmdb_build, "_encode_file", lambda a: resumed.append(a[1]) or lmdb_build.__dict__["encode_image"] and _enc(a))
+    real_encode = lmdb_build._encode_file
+
+    def counting_encode(args):
+        resumed.append(args[1])
+        return real_encode(args)
+
+    monkeypatch.setattr(lmdb_build, "_encode_file", counting_encode)
     m = build_lmdb(tmp_path / "f", out, workers=0, chunk_size=6, progress=False)
     assert m["count"] == 20 and not partial.exists()
     assert len(resumed) == 20 - 12  # only the files after the two committed chunks were re-read
@@ -128,13 +133,6 @@ def test_interrupted_build_never_opens_and_resumes(tmp_path, monkeypatch):
         build_lmdb(tmp_path / "g", tmp_path / "h", workers=0, progress=False)
 
 
-_real_encode = lmdb_build._encode_file
-
-
-def _enc(a):
-    return _real_encode(a)
-
-
 def test_build_resize_and_quality(tmp_path):
     from PIL import Image
 
@@ -150,8 +148,9 @@ def test_build_resize_and_quality(tmp_path):
 
 def test_builtin_real_faces(tmp_path, monkeypatch):
     monkeypatch.setenv("MCF_CACHE", str(tmp_path / "cache"))
-    from mcf.data import load_builtin_faces
     from skimage import data as skdata
+
+    from mcf.data import load_builtin_faces
 
     train, val = load_builtin_faces("train"), load_builtin_faces("val")
     assert len(train) == 82 and len(val) == 20  # 100 LFW faces (80/20) + astronaut + camera
@@ -177,7 +176,7 @@ def test_cli_commands(tmp_path, capsys):
     assert _cli(["data", "verify", str(tmp_path / "db"), "--no-progress"]) == 0
     assert _cli(["data", "info", str(tmp_path / "db"), "--json"]) == 0
     out = capsys.readouterr().out
-    info = json.loads(out[out.index("{"):])
+    info = json.loads(out[out.index("{") :])
     assert info["count"] == 6 and info["kind"] == "LMDBDataset"
     assert _cli(["data", "builtin", str(tmp_path / "bi")]) == 0
     assert len(LMDBDataset(tmp_path / "bi")) == 102

@@ -4,7 +4,6 @@ DALI runs its real CPU pipeline here (``device_id=None``, ``decoders.image(devic
 GPU ``mixed`` decoder cannot run without a GPU and is checked only for its selection logic.
 """
 
-
 import numpy as np
 import pytest
 import torch
@@ -223,10 +222,27 @@ def test_light_imports():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-
 @pytest.mark.parametrize("kind", ["torch", "dali"])
 def test_unreadable_dataset_raises_data_error(kind, tmp_path):
     for i in range(6):
         (tmp_path / f"x{i}.jpg").write_bytes(b"garbage" * i)
     with pytest.raises(DataError, match="in a row failed to decode"):
         _epoch(_loader(tmp_path, kind, bs=2), 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: DALI's mixed (nvJPEG) decoder")
+def test_dali_mixed_gpu_matches_cpu(lmdb_path):
+    gpu = build_pretrain_loader(
+        DataConfig(path=str(lmdb_path), loader="dali", num_workers=0),
+        img_size=32,
+        batch_size=4,
+        rank=0,
+        world_size=1,
+        seed=0,
+        device=torch.device("cuda", 0),
+    )
+    cpu = _loader(lmdb_path, "dali")
+    for a, b in zip(_epoch(gpu, 0), _epoch(cpu, 0)):
+        assert a.device.type == "cuda" and a.dtype == torch.float32 and a.shape == b.shape
+        # nvJPEG's IDCT differs slightly from libjpeg-turbo's.
+        assert float((a.cpu() - b).abs().mean()) < 0.03

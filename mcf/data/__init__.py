@@ -37,7 +37,32 @@ _EXPORTS = {
     "load_builtin_faces": "mcf.data.builtin",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "BadImage",
+    "DaliPretrainLoader",
+    "DataConfig",
+    "DistributedSampler",
+    "EncodedImageDataset",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageFolderDataset",
+    "LMDBDataset",
+    "PaperLMDBDataset",
+    "PretrainLoader",
+    "PretrainTransform",
+    "TorchPretrainLoader",
+    "build_builtin",
+    "build_lmdb",
+    "build_pretrain_loader",
+    "build_transform",
+    "dali_available",
+    "dataset_info",
+    "decode_rgb",
+    "ensure_builtin",
+    "load_builtin_faces",
+    "open_dataset",
+    "verify_dataset",
+]
 
 if TYPE_CHECKING:
     from mcf.data.builtin import build_builtin, ensure_builtin, load_builtin_faces

@@ -53,9 +53,7 @@ def _items() -> tuple[list[tuple[str, bytes]], dict[str, list[int]], list[dict[s
     faces = np.asarray(skdata.lfw_subset())[:N_FACES]  # (100, 25, 25)
     if faces.dtype != np.uint8:
         faces = np.clip(faces * (255.0 if faces.max() <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
-    face_png = [
-        _png(Image.fromarray(f, "L").resize((FACE_SIZE, FACE_SIZE), Image.BICUBIC)) for f in faces
-    ]
+    face_png = [_png(Image.fromarray(f, "L").resize((FACE_SIZE, FACE_SIZE), Image.BICUBIC)) for f in faces]
     astronaut = _png(Image.fromarray(np.asarray(skdata.astronaut(), dtype=np.uint8)))
     camera = _png(Image.fromarray(np.asarray(skdata.camera(), dtype=np.uint8)))
     items = [(f"lfw_subset/{i:03d}", face_png[i]) for i in range(N_TRAIN_FACES)]
@@ -64,8 +62,12 @@ def _items() -> tuple[list[tuple[str, bytes]], dict[str, list[int]], list[dict[s
     items += [(f"lfw_subset/{i:03d}", face_png[i]) for i in range(N_TRAIN_FACES, N_FACES)]
     splits = {"train": [0, n_train], "val": [n_train, len(items)]}
     provenance = [
-        {"package": pkg, "file": "skimage/data/lfw_subset.npy", "licence": LFW_LICENCE,
-         "used": f"faces 0..{N_FACES - 1} of 200, 25x25 -> {FACE_SIZE}x{FACE_SIZE} bicubic"},
+        {
+            "package": pkg,
+            "file": "skimage/data/lfw_subset.npy",
+            "licence": LFW_LICENCE,
+            "used": f"faces 0..{N_FACES - 1} of 200, 25x25 -> {FACE_SIZE}x{FACE_SIZE} bicubic",
+        },
         {"package": pkg, "file": "skimage/data/astronaut.png", "licence": "public domain (NASA)"},
         {"package": pkg, "file": "skimage/data/camera.png", "licence": "CC0 (Lav Varshney)"},
     ]
@@ -95,8 +97,13 @@ def build_builtin(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     env.close()
     (tmp / "provenance.json").write_text(json.dumps(provenance, indent=1))
     manifest = {
-        "format": FORMAT, "version": FORMAT_VERSION, "count": len(items), "splits": splits,
-        "provenance": provenance, "builtin_version": BUILTIN_VERSION, "bad": [],
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "count": len(items),
+        "splits": splits,
+        "provenance": provenance,
+        "builtin_version": BUILTIN_VERSION,
+        "bad": [],
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     try:

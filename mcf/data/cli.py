@@ -44,8 +44,14 @@ def _build_lmdb(args: argparse.Namespace) -> int:
     from mcf.data.lmdb_build import BAD_REPORT, build_lmdb
 
     m = build_lmdb(
-        args.src, args.out, workers=args.workers, resize_short=args.resize_short, quality=args.quality,
-        chunk_size=args.chunk_size, overwrite=args.overwrite, progress=not args.no_progress,
+        args.src,
+        args.out,
+        workers=args.workers,
+        resize_short=args.resize_short,
+        quality=args.quality,
+        chunk_size=args.chunk_size,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
     )
     print(f"wrote {m['count']} images to {args.out}")
     if m["bad"]:

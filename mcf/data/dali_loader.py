@@ -96,12 +96,21 @@ class DaliPretrainLoader(PretrainLoader):
             )
             images = fn.decoders.image(data, device=decoder_device(self.device), output_type=types.RGB)
             images = fn.resize(
-                images, size=[s, s], roi_start=roi0, roi_end=roi1, roi_relative=False,
-                interp_type=types.INTERP_LINEAR, antialias=True,
+                images,
+                size=[s, s],
+                roi_start=roi0,
+                roi_end=roi1,
+                roi_relative=False,
+                interp_type=types.INTERP_LINEAR,
+                antialias=True,
             )
             images = fn.crop_mirror_normalize(
-                images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
-                mean=[m * 255 for m in IMAGENET_MEAN], std=[v * 255 for v in IMAGENET_STD],
+                images,
+                mirror=mirror,
+                dtype=types.FLOAT,
+                output_layout="CHW",
+                mean=[m * 255 for m in IMAGENET_MEAN],
+                std=[v * 255 for v in IMAGENET_STD],
             )
             pipe.set_outputs(images, n_bad, bad_idx)
         pipe.build()

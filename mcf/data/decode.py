@@ -15,14 +15,12 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
 
-# A truncated file is a bad sample, never a half-grey image.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-# Our own ``max_pixels`` guard replaces PIL's decompression-bomb check (which warns, then raises
-# at 2x its limit); it is applied from the header, before any pixel is decoded.
-Image.MAX_IMAGE_PIXELS = None
-
+# Our ``max_pixels`` guard is applied from the header, before any pixel is decoded. PIL's own
+# process-wide decompression-bomb limit (warn at ~89 MP, raise at twice that) is left as it is;
+# the default here is below it. A truncated file is a bad sample, never a half-grey image: the
+# end-marker check below catches it whatever ``ImageFile.LOAD_TRUNCATED_IMAGES`` says.
 DEFAULT_MAX_PIXELS = 64_000_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")
 
@@ -42,6 +40,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"too large ({e})") from None
     except Exception as e:  # UnidentifiedImageError, struct errors on garbage headers, ...
         raise BadImage(f"not an image ({type(e).__name__})") from None
     w, h = img.size

@@ -27,9 +27,9 @@ from mcf.data.datasets import (
     LENGTH_KEY,
     MANIFEST,
     LMDBDataset,
-    open_dataset,
     image_key,
     name_key,
+    open_dataset,
     scan_image_folder,
 )
 from mcf.data.decode import DEFAULT_MAX_PIXELS, BadImage, decode_rgb
@@ -125,9 +125,7 @@ def build_lmdb(
             raw = txn.get(PROGRESS_KEY)
         state = json.loads(raw) if raw else {"done": 0, "count": 0, "bad": [], "options": options, "files": files_hash}
         if state["options"] != options or state["files"] != files_hash:
-            raise DataError(
-                f"{partial} is an interrupted build with other options or source files; delete it to start over"
-            )
+            raise DataError(f"{partial} is an interrupted build with other options or source files; delete it to start over")
         _run_chunks(env, src, files, state, workers, chunk_size, progress)
         count = state["count"]
         if count == 0:
@@ -215,7 +213,7 @@ def verify_dataset(
 def dataset_info(path: str | os.PathLike, lmdb_keys: str | None = None, *, sample: int = 16) -> dict[str, Any]:
     """Kind, count, bytes on disk, splits, provenance and the sizes of the first ``sample`` images."""
     ds = open_dataset(path, lmdb_keys)
-    p = Path(ds.path if hasattr(ds, "path") else getattr(ds, "root"))
+    p = Path(ds.path if hasattr(ds, "path") else ds.root)
     disk = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
     sizes = []
     for i in range(min(sample, len(ds))):

@@ -62,8 +62,7 @@ class PretrainLoader:
         self.num_batches = self.sampler.per_rank // batch_size
         if self.num_batches == 0:
             raise DataError(
-                f"{len(dataset)} samples give no full batch of {batch_size} per rank on {world_size} rank(s); "
-                "use more data or a smaller batch"
+                f"{len(dataset)} samples give no full batch of {batch_size} per rank on {world_size} rank(s); use more data or a smaller batch"
             )
         self.epoch = 0
         self.position = 0  # batches of ``epoch`` already delivered
@@ -95,9 +94,7 @@ class PretrainLoader:
         for k in ("seed", "batch_size", "world_size", "num_samples"):
             mine = len(self.dataset) if k == "num_samples" else getattr(self, k)
             if k in d and int(d[k]) != mine:
-                raise DataError(
-                    f"cannot resume the data stream exactly: the checkpoint has {k}={d[k]}, this run has {mine}"
-                )
+                raise DataError(f"cannot resume the data stream exactly: the checkpoint has {k}={d[k]}, this run has {mine}")
         if not 0 <= int(d["position"]) <= self.num_batches:
             raise DataError(f"saved data position {d['position']} outside 0..{self.num_batches}")
         self.epoch, self.position = int(d["epoch"]), int(d["position"])
@@ -111,6 +108,9 @@ class PretrainLoader:
             self.position += 1
             self._account(n_bad, bad_idx)
             yield images
+
+    def close(self) -> None:
+        """Release workers/pipelines (the loader can still be iterated again afterwards)."""
 
     def _batches(self, epoch: int, position: int) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
         """Batches ``position..`` of ``epoch``: (images on device, failed attempts, first bad index)."""
@@ -218,9 +218,7 @@ def build_pretrain_loader(
         raise ValueError("the pre-training loader always drops the partial last batch (drop_last=True)")
     size = cfg.img_size or img_size
     dataset = open_dataset(cfg.path, cfg.lmdb_keys, split=split, max_pixels=cfg.max_image_pixels)
-    transform = build_transform(
-        size, random_resized_crop=cfg.random_resized_crop, crop_scale=cfg.crop_scale, hflip=cfg.hflip
-    )
+    transform = build_transform(size, random_resized_crop=cfg.random_resized_crop, crop_scale=cfg.crop_scale, hflip=cfg.hflip)
     device = torch.device(device)
     kind = cfg.loader
     if kind == "auto":
@@ -234,6 +232,11 @@ def build_pretrain_loader(
     loader = cls(dataset, transform, cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, device=device)
     logger.info(
         "data: %s loader (%s), %d samples, %d batches of %d per rank, %dpx",
-        loader.kind, cfg.loader, len(dataset), len(loader), batch_size, size,
+        loader.kind,
+        cfg.loader,
+        len(dataset),
+        len(loader),
+        batch_size,
+        size,
     )
     return loader

@@ -42,10 +42,7 @@ class SampleSource:
             except BadImage:
                 n_bad += 1
                 first_bad = j if first_bad < 0 else first_bad
-        raise DataError(
-            f"{self.max_attempts} samples in a row failed to decode around {self.dataset.name(index)}: "
-            "the data set is mostly unreadable"
-        )
+        raise DataError(f"{self.max_attempts} samples in a row failed to decode around {self.dataset.name(index)}: the data set is mostly unreadable")
 
     def params(self, epoch: int, index: int, width: int, height: int) -> SampleParams:
         return self.transform.params(width, height, seed=self.seed, epoch=epoch, index=index)

@@ -116,6 +116,4 @@ def build_transform(
     """The pre-training transform (see :class:`PretrainTransform`)."""
     if img_size <= 0:
         raise ValueError("img_size must be positive")
-    return PretrainTransform(
-        img_size=img_size, random_resized_crop=random_resized_crop, crop_scale=tuple(crop_scale), hflip=hflip
-    )
+    return PretrainTransform(img_size=img_size, random_resized_crop=random_resized_crop, crop_scale=tuple(crop_scale), hflip=hflip)
