@@ -67,3 +67,23 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+@jit
+def cast(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    """``x.to(dtype)``, rounding to nearest even on the GPU and, with EMULATE_RTNE, in the interpreter.
+
+    Triton's interpreter (3.8) truncates fp32 → bf16 where the GPU rounds to nearest even, so the
+    kernels set EMULATE_RTNE when interpreted (``emulate_rtne``) and round the bits by hand first.
+    """
+    if EMULATE_RTNE:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+def emulate_rtne(kernel) -> bool:
+    """The EMULATE_RTNE flag for ``cast`` in ``kernel``: True only in the interpreter."""
+    return is_interpreted(kernel)

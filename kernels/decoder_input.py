@@ -12,7 +12,7 @@ import contextlib
 import torch
 
 from mcf.kernels import _triton_utils as tu
-from mcf.kernels._triton_utils import jit, tl, triton
+from mcf.kernels._triton_utils import cast, jit, tl, triton
 from mcf.kernels.dispatch import triton_status
 
 
@@ -56,7 +56,7 @@ def _decoder_input_fwd_kernel(
     stride_ib, stride_il,
     stride_ps, stride_pc,
     L, K, C,
-    HAS_KEEP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_KEEP: tl.constexpr, EMULATE_RTNE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # grid: (B, cdiv(1 + L, BLOCK_L), cdiv(C, BLOCK_C)); Out is contiguous (B, 1 + L, C)
     b = tl.program_id(0)
@@ -73,11 +73,12 @@ def _decoder_input_fwd_kernel(
     x = tl.load(X + b * stride_xb + src[:, None] * stride_xs + cols[None, :] * stride_xc, mask=from_x[:, None] & col_ok[None, :], other=0.0)
     out_ty = Out.dtype.element_ty
     # cast like the reference: mask token and position embedding to x's dtype, then add (in fp32)
-    tok = tl.load(MaskTok + cols, mask=col_ok, other=0.0).to(out_ty)
+    tok = cast(tl.load(MaskTok + cols, mask=col_ok, other=0.0), out_ty, EMULATE_RTNE)
     tok = tl.where(from_x[:, None], x, tok[None, :])
-    pos = tl.load(Pos + rows[:, None] * stride_ps + cols[None, :] * stride_pc, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(out_ty)
+    pos = tl.load(Pos + rows[:, None] * stride_ps + cols[None, :] * stride_pc, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    pos = cast(pos, out_ty, EMULATE_RTNE)
     out = tok.to(tl.float32) + pos.to(tl.float32)
-    tl.store(Out + b * (L + 1) * C + rows[:, None] * C + cols[None, :], out.to(out_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(Out + b * (L + 1) * C + rows[:, None] * C + cols[None, :], cast(out, out_ty, EMULATE_RTNE), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @jit
@@ -86,7 +87,7 @@ def _decoder_input_bwd_kernel(
     stride_gb, stride_gs, stride_gc,
     stride_ib, stride_il,
     L, K, C,
-    HAS_KEEP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_KEEP: tl.constexpr, EMULATE_RTNE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # grid: (B, cdiv(C, BLOCK_C)). GX (B, 1 + K, C) gets the un-shuffle scattered back (zeros in the
     # padded slots j >= keep); GMask (B, C) fp32 the per-sample sum over mask-token positions.
@@ -99,7 +100,7 @@ def _decoder_input_bwd_kernel(
     g_base = G + b * stride_gb
     gx_base = GX + b * (K + 1) * C
     g0 = tl.load(g_base + cols * stride_gc, mask=col_ok, other=0.0)
-    tl.store(gx_base + cols, g0.to(GX.dtype.element_ty), mask=col_ok)
+    tl.store(gx_base + cols, cast(g0, GX.dtype.element_ty, EMULATE_RTNE), mask=col_ok)
     acc = tl.zeros([BLOCK_C], tl.float32)
     for start in range(0, L, BLOCK_L):
         pos = start + tl.arange(0, BLOCK_L)  # output row 1 + pos
@@ -109,7 +110,7 @@ def _decoder_input_bwd_kernel(
         visible = (ids >= 0) & (ids < keep)
         slot_ok = ok & (ids >= 0) & (ids < K)
         gx = tl.where(visible[:, None], g, 0.0)
-        tl.store(gx_base + (ids[:, None] + 1) * C + cols[None, :], gx.to(GX.dtype.element_ty), mask=slot_ok[:, None] & col_ok[None, :])
+        tl.store(gx_base + (ids[:, None] + 1) * C + cols[None, :], cast(gx, GX.dtype.element_ty, EMULATE_RTNE), mask=slot_ok[:, None] & col_ok[None, :])
         acc += tl.sum(tl.where((ok & ~visible)[:, None], g, 0.0), axis=0)
     tl.store(GMask + b * C + cols, acc, mask=col_ok)
 
@@ -143,7 +144,7 @@ def _decoder_input_fwd(x, mask_token, ids_restore, pos_embed, keep_lens) -> torc
         _decoder_input_fwd_kernel[(B, triton.cdiv(L + 1, bl), triton.cdiv(C, bc))](
             x, mask_token, ids_restore, pos, keep_lens if keep_lens is not None else ids_restore, out,
             *x.stride(), *ids_restore.stride(), *pos.stride(), L, K1 - 1, C,
-            HAS_KEEP=keep_lens is not None, BLOCK_L=bl, BLOCK_C=bc,
+            HAS_KEEP=keep_lens is not None, EMULATE_RTNE=tu.emulate_rtne(_decoder_input_fwd_kernel), BLOCK_L=bl, BLOCK_C=bc,
         )
     return out
 
@@ -159,7 +160,7 @@ def _decoder_input_bwd(grad, ids_restore, keep_lens, num_x_tokens: int) -> tuple
         _decoder_input_bwd_kernel[(B, triton.cdiv(C, bc))](
             grad, ids_restore, keep_lens if keep_lens is not None else ids_restore, gx, gmask,
             *grad.stride(), *ids_restore.stride(), L1 - 1, num_x_tokens - 1, C,
-            HAS_KEEP=keep_lens is not None, BLOCK_L=bl, BLOCK_C=bc,
+            HAS_KEEP=keep_lens is not None, EMULATE_RTNE=tu.emulate_rtne(_decoder_input_bwd_kernel), BLOCK_L=bl, BLOCK_C=bc,
         )
     return gx, gmask
 

@@ -13,7 +13,7 @@ import math
 import torch
 
 from mcf.kernels import _triton_utils as tu
-from mcf.kernels._triton_utils import jit, tl, triton
+from mcf.kernels._triton_utils import cast, jit, tl, triton
 from mcf.kernels.dispatch import MAX_HEAD_DIM, triton_status
 
 
@@ -76,7 +76,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_os, stride_od,
     stride_mb, stride_ms,
     H, S_Q, S_K, D,
-    HAS_MASK: tl.constexpr, HAS_KVLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KVLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # grid: (B * H, cdiv(S_Q, BLOCK_M)); one program = BLOCK_M query rows of one (b, h)
@@ -114,7 +114,7 @@ def _attn_fwd_kernel(
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+            acc = acc * alpha[:, None] + _dot(cast(p, v.dtype, EMULATE_RTNE), v, DOT_PRECISION, UPCAST_DOT)
             m_i = m_new
 
     empty_row = l_i == 0.0
@@ -123,7 +123,7 @@ def _attn_fwd_kernel(
     lse = tl.where(empty_row, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # ln(2)
     m_ok = offs_m < S_Q
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+             cast(out, Out.dtype.element_ty, EMULATE_RTNE), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(Lse + pid_bh * S_Q + offs_m, lse, mask=m_ok)
 
 
@@ -159,7 +159,7 @@ def _attn_bwd_dkdv_kernel(
     stride_gb, stride_gh, stride_gs, stride_gd,
     stride_mb, stride_ms,
     H, S_Q, S_K, D,
-    HAS_MASK: tl.constexpr, HAS_KVLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KVLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # grid: (B * H, cdiv(S_K, BLOCK_N)); one program = BLOCK_N keys, looping over all query blocks.
@@ -190,15 +190,15 @@ def _attn_bwd_dkdv_kernel(
             delta = tl.load(Delta + pid_bh * S_Q + offs_m, mask=m_ok, other=0.0)
             st = _dot(k, qt, DOT_PRECISION, UPCAST_DOT) * qk_scale  # (BLOCK_N, BLOCK_M)
             pt = tl.where(valid[:, None], tl.exp2(st - lse2[None, :]), 0.0)
-            dv += _dot(pt.to(do.dtype), do, DOT_PRECISION, UPCAST_DOT)
+            dv += _dot(cast(pt, do.dtype, EMULATE_RTNE), do, DOT_PRECISION, UPCAST_DOT)
             dpt = _dot(v, tl.trans(do), DOT_PRECISION, UPCAST_DOT)  # (BLOCK_N, BLOCK_M)
             dst = pt * (dpt - delta[None, :])
-            dk += _dot(dst.to(qt.dtype), tl.trans(qt), DOT_PRECISION, UPCAST_DOT)
+            dk += _dot(cast(dst, qt.dtype, EMULATE_RTNE), tl.trans(qt), DOT_PRECISION, UPCAST_DOT)
         dk = dk * sm_scale
     out_off = pid_bh * S_K * D + offs_n[:, None] * D + offs_d[None, :]
     out_ok = (offs_n[:, None] < S_K) & d_ok[None, :]
-    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=out_ok)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=out_ok)
+    tl.store(DK + out_off, cast(dk, DK.dtype.element_ty, EMULATE_RTNE), mask=out_ok)
+    tl.store(DV + out_off, cast(dv, DV.dtype.element_ty, EMULATE_RTNE), mask=out_ok)
 
 
 @jit
@@ -211,7 +211,7 @@ def _attn_bwd_dq_kernel(
     stride_gb, stride_gh, stride_gs, stride_gd,
     stride_mb, stride_ms,
     H, S_Q, S_K, D,
-    HAS_MASK: tl.constexpr, HAS_KVLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KVLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # grid: (B * H, cdiv(S_Q, BLOCK_M)); one program = BLOCK_M query rows, looping over key blocks.
@@ -246,9 +246,9 @@ def _attn_bwd_dq_kernel(
             p = tl.where(valid[None, :], tl.exp2(s - lse2[:, None]), 0.0)
             dp = _dot(do, vt, DOT_PRECISION, UPCAST_DOT)
             ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(kt.dtype), tl.trans(kt), DOT_PRECISION, UPCAST_DOT)
+            dq += _dot(cast(ds, kt.dtype, EMULATE_RTNE), tl.trans(kt), DOT_PRECISION, UPCAST_DOT)
     dq = dq * sm_scale
-    tl.store(DQ + pid_bh * S_Q * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(DQ + pid_bh * S_Q * D + offs_m[:, None] * D + offs_d[None, :], cast(dq, DQ.dtype.element_ty, EMULATE_RTNE), mask=m_ok[:, None] & d_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,8 +279,9 @@ def _block_d(head_dim: int) -> int:
 
 
 def _dot_flags(dtype: torch.dtype, interpreted: bool) -> dict:
+    """Precision flags of the kernels; the UPCAST_DOT and EMULATE_RTNE work-arounds only in the interpreter."""
     upcast = interpreted and dtype == torch.bfloat16
-    return dict(DOT_PRECISION="ieee" if upcast else tu.dot_precision(dtype), UPCAST_DOT=upcast)
+    return dict(DOT_PRECISION="ieee" if upcast else tu.dot_precision(dtype), UPCAST_DOT=upcast, EMULATE_RTNE=interpreted)
 
 
 def _key_args(q: torch.Tensor, key_mask: torch.Tensor | None, kv_lens: torch.Tensor | None):
