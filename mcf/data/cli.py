@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_build_lmdb)
 
-    v = sub.add_parser("verify", help="Decode every image of a data set and report the bad ones.")
+    v = sub.add_parser("verify", help="Decode every image of a data set and report the bad ones (exit status 1 if any).")
     v.add_argument("path", metavar="PATH", help="image folder, mcf LMDB, paper LMDB (with --lmdb-keys) or 'builtin'")
     v.add_argument("--lmdb-keys", default=None, help="key list file of the paper's LMDB layout")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")

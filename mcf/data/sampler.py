@@ -73,6 +73,10 @@ class DistributedSampler:
     def __len__(self) -> int:
         return self.per_rank - self.start
 
+    def __getstate__(self) -> dict:
+        # Pickled into DALI workers: leave the cached permutation (up to n int64) behind.
+        return dict(self.__dict__, _cache=None)
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "start": self.start}
 
