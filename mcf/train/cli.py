@@ -1,0 +1,114 @@
+"""``mcf pretrain`` and ``mcf export-fp32``: flags → config keys → the trainer.
+
+Each dedicated flag is a shortcut for one config key (shown in ``--help``); ``--set key=value``
+reaches every key. Resolution order: preset/YAML (``--config``), ``$MCF_OVERRIDES``, the flags,
+then ``--set``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from typing import Any
+
+# flag dest → (config key, metavar, type, help)
+FLAGS: dict[str, tuple[str, str, Any, str]] = {
+    "output_dir": ("train.output_dir", "DIR", str, "run folder (config.yaml, metrics.jsonl, checkpoints/, reconstructions/, mlflow.db)"),
+    "data": ("data.path", "PATH", str, "image folder, mcf LMDB, the paper's LMDB, or 'builtin' (the built-in faces)"),
+    "lmdb_keys": ("data.lmdb_keys", "FILE", str, "key list of the paper's LMDB layout"),
+    "loader": ("data.loader", "auto|dali|torch", str, "input pipeline"),
+    "model": ("model.name", "NAME", str, "registered model (mcf_vit_tiny, mcf_vit_base_patch16, ...)"),
+    "batch_size": ("train.batch_size", "N", int, "micro-batch size per rank"),
+    "accum_steps": ("train.accum_steps", "N", int, "gradient accumulation steps per optimizer step"),
+    "max_steps": ("train.max_steps", "N", int, "stop after N optimizer steps (overrides --epochs)"),
+    "epochs": ("train.epochs", "N", int, "epochs to train"),
+    "precision": ("train.precision", "fp32|bf16|fp16", str, "training precision (fp16: dynamic loss scaling)"),
+    "zero": ("deepspeed.zero", "0|1|2|3", int, "ZeRO stage"),
+    "checkpoint_every": ("checkpoint.every", "N", int, "steps between checkpoints (a final one is always written)"),
+    "log_every": ("logging.log_every", "N", int, "steps between metric logs"),
+    "resume": ("train.resume", "auto|none|PATH", str, "auto = newest complete checkpoint in the output dir; or a checkpoint/run path"),
+    "seed": ("train.seed", "N", int, "seed of weights, masks, augmentation and data order"),
+    "teacher_checkpoint": ("teacher.checkpoint", "PATH|random", str, "frozen perceptual teacher weights ('random' for tests)"),
+    "tracking_uri": ("logging.tracking_uri", "URI|none", str, "MLflow tracking URI (default: sqlite store in the output dir; 'none' = off)"),
+    "max_bad_fraction": ("data.max_bad_fraction", "F", float, "stop when more than this fraction of samples fails to decode"),
+}
+
+OVERRIDES_ENV = "MCF_OVERRIDES"
+
+EPILOG = f"""\
+Any config key can be set with --set section.key=value (list them with `mcf config --list` where
+available, or see mcf/config.py). ${OVERRIDES_ENV} may hold whitespace-separated key=value pairs,
+applied after the preset and before the flags (handy for `mcf` with no arguments, e.g.
+{OVERRIDES_ENV}="train.max_steps=20").
+
+Launch on several processes with torchrun, the deepspeed launcher (`deepspeed --no_local_rank
+--num_gpus N --module mcf pretrain ...`) or srun; ranks come from the environment. A run stopped
+by SIGTERM or SIGUSR1 checkpoints and exits with status 3 (requeue), and `--resume auto` (the
+default) continues it. Exit status 2: a user error (one line on stderr); 1: the run failed."""
+
+
+def _updates(args: argparse.Namespace) -> dict[str, Any]:
+    updates: dict[str, Any] = {}
+    for dest, (key, *_rest) in FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        section, leaf = key.split(".")
+        updates.setdefault(section, {})[leaf] = value
+    return updates
+
+
+def config_from_args(args: argparse.Namespace):
+    """preset/YAML → $MCF_OVERRIDES → dedicated flags → --set, validated once at the end."""
+    from mcf.config import Config, load_config_dict, preset_dict
+    from mcf.configtree import merge, parse_override
+
+    data = preset_dict(args.config)
+    for text in shlex.split(os.environ.get(OVERRIDES_ENV, "")):
+        data = merge(data, parse_override(text, Config))
+    data = merge(data, _updates(args))
+    for text in args.set:
+        data = merge(data, parse_override(text, Config))
+    return load_config_dict(data)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from mcf.train.trainer import Trainer, TrainingError
+
+    cfg = config_from_args(args)
+    try:
+        return Trainer(cfg).fit()
+    except TrainingError as e:
+        print(f"mcf: error: {e}", file=sys.stderr)
+        return 1
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from mcf.train.checkpoint import export_fp32
+
+    d = export_fp32(args.checkpoint, args.out)
+    n = sum(v.numel() for v in d["online"].values())
+    logging.getLogger(__name__).info("wrote %s: step %d, %d online parameters (fp32), %d target tensors", args.out, d["step"], n, len(d["target"]))
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("pretrain", help="MCF pre-training (DeepSpeed; 1 process, torchrun, deepspeed or srun)",
+                              description="MCF pre-training. With no arguments: the demo preset (tiny model, built-in faces).",
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="demo", metavar="NAME|PATH", help="preset name (demo, small, base, large, huge) or a YAML file (default: demo)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (repeatable)")
+    for dest, (key, metavar, tp, text) in FLAGS.items():
+        p.add_argument("--" + dest.replace("_", "-"), dest=dest, type=tp, default=None, metavar=metavar, help=f"{text} [{key}]")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's; LOCAL_RANK wins
+    p.set_defaults(func=run_pretrain)
+
+    e = subparsers.add_parser("export-fp32", help="consolidate a pre-training checkpoint (any ZeRO stage) into one fp32 file",
+                              description="Write {online, target, config, step} (fp32) with torch.save; load with "
+                                          "torch.load(..., weights_only=True) or mcf.train.checkpoint.load_consolidated.")
+    e.add_argument("checkpoint", metavar="CKPT", help="a run folder (newest complete checkpoint) or a checkpoints/step_* directory")
+    e.add_argument("out", metavar="OUT.pt", help="output file")
+    e.set_defaults(func=run_export)

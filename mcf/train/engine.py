@@ -1,0 +1,200 @@
+"""The distributed runtime and the DeepSpeed engine: ranks from any launcher, the DeepSpeed JSON
+filled and checked against the config, and the fp32 master weights read back for the EMA.
+
+Everything DeepSpeed-specific that the trainer needs lives here, so ``trainer.py`` reads as a loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from mcf.config import Config
+from mcf.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# -- ranks ----------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_master_addr() -> str:
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or ""
+    if not nodes or int(os.environ.get("SLURM_NNODES", "1")) <= 1:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True, timeout=30)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        raise ConfigError("multi-node srun without MASTER_ADDR: export MASTER_ADDR (the first node) and MASTER_PORT") from None
+
+
+def setup_env() -> tuple[int, int, int]:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from the launcher's environment.
+
+    torchrun and the ``deepspeed`` launcher set them; under ``srun`` they come from SLURM_PROCID,
+    SLURM_NTASKS and SLURM_LOCALID (MASTER_ADDR = the first node, MASTER_PORT from the job id unless
+    set); a plain process is rank 0 of 1 on a free local port. Returns (rank, world_size, local_rank).
+    """
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env.setdefault("MASTER_ADDR", _slurm_master_addr())
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    if "RANK" not in env:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.setdefault("LOCAL_RANK", "0")
+    if int(env.get("WORLD_SIZE", "1")) == 1:
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        if key not in env:
+            raise ConfigError(f"{key} is not set: start multi-rank runs with torchrun, the deepspeed launcher or srun")
+    return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Start the process group on DeepSpeed's accelerator (NCCL on CUDA, gloo on CPU).
+
+    Returns (rank, world_size, device). On the CPU accelerator DeepSpeed's shared-memory collective
+    op is disabled before init: it is JIT-compiled (27–70 s) and gloo is enough here.
+    """
+    _, _, local_rank = setup_env()
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "mcf" / "torch_extensions"))
+    import deepspeed
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    else:
+        accel.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False)
+    import torch.distributed as dist
+
+    device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+# -- the DeepSpeed JSON ---------------------------------------------------------------------------
+def default_ds_config_path(zero: int, precision: str) -> Path:
+    return DS_CONFIG_DIR / f"zero{zero}_{precision}.json"
+
+
+def load_ds_json(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.is_file() and not path.suffix:
+        path = DS_CONFIG_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config not found: {name_or_path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"DeepSpeed config {path} must hold a JSON object")
+    return data
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config for this run: ``deepspeed.config`` (or ``ds_configs/zero{Z}_{P}.json``
+    when it exists, else a minimal one) with the batch keys, ZeRO stage, precision and clipping
+    filled from the mcf config. A key the JSON sets to a different value than the flags is an error.
+    """
+    t, z, p = cfg.train, cfg.deepspeed.zero, cfg.train.precision
+    if cfg.deepspeed.config:
+        ds, source = load_ds_json(cfg.deepspeed.config), cfg.deepspeed.config
+    elif default_ds_config_path(z, p).is_file():
+        ds, source = load_ds_json(str(default_ds_config_path(z, p))), str(default_ds_config_path(z, p))
+    else:
+        ds, source = {}, "built-in defaults"
+    ds = json.loads(json.dumps(ds))  # a private copy
+
+    def conflict(key: str, have: Any, want: Any, flag: str) -> ConfigError:
+        return ConfigError(f"DeepSpeed config {source} sets {key}={have!r} but the run has {flag}={want!r}; "
+                           "remove the key from the JSON (mcf fills it) or change the flag")
+
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"DeepSpeed config {source} has an '{key}' section: mcf supplies the optimizer and the lr schedule "
+                              "(optim.*); remove it")
+    expected = {
+        "train_micro_batch_size_per_gpu": (t.batch_size, "train.batch_size"),
+        "gradient_accumulation_steps": (t.accum_steps, "train.accum_steps"),
+        "train_batch_size": (t.batch_size * t.accum_steps * world_size, "batch_size*accum_steps*world_size"),
+        "gradient_clipping": (cfg.optim.grad_clip, "optim.grad_clip"),
+    }
+    for key, (want, flag) in expected.items():
+        if key in ds and ds[key] not in ("auto", None) and float(ds[key]) != float(want):
+            raise conflict(key, ds[key], want, flag)
+        ds[key] = want
+    zo = ds.setdefault("zero_optimization", {})
+    if "stage" in zo and int(zo["stage"]) != z:
+        raise conflict("zero_optimization.stage", zo["stage"], z, "deepspeed.zero")
+    zo["stage"] = z
+    if zo.get("offload_optimizer", {}).get("device", "none") not in ("none", None):
+        log.warning("optimizer offload makes DeepSpeed use DeepSpeedCPUAdam (JIT-compiled, ~2 min on first use)")
+    for name in ("bf16", "fp16"):
+        section = ds.setdefault(name, {})
+        want = p == name
+        if "enabled" in section and section["enabled"] not in ("auto",) and bool(section["enabled"]) != want:
+            raise conflict(f"{name}.enabled", section["enabled"], p, "train.precision")
+        section["enabled"] = want
+    if "amp" in ds and ds["amp"].get("enabled"):
+        raise ConfigError(f"DeepSpeed config {source} enables apex amp: use train.precision instead")
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10**9)
+    if p == "fp16" and z == 0:
+        raise ConfigError("train.precision=fp16 needs deepspeed.zero >= 1 (the EMA reads the fp32 master weights from the ZeRO optimizer)")
+    return ds
+
+
+# -- fp32 master weights --------------------------------------------------------------------------
+class CastInput(nn.Module):
+    """Calls the engine with the images cast to the engine's dtype (the target and teacher keep theirs)."""
+
+    def __init__(self, engine: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.engine, self.dtype = engine, dtype
+
+    def forward(self, images: torch.Tensor, *args: Any) -> Any:
+        return self.engine(images.to(self.dtype), *args)
+
+
+def fp32_masters(engine: Any, names: list[str], precision: str, zero: int) -> dict[str, torch.Tensor]:
+    """The fp32 master values of the online parameters ``names`` (after the optimizer step).
+
+    fp32 with ZeRO 0/1/2: the module's parameters are the masters (ZeRO-1/2 copy the updated fp32
+    partitions back bit for bit). Otherwise (bf16/fp16, or ZeRO-3's partitioned parameters) they are
+    assembled from the optimizer with ``safe_get_full_fp32_param``: a collective, called on every
+    rank in the same order.
+    """
+    params = dict(engine.module.named_parameters())
+    if precision == "fp32" and zero < 3:
+        return {n: params[n].detach() for n in names}
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for n in names:
+        full = safe_get_full_fp32_param(params[n])
+        if full is None:
+            raise RuntimeError(f"no fp32 master weight for '{n}' (precision {precision}, ZeRO {zero})")
+        out[n] = full
+    return out

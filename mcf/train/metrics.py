@@ -1,0 +1,143 @@
+"""Run outputs on rank 0: ``metrics.jsonl``, MLflow (params, metrics, pictures, final checkpoint),
+and reconstruction pictures (original | masked | rebuilt).
+
+MLflow defaults to a local sqlite store in the output folder (no server); ``logging.tracking_uri``
+names a server (``http://…``) or ``none``. On resume the same MLflow run continues (its id is kept
+in ``OUTPUT/mlflow_run_id``) and ``metrics.jsonl`` is cut back to the resumed step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mcf.configtree import to_dict
+from mcf.losses.pixel import unpatchify
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+RUN_ID_FILE = "mlflow_run_id"
+# the loader's normalisation (mcf.data.transforms), undone for pictures
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RunLogger:
+    """Rank 0's sink for metrics; on other ranks every method is a no-op."""
+
+    def __init__(self, cfg: Any, output_dir: Path, rank: int, resume_step: int | None):
+        self.enabled = rank == 0
+        self.output_dir = output_dir
+        self.mlflow = None
+        if not self.enabled:
+            return
+        path = output_dir / METRICS_FILE
+        if resume_step is not None:  # drop what the interrupted run logged after its checkpoint
+            kept = [r for r in read_metrics(output_dir) if r.get("step", 0) <= resume_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        elif path.exists():
+            path.unlink()
+        self._file = open(path, "a")
+        uri = cfg.logging.tracking_uri
+        if uri is not None and uri.lower() == "none":
+            return
+        self._start_mlflow(cfg, uri or f"sqlite:///{output_dir.resolve()}/mlflow.db", resume_step is not None)
+
+    def _start_mlflow(self, cfg: Any, uri: str, resuming: bool) -> None:
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(cfg.logging.experiment)
+        id_file = self.output_dir / RUN_ID_FILE
+        run_id = id_file.read_text().strip() if resuming and id_file.is_file() else None
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else self.output_dir.name)
+        id_file.write_text(run.info.run_id + "\n")
+        if run_id is None:
+            params = {k: str(v)[:500] for k, v in flatten(to_dict(cfg)).items()}
+            keys = sorted(params)
+            for i in range(0, len(keys), 100):
+                mlflow.log_params({k: params[k] for k in keys[i:i + 100]})
+        self.mlflow = mlflow
+        log.info("MLflow: %s, run %s", uri, run.info.run_id)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.mlflow is not None:
+            step = int(record["step"])
+            self.mlflow.log_metrics({k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
+
+    def log_artifact(self, path: Path, folder: str) -> None:
+        if self.enabled and self.mlflow is not None:
+            self.mlflow.log_artifact(str(path), folder)
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.enabled and self.mlflow is not None:
+            self.mlflow.set_tag(key, value)
+
+    def close(self, status: str = "FINISHED") -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self.mlflow is not None:
+            self.mlflow.end_run(status=status)
+            self.mlflow = None
+
+
+def reconstruction_grid(images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int) -> np.ndarray:
+    """Rows of original | masked | rebuilt, uint8 ``[rows·H, 3·W, 3]``.
+
+    ``images``: ``[N, 3, H, W]`` normalised; ``pred``: ``[N, L, p·p·3]``; ``mask``: ``[N, L]`` (1 = removed).
+    """
+    images, pred, mask = images.detach().float().cpu(), pred.detach().float().cpu(), mask.detach().float().cpu()
+    N, _, H, W = images.shape
+    rebuilt = unpatchify(pred, patch_size)  # (N, 3, H, W)
+    h = H // patch_size
+    m = mask.reshape(N, 1, h, h).repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)  # (N, 1, H, W)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    original = images * std + mean
+    masked = original * (1 - m) + 0.5 * m  # removed patches grey
+    rebuilt = rebuilt * std + mean
+    rows = torch.cat([original, masked, rebuilt], dim=3)  # (N, 3, H, 3W)
+    grid = rows.permute(0, 2, 3, 1).reshape(N * H, 3 * W, 3)
+    return (grid.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def save_reconstruction(path: Path, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int, scale: int = 1) -> Path:
+    from PIL import Image
+
+    grid = reconstruction_grid(images, pred, mask, patch_size)
+    img = Image.fromarray(grid)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

@@ -1,0 +1,41 @@
+"""Pre-emption: SIGTERM / SIGUSR1 ask the run to checkpoint at the next step boundary and exit 3.
+
+The handler only sets a flag; the trainer folds it into its one per-step all-reduce so every rank
+stops after the same step, writes the same checkpoint, and exits with :data:`REQUEUE_EXIT_CODE`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+REQUEUE_EXIT_CODE = 3
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """A flag set by the stop signals; ``install()`` registers the handlers, ``restore()`` undoes it."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:  # noqa: ARG002 - signal API
+        if not self.requested:
+            log.warning("received %s: checkpointing at the next step boundary, then exiting with %d",
+                        signal.Signals(signum).name, REQUEUE_EXIT_CODE)
+        self.requested, self.signum = True, signum
+
+    def install(self) -> StopRequest:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()

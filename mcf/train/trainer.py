@@ -1,0 +1,312 @@
+"""The pre-training loop: the online model in a DeepSpeed engine, the EMA target and the frozen
+teacher beside it, exact resume, and rank-0 outputs.
+
+One optimizer step = ``accum_steps`` micro-batches. Per step the host waits once, on a 2-float
+all-reduce of (non-finite losses seen, stop requested): a non-finite loss is caught before the
+update is applied and every rank stops after the same step on SIGTERM/SIGUSR1. Loss values stay on
+the device and are reduced every ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mcf.config import Config, dump_config
+from mcf.configtree import to_dict
+from mcf.errors import ConfigError, DataError
+from mcf.train import checkpoint as ckpt
+from mcf.train.engine import PRECISION_DTYPES, CastInput, build_ds_config, fp32_masters, init_distributed, setup_env
+from mcf.train.metrics import RunLogger, flatten, save_reconstruction
+from mcf.train.optim import build_optimizer, describe_schedule, lr_at, momentum_at, param_groups, peak_lr, set_lr, warmup_steps
+from mcf.train.signals import REQUEUE_EXIT_CODE, StopRequest
+
+log = logging.getLogger(__name__)
+
+TERMS = ("loss", "perceptual", "contrastive", "pixel")
+RECON_IMAGES = 8
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. a non-finite loss); the last complete checkpoint is intact."""
+
+
+def _default_loader_factory() -> Callable[..., Any]:
+    try:
+        from mcf.data import build_pretrain_loader
+    except ImportError as e:
+        raise ConfigError(f"the data pipeline is not available ({e})") from None
+    return build_pretrain_loader
+
+
+class Trainer:
+    """``Trainer(cfg).fit()`` → exit status: 0 when done, :data:`REQUEUE_EXIT_CODE` when stopped by a signal.
+
+    ``loader_factory`` (default ``mcf.data.build_pretrain_loader``) builds the per-rank loader with
+    the keywords ``img_size, batch_size, rank, world_size, seed, device``.
+    """
+
+    def __init__(self, cfg: Config, loader_factory: Callable[..., Any] | None = None):
+        self.cfg = cfg
+        self.loader_factory = loader_factory
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        # gloo's all_gather_into_tensor (the contrastive keys) warns on every call
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+        _, world_size, _ = setup_env()
+        self.ds_config = build_ds_config(cfg, world_size)  # flag/JSON conflicts fail before any heavy work
+        self.out = Path(cfg.train.output_dir)
+        self.resume_dir = ckpt.find_resume(cfg.train.resume, self.out)
+        self.build_monitor = None
+        if cfg.monitor.every > 0:
+            try:
+                from mcf.downstream.monitor import build_monitor
+            except ImportError as e:
+                raise ConfigError(f"monitor.every={cfg.monitor.every} needs mcf.downstream.monitor, which is unavailable ({e}); "
+                                  "set monitor.every=0") from None
+            self.build_monitor = build_monitor
+        loader_factory = self.loader_factory or _default_loader_factory()
+
+        if cfg.data.path != "builtin" and not Path(cfg.data.path).exists():
+            raise DataError(f"data path not found: {cfg.data.path}")
+        if cfg.data.lmdb_keys and not Path(cfg.data.lmdb_keys).is_file():
+            raise DataError(f"LMDB key list not found: {cfg.data.lmdb_keys}")
+        seed = cfg.train.seed
+        torch.manual_seed(seed)  # identical initial weights on every rank
+        np.random.seed(seed)
+        random.seed(seed)
+        from mcf.models import create_model_from_config
+
+        model = create_model_from_config(cfg)  # a missing teacher checkpoint fails here, before DeepSpeed starts
+
+        self.rank, self.world_size, self.device = init_distributed()
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(dump_config(cfg))
+        model.set_distributed(self.rank, self.world_size)
+        self.model = model.to(self.device).train()
+        self.dtype = PRECISION_DTYPES[cfg.train.precision]
+        if self.dtype != torch.float32:  # frozen: no master copy needed; the EMA target stays fp32
+            model.perceptual.teacher.to(self.dtype)
+
+        t = cfg.train
+        self.loader = loader_factory(cfg.data, img_size=model.spec.img_size, batch_size=t.batch_size, rank=self.rank,
+                                     world_size=self.world_size, seed=seed, device=self.device)
+        self.steps_per_epoch = len(self.loader) // t.accum_steps
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{len(self.loader)} batches per rank per epoch are fewer than train.accum_steps={t.accum_steps}")
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        self.global_batch = t.batch_size * t.accum_steps * self.world_size
+        self.peak_lr = peak_lr(cfg.optim, self.global_batch)
+        self.warmup = warmup_steps(cfg.optim, self.steps_per_epoch)
+
+        import deepspeed
+
+        self.optimizer = build_optimizer(param_groups(model.online, cfg.optim.weight_decay), cfg.optim, self.peak_lr, self.device)
+        self.engine, _, _, _ = deepspeed.initialize(model=model.online, optimizer=self.optimizer, config=self.ds_config,
+                                                    dist_init_required=False)
+        if t.compile:
+            self.engine.compile()
+        self.online = CastInput(self.engine, self.dtype)
+        self.ema_names = [n for n, _ in model.ema_pairs()]
+
+        # masks come from a generator of their own (per rank), so no other RNG consumer (data-loader
+        # workers, libraries) can shift them between an interrupted and an uninterrupted run
+        self.mask_gen = torch.Generator(device=self.device)
+        self.mask_gen.manual_seed(seed * 1_000_003 + 7919 * (self.rank + 1))
+        torch.manual_seed(seed + 104_729 * (self.rank + 1))
+        self.step, self.epoch, self.epoch_batches = 0, 0, 0
+        self.acc = torch.zeros(len(TERMS) + 1, device=self.device)  # sums of TERMS, micro-batch count
+        self.steps_since_log = 0
+        if self.resume_dir is not None:
+            self._restore(self.resume_dir)
+        elif self.rank == 0:
+            ckpt.prune(self.out / "checkpoints", cfg.checkpoint.keep_last)
+        self.logger = RunLogger(cfg, self.out, self.rank, self.step if self.resume_dir is not None else None)
+        self.monitor = self.build_monitor(cfg, self.device) if self.build_monitor and self.rank == 0 else None
+        if self.rank == 0:
+            log.info("%d rank(s) on %s, %s, ZeRO %d; %d steps (%d per epoch); %s", self.world_size, self.device, cfg.train.precision,
+                     cfg.deepspeed.zero, self.total_steps, self.steps_per_epoch,
+                     describe_schedule(cfg, self.global_batch, self.steps_per_epoch, self.total_steps))
+
+    def _restore(self, path: Path) -> None:
+        state, rstate = ckpt.load_checkpoint(self.engine, path, self.rank, self.world_size)
+        self.model.target.load_state_dict(state["target"])
+        self.step = int(state["step"])
+        self.epoch, self.epoch_batches = int(rstate["epoch"]), int(rstate["epoch_batches"])
+        self.loader.load_state_dict(rstate["loader"])
+        if self.epoch_batches >= len(self.loader):  # the checkpoint closed an epoch
+            self.epoch, self.epoch_batches = self.epoch + 1, 0
+        ckpt.set_rng_state(rstate["rng"])
+        self.mask_gen.set_state(rstate["mask_gen"])
+        self.acc = rstate["acc"].to(self.device)
+        self.steps_since_log = int(rstate["steps_since_log"])
+        if self.rank == 0:
+            old, new = flatten(state["config"]), flatten(to_dict(self.cfg))
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "train.resume")
+            if changed:
+                log.warning("resuming with changed config keys: %s", ", ".join(changed))
+            log.info("resumed from %s (step %d, epoch %d)", path, self.step, self.epoch)
+            ckpt.prune(path.parent, self.cfg.checkpoint.keep_last)
+
+    # -- state ------------------------------------------------------------------------------------
+    def _save(self) -> Path:
+        mcf_state = {"step": self.step, "world_size": self.world_size, "config": to_dict(self.cfg),
+                     "target": {k: v.detach().float().cpu() for k, v in self.model.target.state_dict().items()}}
+        rank_state = {"epoch": self.epoch, "epoch_batches": self.epoch_batches, "loader": self.loader.state_dict(),
+                      "rng": ckpt.rng_state(), "mask_gen": self.mask_gen.get_state(), "acc": self.acc.cpu(),
+                      "steps_since_log": self.steps_since_log}
+        path = ckpt.save_checkpoint(self.engine, self.out / "checkpoints", self.step, mcf_state, rank_state, self.rank,
+                                    self.cfg.checkpoint.keep_last)
+        self.last_saved = self.step
+        if self.rank == 0:
+            log.info("checkpoint %s", path)
+        return path
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        while True:
+            self.loader.set_epoch(self.epoch)
+            for images in self.loader:
+                self.epoch_batches += 1
+                yield images
+            self.epoch, self.epoch_batches = self.epoch + 1, 0
+
+    # -- loop -------------------------------------------------------------------------------------
+    def fit(self) -> int:
+        self.logger = None
+        status = "FAILED"
+        try:
+            self._setup()
+            rc = self._loop()
+            status = "FINISHED" if rc == 0 else "KILLED"
+            return rc
+        finally:
+            if self.logger is not None:
+                self.logger.close(status)
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _loop(self) -> int:
+        cfg, model, engine = self.cfg, self.model, self.engine
+        t, lg = cfg.train, cfg.logging
+        stop = StopRequest().install()
+        batches = self._batches()
+        L = model.num_patches
+        self.last_saved = self.step if self.resume_dir is not None else -1
+        last = None
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or not lg.progress, dynamic_ncols=True,
+                   desc="pretrain")
+        t_log = time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                nonfinite = torch.zeros((), device=self.device)
+                for micro in range(t.accum_steps):
+                    images = next(batches)  # (B, 3, H, W) fp32, normalised
+                    B = images.shape[0]
+                    noise = torch.rand(2, B, L, generator=self.mask_gen, device=self.device)  # online / target masks
+                    out = model(images, noise[0], noise[1], online=self.online)
+                    engine.backward(out.loss)
+                    loss = out.loss.detach().float()
+                    nonfinite += (~torch.isfinite(loss)).float()
+                    self.acc[:len(TERMS)] += torch.stack([loss, *(out.losses[k].float() for k in TERMS[1:])])
+                    self.acc[-1] += 1
+                    if micro < t.accum_steps - 1:
+                        engine.step()  # not a boundary: DeepSpeed only accumulates
+                last = (images[:RECON_IMAGES], out.pred[:RECON_IMAGES].detach(), out.mask[:RECON_IMAGES])
+                # the one host sync per step: (non-finite losses, stop requested), summed over ranks
+                flags = torch.stack([nonfinite, torch.tensor(float(stop.requested), device=self.device)])
+                if self.world_size > 1:
+                    torch.distributed.all_reduce(flags)
+                n_bad, stop_now = flags.tolist()
+                if n_bad and t.precision != "fp16":
+                    where = f"; the last good checkpoint is {ckpt.step_dir_name(self.last_saved)}" if self.last_saved >= 0 else ""
+                    raise TrainingError(f"non-finite loss at step {self.step} ({int(n_bad)} micro-batch(es) over all ranks): stopped "
+                                        f"before applying the update{where}; lower optim.lr/blr or use train.precision=fp32")
+                set_lr(self.optimizer, lr_at(self.step, peak=self.peak_lr, min_lr=cfg.optim.min_lr, warmup=self.warmup,
+                                             total=self.total_steps))
+                engine.step()  # fp16: DeepSpeed skips an overflowing step and counts it
+                momentum = momentum_at(self.step, cfg.momentum, self.total_steps)
+                model.update_target(momentum, fp32_masters(engine, self.ema_names, t.precision, cfg.deepspeed.zero))
+                self.step += 1
+                self.steps_since_log += 1
+                bar.update(1)
+                if self.step % lg.log_every == 0 or self.step == self.total_steps:
+                    t_log = self._log(momentum, t_log, bar)
+                if lg.recon_every and self.step % lg.recon_every == 0:
+                    self._reconstruction(last)
+                if cfg.monitor.every and self.step % cfg.monitor.every == 0:
+                    self._monitor()
+                if stop_now:
+                    self._save()
+                    if self.rank == 0:
+                        log.warning("stopped by signal at step %d; exiting with %d for requeue", self.step, REQUEUE_EXIT_CODE)
+                    return REQUEUE_EXIT_CODE
+                if self.step % cfg.checkpoint.every == 0:
+                    self._save()
+        finally:
+            bar.close()
+            stop.restore()
+        if self.last_saved != self.step:
+            self._save()
+        if last is not None and not (lg.recon_every and self.step % lg.recon_every == 0):
+            self._reconstruction(last)
+        final = self.out / "checkpoints" / ckpt.step_dir_name(self.step)
+        self.logger.set_tag("final_checkpoint", str(final.resolve()))
+        if self.rank == 0:
+            log.info("done: %d steps; final checkpoint %s", self.step, final)
+        return 0
+
+    def _log(self, momentum: float, t_log: float, bar: Any) -> float:
+        vals = torch.cat([self.acc, torch.tensor([float(self.loader.bad_samples)], device=self.device)])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(vals)
+        vals = vals.tolist()
+        now = time.perf_counter()
+        count = max(vals[len(TERMS)], 1.0)
+        record: dict[str, Any] = {"step": self.step, "epoch": self.epoch}
+        record.update({k: vals[i] / count for i, k in enumerate(TERMS)})
+        record.update(lr=self.optimizer.param_groups[0]["lr"], momentum=momentum,
+                      images_per_s=self.steps_since_log * self.global_batch / max(now - t_log, 1e-9), bad_samples=int(vals[-1]))
+        if self.cfg.train.precision == "fp16":
+            record["skipped_steps"] = int(self.engine.skipped_steps)
+        self.logger.log(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", refresh=False)
+        self.acc.zero_()
+        self.steps_since_log = 0
+        return now
+
+    def _reconstruction(self, last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+        if self.rank != 0 or last is None:
+            return
+        path = save_reconstruction(self.out / "reconstructions" / f"step_{self.step:08d}.png", *last, self.model.spec.patch_size,
+                                   scale=max(1, 128 // last[0].shape[-1]))
+        self.logger.log_artifact(path, "reconstructions")
+
+    def _monitor(self) -> None:
+        import deepspeed
+
+        params = list(self.engine.module.parameters()) if self.cfg.deepspeed.zero == 3 else []
+        with deepspeed.zero.GatheredParameters(params, enabled=bool(params)):  # a collective under ZeRO-3
+            if self.rank == 0 and self.monitor is not None:
+                was_training = self.model.online.training
+                self.model.online.eval()
+                with torch.no_grad():
+                    metrics = self.monitor.evaluate(self.model)
+                self.model.online.train(was_training)
+                self.logger.log({"step": self.step, **{f"monitor/{k}": float(v) for k, v in metrics.items()}})
+        if self.world_size > 1:
+            torch.distributed.barrier()
