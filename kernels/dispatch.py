@@ -123,7 +123,9 @@ def prefer_triton(q: torch.Tensor, key_mask: torch.Tensor | None = None, table: 
         return False
     name = _device_name(q.device.index if q.device.index is not None else torch.cuda.current_device())
     tokens, head_dim, masked = q.shape[-2], q.shape[-1], key_mask is not None
-    return any(
-        name.startswith(r.device) and r.dtype == q.dtype and r.head_dim == head_dim and r.masked == masked and r.min_tokens <= tokens <= r.max_tokens
-        for r in rows
-    )
+    return any(_row_matches(r, name, q.dtype, head_dim, tokens, masked) for r in rows)
+
+
+def _row_matches(row: TritonFaster, device_name: str, dtype: torch.dtype, head_dim: int, tokens: int, masked: bool) -> bool:
+    return (device_name.startswith(row.device) and row.dtype == dtype and row.head_dim == head_dim and row.masked == masked
+            and row.min_tokens <= tokens <= row.max_tokens)
