@@ -1,0 +1,121 @@
+"""``mcf bench {step,e2e,data,attention,scale}``: each prints JSON and, with ``--out``, writes it.
+
+Nothing heavy is imported here; each sub-command imports its module when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _add_step_args(p: argparse.ArgumentParser, e2e: bool) -> None:
+    p.add_argument("--model", default="mcf_vit_small_patch16", help="model name (default: %(default)s)")
+    p.add_argument("--img-size", type=int, default=112, help="input side; 0 = the model's own (default: %(default)s)")
+    p.add_argument("--teacher-img-size", type=int, default=None, help="teacher input side (default: = --img-size)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=2, help="steps per timed window (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="timed windows, median reported (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the mcf variant")
+    p.add_argument("--variants", default="paper,mcf", help="comma list of paper,mcf")
+    p.add_argument("--profile", action="store_true", help="add each variant's top operators (torch.profiler, one step)")
+    p.add_argument("--out", default=None, help="JSON file or folder")
+    if e2e:
+        p.add_argument("--data", default=None, help="image folder (default: synthetic JPEGs in a temporary folder)")
+        p.add_argument("--workers", type=int, default=2, help="loader workers, both variants (default: %(default)s)")
+        p.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"), help="mcf's loader (default: %(default)s)")
+
+
+def _step_config(args: argparse.Namespace, e2e: bool):
+    from mcf.bench.step import StepBenchConfig
+    from mcf.errors import ConfigError
+
+    try:
+        return StepBenchConfig(model=args.model, img_size=args.img_size or None, teacher_img_size=args.teacher_img_size,
+                               batch_size=args.batch_size, steps=args.steps, repeats=args.repeats, warmup=args.warmup,
+                               device=args.device, compile=args.compile, variants=tuple(v for v in args.variants.split(",") if v),
+                               profile=args.profile, out=args.out, e2e=e2e, data=getattr(args, "data", None),
+                               workers=getattr(args, "workers", 2), loader=getattr(args, "loader", "auto"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _run_step(args: argparse.Namespace) -> int:
+    from mcf.bench.step import main
+
+    main(_step_config(args, e2e=False))
+    return 0
+
+
+def _run_e2e(args: argparse.Namespace) -> int:
+    from mcf.bench.step import main
+
+    main(_step_config(args, e2e=True))
+    return 0
+
+
+def _run_data(args: argparse.Namespace) -> int:
+    from mcf.bench.data import DataBenchConfig, main
+
+    main(DataBenchConfig(data=args.data, count=args.count, file_size=args.file_size, img_size=args.img_size, batch_size=args.batch_size,
+                         workers=args.workers, batches=args.batches, sources=tuple(args.sources.split(",")), device=args.device,
+                         out=args.out))
+    return 0
+
+
+def _run_attention(args: argparse.Namespace) -> int:
+    from mcf.bench.attention import main
+
+    return main(args.rest, out=args.out)
+
+
+def _run_scale(args: argparse.Namespace) -> int:
+    from mcf.bench.scale import ScaleBenchConfig, main
+
+    main(ScaleBenchConfig(model=args.model, img_size=args.img_size or None, batch_size=args.batch_size, steps=args.steps,
+                          stages=tuple(int(s) for s in args.stages.split(",")), precision=args.precision, nproc=args.nproc,
+                          out=args.out))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks: paper vs mcf step, loaders, attention, ZeRO scaling (JSON)")
+    sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+
+    p = sub.add_parser("step", help="compute-only training step: paper's vs mcf's (images/s, MFU)")
+    _add_step_args(p, e2e=False)
+    p.set_defaults(func=_run_step)
+
+    p = sub.add_parser("e2e", help="training step with the loader in the loop (JPEG files in)")
+    _add_step_args(p, e2e=True)
+    p.set_defaults(func=_run_e2e)
+
+    p = sub.add_parser("data", help="loader images/s: DALI vs PyTorch on the same files (folder and LMDB)")
+    p.add_argument("--data", default=None, help="image folder (default: synthetic JPEGs)")
+    p.add_argument("--count", type=int, default=256, help="synthetic files (default: %(default)s)")
+    p.add_argument("--file-size", type=int, default=256, help="synthetic JPEG side (default: %(default)s)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batches", type=int, default=6, help="timed batches per loader (default: %(default)s)")
+    p.add_argument("--sources", default="folder,lmdb")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=_run_data)
+
+    p = sub.add_parser("attention", help="attention kernels (benchmarks/bench_attention.py); other arguments pass through")
+    p.add_argument("--out", default=None)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for bench_attention.py")
+    p.set_defaults(func=_run_attention)
+
+    p = sub.add_parser("scale", help="per-rank model+optimizer bytes and step time under ZeRO 0/1/2/3 (2 ranks)")
+    p.add_argument("--model", default="mcf_vit_tiny")
+    p.add_argument("--img-size", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4, help="per rank")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--stages", default="0,1,2,3")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=_run_scale)

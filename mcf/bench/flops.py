@@ -1,0 +1,36 @@
+"""Model FLOPs as PyTorch counts them (``torch.utils.flop_counter.FlopCounterMode``).
+
+The counter sees matrix products, convolutions and the fused attention ops of the CUDA backends;
+it does not see the CPU's fused SDPA kernel. Counting is therefore done on the math attention path
+(plain ``matmul``), which gives the same count on every device and backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of everything ``fn`` runs (forward and, if it calls it, backward), 1 FMA = 2 FLOPs."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def linear_flops(batch: int, in_features: int, out_features: int, backward: bool = True, weight_grad: bool = True) -> int:
+    """Analytic count of ``nn.Linear`` on ``[batch, in]``: 2·b·i·o forward, the same again for the
+    input gradient and for the weight gradient (the bias adds no matmul FLOPs)."""
+    fwd = 2 * batch * in_features * out_features
+    return fwd + (fwd if backward else 0) + (fwd if backward and weight_grad else 0)
+
+
+def attention_block_flops(batch: int, seq: int, dim: int, mlp_ratio: float = 4.0, backward: bool = True) -> int:
+    """Analytic matmul FLOPs of one pre-norm ViT block (qkv, q·kᵀ, attn·v, proj, 2-layer MLP)
+    forward, ×3 with backward (the backward of each product is two products of its size)."""
+    tokens = batch * seq
+    hidden = int(dim * mlp_ratio)
+    fwd = 2 * tokens * dim * (3 * dim) + 2 * tokens * dim * dim + 2 * tokens * dim * hidden * 2
+    fwd += 2 * 2 * batch * seq * seq * dim  # q·kᵀ and attn·v over all heads
+    return fwd * (3 if backward else 1)

@@ -1,0 +1,340 @@
+"""``mcf bench step`` / ``mcf bench e2e``: the paper's training step against mcf's, in one process.
+
+Both variants run the same model (same name, sizes, seed), batch and device, one after the other:
+
+- ``paper`` — the step as released: eager math attention (encoder, decoder, EMA target and the
+  timm teacher), fp16 autocast + GradScaler on a GPU (fp32 on the CPU), the teacher called twice
+  (original, rebuilt), a per-parameter Python momentum update inside the step before the forward,
+  ``torch.optim.AdamW`` with its default implementation, ``loss.item()`` and a device synchronise
+  every step, a plain DataLoader feed (in-memory tensors; JPEG files through PIL in ``e2e``).
+- ``mcf`` — our path: bf16 autocast, attention by dispatch (``auto``: SDPA, or the Triton kernel
+  where it was measured faster on the GPU), ``torch.optim.AdamW(fused=True)``, the EMA as two
+  ``_foreach`` ops after the optimizer step, no host synchronisation inside the timed steps,
+  optional ``torch.compile``, batches pre-staged on the device (``e2e``: mcf's loader — DALI when
+  it works here, else its PyTorch loader). The teacher also runs twice, the original under
+  ``no_grad``: batching both passes would add a backward pass over the original's half.
+
+The trainer wraps ``model.online`` in a DeepSpeed engine; this benchmark times the model's step
+without the engine so that the two variants differ only in the listed points.
+
+Timing: ``warmup`` steps, then ``repeats`` timed windows of ``steps`` steps each, synchronising the
+device only around each window; the reported step time is the median window over ``steps``.
+FLOPs are counted (``torch.utils.flop_counter``) during the paper variant's first warm-up step —
+forward and backward of the whole step, the teacher's two passes and the target's included — and
+MFU is ``images/s × FLOPs/image`` over the device's matmul peak measured in the same run (bf16 on
+a GPU; on a CPU the faster of fp32 and bf16 — without AVX512-BF16 the bf16 product is emulated and
+far slower, and mcf's variant then runs in fp32 too).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from mcf.bench.common import PeakMemory, device_name, emit, fast_dtype, measure_peaks, peak_flops, resolve_device, run_info, sync, time_repeats
+from mcf.bench.flops import count_flops
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("paper", "mcf")
+
+
+@dataclass(kw_only=True)
+class StepBenchConfig:
+    """Sizes and switches of the step benchmark (defaults: about a minute on a 2-core CPU)."""
+
+    model: str = "mcf_vit_small_patch16"
+    """Model name (``mcf.models.list_models()``)."""
+    img_size: int | None = 112
+    """Input side in pixels; None = the model's own (224 for the ViT-*/16 models)."""
+    teacher_img_size: int | None = None
+    """Teacher input side; None = the same as ``img_size`` (the paper: 224 for both)."""
+    batch_size: int = 8
+    steps: int = 2
+    """Steps per timed window."""
+    repeats: int = 3
+    """Timed windows; the median is reported."""
+    warmup: int = 2
+    """Untimed steps first (the first one is FLOP-counted in the paper variant)."""
+    device: str = "auto"
+    compile: bool = False
+    """``torch.compile`` the mcf variant's model."""
+    momentum: float = 0.99
+    e2e: bool = False
+    """Loader in the loop: JPEG files through each variant's loader."""
+    data: str | None = None
+    """Image folder for ``e2e``; None = synthetic JPEGs written to a temporary folder."""
+    workers: int = 2
+    """Loader workers (both variants)."""
+    loader: str = "auto"
+    """mcf's loader in ``e2e``: auto (DALI when it works here) | dali | torch."""
+    variants: tuple[str, ...] = VARIANTS
+    profile: bool = False
+    """Also profile one step of each variant and report its top operators."""
+    out: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "steps", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.warmup < 1:
+            raise ValueError("warmup must be >= 1 (the first warm-up step is the FLOP count)")
+        if not self.variants or set(self.variants) - set(VARIANTS):
+            raise ValueError(f"variants must be a subset of {VARIANTS}")
+        if self.loader not in ("auto", "dali", "torch"):
+            raise ValueError("loader must be auto, dali or torch")
+
+
+# -- the two steps -----------------------------------------------------------------------------------
+def _set_teacher_fused_attn(model: torch.nn.Module, fused: bool) -> None:
+    for m in model.teacher.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+
+
+def build_model(cfg: StepBenchConfig, device: torch.device, variant: str) -> torch.nn.Module:
+    from mcf.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(cfg.model, teacher_checkpoint="random", img_size=cfg.img_size,
+                         teacher_img_size=cfg.teacher_img_size or cfg.img_size,
+                         attn_backend="math" if variant == "paper" else "auto")
+    _set_teacher_fused_attn(model, fused=variant != "paper")
+    return model.to(device).train()
+
+
+def _adamw_kwargs() -> dict[str, Any]:
+    return {"lr": 1.5e-4, "betas": (0.9, 0.95), "weight_decay": 0.05}
+
+
+def paper_step_fn(model: torch.nn.Module, device: torch.device, momentum: float) -> Callable[[torch.Tensor], None]:
+    """The released step (see the module docstring)."""
+    opt = torch.optim.AdamW(model.online.parameters(), **_adamw_kwargs())
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    online = dict(model.online.named_parameters())
+    pairs = [(online[name], t) for name, t in model.ema_pairs()]
+    losses: list[float] = []
+
+    def step(images: torch.Tensor) -> None:
+        with torch.no_grad():  # the release's _update_momentum_encoder: one Python op per parameter
+            for po, pt in pairs:
+                pt.data = pt.data * momentum + po.data * (1.0 - momentum)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            out = model(images)
+        loss_value = out.loss.item()
+        opt.zero_grad()
+        if scaler is not None:
+            scaler.scale(out.loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            out.loss.backward()
+            opt.step()
+        sync(device)
+        losses.append(loss_value)
+
+    step.losses = losses  # type: ignore[attr-defined]
+    return step
+
+
+def mcf_step_fn(model: torch.nn.Module, device: torch.device, momentum: float, compile: bool = False, bf16: bool = True
+                ) -> Callable[[torch.Tensor], None]:
+    """Our step (see the module docstring); the loss stays on the device until the end. ``bf16``:
+    autocast to bf16 (off on a CPU whose bf16 matmul was measured slower than fp32)."""
+    opt = torch.optim.AdamW(model.online.parameters(), fused=True, **_adamw_kwargs())
+    fwd = torch.compile(model) if compile else model
+    loss_sum = torch.zeros((), device=device)
+
+    def step(images: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = fwd(images)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_target(momentum)
+        loss_sum.add_(out.loss.detach())
+
+    step.loss_sum = loss_sum  # type: ignore[attr-defined]
+    return step
+
+
+# -- feeds ---------------------------------------------------------------------------------------------
+def _feed(cfg: StepBenchConfig, variant: str, device: torch.device, img_size: int, folder: str | None, samples: int
+          ) -> tuple[Iterator[torch.Tensor], dict[str, Any]]:
+    from mcf.bench import feeds
+
+    if not cfg.e2e:
+        if variant == "paper":
+            return feeds.tensor_batches(feeds.tensor_loader(cfg.batch_size, img_size), device), {"feed": "DataLoader over in-memory tensors"}
+        return feeds.staged_batches(cfg.batch_size, img_size, device), {"feed": "pre-staged device tensors"}
+    if variant == "paper":
+        ld = feeds.paper_loader(folder, img_size, cfg.batch_size, cfg.workers, device, length=samples)
+        return feeds.paper_batches(ld, device), {"feed": f"PIL DataLoader ({cfg.workers} workers)", "loader": "torch-pil"}
+    ld, kind = feeds.mcf_loader(folder, img_size, cfg.batch_size, cfg.workers, device, cfg.loader)
+    info: dict[str, Any] = {"feed": f"mcf.data {kind} loader ({cfg.workers} workers)", "loader": kind}
+    if kind != "dali":
+        from mcf.data import dali_available
+
+        info["dali_available"] = bool(dali_available(device))
+        info["note"] = "DALI unavailable here: mcf's PyTorch loader ran" if not info["dali_available"] else f"loader={cfg.loader} chosen"
+    return feeds.mcf_batches(ld), info
+
+
+def _profile_top(step: Callable[[torch.Tensor], None], batch: torch.Tensor, device: torch.device, top: int = 12) -> list[dict[str, Any]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step(batch)
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [{"op": e.key, "self_ms": round(getattr(e, key) / 1e3, 3), "calls": e.count} for e in events]
+
+
+def run_variant(cfg: StepBenchConfig, variant: str, device: torch.device, peaks: dict[str, float], folder: str | None,
+                flops_per_image: float | None) -> dict[str, Any]:
+    model = build_model(cfg, device, variant)
+    img_size = model.spec.img_size
+    samples = (cfg.warmup + cfg.repeats * cfg.steps + 2) * cfg.batch_size
+    feed, feed_info = _feed(cfg, variant, device, img_size, folder, samples)
+    bf16 = fast_dtype(peaks) == "bf16"
+    if variant == "paper":
+        step = paper_step_fn(model, device, cfg.momentum)
+    else:
+        step = mcf_step_fn(model, device, cfg.momentum, cfg.compile, bf16)
+    mem = PeakMemory(device)
+    mem.reset()
+
+    counted = None
+    if flops_per_image is None and variant == "paper":  # the first warm-up step, counted
+        counted = count_flops(lambda: step(next(feed))) / cfg.batch_size
+        start = 1
+    else:
+        start = 0
+    for _ in range(start, cfg.warmup):
+        step(next(feed))
+    sync(device)
+
+    def window() -> None:
+        for _ in range(cfg.steps):
+            step(next(feed))
+
+    times = time_repeats(window, device, cfg.repeats)
+    peak = mem.peak_bytes()
+    ms = statistics.median(times) / cfg.steps * 1e3
+    ips = cfg.batch_size / (ms / 1e3)
+    fpi = flops_per_image if flops_per_image is not None else counted
+    result: dict[str, Any] = {
+        "images_per_s": ips,
+        "ms_per_step": ms,
+        "ms_per_step_windows": [t / cfg.steps * 1e3 for t in times],
+        "peak_memory_bytes": peak,
+        "peak_memory_source": mem.source,
+        "flops_per_image": fpi,
+        "mfu": None,
+        "precision": ("fp16 autocast + GradScaler" if device.type == "cuda" else "fp32") if variant == "paper" else (
+            "bf16 autocast" if bf16 else "fp32 (bf16 matmul measured slower than fp32 on this device)"),
+        "attention": "math (eager)" if variant == "paper" else "auto (SDPA / Triton by dispatch)",
+        "optimizer": "torch.optim.AdamW (default impl)" if variant == "paper" else "torch.optim.AdamW(fused=True)",
+        "compiled": bool(cfg.compile and variant == "mcf"),
+        **feed_info,
+    }
+    if fpi is not None:
+        _set_mfu(result, fpi, peaks)
+    if variant == "paper":
+        result["last_loss"] = step.losses[-1]  # type: ignore[attr-defined]
+    else:
+        result["mean_loss"] = float(step.loss_sum.item()) / (cfg.warmup + cfg.repeats * cfg.steps)  # type: ignore[attr-defined]
+    if cfg.profile:
+        result["profile_top_ops"] = _profile_top(step, next(feed), device)
+    del step, model, feed
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def _set_mfu(result: dict[str, Any], flops_per_image: float, peaks: dict[str, float]) -> None:
+    result["flops_per_image"] = flops_per_image
+    achieved = result["images_per_s"] * flops_per_image
+    result["achieved_flops"] = achieved
+    result["mfu"] = achieved / peak_flops(peaks)
+    for k, v in peaks.items():
+        if not k.endswith("_n"):
+            result[f"mfu_vs_{k}_peak"] = achieved / v
+
+
+def _count_model_flops(cfg: StepBenchConfig, device: torch.device) -> float:
+    """FLOPs per image of one step on the math path, fp32 (used when the paper variant is not run)."""
+    model = build_model(cfg, device, "paper")
+    images = torch.randn(cfg.batch_size, 3, model.spec.img_size, model.spec.img_size, device=device)
+
+    def fwd_bwd() -> None:
+        model(images).loss.backward()
+
+    flops = count_flops(fwd_bwd) / cfg.batch_size
+    del model
+    return flops
+
+
+def run(cfg: StepBenchConfig) -> dict[str, Any]:
+    """Run the benchmark and return its JSON-ready result (see the module docstring)."""
+    from mcf.models import get_spec
+
+    device = resolve_device(cfg.device)
+    peaks = measure_peaks(device)
+    tmp = None
+    folder = cfg.data
+    if cfg.e2e and folder is None:
+        from mcf.bench.feeds import make_jpeg_folder
+
+        tmp = tempfile.TemporaryDirectory(prefix="mcf-bench-jpeg-")
+        n = (cfg.warmup + cfg.repeats * cfg.steps + 2) * cfg.batch_size
+        folder = str(make_jpeg_folder(tmp.name, n))
+    try:
+        flops = None if "paper" in cfg.variants else _count_model_flops(cfg, device)
+        results: dict[str, Any] = {}
+        for variant in VARIANTS:
+            if variant not in cfg.variants:
+                continue
+            log.info("bench %s: %s variant", "e2e" if cfg.e2e else "step", variant)
+            results[variant] = run_variant(cfg, variant, device, peaks, folder, flops)
+            flops = results[variant]["flops_per_image"]
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    if "paper" in results and "mcf" in results:
+        _set_mfu(results["mcf"], results["paper"]["flops_per_image"], peaks)
+    ratio = results["mcf"]["images_per_s"] / results["paper"]["images_per_s"] if len(results) == 2 else None
+    out: dict[str, Any] = {
+        "benchmark": "e2e" if cfg.e2e else "step",
+        "paper": results.get("paper"),
+        "mcf": results.get("mcf"),
+        "ratio": ratio,
+        "device": device_name(device),
+        "model": cfg.model,
+        "img_size": get_spec(cfg.model, img_size=cfg.img_size).img_size,
+        "batch_size": cfg.batch_size,
+        "precision": {v: r["precision"] for v, r in results.items()},
+        "peak_flops": peaks,
+        "peak_flops_reference": peak_flops(peaks),
+        "mfu_reference": "the faster of the fp32/bf16 matmul peaks measured in this run (mfu_vs_<dtype>: against each)",
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("out", "extra")},
+        "data": folder if cfg.e2e and cfg.data else ("synthetic JPEGs (256², q90)" if cfg.e2e else None),
+        **run_info(device),
+    }
+    return out
+
+
+def main(cfg: StepBenchConfig) -> dict[str, Any]:
+    result = run(cfg)
+    emit(result, cfg.out)
+    return result
