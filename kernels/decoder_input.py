@@ -59,7 +59,7 @@ def _decoder_input_fwd_kernel(
     HAS_KEEP: tl.constexpr, EMULATE_RTNE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # grid: (B, cdiv(1 + L, BLOCK_L), cdiv(C, BLOCK_C)); Out is contiguous (B, 1 + L, C)
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets
     rows = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)  # output rows 0..L
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < L + 1
@@ -91,7 +91,7 @@ def _decoder_input_bwd_kernel(
 ):
     # grid: (B, cdiv(C, BLOCK_C)). GX (B, 1 + K, C) gets the un-shuffle scattered back (zeros in the
     # padded slots j >= keep); GMask (B, C) fp32 the per-sample sum over mask-token positions.
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     keep = K
@@ -219,7 +219,8 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
         gx, gmask_b = torch.ops.mcf.decoder_input_bwd(grad, ids_restore, keep_lens, ctx.num_x_tokens)
         shape, dtype = ctx.mask_token_meta
-        gmask = gmask_b.sum(0).reshape(shape).to(dtype)
+        gmask = gmask_b.sum(0).reshape(shape).to(dtype) if ctx.needs_input_grad[1] else None
+        gx = gx if ctx.needs_input_grad[0] else None
     if ctx.needs_input_grad[3]:
         shape, dtype = ctx.pos_embed_meta
         gpos = grad.sum(0, dtype=torch.float32).reshape(shape).to(dtype)

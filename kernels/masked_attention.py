@@ -80,7 +80,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # grid: (B * H, cdiv(S_Q, BLOCK_M)); one program = BLOCK_M query rows of one (b, h)
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B*H*S*D may pass 2**31
     pid_m = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -136,7 +136,7 @@ def _attn_bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # delta[b, h, i] = sum_d dO * O (fp32); grid: (B * H, cdiv(S_Q, BLOCK_M))
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B*H*S*D may pass 2**31
     pid_m = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -164,7 +164,7 @@ def _attn_bwd_dkdv_kernel(
 ):
     # grid: (B * H, cdiv(S_K, BLOCK_N)); one program = BLOCK_N keys, looping over all query blocks.
     # dK and dV are contiguous (B, H, S_K, D).
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B*H*S*D may pass 2**31
     pid_n = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -216,7 +216,7 @@ def _attn_bwd_dq_kernel(
 ):
     # grid: (B * H, cdiv(S_Q, BLOCK_M)); one program = BLOCK_M query rows, looping over key blocks.
     # dQ is contiguous (B, H, S_Q, D).
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B*H*S*D may pass 2**31
     pid_m = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
