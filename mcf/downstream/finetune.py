@@ -193,7 +193,7 @@ def evaluate_parsing(model: torch.nn.Module, data: TaskData, classes: tuple[str,
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Train, evaluate, write ``metrics.json``; returns ``{'metrics', 'losses', 'steps', ...}``."""
+    """Train, evaluate, write ``metrics.json``; returns ``{'metrics', 'train_losses', 'steps', ...}``."""
     from mcf.downstream.heads import param_groups_lrd
     from mcf.train.engine import init_distributed
 
@@ -252,7 +252,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         metrics = evaluate_parsing(module, test, info, max(1, cfg.batch_size // 4), device, dtype)
     result = {"task": cfg.task, "pretrained": cfg.pretrained, "source_format": weights.source_format, "steps": step,
               "train_size": len(train), "test_size": len(test), "test_split": cfg.test_split, "metrics": metrics,
-              "final_loss": float(np.mean(losses[-cfg.log_every:])), "config": asdict(cfg)}
+              "final_loss": float(np.mean(losses[-cfg.log_every:])), "config": asdict(cfg), "train_losses": losses}
     if rank == 0:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -260,5 +260,4 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         torch.save({k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in module.state_dict().items()},
                    out / "finetuned.pt")
         log.info("%s test metrics: %s", cfg.task, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    result["losses"] = losses
     return result

@@ -1,0 +1,138 @@
+"""`mcf finetune` end to end (CLI subprocesses: DeepSpeed is initialised once per process) from every
+kind of checkpoint, plus the heads and the layer-wise lr decay."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mcf.downstream import synthetic as S
+from mcf.downstream.heads import (LandmarkModel, ParsingModel, evenly_spaced_blocks, layer_id, param_groups_lrd, soft_argmax)
+from mcf.downstream.weights import build_encoder, load_encoder_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict:
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MCF_OVERRIDES")}
+    e.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true", PYTHONPATH=str(ROOT),
+             TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"))
+    return e
+
+
+def _mcf(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "mcf", *args], capture_output=True, text=True, env=_env(), timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(tmp_path_factory) -> Path:
+    """A real 2-step `mcf pretrain` run (demo preset: tiny model, built-in faces)."""
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    _mcf("pretrain", "--config", "demo", "--output-dir", str(out), "--max-steps", "2", "--tracking-uri", "none", "--loader", "torch",
+         "--set", "logging.progress=false", "--set", "data.num_workers=0", "--set", "logging.recon_every=0")
+    return out
+
+
+FT = ("--max-steps", "16", "--batch-size", "4", "--workers", "0", "--lr", "2e-3", "--log-every", "4")
+
+
+def _falls(metrics_json: Path) -> dict:
+    result = json.loads(metrics_json.read_text())
+    losses = result["train_losses"]
+    assert len(losses) == 16 and all(np.isfinite(losses))
+    assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:3]), losses
+    return result
+
+
+def test_export_and_finetune_alignment_from_mcf_pretrain_run(pretrain_run, tmp_path):
+    """`mcf pretrain` run → `mcf export` (timm features equal) and → `mcf finetune alignment` on .pts folders."""
+    from mcf.downstream.export import load_timm, read_export_metadata
+    from mcf.models import create_model
+    from mcf.train.checkpoint import load_consolidated
+
+    out = tmp_path / "run.safetensors"
+    _mcf("export", str(pretrain_run), str(out))
+    d = load_consolidated(pretrain_run)
+    m = create_model("mcf_vit_tiny", teacher_checkpoint="random").eval()
+    m.online.load_state_dict(d["online"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (load_timm(out).eval().forward_features(x) - m.online.encoder.forward_features(x)).abs().max().item() < 1e-5
+    assert read_export_metadata(out)["mcf.step"] == str(d["step"])
+
+    data = S.write_pts_folders(tmp_path / "pts", num_train=8, num_test=3)
+    proc = _mcf("finetune", "alignment", "--data", str(data), "--pretrained", str(pretrain_run), "--output-dir", str(tmp_path / "ft"), *FT)
+    result = _falls(tmp_path / "ft" / "metrics.json")
+    assert result["source_format"] == "run" and result["test_size"] == 3
+    assert np.isfinite(result["metrics"]["nme_inter_ocular"]) and "nme_diag" in result["metrics"]
+    assert "nme_inter_ocular" in proc.stdout
+    assert (tmp_path / "ft" / "finetuned.pt").is_file()
+
+
+def test_finetune_alignment_aflw19_from_export(pretrain_run, tmp_path):
+    from mcf.downstream.export import export
+
+    ckpt = export(pretrain_run, tmp_path / "enc.safetensors")
+    data = S.write_aflw19(tmp_path / "aflw", num_images=6, num_test=4)
+    _mcf("finetune", "alignment", "--data", str(data), "--pretrained", str(ckpt), "--output-dir", str(tmp_path / "ft"), *FT)
+    result = _falls(tmp_path / "ft" / "metrics.json")
+    m = result["metrics"]
+    assert result["source_format"] == "export" and result["test_size"] == 4
+    assert {"nme_diag", "nme_box", "frontal/nme_diag"} <= set(m) and 0 < m["nme_diag"] < m["nme_box"]
+
+
+def test_finetune_parsing_lapa_from_paper_layout(tmp_path):
+    from mcf.models import create_model
+    from test_downstream_export import to_paper_layout
+
+    ckpt = tmp_path / "released.pth"
+    torch.save({"model": to_paper_layout(create_model("mcf_vit_tiny", teacher_checkpoint="random"))}, ckpt)
+    data = S.write_lapa(tmp_path / "lapa", num_train=8, num_test=2)
+    proc = _mcf("finetune", "parsing", "--data", str(data), "--pretrained", str(ckpt), "--output-dir", str(tmp_path / "ft"), *FT)
+    result = _falls(tmp_path / "ft" / "metrics.json")
+    m = result["metrics"]
+    assert result["source_format"] == "paper"
+    assert len([k for k in m if k.startswith("f1/")]) == 10 and "f1/background" not in m
+    assert 0 <= m["mean_f1"] <= 1 and "mean_f1_no_hair" in m and "mean_f1" in proc.stdout
+
+
+def test_finetune_cli_user_errors_are_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mcf", "finetune", "parsing", "--data", str(tmp_path), "--pretrained", "random",
+                           "--output-dir", str(tmp_path / "o")], capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("mcf: error:") and "LaPa" in proc.stderr
+
+
+def test_heads_shapes_and_soft_argmax():
+    enc = build_encoder(load_encoder_weights("random"))
+    lm = LandmarkModel(enc, 19)
+    y = lm(torch.randn(2, 3, 32, 32))
+    assert y.shape == (2, 19, 2) and (y >= 0).all() and (y <= 1).all()
+    seg = ParsingModel(build_encoder(load_encoder_weights("random")), 11)
+    assert seg.backbone.out_indices == (0, 1, 2, 3) and evenly_spaced_blocks(12) == (2, 5, 8, 11)
+    assert seg(torch.randn(2, 3, 32, 32)).shape == (2, 11, 32, 32)
+    h = torch.full((1, 1, 8, 8), -1e4)
+    h[0, 0, 2, 5] = 0.0  # row 2, column 5
+    assert soft_argmax(h)[0, 0].tolist() == pytest.approx([5.5 / 8, 2.5 / 8])
+
+
+def test_layer_wise_lr_decay_groups():
+    enc = build_encoder(load_encoder_weights("random"))
+    model = LandmarkModel(enc, 5)
+    depth = enc.depth
+    assert layer_id("backbone.encoder.cls_token", depth) == 0 and layer_id("backbone.encoder.blocks.2.attn.qkv.weight", depth) == 3
+    assert layer_id("backbone.encoder.norm.weight", depth) == depth + 1 and layer_id("head.out.weight", depth) == depth + 1
+    groups = param_groups_lrd(model, depth, weight_decay=0.05, layer_decay=0.5)
+    by_name = {id(p): g for g in groups for p in g["params"]}
+    assert by_name[id(enc.patch_embed.proj.weight)]["lr_scale"] == 0.5 ** (depth + 1)
+    assert by_name[id(enc.blocks[depth - 1].mlp.fc1.weight)]["lr_scale"] == 0.5
+    assert by_name[id(model.head.out.weight)]["lr_scale"] == 1.0 and by_name[id(model.head.out.weight)]["weight_decay"] == 0.05
+    assert by_name[id(enc.blocks[0].norm1.weight)]["weight_decay"] == 0.0 and by_name[id(enc.cls_token)]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

