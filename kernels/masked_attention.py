@@ -259,19 +259,21 @@ def _attn_bwd_dq_kernel(
 def _config(kernel: str, block_d: int, dtype: torch.dtype, interpreted: bool) -> tuple[int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` for one of ``fwd``, ``dkdv``, ``dq``.
 
-    Fixed rather than autotuned: MCF runs a handful of shapes (50 and 197 tokens, head dim 64), the
-    autotuner's first-call sweep would land inside a training step, and these tiles fit the
-    shared memory of sm_80/sm_90 for head dims up to 128 in fp32 (half that for 256). Under the
-    interpreter small tiles make the tests cross several blocks at tiny lengths.
+    Fixed rather than autotuned: MCF runs a handful of shapes (50 and 197 tokens, head dim 64) and
+    an autotuner's first-call sweep would land inside a training step. Three tiers by the bytes of
+    one (padded) head row, so the tiles fit an A100's 163 KiB of shared memory per block (checked
+    by ``tests/test_kernels_cuda_compile.py``). ``dkdv`` keeps BLOCK_N keys resident (k, v, dk, dv)
+    and streams BLOCK_M query rows; ``dq`` the reverse. In the interpreter, small tiles make the
+    tests cross several blocks at tiny lengths.
     """
     if interpreted:
         return {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}[kernel]
-    wide = block_d * (4 if dtype == torch.float32 else 2) > 256  # bytes per row: fp32 D>64, half D>128
-    if kernel == "fwd":
-        return (64, 32, 4, 2) if wide else (64, 64, 4, 2)
-    if kernel == "dkdv":  # BLOCK_N keys resident (k, v, dk, dv), BLOCK_M query rows streamed
-        return (16, 32, 4, 1) if wide else (32, 64, 4, 2)
-    return (32, 32, 4, 1) if wide else (64, 32, 4, 2)  # dq: BLOCK_M queries resident, BLOCK_N keys streamed
+    row_bytes = block_d * (4 if dtype == torch.float32 else 2)
+    if row_bytes <= 256:  # half D <= 128, fp32 D <= 64
+        return {"fwd": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}[kernel]
+    if row_bytes <= 512:  # half D = 256, fp32 D = 128
+        return {"fwd": (64, 32, 4, 2), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 4, 1)}[kernel]
+    return {"fwd": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (16, 32, 4, 1)}[kernel]  # fp32 D = 256
 
 
 def _block_d(head_dim: int) -> int:

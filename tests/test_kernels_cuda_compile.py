@@ -29,7 +29,7 @@ DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.floa
 
 def _attention_cases(full: bool):
     if full:
-        return list(itertools.product((80, 90), ("bf16", "fp16", "fp32"), (32, 64, 128), ((True, False), (False, True), (False, False))))
+        return list(itertools.product((80, 90), ("bf16", "fp16", "fp32"), (32, 64, 128, 256), ((True, False), (False, True), (False, False))))
     return [(90, "bf16", 64, (True, False)), (80, "fp32", 128, (False, True))]
 
 
