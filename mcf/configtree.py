@@ -66,6 +66,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        # "none" means None for optional numbers, tuples…; a string field keeps the word itself
+        if isinstance(value, str) and value.lower() == "none" and type(None) in args and str not in args:
+            return None
         errors = []
         for a in args:
             if a is type(None):
@@ -186,10 +189,8 @@ def parse_override(text: str, cls: type) -> dict[str, Any]:
     if key not in valid:
         raise _unknown_key_error(key, list(valid))
     value: Any = yaml.safe_load(raw) if raw.strip() != "" else ""
-    if value is None and raw.strip().lower() not in ("null", "none", "~"):
+    if value is None and raw.strip().lower() not in ("null", "~"):
         value = raw
-    if isinstance(value, str) and raw.strip().lower() == "none":
-        value = None
     node: dict[str, Any] = {}
     cur = node
     parts = key.split(".")

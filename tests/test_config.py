@@ -54,3 +54,9 @@ def test_every_field_is_documented():
     rows = describe(Config)
     assert len(rows) > 50
     assert all(help_text for _, _, help_text in rows), [k for k, _, h in rows if not h]
+
+
+def test_none_words():
+    cfg = build_config("demo", ["logging.tracking_uri=none", "optim.lr=none", "masking.ratio_range=null"])
+    assert cfg.logging.tracking_uri == "none"  # a string field keeps the word (it disables MLflow)
+    assert cfg.optim.lr is None and cfg.masking.ratio_range is None
