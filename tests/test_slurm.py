@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from slurm_cluster import slurm_or_skip
 
@@ -77,7 +78,9 @@ def test_sbatch_trains_and_checkpoint_loads(cluster, tmp_path):
     assert (final / "COMPLETE").exists()
     state = load_consolidated(final)
     assert state["step"] == 2 and state["online"] and state["target"]
-    assert all(v.is_floating_point() for v in state["online"].values() if hasattr(v, "is_floating_point"))
+    assert any(k.startswith("encoder.") for k in state["online"])
+    weights = [v for v in state["online"].values() if v.is_floating_point()]
+    assert weights and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights)
 
 
 def test_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
@@ -114,3 +117,15 @@ def test_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
     steps = read_steps(out)
     assert steps == list(range(1, max_steps + 1)), f"steps across the requeue: {steps}"
     assert (out / "checkpoints" / f"step_{max_steps:08d}" / "COMPLETE").exists()
+
+
+def test_unavailable_slurm_skips_or_fails_on_ci(tmp_path, monkeypatch):
+    import slurm_cluster
+
+    monkeypatch.setattr(slurm_cluster.os, "geteuid", lambda: 1000)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="not root"):
+        slurm_or_skip(tmp_path)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="required on CI"):
+        slurm_or_skip(tmp_path)
