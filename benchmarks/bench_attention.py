@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-
 from mcf.kernels import masked_attention, masked_attention_ref, triton_status
 
 BACKENDS = ("triton", "sdpa", "math")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-
 from mcf.kernels import _triton_utils as tu
 from mcf.kernels._triton_utils import cast, jit, tl, triton
 from mcf.kernels.dispatch import triton_status
@@ -38,7 +37,6 @@ def decoder_input_ref(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: to
     tokens = torch.cat([vis, mask_token.to(x.dtype).expand(B, L + 1 - K1, C)], dim=1)  # (B, L, C)
     tokens = torch.gather(tokens, 1, ids_restore[..., None].expand(B, L, C))
     return torch.cat([x[:, :1, :], tokens], dim=1) + pos_embed.to(x.dtype)
-
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-
 from mcf.kernels import _triton_utils as tu
 
 # Largest head dimension the attention kernels take (padded to a power of two inside).
@@ -99,7 +98,7 @@ def triton_status(where: torch.Tensor | torch.device | str | None = None) -> tup
     return True, f"Triton {tu.triton.__version__} on {_device_name(index)}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 

@@ -11,7 +11,6 @@ import contextlib
 import math
 
 import torch
-
 from mcf.kernels import _triton_utils as tu
 from mcf.kernels._triton_utils import cast, jit, tl, triton
 from mcf.kernels.dispatch import MAX_HEAD_DIM, triton_status
@@ -34,7 +33,6 @@ def masked_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
     scores = scores.masked_fill(~keep, float("-inf"))
     probs = scores.softmax(dim=-1).nan_to_num(0.0)  # rows with no valid key → zeros
     return torch.matmul(probs, v)
-
 
 
 # ----------------------------------------------------------------------------------------------

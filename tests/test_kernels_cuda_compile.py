@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Largest dynamic shared memory one block may use (bytes): A100 (sm_80) and H100 (sm_90).
 SHARED_LIMIT = {80: 166912, 90: 232448}
-DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _attention_cases(full: bool):
@@ -56,7 +56,7 @@ def compile_all(full: bool) -> list[str]:
 
     lines = []
     for cc, dt, D, (has_mask, has_kvlen) in _attention_cases(full):
-        dtype = eval(DTYPES[dt])
+        dtype = getattr(torch, DTYPES[dt])
         block_d = ma._block_d(D)
         flags = dict(HAS_MASK=has_mask, HAS_KVLEN=has_kvlen, **ma._dot_flags(dtype, interpreted=False))
         ptr = {n: dt for n in ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")}
