@@ -197,9 +197,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from mcf.downstream.heads import param_groups_lrd
     from mcf.train.engine import init_distributed
 
-    rank, world_size, device = init_distributed()
     torch.manual_seed(cfg.seed)
-    model, train, test, weights, info = _build(cfg)
+    model, train, test, weights, info = _build(cfg)  # data and checkpoint errors surface before DeepSpeed starts
+    rank, world_size, device = init_distributed()
     depth = model.backbone.depth
     groups = param_groups_lrd(model, depth, cfg.weight_decay, cfg.layer_decay)
     engine = build_engine(model, groups, cfg, world_size)
