@@ -64,10 +64,29 @@ def _run_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flags of benchmarks/bench_attention.py, passed through as given (that script checks them).
+_ATTENTION_FLAGS = [
+    ("--tiny", {"action": "store_true", "help": "tiny shapes (CPU smoke test; the default without a GPU)"}),
+    ("--full", {"action": "store_true", "help": "MCF shapes (the default on a GPU)"}),
+    ("--batch", {"nargs": "+"}), ("--heads", {"nargs": "+"}), ("--tokens", {"nargs": "+"}), ("--head-dim", {}),
+    ("--dtype", {}), ("--backends", {"nargs": "+"}), ("--modes", {"nargs": "+"}), ("--device", {}), ("--warmup", {}),
+    ("--repeats", {}), ("--inner", {}), ("--min-speedup", {}), ("--markdown", {}),
+]
+
+
 def _run_attention(args: argparse.Namespace) -> int:
     from mcf.bench.attention import main
 
-    return main(args.rest, out=args.out)
+    argv: list[str] = []
+    for flag, _ in _ATTENTION_FLAGS:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            argv += [flag, *value]
+        elif value not in (None, False):
+            argv += [flag, value]
+    return main(argv, out=args.out)
 
 
 def _run_scale(args: argparse.Namespace) -> int:
@@ -104,9 +123,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", default=None)
     p.set_defaults(func=_run_data)
 
-    p = sub.add_parser("attention", help="attention kernels (benchmarks/bench_attention.py); other arguments pass through")
-    p.add_argument("--out", default=None)
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for bench_attention.py")
+    p = sub.add_parser("attention", help="attention kernels: Triton vs SDPA vs math (benchmarks/bench_attention.py)")
+    p.add_argument("--out", default=None, help="JSON file or folder")
+    for flag, kw in _ATTENTION_FLAGS:
+        p.add_argument(flag, **kw)
     p.set_defaults(func=_run_attention)
 
     p = sub.add_parser("scale", help="per-rank model+optimizer bytes and step time under ZeRO 0/1/2/3 (2 ranks)")

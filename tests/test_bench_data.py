@@ -1,0 +1,29 @@
+"""``mcf bench data`` at a tiny size: every loader row measured (or skipped/errored with a reason)."""
+
+from __future__ import annotations
+
+import json
+
+from mcf.cli import main
+
+
+def test_data_json(tmp_path):
+    out = tmp_path / "data.json"
+    argv = ["bench", "data", "--count", "24", "--file-size", "48", "--img-size", "32", "--batch-size", "4", "--batches", "2",
+            "--workers", "0", "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    for key in ("results", "ratio", "dali_available", "device", "files", "date", "commit"):
+        assert key in result, key
+    assert result["files"] == 24
+    rows = {(r["source"], r["loader"]): r for r in result["results"]}
+    assert set(rows) == {("folder", "torch"), ("folder", "dali"), ("lmdb", "torch"), ("lmdb", "dali"), ("folder", "paper-pil")}
+    for key, row in rows.items():
+        if "images_per_s" in row:
+            assert row["images_per_s"] > 0 and row["batch_shape"] == [4, 3, 32, 32], key
+        else:
+            assert row.get("skipped") or row.get("error"), key
+    assert "images_per_s" in rows[("folder", "torch")] and "images_per_s" in rows[("folder", "paper-pil")]
+    if result["dali_available"]:
+        assert "images_per_s" in rows[("folder", "dali")]
+        assert result["ratio"]["folder_dali_over_torch"] > 0

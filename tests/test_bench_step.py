@@ -1,0 +1,70 @@
+"""``mcf bench step`` / ``e2e`` at a tiny size: valid JSON with every field; FLOP counts that match
+the analytic count of known layers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mcf.bench.flops import attention_block_flops, count_flops, linear_flops
+from mcf.cli import main
+
+VARIANT_FIELDS = ("images_per_s", "ms_per_step", "peak_memory_bytes", "flops_per_image", "mfu", "precision")
+TOP_FIELDS = ("paper", "mcf", "ratio", "device", "model", "batch_size", "precision", "peak_flops", "date", "commit")
+TINY = ["--model", "mcf_vit_tiny", "--img-size", "0", "--batch-size", "4", "--steps", "1", "--repeats", "2", "--warmup", "1"]
+
+
+def _check(result: dict) -> None:
+    for key in TOP_FIELDS:
+        assert key in result, key
+    for variant in ("paper", "mcf"):
+        v = result[variant]
+        for key in VARIANT_FIELDS:
+            assert v[key] is not None, (variant, key)
+        assert v["images_per_s"] > 0 and v["ms_per_step"] > 0 and v["peak_memory_bytes"] > 0
+        assert 0 < v["mfu"] < 1.5
+        assert v["flops_per_image"] == result["paper"]["flops_per_image"]
+    assert result["ratio"] == pytest.approx(result["mcf"]["images_per_s"] / result["paper"]["images_per_s"])
+    assert result["model"] == "mcf_vit_tiny" and result["batch_size"] == 4
+
+
+def test_step_json(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    assert main(["bench", "step", *TINY, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    _check(result)
+    assert json.loads(capsys.readouterr().out) == result  # stdout carries the same JSON
+    assert result["paper"]["attention"].startswith("math") and "fused=True" in result["mcf"]["optimizer"]
+    # The paper's step: its forward + backward through the online model, the EMA target and the
+    # teacher (two passes) — more than 3x the online encoder alone.
+    assert result["paper"]["flops_per_image"] > 1e8
+
+
+def test_e2e_json_says_which_loader(tmp_path):
+    out = tmp_path / "e2e.json"
+    assert main(["bench", "e2e", *TINY, "--workers", "0", "--loader", "torch", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    _check(result)
+    assert result["benchmark"] == "e2e"
+    assert result["paper"]["loader"] == "torch-pil" and result["mcf"]["loader"] == "torch"
+    assert "dali_available" in result["mcf"]
+
+
+def test_linear_flops_match_analytic():
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64, requires_grad=True)
+    assert count_flops(lambda: lin(x).sum().backward()) == linear_flops(8, 64, 32)
+    with torch.no_grad():
+        assert count_flops(lambda: lin(x)) == linear_flops(8, 64, 32, backward=False)
+
+
+def test_attention_block_flops_match_analytic():
+    from mcf.models.layers import Block
+
+    blk = Block(64, 4, backend="math")
+    x = torch.randn(2, 17, 64, requires_grad=True)
+    assert count_flops(lambda: blk(x).sum().backward()) == attention_block_flops(2, 17, 64)
+    with torch.no_grad():
+        assert count_flops(lambda: blk(x)) == attention_block_flops(2, 17, 64, backward=False)
