@@ -34,7 +34,7 @@ FORMAT = "mcf-pretrain-v1"
 COMPLETE = "COMPLETE"
 MCF_STATE = "mcf_state.pt"
 STEP_RE = re.compile(r"^step_(\d{8,})$")
-CRASH_ENV = "MCF_TEST_CRASH_IN_SAVE"  # fault injection for tests: SIGKILL rank 0 while saving step N
+CRASH_ENV = "MCF_TEST_CRASH_IN_SAVE"  # fault injection for tests: every rank SIGKILLs itself inside the save of step N
 
 
 def step_dir_name(step: int) -> str:
@@ -139,9 +139,9 @@ def save_checkpoint(engine: Any, root: Path, step: int, mcf_state: dict[str, Any
     _atomic_save(rank_state, path / rank_file(rank))
     if rank == 0:
         _atomic_save({"format": FORMAT, **mcf_state}, path / MCF_STATE)
-        if os.environ.get(CRASH_ENV) == str(step):
-            log.error("%s=%s: killing rank 0 inside the save (test fault injection)", CRASH_ENV, step)
-            os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(CRASH_ENV) == str(step):  # the job dies with every file written but the marker
+        log.error("%s=%s: rank %d killed inside the save (test fault injection)", CRASH_ENV, step, rank)
+        os.kill(os.getpid(), signal.SIGKILL)
     _barrier()
     if rank == 0:
         with open(path / COMPLETE, "w") as f:

@@ -112,13 +112,20 @@ class Trainer:
 
         import deepspeed
 
+        # fixed online parameters (the sin-cos position embeddings) have no fp32 master in the optimizer:
+        # keep their fp32 values from before DeepSpeed casts or partitions them
+        self.frozen_fp32 = {n: p.detach().clone() for n, p in model.online.named_parameters() if not p.requires_grad}
         self.optimizer = build_optimizer(param_groups(model.online, cfg.optim.weight_decay), cfg.optim, self.peak_lr, self.device)
         self.engine, _, _, _ = deepspeed.initialize(model=model.online, optimizer=self.optimizer, config=self.ds_config,
                                                     dist_init_required=False)
+        if self.dtype != torch.float32:  # ZeRO-3 leaves buffers (BatchNorm statistics) in fp32; stages 0-2 cast them
+            for b in self.engine.module.buffers():
+                if b.is_floating_point():
+                    b.data = b.data.to(self.dtype)
         if t.compile:
             self.engine.compile()
         self.online = CastInput(self.engine, self.dtype)
-        self.ema_names = [n for n, _ in model.ema_pairs()]
+        self.ema_names = [n for n, _ in model.ema_pairs() if n not in self.frozen_fp32]
 
         # masks come from a generator of their own (per rank), so no other RNG consumer (data-loader
         # workers, libraries) can shift them between an interrupted and an uninterrupted run
@@ -240,7 +247,8 @@ class Trainer:
                                              total=self.total_steps))
                 engine.step()  # fp16: DeepSpeed skips an overflowing step and counts it
                 momentum = momentum_at(self.step, cfg.momentum, self.total_steps)
-                model.update_target(momentum, fp32_masters(engine, self.ema_names, t.precision, cfg.deepspeed.zero))
+                masters = fp32_masters(engine, self.ema_names, t.precision, cfg.deepspeed.zero)
+                model.update_target(momentum, {**masters, **self.frozen_fp32})
                 self.step += 1
                 self.steps_since_log += 1
                 bar.update(1)
