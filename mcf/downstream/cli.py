@@ -67,7 +67,7 @@ def _finetune_flags(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the run")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, help="DeepSpeed ZeRO stage")
+    p.add_argument("--zero", type=int, choices=(0, 1, 2), default=0, help="DeepSpeed ZeRO stage")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)

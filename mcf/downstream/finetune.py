@@ -47,7 +47,7 @@ class FinetuneConfig:
     warmup_steps: int | None = None  # None = 5 % of the run
     grad_clip: float = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"
-    zero: int = 0
+    zero: int = 0  # ZeRO 0-2: evaluation runs the whole module on every rank (rank 0 writes)
     workers: int = 2
     seed: int = 0
     log_every: int = 10
@@ -61,8 +61,8 @@ class FinetuneConfig:
             raise ConfigError("batch_size, epochs and max_steps must be >= 1")
         if self.lr <= 0 or not 0 < self.layer_decay <= 1:
             raise ConfigError("lr must be > 0 and layer_decay in (0, 1]")
-        if self.zero not in (0, 1, 2, 3):
-            raise ConfigError("zero must be 0, 1, 2 or 3")
+        if self.zero not in (0, 1, 2):
+            raise ConfigError("zero must be 0, 1 or 2 (the evaluation reads the whole model on each rank; ZeRO-3 would partition it)")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError("precision must be fp32 or bf16")
 

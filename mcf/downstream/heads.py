@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -60,8 +61,14 @@ class ViTBackbone(nn.Module):
         return outs
 
 
+def _norm(c: int) -> nn.GroupNorm:
+    """GroupNorm, not BatchNorm: no running statistics to keep in fp32 under DeepSpeed bf16, and
+    independent of the (small) per-rank batch."""
+    return nn.GroupNorm(math.gcd(32, c), c)
+
+
 def _up(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False), _norm(c_out), nn.ReLU(inplace=True))
 
 
 def soft_argmax(heatmaps: torch.Tensor) -> torch.Tensor:
@@ -99,7 +106,7 @@ class SegmentationHead(nn.Module):
             nn.Identity(),  # 1×
             nn.MaxPool2d(2, ceil_mode=True),  # ½×
         ])
-        self.smooth = nn.ModuleList([nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)) for _ in range(4)])
+        self.smooth = nn.ModuleList([nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), _norm(c), nn.ReLU(inplace=True)) for _ in range(4)])
         self.classifier = nn.Conv2d(c, num_classes, 1)
 
     def forward(self, feats: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
