@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PACKAGES=(slurmctld slurmd slurm-client munge)
-BINARIES=(slurmctld slurmd sbatch srun scontrol squeue sinfo scancel munged)
+BINARIES=(slurmctld slurmd sbatch srun scontrol squeue sinfo scancel munged munge unmunge)
 
 missing=0
 for b in "${BINARIES[@]}"; do

@@ -1,11 +1,10 @@
 """A throw-away single-node slurm cluster for tests (Debian's slurm-wlm, run as root).
 
 ``SlurmCluster(workdir)`` is a context manager: on entry it installs the Debian packages if they
-are missing (``scripts/ci_slurm_setup.sh``), starts munged (unless one already answers), writes a
+are missing (``scripts/ci_slurm_setup.sh``), starts a private munged (own socket), writes a
 ``slurm.conf`` whose state, spool, logs and pid files all live under ``workdir``, starts
 ``slurmctld`` and ``slurmd -N localhost`` on free ports and waits for the node to be idle; on exit
-it cancels every job, waits for the queue to drain, shuts the daemons down and stops the munged it
-started. Every wait is bounded.
+it cancels every job, waits for the queue to drain, shuts the daemons down and stops its munged. Every wait is bounded.
 
 Where the machine cannot run slurm (not root, no apt, a daemon that does not come up) entering
 raises :class:`SlurmUnavailable` with the reason; :func:`slurm_or_skip` turns that into a pytest
@@ -20,12 +19,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SETUP_SCRIPT = REPO / "scripts" / "ci_slurm_setup.sh"
-BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo", "srun", "scancel", "munged")
+BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo", "srun", "scancel", "munged", "munge", "unmunge")
 MUNGED = "/usr/sbin/munged"
 
 # Job states after which a job will not run again (a requeued job passes through REQUEUED/PENDING).
@@ -81,7 +81,11 @@ class SlurmCluster:
         self.conf = self.workdir / "etc" / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         self._started_munged = False
-        self._daemons: list[subprocess.Popen] = []
+        self.munge_dir: Path | None = None
+
+    @property
+    def munge_socket(self) -> str:
+        return str(self.munge_dir / "munge.socket") if self.munge_dir else "/run/munge/munge.socket.2"
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> "SlurmCluster":
@@ -101,18 +105,21 @@ class SlurmCluster:
         self.stop()
 
     def _munge_ok(self) -> bool:
-        if not _which("munge") or not _which("unmunge"):
-            return os.path.exists("/run/munge/munge.socket.2")
-        enc = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
-        if enc.returncode != 0:
-            return False
-        return subprocess.run(["unmunge"], input=enc.stdout, capture_output=True, timeout=10).returncode == 0
+        sock = f"--socket={self.munge_socket}"
+        enc = subprocess.run(["munge", sock, "-n"], capture_output=True, timeout=10)
+        return enc.returncode == 0 and subprocess.run(["unmunge", sock], input=enc.stdout, capture_output=True, timeout=10).returncode == 0
 
     def _start_munged(self) -> None:
-        if self._munge_ok():
-            return
-        subprocess.run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "0755", "/run/munge"], check=True, timeout=10)
-        r = subprocess.run(["runuser", "-u", "munge", "--", MUNGED], capture_output=True, text=True, timeout=30)
+        """A private munged (own socket, pid and log file) so that clusters never share or stop
+        each other's; its folder lives under /run because munged refuses paths that the munge user
+        cannot reach (pytest's temp folders are root-only)."""
+        self.munge_dir = Path(tempfile.mkdtemp(prefix="mcf-munge-", dir="/run"))
+        shutil.chown(self.munge_dir, "munge", "munge")
+        self.munge_dir.chmod(0o755)
+        d = self.munge_dir
+        r = subprocess.run(["runuser", "-u", "munge", "--", MUNGED, f"--socket={self.munge_socket}", f"--pid-file={d / 'munged.pid'}",
+                            f"--log-file={d / 'munged.log'}", f"--seed-file={d / 'munged.seed'}"],
+                           capture_output=True, text=True, timeout=30)
         if r.returncode != 0:
             raise SlurmUnavailable(f"munged did not start: {r.stderr.strip()}")
         self._started_munged = True
@@ -136,6 +143,7 @@ class SlurmCluster:
                     f"SlurmdPort={slurmd_port}",
                     "SlurmUser=root",
                     "AuthType=auth/munge",
+                    f"AuthInfo=socket={self.munge_socket}",
                     "ProctrackType=proctrack/linuxproc",
                     "TaskPlugin=task/none",
                     "JobAcctGatherType=jobacct_gather/none",
@@ -194,8 +202,11 @@ class SlurmCluster:
             for pidfile in ("slurmctld.pid", "slurmd.pid"):
                 self._wait_gone(self.workdir / "run" / pidfile, 20)
         if self._started_munged:
-            subprocess.run(["runuser", "-u", "munge", "--", MUNGED, "--stop"], capture_output=True, timeout=20)
+            subprocess.run(["runuser", "-u", "munge", "--", MUNGED, "--stop", f"--socket={self.munge_socket}"], capture_output=True, timeout=20)
             self._started_munged = False
+        if self.munge_dir is not None:
+            shutil.rmtree(self.munge_dir, ignore_errors=True)
+            self.munge_dir = None
 
     @staticmethod
     def _wait_gone(pidfile: Path, timeout: float) -> None:
