@@ -55,8 +55,8 @@ class StepBenchConfig:
     """Input side in pixels; None = the model's own (224 for the ViT-*/16 models)."""
     teacher_img_size: int | None = None
     """Teacher input side; None = the same as ``img_size`` (the paper: 224 for both)."""
-    batch_size: int = 8
-    steps: int = 2
+    batch_size: int = 4
+    steps: int = 1
     """Steps per timed window."""
     repeats: int = 3
     """Timed windows; the median is reported."""

@@ -1,0 +1,27 @@
+"""``python -m mcf.bench {step,e2e,data,attention,scale}``: the benchmarks without the rest of the
+``mcf`` command (whose other components may need packages a benchmark machine lacks)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from mcf.bench.cli import add_parser
+from mcf.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mcf.bench")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"mcf bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
