@@ -33,11 +33,18 @@ def _mcf(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def pretrain_run(tmp_path_factory) -> Path:
-    """A real 2-step `mcf pretrain` run (demo preset: tiny model, built-in faces)."""
+    """A real 2-step `mcf pretrain` run (demo preset: tiny model, built-in faces), monitor on."""
     out = tmp_path_factory.mktemp("pretrain") / "run"
     _mcf("pretrain", "--config", "demo", "--output-dir", str(out), "--max-steps", "2", "--tracking-uri", "none", "--loader", "torch",
-         "--set", "logging.progress=false", "--set", "data.num_workers=0", "--set", "logging.recon_every=0")
+         "--set", "logging.progress=false", "--set", "data.num_workers=0", "--set", "logging.recon_every=0", "--set", "monitor.every=2")
     return out
+
+
+def test_trainer_logs_the_monitor(pretrain_run):
+    rows = [json.loads(line) for line in (pretrain_run / "metrics.jsonl").read_text().splitlines() if "monitor/" in line]
+    assert rows and rows[-1]["step"] == 2
+    assert {"monitor/face_knn_acc", "monitor/face_linear_acc", "monitor/recon_mse"} <= set(rows[-1])
+    assert all(np.isfinite(rows[-1][k]) for k in rows[-1] if k.startswith("monitor/"))
 
 
 FT = ("--max-steps", "16", "--batch-size", "4", "--workers", "0", "--lr", "2e-3", "--log-every", "4")

