@@ -22,6 +22,8 @@ from slurm_cluster import slurm_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launchers" / "slurm" / "pretrain.sbatch"
+# Two CPU ranks on one node; these override the script's GPU defaults (8 tasks/GPUs per node).
+CPU_TASKS = ("--nodes", "1", "--ntasks", "2", "--ntasks-per-node", "2", "--cpus-per-task", "1", "--gpus-per-node=0")
 JOB_TIMEOUT = 420  # seconds for a whole job; ~1 min on an idle 2-core machine
 
 
@@ -45,8 +47,7 @@ def submit(cluster, tmp: Path, name: str, *trainer_args: str) -> tuple[int, Path
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
     job = cluster.sbatch(
-        "--job-name", name, "--nodes", "1", "--ntasks", "2", "--ntasks-per-node", "2", "--cpus-per-task", "1",
-        "--gpus-per-node=0", "--time", "15", "--output", str(tmp / "%x-%j.out"), "--chdir", str(REPO),
+        "--job-name", name, *CPU_TASKS, "--time", "15", "--output", str(tmp / "%x-%j.out"), "--chdir", str(REPO),
         str(SBATCH), "--config", "demo", "--batch-size", "2", "--log-every", "1", "--checkpoint-every", "1000",
         "--tracking-uri", "none", *trainer_args,
         env=env,
@@ -117,6 +118,33 @@ def test_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
     steps = read_steps(out)
     assert steps == list(range(1, max_steps + 1)), f"steps across the requeue: {steps}"
     assert (out / "checkpoints" / f"step_{max_steps:08d}" / "COMPLETE").exists()
+
+
+def test_scancel_does_not_requeue(cluster, tmp_path):
+    """A plain scancel (SIGTERM) lets the ranks checkpoint, but the job stays cancelled.
+
+    A stand-in for the trainer (MCF_PYTHON) exits 3 on SIGTERM/SIGUSR1 like the real one, so this
+    checks the batch script's requeue rule in seconds."""
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!{sys.executable}\n"
+                    "import signal, sys, time\n"
+                    "for s in (signal.SIGTERM, signal.SIGUSR1):\n"
+                    "    signal.signal(s, lambda *a: sys.exit(3))\n"
+                    "print('fake trainer', *sys.argv[1:4], flush=True)\n"
+                    "time.sleep(120)\n")
+    fake.chmod(0o755)
+    job = cluster.sbatch("--job-name", "mcf-cancel", *CPU_TASKS, "--time", "5", "--output", str(tmp_path / "%x-%j.out"), str(SBATCH), "--max-steps", "5",
+                         env={"MCF_PYTHON": str(fake), "MCF_RUNS_DIR": str(tmp_path / "runs"), "MCF_SLURM_GPUS": "0"})
+    log = tmp_path / f"mcf-cancel-{job}.out"
+    deadline = time.monotonic() + 60
+    while not (log.exists() and log.read_text().count("fake trainer -m mcf") == 2):
+        assert time.monotonic() < deadline, log_of(log)
+        time.sleep(0.2)
+    assert cluster.run("scancel", str(job)).returncode == 0
+    info = cluster.wait_final(job, 60)
+    time.sleep(1)  # let the batch script finish its log
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
+    assert "not requeueing" in log.read_text(), log_of(log)
 
 
 def test_unavailable_slurm_skips_or_fails_on_ci(tmp_path, monkeypatch):
