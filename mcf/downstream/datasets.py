@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mcf.errors import DataError
 from mcf.downstream.metrics import CELEBAMASK_CLASSES, CELEBAMASK_PARTS, LAPA_CLASSES
+from mcf.errors import DataError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp")
 AFLW_TRAIN_SIZE = 20000  # ra[:20000] train, the rest test (the benchmark's split)

@@ -29,8 +29,19 @@ from pathlib import Path
 
 import torch
 
-from mcf.downstream.weights import (EXPORT_FORMAT, META_ARCH, META_FORMAT, META_MODEL, META_SOURCE, META_STEP, META_TIMM_KWARGS,
-                                    META_TIMM_NAME, EncoderWeights, ViTArch, load_encoder_weights)
+from mcf.downstream.weights import (
+    EXPORT_FORMAT,
+    META_ARCH,
+    META_FORMAT,
+    META_MODEL,
+    META_SOURCE,
+    META_STEP,
+    META_TIMM_KWARGS,
+    META_TIMM_NAME,
+    EncoderWeights,
+    ViTArch,
+    load_encoder_weights,
+)
 from mcf.errors import CheckpointError, UserError
 
 log = logging.getLogger(__name__)

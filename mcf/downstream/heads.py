@@ -112,7 +112,7 @@ class SegmentationHead(nn.Module):
     def forward(self, feats: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
         if len(feats) == 1:
             feats = feats * 4
-        levels = [r(l(f)) for f, l, r in zip(feats, self.lateral, self.resample)]  # fine → coarse
+        levels = [resample(lateral(f)) for f, lateral, resample in zip(feats, self.lateral, self.resample)]  # fine → coarse
         for i in range(len(levels) - 2, -1, -1):  # top-down
             levels[i] = levels[i] + F.interpolate(levels[i + 1], size=levels[i].shape[-2:], mode="bilinear", align_corners=False)
         size = levels[0].shape[-2:]
