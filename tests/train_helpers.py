@@ -61,12 +61,33 @@ def start(args: list[str], nproc: int = 1, launcher: str = "torchrun", log: Path
                             start_new_session=True)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    out, todo = [], [pid]
+    while todo:
+        children = subprocess.run(["pgrep", "-P", str(todo.pop())], capture_output=True, text=True).stdout.split()
+        out += [int(c) for c in children]
+        todo += [int(c) for c in children]
+    return out
+
+
 def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
+    """Send ``sig`` to the process we started and to all its descendants at once (a crashed node)."""
+    pids = [proc.pid, *descendants(proc.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
     proc.wait(timeout=60)
+    wait_for(lambda: not any(_alive(pid) for pid in pids[1:]), 60, what="the killed processes to exit")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return False
 
 
 def metrics(out: Path) -> list[dict]:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 FORMAT = "mcf-pretrain-v1"
 COMPLETE = "COMPLETE"
 MCF_STATE = "mcf_state.pt"
+ONLINE_FP32 = "online_fp32.pt"  # ZeRO 0 in bf16/fp16 only: the fp32 masters (DeepSpeed keeps them as flat groups)
 STEP_RE = re.compile(r"^step_(\d{8,})$")
 CRASH_ENV = "MCF_TEST_CRASH_IN_SAVE"  # fault injection for tests: every rank SIGKILLs itself inside the save of step N
 
@@ -127,7 +128,8 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(engine: Any, root: Path, step: int, mcf_state: dict[str, Any], rank_state: dict[str, Any], rank: int, keep_last: int) -> Path:
+def save_checkpoint(engine: Any, root: Path, step: int, mcf_state: dict[str, Any], rank_state: dict[str, Any], rank: int, keep_last: int,
+                    online_fp32: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``root/step_{step}`` on every rank (a collective); returns its path once marked complete."""
     tag = step_dir_name(step)
     path = root / tag
@@ -139,6 +141,8 @@ def save_checkpoint(engine: Any, root: Path, step: int, mcf_state: dict[str, Any
     _atomic_save(rank_state, path / rank_file(rank))
     if rank == 0:
         _atomic_save({"format": FORMAT, **mcf_state}, path / MCF_STATE)
+        if online_fp32 is not None:
+            _atomic_save(online_fp32, path / ONLINE_FP32)
     if os.environ.get(CRASH_ENV) == str(step):  # the job dies with every file written but the marker
         log.error("%s=%s: rank %d killed inside the save (test fault injection)", CRASH_ENV, step, rank)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -183,6 +187,11 @@ def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int) -> tupl
 # -- consolidation --------------------------------------------------------------------------------
 def _online_fp32(step_dir: Path) -> dict[str, torch.Tensor]:
     """The online model's fp32 weights from a DeepSpeed tag directory, any ZeRO stage/precision."""
+    if (step_dir / ONLINE_FP32).is_file():
+        files = sorted(step_dir.glob("mp_rank_*_model_states.pt"))
+        module = torch.load(files[0], map_location="cpu", weights_only=False)["module"] if files else {}
+        masters = torch.load(step_dir / ONLINE_FP32, map_location="cpu", weights_only=True)
+        return {k: masters[k] if k in masters else (v.float() if v.is_floating_point() else v) for k, v in module.items()}
     has_zero_shards = any(step_dir.glob("*zero_pp_rank_*optim_states.pt"))
     if has_zero_shards:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

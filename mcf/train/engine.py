@@ -69,7 +69,7 @@ def setup_env() -> tuple[int, int, int]:
     return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
+def init_distributed(wanted_precision: str = "fp32") -> tuple[int, int, torch.device]:
     """Start the process group on DeepSpeed's accelerator (NCCL on CUDA, gloo on CPU).
 
     Returns (rank, world_size, device). On the CPU accelerator DeepSpeed's shared-memory collective
@@ -82,6 +82,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
     from deepspeed.accelerator import get_accelerator
 
     accel = get_accelerator()
+    for precision, supported in (("fp16", accel.is_fp16_supported), ("bf16", accel.is_bf16_supported)):
+        if wanted_precision == precision and not supported():
+            raise ConfigError(f"train.precision={precision} is not supported on this device ({accel.device_name()}); use fp32"
+                              + (" or bf16" if precision == "fp16" and accel.is_bf16_supported() else ""))
     if accel.device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     else:
@@ -161,8 +165,6 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
         raise ConfigError(f"DeepSpeed config {source} enables apex amp: use train.precision instead")
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)
-    if p == "fp16" and z == 0:
-        raise ConfigError("train.precision=fp16 needs deepspeed.zero >= 1 (the EMA reads the fp32 master weights from the ZeRO optimizer)")
     return ds
 
 
@@ -189,6 +191,9 @@ def fp32_masters(engine: Any, names: list[str], precision: str, zero: int) -> di
     params = dict(engine.module.named_parameters())
     if precision == "fp32" and zero < 3:
         return {n: params[n].detach() for n in names}
+    flat = _flat_fp32_masters(engine.optimizer)
+    if flat is not None:  # bf16/fp16 at ZeRO 0: DeepSpeed's FP16_Optimizer keeps flat fp32 copies, no per-param mapping
+        return {n: flat[id(params[n])] for n in names}
     from deepspeed.utils import safe_get_full_fp32_param
 
     out = {}
@@ -198,3 +203,24 @@ def fp32_masters(engine: Any, names: list[str], precision: str, zero: int) -> di
             raise RuntimeError(f"no fp32 master weight for '{n}' (precision {precision}, ZeRO {zero})")
         out[n] = full
     return out
+
+
+def _flat_fp32_masters(optimizer: Any) -> dict[int, torch.Tensor] | None:
+    """id(low-precision param) → its fp32 master in DeepSpeed's FP16_(Unfused)Optimizer (bf16/fp16 at ZeRO 0),
+    which keeps fp32 copies per group (``fp32_groups``) or flattened (``fp32_groups_flat``), with no per-param mapping."""
+    groups = getattr(optimizer, "fp16_groups", None)
+    if groups is None:
+        return None
+    out = {}
+    if hasattr(optimizer, "fp32_groups"):  # FP16_UnfusedOptimizer: one fp32 tensor per parameter
+        for params, masters in zip(groups, optimizer.fp32_groups):
+            out.update({id(p): m for p, m in zip(params, masters)})
+        return out
+    if hasattr(optimizer, "fp32_groups_flat"):  # FP16_Optimizer: one flat fp32 tensor per group
+        for params, flat in zip(groups, optimizer.fp32_groups_flat):
+            offset = 0
+            for p in params:
+                out[id(p)] = flat.narrow(0, offset, p.numel()).view_as(p)
+                offset += p.numel()
+        return out
+    return None

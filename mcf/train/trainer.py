@@ -89,7 +89,7 @@ class Trainer:
 
         model = create_model_from_config(cfg)  # a missing teacher checkpoint fails here, before DeepSpeed starts
 
-        self.rank, self.world_size, self.device = init_distributed()
+        self.rank, self.world_size, self.device = init_distributed(cfg.train.precision)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_config(cfg))
@@ -173,8 +173,12 @@ class Trainer:
         rank_state = {"epoch": self.epoch, "epoch_batches": self.epoch_batches, "loader": self.loader.state_dict(),
                       "rng": ckpt.rng_state(), "mask_gen": self.mask_gen.get_state(), "acc": self.acc.cpu(),
                       "steps_since_log": self.steps_since_log}
+        online_fp32 = None
+        if self.cfg.train.precision != "fp32" and self.cfg.deepspeed.zero == 0 and self.rank == 0:
+            names = [n for n, p in self.engine.module.named_parameters() if p.requires_grad]
+            online_fp32 = {k: v.detach().float().cpu() for k, v in fp32_masters(self.engine, names, self.cfg.train.precision, 0).items()}
         path = ckpt.save_checkpoint(self.engine, self.out / "checkpoints", self.step, mcf_state, rank_state, self.rank,
-                                    self.cfg.checkpoint.keep_last)
+                                    self.cfg.checkpoint.keep_last, online_fp32)
         self.last_saved = self.step
         if self.rank == 0:
             log.info("checkpoint %s", path)
