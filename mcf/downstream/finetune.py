@@ -132,14 +132,14 @@ def _build(cfg: FinetuneConfig):
     return model, TaskData(train, t_train, cfg.seed, True), TaskData(test, t_test, cfg.seed, False), weights, info
 
 
-def build_engine(model: torch.nn.Module, groups: list[dict], cfg: FinetuneConfig, world_size: int):
-    """A DeepSpeed engine around ``model`` with a client AdamW (nothing JIT-compiled)."""
+def build_engine(model: torch.nn.Module, groups: list[dict], cfg: FinetuneConfig, world_size: int, batch: int):
+    """A DeepSpeed engine around ``model`` with a client AdamW (nothing JIT-compiled); ``batch`` per rank."""
     import deepspeed
 
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
     ds = {
-        "train_batch_size": cfg.batch_size * world_size,
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "train_batch_size": batch * world_size,
+        "train_micro_batch_size_per_gpu": batch,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": cfg.zero},
         "bf16": {"enabled": cfg.precision == "bf16"},
@@ -202,7 +202,6 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     rank, world_size, device = init_distributed()
     depth = model.backbone.depth
     groups = param_groups_lrd(model, depth, cfg.weight_decay, cfg.layer_decay)
-    engine = build_engine(model, groups, cfg, world_size)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
     if world_size > 1:
@@ -210,6 +209,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     else:
         sampler = torch.utils.data.RandomSampler(train, generator=torch.Generator().manual_seed(cfg.seed))
     batch = min(cfg.batch_size, len(train) // world_size) or 1
+    engine = build_engine(model, groups, cfg, world_size, batch)
     loader = torch.utils.data.DataLoader(train, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.workers,
                                          persistent_workers=False)
     steps_per_epoch = max(1, len(loader))
