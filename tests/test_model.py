@@ -130,3 +130,32 @@ def test_base_model_api_at_224():
     assert out.pred.shape == (2, 196, 768) and torch.all(out.mask.sum(1) == 147)
     assert torch.isfinite(out.loss)
     out.loss.backward()
+
+
+def test_triton_backend_in_the_model_matches_math_with_variable_ratios():
+    """The padded variable-ratio encoder through the Triton kernels (CPU: Triton's interpreter).
+
+    Reference: the math backend in fp64. Triton's fp32 error must stay within twice SDPA's fp32
+    error. The contrastive term is off: its BatchNorm over a 2-sample batch amplifies rounding so
+    much that it would swamp the attention path being checked.
+    """
+    from mcf.kernels import triton_status
+
+    ok, reason = triton_status(torch.empty(1))
+    if not ok:
+        pytest.skip(f"Triton cannot run here: {reason}")
+    torch.manual_seed(0)
+    model = create_model("mcf_vit_tiny", teacher_checkpoint="random", mask_ratio_range=(0.6, 0.9), depth=1, decoder_depth=1,
+                         contrastive_weight=0.0)
+    x, n1, n2 = torch.randn(2, 3, 32, 32), torch.rand(2, 64), torch.rand(2, 64)
+    results = {}
+    for backend, dtype in (("math", torch.float64), ("sdpa", torch.float32), ("triton", torch.float32)):
+        model.to(dtype).set_attention_backend(backend)
+        model.zero_grad()
+        torch.manual_seed(1)  # the same per-sample ratios in every pass
+        out = model(x.to(dtype), n1, n2)
+        out.loss.backward()
+        results[backend] = [t.double() for t in (out.loss.detach(), model.online.encoder.blocks[0].attn.qkv.weight.grad,
+                                                   model.online.decoder.mask_token.grad)]
+    for ref, sdpa, got in zip(results["math"], results["sdpa"], results["triton"]):
+        assert (got - ref).abs().max() <= 2 * (sdpa - ref).abs().max() + 1e-6
