@@ -20,6 +20,8 @@ def _add_step_args(p: argparse.ArgumentParser, e2e: bool) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the mcf variant")
     p.add_argument("--variants", default="paper,mcf", help="comma list of paper,mcf")
     p.add_argument("--profile", action="store_true", help="add each variant's top operators (torch.profiler, one step)")
+    p.add_argument("--order", default="sequential" if e2e else "interleaved", choices=("interleaved", "sequential"),
+                   help="interleaved: both variants built, timed windows alternate (default: %(default)s)")
     p.add_argument("--out", default=None, help="JSON file or folder")
     if e2e:
         p.add_argument("--data", default=None, help="image folder (default: synthetic JPEGs in a temporary folder)")
@@ -35,7 +37,7 @@ def _step_config(args: argparse.Namespace, e2e: bool):
         return StepBenchConfig(model=args.model, img_size=args.img_size or None, teacher_img_size=args.teacher_img_size,
                                batch_size=args.batch_size, steps=args.steps, repeats=args.repeats, warmup=args.warmup,
                                device=args.device, compile=args.compile, variants=tuple(v for v in args.variants.split(",") if v),
-                               profile=args.profile, out=args.out, e2e=e2e, data=getattr(args, "data", None),
+                               profile=args.profile, order=args.order, out=args.out, e2e=e2e, data=getattr(args, "data", None),
                                workers=getattr(args, "workers", 2), loader=getattr(args, "loader", "auto"))
     except ValueError as e:
         raise ConfigError(str(e)) from None

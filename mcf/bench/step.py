@@ -18,7 +18,10 @@ The trainer wraps ``model.online`` in a DeepSpeed engine; this benchmark times t
 without the engine so that the two variants differ only in the listed points.
 
 Timing: ``warmup`` steps, then ``repeats`` timed windows of ``steps`` steps each, synchronising the
-device only around each window; the reported step time is the median window over ``steps``.
+device only around each window; the reported step time is the median window over ``steps``. By
+default (``order=interleaved``) both variants are built first and their windows alternate, so that
+load from other processes on a shared machine falls on both alike; peak memory is each variant's
+peak during its warm-up minus what was resident before it was built (the other variant).
 FLOPs are counted (``torch.utils.flop_counter``) during the paper variant's first warm-up step —
 forward and backward of the whole step, the teacher's two passes and the target's included — and
 MFU is ``images/s × FLOPs/image`` over the device's matmul peak measured in the same run (bf16 on
@@ -75,6 +78,10 @@ class StepBenchConfig:
     loader: str = "auto"
     """mcf's loader in ``e2e``: auto (DALI when it works here) | dali | torch."""
     variants: tuple[str, ...] = VARIANTS
+    order: str = "interleaved"
+    """``interleaved``: both variants built, their timed windows alternate (fair on a shared
+    machine); ``sequential``: one variant after the other, only one in memory (the e2e default:
+    an idle variant's loader workers would refill their queues during the other's windows)."""
     profile: bool = False
     """Also profile one step of each variant and report its top operators."""
     out: str | None = None
@@ -88,6 +95,8 @@ class StepBenchConfig:
             raise ValueError("warmup must be >= 1 (the first warm-up step is the FLOP count)")
         if not self.variants or set(self.variants) - set(VARIANTS):
             raise ValueError(f"variants must be a subset of {VARIANTS}")
+        if self.order not in ("interleaved", "sequential"):
+            raise ValueError("order must be interleaved or sequential")
         if self.loader not in ("auto", "dali", "torch"):
             raise ValueError("loader must be auto, dali or torch")
 
@@ -200,66 +209,85 @@ def _profile_top(step: Callable[[torch.Tensor], None], batch: torch.Tensor, devi
     return [{"op": e.key, "self_ms": round(getattr(e, key) / 1e3, 3), "calls": e.count} for e in events]
 
 
-def run_variant(cfg: StepBenchConfig, variant: str, device: torch.device, peaks: dict[str, float], folder: str | None,
-                flops_per_image: float | None) -> dict[str, Any]:
-    model = build_model(cfg, device, variant)
-    img_size = model.spec.img_size
-    samples = (cfg.warmup + cfg.repeats * cfg.steps + 2) * cfg.batch_size
-    feed, feed_info = _feed(cfg, variant, device, img_size, folder, samples)
-    bf16 = fast_dtype(peaks) == "bf16"
-    if variant == "paper":
-        step = paper_step_fn(model, device, cfg.momentum)
-    else:
-        step = mcf_step_fn(model, device, cfg.momentum, cfg.compile, bf16)
-    mem = PeakMemory(device)
-    mem.reset()
+class _Variant:
+    """One variant, built and warmed up: its model, step, feed and the peak memory of its warm-up."""
 
-    counted = None
-    if flops_per_image is None and variant == "paper":  # the first warm-up step, counted
-        counted = count_flops(lambda: step(next(feed))) / cfg.batch_size
-        start = 1
-    else:
-        start = 0
-    for _ in range(start, cfg.warmup):
-        step(next(feed))
-    sync(device)
+    def __init__(self, cfg: StepBenchConfig, variant: str, device: torch.device, peaks: dict[str, float], folder: str | None,
+                 count_flops_now: bool):
+        self.cfg, self.name, self.device = cfg, variant, device
+        mem = PeakMemory(device)
+        base = _resident_bytes(device)  # what is already held (the other variant, when interleaved)
+        mem.reset()
+        self.model = build_model(cfg, device, variant)
+        img_size = self.model.spec.img_size
+        samples = (cfg.warmup + cfg.repeats * cfg.steps + 2) * cfg.batch_size
+        self.feed, self.info = _feed(cfg, variant, device, img_size, folder, samples)
+        self.bf16 = fast_dtype(peaks) == "bf16"
+        if variant == "paper":
+            self.step = paper_step_fn(self.model, device, cfg.momentum)
+        else:
+            self.step = mcf_step_fn(self.model, device, cfg.momentum, cfg.compile, self.bf16)
+        self.flops_per_image = None
+        first = 0
+        if count_flops_now:  # the first warm-up step, counted
+            self.flops_per_image = count_flops(lambda: self.step(next(self.feed))) / cfg.batch_size
+            first = 1
+        for _ in range(first, cfg.warmup):
+            self.step(next(self.feed))
+        sync(device)
+        self.peak_bytes = max(0, mem.peak_bytes() - base)
+        self.peak_source = mem.source + (" minus the bytes resident before this variant was built" if base else "")
+        self.times: list[float] = []
 
-    def window() -> None:
-        for _ in range(cfg.steps):
-            step(next(feed))
+    def window(self) -> None:
+        """One timed window of ``cfg.steps`` steps, synchronised at both ends."""
+        self.times += time_repeats(lambda: [self.step(next(self.feed)) for _ in range(self.cfg.steps)], self.device, 1)
 
-    times = time_repeats(window, device, cfg.repeats)
-    peak = mem.peak_bytes()
-    ms = statistics.median(times) / cfg.steps * 1e3
-    ips = cfg.batch_size / (ms / 1e3)
-    fpi = flops_per_image if flops_per_image is not None else counted
-    result: dict[str, Any] = {
-        "images_per_s": ips,
-        "ms_per_step": ms,
-        "ms_per_step_windows": [t / cfg.steps * 1e3 for t in times],
-        "peak_memory_bytes": peak,
-        "peak_memory_source": mem.source,
-        "flops_per_image": fpi,
-        "mfu": None,
-        "precision": ("fp16 autocast + GradScaler" if device.type == "cuda" else "fp32") if variant == "paper" else (
-            "bf16 autocast" if bf16 else "fp32 (bf16 matmul measured slower than fp32 on this device)"),
-        "attention": "math (eager)" if variant == "paper" else "auto (SDPA / Triton by dispatch)",
-        "optimizer": "torch.optim.AdamW (default impl)" if variant == "paper" else "torch.optim.AdamW(fused=True)",
-        "compiled": bool(cfg.compile and variant == "mcf"),
-        **feed_info,
-    }
-    if fpi is not None:
-        _set_mfu(result, fpi, peaks)
-    if variant == "paper":
-        result["last_loss"] = step.losses[-1]  # type: ignore[attr-defined]
-    else:
-        result["mean_loss"] = float(step.loss_sum.item()) / (cfg.warmup + cfg.repeats * cfg.steps)  # type: ignore[attr-defined]
-    if cfg.profile:
-        result["profile_top_ops"] = _profile_top(step, next(feed), device)
-    del step, model, feed
+    def result(self, peaks: dict[str, float], flops_per_image: float | None) -> dict[str, Any]:
+        cfg, variant, device = self.cfg, self.name, self.device
+        ms = statistics.median(self.times) / cfg.steps * 1e3
+        result: dict[str, Any] = {
+            "images_per_s": cfg.batch_size / (ms / 1e3),
+            "ms_per_step": ms,
+            "ms_per_step_windows": [t / cfg.steps * 1e3 for t in self.times],
+            "peak_memory_bytes": self.peak_bytes,
+            "peak_memory_source": self.peak_source,
+            "flops_per_image": None,
+            "mfu": None,
+            "precision": ("fp16 autocast + GradScaler" if device.type == "cuda" else "fp32") if variant == "paper" else (
+                "bf16 autocast" if self.bf16 else "fp32 (bf16 matmul measured slower than fp32 on this device)"),
+            "attention": "math (eager)" if variant == "paper" else "auto (SDPA / Triton by dispatch)",
+            "optimizer": "torch.optim.AdamW (default impl)" if variant == "paper" else "torch.optim.AdamW(fused=True)",
+            "compiled": bool(cfg.compile and variant == "mcf"),
+            **self.info,
+        }
+        if flops_per_image is not None:
+            _set_mfu(result, flops_per_image, peaks)
+        if variant == "paper":
+            result["last_loss"] = self.step.losses[-1]  # type: ignore[attr-defined]
+        else:
+            result["mean_loss"] = float(self.step.loss_sum.item()) / (cfg.warmup + len(self.times) * cfg.steps)  # type: ignore[attr-defined]
+        if cfg.profile:
+            result["profile_top_ops"] = _profile_top(self.step, next(self.feed), device)
+        return result
+
+    def close(self) -> None:
+        for attr in ("step", "model", "feed"):
+            setattr(self, attr, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _resident_bytes(device: torch.device) -> int:
     if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _set_mfu(result: dict[str, Any], flops_per_image: float, peaks: dict[str, float]) -> None:
@@ -301,18 +329,36 @@ def run(cfg: StepBenchConfig) -> dict[str, Any]:
         folder = str(make_jpeg_folder(tmp.name, n))
     try:
         flops = None if "paper" in cfg.variants else _count_model_flops(cfg, device)
+        names = [v for v in VARIANTS if v in cfg.variants]
         results: dict[str, Any] = {}
-        for variant in VARIANTS:
-            if variant not in cfg.variants:
-                continue
-            log.info("bench %s: %s variant", "e2e" if cfg.e2e else "step", variant)
-            results[variant] = run_variant(cfg, variant, device, peaks, folder, flops)
-            flops = results[variant]["flops_per_image"]
+        if cfg.order == "interleaved":
+            # Both built, then timed windows alternate: a shared machine's load falls on both alike.
+            built = {}
+            for v in names:
+                log.info("bench %s: building and warming up the %s variant", "e2e" if cfg.e2e else "step", v)
+                built[v] = _Variant(cfg, v, device, peaks, folder, count_flops_now=v == "paper")
+                flops = built[v].flops_per_image if v == "paper" else flops
+            for _ in range(cfg.repeats):
+                for v in names:
+                    built[v].window()
+            for v in names:
+                results[v] = built[v].result(peaks, flops)
+                built[v].close()
+        else:
+            for v in names:
+                log.info("bench %s: %s variant", "e2e" if cfg.e2e else "step", v)
+                var = _Variant(cfg, v, device, peaks, folder, count_flops_now=v == "paper")
+                flops = var.flops_per_image if v == "paper" else flops
+                for _ in range(cfg.repeats):
+                    var.window()
+                results[v] = var.result(peaks, flops)
+                var.close()
+                del var
     finally:
         if tmp is not None:
             tmp.cleanup()
     if "paper" in results and "mcf" in results:
-        _set_mfu(results["mcf"], results["paper"]["flops_per_image"], peaks)
+        _set_mfu(results["mcf"], results["paper"]["flops_per_image"], peaks)  # one model-FLOP count for both
     ratio = results["mcf"]["images_per_s"] / results["paper"]["images_per_s"] if len(results) == 2 else None
     out: dict[str, Any] = {
         "benchmark": "e2e" if cfg.e2e else "step",
