@@ -88,7 +88,7 @@ class SlurmCluster:
         return str(self.munge_dir / "munge.socket") if self.munge_dir else "/run/munge/munge.socket.2"
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         if os.geteuid() != 0:
             raise SlurmUnavailable("the test slurm cluster runs its daemons as root; this user is not root")
         ensure_packages()

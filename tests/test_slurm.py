@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from slurm_cluster import slurm_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
