@@ -127,8 +127,12 @@ def test_scancel_does_not_requeue(cluster, tmp_path):
     fake = tmp_path / "fake-python"
     fake.write_text(f"#!{sys.executable}\n"
                     "import signal, sys, time\n"
+                    "def stop(*_):  # like the trainer: later signals are ignored while it exits\n"
+                    "    for s in (signal.SIGTERM, signal.SIGUSR1):\n"
+                    "        signal.signal(s, signal.SIG_IGN)\n"
+                    "    sys.exit(3)\n"
                     "for s in (signal.SIGTERM, signal.SIGUSR1):\n"
-                    "    signal.signal(s, lambda *a: sys.exit(3))\n"
+                    "    signal.signal(s, stop)\n"
                     "print('fake trainer', *sys.argv[1:4], flush=True)\n"
                     "time.sleep(120)\n")
     fake.chmod(0o755)
