@@ -20,6 +20,7 @@ key holds the count, plus a text file listing the keys, one per line (``--lmdb-k
 from __future__ import annotations
 
 import json
+import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,8 @@ def _shared_env(path: Path, subdir: bool):
     import lmdb
 
     if _ENVS_PID != os.getpid():
-        _ENVS.clear()
+        _ENVS.clear()  # inherited through fork: released (and closed) here, reopened below
+        gc.collect()
         _ENVS_PID = os.getpid()
     data = path / "data.mdb" if subdir else path
     key = (str(path.resolve()), subdir, data.stat().st_ino)
@@ -135,6 +137,9 @@ class _LazyLMDB:
 
     def txn(self):
         if self._env is None or self._pid != os.getpid():
+            # drop an environment inherited through fork first: while referenced it stays open, and
+            # py-lmdb refuses to open the same file again in this process
+            self._env = None
             self._env = _shared_env(self.path, self.subdir)
             self._pid = os.getpid()
         return self._env.begin(write=False, buffers=False)
