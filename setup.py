@@ -3,7 +3,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent
-PACKAGES = ["mcf", "mcf.models", "mcf.losses", "mcf.train", "mcf.data", "mcf.downstream", "mcf.bench", "mcf.kernels"]
+PACKAGES = ["mcf", "mcf.models", "mcf.losses", "mcf.train", "mcf.data", "mcf.downstream", "mcf.bench", "mcf.kernels", "mcf.ds_configs"]
 
 setup(
     name="mcf",
@@ -14,8 +14,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=PACKAGES,
-    package_dir={"mcf.kernels": "kernels"},
-    package_data={"mcf": ["presets/*.yaml"], "mcf.data": ["*.json"]},
+    package_dir={"mcf.kernels": "kernels", "mcf.ds_configs": "ds_configs"},
+    package_data={"mcf": ["presets/*.yaml"], "mcf.data": ["*.json"], "mcf.ds_configs": ["*.json"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

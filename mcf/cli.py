@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from mcf.errors import UserError
@@ -38,8 +39,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _pop_local_rank(argv: list[str]) -> list[str]:
+    """Remove ``--local_rank=N`` / ``--local-rank N`` (which the deepspeed launcher and
+    ``torch.distributed.launch`` put before the subcommand) into ``LOCAL_RANK``."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        for flag in ("--local_rank", "--local-rank"):
+            if arg == flag and i + 1 < len(argv):
+                os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+                i += 2
+                break
+            if arg.startswith(flag + "="):
+                os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+                i += 1
+                break
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _pop_local_rank(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
     if not argv:
         argv = ["pretrain"]  # the main job on the built-in default (the demo preset)

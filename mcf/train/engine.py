@@ -22,7 +22,9 @@ from mcf.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+# ds_configs/ of the source tree; an installed wheel carries the same files as mcf/ds_configs/
+_REPO_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+DS_CONFIG_DIR = _REPO_DS_CONFIGS if _REPO_DS_CONFIGS.is_dir() else Path(__file__).resolve().parents[1] / "ds_configs"
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
