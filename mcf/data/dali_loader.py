@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mcf.data.loader import PretrainLoader
+from mcf.data.loader import PretrainLoader, stop_signals_ignored
 from mcf.data.source import DaliBatchSource
 from mcf.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mcf.errors import DataError
@@ -113,7 +113,8 @@ class DaliPretrainLoader(PretrainLoader):
                 std=[v * 255 for v in IMAGENET_STD],
             )
             pipe.set_outputs(images, n_bad, bad_idx)
-        pipe.build()
+        with stop_signals_ignored():  # the spawned source workers must not die of a pre-emption signal
+            pipe.build()
         self._pipe, self._consumed = pipe, 0
 
     def _next_position(self) -> tuple[int, int] | None:

@@ -8,7 +8,10 @@ position in batches, so a resumed run continues with exactly the batches it woul
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -138,6 +141,34 @@ def _collate(items: list[tuple[np.ndarray, int, int]]) -> tuple[torch.Tensor, to
     return imgs, torch.tensor([it[1] for it in items]), torch.tensor([it[2] for it in items])
 
 
+# Pre-emption signals: slurm delivers them to every process of a job step, but only the trainer's
+# main process acts on them (checkpoint at the step boundary, exit 3). A worker killed by one would
+# crash the run before that checkpoint, so workers ignore them. An ignored disposition survives
+# fork and exec (DALI's spawned workers); a Python handler does not.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals(*_: Any) -> None:
+    """``worker_init_fn``: this worker process ignores SIGTERM and SIGUSR1."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def stop_signals_ignored() -> Iterator[None]:
+    """Processes started inside this block inherit SIG_IGN for the stop signals (main thread only;
+    a stop signal arriving within the block itself is dropped, and the launchers re-send it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class TorchPretrainLoader(PretrainLoader):
     """``torch.utils.data.DataLoader`` with PIL decoding; persistent workers, pinned memory on GPU."""
 
@@ -156,6 +187,7 @@ class TorchPretrainLoader(PretrainLoader):
             drop_last=True,
             persistent_workers=nw > 0,
             prefetch_factor=self.cfg.prefetch if nw > 0 else None,
+            worker_init_fn=ignore_stop_signals if nw > 0 else None,
         )
 
     def _batches(self, epoch, position):

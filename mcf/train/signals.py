@@ -36,6 +36,9 @@ class StopRequest:
         return self
 
     def restore(self) -> None:
+        """Put the previous handlers back — unless a stop was requested: then the signals stay
+        ignored, so a repeated signal during the final checkpoint and shutdown cannot turn exit 3
+        into a death by signal."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+            signal.signal(sig, signal.SIG_IGN if self.requested else handler)  # type: ignore[arg-type]
         self._previous.clear()
