@@ -2,8 +2,8 @@
 file twice in one process, and the inherited environment must be dropped first)."""
 
 import torch
-
 from data_helpers import make_folder
+
 from mcf.data import LMDBDataset, build_lmdb, build_pretrain_loader
 from mcf.data.config import DataConfig
 
