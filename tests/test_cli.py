@@ -22,3 +22,15 @@ def test_every_command_is_registered():
 def test_help_is_fast_and_lists_commands():
     out = subprocess.run([sys.executable, "-m", "mcf", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "pretrain" in out.stdout and "bench" in out.stdout
+
+
+def test_config_command_prints_resolved_config_and_lists_keys(capsys):
+    from mcf.cli import main
+
+    assert main(["config", "--config", "base", "--set", "train.seed=3"]) == 0
+    out = capsys.readouterr().out
+    assert "name: mcf_vit_base_patch16" in out and "seed: 3" in out
+    assert main(["config", "--list"]) == 0
+    assert "masking.ratio = 0.75" in capsys.readouterr().out
+    assert main(["config", "--set", "trian.seed=1"]) == 2
+    assert "unknown config key 'trian.seed'" in capsys.readouterr().err

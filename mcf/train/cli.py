@@ -39,8 +39,8 @@ FLAGS: dict[str, tuple[str, str, Any, str]] = {
 OVERRIDES_ENV = "MCF_OVERRIDES"
 
 EPILOG = f"""\
-Any config key can be set with --set section.key=value (list them with `mcf config --list` where
-available, or see mcf/config.py). ${OVERRIDES_ENV} may hold whitespace-separated key=value pairs,
+Any config key can be set with --set section.key=value (list them with `mcf config --list`; `mcf config
+--config NAME --set ...` prints the resolved config). ${OVERRIDES_ENV} may hold whitespace-separated key=value pairs,
 applied after the preset and before the flags (handy for `mcf` with no arguments, e.g.
 {OVERRIDES_ENV}="train.max_steps=20").
 
@@ -95,7 +95,26 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_config(args: argparse.Namespace) -> int:
+    """Print the resolved config as YAML, or every key with its default and help (``--list``)."""
+    from mcf.config import Config, dump_config
+    from mcf.configtree import describe
+
+    if args.list:
+        for key, default, text in describe(Config):
+            print(f"{key} = {default!r}\n    {text}")
+        return 0
+    print(dump_config(config_from_args(args)), end="")
+    return 0
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    c = subparsers.add_parser("config", help="print the resolved config (preset + flags + --set), or list every key (--list)")
+    c.add_argument("--config", default="demo", metavar="NAME|PATH", help="preset name or YAML file (default: demo)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (repeatable)")
+    c.add_argument("--list", action="store_true", help="list every key with its default and documentation")
+    c.set_defaults(func=run_config)
+
     p = subparsers.add_parser("pretrain", help="MCF pre-training (DeepSpeed; 1 process, torchrun, deepspeed or srun)",
                               description="MCF pre-training. With no arguments: the demo preset (tiny model, built-in faces).",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
