@@ -92,9 +92,9 @@ def run(cfg: ScaleBenchConfig) -> dict[str, Any]:
             worst = max(r["total_bytes"] for r in res["ranks"])
             summary[s] = {"max_rank_bytes": worst, "over_zero0": worst / base, "over_zero0_per_rank": worst / (base / cfg.nproc),
                           "ms_per_step": res["ms_per_step"]}
-    from mcf.bench.common import run_info
-
     import torch
+
+    from mcf.bench.common import run_info
 
     return {
         "benchmark": "scale",

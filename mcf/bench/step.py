@@ -35,7 +35,7 @@ import logging
 import statistics
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -85,7 +85,6 @@ class StepBenchConfig:
     profile: bool = False
     """Also profile one step of each variant and report its top operators."""
     out: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "steps", "repeats"):
@@ -308,9 +307,7 @@ def _count_model_flops(cfg: StepBenchConfig, device: torch.device) -> float:
     def fwd_bwd() -> None:
         model(images).loss.backward()
 
-    flops = count_flops(fwd_bwd) / cfg.batch_size
-    del model
-    return flops
+    return count_flops(fwd_bwd) / cfg.batch_size
 
 
 def run(cfg: StepBenchConfig) -> dict[str, Any]:
@@ -373,7 +370,7 @@ def run(cfg: StepBenchConfig) -> dict[str, Any]:
         "peak_flops": peaks,
         "peak_flops_reference": peak_flops(peaks),
         "mfu_reference": "the faster of the fp32/bf16 matmul peaks measured in this run (mfu_vs_<dtype>: against each)",
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("out", "extra")},
+        "config": {k: v for k, v in asdict(cfg).items() if k != "out"},
         "data": folder if cfg.e2e and cfg.data else ("synthetic JPEGs (256², q90)" if cfg.e2e else None),
         **run_info(device),
     }
