@@ -234,8 +234,14 @@ class _Variant:
         for _ in range(first, cfg.warmup):
             self.step(next(self.feed))
         sync(device)
-        self.peak_bytes = max(0, mem.peak_bytes() - base)
-        self.peak_source = mem.source + (" minus the bytes resident before this variant was built" if base else "")
+        if device.type == "cuda":  # the allocator's exact high-water mark, less what was held before
+            self.peak_bytes = max(0, mem.peak_bytes() - base)
+            self.peak_source = mem.source + (" minus the bytes resident before this variant was built" if base else "")
+        else:
+            # RSS growth is no measure on the CPU: the allocator reuses pages the other variant freed,
+            # so the growth can be 0. Report the whole process's high-water mark over this variant.
+            self.peak_bytes = mem.peak_bytes()
+            self.peak_source = mem.source + " (whole process, over this variant's build and warm-up)"
         self.times: list[float] = []
 
     def window(self) -> None:
