@@ -11,12 +11,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import urllib.request
 
 import pytest
 import torch
-
 from train_helpers import BIN, check, complete_steps, env, free_port, kill_tree, losses, metrics, pretrain_args, run, start, wait_for
 
 REF_STEPS = 20

@@ -19,8 +19,8 @@ key holds the count, plus a text file listing the keys, one per line (``--lmdb-k
 
 from __future__ import annotations
 
-import json
 import gc
+import json
 import os
 from pathlib import Path
 from typing import Any
