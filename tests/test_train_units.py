@@ -172,15 +172,18 @@ def test_unknown_flag_exits_2(clean_env, capsys):
     assert e.value.code == 2 and "unrecognized arguments: --bogus-flag" in err and "Traceback" not in err
 
 
-def test_missing_monitor_is_a_config_error_only_when_enabled(clean_env, capsys):
-    import importlib.util
+def test_missing_monitor_is_a_config_error_only_when_enabled(clean_env, capsys, monkeypatch):
+    import sys
 
-    if importlib.util.find_spec("mcf.downstream.monitor") is not None:
-        pytest.skip("mcf.downstream.monitor is installed")
     from mcf.cli import main
 
+    monkeypatch.setitem(sys.modules, "mcf.downstream.monitor", None)  # as if the module were absent
     rc = main(["pretrain", "--set", "monitor.every=5", "--data", "/nonexistent", "--tracking-uri", "none"])
     assert rc == 2 and "mcf.downstream.monitor" in capsys.readouterr().err
+    # with the monitor off, the same missing module is no error: the run gets to the data check
+    rc = main(["pretrain", "--data", "/nonexistent", "--tracking-uri", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "data path not found" in err and "monitor" not in err
 
 
 def test_unsupported_precision_is_a_user_error(clean_env, capsys):
