@@ -277,4 +277,4 @@ def slurm_or_skip(workdir: str | os.PathLike, **kw):
     except SlurmUnavailable as e:
         if os.environ.get("CI") == "true":
             pytest.fail(f"slurm is required on CI but cannot start: {e}")
-        pytest.skip(f"slurm cannot start here: {e}")
+        pytest.skip(reason=f"slurm cannot start here: {e}")

@@ -61,7 +61,7 @@ def test_apex_absent_is_a_clear_error():
     pytest.importorskip("torch")
     try:
         import apex.optimizers  # noqa: F401
-        pytest.skip("apex installed")
+        pytest.skip(reason="apex installed: the missing-apex error cannot be shown")
     except ImportError:
         pass
     cfg = build_config("demo", ["optim.impl=apex"])
@@ -190,7 +190,7 @@ def test_unsupported_precision_is_a_user_error(clean_env, capsys):
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().is_fp16_supported():
-        pytest.skip("fp16 is supported here")
+        pytest.skip(reason="fp16 is supported here: no unsupported-precision error to show")
     from mcf.cli import main
 
     rc = main(["pretrain", "--precision", "fp16", "--zero", "2", "--tracking-uri", "none", "--output-dir", str(clean_env / "run")])
