@@ -10,16 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from mcf.errors import ConfigError
+from mcf.kernels import masked_attention, masked_attention_ref, prefer_triton, triton_status  # imports without triton too
 
 BACKENDS = ("auto", "sdpa", "triton", "math")
-
-
-def _kernels():
-    try:
-        import mcf.kernels as kernels
-    except ImportError as e:  # triton missing
-        raise ConfigError(f"attention.backend=triton needs the mcf Triton kernels, which failed to import: {e}") from None
-    return kernels
 
 
 def resolve_backend(backend: str, q: torch.Tensor, key_mask: torch.Tensor | None) -> str:
@@ -27,16 +20,9 @@ def resolve_backend(backend: str, q: torch.Tensor, key_mask: torch.Tensor | None
     if backend not in BACKENDS:
         raise ConfigError(f"unknown attention backend '{backend}' (choose from {', '.join(BACKENDS)})")
     if backend == "auto":
-        if q.device.type != "cuda":
-            return "sdpa"
-        try:
-            kernels = _kernels()
-            return "triton" if kernels.prefer_triton(q, key_mask) else "sdpa"
-        except (ConfigError, AttributeError):
-            return "sdpa"
+        return "triton" if q.device.type == "cuda" and prefer_triton(q, key_mask) else "sdpa"
     if backend == "triton":
-        kernels = _kernels()
-        ok, reason = kernels.triton_status(q.device) if hasattr(kernels, "triton_status") else (False, "kernels not built")
+        ok, reason = triton_status(q)  # device, dtype and head dim
         if not ok:
             raise ConfigError(f"attention.backend=triton cannot run here: {reason}")
     return backend
@@ -49,7 +35,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
         mask = None if key_mask is None else key_mask[:, None, None, :]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend == "math":
-        from mcf.kernels.masked_attention import masked_attention_ref
-
         return masked_attention_ref(q, k, v, key_mask)
-    return _kernels().masked_attention(q, k, v, key_mask)
+    return masked_attention(q, k, v, key_mask)

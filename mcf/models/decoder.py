@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from mcf.kernels import decoder_input, decoder_input_ref
 from mcf.models.layers import Block, init_weights_, make_norm
 from mcf.models.pos_embed import sincos_2d
 
@@ -34,11 +35,8 @@ class MAEDecoder(nn.Module):
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, keep_lens: torch.Tensor | None = None) -> torch.Tensor:
         """``[N, 1 + keep, D]`` latent → ``[N, L, p·p·3]`` prediction of every patch."""
         x = self.decoder_embed(latent)  # (N, 1 + keep, Dd)
-        if self.fused_input:  # the Triton kernel (attention.backend=triton)
-            from mcf.kernels import decoder_input
-        else:
-            from mcf.kernels.decoder_input import decoder_input_ref as decoder_input
-        x = decoder_input(x, self.mask_token, ids_restore, self.decoder_pos_embed, keep_lens)  # (N, 1 + L, Dd)
+        assemble = decoder_input if self.fused_input else decoder_input_ref  # fused: the Triton kernel (backend=triton)
+        x = assemble(x, self.mask_token, ids_restore, self.decoder_pos_embed, keep_lens)  # (N, 1 + L, Dd)
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_pred(self.decoder_norm(x))

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
