@@ -107,6 +107,10 @@ def test_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
     stop_step = int(stopped.group(1))
     assert stop_step < max_steps, "the run ended before the signal reached it; raise max_steps"
     assert before[-1] == stop_step and (out / "checkpoints" / f"step_{stop_step:08d}" / "COMPLETE").exists()
+    # slurmd refuses to relaunch a job id within the second in which it killed it (credentials are
+    # revoked at one-second granularity: "Job N already killed, do not launch batch job"), which is
+    # why slurm itself delays requeued jobs; a few seconds are enough here.
+    time.sleep(3)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
 
     info = cluster.wait_final(job, JOB_TIMEOUT)
