@@ -8,6 +8,7 @@ the analytic 4P, which the full benchmark measures (benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import json
+import math
 
 from mcf.cli import main
 
@@ -27,3 +28,19 @@ def test_scale_json_shows_sharding(tmp_path):
         assert abs(held["params"] - p / 2) <= 64, held  # the rank's partition (+ padding)
         assert abs(held["optimizer_state"] - p) <= 1024, held  # exp_avg + exp_avg_sq of the partition
         assert r["total_bytes"] < 4 * p
+
+
+def test_scale_bf16_holds_bf16_partitions_and_fp32_masters(tmp_path):
+    """bf16 as the trainer runs it: each ZeRO-3 rank holds its half of the bf16 weights (P bytes),
+    its half of the fp32 masters (2P) and of the fp32 Adam moments (4P)."""
+    out = tmp_path / "scale.json"
+    assert main(["bench", "scale", "--stages", "3", "--steps", "1", "--batch-size", "2", "--precision", "bf16", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["precision"] == "bf16"
+    n = result["params"]
+    for r in result["stages"]["3"]["ranks"]:
+        held = r["held"]
+        assert abs(held["params"] - n) <= 64, held  # 2 bytes x n/2
+        assert abs(held["zero.fp32_partitioned_groups_flat"] - 2 * n) <= 64, held  # 4 bytes x n/2
+        assert abs(held["optimizer_state"] - 4 * n) <= 1024, held  # 2 x 4 bytes x n/2
+        assert math.isfinite(r["last_loss"]), r

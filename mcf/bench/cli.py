@@ -137,8 +137,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="per rank")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--stages", default="0,1,2,3")
-    p.add_argument("--precision", default="fp32", choices=("fp32",),
-                   help="fp32 only: feeding the bf16 engine from this worker fails (mixed dtypes in the online model)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="the online model's dtype, as the trainer runs it (bf16: bf16 weights + fp32 masters)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--out", default=None)
     p.set_defaults(func=_run_scale)

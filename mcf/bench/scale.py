@@ -46,8 +46,8 @@ class ScaleBenchConfig:
     def __post_init__(self) -> None:
         if set(self.stages) - {0, 1, 2, 3}:
             raise ValueError("stages must be among 0,1,2,3")
-        if self.precision != "fp32":
-            raise ValueError("precision must be fp32 (the bf16 engine is not wired into the scale worker yet)")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError("precision must be fp32 or bf16")
         if self.nproc < 1 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("nproc, steps and batch_size must be >= 1")
 

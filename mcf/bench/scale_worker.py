@@ -145,23 +145,31 @@ def main(argv: list[str] | None = None) -> int:
                               "stage3_max_live_parameters": bucket, "overlap_comm": False, "contiguous_gradients": True},
         "bf16": {"enabled": args.precision == "bf16"},
     }
+    from mcf.train.engine import PRECISION_DTYPES, CastInput
+
+    dtype = PRECISION_DTYPES[args.precision]
+    model.to(device)
+    if dtype != torch.float32:  # as the trainer: the frozen teacher runs in the engine's dtype, the EMA target stays fp32
+        model.perceptual.teacher.to(dtype)
     online = model.online
     engine, _, _, _ = deepspeed.initialize(model=online, model_parameters=[p for p in online.parameters() if p.requires_grad],
                                            config=ds_config)
-    model.target.to(device)
-    model.perceptual.to(device)
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    if dtype != torch.float32:  # ZeRO-3 leaves buffers in fp32; stages 0-2 cast them
+        for b in engine.module.buffers():
+            if b.is_floating_point():
+                b.data = b.data.to(dtype)
+    cast = CastInput(engine, dtype)
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
     size = model.spec.img_size
     g = torch.Generator().manual_seed(rank)
-    batches = [torch.randn(args.batch_size, 3, size, size, generator=g).to(device, dtype) for _ in range(2)]
+    batches = [torch.randn(args.batch_size, 3, size, size, generator=g).to(device) for _ in range(2)]
 
     after_backward: dict[str, int] = {}
     after_step: dict[str, int] = {}
 
     def step(i: int, measure: bool = False) -> float:
         nonlocal after_backward, after_step
-        out = model(batches[i % 2], online=engine)
+        out = model(batches[i % 2], online=cast)
         engine.backward(out.loss)
         if measure:
             after_backward = held_bytes(engine)
@@ -193,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             "ms_per_step": max(r["ms_per_step"] for r in gathered),
             "images_per_s": world * args.batch_size / (max(r["ms_per_step"] for r in gathered) / 1e3),
             "params": n_params,
-            "param_bytes_unsharded": n_params * (2 if args.precision == "bf16" else 4),
+            "param_bytes_unsharded": n_params * torch.empty((), dtype=dtype).element_size(),
+            "precision": args.precision,
             "device": str(device.type),
             "backend": dist.get_backend(),
             "deepspeed": deepspeed.__version__,
