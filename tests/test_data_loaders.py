@@ -246,3 +246,25 @@ def test_dali_mixed_gpu_matches_cpu(lmdb_path):
         assert a.device.type == "cuda" and a.dtype == torch.float32 and a.shape == b.shape
         # nvJPEG's IDCT differs slightly from libjpeg-turbo's.
         assert float((a.cpu() - b).abs().mean()) < 0.03
+
+
+@pytest.mark.parametrize("nw", [0, 2])
+def test_torch_loader_batches_equal_the_transform_exactly(folder, nw):
+    """Workers hand over uint8 and the loader normalises the batch: bit-identical to the float
+    transform applied to each sample of this rank's epoch order."""
+    from mcf.data.transforms import normalize, normalize_batch
+
+    loader = _loader(folder, "torch", bs=4, world=2, rank=1, seed=3, nw=nw)
+    loader.set_epoch(1)
+    got = next(iter(loader))
+    idx = loader.sampler.indices(1)[:4]
+    want = []
+    for i in idx:
+        img = decode_rgb(loader.dataset.read_bytes(int(i)))
+        p = loader.transform.params(*img.size, seed=3, epoch=1, index=int(i))
+        want.append(loader.transform.apply(img, p))
+        assert np.array_equal(normalize(loader.transform.apply_uint8(img, p)), want[-1])
+    assert got.dtype == torch.float32 and torch.equal(got, torch.from_numpy(np.stack(want)))
+    u8 = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    assert torch.equal(normalize_batch(u8), torch.from_numpy(normalize(u8.numpy())))
+    assert normalize_batch(u8, torch.bfloat16).dtype == torch.bfloat16

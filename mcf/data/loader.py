@@ -22,7 +22,7 @@ from mcf.data.config import DataConfig
 from mcf.data.datasets import EncodedImageDataset, open_dataset
 from mcf.data.sampler import DistributedSampler
 from mcf.data.source import SampleSource, TorchSampleDataset
-from mcf.data.transforms import PretrainTransform, build_transform
+from mcf.data.transforms import PretrainTransform, build_transform, normalize_batch
 from mcf.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,8 @@ def stop_signals_ignored() -> Iterator[None]:
 
 
 class TorchPretrainLoader(PretrainLoader):
-    """``torch.utils.data.DataLoader`` with PIL decoding; persistent workers, pinned memory on GPU."""
+    """``torch.utils.data.DataLoader`` with PIL decoding; persistent workers, pinned memory on GPU.
+    Workers hand over uint8 batches; normalisation runs on the batch, on the device."""
 
     kind = "torch"
 
@@ -194,8 +195,8 @@ class TorchPretrainLoader(PretrainLoader):
         self.sampler.set_epoch(epoch)
         self.sampler.set_start(position * self.batch_size)
         nb = self.device.type == "cuda"
-        for imgs, n_bad, bad_idx in self._loader:
-            yield imgs.to(self.device, non_blocking=nb), n_bad.numpy(), bad_idx.numpy()
+        for imgs, n_bad, bad_idx in self._loader:  # uint8 from the workers, normalised here on the device
+            yield normalize_batch(imgs.to(self.device, non_blocking=nb)), n_bad.numpy(), bad_idx.numpy()
 
 
 _DALI_OK: dict[str, bool] = {}

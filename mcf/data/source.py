@@ -48,10 +48,11 @@ class SampleSource:
         return self.transform.params(width, height, seed=self.seed, epoch=epoch, index=index)
 
     def torch_sample(self, epoch: int, index: int) -> tuple[np.ndarray, int, int]:
-        """``(float32 (3, S, S) normalised image, failed attempts, first bad index or -1)``."""
+        """``(uint8 (3, S, S) augmented image, failed attempts, first bad index or -1)``; the loader
+        normalises whole batches (:func:`~mcf.data.transforms.normalize_batch`)."""
         mp = self.dataset.max_pixels
         img, n_bad, first_bad = self._fetch(epoch, index, lambda b: decode_rgb(b, mp))
-        return self.transform.apply(img, self.params(epoch, index, *img.size)), n_bad, first_bad
+        return self.transform.apply_uint8(img, self.params(epoch, index, *img.size)), n_bad, first_bad
 
     def dali_sample(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int]:
         """``(encoded uint8 bytes, roi_start [y, x], roi_end [y, x], mirror, failed, first bad)``."""

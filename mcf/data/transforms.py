@@ -7,7 +7,7 @@ resumed run reproduces the uninterrupted one. The parameters are computed here a
 with PIL (PyTorch loader) or handed to DALI's ``resize``/``crop_mirror_normalize``.
 
 Imports numpy and PIL only (DALI's spawned source workers import it); torch only inside
-:meth:`PretrainTransform.__call__`.
+:meth:`PretrainTransform.__call__` and :func:`normalize_batch`.
 """
 
 from __future__ import annotations
@@ -88,15 +88,19 @@ class PretrainTransform:
         x0, y0 = (width - w) // 2, (height - h) // 2
         return (x0, y0, x0 + w, y0 + h)
 
-    def apply(self, img: Image.Image, p: SampleParams) -> np.ndarray:
-        """PIL RGB image -> normalised float32 ``(3, img_size, img_size)`` array."""
+    def apply_uint8(self, img: Image.Image, p: SampleParams) -> np.ndarray:
+        """PIL RGB image -> cropped, resized, flipped uint8 ``(3, img_size, img_size)`` array, not
+        yet normalised. The PyTorch loader's workers return this (a quarter of float32's bytes to
+        move between processes) and normalise whole batches on the device with :func:`normalize_batch`."""
         s = self.img_size
-        out = img.resize((s, s), Image.BILINEAR, box=p.box)
-        a = np.asarray(out, dtype=np.float32)  # (H, W, 3), 0..255
+        a = np.asarray(img.resize((s, s), Image.BILINEAR, box=p.box))  # (H, W, 3) uint8
         if p.flip:
             a = a[:, ::-1]
-        a = a.transpose(2, 0, 1) / 255.0  # (3, H, W)
-        return np.ascontiguousarray((a - _MEAN) / _STD, dtype=np.float32)
+        return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+    def apply(self, img: Image.Image, p: SampleParams) -> np.ndarray:
+        """PIL RGB image -> normalised float32 ``(3, img_size, img_size)`` array."""
+        return normalize(self.apply_uint8(img, p))
 
     def __call__(self, img: Image.Image, *, seed: int = 0, epoch: int = 0, index: int = 0):
         """PIL image -> normalised float32 torch tensor ``(3, img_size, img_size)``."""
@@ -104,6 +108,22 @@ class PretrainTransform:
 
         rgb = img if img.mode == "RGB" else img.convert("RGB")
         return torch.from_numpy(self.apply(rgb, self.params(*rgb.size, seed=seed, epoch=epoch, index=index)))
+
+
+def normalize(a: np.ndarray) -> np.ndarray:
+    """uint8 ``(..., 3, H, W)`` -> ImageNet-normalised float32: ``(a / 255 - mean) / std``."""
+    return np.ascontiguousarray((a.astype(np.float32) / np.float32(255.0) - _MEAN) / _STD, dtype=np.float32)
+
+
+def normalize_batch(x, dtype=None):
+    """uint8 torch ``(B, 3, H, W)`` -> ImageNet-normalised float32 (or ``dtype``) on x's device;
+    the same arithmetic, in the same order and precision, as :func:`normalize`."""
+    import torch
+
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    y = x.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+    return y if dtype is None else y.to(dtype)
 
 
 def build_transform(
