@@ -21,6 +21,7 @@ from slurm_cluster import slurm_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launchers" / "slurm" / "pretrain.sbatch"
+SBATCH_DS = REPO / "launchers" / "slurm" / "pretrain_deepspeed.sbatch"
 # Two CPU ranks on one node; these override the script's GPU defaults (8 tasks/GPUs per node).
 CPU_TASKS = ("--nodes", "1", "--ntasks", "2", "--ntasks-per-node", "2", "--cpus-per-task", "1", "--gpus-per-node=0")
 JOB_TIMEOUT = 420  # seconds for a whole job; ~1 min on an idle 2-core machine
@@ -35,8 +36,8 @@ def cluster(tmp_path_factory):
         c.stop()
 
 
-def submit(cluster, tmp: Path, name: str, *trainer_args: str) -> tuple[int, Path, Path]:
-    """sbatch the real script with 2 CPU tasks; returns (job id, output folder, job log)."""
+def submit(cluster, tmp: Path, name: str, *trainer_args: str, script: Path = SBATCH) -> tuple[int, Path, Path]:
+    """sbatch a real script with 2 CPU ranks; returns (job id, output folder, job log)."""
     runs = tmp / "runs"
     env = {
         "MCF_PYTHON": sys.executable,
@@ -45,9 +46,14 @@ def submit(cluster, tmp: Path, name: str, *trainer_args: str) -> tuple[int, Path
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
+    tasks = CPU_TASKS
+    if script == SBATCH_DS:  # one task (the deepspeed launcher) on the node, which starts 2 ranks
+        tasks = ("--nodes", "1", "--ntasks-per-node", "1", "--cpus-per-task", "2", "--gpus-per-node=0")
+        env["MCF_RANKS_PER_NODE"] = "2"
+        env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR", str(tmp / "torch_extensions"))
     job = cluster.sbatch(
-        "--job-name", name, *CPU_TASKS, "--time", "15", "--output", str(tmp / "%x-%j.out"), "--chdir", str(REPO),
-        str(SBATCH), "--config", "demo", "--batch-size", "2", "--log-every", "1", "--checkpoint-every", "1000",
+        "--job-name", name, *tasks, "--time", "15", "--output", str(tmp / "%x-%j.out"), "--chdir", str(REPO),
+        str(script), "--config", "demo", "--batch-size", "2", "--log-every", "1", "--checkpoint-every", "1000",
         "--tracking-uri", "none", *trainer_args,
         env=env,
     )
@@ -83,9 +89,12 @@ def test_sbatch_trains_and_checkpoint_loads(cluster, tmp_path):
     assert weights and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights)
 
 
-def test_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
+@pytest.mark.parametrize("script", [SBATCH, SBATCH_DS], ids=["srun", "deepspeed"])
+def test_signal_checkpoints_requeues_and_resumes(cluster, tmp_path, script):
+    """srun starts the ranks, or one deepspeed launcher per node does (which must pass the ranks'
+    exit status 3 through)."""
     max_steps = 10
-    job, out, log = submit(cluster, tmp_path, "mcf-requeue", "--max-steps", str(max_steps))
+    job, out, log = submit(cluster, tmp_path, "mcf-requeue", "--max-steps", str(max_steps), script=script)
 
     # Signal once the trainer is in its loop (its handlers are installed): at least one step logged.
     deadline = time.monotonic() + JOB_TIMEOUT
@@ -116,7 +125,7 @@ def test_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
     info = cluster.wait_final(job, JOB_TIMEOUT)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text[-6000:]}"
-    assert "requeueing job" in text and "restart 1" in text
+    assert "requeueing job" in text and "restart 1" in text and "2 rank(s)" in text
     assert f"resumed from {out / 'checkpoints' / f'step_{stop_step:08d}'}" in text or f"(step {stop_step}," in text, text[-4000:]
     steps = read_steps(out)
     assert steps == list(range(1, max_steps + 1)), f"steps across the requeue: {steps}"
