@@ -176,3 +176,36 @@ def test_sigusr1_checkpoints_exits_3_and_resumes_exactly(tmp_path, mlflow_server
     history = client.get_metric_history(run_.info.run_id, "loss")
     assert [m.step for m in history] == list(range(stopped + 1, 9))
     assert [m.value for m in history] == pytest.approx([losses(ref)[s] for s in range(stopped + 1, 9)])
+
+
+def test_bad_data_on_one_rank_stops_every_rank(tmp_path):
+    """Two ranks started without a launcher (as srun starts them, RANK/WORLD_SIZE in the
+    environment): only one rank's share holds the unreadable file, and with max_bad_fraction=0 that
+    rank fails once it has seen 32 samples. The other rank must not hang in the step's collectives:
+    both exit with the one-line user error (status 2), at the same step, with nothing applied."""
+    from data_helpers import make_folder
+
+    data = tmp_path / "data"
+    make_folder(data, 80)
+    (data / "zz_truncated.jpg").write_bytes((data / "img001.jpg").read_bytes()[:200])
+    out = tmp_path / "run"
+    args = pretrain_args(out, 9, "--data", str(data), "--batch-size", "4", "--set", "data.max_bad_fraction=0",
+                         "--checkpoint-every", "4")
+    port = str(free_port())
+    procs = [subprocess.Popen([str(BIN / "python"), "-m", "mcf", "pretrain", *args], cwd=env()["PYTHONPATH"],
+                              env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            kill_tree(p)
+    assert [p.returncode for p in procs] == [2, 2], logs
+    bad = [i for i, log in enumerate(logs) if "zz_truncated.jpg" in log]
+    assert len(bad) == 1, logs  # exactly one rank read the bad file
+    other = logs[1 - bad[0]]
+    assert "other rank(s) stopped on bad data at step 8" in other, other[-3000:]
+    assert "failed to decode" in logs[bad[0]], logs[bad[0]][-3000:]
+    # the steps before were applied and checkpointed; the failing one was not
+    assert complete_steps(out) == [4] and max(r["step"] for r in metrics(out)) == 7

@@ -223,10 +223,21 @@ class Trainer:
                    desc="pretrain")
         t_log = time.perf_counter()
         try:
+            data_error: DataError | None = None
+            size = cfg.data.img_size or model.spec.img_size
             while self.step < self.total_steps:
                 nonfinite = torch.zeros((), device=self.device)
                 for micro in range(t.accum_steps):
-                    images = next(batches)  # (B, 3, H, W) fp32, normalised
+                    if data_error is None:
+                        try:
+                            images = next(batches)  # (B, 3, H, W) fp32, normalised
+                        except DataError as e:
+                            # Too many bad samples on this rank. The other ranks are already inside this
+                            # step's collectives: finish the step on a blank batch and stop every rank
+                            # together at the step's sync, before the update is applied.
+                            data_error = e
+                    if data_error is not None:
+                        images = torch.zeros(t.batch_size, 3, size, size, device=self.device)
                     B = images.shape[0]
                     noise = torch.rand(2, B, L, generator=self.mask_gen, device=self.device)  # online / target masks
                     out = model(images, noise[0], noise[1], online=self.online)
@@ -238,11 +249,18 @@ class Trainer:
                     if micro < t.accum_steps - 1:
                         engine.step()  # not a boundary: DeepSpeed only accumulates
                 last = (images[:RECON_IMAGES], out.pred[:RECON_IMAGES].detach(), out.mask[:RECON_IMAGES])
-                # the one host sync per step: (non-finite losses, stop requested), summed over ranks
-                flags = torch.stack([nonfinite, torch.tensor(float(stop.requested), device=self.device)])
+                # the one host sync per step: (non-finite losses, stop requested, ranks with a data
+                # error), summed over ranks
+                flags = torch.tensor([0.0, float(stop.requested), float(data_error is not None)], device=self.device)
+                flags[0] += nonfinite
                 if self.world_size > 1:
                     torch.distributed.all_reduce(flags)
-                n_bad, stop_now = flags.tolist()
+                n_bad, stop_now, data_ranks = flags.tolist()
+                if data_ranks:
+                    if data_error is not None:
+                        raise data_error
+                    raise DataError(f"{int(data_ranks)} other rank(s) stopped on bad data at step {self.step + 1} (their log says "
+                                    f"which files); this rank's data was fine. Nothing of this step was applied")
                 if n_bad and t.precision != "fp16":
                     where = f"; the last good checkpoint is {ckpt.step_dir_name(self.last_saved)}" if self.last_saved >= 0 else ""
                     raise TrainingError(f"non-finite loss at step {self.step} ({int(n_bad)} micro-batch(es) over all ranks): stopped "
