@@ -158,9 +158,14 @@ def test_scancel_does_not_requeue(cluster, tmp_path):
         time.sleep(0.2)
     assert cluster.run("scancel", str(job)).returncode == 0
     info = cluster.wait_final(job, 60)
-    time.sleep(1)  # let the batch script finish its log
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
+    # slurm marks the job CANCELLED at once; the batch script writes its verdict a moment later
+    deadline = time.monotonic() + 30
+    while "not requeueing" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert "not requeueing" in log.read_text(), log_of(log)
+    time.sleep(2)  # a requeue, had the script made one, would show by now
+    assert cluster.job(job).get("JobState") == "CANCELLED" and cluster.job(job).get("Restarts") == "0", cluster.job(job)
 
 
 def test_unavailable_slurm_skips_or_fails_on_ci(tmp_path, monkeypatch):
