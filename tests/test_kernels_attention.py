@@ -26,14 +26,7 @@ NEEDS_GPU = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU and TRITON_I
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    """Kernel outputs start as NaN (floats) or -1 (integers), never as lucky zeros."""
-
-    def empty(shape, dtype, device):
-        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
-
-    monkeypatch.setattr(tu, "empty", empty)
+pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
 
 
 def assert_within_torch_error(name: str, got: torch.Tensor, ref_same_dtype: torch.Tensor, ref64: torch.Tensor) -> None:

@@ -20,12 +20,7 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    def empty(shape, dtype, device):
-        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
-
-    monkeypatch.setattr(tu, "empty", empty)
+pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
 
 
 def inputs(B, K, L, C, dtype, param_dtype, keep, ids_dtype=torch.long, strided_x=False):

@@ -12,6 +12,7 @@ Imports numpy and PIL only (DALI's spawned source workers import it); torch only
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -115,13 +116,22 @@ def normalize(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((a.astype(np.float32) / np.float32(255.0) - _MEAN) / _STD, dtype=np.float32)
 
 
+@functools.cache
+def _mean_std(device):
+    """ImageNet mean and std as float32 ``(1, 3, 1, 1)`` tensors on ``device``, made once per device
+    (a fresh host-to-GPU copy per batch would synchronise the stream)."""
+    import torch
+
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return mean, std
+
+
 def normalize_batch(x, dtype=None):
     """uint8 torch ``(B, 3, H, W)`` -> ImageNet-normalised float32 (or ``dtype``) on x's device;
     the same arithmetic, in the same order and precision, as :func:`normalize`."""
     import torch
 
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(x.device)
     y = x.to(torch.float32).div_(255.0).sub_(mean).div_(std)
     return y if dtype is None else y.to(dtype)
 
