@@ -250,9 +250,12 @@ class Trainer:
                         engine.step()  # not a boundary: DeepSpeed only accumulates
                 last = (images[:RECON_IMAGES], out.pred[:RECON_IMAGES].detach(), out.mask[:RECON_IMAGES])
                 # the one host sync per step: (non-finite losses, stop requested, ranks with a data
-                # error), summed over ranks
-                flags = torch.tensor([0.0, float(stop.requested), float(data_error is not None)], device=self.device)
-                flags[0] += nonfinite
+                # error), summed over ranks; filled on the device, since a tensor built from a host
+                # list would cost a second sync on a GPU
+                flags = torch.zeros(3, device=self.device)
+                flags[0] = nonfinite
+                flags[1] = float(stop.requested)
+                flags[2] = float(data_error is not None)
                 if self.world_size > 1:
                     torch.distributed.all_reduce(flags)
                 n_bad, stop_now, data_ranks = flags.tolist()
