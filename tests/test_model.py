@@ -159,3 +159,34 @@ def test_triton_backend_in_the_model_matches_math_with_variable_ratios():
                                                    model.online.decoder.mask_token.grad)]
     for ref, sdpa, got in zip(results["math"], results["sdpa"], results["triton"]):
         assert (got - ref).abs().max() <= 2 * (sdpa - ref).abs().max() + 1e-6
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """Recomputing blocks in the backward changes no number: for every mode the loss and every
+    gradient are bitwise those of ``none``, and the checkpointed blocks really run again (recompute)."""
+    x, noise = torch.randn(4, 3, 32, 32), torch.rand(2, 4, 64)
+
+    def run(mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, int]]:
+        torch.manual_seed(0)
+        model = create_model("mcf_vit_tiny", teacher_checkpoint="random").train()
+        model.set_activation_checkpointing(mode)
+        calls = {"encoder": 0, "decoder": 0, "teacher": 0}
+        for part, blocks in (("encoder", model.online.encoder.blocks), ("decoder", model.online.decoder.decoder_blocks),
+                             ("teacher", model.teacher.model.blocks)):
+            # a pre-hook: the recompute stops early, once the saved tensors are back, so a post-hook may not run
+            blocks[0].register_forward_pre_hook(lambda *_, p=part: calls.__setitem__(p, calls[p] + 1))
+        out = model(x, noise[0], noise[1])
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad for n, p in model.online.named_parameters()}, calls
+
+    loss0, grads0, calls0 = run("none")
+    assert calls0 == {"encoder": 1, "decoder": 1, "teacher": 2}  # the teacher sees the original and the rebuilt image
+    for mode in ("encoder", "decoder", "teacher", "all"):
+        loss, grads, calls = run(mode)
+        assert torch.equal(loss, loss0), mode
+        for n, g in grads0.items():
+            assert torch.equal(grads[n], g), (mode, n)
+        for part in calls:  # + 1: the recompute (the teacher's pass over the original runs without autograd)
+            assert calls[part] == calls0[part] + (part == mode or mode == "all"), (mode, calls)
+    with pytest.raises(ValueError, match="activation checkpointing"):
+        create_model("mcf_vit_tiny", teacher_checkpoint="random").set_activation_checkpointing("everything")

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from mcf.kernels import decoder_input, decoder_input_ref
-from mcf.models.layers import Block, init_weights_, make_norm
+from mcf.models.layers import Block, call_block, init_weights_, make_norm
 from mcf.models.pos_embed import sincos_2d
 
 
@@ -26,11 +26,16 @@ class MAEDecoder(nn.Module):
         self.decoder_blocks = nn.ModuleList([Block(decoder_dim, num_heads, mlp_ratio, norm_impl, attn_backend) for _ in range(depth)])
         self.decoder_norm = make_norm(decoder_dim, norm_impl)
         self.decoder_pred = nn.Linear(decoder_dim, patch_size**2 * in_chans)
+        self.grad_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.mask_token, std=0.02)
         init_weights_(self)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward instead of keeping them."""
+        self.grad_checkpointing = enable
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, keep_lens: torch.Tensor | None = None) -> torch.Tensor:
         """``[N, 1 + keep, D]`` latent → ``[N, L, p·p·3]`` prediction of every patch."""
@@ -38,6 +43,6 @@ class MAEDecoder(nn.Module):
         assemble = decoder_input if self.fused_input else decoder_input_ref  # fused: the Triton kernel (backend=triton)
         x = assemble(x, self.mask_token, ids_restore, self.decoder_pos_embed, keep_lens)  # (N, 1 + L, Dd)
         for blk in self.decoder_blocks:
-            x = blk(x)
+            x = call_block(blk, self.grad_checkpointing, x)
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, 1:, :]  # class token dropped

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from mcf.errors import ConfigError
 from mcf.models.attention import attention
@@ -84,6 +85,15 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), key_mask)
         return x + self.mlp(self.norm2(x))
+
+
+def call_block(block: nn.Module, checkpointed: bool, *args: torch.Tensor | None) -> torch.Tensor:
+    """``block(*args)``; when ``checkpointed`` and autograd is recording, the block's activations are
+    not kept but recomputed in the backward (``torch.utils.checkpoint``, non-reentrant: the same
+    gradients, one more forward of the block, only its input kept)."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 def init_weights_(module: nn.Module) -> None:

@@ -140,6 +140,18 @@ class MCF(nn.Module):
             blk.attn.backend = backend
         self.online.decoder.fused_input = backend == "triton"
 
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """``none | encoder | decoder | teacher | all``: whose transformer blocks recompute their
+        activations in the backward (the online encoder, the decoder, the teacher's pass over the
+        rebuilt image) instead of keeping them. The EMA target runs without autograd: nothing to save."""
+        parts = {"none": (), "encoder": ("encoder",), "decoder": ("decoder",), "teacher": ("teacher",),
+                 "all": ("encoder", "decoder", "teacher")}
+        if mode not in parts:
+            raise ValueError(f"activation checkpointing mode {mode!r} (none, encoder, decoder, teacher, all)")
+        self.online.encoder.set_grad_checkpointing("encoder" in parts[mode])
+        self.online.decoder.set_grad_checkpointing("decoder" in parts[mode])
+        self.teacher.set_grad_checkpointing("teacher" in parts[mode])
+
     def _draw_ratios(self, n: int, device: torch.device) -> torch.Tensor | None:
         if self.mask_ratio_range is None:
             return None

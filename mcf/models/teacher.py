@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
+from mcf.models.layers import call_block
+
 
 @dataclass(frozen=True)
 class TeacherSpec:
@@ -43,6 +45,7 @@ class PerceptualTeacher(nn.Module):
         super().__init__()
         self.spec, self.name = spec, name
         self.model = spec.build()
+        self.grad_checkpointing = False
         self.requires_grad_(False)
         self.eval()
 
@@ -53,6 +56,11 @@ class PerceptualTeacher(nn.Module):
     def train(self, mode: bool = True) -> PerceptualTeacher:  # noqa: ARG002 - frozen: stays in eval mode
         return super().train(False)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward through the rebuilt image instead of keeping its
+        activations (the pass over the original image runs without autograd and keeps none)."""
+        self.grad_checkpointing = enable
+
     def features(self, x: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
         m = self.model
         x = m.patch_embed(x)
@@ -60,7 +68,7 @@ class PerceptualTeacher(nn.Module):
         x = m.norm_pre(x)
         wanted, out, last = set(layers), [], max(layers)
         for i, blk in enumerate(m.blocks):
-            x = blk(x)
+            x = call_block(blk, self.grad_checkpointing, x)
             if i in wanted:
                 out.append(x)
             if i == last:

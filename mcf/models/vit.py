@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mcf.models.layers import Block, PatchEmbed, init_weights_, make_norm
+from mcf.models.layers import Block, PatchEmbed, call_block, init_weights_, make_norm
 from mcf.models.masking import Masking, random_masking
 from mcf.models.pos_embed import sincos_2d
 
@@ -28,6 +28,7 @@ class MaskedViT(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(embed_dim, self.patch_embed.grid_size, cls_token=True))
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, norm_impl, attn_backend) for _ in range(depth)])
         self.norm = make_norm(embed_dim, norm_impl)
+        self.grad_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -41,6 +42,10 @@ class MaskedViT(nn.Module):
     def set_attention_backend(self, backend: str) -> None:
         for blk in self.blocks:
             blk.attn.backend = backend
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward instead of keeping them (timm's switch)."""
+        self.grad_checkpointing = enable
 
     def forward(self, images: torch.Tensor, ratio: float = 0.75, noise: torch.Tensor | None = None,
                 ratios: torch.Tensor | None = None) -> tuple[torch.Tensor, Masking, torch.Tensor | None]:
@@ -62,7 +67,7 @@ class MaskedViT(nn.Module):
             slot = torch.arange(m.keep + 1, device=x.device)
             key_mask = slot[None, :] <= m.keep_lens[:, None]  # class token + each sample's visible prefix
         for blk in self.blocks:
-            x = blk(x, key_mask)
+            x = call_block(blk, self.grad_checkpointing, x, key_mask)
         return self.norm(x), m, key_mask
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -71,5 +76,5 @@ class MaskedViT(nn.Module):
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
         for blk in self.blocks:
-            x = blk(x)
+            x = call_block(blk, self.grad_checkpointing, x)
         return self.norm(x)

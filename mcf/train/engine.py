@@ -1,5 +1,6 @@
 """The distributed runtime and the DeepSpeed engine: ranks from any launcher, the DeepSpeed JSON
-filled and checked against the config, and the fp32 master weights read back for the EMA.
+filled and checked against the config, and the fp32 master weights read back whole (the ZeRO-0
+checkpoint's ``online_fp32.pt``; the EMA reads its own shard of them, see ``mcf.train.ema``).
 
 Everything DeepSpeed-specific that the trainer needs lives here, so ``trainer.py`` reads as a loop.
 """
@@ -226,3 +227,11 @@ def _flat_fp32_masters(optimizer: Any) -> dict[int, torch.Tensor] | None:
                 offset += p.numel()
         return out
     return None
+
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA (``train.tf32``); other devices have no TF32."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled

@@ -24,7 +24,8 @@ from mcf.config import Config, dump_config
 from mcf.configtree import to_dict
 from mcf.errors import ConfigError, DataError
 from mcf.train import checkpoint as ckpt
-from mcf.train.engine import PRECISION_DTYPES, CastInput, build_ds_config, fp32_masters, init_distributed, setup_env
+from mcf.train.ema import TargetEMA
+from mcf.train.engine import PRECISION_DTYPES, CastInput, build_ds_config, fp32_masters, init_distributed, set_tf32, setup_env
 from mcf.train.metrics import RunLogger, flatten, save_reconstruction
 from mcf.train.optim import build_optimizer, describe_schedule, lr_at, momentum_at, param_groups, peak_lr, set_lr, warmup_steps
 from mcf.train.signals import REQUEUE_EXIT_CODE, StopRequest
@@ -90,10 +91,12 @@ class Trainer:
         model = create_model_from_config(cfg)  # a missing teacher checkpoint fails here, before DeepSpeed starts
 
         self.rank, self.world_size, self.device = init_distributed(cfg.train.precision)
+        set_tf32(self.device, cfg.train.tf32)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_config(cfg))
         model.set_distributed(self.rank, self.world_size)
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
         self.model = model.to(self.device).train()
         self.dtype = PRECISION_DTYPES[cfg.train.precision]
         if self.dtype != torch.float32:  # frozen: no master copy needed; the EMA target stays fp32
@@ -125,7 +128,9 @@ class Trainer:
         if t.compile:
             self.engine.compile()
         self.online = CastInput(self.engine, self.dtype)
-        self.ema_names = [n for n, _ in model.ema_pairs() if n not in self.frozen_fp32]
+        # the EMA stays fp32, kept where the fp32 masters are; the target computes in its forward dtype
+        self.ema = TargetEMA(model.target, self.engine, self.dtype if t.target_precision == "auto" else torch.float32,
+                             fixed=self.frozen_fp32)
 
         # masks come from a generator of their own (per rank), so no other RNG consumer (data-loader
         # workers, libraries) can shift them between an interrupted and an uninterrupted run
@@ -148,7 +153,7 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         state, rstate = ckpt.load_checkpoint(self.engine, path, self.rank, self.world_size)
-        self.model.target.load_state_dict(state["target"])
+        self.ema.load_state_dict(state["target"])
         self.step = int(state["step"])
         self.epoch, self.epoch_batches = int(rstate["epoch"]), int(rstate["epoch_batches"])
         self.loader.load_state_dict(rstate["loader"])
@@ -169,7 +174,7 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------------
     def _save(self) -> Path:
         mcf_state = {"step": self.step, "world_size": self.world_size, "config": to_dict(self.cfg),
-                     "target": {k: v.detach().float().cpu() for k, v in self.model.target.state_dict().items()}}
+                     "target": self.ema.state_dict()}  # the whole fp32 EMA (a collective when it is sharded)
         rank_state = {"epoch": self.epoch, "epoch_batches": self.epoch_batches, "loader": self.loader.state_dict(),
                       "rng": ckpt.rng_state(), "mask_gen": self.mask_gen.get_state(), "acc": self.acc.cpu(),
                       "steps_since_log": self.steps_since_log}
@@ -272,8 +277,7 @@ class Trainer:
                                              total=self.total_steps))
                 engine.step()  # fp16: DeepSpeed skips an overflowing step and counts it
                 momentum = momentum_at(self.step, cfg.momentum, self.total_steps)
-                masters = fp32_masters(engine, self.ema_names, t.precision, cfg.deepspeed.zero)
-                model.update_target(momentum, {**masters, **self.frozen_fp32})
+                self.ema.update(momentum)  # no communication; starts the target weights' one all-gather when sharded
                 self.step += 1
                 self.steps_since_log += 1
                 bar.update(1)

@@ -1,0 +1,120 @@
+"""One rank of tests/test_ema.py (run under torchrun): for each ZeRO stage × precision × target
+precision, the EMA of :class:`mcf.train.ema.TargetEMA` against the formula on the gathered fp32
+masters, its forward weights, its collectives, the target's compute dtype, save → load.
+
+DeepSpeed engines of several stages are built one after the other in this one process group (a
+fresh model each); the reference masters come from ``mcf.train.engine.fp32_masters`` (DeepSpeed's
+``safe_get_full_fp32_param`` and friends), independent of the EMA's own layout code.
+Prints one JSON line per case on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+
+from mcf.bench.comm import CollectiveCounter  # noqa: E402
+
+COUNTER = CollectiveCounter().install()  # before DeepSpeed starts
+
+import deepspeed  # noqa: E402
+import deepspeed.ops  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+STEPS = 2
+MOMENTUM = 0.9  # far from 1, so that an EMA of the wrong values differs visibly
+
+
+def run_case(zero: int, precision: str, target_precision: str, extra: dict, freeze: str | None) -> dict:
+    from mcf.config import build_config
+    from mcf.models import create_model_from_config
+    from mcf.train.ema import TargetEMA
+    from mcf.train.engine import PRECISION_DTYPES, CastInput, build_ds_config, fp32_masters
+    from mcf.train.optim import build_optimizer, param_groups
+
+    cfg = build_config("demo", [f"deepspeed.zero={zero}", f"train.precision={precision}", "train.batch_size=4",
+                                f"train.target_precision={target_precision}"])
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = create_model_from_config(cfg)
+    model.set_distributed(rank, world)
+    fixed = {}
+    if freeze:  # a frozen online parameter has no master: the EMA averages its fixed fp32 value
+        p = dict(model.online.named_parameters())[freeze]
+        p.requires_grad_(False)
+        fixed[freeze] = p.detach().clone()
+    dtype = PRECISION_DTYPES[precision]
+    if dtype != torch.float32:
+        model.perceptual.teacher.to(dtype)
+    ds = build_ds_config(cfg, world)
+    ds.update(extra)
+    opt = build_optimizer(param_groups(model.online, 0.05), cfg.optim, 1e-2, torch.device("cpu"))
+    engine, *_ = deepspeed.initialize(model=model.online, optimizer=opt, config=ds, dist_init_required=False)
+    if dtype != torch.float32:
+        for b in engine.module.buffers():
+            if b.is_floating_point():
+                b.data = b.data.to(dtype)
+    names = [n for n, _ in model.ema_pairs()]
+    ref = {n: p.detach().clone() for n, p in model.ema_pairs()}  # fp32 copies, the EMA's start
+    forward_dtype = dtype if target_precision == "auto" else torch.float32
+    ema = TargetEMA(model.target, engine, forward_dtype, fixed=fixed)
+    acts: list[torch.dtype] = []
+    model.target.encoder.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: acts.append(o.dtype))
+    online = CastInput(engine, dtype)
+    g = torch.Generator().manual_seed(rank)
+    img = model.spec.img_size
+    per_update, exact, weights_exact = [], True, True
+    for _ in range(STEPS):
+        images = torch.randn(4, 3, img, img, generator=g)
+        out = model(images, online=online)
+        engine.backward(out.loss)
+        engine.step()
+        masters = {**fp32_masters(engine, [n for n in names if n not in fixed], precision, zero), **fixed}
+        for n in names:  # the formula, per parameter, with the ops the released update used
+            torch._foreach_mul_([ref[n]], MOMENTUM)
+            torch._foreach_add_([ref[n]], [masters[n].to(ref[n].dtype)], alpha=1 - MOMENTUM)
+        COUNTER.calls.clear()
+        ema.update(MOMENTUM)
+        ema.wait()
+        per_update.append([(c.op, c.dtype, c.bytes) for c in COUNTER.calls])
+        full = ema.full_fp32()
+        exact &= all(torch.equal(full[n], ref[n]) for n in names)
+        weights = dict(model.target.named_parameters())
+        weights_exact &= all(weights[n].dtype == forward_dtype and torch.equal(weights[n], ref[n].to(forward_dtype)) for n in names)
+    # save -> perturb -> load gives back the same EMA and forward weights
+    sd = ema.state_dict()
+    before = ema.shard.clone(), ema.flat.clone()
+    ema.shard.add_(1.0)
+    ema.flat.zero_()
+    ema.load_state_dict(sd)
+    restored = torch.equal(ema.shard, before[0]) and torch.equal(ema.flat, before[1])
+    sd_ok = all(sd[n].dtype == torch.float32 and torch.equal(sd[n], ref[n]) for n in names)
+    return {"zero": zero, "precision": precision, "target_precision": target_precision, "extra": extra, "freeze": freeze,
+            "optimizer": type(engine.optimizer).__name__, "kind": ema.layout.kind, "exact": bool(exact),
+            "weights_exact": bool(weights_exact), "restored": bool(restored), "state_dict_exact": bool(sd_ok),
+            "activation_dtypes": sorted({str(a).replace("torch.", "") for a in acts}), "update_collectives": per_update,
+            "shard_numel": ema.layout.shard_numel, "total_numel": sum(r.numel() for r in ref.values()),
+            "masters_not_bf16": sum(int((m != m.bfloat16().float()).any()) for m in masters.values())}
+
+
+def main() -> int:
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    cases = [json.loads(c) for c in sys.argv[1:]]
+    for case in cases:
+        result = run_case(case["zero"], case["precision"], case.get("target_precision", "auto"), case.get("extra", {}),
+                          case.get("freeze"))
+        if dist.get_rank() == 0:
+            print("RESULT " + json.dumps(result), flush=True)
+        dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
