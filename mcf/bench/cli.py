@@ -93,10 +93,15 @@ def _run_attention(args: argparse.Namespace) -> int:
 
 def _run_scale(args: argparse.Namespace) -> int:
     from mcf.bench.scale import ScaleBenchConfig, main
+    from mcf.errors import ConfigError
 
-    main(ScaleBenchConfig(model=args.model, img_size=args.img_size or None, batch_size=args.batch_size, steps=args.steps,
-                          stages=tuple(int(s) for s in args.stages.split(",")), precision=args.precision, nproc=args.nproc,
-                          out=args.out))
+    try:
+        cfg = ScaleBenchConfig(model=args.model, img_size=args.img_size or None, batch_size=args.batch_size, steps=args.steps,
+                               stages=tuple(int(s) for s in args.stages.split(",")), precision=args.precision, nproc=args.nproc,
+                               phases=tuple(p for p in args.phases.split(",") if p), overrides=tuple(args.set), out=args.out)
+    except ValueError as e:
+        raise ConfigError(f"bench scale: {e}") from None
+    main(cfg)
     return 0
 
 
@@ -131,7 +136,7 @@ def add_parser(subparsers) -> None:
         p.add_argument(flag, **kw)
     p.set_defaults(func=_run_attention)
 
-    p = sub.add_parser("scale", help="per-rank model+optimizer bytes and step time under ZeRO 0/1/2/3 (2 ranks)")
+    p = sub.add_parser("scale", help="per-rank bytes, step time and collectives per step under ZeRO 0/1/2/3 (2 ranks)")
     p.add_argument("--model", default="mcf_vit_tiny")
     p.add_argument("--img-size", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4, help="per rank")
@@ -140,5 +145,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="the online model's dtype, as the trainer runs it (bf16: bf16 weights + fp32 masters)")
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--phases", default="memory,comm",
+                   help="memory (bytes held, step time) and/or comm (the trainer's collectives per step) (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override of the comm phase's trainer, e.g. train.target_precision=fp32 (repeatable)")
     p.add_argument("--out", default=None)
     p.set_defaults(func=_run_scale)

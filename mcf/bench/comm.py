@@ -62,13 +62,15 @@ def _tensors(x: Any) -> list[torch.Tensor]:
 @dataclass(frozen=True)
 class Call:
     tag: Any
+    label: str
     op: str
     dtype: str
     bytes: int
 
 
 class CollectiveCounter:
-    """Records every collective; ``tag`` (any value, e.g. the training step) is stored with each.
+    """Records every collective; ``tag`` (any value, e.g. the training step) and ``label`` (who
+    called it, see :meth:`labelled`) are stored with each.
 
     ``tag_fn``: when set, called at each collective to get the tag (e.g. ``lambda: trainer.step``).
     """
@@ -76,6 +78,7 @@ class CollectiveCounter:
     def __init__(self) -> None:
         self.calls: list[Call] = []
         self.tag: Any = None
+        self.label = ""
         self.tag_fn: Callable[[], Any] | None = None
         self._depth = 0
         self._group: list[Call] | None = None
@@ -110,12 +113,23 @@ class CollectiveCounter:
     def __exit__(self, *exc: Any) -> None:
         self.remove()
 
+    def labelled(self, fn: Callable, label: str) -> Callable:
+        """``fn`` whose collectives carry ``label`` (e.g. ``"ema"``)."""
+        def call(*args: Any, **kwargs: Any) -> Any:
+            outer, self.label = self.label, label
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.label = outer
+
+        return call
+
     # -- recording ------------------------------------------------------------------------------
     def _record(self, name: str, args: tuple, kwargs: dict) -> None:
         index, key = _BUFFER_ARG[name]
         arg = kwargs.get(key) if key in kwargs else (args[index] if 0 <= index < len(args) else None)
         ts = _tensors(arg)
-        call = Call(self.tag_fn() if self.tag_fn else self.tag, name, str(ts[0].dtype).replace("torch.", "") if ts else "-",
+        call = Call(self.tag_fn() if self.tag_fn else self.tag, self.label, name, str(ts[0].dtype).replace("torch.", "") if ts else "-",
                     sum(t.numel() * t.element_size() for t in ts))
         if self._group is not None:
             self._group.append(call)
@@ -151,7 +165,8 @@ class CollectiveCounter:
                     group, self._group = self._group or [], None
                     if group:
                         ops = ",".join(sorted({c.op for c in group}))
-                        self.calls.append(Call(group[0].tag, f"coalesced[{ops}]", group[0].dtype, sum(c.bytes for c in group)))
+                        self.calls.append(Call(group[0].tag, group[0].label, f"coalesced[{ops}]", group[0].dtype,
+                                               sum(c.bytes for c in group)))
 
         counted._mcf_counted = True  # type: ignore[attr-defined]
         return counted
@@ -162,20 +177,24 @@ class CollectiveCounter:
         return [c for c in self.calls if c.tag in wanted]
 
     def per_step(self, tags: list[Any]) -> dict[str, Any]:
-        """Mean collectives and bytes per tag over ``tags``, by ``op/dtype``; ``steady`` says whether
-        every tag had the same calls."""
+        """Mean collectives and bytes per tag over ``tags``, by ``op/dtype`` and by label; ``steady``
+        says whether every tag had the same calls."""
         calls = self.select(tags)
         n = max(len(tags), 1)
-        count: Counter[str] = Counter()
-        nbytes: defaultdict[str, int] = defaultdict(int)
-        for c in calls:
-            key = f"{c.op}/{c.dtype}"
-            count[key] += 1
-            nbytes[key] += c.bytes
-        signatures = {t: sorted((c.op, c.dtype, c.bytes) for c in calls if c.tag == t) for t in tags}
+
+        def table(key: Callable[[Call], str]) -> dict[str, dict[str, float]]:
+            count: Counter[str] = Counter()
+            nbytes: defaultdict[str, int] = defaultdict(int)
+            for c in calls:
+                count[key(c)] += 1
+                nbytes[key(c)] += c.bytes
+            return {k: {"count": count[k] / n, "bytes": nbytes[k] / n} for k in sorted(count)}
+
+        signatures = {t: sorted((c.label, c.op, c.dtype, c.bytes) for c in calls if c.tag == t) for t in tags}
         return {
             "collectives": len(calls) / n,
             "bytes": sum(c.bytes for c in calls) / n,
-            "by_op": {k: {"count": count[k] / n, "bytes": nbytes[k] / n} for k in sorted(count)},
+            "by_op": table(lambda c: f"{c.op}/{c.dtype}"),
+            "by_label": table(lambda c: c.label or "other"),
             "steady": len({str(v) for v in signatures.values()}) <= 1,
         }

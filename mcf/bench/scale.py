@@ -1,12 +1,18 @@
-"""``mcf bench scale``: bytes of model + optimizer state each rank holds under ZeRO 0/1/2/3, and
-step time, with ``nproc`` ranks (gloo on the CPU, NCCL when there is a GPU per rank).
+"""``mcf bench scale``: per ZeRO stage 0/1/2/3 with ``nproc`` ranks (gloo on the CPU, NCCL when there
+is a GPU per rank), what each rank holds and what it communicates per step.
 
 Each stage runs in its own ``torchrun`` (DeepSpeed cannot be initialised twice in one process);
-the ranks run :mod:`mcf.bench.scale_worker`, which wraps ``model.online`` in a DeepSpeed engine and,
-after a backward and after an optimizer step, sums the bytes of every distinct tensor storage that
-the engine holds for the model: the module's parameters (their ZeRO-3 partitions), their
-gradients, and every tensor reachable from the engine's optimizer (Adam moments, fp32 master
-partitions, gradient partitions, flat buffers). Each storage is counted once.
+the ranks run :mod:`mcf.bench.scale_worker`, in two phases:
+
+- ``memory``: ``model.online`` in a DeepSpeed engine with small buckets, the EMA target beside it;
+  after a backward and after an optimizer step, the bytes of every distinct tensor storage the
+  engine holds for the model (parameters or their ZeRO-3 partitions, gradients, everything
+  reachable from the optimizer: Adam moments, fp32 masters, gradient partitions, flat buffers)
+  and the EMA's own tensors, each storage counted once; and the step time.
+- ``comm``: the real trainer (``mcf pretrain``'s ``Trainer``, the stage's default DeepSpeed JSON,
+  synthetic batches) with every ``torch.distributed`` collective counted (:mod:`mcf.bench.comm`),
+  per step, by operation and dtype and by caller (the EMA, the contrastive keys, the rest), beside
+  the minimum the stage needs (``scale_worker.minimum_comm``) and the ratio.
 """
 
 from __future__ import annotations
@@ -40,10 +46,15 @@ class ScaleBenchConfig:
     stages: tuple[int, ...] = (0, 1, 2, 3)
     precision: str = "fp32"
     nproc: int = 2
+    phases: tuple[str, ...] = ("memory", "comm")
+    overrides: tuple[str, ...] = ()
+    """Config overrides of the comm phase's trainer (``key=value``)."""
     timeout_s: int = 900
     out: str | None = None
 
     def __post_init__(self) -> None:
+        if not self.phases or set(self.phases) - {"memory", "comm"}:
+            raise ValueError("phases must be among memory,comm")
         if set(self.stages) - {0, 1, 2, 3}:
             raise ValueError("stages must be among 0,1,2,3")
         if self.precision not in ("fp32", "bf16"):
@@ -62,7 +73,8 @@ def run_stage(cfg: ScaleBenchConfig, stage: int, workdir: Path) -> dict[str, Any
     out = workdir / f"stage{stage}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.nproc), "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "mcf.bench.scale_worker", "--stage", str(stage), "--model", cfg.model,
-           "--batch-size", str(cfg.batch_size), "--steps", str(cfg.steps), "--precision", cfg.precision, "--out", str(out)]
+           "--batch-size", str(cfg.batch_size), "--steps", str(cfg.steps), "--precision", cfg.precision, "--out", str(out),
+           "--phases", ",".join(cfg.phases), *(a for o in cfg.overrides for a in ("--set", o))]
     if cfg.img_size:
         cmd += ["--img-size", str(cfg.img_size)]
     env = dict(os.environ)
@@ -86,7 +98,7 @@ def run(cfg: ScaleBenchConfig) -> dict[str, Any]:
             stages[str(stage)] = run_stage(cfg, stage, Path(tmp))
     first = next(iter(stages.values()))
     summary: dict[str, Any] = {}
-    if "0" in stages:
+    if "0" in stages and "memory" in cfg.phases:
         base = max(r["total_bytes"] for r in stages["0"]["ranks"])
         for s, res in stages.items():
             worst = max(r["total_bytes"] for r in res["ranks"])
@@ -96,22 +108,55 @@ def run(cfg: ScaleBenchConfig) -> dict[str, Any]:
 
     from mcf.bench.common import run_info
 
+    comm = {s: comm_summary(int(s), res["comm"]) for s, res in stages.items() if "comm" in res}
+    if comm:
+        log.info("collectives per step (%s, %d ranks, %s):\n%s", cfg.model, cfg.nproc, cfg.precision, comm_table(comm))
     return {
         "benchmark": "scale",
         "stages": stages,
         "summary": summary,
         "target": "ZeRO-3 max per-rank bytes <= 1.1 x (ZeRO-0 bytes / ranks)",
         "target_met": (summary["3"]["over_zero0_per_rank"] <= 1.1) if "3" in summary else None,
+        "comm": comm,
+        "comm_goals": COMM_GOALS,
+        "comm_table": comm_table(comm) if comm else None,
         "device": first["device"],
         "backend": first["backend"],
         "model": cfg.model,
         "batch_size": cfg.batch_size,
         "precision": cfg.precision,
         "nproc": cfg.nproc,
-        "params": first["params"],
+        "params": first.get("params", first.get("comm", {}).get("trainable_params")),
         "config": {k: v for k, v in asdict(cfg).items() if k != "out"},
         **run_info(torch.device("cpu")),
     }
+
+
+COMM_GOALS = "ZeRO-1/2 <= 8 collectives per step; ZeRO-3: the EMA adds <= 1; bytes <= 1.25 x the minimum"
+
+
+def comm_summary(stage: int, c: dict[str, Any]) -> dict[str, Any]:
+    """One stage's collectives per step against the minimum and the goals (:data:`COMM_GOALS`)."""
+    per, ema = c["per_step"], c["ema"]
+    goal_count = ema["count"] <= 1 if stage == 3 else per["collectives"] <= 8 if stage in (1, 2) else True
+    return {"collectives": per["collectives"], "bytes": per["bytes"], "ema_collectives": ema["count"], "ema_bytes": ema["bytes"],
+            "minimum_collectives": c["minimum"]["collectives"], "minimum_bytes": c["minimum"]["bytes"],
+            "bytes_over_minimum": c["bytes_over_minimum"], "target_weights_bytes": c["minimum"].get("target_weights_bytes", 0),
+            "bytes_over_minimum_with_target": c.get("bytes_over_minimum_with_target"), "by_op": per["by_op"], "reduce_dtype": c["reduce_dtype"],
+            "steady": per["steady"], "collectives_goal_met": goal_count, "bytes_goal_met": c["bytes_over_minimum"] <= 1.25}
+
+
+def comm_table(comm: dict[str, dict[str, Any]]) -> str:
+    """Markdown: per stage, collectives and MB per step, of which the EMA, the minimum and the ratio, by op/dtype."""
+    rows = ["| ZeRO | collectives / step | of which the EMA | MB / step | minimum (collectives, MB) | bytes / minimum "
+            "| bytes / (minimum + target weights) | by op/dtype (count, MB) |",
+            "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for s, c in comm.items():
+        ops = "; ".join(f"{k} {v['count']:g} x, {v['bytes'] / 1e6:.3f}" for k, v in c["by_op"].items())
+        rows.append(f"| {s} | {c['collectives']:g} | {c['ema_collectives']:g} ({c['ema_bytes'] / 1e6:.3f} MB) | {c['bytes'] / 1e6:.3f} | "
+                    f"{c['minimum_collectives']}, {c['minimum_bytes'] / 1e6:.3f} | {c['bytes_over_minimum']:.2f} | "
+                    f"{c['bytes_over_minimum_with_target'] or 0:.2f} | {ops} |")
+    return "\n".join(rows)
 
 
 def main(cfg: ScaleBenchConfig) -> dict[str, Any]:

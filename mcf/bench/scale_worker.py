@@ -1,4 +1,10 @@
-"""One rank of ``mcf bench scale`` (run under torchrun by :mod:`mcf.bench.scale`)."""
+"""One rank of ``mcf bench scale`` (run under torchrun by :mod:`mcf.bench.scale`).
+
+Two phases in one process group: ``memory`` (bytes held and step time of the online model's engine
+and the EMA, with small communication buckets) and ``comm`` (the collectives of the real trainer's
+steps, :class:`mcf.train.trainer.Trainer` on synthetic batches with the run's default DeepSpeed
+JSON, counted by :class:`mcf.bench.comm.CollectiveCounter`, installed before DeepSpeed starts).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,14 @@ import json
 import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from mcf.bench.comm import CollectiveCounter
+
+COUNTER = CollectiveCounter().install()  # DeepSpeed keeps references to the functions it finds at init
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
@@ -100,35 +111,48 @@ def combine(*snapshots: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", type=int, required=True)
-    ap.add_argument("--model", default="mcf_vit_tiny")
-    ap.add_argument("--img-size", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
+class SyntheticLoader:
+    """The trainer's loader interface over two fixed random batches on the device (no data pipeline)."""
 
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    on_gpu = torch.cuda.is_available() and torch.cuda.device_count() >= world
-    if not on_gpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    bad_samples = 0
+
+    def __init__(self, img_size: int, batch_size: int, rank: int, device: torch.device, length: int = 1000):
+        g = torch.Generator().manual_seed(rank)
+        self.batches = [torch.randn(batch_size, 3, img_size, img_size, generator=g).to(device) for _ in range(2)]
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        return (self.batches[i % 2] for i in range(self.length))
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        pass
+
+
+def ema_bytes(ema: Any) -> int:
+    """Bytes of the EMA's own tensors on this rank: the fp32 shard, the forward weights, the gather buffers."""
+    c = StorageCounter()
+    for name in ("shard", "flat", "send", "gathered"):
+        c.add(getattr(ema, name, None), "ema")
+    return c.bytes.get("ema", 0)
+
+
+def memory_phase(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> dict[str, Any]:
+    """Bytes held and step time of the online model's engine (+ the EMA) with small buckets; rank 0 gets every rank's."""
     import deepspeed
     import torch.distributed as dist
 
-    if not on_gpu:
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skips a 30-70 s JIT build
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if on_gpu else torch.device("cpu")
-    if on_gpu:
-        torch.cuda.set_device(device)
-
     from mcf.models import create_model
 
+    rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = create_model(args.model, teacher_checkpoint="random", img_size=args.img_size)
     model.set_distributed(rank, world)
@@ -145,11 +169,12 @@ def main(argv: list[str] | None = None) -> int:
                               "stage3_max_live_parameters": bucket, "overlap_comm": False, "contiguous_gradients": True},
         "bf16": {"enabled": args.precision == "bf16"},
     }
+    from mcf.train.ema import TargetEMA
     from mcf.train.engine import PRECISION_DTYPES, CastInput
 
     dtype = PRECISION_DTYPES[args.precision]
     model.to(device)
-    if dtype != torch.float32:  # as the trainer: the frozen teacher runs in the engine's dtype, the EMA target stays fp32
+    if dtype != torch.float32:  # as the trainer: the frozen teacher runs in the engine's dtype
         model.perceptual.teacher.to(dtype)
     online = model.online
     engine, _, _, _ = deepspeed.initialize(model=online, model_parameters=[p for p in online.parameters() if p.requires_grad],
@@ -158,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in engine.module.buffers():
             if b.is_floating_point():
                 b.data = b.data.to(dtype)
+    ema = TargetEMA(model.target, engine, dtype)  # as the trainer (train.target_precision=auto)
     cast = CastInput(engine, dtype)
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
     size = model.spec.img_size
@@ -174,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         if measure:
             after_backward = held_bytes(engine)
         engine.step()
+        ema.update(0.99)
         if measure:
             after_step = held_bytes(engine)
         return float(out.loss.detach())
@@ -189,27 +216,156 @@ def main(argv: list[str] | None = None) -> int:
         if on_gpu:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    held = combine(after_backward, after_step)
+    held = combine(after_backward, after_step, {"ema": ema_bytes(ema)})
     mine = {"rank": rank, "held": held, "after_backward": after_backward, "after_step": after_step, "total_bytes": held["total_bytes"],
             "ms_per_step": statistics.median(times) * 1e3, "last_loss": loss}
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, mine)
-    if rank == 0:
-        result = {
-            "stage": args.stage,
-            "ranks": gathered,
-            "ms_per_step": max(r["ms_per_step"] for r in gathered),
-            "images_per_s": world * args.batch_size / (max(r["ms_per_step"] for r in gathered) / 1e3),
-            "params": n_params,
-            "param_bytes_unsharded": n_params * torch.empty((), dtype=dtype).element_size(),
-            "precision": args.precision,
-            "device": str(device.type),
-            "backend": dist.get_backend(),
-            "deepspeed": deepspeed.__version__,
-            "bucket_elements": bucket,
-        }
+    return {
+        "ranks": gathered,
+        "ms_per_step": max(r["ms_per_step"] for r in gathered),
+        "images_per_s": world * args.batch_size / (max(r["ms_per_step"] for r in gathered) / 1e3),
+        "params": n_params,
+        "param_bytes_unsharded": n_params * torch.empty((), dtype=dtype).element_size(),
+        "ema_kind": ema.layout.kind,
+        "bucket_elements": bucket,
+    }
+
+
+def minimum_comm(stage: int, params: int, param_bytes: int, reduce_bytes: int, keys_bytes: int, flags_bytes: int) -> dict[str, Any]:
+    """What a ZeRO stage cannot do without per step (bytes as :mod:`mcf.bench.comm` counts them):
+    ZeRO-0 one all-reduce of the gradients; ZeRO-1/2 a reduce-scatter of the gradients and an
+    all-gather of the updated parameters; ZeRO-3 an all-gather of the parameters for the forward,
+    another for the backward and a reduce-scatter of the gradients; every stage the contrastive
+    keys' all-gather and the step's flags all-reduce. One collective each."""
+    grads, gather = params * reduce_bytes, params * param_bytes
+    engine = {0: (1, grads), 1: (2, grads + gather), 2: (2, grads + gather), 3: (3, grads + 2 * gather)}[stage]
+    return {"collectives": engine[0] + 2, "bytes": engine[1] + keys_bytes + flags_bytes,
+            "engine_bytes": engine[1], "keys_bytes": keys_bytes, "flags_bytes": flags_bytes}
+
+
+def comm_phase(args: argparse.Namespace, device: torch.device, workdir: Path, memory: dict[str, Any] | None) -> None:
+    """The real trainer for ``comm_steps`` steps, every collective counted; steps 2.. are averaged
+    (step 1 adds one-off set-up collectives, the final save comes after the last). Rank 0 writes
+    ``args.out`` (with the memory phase's result)."""
+    import torch.distributed as dist
+
+    import mcf.train.trainer as trainer_mod
+    from mcf.config import build_config
+    from mcf.train.engine import PRECISION_DTYPES
+
+    comm_steps = max(args.steps, 2) + 1
+    overrides = [f"model.name={args.model}", f"train.batch_size={args.batch_size}", f"train.max_steps={comm_steps}",
+                 f"train.precision={args.precision}", f"deepspeed.zero={args.stage}", "train.resume=none",
+                 f"train.output_dir={workdir}", "logging.log_every=1000000", "logging.progress=false", "logging.tracking_uri=none",
+                 "logging.recon_every=0", "checkpoint.every=1000000", "monitor.every=0", "data.num_workers=0", *args.set]
+    if args.img_size:
+        overrides.append(f"model.img_size={args.img_size}")
+    cfg = build_config("demo", overrides)
+
+    def loader_factory(_data: Any, *, img_size: int, batch_size: int, rank: int, world_size: int, seed: int, device: torch.device):
+        return SyntheticLoader(img_size, batch_size, rank, device)
+
+    trainer = trainer_mod.Trainer(cfg, loader_factory=loader_factory)
+    active = {"loop": False}
+    COUNTER.tag_fn = lambda: trainer.step if active["loop"] else None
+    if hasattr(trainer_mod, "fp32_masters"):  # the EMA's reads of the masters (before the sharded EMA: a collective each)
+        trainer_mod.fp32_masters = COUNTER.labelled(trainer_mod.fp32_masters, "ema")
+    setup, loop = trainer._setup, trainer._loop
+
+    def counted_setup() -> None:
+        setup()
+        model = trainer.model
+        model.contrastive.gather = COUNTER.labelled(model.contrastive.gather, "keys")
+        if hasattr(trainer, "ema"):
+            trainer.ema.update = COUNTER.labelled(trainer.ema.update, "ema")
+
+    def counted_loop() -> int:
+        active["loop"] = True
+        try:
+            rc = loop()
+        finally:
+            active["loop"] = False
+        report(trainer)
+        return rc
+
+    def report(trainer: Any) -> None:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        steady = COUNTER.per_step(list(range(1, comm_steps)))
+        first = COUNTER.per_step([0])
+        one = [[c.label or "other", c.op, c.dtype, c.bytes] for c in COUNTER.select([1])]  # step 2, in call order
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, {"rank": rank, "per_step": steady, "first_step": first, "step_2_calls": one})
+        if rank != 0:
+            return
+        engine = trainer.engine
+        params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters() if p.requires_grad)
+        param_bytes = torch.empty((), dtype=PRECISION_DTYPES[args.precision]).element_size()
+        reduce_dtype = getattr(engine, "communication_data_type", None) or PRECISION_DTYPES[args.precision]
+        reduce_bytes = torch.empty((), dtype=reduce_dtype).element_size()
+        keys_bytes = world * args.batch_size * trainer.model.spec.proj_dim * 4  # fp32 normalised keys, gathered
+        minimum = minimum_comm(args.stage, params, param_bytes, reduce_bytes, keys_bytes, 3 * 4)
+        # Beyond the minimum: where the fp32 masters are partitioned, the EMA target's forward weights must reach
+        # every rank each step in some form (P_target x the forward dtype's bytes), whoever computes them.
+        fwd = getattr(getattr(trainer, "ema", None), "forward_dtype", torch.float32)
+        sharded = args.stage == 3 or (args.stage in (1, 2) and args.precision != "fp32")
+        target_bytes = sum(p.numel() for p in trainer.model.target.parameters()) * torch.empty((), dtype=fwd).element_size()
+        minimum["target_weights_bytes"] = target_bytes if sharded else 0
+        worst = max(gathered, key=lambda r: (r["per_step"]["collectives"], r["per_step"]["bytes"]))["per_step"]
+        comm = {"steps_counted": comm_steps - 1, "ranks": gathered, "per_step": worst, "minimum": minimum,
+                "collectives_over_minimum": worst["collectives"] / minimum["collectives"],
+                "bytes_over_minimum": worst["bytes"] / minimum["bytes"],
+                "bytes_over_minimum_with_target": worst["bytes"] / (minimum["bytes"] + minimum["target_weights_bytes"]),
+                "ema": worst["by_label"].get("ema", {"count": 0.0, "bytes": 0.0}),
+                "reduce_dtype": str(reduce_dtype).replace("torch.", ""), "trainable_params": params,
+                "ds_config": "the trainer's default for the stage and precision (ds_configs/)", "overrides": list(args.set)}
+        result = {"stage": args.stage, **(memory or {}), "comm": comm, "precision": args.precision, "device": str(device.type),
+                  "backend": dist.get_backend(), "deepspeed": __import__("deepspeed").__version__}
         with open(args.out, "w") as f:
             json.dump(result, f)
+
+    trainer._setup, trainer._loop = counted_setup, counted_loop
+    rc = trainer.fit()
+    if rc != 0:
+        raise SystemExit(f"trainer exited with {rc}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stage", type=int, required=True)
+    ap.add_argument("--model", default="mcf_vit_tiny")
+    ap.add_argument("--img-size", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--phases", default="memory,comm", help="memory, comm or both")
+    ap.add_argument("--set", action="append", default=[], help="config override of the comm phase's trainer (repeatable)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    phases = set(args.phases.split(","))
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    on_gpu = torch.cuda.is_available() and torch.cuda.device_count() >= world
+    if not on_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+    import torch.distributed as dist
+
+    if not on_gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skips a 30-70 s JIT build
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+    memory = memory_phase(args, device, on_gpu) if "memory" in phases else None
+    if "comm" in phases:  # the trainer's run folder (checkpoints): beside --out, the same on every rank
+        comm_phase(args, device, Path(args.out).parent / f"trainer_zero{args.stage}", memory)  # ends with the group destroyed
+        return 0
+    if dist.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump({"stage": args.stage, **(memory or {}), "precision": args.precision, "device": str(device.type),
+                       "backend": dist.get_backend(), "deepspeed": deepspeed.__version__}, f)
     dist.barrier()
     dist.destroy_process_group()
     return 0
