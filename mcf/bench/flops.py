@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -17,6 +19,33 @@ def count_flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
+
+
+def use_math_attention(model: nn.Module) -> None:
+    """Every attention of an MCF model on the plain-matmul path the counter sees (mcf's blocks and the timm teacher's)."""
+    model.set_attention_backend("math")
+    for m in model.teacher.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+
+
+def step_flops(build: Callable[[], nn.Module], batch: int) -> int:
+    """FLOPs of one training step of the MCF model ``build()`` makes, on ``batch`` images: the online
+    forward and backward, the target's forward, the teacher's two passes and the backward through the
+    rebuilt one. Counted on the meta device (no memory, no arithmetic: seconds even for ViT-H), on
+    the math attention path, without activation checkpointing (its recomputation is not model FLOPs)."""
+    with torch.device("meta"):
+        model = build()
+    model = model.to("meta").train()
+    use_math_attention(model)
+    model.set_activation_checkpointing("none")
+    size = model.spec.img_size
+    images = torch.empty(batch, 3, size, size, device="meta")
+
+    def fwd_bwd() -> None:
+        model(images).loss.backward()
+
+    return count_flops(fwd_bwd)
 
 
 def linear_flops(batch: int, in_features: int, out_features: int, backward: bool = True, weight_grad: bool = True) -> int:

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from mcf.bench.common import PeakMemory, device_name, emit, fast_dtype, measure_peaks, peak_flops, resolve_device, run_info, sync, time_repeats
-from mcf.bench.flops import count_flops
+from mcf.bench.flops import count_flops, step_flops, use_math_attention
 
 log = logging.getLogger(__name__)
 
@@ -101,20 +101,14 @@ class StepBenchConfig:
 
 
 # -- the two steps -----------------------------------------------------------------------------------
-def _set_teacher_fused_attn(model: torch.nn.Module, fused: bool) -> None:
-    for m in model.teacher.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = fused
-
-
 def build_model(cfg: StepBenchConfig, device: torch.device, variant: str) -> torch.nn.Module:
     from mcf.models import create_model
 
     torch.manual_seed(0)
     model = create_model(cfg.model, teacher_checkpoint="random", img_size=cfg.img_size,
-                         teacher_img_size=cfg.teacher_img_size or cfg.img_size,
-                         attn_backend="math" if variant == "paper" else "auto")
-    _set_teacher_fused_attn(model, fused=variant != "paper")
+                         teacher_img_size=cfg.teacher_img_size or cfg.img_size)
+    if variant == "paper":
+        use_math_attention(model)
     return model.to(device).train()
 
 
@@ -305,15 +299,12 @@ def _set_mfu(result: dict[str, Any], flops_per_image: float, peaks: dict[str, fl
             result[f"mfu_vs_{k}_peak"] = achieved / v
 
 
-def _count_model_flops(cfg: StepBenchConfig, device: torch.device) -> float:
-    """FLOPs per image of one step on the math path, fp32 (used when the paper variant is not run)."""
-    model = build_model(cfg, device, "paper")
-    images = torch.randn(cfg.batch_size, 3, model.spec.img_size, model.spec.img_size, device=device)
+def _count_model_flops(cfg: StepBenchConfig) -> float:
+    """FLOPs per image of one step on the math path (used when the paper variant is not run)."""
+    from mcf.models import create_model
 
-    def fwd_bwd() -> None:
-        model(images).loss.backward()
-
-    return count_flops(fwd_bwd) / cfg.batch_size
+    return step_flops(lambda: create_model(cfg.model, teacher_checkpoint="random", img_size=cfg.img_size,
+                                           teacher_img_size=cfg.teacher_img_size or cfg.img_size), cfg.batch_size) / cfg.batch_size
 
 
 def run(cfg: StepBenchConfig) -> dict[str, Any]:
@@ -331,7 +322,7 @@ def run(cfg: StepBenchConfig) -> dict[str, Any]:
         n = (cfg.warmup + cfg.repeats * cfg.steps + 2) * cfg.batch_size
         folder = str(make_jpeg_folder(tmp.name, n))
     try:
-        flops = None if "paper" in cfg.variants else _count_model_flops(cfg, device)
+        flops = None if "paper" in cfg.variants else _count_model_flops(cfg)
         names = [v for v in VARIANTS if v in cfg.variants]
         results: dict[str, Any] = {}
         if cfg.order == "interleaved":

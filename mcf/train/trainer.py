@@ -28,6 +28,7 @@ from mcf.train.ema import TargetEMA
 from mcf.train.engine import PRECISION_DTYPES, CastInput, build_ds_config, fp32_masters, init_distributed, set_tf32, setup_env
 from mcf.train.metrics import RunLogger, flatten, save_reconstruction
 from mcf.train.optim import build_optimizer, describe_schedule, lr_at, momentum_at, param_groups, peak_lr, set_lr, warmup_steps
+from mcf.train.perf import Throughput
 from mcf.train.signals import REQUEUE_EXIT_CODE, StopRequest
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,8 @@ class Trainer:
             ckpt.prune(self.out / "checkpoints", cfg.checkpoint.keep_last)
         self.logger = RunLogger(cfg, self.out, self.rank, self.step if self.resume_dir is not None else None)
         self.monitor = self.build_monitor(cfg, self.device) if self.build_monitor and self.rank == 0 else None
+        # rank 0 logs: model FLOPs per image (counted once) and the device's peak, for TFLOP/s and MFU
+        self.throughput = Throughput(cfg, self.device, self.dtype, self.world_size) if self.rank == 0 else None
         if self.rank == 0:
             log.info("%d rank(s) on %s, %s, ZeRO %d; %d steps (%d per epoch); %s", self.world_size, self.device, cfg.train.precision,
                      cfg.deepspeed.zero, self.total_steps, self.steps_per_epoch,
@@ -320,8 +323,11 @@ class Trainer:
                       images_per_s=self.steps_since_log * self.global_batch / max(now - t_log, 1e-9), bad_samples=int(vals[-1]))
         if self.cfg.train.precision == "fp16":
             record["skipped_steps"] = int(self.engine.skipped_steps)
+        if self.throughput is not None:
+            record.update(self.throughput.fields(record["images_per_s"]))
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", mfu=f"{record['mfu']:.1%}",
+                            refresh=False)
         self.logger.log(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", refresh=False)
         self.acc.zero_()
         self.steps_since_log = 0
         return now

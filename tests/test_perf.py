@@ -1,0 +1,48 @@
+"""Throughput fields of the metrics records (``mcf.train.perf``): model FLOPs per image counted on the
+meta device equal a count of the real step, the GPU peak table, and TFLOP/s = FLOPs/image × images/s."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mcf.bench.flops import count_flops, use_math_attention
+from mcf.config import build_config
+from mcf.models import create_model_from_config
+from mcf.train.perf import Throughput, flops_per_image, known_gpu_peak
+
+
+def test_flops_per_image_is_the_real_steps_count():
+    cfg = build_config("demo")
+    model = create_model_from_config(cfg).train()
+    use_math_attention(model)
+    images = torch.randn(2, 3, 32, 32)
+    real = count_flops(lambda: model(images).loss.backward()) / 2
+    assert flops_per_image(cfg) == real
+    cfg.train.activation_checkpointing = "all"  # recomputation is not model work: the same count
+    assert flops_per_image(cfg) == real
+    ranged = build_config("demo", ["masking.ratio_range=[0.5,0.75]"])  # counted at the largest visible set
+    assert flops_per_image(ranged) == flops_per_image(build_config("demo", ["masking.ratio=0.5"])) > real
+
+
+@pytest.mark.parametrize("name, card, tflops", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.4), ("NVIDIA H100 PCIe", "H100 PCIe", 756.5), ("NVIDIA H100 NVL", "H100 NVL", 835.5),
+    ("NVIDIA H200", "H200 SXM", 989.4), ("NVIDIA H200 NVL", "H200 NVL", 835.5), ("NVIDIA A100-SXM4-80GB", "A100", 312.0),
+    ("NVIDIA A100 80GB PCIe", "A100", 312.0), ("NVIDIA A10", "A10", 125.0), ("NVIDIA L40S", "L40S", 362.05), ("NVIDIA L40", "L40", 181.05),
+    ("NVIDIA L4", "L4", 121.0), ("NVIDIA GeForce RTX 4090", "RTX 4090", 165.2), ("NVIDIA B200", "B200", 2250.0),
+])
+def test_known_gpu_peaks(name, card, tflops):
+    assert known_gpu_peak(name) == (card, tflops)
+
+
+def test_unknown_gpu_is_measured():
+    assert known_gpu_peak("NVIDIA GeForce GTX 1080") is None and known_gpu_peak("Tesla V100-SXM2-16GB") is None
+
+
+def test_fields_are_consistent():
+    t = Throughput(build_config("demo"), torch.device("cpu"), torch.float32, world_size=2)
+    f = t.fields(images_per_s=123.0)
+    assert f["tflops"] == f["flops_per_image"] * 123.0 / 1e12
+    assert f["tflops_per_device"] == f["tflops"] / 2
+    assert f["mfu"] == pytest.approx(f["tflops_per_device"] / f["peak_tflops"], rel=1e-12)
+    assert f["peak_tflops"] > 0 and f["peak_memory_gb"] > 0 and "CPU" in t.peak_source
