@@ -68,3 +68,20 @@ def test_attention_block_flops_match_analytic():
     assert count_flops(lambda: blk(x).sum().backward()) == attention_block_flops(2, 17, 64)
     with torch.no_grad():
         assert count_flops(lambda: blk(x)) == attention_block_flops(2, 17, 64, backward=False)
+
+
+def test_compile_is_timed_beside_eager_in_one_run(tmp_path, monkeypatch):
+    """``--compile`` adds ``mcf_compiled`` beside eager ``mcf`` in one JSON. The compiler itself is
+    replaced by the identity here (it takes minutes on 2 shared cores); RESULTS.md has real runs."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
+    out = tmp_path / "step.json"
+    assert main(["bench", "step", *TINY, "--variants", "mcf", "--compile", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["paper"] is None and len(compiled) == 1
+    eager, comp = result["mcf"], result["mcf_compiled"]
+    assert eager["compiled"] is False and comp["compiled"] is True
+    for v in (eager, comp):
+        assert v["images_per_s"] > 0 and v["flops_per_image"] > 1e8 and v["mfu"] > 0
+    assert comp["flops_per_image"] == eager["flops_per_image"]
+    assert result["compile_speedup"] == pytest.approx(comp["images_per_s"] / eager["images_per_s"])

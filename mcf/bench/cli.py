@@ -17,8 +17,8 @@ def _add_step_args(p: argparse.ArgumentParser, e2e: bool) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed windows, median reported (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile the mcf variant")
-    p.add_argument("--variants", default="paper,mcf", help="comma list of paper,mcf")
+    p.add_argument("--compile", action="store_true", help="also time the mcf step torch.compile-d, beside eager (variant mcf_compiled)")
+    p.add_argument("--variants", default="paper,mcf", help="comma list of paper,mcf,mcf_compiled (default: %(default)s)")
     p.add_argument("--profile", action="store_true", help="add each variant's top operators (torch.profiler, one step)")
     p.add_argument("--order", default="sequential" if e2e else "interleaved", choices=("interleaved", "sequential"),
                    help="interleaved: both variants built, timed windows alternate (default: %(default)s)")

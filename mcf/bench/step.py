@@ -1,6 +1,6 @@
 """``mcf bench step`` / ``mcf bench e2e``: the paper's training step against mcf's, in one process.
 
-Both variants run the same model (same name, sizes, seed), batch and device, one after the other:
+The variants run the same model (same name, sizes, seed), batch and device, one after the other:
 
 - ``paper`` — the step as released: eager math attention (encoder, decoder, EMA target and the
   timm teacher), fp16 autocast + GradScaler on a GPU (fp32 on the CPU), the teacher called twice
@@ -10,16 +10,19 @@ Both variants run the same model (same name, sizes, seed), batch and device, one
 - ``mcf`` — our path: bf16 autocast, attention by dispatch (``auto``: SDPA, or the Triton kernel
   where it was measured faster on the GPU), ``torch.optim.AdamW(fused=True)``, the EMA as two
   ``_foreach`` ops after the optimizer step, no host synchronisation inside the timed steps,
-  optional ``torch.compile``, batches pre-staged on the device (``e2e``: mcf's loader — DALI when
+  batches pre-staged on the device (``e2e``: mcf's loader — DALI when
   it works here, else its PyTorch loader). The teacher also runs twice, the original under
   ``no_grad``: batching both passes would add a backward pass over the original's half.
+
+- ``mcf_compiled`` (with ``--compile``) — ``mcf`` with the model ``torch.compile``-d, timed in the
+  same run beside eager ``mcf``; the compilation happens in its warm-up steps.
 
 The trainer wraps ``model.online`` in a DeepSpeed engine; this benchmark times the model's step
 without the engine so that the two variants differ only in the listed points.
 
 Timing: ``warmup`` steps, then ``repeats`` timed windows of ``steps`` steps each, synchronising the
 device only around each window; the reported step time is the median window over ``steps``. By
-default (``order=interleaved``) both variants are built first and their windows alternate, so that
+default (``order=interleaved``) all variants are built first and their windows alternate, so that
 load from other processes on a shared machine falls on both alike; peak memory is each variant's
 peak during its warm-up minus what was resident before it was built (the other variant).
 FLOPs are counted (``torch.utils.flop_counter``) during the paper variant's first warm-up step —
@@ -45,7 +48,7 @@ from mcf.bench.flops import count_flops, step_flops, use_math_attention
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("paper", "mcf")
+VARIANTS = ("paper", "mcf", "mcf_compiled")  # mcf_compiled: mcf's step with torch.compile, beside eager with --compile
 
 
 @dataclass(kw_only=True)
@@ -67,7 +70,7 @@ class StepBenchConfig:
     """Untimed steps first (the first one is FLOP-counted in the paper variant)."""
     device: str = "auto"
     compile: bool = False
-    """``torch.compile`` the mcf variant's model."""
+    """Also time mcf's step with its model ``torch.compile``-d (variant ``mcf_compiled``), beside eager."""
     momentum: float = 0.99
     e2e: bool = False
     """Loader in the loop: JPEG files through each variant's loader."""
@@ -77,7 +80,7 @@ class StepBenchConfig:
     """Loader workers (both variants)."""
     loader: str = "auto"
     """mcf's loader in ``e2e``: auto (DALI when it works here) | dali | torch."""
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] = ("paper", "mcf")
     order: str = "interleaved"
     """``interleaved``: both variants built, their timed windows alternate (fair on a shared
     machine); ``sequential``: one variant after the other, only one in memory (the e2e default:
@@ -219,7 +222,7 @@ class _Variant:
         if variant == "paper":
             self.step = paper_step_fn(self.model, device, cfg.momentum)
         else:
-            self.step = mcf_step_fn(self.model, device, cfg.momentum, cfg.compile, self.bf16)
+            self.step = mcf_step_fn(self.model, device, cfg.momentum, variant == "mcf_compiled", self.bf16)
         self.flops_per_image = None
         first = 0
         if count_flops_now:  # the first warm-up step, counted
@@ -257,7 +260,7 @@ class _Variant:
                 "bf16 autocast" if self.bf16 else "fp32 (bf16 matmul measured slower than fp32 on this device)"),
             "attention": "math (eager)" if variant == "paper" else "auto (SDPA / Triton by dispatch)",
             "optimizer": "torch.optim.AdamW (default impl)" if variant == "paper" else "torch.optim.AdamW(fused=True)",
-            "compiled": bool(cfg.compile and variant == "mcf"),
+            "compiled": variant == "mcf_compiled",
             **self.info,
         }
         if flops_per_image is not None:
@@ -323,7 +326,8 @@ def run(cfg: StepBenchConfig) -> dict[str, Any]:
         folder = str(make_jpeg_folder(tmp.name, n))
     try:
         flops = None if "paper" in cfg.variants else _count_model_flops(cfg)
-        names = [v for v in VARIANTS if v in cfg.variants]
+        wanted = set(cfg.variants) | ({"mcf_compiled"} if cfg.compile else set())
+        names = [v for v in VARIANTS if v in wanted]
         results: dict[str, Any] = {}
         if cfg.order == "interleaved":
             # Both built, then timed windows alternate: a shared machine's load falls on both alike.
@@ -351,14 +355,24 @@ def run(cfg: StepBenchConfig) -> dict[str, Any]:
     finally:
         if tmp is not None:
             tmp.cleanup()
-    if "paper" in results and "mcf" in results:
-        _set_mfu(results["mcf"], results["paper"]["flops_per_image"], peaks)  # one model-FLOP count for both
-    ratio = results["mcf"]["images_per_s"] / results["paper"]["images_per_s"] if len(results) == 2 else None
+    if "paper" in results:
+        for v in ("mcf", "mcf_compiled"):
+            if v in results:
+                _set_mfu(results[v], results["paper"]["flops_per_image"], peaks)  # one model-FLOP count for all
+
+    def speed(a: str, b: str) -> float | None:
+        return results[a]["images_per_s"] / results[b]["images_per_s"] if a in results and b in results else None
+
+    summary = ", ".join(f"{v} {r['images_per_s']:.1f}" for v, r in results.items())
+    log.info("images/s: %s%s", summary, f" (compiled: {speed('mcf_compiled', 'mcf'):.2f}x eager)" if speed("mcf_compiled", "mcf") else "")
     out: dict[str, Any] = {
         "benchmark": "e2e" if cfg.e2e else "step",
         "paper": results.get("paper"),
         "mcf": results.get("mcf"),
-        "ratio": ratio,
+        "mcf_compiled": results.get("mcf_compiled"),
+        "ratio": speed("mcf", "paper"),
+        "ratio_compiled": speed("mcf_compiled", "paper"),
+        "compile_speedup": speed("mcf_compiled", "mcf"),
         "device": device_name(device),
         "model": cfg.model,
         "img_size": get_spec(cfg.model, img_size=cfg.img_size).img_size,
