@@ -1,4 +1,4 @@
-"""``mcf bench {step,e2e,data,attention,scale}``: each prints JSON and, with ``--out``, writes it.
+"""``mcf bench {step,e2e,data,attention,memory,scale}``: each prints JSON and, with ``--out``, writes it.
 
 Nothing heavy is imported here; each sub-command imports its module when it runs.
 """
@@ -105,8 +105,29 @@ def _run_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pair(text: str) -> tuple[int, int]:
+    a, b = (int(x) for x in text.split(","))
+    return a, b
+
+
+def _run_memory(args: argparse.Namespace) -> int:
+    from mcf.bench.memory import MemoryBenchConfig, main
+    from mcf.errors import ConfigError
+
+    try:
+        cfg = MemoryBenchConfig(model=args.model, img_size=args.img_size or None, batch_sizes=_pair(args.batch_sizes),
+                                modes=tuple(m for m in args.modes.split(",") if m), precision=args.precision, repeats=args.repeats,
+                                project=tuple(m for m in args.project.split(",") if m), project_teacher=args.project_teacher,
+                                project_batch_sizes=_pair(args.project_batch_sizes), gpu_gb=args.gpu_gb, ranks=args.ranks,
+                                zero=args.zero, reserve_gb=args.reserve_gb, out=args.out)
+    except ValueError as e:
+        raise ConfigError(f"bench memory: {e}") from None
+    main(cfg)
+    return 0
+
+
 def add_parser(subparsers) -> None:
-    bench = subparsers.add_parser("bench", help="benchmarks: paper vs mcf step, loaders, attention, ZeRO scaling (JSON)")
+    bench = subparsers.add_parser("bench", help="benchmarks: paper vs mcf step, loaders, attention, memory, ZeRO scaling (JSON)")
     sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
 
     p = sub.add_parser("step", help="compute-only training step: paper's vs mcf's (images/s, MFU)")
@@ -135,6 +156,25 @@ def add_parser(subparsers) -> None:
     for flag, kw in _ATTENTION_FLAGS:
         p.add_argument(flag, **kw)
     p.set_defaults(func=_run_attention)
+
+    p = sub.add_parser("memory", help="activation checkpointing: activation bytes per image and step time per setting (CPU), "
+                                       "and the largest per-GPU batch of ViT-B/L/H")
+    p.add_argument("--model", default="mcf_vit_small_patch16", help="the CPU-measured model (default: %(default)s)")
+    p.add_argument("--img-size", type=int, default=112, help="its input side; 0 = the model's own (default: %(default)s)")
+    p.add_argument("--batch-sizes", default="4,8", help="two batch sizes of the CPU measurement (default: %(default)s)")
+    p.add_argument("--modes", default="none,encoder,decoder,teacher,all")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per setting, interleaved (default: %(default)s)")
+    p.add_argument("--project", default="mcf_vit_base_patch16,mcf_vit_large_patch16,mcf_vit_huge_patch14",
+                   help="models counted at their own size on the meta device for the batch projection ('' = none)")
+    p.add_argument("--project-teacher", default="vit_base_patch16")
+    p.add_argument("--project-batch-sizes", default="64,128")
+    p.add_argument("--gpu-gb", type=float, default=80.0)
+    p.add_argument("--ranks", type=int, default=8, help="GPUs the ZeRO state is sharded over (default: %(default)s)")
+    p.add_argument("--zero", type=int, default=1)
+    p.add_argument("--reserve-gb", type=float, default=8.0, help="CUDA context, NCCL, fragmentation (default: %(default)s)")
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=_run_memory)
 
     p = sub.add_parser("scale", help="per-rank bytes, step time and collectives per step under ZeRO 0/1/2/3 (2 ranks)")
     p.add_argument("--model", default="mcf_vit_tiny")
