@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+from torch.profiler import record_function
 
 from mcf.losses.contrastive import ContrastiveLoss
 from mcf.losses.perceptual import PerceptualLoss
@@ -75,6 +76,11 @@ class MCFOnline(nn.Module):
 
 class TargetEncoder(nn.Module):
     """EMA copy of the online encoder + projector: no gradients, eval mode kept through ``train()``.
+
+    It computes in its parameters' dtype. Alone (tests, benchmarks) its parameters are the fp32 EMA
+    (:meth:`MCF.update_target`); in the trainer ``mcf.train.ema.TargetEMA`` keeps the fp32 EMA
+    sharded like the master weights and makes the parameters the forward weights, in the training
+    precision (``train.target_precision``).
 
     Its projector's BatchNorms normalise with batch statistics (``track_running_stats=False``),
     exactly as the released code's target did (it ran in train mode, its running stats unused).
@@ -163,11 +169,14 @@ class MCF(nn.Module):
         online = self.online if online is None else online
         N = images.shape[0]
         o: OnlineOutput = online(images, self.mask_ratio, online_noise, self._draw_ratios(N, images.device))
-        target_dtype = self.target.projector[0].weight.dtype
-        k = self.target(images.to(target_dtype), self.mask_ratio, target_noise, self._draw_ratios(N, images.device))
+        with record_function("mcf.target"):  # the EMA target computes in its weights' dtype (the training precision by default)
+            target_dtype = self.target.projector[0].weight.dtype
+            k = self.target(images.to(target_dtype), self.mask_ratio, target_noise, self._draw_ratios(N, images.device))
         rebuilt = unpatchify(o.pred, self.spec.patch_size)  # (N, 3, H, W), in the normalised input space
+        with record_function("mcf.teacher"):
+            perceptual = self.perceptual(rebuilt, images)
         terms = {
-            "perceptual": self.perceptual(rebuilt, images),
+            "perceptual": perceptual,
             "contrastive": self.contrastive(o.q, k),
             "pixel": pixel_loss(images, o.pred, o.mask, self.spec.patch_size, self.norm_pix),
         }
@@ -181,7 +190,8 @@ class MCF(nn.Module):
 
     @torch.no_grad()
     def update_target(self, momentum: float, online_params: dict[str, torch.Tensor] | None = None) -> None:
-        """``target ← m·target + (1 − m)·online`` in the target's dtype (fp32).
+        """``target ← m·target + (1 − m)·online`` in the target's dtype (fp32), in one process (the
+        trainer's sharded version is ``mcf.train.ema.TargetEMA``).
 
         ``online_params`` maps names (``encoder.…``, ``projector.…``) to the fp32 master weights
         (the trainer gathers them from the optimizer under mixed precision / ZeRO); by default the
