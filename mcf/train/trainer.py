@@ -77,7 +77,9 @@ class Trainer:
             self.build_monitor = build_monitor
         loader_factory = self.loader_factory or _default_loader_factory()
 
-        if cfg.data.path != "builtin" and not Path(cfg.data.path).exists():
+        from mcf.data.datasets import data_path_exists
+
+        if not data_path_exists(cfg.data.path):
             raise DataError(f"data path not found: {cfg.data.path}")
         if cfg.data.lmdb_keys and not Path(cfg.data.lmdb_keys).is_file():
             raise DataError(f"LMDB key list not found: {cfg.data.lmdb_keys}")
