@@ -302,12 +302,27 @@ class PaperLMDBDataset(EncodedImageDataset):
         return f"{self.path}[{self.keys[i]}]"
 
 
-def data_path_exists(path: str | os.PathLike) -> bool:
-    """Whether ``--data`` names something that exists (remote shards and patterns are checked when opened)."""
+def precheck(path: str | os.PathLike, lmdb_keys: str | os.PathLike | None = None) -> None:
+    """The cheap checks of ``--data`` a run makes before any heavy start-up: the path exists (remote
+    shards and brace patterns are checked when opened), the key list exists, an LMDB file is whole.
+
+    Raises:
+        DataError: naming what is missing or damaged.
+    """
     from mcf.data.shards import is_remote
 
     s = str(path)
-    return s == "builtin" or is_remote(s) or "{" in s or Path(s).expanduser().exists()
+    if s == "builtin" or is_remote(s) or "{" in s:
+        return
+    p = Path(s).expanduser()
+    if not p.exists():
+        raise DataError(f"data path not found: {s}")
+    if lmdb_keys is not None and not Path(lmdb_keys).is_file():
+        raise DataError(f"LMDB key list not found: {lmdb_keys}")
+    if (p / "data.mdb").is_file():
+        check_lmdb_file(p, subdir=True)
+    elif lmdb_keys is not None and p.is_file():
+        check_lmdb_file(p, subdir=False)
 
 
 def open_dataset(

@@ -33,6 +33,7 @@ import torch
 
 from mcf.data.decode import BadImage, decode_rgb
 from mcf.data.loader import PretrainLoader, ignore_stop_signals
+from mcf.data.procs import die_with_parent
 from mcf.data.shards import ShardSampler, StreamedShards, is_remote
 from mcf.data.source import MAX_ATTEMPTS
 from mcf.data.tar_index import TarDamage, stream_samples
@@ -40,17 +41,6 @@ from mcf.data.transforms import PretrainTransform, normalize_batch, sample_rng
 from mcf.errors import DataError
 
 log = logging.getLogger(__name__)
-
-
-def _die_with_parent() -> None:
-    """``preexec_fn`` of a ``pipe:`` command: SIGKILL it when the worker that started it dies."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def check_url(url: str) -> None:
@@ -73,7 +63,7 @@ def check_url(url: str) -> None:
 def open_stream(url: str) -> Iterator[BinaryIO]:
     """A readable byte stream of shard ``url``: a ``pipe:`` command's stdout, an fsspec URL, or a file."""
     if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, preexec_fn=die_with_parent)  # killed with its worker
         try:
             yield proc.stdout
         finally:

@@ -143,6 +143,9 @@ class ShardSpec:
     name: str
     remote: bool
 
+    def describe(self) -> str:
+        return f"{len(self.urls)} shard(s) ({self.urls[0]}{' ...' if len(self.urls) > 1 else ''})"
+
 
 def resolve_shards(spec: str | os.PathLike) -> ShardSpec:
     """The shard list of ``spec``; raises :class:`DataError` for an empty or unreadable one."""
@@ -156,6 +159,8 @@ def resolve_shards(spec: str | os.PathLike) -> ShardSpec:
     else:
         p = Path(_local(s)).expanduser().absolute()
         if p.is_dir():
+            if (p / "progress.json").is_file() and not (p / "manifest.json").is_file():
+                raise DataError(f"{p} is an interrupted build-shards (no manifest.json): run it again to resume")
             urls = sorted(str(p / e.name) for e in os.scandir(p) if e.name.endswith(".tar") and not e.name.startswith("."))
             data_dir, name = p, "shards"
         elif p.suffix == ".tar":
@@ -345,7 +350,7 @@ def open_shard_index(spec: ShardSpec, options: IndexOptions | None = None, worke
                 old = None
         return build_shard_index(spec, old, workers)
 
-    idx = open_or_build(path, build=build, fresh=lambda i: shard_index_fresh(spec, i), what=f"{len(spec.urls)} shard(s) of {spec.source[:200]}",
+    idx = open_or_build(path, build=build, fresh=lambda i: shard_index_fresh(spec, i), what=spec.describe(),
                         rank=opts.rank, rebuild=opts.rebuild, wait_s=opts.wait_s)
     return ShardTable(idx)
 
@@ -376,8 +381,7 @@ class ShardDataset:
 
     def __init__(self, spec: ShardSpec, table: ShardTable, *, max_pixels: int = DEFAULT_MAX_PIXELS):
         if table.total == 0:
-            raise DataError(f"no image samples (members {', '.join('.' + e for e in ('jpg', 'jpeg', 'png', 'webp'))}) in "
-                            f"{len(spec.urls)} shard(s) of {spec.source[:200]}")
+            raise DataError(f"no image samples (members .jpg, .jpeg, .png, .webp) in {spec.describe()}")
         self.spec, self.table, self.max_pixels = spec, table, max_pixels
         self._handles = _Handles()
 
@@ -428,7 +432,7 @@ class StreamedShards:
 
     def __init__(self, spec: ShardSpec, table: ShardTable, *, max_pixels: int = DEFAULT_MAX_PIXELS):
         if table.total == 0:
-            raise DataError(f"no image samples in {len(spec.urls)} shard(s) of {spec.source[:200]}")
+            raise DataError(f"no image samples in {spec.describe()}")
         self.spec, self.table, self.max_pixels = spec, table, max_pixels
 
     def __len__(self) -> int:
