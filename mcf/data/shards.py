@@ -157,7 +157,7 @@ def resolve_shards(spec: str | os.PathLike) -> ShardSpec:
         urls = [os.path.abspath(_local(u)) for u in expand_braces(s)]
         data_dir, name = Path(urls[0]).parent, f"shards-{source_hash(os.path.abspath(_local(s)))}"
     else:
-        p = Path(_local(s)).expanduser().absolute()
+        p = Path(os.path.abspath(Path(_local(s)).expanduser()))
         if p.is_dir():
             if (p / "progress.json").is_file() and not (p / "manifest.json").is_file():
                 raise DataError(f"{p} is an interrupted build-shards (no manifest.json): run it again to resume")
@@ -200,7 +200,7 @@ def _read_list(p: Path) -> list[str]:
         if is_remote(line):
             urls.extend(expand_braces(line))
         else:
-            urls.extend(str((p.parent / _local(u)).absolute()) for u in expand_braces(line))
+            urls.extend(os.path.abspath(os.path.join(p.parent, _local(u))) for u in expand_braces(line))
     return urls
 
 

@@ -90,14 +90,16 @@ def _atomic_json(path: Path, obj: Any) -> None:
 
 
 class _ShardWriter:
-    """Appends samples to ``NNNNN.tar.tmp`` and records each image's (offset, size)."""
+    """Appends samples to ``NNNNN.tar.tmp`` (USTAR headers written here, so the byte count is exact:
+    ``tarfile`` would pad the archive to 10 KiB records) and records each image's (offset, size)."""
+
+    END = 2 * 512  # two zero blocks close an archive
 
     def __init__(self, folder: Path, number: int):
         self.name = f"{number:05d}.tar"
         self.tmp = folder / (self.name + ".tmp")
         self.final = folder / self.name
         self.f = open(self.tmp, "wb")
-        self.tar = tarfile.open(fileobj=self.f, mode="w", format=tarfile.USTAR_FORMAT)
         self.count, self.bytes = 0, 0
         self.images: list[tuple[int, int]] = []
 
@@ -109,16 +111,15 @@ class _ShardWriter:
         for name, data in ((f"{key}.{ext}", image), (f"{key}.json", meta)):
             ti = tarfile.TarInfo(name)
             ti.size, ti.mode, ti.mtime = len(data), 0o644, 0
-            header = self.tar.offset  # a USTAR member with a short name: one header block, then the data
-            self.tar.addfile(ti, io.BytesIO(data))
-            self.tar.members.clear()
-            if name.endswith("." + ext):
-                self.images.append((header + 512, len(data)))
+            header = ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+            if data is image:
+                self.images.append((self.bytes + len(header), len(data)))
+            self.f.write(header + data + b"\0" * (-len(data) % 512))
+            self.bytes += len(header) + len(data) + (-len(data) % 512)
         self.count += 1
-        self.bytes += self.size_of([image, meta])
 
     def close(self) -> dict[str, Any]:
-        self.tar.close()
+        self.f.write(b"\0" * self.END)
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
@@ -214,7 +215,8 @@ def build_shards(
                     pending_bad.append([name, ext])
                     continue
                 meta = json.dumps({"source": name}).encode()
-                if writer is not None and max_bytes is not None and writer.bytes + _ShardWriter.size_of([data, meta]) + 1024 > max_bytes:
+                grown = writer.bytes + _ShardWriter.size_of([data, meta]) + _ShardWriter.END if writer is not None else 0
+                if writer is not None and max_bytes is not None and grown > max_bytes:
                     commit(i)
                 if writer is None:
                     writer = _ShardWriter(partial, len(state["shards"]))
@@ -233,7 +235,6 @@ def build_shards(
         if pool is not None:
             shutdown(pool, kill=not finished)
         if writer is not None:  # an interrupted shard: dropped, re-made on resume
-            writer.tar.close()
             writer.f.close()
             writer.tmp.unlink(missing_ok=True)
         _JOB = None

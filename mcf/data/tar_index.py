@@ -42,7 +42,10 @@ def _octal(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:  # GNU base-256, for members of 8 GiB and more
         return int.from_bytes(field[1:], "big") | ((field[0] & 0x3F) << (8 * (len(field) - 1)))
     text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise TarDamage(f"not a tar header (number field {text[:12]!r})") from None
 
 
 def _checksum_ok(h: bytes) -> bool:
@@ -75,18 +78,28 @@ def scan_members(fd: int, size: int) -> Iterator[tuple[str, int, int]]:
         h = os.pread(fd, BLOCK, pos)
         if len(h) < BLOCK or not h.strip(b"\0"):
             return  # end-of-archive blocks (or a file cut exactly at a member boundary)
-        if not _checksum_ok(h):
+        try:
+            ok = _checksum_ok(h)
+        except TarDamage:
+            ok = False
+        if not ok:
             raise TarDamage(f"bad header checksum at byte {pos}")
         typ = h[156:157]
         n = pax.get("size")
-        n = int(n) if n is not None else _octal(h[124:136])
+        try:
+            n = int(n) if n is not None else _octal(h[124:136])
+        except ValueError:
+            raise TarDamage(f"bad pax size {n!r} at byte {pos}") from None
         data = pos + BLOCK
         if data + n > size:
             raise TarDamage(f"member at byte {pos} runs past the end of the file ({size} bytes): truncated")
         if typ == b"L":  # GNU long name: the next member's name
             long_name = os.pread(fd, n, data).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         elif typ == b"x":  # pax extended header of the next member
-            pax = _pax(os.pread(fd, n, data))
+            try:
+                pax = _pax(os.pread(fd, n, data))
+            except ValueError:
+                raise TarDamage(f"bad pax header at byte {pos}") from None
         elif typ in (b"g", b"K"):  # global pax header, GNU long link name: ignored
             pass
         else:
