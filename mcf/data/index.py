@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from mcf.errors import DataError
+from mcf.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def _align(x: int) -> int:
 
 
 def write_index(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    """Write an index file atomically (temporary file in the same folder, fsync, rename)."""
+    """Write an index file atomically (:func:`mcf.fileio.atomic_path`: temporary file, fsync, rename)."""
     layout = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
     rel, pos = {}, 0
     for name, a in layout.items():
@@ -178,20 +179,12 @@ def write_index(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray])
     base = _align(16 + len(draft.encode()) + 24 * len(layout))
     specs = {k: [a.dtype.str, list(a.shape), base + rel[k]] for k, a in layout.items()}
     body = json.dumps({"meta": meta, "arrays": specs}).encode()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + np.uint64(len(body)).tobytes() + body)
-            for name, a in layout.items():
-                f.seek(specs[name][2])
-                f.write(memoryview(a).cast("B") if a.nbytes else b"")
-            f.truncate(base + pos)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(MAGIC + np.uint64(len(body)).tobytes() + body)
+        for name, a in layout.items():
+            f.seek(specs[name][2])
+            f.write(memoryview(a).cast("B") if a.nbytes else b"")
+        f.truncate(base + pos)
 
 
 def _stamp(path: Path) -> tuple[int, int, int]:

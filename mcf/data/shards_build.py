@@ -35,6 +35,7 @@ from mcf.data.shards import FORMAT as INDEX_FORMAT
 from mcf.data.shards import MANIFEST_FORMAT, ShardDataset, StreamedShards, open_shards, resolve_shards
 from mcf.data.shards import VERSION as INDEX_VERSION
 from mcf.errors import DataError
+from mcf.fileio import write_text_atomic
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -84,9 +85,7 @@ def _fingerprint(ds: Any) -> str:
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 class _ShardWriter:
