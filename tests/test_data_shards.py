@@ -324,3 +324,21 @@ def test_two_rank_pretrain_on_shards_resumes_exactly(tmp_path):
     check(run(pretrain_args(resumed, 8, *common, "--resume", str(ref / "checkpoints" / "step_00000004")), nproc=2))
     want, got = losses(ref), losses(resumed)
     assert sorted(got) == [5, 6, 7, 8] and all(got[s] == pytest.approx(want[s], rel=1e-6) for s in got), (got, want)
+
+
+def test_remote_index_retries_unreadable_shards_only(tmp_path, shards, monkeypatch):
+    from mcf.data import shards as shards_mod
+
+    lst = tmp_path / "remote.txt"
+    late = tmp_path / "late.tar"
+    lst.write_text(f"pipe:cat {shards}/00000.tar\npipe:cat {late} 2>/dev/null\n")
+    first = open_dataset(lst)
+    assert len(first) == 10 and first.table.damage(1)  # the missing shard: counted as empty, not trusted
+    late.write_bytes((shards / "00002.tar").read_bytes())
+    read = []
+    real = shards_mod._index_one
+    monkeypatch.setattr(shards_mod, "_index_one", lambda u: read.append(u) or real(u))
+    again = open_dataset(lst)
+    assert len(again) == 22 and read == [f"pipe:cat {late} 2>/dev/null"]  # the good shard was not streamed again
+    read.clear()
+    assert len(open_dataset(lst)) == 22 and read == []  # now trusted

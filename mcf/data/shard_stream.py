@@ -24,69 +24,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import subprocess
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 
 from mcf.data.decode import BadImage, decode_rgb
 from mcf.data.loader import PretrainLoader, ignore_stop_signals
-from mcf.data.procs import die_with_parent
-from mcf.data.shards import ShardSampler, StreamedShards, is_remote
+from mcf.data.shards import ShardSampler, StreamedShards, open_stream
 from mcf.data.source import MAX_ATTEMPTS
 from mcf.data.tar_index import TarDamage, stream_samples
 from mcf.data.transforms import PretrainTransform, normalize_batch, sample_rng
 from mcf.errors import DataError
 
 log = logging.getLogger(__name__)
-
-
-def check_url(url: str) -> None:
-    """Raise :class:`DataError` when ``url``'s protocol cannot be read here (fsspec or its package missing)."""
-    if url.startswith("pipe:") or not is_remote(url):
-        return
-    protocol = url.split("://", 1)[0]
-    try:
-        import fsspec
-
-        fsspec.get_filesystem_class(protocol)
-    except ImportError as e:
-        raise DataError(f"reading {protocol}:// shards needs fsspec and its {protocol} package ({e}); "
-                        "install them, or use a pipe: command (e.g. pipe:aws s3 cp URL -)") from None
-    except ValueError as e:
-        raise DataError(f"unknown shard URL protocol {protocol!r} in {url} ({e})") from None
-
-
-@contextlib.contextmanager
-def open_stream(url: str) -> Iterator[BinaryIO]:
-    """A readable byte stream of shard ``url``: a ``pipe:`` command's stdout, an fsspec URL, or a file."""
-    if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, preexec_fn=die_with_parent)  # killed with its worker
-        try:
-            yield proc.stdout
-        finally:
-            proc.stdout.close()
-            if proc.poll() is None:
-                proc.kill()
-            rc = proc.wait()
-            if rc not in (0, -9):
-                log.warning("shard command %r exited with status %d", url, rc)
-        return
-    if is_remote(url):
-        check_url(url)
-        import fsspec
-
-        try:
-            f = fsspec.open(url, "rb").open()
-        except Exception as e:  # network, permissions, missing object: the shard's samples are bad
-            raise DataError(f"cannot open {url}: {type(e).__name__}: {e}") from None
-        with f:
-            yield f
-        return
-    with open(url[len("file://") :] if url.startswith("file://") else url, "rb") as f:
-        yield f
 
 
 class _Reader:
@@ -237,8 +189,6 @@ class ShardStreamLoader(PretrainLoader):
         super().__init__(*args, **kwargs)
         if not isinstance(self.dataset, StreamedShards):
             raise TypeError("ShardStreamLoader reads StreamedShards")
-        for url in self.dataset.spec.urls[:1]:
-            check_url(url)
         self.streams = max(1, self.cfg.num_workers)
         self.shard_sampler = ShardSampler(self.dataset.shard_counts(), rank=self.rank, world_size=self.world_size, seed=self.seed,
                                           window=self.cfg.shuffle_buffer)

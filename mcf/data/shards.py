@@ -31,20 +31,23 @@ Numpy only: DALI's spawned source workers unpickle :class:`ShardDataset` and :cl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import subprocess
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from mcf.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage
 from mcf.data.index import IndexFile, IndexOptions, PackedStrings, index_location, open_or_build, source_hash
+from mcf.data.procs import die_with_parent
 from mcf.data.tar_index import count_stream, index_tar
 from mcf.errors import DataError
 
@@ -173,6 +176,8 @@ def resolve_shards(spec: str | os.PathLike) -> ShardSpec:
     if not urls:
         raise DataError(f"no shards in {s}")
     remote = any(is_remote(u) for u in urls)
+    for proto in {u.split("://", 1)[0] for u in urls if is_remote(u) and not u.startswith("pipe:")}:
+        check_url(proto + "://")  # a missing fsspec package is a one-line error now, not bad samples later
     if not remote:
         missing = [u for u in urls if not os.path.isfile(u)]
         if missing:
@@ -204,6 +209,52 @@ def _read_list(p: Path) -> list[str]:
     return urls
 
 
+def check_url(url: str) -> None:
+    """Raise :class:`DataError` when ``url``'s protocol cannot be read here (fsspec or its package missing)."""
+    if url.startswith("pipe:") or not is_remote(url):
+        return
+    protocol = url.split("://", 1)[0]
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as e:
+        raise DataError(f"reading {protocol}:// shards needs fsspec and its {protocol} package ({e}); "
+                        "install them, or use a pipe: command (e.g. pipe:aws s3 cp URL -)") from None
+    except ValueError as e:
+        raise DataError(f"unknown shard URL protocol {protocol!r} in {url} ({e})") from None
+
+
+@contextlib.contextmanager
+def open_stream(url: str) -> Iterator[BinaryIO]:
+    """A readable byte stream of shard ``url``: a ``pipe:`` command's stdout, an fsspec URL, or a file."""
+    if url.startswith("pipe:"):
+        proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, preexec_fn=die_with_parent)  # killed with its worker
+        try:
+            yield proc.stdout
+        finally:
+            proc.stdout.close()
+            if proc.poll() is None:
+                proc.kill()
+            rc = proc.wait()
+            if rc not in (0, -9):
+                log.warning("shard command %r exited with status %d", url, rc)
+        return
+    if is_remote(url):
+        check_url(url)
+        import fsspec
+
+        try:
+            f = fsspec.open(url, "rb").open()
+        except Exception as e:  # network, permissions, missing object: the shard's samples are bad
+            raise DataError(f"cannot open {url}: {type(e).__name__}: {e}") from None
+        with f:
+            yield f
+        return
+    with open(url[len("file://") :] if url.startswith("file://") else url, "rb") as f:
+        yield f
+
+
 # -- the index ---------------------------------------------------------------------------------------
 def _stat(url: str) -> tuple[int, int]:
     if is_remote(url):
@@ -219,8 +270,6 @@ def _index_one(url: str) -> tuple[list[tuple[int, int]] | int, str | None]:
     """A local shard's ``(offset, size)`` list, or a remote shard's sample count; and its damage."""
     if not is_remote(url):
         return index_tar(url)
-    from mcf.data.shard_stream import open_stream
-
     try:
         with open_stream(url) as f:
             return count_stream(f)
@@ -237,7 +286,8 @@ def build_shard_index(spec: ShardSpec, old: IndexFile | None = None, workers: in
         o = ShardTable(old)
         for k in range(len(o)):
             url = o.url(k)
-            if o.size[k] >= 0 and (int(o.size[k]), int(o.mtime[k])) == _stat(url):
+            remote_ok = o.size[k] == -1 and is_remote(url) and not o.damage(k)  # trusted until --rebuild; damaged: retried
+            if remote_ok or (o.size[k] >= 0 and (int(o.size[k]), int(o.mtime[k])) == _stat(url)):
                 reuse[url] = (o.samples(k), int(o.bad[k]), o.damage(k))
     todo = [u for u in spec.urls if u not in reuse]
     results: dict[str, tuple[Any, str | None]] = {}
@@ -297,7 +347,13 @@ def shard_index_fresh(spec: ShardSpec, idx: IndexFile) -> bool:
     t = ShardTable(idx)
     if len(t) != len(spec.urls) or any(t.url(k) != u for k, u in enumerate(spec.urls)):
         return False
-    return all(t.size[k] < 0 or (int(t.size[k]), int(t.mtime[k])) == _stat(u) for k, u in enumerate(spec.urls))
+    for k, u in enumerate(spec.urls):
+        if t.size[k] == -1:  # remote: trusted, unless it could not be read to its end (retried at each start)
+            if t.damage(k):
+                return False
+        elif (int(t.size[k]), int(t.mtime[k])) != _stat(u):
+            return False
+    return True
 
 
 class ShardTable:

@@ -302,7 +302,7 @@ def verify_shards(spec: str | os.PathLike, *, progress: bool = True, max_pixels:
             except BadImage as e:
                 bad.append([ds.name(i), str(e)])
         return {"count": len(ds), "bad": bad}
-    from mcf.data.shard_stream import open_stream
+    from mcf.data.shards import open_stream
     from mcf.data.tar_index import TarDamage, stream_samples
 
     bar = tqdm(total=len(ds), unit="img", disable=not progress, desc="verify")
