@@ -17,7 +17,9 @@ def add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(ti, io.BytesIO(data))
 
 
-def make_shards(root: Path, sizes: tuple[int, ...] = (10, 11, 12), seed: int = 0, bad: dict[int, str] | None = None) -> list[bytes]:
+def make_shards(
+    root: Path, sizes: tuple[int, ...] = (10, 11, 12), seed: int = 0, bad: dict[int, str] | None = None
+) -> list[bytes]:
     """Shards ``root/00000.tar ...`` holding ``sizes[k]`` image samples each (JPEG and PNG alternating,
     each with a ``.json`` member). ``bad`` maps a global sample number to a kind of bad image member
     (``"corrupt"``: a PNG failing its CRC, ``"truncated"``: half a JPEG, ``"empty"``). Returns the

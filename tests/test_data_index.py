@@ -40,7 +40,9 @@ def test_pack_lines_matches_str_strip():
         assert [p[i] for i in range(len(p))] == want, data
     keys = [b"k%012d" % i for i in range(1000)]
     p = pack_lines(b"\n".join(keys) + b"\n")
-    assert p.offsets.dtype == np.uint32 and p.nbytes / len(p) == pytest.approx(17, abs=0.01)  # 13 bytes + a uint32 offset
+    assert p.offsets.dtype == np.uint32 and p.nbytes / len(p) == pytest.approx(
+        17, abs=0.01
+    )  # 13 bytes + a uint32 offset
     assert [p.get(i) for i in (0, 500, 999)] == [keys[0], keys[500], keys[999]]
 
 
@@ -92,10 +94,20 @@ def test_symlinks_each_directory_once(tmp_path):
     root = tmp_path / "data"
     _tree(root)
     files, dirs = walk_images(root)
-    assert files == sorted([
-        "a/img000.png", "a/img001.jpg", "b/c/img000.png", "b/c/img001.jpg", "z/img000.png", "z/img001.jpg",
-        "top.png", "out1/img000.png", "out1/img001.jpg", "dangling.jpg",
-    ])
+    assert files == sorted(
+        [
+            "a/img000.png",
+            "a/img001.jpg",
+            "b/c/img000.png",
+            "b/c/img001.jpg",
+            "z/img000.png",
+            "z/img001.jpg",
+            "top.png",
+            "out1/img000.png",
+            "out1/img001.jpg",
+            "dangling.jpg",
+        ]
+    )
     assert [d[0] for d in dirs] == ["", "a", "b", "b/c", "z", "out1"]
     # the same, through the loader's path, under a timeout (the old scan never returned)
     code = f"from mcf.data import open_dataset; print(len(open_dataset({str(root)!r})))"
@@ -140,6 +152,7 @@ def test_other_ranks_wait_for_rank_0(tmp_path):
         def f():
             built.append(who)
             return {"n": 3}, PackedStrings.from_bytes([b"a", b"bb", b"c"]).arrays("k")
+
         return f
 
     result = {}
@@ -155,7 +168,9 @@ def test_other_ranks_wait_for_rank_0(tmp_path):
     t.join(10)
     assert built == [0] and PackedStrings.from_index(result["idx"], "k")[1] == "bb"
     with pytest.raises(DataError, match="rank 0 to write the index"):
-        open_or_build(tmp_path / "never" / "y.mcfidx", build=build(1), fresh=lambda i: True, what="test", rank=1, wait_s=0.2)
+        open_or_build(
+            tmp_path / "never" / "y.mcfidx", build=build(1), fresh=lambda i: True, what="test", rank=1, wait_s=0.2
+        )
 
 
 def _private_growth(read, n: int, conn) -> None:
@@ -218,7 +233,9 @@ def test_damaged_lmdb_is_one_line_not_sigbus(tmp_path):
         with pytest.raises(DataError, match=f"{d}/data.mdb (is cut short|is not an LMDB)"):
             open_dataset(d)
         for cmd in ("verify", "info"):
-            p = subprocess.run([sys.executable, "-m", "mcf", "data", cmd, str(d)], capture_output=True, text=True, timeout=120)
+            p = subprocess.run(
+                [sys.executable, "-m", "mcf", "data", cmd, str(d)], capture_output=True, text=True, timeout=120
+            )
             assert p.returncode == 2 and p.stderr.count("\n") == 1 and "data.mdb" in p.stderr, (kind, cmd, p.stderr)
     keys = make_paper_lmdb(tmp_path / "paper", tmp_path / "k.txt", n=40)
     assert len(keys) == 40
@@ -232,7 +249,12 @@ def test_damaged_lmdb_pretrain_exits_2(tmp_path):
     d = _damaged(tmp_path)["truncated"]
     from train_helpers import env, pretrain_args
 
-    p = subprocess.run([sys.executable, "-m", "mcf", "pretrain", *pretrain_args(tmp_path / "run", 2, "--data", str(d))],
-                       capture_output=True, text=True, timeout=300, env=env())
+    p = subprocess.run(
+        [sys.executable, "-m", "mcf", "pretrain", *pretrain_args(tmp_path / "run", 2, "--data", str(d))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env(),
+    )
     assert p.returncode == 2, p.stderr[-3000:]
     assert f"mcf: error: {d}/data.mdb is cut short" in p.stderr and "Traceback" not in p.stderr

@@ -136,9 +136,12 @@ def _open_measure(open_fn, n: int, arrays_of) -> dict[str, Any]:
     m1 = memory()
     _touch(arrays_of(obj))
     m2 = memory()
-    return {"open_s": dt, "rss_growth_at_open_bytes": m1["rss"] - m0["rss"],
-            "resident_per_sample_reading_all": (m2["rss"] - m1["rss"]) / n,
-            "private_per_sample_total": (m2["private_dirty"] - m0["private_dirty"]) / n}
+    return {
+        "open_s": dt,
+        "rss_growth_at_open_bytes": m1["rss"] - m0["rss"],
+        "resident_per_sample_reading_all": (m2["rss"] - m1["rss"]) / n,
+        "private_per_sample_total": (m2["private_dirty"] - m0["private_dirty"]) / n,
+    }
 
 
 def _worker_epoch(read, k: int) -> dict[str, Any]:
@@ -152,8 +155,11 @@ def _worker_epoch(read, k: int) -> dict[str, Any]:
         read(i)
     dt = time.perf_counter() - t0
     m1 = memory()
-    return {"private_dirty_growth_per_key": (m1["private_dirty"] - m0["private_dirty"]) / k,
-            "rss_growth_per_key": (m1["rss"] - m0["rss"]) / k, "seconds": dt}
+    return {
+        "private_dirty_growth_per_key": (m1["private_dirty"] - m0["private_dirty"]) / k,
+        "rss_growth_per_key": (m1["rss"] - m0["rss"]) / k,
+        "seconds": dt,
+    }
 
 
 def _preload() -> None:
@@ -185,8 +191,14 @@ def keys_bench(work: Path, n: int, worker_keys: int) -> dict[str, Any]:
         _open_paper(db, kf, cache)
         return time.perf_counter() - t0
 
-    row: dict[str, Any] = {"samples": n, "key_file_bytes": kf.stat().st_size, "first_open": first, "reopen": again,
-                           "dataset_reopen_s": _in_child(dataset_open), "index_bytes_per_sample": index_file.stat().st_size / n}
+    row: dict[str, Any] = {
+        "samples": n,
+        "key_file_bytes": kf.stat().st_size,
+        "first_open": first,
+        "reopen": again,
+        "dataset_reopen_s": _in_child(dataset_open),
+        "index_bytes_per_sample": index_file.stat().st_size / n,
+    }
     # A DataLoader worker's epoch: forked from a process holding the data set, it reads every key.
     ds = _open_paper(db, kf, cache)
     row["worker_compact"] = _in_child(_worker_epoch, lambda i: ds.keys.get(i), worker_keys)
@@ -224,8 +236,13 @@ def folder_bench(work: Path, n: int) -> dict[str, Any]:
     first = _in_child(_open_measure, lambda: open_folder_index(root, opts), n, arrays)
     again = _in_child(_open_measure, lambda: open_folder_index(root, opts), n, arrays)
     index_file = next(cache.glob("*.mcfidx"))
-    return {"files": n, "directories": -(-n // FILES_PER_DIR), "first_open": first, "reopen": again,
-            "index_bytes_per_sample": index_file.stat().st_size / n}
+    return {
+        "files": n,
+        "directories": -(-n // FILES_PER_DIR),
+        "first_open": first,
+        "reopen": again,
+        "index_bytes_per_sample": index_file.stat().st_size / n,
+    }
 
 
 def shards_bench(work: Path, n: int) -> dict[str, Any]:
@@ -244,11 +261,19 @@ def shards_bench(work: Path, n: int) -> dict[str, Any]:
         arrays = {
             **PackedStrings.from_bytes(b"/data/laion_face/%05d.tar" % k for k in range(s)).arrays("urls"),
             **PackedStrings.from_bytes(b"" for _ in range(s)).arrays("damage"),
-            "count": counts, "start": start, "bad": np.zeros(s, np.int64), "size": np.full(s, 2**30, np.int64),
+            "count": counts,
+            "start": start,
+            "bad": np.zeros(s, np.int64),
+            "size": np.full(s, 2**30, np.int64),
             "mtime": np.zeros(s, np.int64),
-            "offset": (member * 100_352 + 512).astype(np.uint32), "length": np.full(n, 99_000, np.uint32),
+            "offset": (member * 100_352 + 512).astype(np.uint32),
+            "length": np.full(n, 99_000, np.uint32),
         }
-        write_index(path, {"format": FORMAT, "version": VERSION, "count": n, "shards": s, "remote": False, "source": None}, arrays)
+        write_index(
+            path,
+            {"format": FORMAT, "version": VERSION, "count": n, "shards": s, "remote": False, "source": None},
+            arrays,
+        )
 
     def open_and_sample():
         t = ShardTable(IndexFile.open(path))
@@ -259,8 +284,13 @@ def shards_bench(work: Path, n: int) -> dict[str, Any]:
 
     row = _in_child(_open_measure, open_and_sample, n, lambda r: (r[0].offset, r[0].length))
     sample_s = _in_child(lambda: open_and_sample()[1])
-    return {"samples": n, "shards": s, "open": row, "index_bytes_per_sample": path.stat().st_size / n,
-            "sampler_batch_of_256_s": sample_s[0]}
+    return {
+        "samples": n,
+        "shards": s,
+        "open": row,
+        "index_bytes_per_sample": path.stat().st_size / n,
+        "sampler_batch_of_256_s": sample_s[0],
+    }
 
 
 def run(cfg: IndexScaleConfig) -> dict[str, Any]:

@@ -101,7 +101,11 @@ class PackedStrings:
     def __setstate__(self, state: dict[str, Any]) -> None:
         if state["_source"] is not None:
             idx, prefix = state["_source"]
-            state = {"offsets": idx.arrays[f"{prefix}.offsets"], "blob": idx.arrays[f"{prefix}.blob"], "_source": state["_source"]}
+            state = {
+                "offsets": idx.arrays[f"{prefix}.offsets"],
+                "blob": idx.arrays[f"{prefix}.blob"],
+                "_source": state["_source"],
+            }
         self.__dict__.update(state)
 
     @property
@@ -230,7 +234,12 @@ class IndexFile:
 
     def __getstate__(self) -> dict[str, Any]:
         if self.path is None:
-            return {"meta": self.meta, "arrays": {k: np.asarray(v) for k, v in self.arrays.items()}, "path": None, "_stamp": None}
+            return {
+                "meta": self.meta,
+                "arrays": {k: np.asarray(v) for k, v in self.arrays.items()},
+                "path": None,
+                "_stamp": None,
+            }
         return {"path": self.path, "_stamp": self._stamp}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -328,7 +337,10 @@ def open_or_build(
         if (idx := _try_open(path, fresh)) is not None:
             return idx
         if not path.exists() and not _writable(path):
-            log.warning("cannot write an index next to %s; this rank scans it itself (set data.index_cache to a writable folder)", what)
+            log.warning(
+                "cannot write an index next to %s; this rank scans it itself (set data.index_cache to a writable dir)",
+                what,
+            )
             return IndexFile(*build())
         deadline, sleep = time.monotonic() + wait_s, POLL_S[0]
         log.info("waiting for rank 0 to index %s (%s)", what, path)
@@ -338,8 +350,8 @@ def open_or_build(
             if (idx := _try_open(path, fresh)) is not None:
                 return idx
         raise DataError(
-            f"waited {wait_s:.0f} s for rank 0 to write the index of {what} at {path}; run `mcf data index` on it first, "
-            "or raise data.index_wait_s"
+            f"waited {wait_s:.0f} s for rank 0 to write the index of {what} at {path}; "
+            "run `mcf data index` on it first, or raise data.index_wait_s"
         )
     if not rebuild and (idx := _try_open(path, fresh)) is not None:
         return idx
@@ -352,8 +364,12 @@ def open_or_build(
     try:
         write_index(path, meta, arrays)
     except OSError as e:
-        log.warning("cannot write the index of %s to %s (%s); not cached (set data.index_cache to a writable folder)", what, path,
-                    e.strerror or e)
+        log.warning(
+            "cannot write the index of %s to %s (%s); not cached (set data.index_cache to a writable folder)",
+            what,
+            path,
+            e.strerror or e,
+        )
         return IndexFile(meta, arrays)
     log.info("indexed %s in %.1f s -> %s", what, time.monotonic() - t0, path)
     return IndexFile.open(path)
@@ -388,5 +404,7 @@ def open_key_list(keys_file: str | os.PathLike, options: IndexOptions | None = N
         st = os.stat(kf)
         return (m["size"], m["mtime_ns"], m["ino"]) == (st.st_size, st.st_mtime_ns, st.st_ino)
 
-    idx = open_or_build(path, build=build, fresh=fresh, what=f"key list {kf}", rank=opts.rank, rebuild=opts.rebuild, wait_s=opts.wait_s)
+    idx = open_or_build(
+        path, build=build, fresh=fresh, what=f"key list {kf}", rank=opts.rank, rebuild=opts.rebuild, wait_s=opts.wait_s
+    )
     return PackedStrings.from_index(idx, "keys")

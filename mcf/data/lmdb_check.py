@@ -46,7 +46,14 @@ def _meta(page: bytes) -> dict | None:
     main_root = struct.unpack_from("<Q", page, 88 + 40)[0]
     free_root = struct.unpack_from("<Q", page, 40 + 40)[0]
     last_pg, txnid = struct.unpack_from("<QQ", page, 136)
-    return {"pgno": pgno, "psize": psize, "mapsize": mapsize, "roots": (free_root, main_root), "last_pg": last_pg, "txnid": txnid}
+    return {
+        "pgno": pgno,
+        "psize": psize,
+        "mapsize": mapsize,
+        "roots": (free_root, main_root),
+        "last_pg": last_pg,
+        "txnid": txnid,
+    }
 
 
 def check_lmdb_file(path: str | Path, subdir: bool) -> None:
@@ -59,11 +66,15 @@ def check_lmdb_file(path: str | Path, subdir: bool) -> None:
             head = f.read(152)
             first = _meta(head)
             if first is None:
-                raise DataError(f"{data} is not an LMDB ({'empty file' if size == 0 else 'no valid meta page'}): "
-                                "a damaged or unfinished copy? copy or rebuild it")
+                raise DataError(
+                    f"{data} is not an LMDB ({'empty file' if size == 0 else 'no valid meta page'}): "
+                    "a damaged or unfinished copy? copy or rebuild it"
+                )
             psize = first["psize"]
             if psize < 512 or psize & (psize - 1) or size < 2 * psize:
-                raise DataError(f"{data} is damaged: {size} bytes, not even its two meta pages (page size {psize}); copy it again")
+                raise DataError(
+                    f"{data} is damaged: {size} bytes, not even its two meta pages (page size {psize}); copy it again"
+                )
             f.seek(psize)
             second = _meta(f.read(152))
     except OSError as e:
@@ -72,7 +83,9 @@ def check_lmdb_file(path: str | Path, subdir: bool) -> None:
     current = max(metas, key=lambda m: m["txnid"])
     need = (current["last_pg"] + 1) * psize
     if need > size:
-        raise DataError(f"{data} is cut short: {size} bytes, but its metadata uses {need} ({current['last_pg'] + 1} pages of "
-                        f"{psize}); an interrupted copy? copy it again")
+        raise DataError(
+            f"{data} is cut short: {size} bytes, but its metadata uses {need} ({current['last_pg'] + 1} pages of "
+            f"{psize}); an interrupted copy? copy it again"
+        )
     if any(r != P_INVALID and r > current["last_pg"] for r in current["roots"]):
         raise DataError(f"{data} is damaged: a root page lies past its last page; copy or rebuild it")

@@ -173,7 +173,9 @@ class FolderIndex:
 
     @property
     def nbytes(self) -> int:
-        return self.files.nbytes + int(self.file_dir.nbytes) + self.dirs.nbytes + int(self.idx.arrays["dir_mtime"].nbytes)
+        return (
+            self.files.nbytes + int(self.file_dir.nbytes) + self.dirs.nbytes + int(self.idx.arrays["dir_mtime"].nbytes)
+        )
 
     def __getstate__(self) -> dict:
         return {"root": self.root, "idx": self.idx}

@@ -131,8 +131,16 @@ class StreamPlan:
 class _StreamBatches(torch.utils.data.IterableDataset):
     """One epoch's batches from ``position`` on; each DataLoader worker runs one stream."""
 
-    def __init__(self, plan: StreamPlan, urls: list[str], transform: PretrainTransform, seed: int, max_pixels: int, epoch: int,
-                 position: int):
+    def __init__(
+        self,
+        plan: StreamPlan,
+        urls: list[str],
+        transform: PretrainTransform,
+        seed: int,
+        max_pixels: int,
+        epoch: int,
+        position: int,
+    ):
         super().__init__()
         self.plan, self.urls, self.transform, self.seed, self.max_pixels = plan, urls, transform, seed, max_pixels
         self.epoch, self.position = epoch, position
@@ -160,24 +168,35 @@ class _StreamBatches(torch.utils.data.IterableDataset):
             perm = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, base + a, 0x77696E64]).permutation(b - a)
             for q0 in range(drop, b - a, bs):
                 out = [self._sample(ids, data, int(j)) for j in perm[q0 : q0 + bs]]
-                yield (torch.from_numpy(np.stack([o[0] for o in out])), torch.tensor([o[1] for o in out]),
-                       torch.tensor([o[2] for o in out]))
+                yield (
+                    torch.from_numpy(np.stack([o[0] for o in out])),
+                    torch.tensor([o[1] for o in out]),
+                    torch.tensor([o[2] for o in out]),
+                )
 
     def _sample(self, ids: list[int], data: list[bytes | None], j: int) -> tuple[np.ndarray, int, int]:
-        """Window slot ``j``, or a substitute drawn from the window when it is bad: (uint8 image, failed, first bad id)."""
+        """Window slot ``j``, or a substitute drawn from the window when it is bad:
+        ``(uint8 image, failed attempts, first bad sample id or -1)``."""
         sid, n_bad, first_bad = ids[j], 0, -1
         cand = j
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 img = decode_rgb(data[cand] or b"", self.max_pixels)
-                return self.transform.apply_uint8(img, self.transform.params(*img.size, seed=self.seed, epoch=self.epoch, index=sid)), \
-                    n_bad, first_bad
+                return (
+                    self.transform.apply_uint8(
+                        img, self.transform.params(*img.size, seed=self.seed, epoch=self.epoch, index=sid)
+                    ),
+                    n_bad,
+                    first_bad,
+                )
             except BadImage:
                 n_bad += 1
                 first_bad = ids[cand] if first_bad < 0 else first_bad
                 cand = int(sample_rng(self.seed, self.epoch, sid, attempt).integers(len(ids)))
-        raise DataError(f"{MAX_ATTEMPTS} samples in a row failed to decode in the shuffle window of sample {sid}: "
-                        "the shards are mostly unreadable or missing")
+        raise DataError(
+            f"{MAX_ATTEMPTS} samples in a row failed to decode in the shuffle window of sample {sid}: "
+            "the shards are mostly unreadable or missing"
+        )
 
 
 class ShardStreamLoader(PretrainLoader):
@@ -190,28 +209,45 @@ class ShardStreamLoader(PretrainLoader):
         if not isinstance(self.dataset, StreamedShards):
             raise TypeError("ShardStreamLoader reads StreamedShards")
         self.streams = max(1, self.cfg.num_workers)
-        self.shard_sampler = ShardSampler(self.dataset.shard_counts(), rank=self.rank, world_size=self.world_size, seed=self.seed,
-                                          window=self.cfg.shuffle_buffer)
-        self.plan = StreamPlan(self.shard_sampler, self.batch_size, self.num_batches, self.streams, self.cfg.shuffle_buffer)
+        self.shard_sampler = ShardSampler(
+            self.dataset.shard_counts(),
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            window=self.cfg.shuffle_buffer,
+        )
+        self.plan = StreamPlan(
+            self.shard_sampler, self.batch_size, self.num_batches, self.streams, self.cfg.shuffle_buffer
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "streams": self.streams}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         if "streams" in d and int(d["streams"]) != self.streams:
-            raise DataError(f"streamed shards resume exactly only with the same data.num_workers: the checkpoint used "
-                            f"{max(1, int(d['streams']))} stream(s), this run {self.streams}; set data.num_workers={d['streams']}")
+            raise DataError(
+                f"streamed shards resume exactly only with the same data.num_workers: the checkpoint used "
+                f"{max(1, int(d['streams']))} stream(s), this run {self.streams}; set data.num_workers={d['streams']}"
+            )
         super().load_state_dict(d)
 
     def _batches(self, epoch, position):
-        ds = _StreamBatches(self.plan, list(self.dataset.spec.urls), self.transform, self.seed, self.dataset.max_pixels, epoch, position)
+        ds = _StreamBatches(
+            self.plan, list(self.dataset.spec.urls), self.transform, self.seed, self.dataset.max_pixels, epoch, position
+        )
         nw = self.cfg.num_workers
         if nw == 0:
             batches: Any = iter(ds)
         else:
-            batches = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw, persistent_workers=False,
-                                                  prefetch_factor=self.cfg.prefetch, worker_init_fn=ignore_stop_signals,
-                                                  pin_memory=self.device.type == "cuda")
+            batches = torch.utils.data.DataLoader(
+                ds,
+                batch_size=None,
+                num_workers=nw,
+                persistent_workers=False,
+                prefetch_factor=self.cfg.prefetch,
+                worker_init_fn=ignore_stop_signals,
+                pin_memory=self.device.type == "cuda",
+            )
         nb = self.device.type == "cuda"
         try:
             for imgs, n_bad, bad_idx in batches:

@@ -164,7 +164,9 @@ def resolve_shards(spec: str | os.PathLike) -> ShardSpec:
         if p.is_dir():
             if (p / "progress.json").is_file() and not (p / "manifest.json").is_file():
                 raise DataError(f"{p} is an interrupted build-shards (no manifest.json): run it again to resume")
-            urls = sorted(str(p / e.name) for e in os.scandir(p) if e.name.endswith(".tar") and not e.name.startswith("."))
+            urls = sorted(
+                str(p / e.name) for e in os.scandir(p) if e.name.endswith(".tar") and not e.name.startswith(".")
+            )
             data_dir, name = p, "shards"
         elif p.suffix == ".tar":
             urls, data_dir, name = [str(p)], p.parent, f"shards-{source_hash(str(p))}"
@@ -192,7 +194,9 @@ def _read_list(p: Path) -> list[str]:
     except OSError as e:
         raise DataError(f"cannot read shard list {p}: {e.strerror or e}") from None
     if b"\0" in text:
-        raise DataError(f"{p} is a binary file: pass an image folder, an LMDB directory, shards, or an LMDB with --lmdb-keys")
+        raise DataError(
+            f"{p} is a binary file: pass an image folder, an LMDB directory, shards, or an LMDB with --lmdb-keys"
+        )
     try:
         lines = text.decode("utf-8").splitlines()
     except UnicodeDecodeError:
@@ -219,8 +223,10 @@ def check_url(url: str) -> None:
 
         fsspec.get_filesystem_class(protocol)
     except ImportError as e:
-        raise DataError(f"reading {protocol}:// shards needs fsspec and its {protocol} package ({e}); "
-                        "install them, or use a pipe: command (e.g. pipe:aws s3 cp URL -)") from None
+        raise DataError(
+            f"reading {protocol}:// shards needs fsspec and its {protocol} package ({e}); "
+            "install them, or use a pipe: command (e.g. pipe:aws s3 cp URL -)"
+        ) from None
     except ValueError as e:
         raise DataError(f"unknown shard URL protocol {protocol!r} in {url} ({e})") from None
 
@@ -229,7 +235,9 @@ def check_url(url: str) -> None:
 def open_stream(url: str) -> Iterator[BinaryIO]:
     """A readable byte stream of shard ``url``: a ``pipe:`` command's stdout, an fsspec URL, or a file."""
     if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, preexec_fn=die_with_parent)  # killed with its worker
+        proc = subprocess.Popen(
+            url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, preexec_fn=die_with_parent
+        )  # killed with its worker
         try:
             yield proc.stdout
         finally:
@@ -277,7 +285,9 @@ def _index_one(url: str) -> tuple[list[tuple[int, int]] | int, str | None]:
         return 0, str(e)
 
 
-def build_shard_index(spec: ShardSpec, old: IndexFile | None = None, workers: int = 8) -> tuple[dict, dict[str, np.ndarray]]:
+def build_shard_index(
+    spec: ShardSpec, old: IndexFile | None = None, workers: int = 8
+) -> tuple[dict, dict[str, np.ndarray]]:
     """``(meta, arrays)`` of the index of ``spec``'s shards; entries of an ``old`` index whose shard is
     unchanged are reused (only changed or new shards are read)."""
     stats = [_stat(u) for u in spec.urls]
@@ -286,7 +296,9 @@ def build_shard_index(spec: ShardSpec, old: IndexFile | None = None, workers: in
         o = ShardTable(old)
         for k in range(len(o)):
             url = o.url(k)
-            remote_ok = o.size[k] == -1 and is_remote(url) and not o.damage(k)  # trusted until --rebuild; damaged: retried
+            remote_ok = (
+                o.size[k] == -1 and is_remote(url) and not o.damage(k)
+            )  # trusted until --rebuild; damaged: retried
             if remote_ok or (o.size[k] >= 0 and (int(o.size[k]), int(o.mtime[k])) == _stat(url)):
                 reuse[url] = (o.samples(k), int(o.bad[k]), o.damage(k))
     todo = [u for u in spec.urls if u not in reuse]
@@ -297,9 +309,18 @@ def build_shard_index(spec: ShardSpec, old: IndexFile | None = None, workers: in
         if workers > 1 and len(todo) > 1:
             import multiprocessing
 
-            pool = ThreadPoolExecutor(workers) if remote else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+            pool = (
+                ThreadPoolExecutor(workers)
+                if remote
+                else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+            )
             with pool:
-                results = dict(zip(todo, pool.map(_index_one, todo, chunksize=1) if remote else pool.map(_index_one, todo, chunksize=4)))
+                results = dict(
+                    zip(
+                        todo,
+                        pool.map(_index_one, todo, chunksize=1) if remote else pool.map(_index_one, todo, chunksize=4),
+                    )
+                )
         else:
             results = {u: _index_one(u) for u in todo}
     counts, bads, damages, offsets, sizes = [], [], [], [], []
@@ -311,7 +332,12 @@ def build_shard_index(spec: ShardSpec, old: IndexFile | None = None, workers: in
             samples = found if isinstance(found, list) else int(found)
             bad = 1 if damage else 0
             if damage:
-                log.warning("shard %s: %s (%d image samples before it kept)", u, damage, len(samples) if isinstance(samples, list) else samples)
+                log.warning(
+                    "shard %s: %s (%d image samples before it kept)",
+                    u,
+                    damage,
+                    len(samples) if isinstance(samples, list) else samples,
+                )
         if isinstance(samples, int):
             counts.append(samples)
         else:
@@ -336,13 +362,23 @@ def build_shard_index(spec: ShardSpec, old: IndexFile | None = None, workers: in
         big = max((s[0] for s in stats), default=0) >= 2**32
         arrays["offset"] = np.array(offsets, dtype=np.uint64 if big else np.uint32)
         arrays["length"] = np.array(sizes, dtype=np.uint32)
-    meta = {"format": FORMAT, "version": VERSION, "count": int(start[-1]), "shards": len(counts), "remote": spec.remote,
-            "source": spec.source if spec.data_dir is None else None}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "count": int(start[-1]),
+        "shards": len(counts),
+        "remote": spec.remote,
+        "source": spec.source if spec.data_dir is None else None,
+    }
     return meta, arrays
 
 
 def shard_index_fresh(spec: ShardSpec, idx: IndexFile) -> bool:
-    if idx.meta.get("format") != FORMAT or idx.meta.get("version") != VERSION or bool(idx.meta.get("remote")) != spec.remote:
+    if (
+        idx.meta.get("format") != FORMAT
+        or idx.meta.get("version") != VERSION
+        or bool(idx.meta.get("remote")) != spec.remote
+    ):
         return False
     t = ShardTable(idx)
     if len(t) != len(spec.urls) or any(t.url(k) != u for k, u in enumerate(spec.urls)):
@@ -365,7 +401,13 @@ class ShardTable:
         self.idx = idx
         self.urls = PackedStrings.from_index(idx, "urls")
         self.damages = PackedStrings.from_index(idx, "damage")
-        self.count, self.start, self.bad, self.size, self.mtime = a["count"], a["start"], a["bad"], a["size"], a["mtime"]
+        self.count, self.start, self.bad, self.size, self.mtime = (
+            a["count"],
+            a["start"],
+            a["bad"],
+            a["size"],
+            a["mtime"],
+        )
         self.offset, self.length = a.get("offset"), a.get("length")
 
     def __len__(self) -> int:
@@ -406,8 +448,15 @@ def open_shard_index(spec: ShardSpec, options: IndexOptions | None = None, worke
                 old = None
         return build_shard_index(spec, old, workers)
 
-    idx = open_or_build(path, build=build, fresh=lambda i: shard_index_fresh(spec, i), what=spec.describe(),
-                        rank=opts.rank, rebuild=opts.rebuild, wait_s=opts.wait_s)
+    idx = open_or_build(
+        path,
+        build=build,
+        fresh=lambda i: shard_index_fresh(spec, i),
+        what=spec.describe(),
+        rank=opts.rank,
+        rebuild=opts.rebuild,
+        wait_s=opts.wait_s,
+    )
     return ShardTable(idx)
 
 
@@ -505,8 +554,13 @@ class StreamedShards:
         return np.asarray(self.table.count)
 
 
-def open_shards(spec_text: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, index: IndexOptions | None = None,
-                workers: int = 8) -> ShardDataset | StreamedShards:
+def open_shards(
+    spec_text: str | os.PathLike,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    index: IndexOptions | None = None,
+    workers: int = 8,
+) -> ShardDataset | StreamedShards:
     spec = resolve_shards(spec_text)
     table = open_shard_index(spec, index, workers)
     cls = StreamedShards if spec.remote else ShardDataset
@@ -623,7 +677,9 @@ class _EpochView:
         n = len(self)
         if isinstance(key, slice):
             a, b, step = key.indices(n)
-            out = self.sampler.positions(self.epoch, a, b) if step == 1 else self.sampler.positions(self.epoch, 0, n)[key]
+            out = (
+                self.sampler.positions(self.epoch, a, b) if step == 1 else self.sampler.positions(self.epoch, 0, n)[key]
+            )
             return out
         i = int(key) + (n if int(key) < 0 else 0)
         if not 0 <= i < n:

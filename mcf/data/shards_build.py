@@ -173,18 +173,30 @@ def build_shards(
     ds = open_dataset(src, lmdb_keys, index=IndexOptions(write=False))
     if isinstance(ds, StreamedShards):
         raise DataError("build-shards reads local data (an image folder, an LMDB or local shards)")
-    options = {"max_count": max_count, "max_bytes": max_bytes, "resize_short": resize_short, "quality": quality,
-               "max_pixels": max_pixels, "source": str(Path(src).absolute()), "lmdb_keys": str(lmdb_keys) if lmdb_keys else None}
+    options = {
+        "max_count": max_count,
+        "max_bytes": max_bytes,
+        "resize_short": resize_short,
+        "quality": quality,
+        "max_pixels": max_pixels,
+        "source": str(Path(src).absolute()),
+        "lmdb_keys": str(lmdb_keys) if lmdb_keys else None,
+    }
     partial = out.with_name(out.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     for stray in partial.glob("*.tmp"):
         stray.unlink()
     fingerprint = _fingerprint(ds)
     state_path = partial / PROGRESS
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {
-        "done": 0, "count": 0, "shards": [], "bad": [], "options": options, "source": fingerprint}
+    state = (
+        json.loads(state_path.read_text())
+        if state_path.is_file()
+        else {"done": 0, "count": 0, "shards": [], "bad": [], "options": options, "source": fingerprint}
+    )
     if state["options"] != options or state["source"] != fingerprint:
-        raise DataError(f"{partial} is an interrupted build with other options or another source; delete it to start over")
+        raise DataError(
+            f"{partial} is an interrupted build with other options or another source; delete it to start over"
+        )
     for s in state["shards"]:
         if not (partial / s["name"]).is_file():
             raise DataError(f"{partial} lacks {s['name']} listed in its {PROGRESS}; delete it to start over")
@@ -198,8 +210,12 @@ def build_shards(
     def commit(done: int) -> None:
         nonlocal writer, pending_bad
         info = writer.close()
-        state.update(done=done, count=state["count"] + info["count"], shards=state["shards"] + [info],
-                     bad=state["bad"] + pending_bad)
+        state.update(
+            done=done,
+            count=state["count"] + info["count"],
+            shards=state["shards"] + [info],
+            bad=state["bad"] + pending_bad,
+        )
         _atomic_json(state_path, state)
         writer, pending_bad = None, []
 
@@ -214,7 +230,9 @@ def build_shards(
                     pending_bad.append([name, ext])
                     continue
                 meta = json.dumps({"source": name}).encode()
-                grown = writer.bytes + _ShardWriter.size_of([data, meta]) + _ShardWriter.END if writer is not None else 0
+                grown = (
+                    writer.bytes + _ShardWriter.size_of([data, meta]) + _ShardWriter.END if writer is not None else 0
+                )
                 if writer is not None and max_bytes is not None and grown > max_bytes:
                     commit(i)
                 if writer is None:
@@ -277,15 +295,27 @@ def _write_built_index(out: Path, shards: list[dict[str, Any]]) -> None:
         "offset": np.array([o for s in shards for o, _ in s["images"]], dtype=np.uint64 if big else np.uint32),
         "length": np.array([n for s in shards for _, n in s["images"]], dtype=np.uint32),
     }
-    meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "count": int(start[-1]), "shards": len(urls), "remote": False, "source": None}
+    meta = {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "count": int(start[-1]),
+        "shards": len(urls),
+        "remote": False,
+        "source": None,
+    }
     path = index_location(spec.name, spec.source, spec.data_dir, None)
     path.parent.mkdir(exist_ok=True)
     write_index(path, meta, arrays)
 
 
 # -- verify / info -----------------------------------------------------------------------------------
-def verify_shards(spec: str | os.PathLike, *, progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  index: IndexOptions | None = None) -> dict[str, Any]:
+def verify_shards(
+    spec: str | os.PathLike,
+    *,
+    progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    index: IndexOptions | None = None,
+) -> dict[str, Any]:
     """Decode every image sample: ``{"count": n, "bad": [[name, reason], ...]}``; shards that break
     off are listed too (as the shard, with the reason)."""
     from tqdm import tqdm

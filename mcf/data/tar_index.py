@@ -199,5 +199,3 @@ def count_stream(f: BinaryIO) -> tuple[int, str | None]:
     except TarDamage as e:
         return n, str(e)
     return n, None
-
-
