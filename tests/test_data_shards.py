@@ -119,27 +119,31 @@ def test_torch_and_dali_agree_and_workers_do_not_change_the_order(shards, nw):
 
 
 def test_shard_sampler_order():
+    """The order is its definition: shards permuted from (seed, epoch), windows of 4 consecutive
+    positions permuted, positions dealt round-robin; consumed samples are a prefix, so another world
+    size continues from the count with none repeated or skipped."""
     counts = np.array([7, 0, 12, 9, 5])
     n = int(counts.sum())
     start = np.concatenate([[0], np.cumsum(counts)])
-    samplers = [ShardSampler(counts, rank=r, world_size=3, seed=4, window=4) for r in range(3)]
-    shares = [s.indices(2)[:] for s in samplers]
-    assert all(len(x) == n // 3 for x in shares)
-    flat = np.concatenate(shares)
-    assert len(set(flat.tolist())) == len(flat)  # disjoint
-    # each rank's share is a contiguous run of whole (shuffled) shards, shuffled within windows of 4
     order = np.random.default_rng([4, 2, 0x73686172]).permutation(len(counts))
     seq = np.concatenate([np.arange(start[k], start[k + 1]) for k in order])
+    want = seq.copy()
+    for w in range(0, n, 4):
+        perm = np.random.default_rng([4, 2, w, 0x77696E64]).permutation(min(4, n - w))
+        want[w : w + len(perm)] = seq[w + perm]
+    samplers = [ShardSampler(counts, rank=r, world_size=3, seed=4, window=4) for r in range(3)]
+    shares = [s.indices(2)[:] for s in samplers]
     for r, share in enumerate(shares):
-        run = seq[r * (n // 3) : (r + 1) * (n // 3)]
-        assert sorted(share.tolist()) == sorted(run.tolist())
-        for w in range(0, len(run), 4):
-            assert set(share[w : w + 4].tolist()) == set(run[w : w + 4].tolist())
+        assert share.tolist() == want[r::3][: n // 3].tolist()
     s = samplers[1]
     s.set_epoch(2)
     assert [i for _, i in s] == shares[1].tolist() and not np.array_equal(s.indices(3)[:], shares[1])
     s.set_start(5)
     assert [i for _, i in s] == shares[1][5:].tolist() and s.indices(2)[3] == shares[1][3]
+    # 4 entries a rank consumed on 3 ranks (offset 12); the rest of the epoch on 2 ranks
+    two = [ShardSampler(counts, rank=r, world_size=2, seed=4, window=4) for r in range(2)]
+    rest = np.concatenate([t.take(2, 12, 0, t.share(12)) for t in two])
+    assert sorted(rest.tolist()) == sorted(want[12 : 12 + 2 * two[0].share(12)].tolist())
 
 
 @pytest.mark.parametrize("kind", ["torch", "dali"])
@@ -167,7 +171,7 @@ def test_resume_mid_epoch_is_exact_with_bad_members(kind, tmp_path):
 def test_two_ranks_disjoint_and_equal(kind, shards):
     r0, r1 = (_loader(shards, kind, rank=r, world=2, bs=3, shuffle_buffer=5) for r in range(2))
     assert len(r0) == len(r1) == (33 // 2) // 3
-    s0, s1 = set(r0.sampler.indices(0)[:].tolist()), set(r1.sampler.indices(0)[:].tolist())
+    s0, s1 = set(r0.sampler.indices(0)[:].tolist()), set(r1.sampler.indices(0)[:].tolist())  # disjoint, equal
     assert len(s0) == len(s1) == 16 and not s0 & s1
     b0, b1 = _epoch(r0, 0), _epoch(r1, 0)
     assert len(b0) == len(b1) == 5 and not any(torch.equal(x, y) for x in b0 for y in b1)

@@ -224,6 +224,12 @@ class ShardStreamLoader(PretrainLoader):
         return {**super().state_dict(), "streams": self.streams}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
+        for k in ("world_size", "batch_size"):  # the per-rank ranges and the streams' runs depend on both
+            if k in d and int(d[k]) != getattr(self, k):
+                raise DataError(
+                    f"streamed shards resume only with the same {k}: the checkpoint has {d[k]}, this run "
+                    f"{getattr(self, k)} (local shards and the other sources can change it)"
+                )
         if "streams" in d and int(d["streams"]) != self.streams:
             raise DataError(
                 f"streamed shards resume exactly only with the same data.num_workers: the checkpoint used "

@@ -18,11 +18,12 @@ it keeps the samples before the damage (the rest are counted as bad in the index
 **Local shards are read in place**: a sample is one ``pread`` of its image bytes, so they are an
 indexed source like the others (either loader, same batches, exact resume, bad samples substituted
 and counted by :class:`~mcf.data.source.SampleSource`), with their own epoch order
-(:class:`ShardSampler`): shards shuffled per ``(seed, epoch)``, the epoch cut into contiguous,
-equal, per-rank ranges (each rank reads about ``1/world_size`` of the shards), each range shuffled
-within consecutive windows of ``data.shuffle_buffer`` samples (a bounded shuffle: a window spans
-one or two shards). Nothing of size N is materialised: a batch's indices are computed on demand
-from per-shard arrays and one window's permutation.
+(:class:`ShardSampler`): shards shuffled per ``(seed, epoch)``, their samples shuffled within
+consecutive windows of ``data.shuffle_buffer`` samples (a bounded shuffle: a window spans one or
+two shards), and that global order dealt over the ranks like the indexed sources' (rank ``r`` takes
+every ``world_size``-th position), so the consumed samples are always a prefix of the order. Nothing
+of size N is materialised: a batch's indices are computed on demand from per-shard arrays and the
+permutations of the windows it touches.
 
 **Remote shards are streamed** (:mod:`mcf.data.shard_stream`, PyTorch loader only).
 
@@ -569,19 +570,28 @@ def open_shards(
 
 # -- the epoch order ---------------------------------------------------------------------------------
 class ShardSampler:
-    """The epoch order of a shard set, a pure function of ``(seed, epoch)``; the interface of
-    :class:`~mcf.data.sampler.DistributedSampler` (``(epoch, index)`` pairs, ``set_start``,
-    ``indices(epoch)[a:b]``, ``per_rank``), resumable mid-epoch.
+    """The epoch order of a shard set, a pure function of ``(seed, epoch)``, split over ranks like the
+    indexed sources' order, so a run resumes exactly and, from its global sample count, on another
+    world size too.
 
-    Epoch ``e``: the shards in the order of a permutation drawn from ``(seed, e)``, their samples
-    concatenated (N in all); rank ``r`` takes positions ``[r P, (r + 1) P)``, ``P = N // world_size``;
-    within that range, each window of ``window`` consecutive positions is permuted (drawn from
-    ``(seed, e, the window's first position)``).
+    Epoch ``e``'s order is global (the same for every world size): the shards in a permutation drawn
+    from ``(seed, e)``, their samples concatenated (``N`` in all), each window ``[w C, (w + 1) C)`` of
+    ``C = window`` consecutive positions permuted (drawn from ``(seed, e, w C)``). From a global
+    ``offset``, rank ``r`` of ``W`` takes the positions ``offset + r + W j``: the consumed positions are
+    always a prefix of the order, and a batch of ``B`` reads ``B`` of ``B W`` consecutive positions
+    (one or a few windows, one or a few shards). Nothing of size ``N`` is built: positions become
+    sample ids through per-shard arrays and the permutations of the windows they fall in.
+
+    Interface: that of :class:`~mcf.data.sampler.DistributedSampler` (``(epoch, index)`` pairs,
+    ``per_rank``, ``set_start`` in this rank's entries, ``indices(epoch)[a:b]``) and the global-offset
+    one (``share``, ``set_offset``, ``take``).
 
     Args:
         counts: samples per shard, in shard-list order.
         window: shuffle window (``data.shuffle_buffer``), samples.
     """
+
+    CACHED_WINDOWS = 64
 
     def __init__(self, counts: np.ndarray, *, rank: int = 0, world_size: int = 1, seed: int = 0, window: int = 2048):
         if world_size < 1 or not 0 <= rank < world_size:
@@ -592,21 +602,33 @@ class ShardSampler:
         self.start = np.concatenate([[0], np.cumsum(self.counts)])
         self.num_samples = int(self.start[-1])
         self.rank, self.world_size, self.seed, self.window = rank, world_size, seed, window
-        self.epoch, self.offset = 0, 0
+        self.epoch, self.offset = 0, 0  # offset: global position the next iteration starts at
         self._order: tuple[int, np.ndarray, np.ndarray] | None = None
-        self._perm: tuple[int, int, np.ndarray] | None = None
+        self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
     @property
     def per_rank(self) -> int:
+        """Samples per rank in a whole epoch."""
         return self.num_samples // self.world_size
+
+    def share(self, offset: int) -> int:
+        """Samples per rank from global position ``offset`` to the end of the epoch."""
+        return (self.num_samples - offset) // self.world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def set_offset(self, offset: int) -> None:
+        """Begin the next iteration at global position ``offset`` (written by any world size)."""
+        if not 0 <= offset <= self.num_samples:
+            raise ValueError(f"offset {offset} outside 0..{self.num_samples}")
+        self.offset = int(offset)
+
     def set_start(self, start: int) -> None:
+        """Begin the next iteration at entry ``start`` of this rank's share (offset ``start * W``)."""
         if not 0 <= start <= self.per_rank:
             raise ValueError(f"start {start} outside 0..{self.per_rank}")
-        self.offset = int(start)
+        self.offset = int(start) * self.world_size
 
     def _shard_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard ids in epoch order, their cumulative sample counts (S + 1))."""
@@ -617,51 +639,65 @@ class ShardSampler:
         return self._order[1], self._order[2]
 
     def _window_perm(self, epoch: int, first: int, n: int) -> np.ndarray:
-        if self._perm is None or self._perm[:2] != (epoch, first):
+        """The permutation of the window starting at global position ``first`` (``n`` samples)."""
+        key = (epoch, first)
+        perm = self._perms.pop(key, None)
+        if perm is None:
             perm = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, first, 0x77696E64]).permutation(n)
-            self._perm = (epoch, first, perm)
-        return self._perm[2]
+            while len(self._perms) >= self.CACHED_WINDOWS:
+                self._perms.popitem(last=False)
+        self._perms[key] = perm
+        return perm
+
+    def order_at(self, epoch: int, g: np.ndarray) -> np.ndarray:
+        """Sample ids at global positions ``g`` (int64 array) of ``epoch``'s order."""
+        c = self.window
+        w = g // c
+        shuffled = np.empty_like(g)
+        for wid in np.unique(w).tolist():
+            sel = w == wid
+            first = wid * c
+            shuffled[sel] = first + self._window_perm(epoch, first, min(c, self.num_samples - first))[g[sel] - first]
+        order, cum = self._shard_order(epoch)
+        k = np.searchsorted(cum, shuffled, side="right") - 1
+        return self.start[order[k]] + (shuffled - cum[k])
+
+    def take(self, epoch: int, offset: int, start: int, stop: int) -> np.ndarray:
+        """Sample ids (int64) of this rank's share entries ``start..stop-1`` after global ``offset``."""
+        if not 0 <= start <= stop <= self.share(offset):
+            raise ValueError(
+                f"entries {start}..{stop} outside this rank's share 0..{self.share(offset)} after {offset}"
+            )
+        g = offset + self.rank + self.world_size * np.arange(start, stop, dtype=np.int64)
+        return self.order_at(epoch, g)
 
     def positions(self, epoch: int, a: int, b: int) -> np.ndarray:
-        """Sample ids at positions ``a..b-1`` of this rank's share of ``epoch`` (int64)."""
+        """Sample ids of entries ``a..b-1`` of this rank's whole-epoch share (clipped to it)."""
         a, b = max(0, a), min(b, self.per_rank)
-        if b <= a:
-            return np.zeros(0, dtype=np.int64)
-        base = self.rank * self.per_rank
-        p = np.arange(a, b, dtype=np.int64)
-        out = np.empty_like(p)
-        w = self.window
-        for first in range((a // w) * w, b, w):
-            sel = (p >= first) & (p < first + w)
-            n = min(w, self.per_rank - first)
-            out[sel] = first + self._window_perm(epoch, base + first, n)[p[sel] - first]
-        g = base + out  # global positions in the epoch's shard-ordered concatenation
-        order, cum = self._shard_order(epoch)
-        k = np.searchsorted(cum, g, side="right") - 1
-        shard = order[k]
-        return self.start[shard] + (g - cum[k])
+        return self.take(epoch, 0, a, b) if b > a else np.zeros(0, dtype=np.int64)
 
     def indices(self, epoch: int | None = None) -> _EpochView:
         return _EpochView(self, self.epoch if epoch is None else int(epoch))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, block = self.epoch, 4096
-        for a in range(self.offset, self.per_rank, block):
-            for i in self.positions(epoch, a, a + block):
-                yield (epoch, int(i))
+        epoch, offset, block = self.epoch, self.offset, 4096
+        count = self.share(offset)
+        for a in range(0, count, block):
+            for i in self.take(epoch, offset, a, min(a + block, count)).tolist():
+                yield (epoch, i)
 
     def __len__(self) -> int:
-        return self.per_rank - self.offset
+        return self.share(self.offset)
 
     def __getstate__(self) -> dict:
-        return dict(self.__dict__, _order=None, _perm=None)
+        return dict(self.__dict__, _order=None, _perms=OrderedDict())
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "start": self.offset}
+        return {"epoch": self.epoch, "offset": self.offset}
 
     def load_state_dict(self, d: dict[str, int]) -> None:
         self.set_epoch(d["epoch"])
-        self.set_start(d["start"])
+        self.set_offset(d["offset"])
 
 
 class _EpochView:
