@@ -1,9 +1,10 @@
 """Remote webdataset shards (``pipe:`` commands, fsspec URLs), streamed by the PyTorch loader.
 
 A remote shard cannot be read by offset, so it is read front to back (``tarfile`` streaming mode,
-nothing extracted to disk). The epoch's sample sequence is that of local shards (shards shuffled
-per ``(seed, epoch)``, per-rank contiguous ranges of ``N // world_size``; :class:`ShardSampler`),
-and then:
+nothing extracted to disk). The epoch's shard sequence is that of local shards (shards shuffled
+per ``(seed, epoch)``, :class:`ShardSampler`), but each rank takes a contiguous ``N // world_size``
+of it (dealing every shard's samples over the ranks, as local shards do, would stream every shard on
+every rank), and then:
 
 * the rank's batches are split into ``S = max(1, data.num_workers)`` contiguous runs, one per
   *stream* (DataLoader worker); the DataLoader takes batches from the streams in turn, so batch
@@ -15,9 +16,10 @@ and then:
   failed command, a network error), is replaced by another sample of the same window drawn from
   ``(seed, epoch, index, attempt)`` and counted, like every other source's bad samples.
 
-So the order depends on ``data.num_workers`` (unlike local shards): a resumed run must use the same
-value (checked), and it then continues exactly, each stream re-reading at most its current window
-(and skipping up to one shard's samples to reach it).
+So the order depends on the world size, the batch size and ``data.num_workers`` (with one rank and at
+most one worker it is exactly the local shards' order): a resumed run must keep all three (checked),
+and it then continues exactly, each stream re-reading at most its current window (and skipping up to
+one shard's samples to reach it).
 """
 
 from __future__ import annotations
