@@ -109,6 +109,8 @@ def test_symlinks_each_directory_once(tmp_path):
         ]
     )
     assert [d[0] for d in dirs] == ["", "a", "b", "b/c", "z", "out1"]
+    m = build_lmdb(root, tmp_path / "db", workers=0, progress=False)  # the converter's scan is the same one
+    assert m["count"] == 9 and [b[0] for b in m["bad"]] == ["dangling.jpg"]
     # the same, through the loader's path, under a timeout (the old scan never returned)
     code = f"from mcf.data import open_dataset; print(len(open_dataset({str(root)!r})))"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -158,18 +160,24 @@ def test_other_ranks_wait_for_rank_0(tmp_path):
     result = {}
 
     def rank1():
-        result["idx"] = open_or_build(path, build=build(1), fresh=lambda i: True, what="test", rank=1, wait_s=30)
+        result["idx"] = open_or_build(
+            path, build=build(1), fresh=lambda i: True, what="test", options=IndexOptions(rank=1)
+        )
 
     t = threading.Thread(target=rank1)
     t.start()
     time.sleep(0.3)  # rank 1 is polling by now (it must not build: the folder is writable)
     assert t.is_alive() and not built
-    open_or_build(path, build=build(0), fresh=lambda i: True, what="test", rank=0)
+    open_or_build(path, build=build(0), fresh=lambda i: True, what="test", options=IndexOptions(rank=0, world_size=2))
     t.join(10)
     assert built == [0] and PackedStrings.from_index(result["idx"], "k")[1] == "bb"
     with pytest.raises(DataError, match="rank 0 to write the index"):
         open_or_build(
-            tmp_path / "never" / "y.mcfidx", build=build(1), fresh=lambda i: True, what="test", rank=1, wait_s=0.2
+            tmp_path / "y.mcfidx",
+            build=build(1),
+            fresh=lambda i: True,
+            what="t",
+            options=IndexOptions(rank=1, wait_s=0.2),
         )
 
 
@@ -258,3 +266,18 @@ def test_damaged_lmdb_pretrain_exits_2(tmp_path):
     )
     assert p.returncode == 2, p.stderr[-3000:]
     assert f"mcf: error: {d}/data.mdb is cut short" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_rank_0_that_cannot_write_fails_instead_of_leaving_others_waiting(tmp_path, monkeypatch):
+    import errno
+
+    from mcf.data import index as index_mod
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(index_mod, "write_index", full)
+    make_folder(tmp_path / "f", 3)
+    with pytest.raises(DataError, match="No space left on device.*data.index_cache"):
+        ImageFolderDataset(tmp_path / "f", index=IndexOptions(rank=0, world_size=2))
+    assert len(ImageFolderDataset(tmp_path / "f")) == 3  # alone, it falls back to an index in memory

@@ -260,6 +260,7 @@ class IndexOptions:
         cache_dir: folder for index files (read-only data); None = next to the data.
         write: False = build in memory and write nothing (tools that must not touch the data).
         rank: global rank: rank 0 builds, the others wait for its file.
+        world_size: the number of ranks (1: a failed write falls back to memory instead of failing).
         rebuild: rebuild even a fresh index.
         wait_s: how long a rank other than 0 waits for rank 0's index.
     """
@@ -267,6 +268,7 @@ class IndexOptions:
     cache_dir: str | None = None
     write: bool = True
     rank: int = 0
+    world_size: int = 1
     rebuild: bool = False
     wait_s: float = 7200.0
 
@@ -312,9 +314,7 @@ def open_or_build(
     build: Callable[[], tuple[dict[str, Any], dict[str, np.ndarray]]],
     fresh: Callable[[IndexFile], bool],
     what: str,
-    rank: int = 0,
-    rebuild: bool = False,
-    wait_s: float = 7200.0,
+    options: IndexOptions | None = None,
 ) -> IndexFile:
     """The index at ``path``: opened when it is fresh, else built by rank 0 and waited for by the others.
 
@@ -323,25 +323,30 @@ def open_or_build(
         build: scans the data, returns ``(meta, arrays)``.
         fresh: whether an opened index still describes the data (the source's change test).
         what: the data, for messages.
-        rank: global rank; only rank 0 builds. Other ranks poll ``path`` for a fresh index for up to
-            ``wait_s`` seconds (no process group needed: works on a shared file system across nodes).
-        rebuild: rebuild even a fresh index (rank 0 only: ``mcf data index --rebuild``).
+        options: ``rank`` (only rank 0 builds; the others poll ``path`` for a fresh index for up to
+            ``wait_s`` seconds: no process group needed, works on a shared file system across
+            nodes), ``world_size``, ``rebuild`` (rank 0 rebuilds even a fresh index).
 
-    When ``path``'s folder cannot be written, every rank builds the index in memory (a warning says
-    how to cache it: ``data.index_cache``).
+    Raises:
+        DataError: a rank other than 0 waited ``wait_s`` in vain; rank 0 of several could not write
+            an index where it could create files (full disk, quota): it fails at once rather than
+            leave the other ranks waiting.
+
+    Where no file can be created (read-only data, no ``data.index_cache``) every rank builds the
+    index in memory, with a warning saying how to cache it.
     """
+    opts = options or IndexOptions()
     if path is None:
         return IndexFile(*build())
-    if rank != 0:
-        if (idx := _try_open(path, fresh)) is not None:
-            return idx
-        if not path.exists() and not _writable(path):
-            log.warning(
-                "cannot write an index next to %s; this rank scans it itself (set data.index_cache to a writable dir)",
-                what,
-            )
-            return IndexFile(*build())
-        deadline, sleep = time.monotonic() + wait_s, POLL_S[0]
+    if not opts.rebuild and (idx := _try_open(path, fresh)) is not None:
+        return idx
+    if not path.exists() and not _writable(path):
+        log.warning(
+            "cannot write an index next to %s: every rank scans it (set data.index_cache to a writable dir)", what
+        )
+        return IndexFile(*build())
+    if opts.rank != 0:
+        deadline, sleep = time.monotonic() + opts.wait_s, POLL_S[0]
         log.info("waiting for rank 0 to index %s (%s)", what, path)
         while time.monotonic() < deadline:
             time.sleep(sleep)
@@ -349,11 +354,9 @@ def open_or_build(
             if (idx := _try_open(path, fresh)) is not None:
                 return idx
         raise DataError(
-            f"waited {wait_s:.0f} s for rank 0 to write the index of {what} at {path}; "
+            f"waited {opts.wait_s:.0f} s for rank 0 to write the index of {what} at {path}; "
             "run `mcf data index` on it first, or raise data.index_wait_s"
         )
-    if not rebuild and (idx := _try_open(path, fresh)) is not None:
-        return idx
     t0 = time.monotonic()
     try:  # before the scan: creating the folder inside the data changes the data's mtime
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -363,12 +366,12 @@ def open_or_build(
     try:
         write_index(path, meta, arrays)
     except OSError as e:
-        log.warning(
-            "cannot write the index of %s to %s (%s); not cached (set data.index_cache to a writable folder)",
-            what,
-            path,
-            e.strerror or e,
-        )
+        if opts.world_size > 1:
+            raise DataError(
+                f"cannot write the index of {what} to {path} ({e.strerror or e}), which the other ranks wait for; "
+                "free space there or set data.index_cache"
+            ) from None
+        log.warning("cannot write the index of %s to %s (%s): not cached", what, path, e.strerror or e)
         return IndexFile(meta, arrays)
     log.info("indexed %s in %.1f s -> %s", what, time.monotonic() - t0, path)
     return IndexFile.open(path)
@@ -403,7 +406,5 @@ def open_key_list(keys_file: str | os.PathLike, options: IndexOptions | None = N
         st = os.stat(kf)
         return (m["size"], m["mtime_ns"], m["ino"]) == (st.st_size, st.st_mtime_ns, st.st_ino)
 
-    idx = open_or_build(
-        path, build=build, fresh=fresh, what=f"key list {kf}", rank=opts.rank, rebuild=opts.rebuild, wait_s=opts.wait_s
-    )
+    idx = open_or_build(path, build=build, fresh=fresh, what=f"key list {kf}", options=opts)
     return PackedStrings.from_index(idx, "keys")

@@ -255,7 +255,7 @@ def build_pretrain_loader(
     if not drop_last:
         raise ValueError("the pre-training loader always drops the partial last batch (drop_last=True)")
     size = cfg.img_size or img_size
-    index = IndexOptions(cache_dir=cfg.index_cache, rank=rank, wait_s=cfg.index_wait_s)
+    index = IndexOptions(cache_dir=cfg.index_cache, rank=rank, world_size=world_size, wait_s=cfg.index_wait_s)
     dataset = open_dataset(cfg.path, cfg.lmdb_keys, split=split, max_pixels=cfg.max_image_pixels, index=index)
     transform = build_transform(size, random_resized_crop=cfg.random_resized_crop, crop_scale=cfg.crop_scale, hflip=cfg.hflip)
     device = torch.device(device)

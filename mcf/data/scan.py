@@ -194,8 +194,6 @@ def open_folder_index(root: str | os.PathLike, options: IndexOptions | None = No
         build=lambda: build_folder_index(root),
         fresh=lambda i: folder_index_fresh(root, i),
         what=f"image folder {root}",
-        rank=opts.rank,
-        rebuild=opts.rebuild,
-        wait_s=opts.wait_s,
+        options=opts,
     )
     return FolderIndex(root, idx)

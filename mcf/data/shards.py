@@ -454,9 +454,7 @@ def open_shard_index(spec: ShardSpec, options: IndexOptions | None = None, worke
         build=build,
         fresh=lambda i: shard_index_fresh(spec, i),
         what=spec.describe(),
-        rank=opts.rank,
-        rebuild=opts.rebuild,
-        wait_s=opts.wait_s,
+        options=opts,
     )
     return ShardTable(idx)
 
