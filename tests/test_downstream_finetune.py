@@ -1,5 +1,6 @@
-"""`mcf finetune` end to end (CLI subprocesses: DeepSpeed is initialised once per process) from every
-kind of checkpoint, plus the heads and the layer-wise lr decay."""
+"""`mcf finetune` end to end (CLI subprocesses: DeepSpeed is initialised once per process) on each of
+FaRL's protocols (aflw19, 300w, lapa, celebamask_hq) at tiny sizes, from every kind of checkpoint, plus
+the heads and the layer-wise lr decay."""
 
 import json
 import os
@@ -47,7 +48,9 @@ def test_trainer_logs_the_monitor(pretrain_run):
     assert all(np.isfinite(rows[-1][k]) for k in rows[-1] if k.startswith("monitor/"))
 
 
-FT = ("--max-steps", "16", "--batch-size", "4", "--workers", "0", "--lr", "2e-3", "--log-every", "4")
+# tiny overrides of the protocols' schedule and size; the trained weights are scored (an EMA of 16 steps is the init)
+FT = ("--max-steps", "16", "--batch-size", "4", "--workers", "0", "--lr", "2e-3", "--log-every", "4", "--img-size", "32", "--ema-decay", "0",
+      "--tracking-uri", "none")
 
 
 def _falls(metrics_json: Path) -> dict:
@@ -75,29 +78,41 @@ def test_export_and_finetune_alignment_from_mcf_pretrain_run(pretrain_run, tmp_p
         assert (load_timm(out).eval().forward_features(x) - m.online.encoder.forward_features(x)).abs().max().item() < 1e-5
     assert read_export_metadata(out)["mcf.step"] == str(d["step"])
 
-    data = S.write_pts_folders(tmp_path / "pts", num_train=8, num_test=3)
+    data = S.write_300w(tmp_path / "300w", per_folder=3)
     proc = _mcf("finetune", "alignment", "--data", str(data), "--pretrained", str(pretrain_run), "--output-dir", str(tmp_path / "ft"), *FT)
     result = _falls(tmp_path / "ft" / "metrics.json")
-    assert result["source_format"] == "run" and result["test_size"] == 3
-    assert np.isfinite(result["metrics"]["nme_inter_ocular"]) and "nme_diag" in result["metrics"]
-    assert "nme_inter_ocular" in proc.stdout
-    assert (tmp_path / "ft" / "finetuned.pt").is_file()
+    m = result["metrics"]
+    assert result["source_format"] == "run" and result["protocol"] == "300w" and result["test_size"] == 9  # common 6 + challenging 3
+    assert result["config"]["context"] == 1.25 and result["config"]["epochs"] == 250 and result["test_split"] == "test_full"
+    for prefix in ("", "common/", "challenging/"):
+        for k in ("nme_inter_ocular", "nme_inter_pupil"):
+            assert np.isfinite(m[f"{prefix}{k}"]) and m[f"{prefix}{k}_percent"] == pytest.approx(100 * m[f"{prefix}{k}"])
+    assert "| 300W (NME in %) | NME_io Full | NME_io Common | NME_io Challenging |" in proc.stdout
+    assert f"{m['nme_inter_ocular_percent']:.3f}" in proc.stdout and "nme_inter_pupil_percent" in proc.stdout
+    assert (tmp_path / "ft" / "finetuned.pt").is_file() and (tmp_path / "ft" / "paper_row.md").is_file()
+    assert not (tmp_path / "ft" / "mlflow.db").exists()  # --tracking-uri none
 
 
 def test_finetune_alignment_aflw19_from_export(pretrain_run, tmp_path):
+    """The aflw19 protocol: the annotated box at scale 1.0, EMA weights scored, Full and Frontal rows."""
     from mcf.downstream.export import export
 
     ckpt = export(pretrain_run, tmp_path / "enc.safetensors")
     data = S.write_aflw19(tmp_path / "aflw", num_images=6, num_test=4)
-    _mcf("finetune", "alignment", "--data", str(data), "--pretrained", str(ckpt), "--output-dir", str(tmp_path / "ft"), "--max-steps", "4",
-         "--batch-size", "4", "--workers", "0")
+    proc = _mcf("finetune", "alignment", "--protocol", "aflw19", "--data", str(data), "--pretrained", str(ckpt), "--output-dir",
+                str(tmp_path / "ft"), "--max-steps", "4", "--batch-size", "4", "--workers", "0", "--img-size", "32", "--tracking-uri", "none")
     result = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     m = result["metrics"]
-    assert result["source_format"] == "export" and result["test_size"] == 4 and result["steps"] == 4
-    assert {"nme_diag", "nme_box", "frontal/nme_diag"} <= set(m) and 0 < m["nme_diag"] < m["nme_box"]
+    assert result["source_format"] == "export" and result["test_size"] == 4 and result["steps"] == 4 and result["evaluated"] == "ema"
+    assert result["config"]["context"] == 1.0 and result["config"]["ema_decay"] == 0.999 and result["config"]["lr"] == 1e-2
+    assert {"nme_diag", "nme_box", "frontal/nme_diag", "nme_inter_ocular", "nme_inter_pupil", "auc_box_7", "fr_box_7"} <= set(m)
+    assert 0 < m["nme_diag"] < m["nme_box"] and m["nme_diag_percent"] == pytest.approx(100 * m["nme_diag"])
+    assert result["paper_row"]["NME_diag Full"] == f"{m['nme_diag_percent']:.3f}"
+    assert "| AFLW-19 (NME in %) | NME_diag Full | NME_diag Frontal |" in proc.stdout
 
 
 def test_finetune_parsing_lapa_from_paper_layout(tmp_path):
+    """The lapa protocol by default: 5-point alignment, tanh warp 0.8, logits warped back for F1."""
     from test_downstream_export import to_paper_layout
 
     from mcf.models import create_model
@@ -108,9 +123,32 @@ def test_finetune_parsing_lapa_from_paper_layout(tmp_path):
     proc = _mcf("finetune", "parsing", "--data", str(data), "--pretrained", str(ckpt), "--output-dir", str(tmp_path / "ft"), *FT)
     result = _falls(tmp_path / "ft" / "metrics.json")
     m = result["metrics"]
-    assert result["source_format"] == "paper"
+    assert result["source_format"] == "paper" and result["protocol"] == "lapa"
+    assert (result["config"]["crop"], result["config"]["warp_factor"], result["config"]["frame"]) == ("align", 0.8, 512)
     assert len([k for k in m if k.startswith("f1/")]) == 10 and "f1/background" not in m
-    assert 0 <= m["mean_f1"] <= 1 and "mean_f1_no_hair" in m and "mean_f1" in proc.stdout
+    assert 0 <= m["mean_f1"] <= 1 and "mean_f1_no_hair" in m and m["mean_f1_percent"] == pytest.approx(100 * m["mean_f1"])
+    assert "| LaPa (F1 ×100) | Skin | Hair |" in proc.stdout and f"{100 * m['mean_f1']:.2f} |" in proc.stdout
+
+
+def test_finetune_parsing_celebamask_hq_records_mlflow(tmp_path):
+    """The celebamask_hq protocol (FaRL's paint order, 18 classes) for 2 epochs, recorded in the local MLflow store."""
+    data = S.write_celebamask_hq(tmp_path / "c", num_images=6, size=32)
+    out = tmp_path / "ft"
+    _mcf("finetune", "parsing", "--protocol", "celebamask_hq", "--data", str(data), "--pretrained", "random", "--output-dir", str(out),
+         "--epochs", "2", "--batch-size", "2", "--img-size", "32", "--workers", "0", "--log-every", "1")
+    result = json.loads((out / "metrics.json").read_text())
+    m = result["metrics"]
+    assert result["steps"] == 4 and result["config"]["paint_order"] == "farl" and len([k for k in m if k.startswith("f1/")]) == 18
+    assert "f1/eye_g" in m and "f1/neck_l" in m
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("mcf-finetune").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["protocol"] == "celebamask_hq" and run.data.params["protocol"] == "celebamask_hq"
+    assert run.data.metrics["test/mean_f1"] == pytest.approx(m["mean_f1"]) and run.data.metrics["test/mean_f1_percent"] == pytest.approx(
+        100 * m["mean_f1"])
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 4
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"metrics.json", "paper_row.md"}
 
 
 def test_finetune_cli_user_errors_are_one_line(tmp_path, capsys):

@@ -152,18 +152,21 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def param_groups_lrd(model: nn.Module, depth: int, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups with ``lr_scale = layer_decay ** (depth + 1 - layer_id)`` (BEiT / MAE fine-tuning);
-    no weight decay on biases, norms and tokens."""
-    groups: dict[tuple[int, bool], dict] = {}
+def param_groups_lrd(model: nn.Module, depth: int, weight_decay: float, layer_decay: float,
+                     encoder_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups with ``lr_scale = layer_decay ** (depth + 1 - layer_id)`` (BEiT / MAE fine-tuning), times
+    ``encoder_lr_scale`` for the encoder's parameters (its final norm included: FaRL's backbone lr covers
+    the whole ``backbone.visual``); no weight decay on biases, norms and tokens."""
+    groups: dict[tuple[int, bool, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         lid = layer_id(name, depth)
         no_wd = p.ndim == 1 or name.endswith(("cls_token", "pos_embed"))
-        key = (lid, no_wd)
+        in_encoder = name.startswith("backbone.encoder.")
+        key = (lid, no_wd, in_encoder)
         if key not in groups:
-            groups[key] = {"params": [], "weight_decay": 0.0 if no_wd else weight_decay, "lr_scale": layer_decay ** (depth + 1 - lid),
-                           "layer_id": lid}
+            scale = layer_decay ** (depth + 1 - lid) * (encoder_lr_scale if in_encoder else 1.0)
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_wd else weight_decay, "lr_scale": scale, "layer_id": lid}
         groups[key]["params"].append(p)
     return [groups[k] for k in sorted(groups)]
