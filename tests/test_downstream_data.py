@@ -15,7 +15,11 @@ def test_pts_roundtrip_x_first(tmp_path):
     pts = np.array([[1.5, 2.25], [30.0, 4.0]])
     D.write_pts(tmp_path / "a.pts", pts)
     text = (tmp_path / "a.pts").read_text().splitlines()
-    assert text[:3] == ["version: 1", "n_points: 2", "{"] and text[3].split() == ["1.500000", "2.250000"] and text[-1] == "}"
+    assert (
+        text[:3] == ["version: 1", "n_points: 2", "{"]
+        and text[3].split() == ["1.500000", "2.250000"]
+        and text[-1] == "}"
+    )
     np.testing.assert_allclose(D.read_pts(tmp_path / "a.pts"), pts)
 
 
@@ -23,6 +27,7 @@ def test_pts_folders_train_test_and_300w_layout(tmp_path):
     S.write_pts_folders(tmp_path / "p", num_train=3, num_test=2)
     train, test = D.open_alignment(tmp_path / "p", "train"), D.open_alignment(tmp_path / "p", "test")
     assert (len(train), len(test), train.num_points) == (3, 2, 68)
+    assert len(D.PtsFolder(tmp_path / "p", "test_full")) == 2  # the 300w protocol's test split name on plain folders
     img, pts, box = train[0]
     assert img.mode == "RGB" and pts.shape == (68, 2)
     np.testing.assert_allclose(box, [pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()])
@@ -74,7 +79,9 @@ def test_celebamask_hq_layout_and_splits(tmp_path):
     assert (len(train), len(test), len(D.CelebAMaskHQ(tmp_path / "c", "val"))) == (2, 1, 1)
     img, lab = test[0]
     assert img.size == (32, 32) and lab.shape == (32, 32)  # image (64 px) resized to the mask
-    assert len(train.classes) == 19 and train.classes[1] == "neck" and train.classes[14] == "hair"  # FaRL's order by default
+    assert (
+        len(train.classes) == 19 and train.classes[1] == "neck" and train.classes[14] == "hair"
+    )  # FaRL's order by default
     assert D.CelebAMaskHQ(tmp_path / "c", "train", "release").classes[13] == "hair"
     (tmp_path / "c" / "list_eval_partition.txt").unlink()
     with pytest.raises(DataError, match="CelebA"):
@@ -91,7 +98,9 @@ def test_alignment_transform_maps_points_and_inverts():
     t = AlignmentTransform(S_, augment=Augment())
     x, target, m = t(img, pts, D.points_box(pts), sample_rng(0, 0, 0))
     assert x.shape == (3, S_, S_) and target.shape == (3, 2)
-    np.testing.assert_allclose(target.numpy() * 512 - 0.5, to_frame(pts, m).numpy(), rtol=1e-5)  # [0, 1] of the 512 frame
+    np.testing.assert_allclose(
+        target.numpy() * 512 - 0.5, to_frame(pts, m).numpy(), rtol=1e-5
+    )  # [0, 1] of the 512 frame
     np.testing.assert_allclose(from_frame(to_frame(pts, m), m).numpy(), pts, atol=1e-9)
     # the eval crop centres the box: its centre maps to the middle of the frame
     _, _, m0 = AlignmentTransform(S_)(img, pts, np.array([0.0, 0.0, 40.0, 40.0]))
@@ -105,7 +114,12 @@ def test_parsing_transform_keeps_labels_nearest():
     lab[10:30, 10:40] = 7
     img = Image.new("RGB", (50, 40))
     x, y, m = ParsingTransform(16)(img, lab)
-    assert x.shape == (3, 16, 16) and y.dtype == torch.int64 and set(y.unique().tolist()) == {0, 7} and m.shape == (3, 3)
+    assert (
+        x.shape == (3, 16, 16)
+        and y.dtype == torch.int64
+        and set(y.unique().tolist()) == {0, 7}
+        and m.shape == (3, 3)
+    )
     _, y_aug, m_aug = ParsingTransform(16, augment=Augment())(img, lab, None, sample_rng(0, 1, 2))
     assert set(y_aug.unique().tolist()) <= {0, 7}
     np.testing.assert_array_equal(m_aug, m)  # the returned matrix is the un-augmented one, for evaluation

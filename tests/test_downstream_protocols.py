@@ -12,7 +12,15 @@ from PIL import Image
 
 from mcf.downstream import datasets as D
 from mcf.downstream import synthetic as S
-from mcf.downstream.metrics import CELEBAMASK_FARL_PARTS, CELEBAMASK_PARTS, add_percent, alignment_metrics, auc_fr, eye_distance, parsing_metrics
+from mcf.downstream.metrics import (
+    CELEBAMASK_FARL_PARTS,
+    CELEBAMASK_PARTS,
+    add_percent,
+    alignment_metrics,
+    auc_fr,
+    eye_distance,
+    parsing_metrics,
+)
 from mcf.downstream.transforms import AlignmentTransform, ParsingTransform
 from mcf.downstream.warp import (
     about_centre,
@@ -101,7 +109,7 @@ def _near_boundary(label: np.ndarray) -> np.ndarray:
     out = np.zeros(label.shape, dtype=bool)
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):
-            out |= p[1 + dy:1 + dy + label.shape[0], 1 + dx:1 + dx + label.shape[1]] != label
+            out |= p[1 + dy : 1 + dy + label.shape[0], 1 + dx : 1 + dx + label.shape[1]] != label
     return out
 
 
@@ -118,7 +126,9 @@ def test_labels_warped_into_the_frame_and_back_return_to_their_pixels(tmp_path, 
         onehot = torch.nn.functional.one_hot(frame_lab, 11).permute(2, 0, 1).float()
         back = warp_from_frame(onehot, m, lab.shape, 512, warp).argmax(0).numpy()
         wrong = back != lab
-        assert not (wrong & ~_near_boundary(lab)).any(), f"{crop} {warp}: {np.argwhere(wrong & ~_near_boundary(lab))[:5]}"
+        assert not (wrong & ~_near_boundary(lab)).any(), (
+            f"{crop} {warp}: {np.argwhere(wrong & ~_near_boundary(lab))[:5]}"
+        )
         assert wrong.mean() <= 0.02
         if crop == "align" and warp == 0:  # the face is enlarged in the frame and nothing is squeezed: exact
             assert not wrong.any()
@@ -133,7 +143,10 @@ def test_evaluation_scores_at_the_original_resolution_after_the_inverse_warp(tmp
     root = S.write_lapa(tmp_path / "lapa", num_train=1, num_test=2, size=(72, 64))
     base = D.LaPa(root, "test")
     t = ParsingTransform(96, "align", warp_factor=0.8)
-    frames = [torch.nn.functional.one_hot(t(*base[i], base.align_points(i))[1], 11).permute(2, 0, 1).float() for i in range(len(base))]
+    frames = [
+        torch.nn.functional.one_hot(t(*base[i], base.align_points(i))[1], 11).permute(2, 0, 1).float()
+        for i in range(len(base))
+    ]
 
     class Oracle(torch.nn.Module):
         def __init__(self):
@@ -141,11 +154,13 @@ def test_evaluation_scores_at_the_original_resolution_after_the_inverse_warp(tmp
             self.i = 0
 
         def forward(self, x):
-            out = torch.stack(frames[self.i:self.i + len(x)])
+            out = torch.stack(frames[self.i : self.i + len(x)])
             self.i += len(x)
             return out * 10.0
 
-    m = evaluate_parsing(Oracle(), TaskData("parsing", base, t, 0, False), base.classes, 1, torch.device("cpu"), torch.float32)
+    m = evaluate_parsing(
+        Oracle(), TaskData("parsing", base, t, 0, False), base.classes, 1, torch.device("cpu"), torch.float32
+    )
     assert m["mean_f1"] > 0.999 and m["mean_f1_percent"] == pytest.approx(100 * m["mean_f1"])
 
 
@@ -172,12 +187,20 @@ def test_celebamask_hq_paint_orders_on_overlapping_parts(tmp_path):
     farl, release = D.CelebAMaskHQ(root, "train"), D.CelebAMaskHQ(root, "train", "release")
     assert farl.classes[1:] == CELEBAMASK_FARL_PARTS and release.classes[1:] == CELEBAMASK_PARTS
     anno = root / "CelebAMask-HQ-mask-anno" / "0"
-    mask = {p: np.asarray(Image.open(anno / f"00000_{p}.png")) > 0 for p in CELEBAMASK_PARTS if (anno / f"00000_{p}.png").is_file()}
+    mask = {
+        p: np.asarray(Image.open(anno / f"00000_{p}.png")) > 0
+        for p in CELEBAMASK_PARTS
+        if (anno / f"00000_{p}.png").is_file()
+    }
     _, lf = farl[0]
     _, lr = release[0]
     names_f, names_r = np.array(farl.classes)[lf], np.array(release.classes)[lr]
-    # later overwrites earlier: FaRL paints glasses, necklaces and hair last; the release paints eyes, neck and cloth last
-    cases = (("l_eye", "eye_g", "l_eye", ()), ("neck", "neck_l", "neck", ("cloth",)), ("neck", "hair", "neck", ("neck_l", "cloth")))
+    # later overwrites earlier: FaRL paints glasses, necklaces and hair late; the release paints eyes, neck, cloth late
+    cases = (
+        ("l_eye", "eye_g", "l_eye", ()),
+        ("neck", "neck_l", "neck", ("cloth",)),
+        ("neck", "hair", "neck", ("neck_l", "cloth")),
+    )
     for under, over, release_winner, excluded in cases:
         both = mask[under] & mask[over]
         for p in excluded:  # parts that win over both in one of the orders
@@ -201,7 +224,10 @@ def test_300w_subsets(tmp_path, csv):
     sizes = {s: len(kind(root, s)) for s in ("train", "test_common", "test_challenging", "test_full", "test")}
     assert sizes == {"train": 6, "test_common": 4, "test_challenging": 2, "test_full": 6, "test": 6}
     full = kind(root, "test_full")
-    assert {k: v.tolist() for k, v in full.subsets.items()} == {"common": [True] * 4 + [False] * 2, "challenging": [False] * 4 + [True] * 2}
+    assert {k: v.tolist() for k, v in full.subsets.items()} == {
+        "common": [True] * 4 + [False] * 2,
+        "challenging": [False] * 4 + [True] * 2,
+    }
     assert isinstance(D.open_alignment(root, "train"), kind)
     if csv:  # FaRL subtracts 2 from HRNet's coordinates: the same points as the .pts files
         pts_full = D.PtsFolder(root, "test_full")
@@ -209,30 +235,45 @@ def test_300w_subsets(tmp_path, csv):
             np.testing.assert_allclose(full[i][1], pts_full[i][1], atol=1e-5)
             box, pbox = full[i][2], pts_full[i][2]
             side = max(pbox[2] - pbox[0], pbox[3] - pbox[1])  # the CSV's square: centre ± 100 × scale
-            np.testing.assert_allclose(box, [*((pbox[:2] + pbox[2:]) / 2 - side / 2), *((pbox[:2] + pbox[2:]) / 2 + side / 2)], atol=1e-3)
+            np.testing.assert_allclose(
+                box, [*((pbox[:2] + pbox[2:]) / 2 - side / 2), *((pbox[:2] + pbox[2:]) / 2 + side / 2)], atol=1e-3
+            )
     with pytest.raises(DataError, match="300W splits"):
         kind(root, "test_private")
 
 
 def test_inter_pupil_and_inter_ocular_nme_by_hand():
     gt = torch.zeros(1, 68, 2)
-    gt[0, 36:42] = torch.tensor([[0.0, 0.0], [2.0, -1.0], [4.0, -1.0], [6.0, 0.0], [4.0, 1.0], [2.0, 1.0]])  # left eye, centre (3, 0)
-    gt[0, 42:48] = gt[0, 36:42] + torch.tensor([40.0, 0.0])  # right eye, centre (43, 0): pupils 40 apart, corners 0 ↔ 46
+    gt[0, 36:42] = torch.tensor(
+        [[0.0, 0.0], [2.0, -1.0], [4.0, -1.0], [6.0, 0.0], [4.0, 1.0], [2.0, 1.0]]
+    )  # left eye, centre (3, 0)
+    gt[0, 42:48] = gt[0, 36:42] + torch.tensor(
+        [40.0, 0.0]
+    )  # right eye, centre (43, 0): pupils 40 apart, corners 0 ↔ 46
     pred = gt + torch.tensor([2.0, 0.0])
     assert eye_distance(gt, tuple(range(36, 42)), tuple(range(42, 48))).item() == pytest.approx(40.0)
     m = alignment_metrics(pred, gt, None)
     assert m["nme_inter_pupil"] == pytest.approx(2 / 40) and m["nme_inter_ocular"] == pytest.approx(2 / 46)
     g19 = torch.zeros(1, 19, 2)
-    g19[0, 6], g19[0, 7], g19[0, 10], g19[0, 11] = torch.tensor([0.0, 0]), torch.tensor([5.0, 0]), torch.tensor([25.0, 0]), torch.tensor([30.0, 0])
+    g19[0, 6], g19[0, 7], g19[0, 10], g19[0, 11] = (
+        torch.tensor([0.0, 0]),
+        torch.tensor([5.0, 0]),
+        torch.tensor([25.0, 0]),
+        torch.tensor([30.0, 0]),
+    )
     m19 = alignment_metrics(g19 + 1.0, g19, None)  # every point off by sqrt(2)
-    assert m19["nme_inter_ocular"] == pytest.approx(math.sqrt(2) / 30) and m19["nme_inter_pupil"] == pytest.approx(math.sqrt(2) / 20)
+    assert m19["nme_inter_ocular"] == pytest.approx(math.sqrt(2) / 30) and m19["nme_inter_pupil"] == pytest.approx(
+        math.sqrt(2) / 20
+    )
 
 
 def test_units_fraction_and_percent_are_both_written_and_named_apart():
     gt = torch.zeros(2, 19, 2)
     pred = gt + torch.tensor([0.3, 0.4])  # error 0.5 px on a 50-px box diagonal → 1 %
     box = torch.tensor([[0.0, 0.0, 30.0, 40.0]] * 2)
-    m = add_percent({**alignment_metrics(pred, gt, box, 0.07), "frontal/nme_diag": 0.0123, "mean_f1": 0.9396, "f1/skin": 0.9})
+    m = add_percent(
+        {**alignment_metrics(pred, gt, box, 0.07), "frontal/nme_diag": 0.0123, "mean_f1": 0.9396, "f1/skin": 0.9}
+    )
     assert m["nme_diag"] == pytest.approx(0.01) and m["nme_diag_percent"] == pytest.approx(1.0)
     assert m["frontal/nme_diag_percent"] == pytest.approx(1.23) and m["mean_f1_percent"] == pytest.approx(93.96)
     assert "f1/skin_percent" not in m and not any(k.endswith("_percent_percent") for k in m)
@@ -250,9 +291,15 @@ def test_auc_and_failure_rate_as_farl():
 def test_aflw19_crop_is_the_square_box_at_scale_one_and_context_is_an_option():
     box = np.array([100.0, 50.0, 300.0, 250.0])  # a 200-px square
     corners = np.array([[100.0, 50.0], [300.0, 250.0]])
-    np.testing.assert_allclose(to_frame(corners, AlignmentTransform(64, context=1.0).matrix(box)).numpy(), [[-0.5, -0.5], [511.5, 511.5]])
-    wide = to_frame(corners, AlignmentTransform(64, context=1.25).matrix(box)).numpy()  # FaRL's scale_mu 0.8 about the centre
-    np.testing.assert_allclose(wide, [[255.5 - 256 * 0.8, 255.5 - 256 * 0.8], [255.5 + 256 * 0.8, 255.5 + 256 * 0.8]])
+    np.testing.assert_allclose(
+        to_frame(corners, AlignmentTransform(64, context=1.0).matrix(box)).numpy(), [[-0.5, -0.5], [511.5, 511.5]]
+    )
+    wide = to_frame(
+        corners, AlignmentTransform(64, context=1.25).matrix(box)
+    ).numpy()  # FaRL's scale_mu 0.8 about the centre
+    np.testing.assert_allclose(
+        wide, [[255.5 - 256 * 0.8, 255.5 - 256 * 0.8], [255.5 + 256 * 0.8, 255.5 + 256 * 0.8]]
+    )
     np.testing.assert_allclose(box_matrix(box) @ [200, 150, 1], [255.5, 255.5, 1])
     np.testing.assert_allclose(about_centre(512, 90.0) @ [255.5, 0, 1], [511.0, 255.5, 1], atol=1e-9)
 
@@ -264,15 +311,32 @@ def test_protocol_presets_resolve_and_flags_override(tmp_path):
     lapa = S.write_lapa(tmp_path / "lapa", num_train=1, num_test=1)
     celeb = S.write_celebamask_hq(tmp_path / "c", num_images=3, size=32)
     a = FinetuneConfig(task="alignment", data=str(aflw), pretrained="random")
-    assert (a.protocol, a.context, a.epochs, a.lr, a.backbone_lr, a.weight_decay, a.img_size, a.ema_decay, a.lr_milestones) == (
-        "aflw19", 1.0, 150, 1e-2, 1e-4, 1e-5, 448, 0.999, (200,))
-    assert a.crop == "box" and a.warp_factor == 0.0 and a.warmup_steps == 0 and per_rank_batch(a, 8) == 5 and per_rank_batch(a, 1) == 40
+    assert (
+        a.protocol,
+        a.context,
+        a.epochs,
+        a.lr,
+        a.backbone_lr,
+        a.weight_decay,
+        a.img_size,
+        a.ema_decay,
+        a.lr_milestones,
+    ) == ("aflw19", 1.0, 150, 1e-2, 1e-4, 1e-5, 448, 0.999, (200,))
+    assert (
+        a.crop == "box"
+        and a.warp_factor == 0.0
+        and a.warmup_steps == 0
+        and per_rank_batch(a, 8) == 5
+        and per_rank_batch(a, 1) == 40
+    )
     w = FinetuneConfig(task="alignment", data=str(tmp_path), pretrained="random")
     assert (w.protocol, w.context, w.epochs, w.test_split) == ("300w", 1.25, 250, "test_full")
     assert FinetuneConfig(task="alignment", data=str(aflw), pretrained="random", context=1.25).context == 1.25
     p = FinetuneConfig(task="parsing", data=str(lapa), pretrained="random")
     assert (p.protocol, p.crop, p.warp_factor, p.epochs, p.lr, p.frame) == ("lapa", "align", 0.8, 300, 1e-3, 512)
-    r = FinetuneConfig(task="parsing", data=str(lapa), pretrained="random", crop="resize", warp_factor=0.0, epochs=2)
+    r = FinetuneConfig(
+        task="parsing", data=str(lapa), pretrained="random", crop="resize", warp_factor=0.0, epochs=2
+    )
     assert (r.crop, r.warp_factor, r.epochs) == ("resize", 0.0, 2)
     c = FinetuneConfig(task="parsing", data=str(celeb), pretrained="random")
     assert (c.protocol, c.crop, c.warp_factor, c.paint_order) == ("celebamask_hq", "resize", 0.0, "farl")
@@ -298,7 +362,9 @@ def test_backbone_lr_applies_to_the_whole_encoder():
     groups = param_groups_lrd(model, enc.depth, 1e-5, 1.0, encoder_lr_scale=0.01)
     by_name = {id(p): g for g in groups for p in g["params"]}
     assert by_name[id(enc.blocks[0].attn.qkv.weight)]["lr_scale"] == pytest.approx(0.01)
-    assert by_name[id(enc.norm.weight)]["lr_scale"] == pytest.approx(0.01)  # FaRL's backbone lr covers the final norm
+    assert by_name[id(enc.norm.weight)]["lr_scale"] == pytest.approx(
+        0.01
+    )  # FaRL's backbone lr covers the final norm
     assert by_name[id(model.head.out.weight)]["lr_scale"] == 1.0
 
 
@@ -309,9 +375,34 @@ def test_paper_rows_print_percent_in_the_tables_columns():
     headers, values = paper_row("aflw19", m)
     assert headers == ["NME_diag Full", "NME_diag Frontal", "NME_box Full", "AUC_box@7 Full"]
     assert values == ["0.932", "0.801", "1.310", "81.29"]
-    lapa = {f"f1/{k}": 0.9 for k in ("skin", "hair", "left_eye", "right_eye", "upper_lip", "inner_mouth", "lower_lip", "nose",
-                                      "left_eyebrow", "right_eyebrow")} | {"mean_f1": 0.9396}
+    lapa = {
+        f"f1/{k}": 0.9
+        for k in (
+            "skin",
+            "hair",
+            "left_eye",
+            "right_eye",
+            "upper_lip",
+            "inner_mouth",
+            "lower_lip",
+            "nose",
+            "left_eyebrow",
+            "right_eyebrow",
+        )
+    } | {"mean_f1": 0.9396}
     headers, values = paper_row("lapa", lapa)
     assert headers[0] == "Skin" and headers[-1] == "Mean" and values[-1] == "93.96" and len(values) == 11
     assert paper_row("300w", add_percent({"nme_inter_ocular": 0.0293}))[1][:2] == ["2.930", "n/a"]
     assert "NME in %" in format_row("aflw19", m) and "F1 ×100" in format_row("lapa", lapa)
+    # a run on one subset fills that subset's columns only
+    assert paper_row("aflw19", add_percent({"nme_diag": 0.008}), "test_frontal")[1] == [
+        "n/a",
+        "0.800",
+        "n/a",
+        "n/a",
+    ]
+    assert paper_row("300w", add_percent({"nme_inter_ocular": 0.05}), "test_challenging")[1][:3] == [
+        "n/a",
+        "n/a",
+        "5.000",
+    ]

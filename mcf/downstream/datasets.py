@@ -46,9 +46,18 @@ from mcf.errors import DataError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp")
 AFLW_TRAIN_SIZE = 20000  # ra[:20000] train, the rest test (the benchmark's split)
-LAPA_ALIGN_POINTS = (104, 105, 54, 84, 90)  # eye centres, nose tip, mouth corners of the 106 (farl/datasets/prepare.py)
-HRNET_300W_CSV = {"train": "face_landmarks_300w_train.csv", "common": "face_landmarks_300w_valid_common.csv",
-                  "challenging": "face_landmarks_300w_valid_challenge.csv"}
+LAPA_ALIGN_POINTS = (
+    104,
+    105,
+    54,
+    84,
+    90,
+)  # eye centres, nose tip, mouth corners of the 106 (farl/datasets/prepare.py)
+HRNET_300W_CSV = {
+    "train": "face_landmarks_300w_train.csv",
+    "common": "face_landmarks_300w_valid_common.csv",
+    "challenging": "face_landmarks_300w_valid_challenge.csv",
+}
 HRNET_COORD_OFFSET = 2.0  # farl/datasets/ibug300w.py subtracts 2.0 from HRNet's landmarks and box centres
 # One ibug file is named with a space in the archive; HRNet's CSV spells it without (farl/datasets/ibug300w.py).
 HRNET_PATH_FIXES = {"ibug/image_092_01.jpg": "ibug/image_092 _01.jpg"}
@@ -155,7 +164,10 @@ class AFLW19(AlignmentDataset):
             raise DataError(f"{mat}: not the AFLW-19 annotation layout ({e})") from None
         n = len(self.names)
         if self.data.shape != (n, 38) or self.bbox.shape != (n, 4) or sorted(ra.tolist()) != list(range(n)):
-            raise DataError(f"{mat}: inconsistent annotation arrays (data {self.data.shape}, bbox {self.bbox.shape}, {n} names, ra not a permutation)")
+            raise DataError(
+                f"{mat}: inconsistent annotation arrays (data {self.data.shape}, bbox {self.bbox.shape}, {n} names, "
+                "ra not a permutation)"
+            )
         if n <= AFLW_TRAIN_SIZE:
             raise DataError(f"{mat}: {n} faces, the benchmark split needs more than {AFLW_TRAIN_SIZE}")
         if split == "train":
@@ -202,7 +214,7 @@ def _300w_membership(groups: list[list], names: tuple[str, ...]) -> dict[str, np
     out, start = {}, 0
     for name, n in zip(names, sizes):
         mask = np.zeros(sum(sizes), dtype=bool)
-        mask[start:start + n] = True
+        mask[start : start + n] = True
         out[name], start = mask, start + n
     return out
 
@@ -216,9 +228,11 @@ class PtsFolder(AlignmentDataset):
         root = Path(root)
         self.subsets = {}
         if (root / "train").is_dir() and (root / "test").is_dir():
-            if split not in ("train", "test"):
+            if split not in ("train", "test", "test_full"):
                 raise DataError(f"{root}: train/ + test/ .pts folders have train and test splits, got {split!r}")
-            self.items = _find_pts([root / split])
+            self.items = _find_pts(
+                [root / ("train" if split == "train" else "test")]
+            )  # test_full: the 300w protocol's name
         elif _is_300w(root):
             if split not in ("train", *TEST_SPLITS_300W):
                 raise DataError(f"300W splits are train, {', '.join(TEST_SPLITS_300W)}; got {split!r}")
@@ -232,8 +246,10 @@ class PtsFolder(AlignmentDataset):
             if len(parts) == 2:
                 self.subsets = _300w_membership(groups, SUBSETS_300W)
         else:
-            raise DataError(f"{root}: expected train/ and test/ folders of images with .pts files, the 300W layout "
-                            "(afw, helen, lfpw, ibug), or HRNet's face_landmarks_300w_*.csv")
+            raise DataError(
+                f"{root}: expected train/ and test/ folders of images with .pts files, the 300W layout "
+                "(afw, helen, lfpw, ibug), or HRNet's face_landmarks_300w_*.csv"
+            )
         if not self.items:
             raise DataError(f"{root}: no .pts files in the {split} split")
         self.points = [read_pts(p) for _, p in self.items]
@@ -262,9 +278,21 @@ def read_hrnet_csv(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
             scale, cx, cy = (float(v) for v in fields[1:4])
             pts = np.array([float(v) for v in fields[4:]], dtype=np.float64).reshape(68, 2) - HRNET_COORD_OFFSET
         except ValueError as e:
-            raise DataError(f"{path}:{n}: not an HRNet 300W row (image, scale, centre x, centre y, 68 points): {e}") from None
-        cx, cy, half = cx - HRNET_COORD_OFFSET, cy - HRNET_COORD_OFFSET, 100.0 * scale  # the box side is 200 × scale
-        rows.append((HRNET_PATH_FIXES.get(fields[0], fields[0]), pts, np.array([cx - half, cy - half, cx + half, cy + half])))
+            raise DataError(
+                f"{path}:{n}: not an HRNet 300W row (image, scale, centre x, centre y, 68 points): {e}"
+            ) from None
+        cx, cy, half = (
+            cx - HRNET_COORD_OFFSET,
+            cy - HRNET_COORD_OFFSET,
+            100.0 * scale,
+        )  # the box side is 200 × scale
+        rows.append(
+            (
+                HRNET_PATH_FIXES.get(fields[0], fields[0]),
+                pts,
+                np.array([cx - half, cy - half, cx + half, cy + half]),
+            )
+        )
     return rows
 
 
@@ -278,7 +306,9 @@ class Face300WCSV(AlignmentDataset):
         self.root = Path(root)
         if split not in ("train", *TEST_SPLITS_300W):
             raise DataError(f"300W splits are train, {', '.join(TEST_SPLITS_300W)}; got {split!r}")
-        names = {"train": ("train",), "test_common": ("common",), "test_challenging": ("challenging",)}.get(split, SUBSETS_300W)
+        names = {"train": ("train",), "test_common": ("common",), "test_challenging": ("challenging",)}.get(
+            split, SUBSETS_300W
+        )
         groups = []
         for name in names:
             f = self.root / HRNET_300W_CSV[name]
@@ -348,7 +378,10 @@ class LaPa(ParsingDataset):
     def __init__(self, root: str | Path, split: str = "train", landmarks: bool = True):
         d = Path(root) / split
         if not (d / "images").is_dir() or not (d / "labels").is_dir():
-            raise DataError(f"{root}: LaPa split '{split}' needs {d}/images and {d}/labels (and landmarks/ for the aligned protocol)")
+            raise DataError(
+                f"{root}: LaPa split '{split}' needs {d}/images and {d}/labels "
+                "(and landmarks/ for the aligned protocol)"
+            )
         images = {p.stem: p for p in sorted((d / "images").iterdir()) if p.suffix.lower() in IMAGE_EXTS}
         labels = {p.stem: p for p in sorted((d / "labels").glob("*.png"))}
         if images.keys() != labels.keys():
@@ -362,8 +395,10 @@ class LaPa(ParsingDataset):
             files = [d / "landmarks" / f"{p.stem}.txt" for p, _ in self.items]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
-                raise DataError(f"{d}/landmarks: {len(missing)} landmark files missing, e.g. {missing[:3]} "
-                                "(the aligned protocol needs them; --crop resize does not)")
+                raise DataError(
+                    f"{d}/landmarks: {len(missing)} landmark files missing, e.g. {missing[:3]} "
+                    "(the aligned protocol needs them; --crop resize does not)"
+                )
             self.landmarks = [read_lapa_landmarks(f) for f in files]
 
     def __len__(self) -> int:
@@ -395,8 +430,10 @@ class CelebAMaskHQ(ParsingDataset):
         if not mapping.is_file():
             raise DataError(f"{root}: CelebAMask-HQ needs {mapping.name} (in the CelebAMask-HQ archive)")
         if not partition.is_file():
-            raise DataError(f"{root}: CelebAMask-HQ needs list_eval_partition.txt, which comes from CelebA "
-                            "(Eval/list_eval_partition.txt of the CelebA release), not from the CelebAMask-HQ archive")
+            raise DataError(
+                f"{root}: CelebAMask-HQ needs list_eval_partition.txt, which comes from CelebA "
+                "(Eval/list_eval_partition.txt of the CelebA release), not from the CelebAMask-HQ archive"
+            )
         part = {}
         for line in partition.read_text().splitlines():
             fields = line.split()
@@ -440,7 +477,9 @@ class CelebAMaskHQ(ParsingDataset):
             label = np.zeros((image.height // 2, image.width // 2), dtype=np.uint8)
         h, w = label.shape
         if image.size == (2 * w, 2 * h):
-            image = image.reduce(2)  # 2×2 mean = cv2.resize(INTER_LINEAR) at exactly ½ (farl/datasets/celebamask_hq.py)
+            image = image.reduce(
+                2
+            )  # 2×2 mean = cv2.resize(INTER_LINEAR) at exactly ½ (farl/datasets/celebamask_hq.py)
         elif image.size != (w, h):
             image = image.resize((w, h), Image.BILINEAR)
         return image, label
@@ -455,7 +494,10 @@ def open_parsing(root: str | Path, split: str, *, landmarks: bool = True, order:
         return CelebAMaskHQ(root, split, order)
     if (root / "train" / "images").is_dir() or (root / split / "images").is_dir():
         return LaPa(root, split, landmarks)
-    raise DataError(f"{root}: expected the LaPa layout (train/val/test with images, labels, landmarks) or CelebAMask-HQ (CelebA-HQ-img, CelebAMask-HQ-mask-anno)")
+    raise DataError(
+        f"{root}: expected the LaPa layout (train/val/test with images, labels, landmarks) or CelebAMask-HQ "
+        "(CelebA-HQ-img, CelebAMask-HQ-mask-anno)"
+    )
 
 
 def detect_protocol(task: str, root: str | Path) -> str:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mcf.errors import ConfigError
+from mcf.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ class FinetuneConfig:
     epochs: int | None = None
     max_steps: int | None = None  # overrides epochs
     lr: float | None = None  # head lr
-    backbone_lr: float | None = None  # encoder lr (FaRL 1e-4); with layer_decay < 1, block i gets it × decay^(depth - i)
+    backbone_lr: float | None = (
+        None  # encoder lr (FaRL 1e-4); with layer_decay < 1, block i gets it × decay^(depth - i)
+    )
     min_lr: float = 1e-6  # cosine schedule only
     layer_decay: float = 1.0  # FaRL: 1 (one backbone lr); BEiT/MAE-style fine-tuning uses ~0.75
     weight_decay: float | None = None
@@ -84,21 +86,39 @@ class FinetuneConfig:
         if self.protocol is None:
             self.protocol = detect_protocol(self.task, self.data)
         if self.protocol not in TASK_PROTOCOLS[self.task]:
-            raise ConfigError(f"protocol of {self.task} must be one of {', '.join(TASK_PROTOCOLS[self.task])}, got {self.protocol!r}")
+            raise ConfigError(
+                f"protocol of {self.task} must be one of {', '.join(TASK_PROTOCOLS[self.task])}, got {self.protocol!r}"
+            )
         p = PROTOCOLS[self.protocol]
-        defaults = {"img_size": p.img_size, "epochs": p.epochs, "lr": p.lr, "backbone_lr": p.backbone_lr, "weight_decay": p.weight_decay,
-                    "lr_milestones": p.milestones, "lr_gamma": p.gamma, "ema_decay": p.ema_decay, "crop": p.crop, "context": p.context,
-                    "warp_factor": p.warp_factor, "test_split": p.test_split}
+        defaults = {
+            "img_size": p.img_size,
+            "epochs": p.epochs,
+            "lr": p.lr,
+            "backbone_lr": p.backbone_lr,
+            "weight_decay": p.weight_decay,
+            "lr_milestones": p.milestones,
+            "lr_gamma": p.gamma,
+            "ema_decay": p.ema_decay,
+            "crop": p.crop,
+            "context": p.context,
+            "warp_factor": p.warp_factor,
+            "test_split": p.test_split,
+        }
         for k, v in defaults.items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
         self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
         if self.warmup_steps is None:
-            self.warmup_steps = 0 if self.schedule == "step" else -1  # -1: 5 % of the run, known once the loader is built
+            # -1: 5 % of the run, known once the loader is built
+            self.warmup_steps = 0 if self.schedule == "step" else -1
         self._validate()
 
     def _validate(self) -> None:
-        if (self.batch_size is not None and self.batch_size < 1) or self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
+        if (
+            (self.batch_size is not None and self.batch_size < 1)
+            or self.epochs < 1
+            or (self.max_steps is not None and self.max_steps < 1)
+        ):
             raise ConfigError("batch_size, epochs and max_steps must be >= 1")
         if self.img_size < 16 or self.frame < 16:
             raise ConfigError(f"img_size and frame must be >= 16 px, got {self.img_size} and {self.frame}")
@@ -111,15 +131,21 @@ class FinetuneConfig:
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.crop not in CROPS[self.task]:
-            raise ConfigError(f"crop of {self.task} must be one of {', '.join(CROPS[self.task])}, got {self.crop!r}")
+            raise ConfigError(
+                f"crop of {self.task} must be one of {', '.join(CROPS[self.task])}, got {self.crop!r}"
+            )
         if self.crop == "align" and self.protocol != "lapa":
             raise ConfigError("crop 'align' needs LaPa's 106-point landmarks (protocol lapa)")
         if not self.context > 0 or not 0 <= self.warp_factor <= 1:
-            raise ConfigError(f"context must be > 0 and warp_factor in [0, 1], got {self.context} and {self.warp_factor}")
+            raise ConfigError(
+                f"context must be > 0 and warp_factor in [0, 1], got {self.context} and {self.warp_factor}"
+            )
         if self.paint_order not in ("farl", "release"):
             raise ConfigError(f"paint_order must be farl or release, got {self.paint_order!r}")
         if self.zero not in (0, 1, 2):
-            raise ConfigError("zero must be 0, 1 or 2 (the evaluation reads the whole model on each rank; ZeRO-3 would partition it)")
+            raise ConfigError(
+                "zero must be 0, 1 or 2 (the evaluation reads the whole model on each rank; ZeRO-3 would partition it)"
+            )
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError("precision must be fp32 or bf16")
 
@@ -132,7 +158,8 @@ class TaskData(torch.utils.data.Dataset):
     """
 
     def __init__(self, task: str, base: Any, transform: Any, seed: int, train: bool):
-        self.task, self.base, self.transform, self.seed, self.train, self.epoch = task, base, transform, seed, train, 0
+        self.task, self.base, self.transform = task, base, transform
+        self.seed, self.train, self.epoch = seed, train, 0
 
     def __len__(self) -> int:
         return len(self.base)
@@ -167,7 +194,8 @@ def lr_at(step: int, *, peak: float, min_lr: float, warmup: int, total: int) -> 
 
 
 def step_lr_at(step: int, *, peak: float, warmup: int, milestones: tuple[int, ...], gamma: float) -> float:
-    """FaRL's ``MultiStepLR``: ``peak × gamma^(milestones passed)`` (milestones in steps), after an optional warm-up."""
+    """FaRL's ``MultiStepLR``: ``peak × gamma^(milestones passed)`` (milestones in steps), after an optional
+    warm-up."""
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * gamma ** sum(step >= m for m in milestones)
@@ -184,7 +212,9 @@ class ModelEMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         ema = list(self.model.parameters())
-        torch._foreach_lerp_(ema, [p.detach().to(e.device, torch.float32) for e, p in zip(ema, model.parameters())], 1.0 - self.decay)
+        torch._foreach_lerp_(
+            ema, [p.detach().to(e.device, torch.float32) for e, p in zip(ema, model.parameters())], 1.0 - self.decay
+        )
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 
@@ -196,7 +226,7 @@ def _alignment_data(cfg: FinetuneConfig, split: str):
     if cfg.protocol == "aflw19":
         return D.AFLW19(root, split)
     if not root.is_dir():
-        raise ConfigError(f"alignment data folder not found: {root}")
+        raise DataError(f"alignment data folder not found: {root}")
     if (root / D.HRNET_300W_CSV["train"]).is_file():
         return D.Face300WCSV(root, split)
     return D.PtsFolder(root, split)
@@ -237,8 +267,13 @@ def _build(cfg: FinetuneConfig):
         t_train = ParsingTransform(cfg.img_size, cfg.crop, aug, color, **geometry)
         t_test = ParsingTransform(cfg.img_size, cfg.crop, **geometry)
         info = train.classes
-    return (model, TaskData(cfg.task, train, t_train, cfg.seed, True), TaskData(cfg.task, test, t_test, cfg.seed, False), weights,
-            info)
+    return (
+        model,
+        TaskData(cfg.task, train, t_train, cfg.seed, True),
+        TaskData(cfg.task, test, t_test, cfg.seed, False),
+        weights,
+        info,
+    )
 
 
 def build_engine(model: torch.nn.Module, groups: list[dict], cfg: FinetuneConfig, world_size: int, batch: int):
@@ -268,14 +303,24 @@ def per_rank_batch(cfg: FinetuneConfig, world_size: int) -> int:
         return cfg.batch_size
     total = PROTOCOLS[cfg.protocol].global_batch_size
     if total % world_size:
-        log.warning("the protocol's global batch %d does not split over %d ranks: %d per rank", total, world_size,
-                    max(1, round(total / world_size)))
+        log.warning(
+            "the protocol's global batch %d does not split over %d ranks: %d per rank",
+            total,
+            world_size,
+            max(1, round(total / world_size)),
+        )
     return max(1, round(total / world_size))
 
 
 @torch.no_grad()
-def evaluate_alignment(model: torch.nn.Module, data: TaskData, batch_size: int, device: torch.device, dtype: torch.dtype,
-                       auc_threshold: float | None = None) -> dict[str, float]:
+def evaluate_alignment(
+    model: torch.nn.Module,
+    data: TaskData,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    auc_threshold: float | None = None,
+) -> dict[str, float]:
     """NMEs on ``data`` (a test split) in the original image's pixels, overall and per named subset
     (``frontal/…``, ``common/…``, ``challenging/…``); fractions and ``_percent``."""
     from mcf.downstream.metrics import add_percent, alignment_metrics
@@ -294,13 +339,20 @@ def evaluate_alignment(model: torch.nn.Module, data: TaskData, batch_size: int, 
     for name, mask in getattr(data.base, "subsets", {}).items():
         sel = torch.from_numpy(mask[idx.numpy()])
         if sel.any():
-            metrics.update({f"{name}/{k}": v for k, v in alignment_metrics(pred[sel], gt[sel], box[sel], auc_threshold).items()})
+            part = alignment_metrics(pred[sel], gt[sel], box[sel], auc_threshold)
+            metrics.update({f"{name}/{k}": v for k, v in part.items()})
     return add_percent(metrics)
 
 
 @torch.no_grad()
-def evaluate_parsing(model: torch.nn.Module, data: TaskData, classes: tuple[str, ...], batch_size: int, device: torch.device,
-                     dtype: torch.dtype) -> dict[str, float]:
+def evaluate_parsing(
+    model: torch.nn.Module,
+    data: TaskData,
+    classes: tuple[str, ...],
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, float]:
     """Per-class and mean F1 over one confusion matrix at each label map's own resolution: the frame's
     logits are warped back onto the original image (zeros where the frame does not reach, so
     background wins there) before the argmax, as FaRL's ``test_post.yaml`` does."""
@@ -309,7 +361,9 @@ def evaluate_parsing(model: torch.nn.Module, data: TaskData, classes: tuple[str,
 
     t = data.transform
     cm = ConfusionMatrix(len(classes))
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=_collate_eval_parsing)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch_size, shuffle=False, collate_fn=_collate_eval_parsing
+    )
     model.eval()
     for x, labels, mats in loader:
         logits = model(x.to(device=device, dtype=dtype)).float().cpu()  # (N, C, S, S)
@@ -320,7 +374,8 @@ def evaluate_parsing(model: torch.nn.Module, data: TaskData, classes: tuple[str,
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Train, evaluate, write ``metrics.json`` / ``paper_row.md``; returns ``{'metrics', 'train_losses', 'steps', ...}``."""
+    """Train, evaluate, write ``metrics.json`` / ``paper_row.md``; returns
+    ``{'metrics', 'paper_row', 'train_losses', 'steps', ...}``."""
     from mcf.downstream.heads import param_groups_lrd
     from mcf.downstream.protocols import PROTOCOLS, format_row, paper_row
     from mcf.downstream.tracking import FinetuneTracker
@@ -330,33 +385,66 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     model, train, test, weights, info = _build(cfg)  # data and checkpoint errors surface before DeepSpeed starts
     rank, world_size, device = init_distributed()
     depth = model.backbone.depth
-    groups = param_groups_lrd(model, depth, cfg.weight_decay, cfg.layer_decay, encoder_lr_scale=cfg.backbone_lr / cfg.lr)
+    groups = param_groups_lrd(
+        model, depth, cfg.weight_decay, cfg.layer_decay, encoder_lr_scale=cfg.backbone_lr / cfg.lr
+    )
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     if world_size > 1:
-        sampler = torch.utils.data.distributed.DistributedSampler(train, num_replicas=world_size, rank=rank, seed=cfg.seed, drop_last=True)
+        sampler = torch.utils.data.distributed.DistributedSampler(
+            train, num_replicas=world_size, rank=rank, seed=cfg.seed, drop_last=True
+        )
     else:
         sampler = torch.utils.data.RandomSampler(train, generator=torch.Generator().manual_seed(cfg.seed))
     batch = min(per_rank_batch(cfg, world_size), len(train) // world_size) or 1
     engine = build_engine(model, groups, cfg, world_size, batch)
     if ema is not None:
         ema.model.to(device)
-    loader = torch.utils.data.DataLoader(train, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.workers,
-                                         persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.workers, persistent_workers=False
+    )
     steps_per_epoch = max(1, len(loader))
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, total // 20)
     milestones = tuple(m * steps_per_epoch for m in cfg.lr_milestones)
     out = Path(cfg.output_dir)
     tracker = FinetuneTracker(cfg.tracking_uri, cfg.experiment, out, out.name, enabled=rank == 0)
-    tracker.set_tags({"task": cfg.task, "protocol": cfg.protocol, "pretrained": cfg.pretrained, "source_format": weights.source_format})
-    tracker.log_params({**asdict(cfg), "resolved": {"world_size": world_size, "batch_per_rank": batch, "total_steps": total,
-                                                    "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup}})
+    tracker.set_tags(
+        {
+            "task": cfg.task,
+            "protocol": cfg.protocol,
+            "pretrained": cfg.pretrained,
+            "source_format": weights.source_format,
+        }
+    )
+    tracker.log_params(
+        {
+            **asdict(cfg),
+            "resolved": {
+                "world_size": world_size,
+                "batch_per_rank": batch,
+                "total_steps": total,
+                "steps_per_epoch": steps_per_epoch,
+                "warmup_steps": warmup,
+            },
+        }
+    )
     if rank == 0:
-        log.info("fine-tuning %s (%s protocol) on %s (%d train, %d %s) from %s [%s]: %d steps, batch %d x %d ranks", cfg.task,
-                 cfg.protocol, cfg.data, len(train), len(test), cfg.test_split, cfg.pretrained, weights.source_format, total, batch,
-                 world_size)
+        log.info(
+            "fine-tuning %s (%s protocol) on %s (%d train, %d %s) from %s [%s]: %d steps, batch %d x %d ranks",
+            cfg.task,
+            cfg.protocol,
+            cfg.data,
+            len(train),
+            len(test),
+            cfg.test_split,
+            cfg.pretrained,
+            weights.source_format,
+            total,
+            batch,
+            world_size,
+        )
 
     losses: list[float] = []
     step, epoch, t0 = 0, 0, time.time()
@@ -386,10 +474,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 losses.append(float(loss.detach()))
                 step += 1
                 if step % cfg.log_every == 0 or step == total:
-                    mean_loss = float(np.mean(losses[-cfg.log_every:]))
+                    mean_loss = float(np.mean(losses[-cfg.log_every :]))
                     tracker.log_metrics({"train/loss": mean_loss, "train/lr": lr}, step)
                     if rank == 0:
-                        log.info("step %d/%d loss %.5f lr %.2e (%.1f s)", step, total, mean_loss, lr, time.time() - t0)
+                        log.info(
+                            "step %d/%d loss %.5f lr %.2e (%.1f s)", step, total, mean_loss, lr, time.time() - t0
+                        )
                 if step >= total:
                     break
             epoch += 1
@@ -397,21 +487,37 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         module = engine.module
         evaluated, eval_dtype = (ema.model, torch.float32) if ema is not None else (module, dtype)
         if cfg.task == "alignment":
-            metrics = evaluate_alignment(evaluated, test, batch, device, eval_dtype, PROTOCOLS[cfg.protocol].auc_threshold)
+            metrics = evaluate_alignment(
+                evaluated, test, batch, device, eval_dtype, PROTOCOLS[cfg.protocol].auc_threshold
+            )
         else:
             metrics = evaluate_parsing(evaluated, test, info, max(1, batch // 4), device, eval_dtype)
-        headers, values = paper_row(cfg.protocol, metrics)
-        result = {"task": cfg.task, "protocol": cfg.protocol, "pretrained": cfg.pretrained, "source_format": weights.source_format,
-                  "steps": step, "train_size": len(train), "test_size": len(test), "test_split": cfg.test_split,
-                  "evaluated": "ema" if ema is not None else "trained", "metrics": metrics,
-                  "paper_row": dict(zip(headers, values)), "final_loss": float(np.mean(losses[-cfg.log_every:])),
-                  "config": asdict(cfg), "train_losses": losses}
+        headers, values = paper_row(cfg.protocol, metrics, cfg.test_split)
+        result = {
+            "task": cfg.task,
+            "protocol": cfg.protocol,
+            "pretrained": cfg.pretrained,
+            "source_format": weights.source_format,
+            "steps": step,
+            "train_size": len(train),
+            "test_size": len(test),
+            "test_split": cfg.test_split,
+            "evaluated": "ema" if ema is not None else "trained",
+            "metrics": metrics,
+            "paper_row": dict(zip(headers, values)),
+            "final_loss": float(np.mean(losses[-cfg.log_every :])),
+            "config": asdict(cfg),
+            "train_losses": losses,
+        }
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-            (out / "paper_row.md").write_text(format_row(cfg.protocol, metrics) + "\n")
+            (out / "paper_row.md").write_text(format_row(cfg.protocol, metrics, cfg.test_split) + "\n")
             state = (ema.model if ema is not None else module).state_dict()
-            torch.save({k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state.items()}, out / "finetuned.pt")
+            torch.save(
+                {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state.items()},
+                out / "finetuned.pt",
+            )
             tracker.log_metrics({f"test/{k}": v for k, v in metrics.items()}, step)
             tracker.log_artifact(out / "metrics.json")
             tracker.log_artifact(out / "paper_row.md")

@@ -36,15 +36,62 @@ EYE_GROUPS: dict[int, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]] = {
 }
 AUC_STEP = 1e-4  # FaRL AUC_FR(step=0.0001)
 
-LAPA_CLASSES = ("background", "skin", "left_eyebrow", "right_eyebrow", "left_eye", "right_eye", "nose", "upper_lip", "inner_mouth",
-                "lower_lip", "hair")
+LAPA_CLASSES = (
+    "background",
+    "skin",
+    "left_eyebrow",
+    "right_eyebrow",
+    "left_eye",
+    "right_eye",
+    "nose",
+    "upper_lip",
+    "inner_mouth",
+    "lower_lip",
+    "hair",
+)
 # CelebAMask-HQ part files, in the order the release's g_mask.py paints them (later parts overwrite earlier).
-CELEBAMASK_PARTS = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear", "mouth", "u_lip", "l_lip", "hair",
-                    "hat", "ear_r", "neck_l", "neck", "cloth")
+CELEBAMASK_PARTS = (
+    "skin",
+    "nose",
+    "eye_g",
+    "l_eye",
+    "r_eye",
+    "l_brow",
+    "r_brow",
+    "l_ear",
+    "r_ear",
+    "mouth",
+    "u_lip",
+    "l_lip",
+    "hair",
+    "hat",
+    "ear_r",
+    "neck_l",
+    "neck",
+    "cloth",
+)
 # FaRL's order (farl/datasets/celebamask_hq.py, label_type 'all'): glasses, hats, earrings and necklaces are
 # painted last, hair over neck and cloth. The numbers in FaRL's and MCF's tables come from it.
-CELEBAMASK_FARL_PARTS = ("neck", "skin", "cloth", "l_ear", "r_ear", "l_brow", "r_brow", "l_eye", "r_eye", "nose", "mouth", "l_lip",
-                         "u_lip", "hair", "eye_g", "hat", "ear_r", "neck_l")
+CELEBAMASK_FARL_PARTS = (
+    "neck",
+    "skin",
+    "cloth",
+    "l_ear",
+    "r_ear",
+    "l_brow",
+    "r_brow",
+    "l_eye",
+    "r_eye",
+    "nose",
+    "mouth",
+    "l_lip",
+    "u_lip",
+    "hair",
+    "eye_g",
+    "hat",
+    "ear_r",
+    "neck_l",
+)
 CELEBAMASK_CLASSES = ("background", *CELEBAMASK_PARTS)
 CELEBAMASK_FARL_CLASSES = ("background", *CELEBAMASK_FARL_PARTS)
 PERCENT_PREFIXES = ("nme_", "auc_", "fr_", "mean_f1")
@@ -94,7 +141,8 @@ def auc_fr(nmes: torch.Tensor, threshold: float, step: float = AUC_STEP) -> tupl
 
 
 def add_percent(metrics: dict[str, float]) -> dict[str, float]:
-    """``metrics`` plus ``<key>_percent = 100 × value`` for every NME, AUC, FR and mean F1 (any ``a/b`` prefix kept)."""
+    """``metrics`` plus ``<key>_percent = 100 × value`` for every NME, AUC, FR and mean F1 (a ``subset/``
+    prefix is kept)."""
     out = dict(metrics)
     for k, v in metrics.items():
         if k.rsplit("/", 1)[-1].startswith(PERCENT_PREFIXES) and not k.endswith("_percent"):
@@ -102,8 +150,9 @@ def add_percent(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def alignment_metrics(pred: torch.Tensor, gt: torch.Tensor, boxes: torch.Tensor | None,
-                      auc_threshold: float | None = None) -> dict[str, float]:
+def alignment_metrics(
+    pred: torch.Tensor, gt: torch.Tensor, boxes: torch.Tensor | None, auc_threshold: float | None = None
+) -> dict[str, float]:
     """The NMEs that apply (fractions): box-normalised ones when ``boxes`` is given, inter-ocular and
     inter-pupil for 68- and 19-point sets; ``auc_box_<t>`` / ``fr_box_<t>`` when ``auc_threshold``."""
     out: dict[str, float] = {}

@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mcf.downstream.datasets import AFLW_TRAIN_SIZE, HRNET_300W_CSV, HRNET_COORD_OFFSET, LAPA_ALIGN_POINTS, SPLITS_300W, points_box, write_pts
+from mcf.downstream.datasets import (
+    AFLW_TRAIN_SIZE,
+    HRNET_300W_CSV,
+    HRNET_COORD_OFFSET,
+    LAPA_ALIGN_POINTS,
+    SPLITS_300W,
+    points_box,
+    write_pts,
+)
 from mcf.downstream.warp import template_points
 
 
@@ -64,11 +72,16 @@ def write_aflw19(root: str | Path, num_images: int = 6, num_test: int = 4, size:
     mask = np.ones((n, 19), dtype=np.uint8)
     mask[-1, 3] = 0  # one test face not frontal
     ra = (rng.permutation(n) + 1).reshape(1, n).astype(np.float64)
-    scipy.io.savemat(str(root / "AFLWinfo_release.mat"), {"data": data, "bbox": bbox, "mask_new": mask, "nameList": names, "ra": ra})
+    scipy.io.savemat(
+        str(root / "AFLWinfo_release.mat"),
+        {"data": data, "bbox": bbox, "mask_new": mask, "nameList": names, "ra": ra},
+    )
     return root
 
 
-def write_pts_folders(root: str | Path, num_train: int = 6, num_test: int = 3, size: int = 64, num_points: int = 68, seed: int = 0) -> Path:
+def write_pts_folders(
+    root: str | Path, num_train: int = 6, num_test: int = 3, size: int = 64, num_points: int = 68, seed: int = 0
+) -> Path:
     """``root/{train,test}/<subset>/imageN.png`` with ``imageN.pts`` beside each (iBUG format, x first)."""
     rng = np.random.default_rng(seed)
     root = Path(root)
@@ -104,7 +117,9 @@ def write_300w(root: str | Path, per_folder: int = 2, size: int = 64, seed: int 
                 coords = ",".join(f"{v + HRNET_COORD_OFFSET:.6f}" for v in pts.reshape(-1))
                 rows[which[split]].append(f"{name}.png,{side / 200:.6f},{cx:.6f},{cy:.6f},{coords}")
     if csv:
-        header = "image_name,scale,center_w,center_h," + ",".join(f"original_{i}_{a}" for i in range(68) for a in "xy")
+        header = "image_name,scale,center_w,center_h," + ",".join(
+            f"original_{i}_{a}" for i in range(68) for a in "xy"
+        )
         for key, lines in rows.items():
             (root / HRNET_300W_CSV[key]).write_text("\n".join([header, *lines]) + "\n")
     return root
@@ -134,7 +149,9 @@ def _ellipse(centre, radii, n: int = 40) -> np.ndarray:
 
 def _lapa_face(rng: np.random.Generator, w: int, h: int) -> tuple[Image.Image, np.ndarray, np.ndarray, np.ndarray]:
     """(image, label uint8 [h, w], 106 landmarks, the 3×3 image → frame similarity)."""
-    scale = rng.uniform(0.9, 1.1) * 0.38 * min(w, h) / 215.0  # frame px → image px: the hair ellipse fills ~3/4 of the image
+    scale = (
+        rng.uniform(0.9, 1.1) * 0.38 * min(w, h) / 215.0
+    )  # frame px → image px: the hair ellipse fills ~3/4 of the image
     angle = np.deg2rad(rng.uniform(-25, 25))
     c, s = scale * np.cos(angle), scale * np.sin(angle)
     centre = np.array([w / 2, h / 2]) + rng.uniform(-0.06, 0.06, 2) * min(w, h)
@@ -154,7 +171,9 @@ def _lapa_face(rng: np.random.Generator, w: int, h: int) -> tuple[Image.Image, n
     return img, np.asarray(label, dtype=np.uint8), lm @ lin.T + t, np.linalg.inv(to_image)
 
 
-def write_lapa(root: str | Path, num_train: int = 6, num_test: int = 2, size: tuple[int, int] = (72, 64), seed: int = 0) -> Path:
+def write_lapa(
+    root: str | Path, num_train: int = 6, num_test: int = 2, size: tuple[int, int] = (72, 64), seed: int = 0
+) -> Path:
     """``root/{train,val,test}/{images/*.jpg, labels/*.png, landmarks/*.txt}`` with 11 classes, the faces
     placed by random similarities (recorded in ``root/synthetic_transforms.json``: name → image → frame)."""
     import json
@@ -170,7 +189,9 @@ def write_lapa(root: str | Path, num_train: int = 6, num_test: int = 2, size: tu
             name = f"{split}_{i:04d}"
             img.save(root / split / "images" / f"{name}.jpg", quality=95)
             Image.fromarray(lab).save(root / split / "labels" / f"{name}.png")
-            (root / split / "landmarks" / f"{name}.txt").write_text("106\n" + "\n".join(f"{x:.6f} {y:.6f}" for x, y in lm) + "\n")
+            (root / split / "landmarks" / f"{name}.txt").write_text(
+                "106\n" + "\n".join(f"{x:.6f} {y:.6f}" for x, y in lm) + "\n"
+            )
             truth[f"{split}/{name}"] = to_frame.tolist()
     (root / "synthetic_transforms.json").write_text(json.dumps(truth, indent=1) + "\n")
     return root
@@ -226,7 +247,9 @@ def write_celebamask_hq(root: str | Path, num_images: int = 6, size: int = 64, s
         for c, part in enumerate(CELEBAMASK_FARL_PARTS, start=1):
             if part in masks:
                 img[masks[part]] = (np.array([37, 91, 173]) * c) % 256
-        Image.fromarray(img).resize((2 * size, 2 * size), Image.NEAREST).save(root / "CelebA-HQ-img" / f"{i}.jpg", quality=95)
+        Image.fromarray(img).resize((2 * size, 2 * size), Image.NEAREST).save(
+            root / "CelebA-HQ-img" / f"{i}.jpg", quality=95
+        )
         orig = f"{100000 + 7 * i:06d}.jpg"
         mapping.append(f"{i} {100000 + 7 * i - 1} {orig}")
         partition.append(f"{orig} {0 if i < num_images - 2 else (1 if i == num_images - 2 else 2)}")

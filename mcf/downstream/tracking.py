@@ -39,7 +39,7 @@ class FinetuneTracker:
         flat = {k: str(v)[:500] for k, v in flatten(params).items()}
         keys = sorted(flat)
         for i in range(0, len(keys), 100):
-            self.mlflow.log_params({k: flat[k] for k in keys[i:i + 100]})
+            self.mlflow.log_params({k: flat[k] for k in keys[i : i + 100]})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.mlflow is not None:

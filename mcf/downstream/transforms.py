@@ -19,7 +19,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mcf.downstream.warp import FARL_FRAME, about_centre, box_matrix, fit_similarity, resize_matrix, template_points, to_frame, warp_to_frame
+from mcf.downstream.warp import (
+    FARL_FRAME,
+    about_centre,
+    box_matrix,
+    fit_similarity,
+    resize_matrix,
+    template_points,
+    to_frame,
+    warp_to_frame,
+)
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -32,7 +41,9 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 def image_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB → ``[3, H, W]`` float32 in [0, 1]."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+    return (
+        torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+    )
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +98,11 @@ class Photometric:
             cx, cy = int((w - 1) * rng.uniform()), int((h - 1) * rng.uniform())
             dw, dh = int(w / 2 * rw), int(h / 2 * rh)
             x = x.clone()
-            x[:, max(0, cy - dh // 2):min(h - 1, cy + dh // 2) + 1, max(0, cx - dw // 2):min(w - 1, cx + dw // 2) + 1] = 0
+            x[
+                :,
+                max(0, cy - dh // 2) : min(h - 1, cy + dh // 2) + 1,
+                max(0, cx - dw // 2) : min(w - 1, cx + dw // 2) + 1,
+            ] = 0
         if self.noise_p > 0 and rng.uniform() < self.noise_p:  # Maybe(0.5, NoiseFusion): alpha ~ U(0, 0.5)
             alpha = 0.5 * rng.uniform()
             x = (1 - alpha) * x + alpha * torch.from_numpy(rng.uniform(size=x.shape).astype(np.float32))
@@ -124,10 +139,14 @@ class AlignmentTransform:
 
     def matrix(self, box: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         base = box_matrix(box, self.frame)
-        angle, ds, dx, dy = self.augment.draw(rng) if self.augment is not None and rng is not None else (0.0, 0.0, 0.0, 0.0)
+        angle, ds, dx, dy = (
+            self.augment.draw(rng) if self.augment is not None and rng is not None else (0.0, 0.0, 0.0, 0.0)
+        )
         return about_centre(self.frame, angle, 1.0 / self.context + ds, (dx * self.frame, dy * self.frame)) @ base
 
-    def __call__(self, image: Image.Image, pts: np.ndarray, box: np.ndarray, rng: np.random.Generator | None = None):
+    def __call__(
+        self, image: Image.Image, pts: np.ndarray, box: np.ndarray, rng: np.random.Generator | None = None
+    ):
         m = self.matrix(box, rng)
         x = warp_to_frame(image_tensor(image), m, self.size, self.frame, self.warp_factor)
         if self.color is not None and rng is not None:
@@ -160,15 +179,27 @@ class ParsingTransform:
             raise ValueError("crop='align' needs the 5 alignment points")
         return fit_similarity(align_points, template_points(self.frame))
 
-    def __call__(self, image: Image.Image, label: np.ndarray, align_points: np.ndarray | None = None,
-                 rng: np.random.Generator | None = None):
+    def __call__(
+        self,
+        image: Image.Image,
+        label: np.ndarray,
+        align_points: np.ndarray | None = None,
+        rng: np.random.Generator | None = None,
+    ):
         base = self.base_matrix(image.width, image.height, align_points)
         m = base
         if self.augment is not None and rng is not None:
             angle, ds, dx, dy = self.augment.draw(rng)
             m = about_centre(self.frame, angle, 1.0 + ds, (dx * self.frame, dy * self.frame)) @ base
         x = warp_to_frame(image_tensor(image), m, self.size, self.frame, self.warp_factor)
-        lab = warp_to_frame(torch.from_numpy(label.astype(np.float32))[None], m, self.size, self.frame, self.warp_factor, mode="nearest")
+        lab = warp_to_frame(
+            torch.from_numpy(label.astype(np.float32))[None],
+            m,
+            self.size,
+            self.frame,
+            self.warp_factor,
+            mode="nearest",
+        )
         if self.color is not None and rng is not None:
             x = self.color(x, rng)
         return normalize(x), lab[0].round().long(), base

@@ -26,7 +26,9 @@ FARL_FRAME = 512  # farl/datasets/prepare.py: LaPa aligned into (512, 512); ever
 # FaRL's five-point face template (left eye, right eye, nose tip, left and right mouth corner), written as
 # 512-px positions / 256 - 1 and placed at (p + 1) * (frame - 1) / 2: py-blueprint GetFaceAlignMatrix and
 # facer transform.py _standard_face_pts / get_face_align_matrix (target_face_scale 1.0).
-FARL_TEMPLATE_UNIT = np.array([[196.0, 226.0], [316.0, 226.0], [256.0, 286.0], [220.0, 360.4], [292.0, 360.4]]) / 256.0 - 1.0
+FARL_TEMPLATE_UNIT = (
+    np.array([[196.0, 226.0], [316.0, 226.0], [256.0, 286.0], [220.0, 360.4], [292.0, 360.4]]) / 256.0 - 1.0
+)
 # FaRL's arctanh clamp (py-blueprint _safe_arctanh): the inverse warp of a frame border pixel stays finite.
 ATANH_CLAMP = 0.999
 
@@ -71,12 +73,15 @@ def box_matrix(box: np.ndarray, frame: int = FARL_FRAME) -> np.ndarray:
 
 
 def resize_matrix(width: int, height: int, frame: int = FARL_FRAME) -> np.ndarray:
-    """``[3, 3]``: the whole ``width × height`` image resized onto the frame (``align_corners=False``; aspect not kept)."""
+    """``[3, 3]``: the whole ``width × height`` image resized onto the frame (``align_corners=False``; the aspect
+    ratio is not kept)."""
     sx, sy = frame / width, frame / height
     return np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5], [0.0, 0.0, 1.0]])
 
 
-def about_centre(frame: int, angle_deg: float = 0.0, scale: float = 1.0, shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+def about_centre(
+    frame: int, angle_deg: float = 0.0, scale: float = 1.0, shift: tuple[float, float] = (0.0, 0.0)
+) -> np.ndarray:
     """``[3, 3]`` frame → frame: rotate by ``angle`` and scale about the frame centre, then shift (px).
 
     FaRL's ``_compose_rotate_and_scale`` with ``from_center = to_center = ((frame − 1) / 2, ·)``:
@@ -89,7 +94,8 @@ def about_centre(frame: int, angle_deg: float = 0.0, scale: float = 1.0, shift: 
 
 
 def tanh_warp(u: torch.Tensor, k: float) -> torch.Tensor:
-    """Normalised frame coordinates (``u ∈ ℝ``, the frame is ``[−1, 1]``) → warped, inside ``(−1, 1)``; k ∈ [0, 1]."""
+    """Normalised frame coordinates (``u ∈ ℝ``; the frame is ``[−1, 1]``) → warped, inside ``(−1, 1)``.
+    ``k`` ∈ [0, 1] is the warp factor: 0 = no warp, 1 = tanh over the whole frame."""
     if k <= 0:
         return u
     lo = 1.0 - k
@@ -135,7 +141,9 @@ def from_frame(pts, matrix, frame: int = FARL_FRAME, warp_factor: float = 0.0) -
 
 def _pixel_grid(h: int, w: int) -> torch.Tensor:
     """``[h, w, 2]`` (x, y) pixel centres, float64."""
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
     return torch.stack([xs, ys], dim=-1)
 
 
@@ -147,8 +155,14 @@ def _sample(src: torch.Tensor, xy: torch.Tensor, mode: str) -> torch.Tensor:
     return F.grid_sample(src, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
-def warp_to_frame(image: torch.Tensor, matrix, size: int, frame: int = FARL_FRAME, warp_factor: float = 0.0,
-                  mode: str = "bilinear") -> torch.Tensor:
+def warp_to_frame(
+    image: torch.Tensor,
+    matrix,
+    size: int,
+    frame: int = FARL_FRAME,
+    warp_factor: float = 0.0,
+    mode: str = "bilinear",
+) -> torch.Tensor:
     """``image [C, H, W]`` → its frame sampled at ``size`` px, ``[C, size, size]`` (zeros outside the image).
 
     Output pixel ``i`` is frame position ``(i + ½) · frame / size − ½`` (the frame resized to ``size``).
@@ -159,8 +173,14 @@ def warp_to_frame(image: torch.Tensor, matrix, size: int, frame: int = FARL_FRAM
     return _sample(image[None], src_xy[None], mode)[0]
 
 
-def warp_from_frame(maps: torch.Tensor, matrix, out_hw: tuple[int, int], frame: int = FARL_FRAME, warp_factor: float = 0.0,
-                    mode: str = "bilinear") -> torch.Tensor:
+def warp_from_frame(
+    maps: torch.Tensor,
+    matrix,
+    out_hw: tuple[int, int],
+    frame: int = FARL_FRAME,
+    warp_factor: float = 0.0,
+    mode: str = "bilinear",
+) -> torch.Tensor:
     """``maps [C, S, S]`` in the frame (sampled at S px) → the source image's ``[C, H, W]``; zeros where the
     frame does not reach. Used to bring logits back to the original image before the argmax (FaRL's
     ``GetInvertedTransformMap`` + ``TransformByMap(bilinear)``)."""
