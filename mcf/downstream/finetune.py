@@ -379,6 +379,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from mcf.downstream.heads import param_groups_lrd
     from mcf.downstream.protocols import PROTOCOLS, format_row, paper_row
     from mcf.downstream.tracking import FinetuneTracker
+    from mcf.fileio import atomic_path, write_text_atomic
     from mcf.train.engine import init_distributed
 
     torch.manual_seed(cfg.seed)
@@ -511,13 +512,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         }
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-            (out / "paper_row.md").write_text(format_row(cfg.protocol, metrics, cfg.test_split) + "\n")
+            write_text_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
+            write_text_atomic(out / "paper_row.md", format_row(cfg.protocol, metrics, cfg.test_split) + "\n")
             state = (ema.model if ema is not None else module).state_dict()
-            torch.save(
-                {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state.items()},
-                out / "finetuned.pt",
-            )
+            with atomic_path(out / "finetuned.pt") as tmp:
+                torch.save({k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state.items()}, tmp)
             tracker.log_metrics({f"test/{k}": v for k, v in metrics.items()}, step)
             tracker.log_artifact(out / "metrics.json")
             tracker.log_artifact(out / "paper_row.md")

@@ -1,7 +1,8 @@
 """MLflow for ``mcf finetune``, on the same terms as ``mcf pretrain`` (:mod:`mcf.train.metrics`): a local
-sqlite store ``OUTPUT/mlflow.db`` by default (no server), a server URI, or ``none`` to disable; rank 0
-only; the resolved config as parameters, the train loss per logged step, the test metrics (fractions
-and ``_percent``) at the last step, ``metrics.json`` and the printed paper row as artifacts."""
+sqlite store ``OUTPUT/mlflow.db`` by default (no server) with its artifacts in ``OUTPUT/mlartifacts/``,
+a server URI, or ``none`` to disable; rank 0 only; the resolved config as parameters, the train loss
+per logged step, the test metrics (fractions and ``_percent``) at the last step, ``metrics.json`` and
+the printed paper row as artifacts."""
 
 from __future__ import annotations
 
@@ -23,9 +24,17 @@ class FinetuneTracker:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import mlflow
 
+        from mcf.train.metrics import MLFLOW_DB, local_artifact_root
+
         output_dir.mkdir(parents=True, exist_ok=True)
-        uri = uri or f"sqlite:///{output_dir.resolve()}/mlflow.db"
+        if uri is None:  # the default local store, created with the umask's mode (sqlite would make it 0644)
+            db = output_dir.resolve() / MLFLOW_DB
+            db.touch(mode=0o666)
+            uri = f"sqlite:///{db}"
         mlflow.set_tracking_uri(uri)
+        artifacts = local_artifact_root(uri)  # None for a server; else beside the database, not ./mlruns
+        if artifacts is not None and mlflow.get_experiment_by_name(experiment) is None:
+            mlflow.create_experiment(experiment, artifact_location=artifacts.as_uri())
         mlflow.set_experiment(experiment)
         run = mlflow.start_run(run_name=run_name)
         self.mlflow, self.run_id = mlflow, run.info.run_id
