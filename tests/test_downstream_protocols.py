@@ -84,6 +84,14 @@ def test_lapa_needs_landmarks_only_for_the_aligned_protocol(tmp_path):
     (root / "train" / "landmarks" / "train_0000.txt").write_text("106\n1 2\n")
     with pytest.raises(DataError, match="106"):
         D.LaPa(root, "train")
+    (root / "train" / "landmarks" / "train_0000.txt").write_text(
+        "106\n" + "5 5\n" * 106
+    )  # no similarity from one point
+    with pytest.raises(DataError, match="coincide"):
+        D.LaPa(root, "train")
+    Image.new("L", (10, 10)).save(root / "val" / "labels" / "val_0000.png")
+    with pytest.raises(DataError, match="differs"):
+        D.LaPa(root, "val", landmarks=False)[0]
 
 
 def test_tanh_warp_and_its_inverse_on_a_grid():

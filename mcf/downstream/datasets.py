@@ -368,7 +368,13 @@ def read_lapa_landmarks(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read LaPa landmarks: {e}") from None
     if len(vals) != 213 or vals[0] != 106:
         raise DataError(f"{path}: expected '106' and 106 x y pairs, got {len(vals)} numbers")
-    return np.array(vals[1:], dtype=np.float64).reshape(106, 2)
+    pts = np.array(vals[1:], dtype=np.float64).reshape(106, 2)
+    five = pts[list(LAPA_ALIGN_POINTS)]
+    if not np.isfinite(pts).all() or not ((five - five.mean(0)) ** 2).sum() > 0:
+        raise DataError(
+            f"{path}: landmarks not finite, or the 5 alignment points {list(LAPA_ALIGN_POINTS)} coincide"
+        )
+    return pts
 
 
 class LaPa(ParsingDataset):
@@ -406,7 +412,12 @@ class LaPa(ParsingDataset):
 
     def __getitem__(self, i: int):
         img, lab = self.items[i]
-        return _open_rgb(img), read_label(lab, len(self.classes))
+        image, label = _open_rgb(img), read_label(lab, len(self.classes))
+        if label.shape != (image.height, image.width):
+            raise DataError(
+                f"{lab}: label map {label.shape[1]}x{label.shape[0]} differs from its image's {image.width}x{image.height}"
+            )
+        return image, label
 
     def align_points(self, i: int) -> np.ndarray | None:
         return None if self.landmarks is None else self.landmarks[i][list(LAPA_ALIGN_POINTS)]
