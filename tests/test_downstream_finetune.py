@@ -308,7 +308,7 @@ def test_finetune_parsing_celebamask_hq_records_mlflow(tmp_path):
     ] == pytest.approx(100 * m["mean_f1"])
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 4
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"metrics.json", "paper_row.md"}
-    assert len(list((out / "mlartifacts").rglob("paper_row.md"))) == 1  # the local store's artifacts stay in the run folder
+    assert len(list((out / "mlartifacts").rglob("paper_row.md"))) == 1  # a local store's artifacts stay in the run folder
 
 
 def test_finetune_cli_user_errors_are_one_line(tmp_path, capsys):

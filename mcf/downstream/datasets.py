@@ -415,7 +415,8 @@ class LaPa(ParsingDataset):
         image, label = _open_rgb(img), read_label(lab, len(self.classes))
         if label.shape != (image.height, image.width):
             raise DataError(
-                f"{lab}: label map {label.shape[1]}x{label.shape[0]} differs from its image's {image.width}x{image.height}"
+                f"{lab}: label map {label.shape[1]}x{label.shape[0]} differs from its image's "
+                f"{image.width}x{image.height}"
             )
         return image, label
 

@@ -515,8 +515,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             write_text_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
             write_text_atomic(out / "paper_row.md", format_row(cfg.protocol, metrics, cfg.test_split) + "\n")
             state = (ema.model if ema is not None else module).state_dict()
+            state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state.items()}
             with atomic_path(out / "finetuned.pt") as tmp:
-                torch.save({k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state.items()}, tmp)
+                torch.save(state, tmp)
             tracker.log_metrics({f"test/{k}": v for k, v in metrics.items()}, step)
             tracker.log_artifact(out / "metrics.json")
             tracker.log_artifact(out / "paper_row.md")
