@@ -46,3 +46,14 @@ def test_fields_are_consistent():
     assert f["tflops_per_device"] == f["tflops"] / 2
     assert f["mfu"] == pytest.approx(f["tflops_per_device"] / f["peak_tflops"], rel=1e-12)
     assert f["peak_tflops"] > 0 and f["peak_memory_gb"] > 0 and "CPU" in t.peak_source
+
+
+def test_a_model_the_meta_device_cannot_count_still_trains(monkeypatch):
+    import mcf.train.perf as perf
+
+    def broken(cfg):
+        raise NotImplementedError("no meta kernel")
+
+    monkeypatch.setattr(perf, "flops_per_image", broken)
+    t = Throughput(build_config("demo"), torch.device("cpu"), torch.float32, world_size=1)
+    assert set(t.fields(10.0)) == {"peak_memory_gb"}

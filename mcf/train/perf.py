@@ -101,16 +101,23 @@ class Throughput:
 
     def __init__(self, cfg: Any, device: torch.device, dtype: torch.dtype, world_size: int):
         self.device, self.world_size = device, world_size
-        self.flops_per_image = flops_per_image(cfg)
+        try:
+            self.flops_per_image: float | None = flops_per_image(cfg)
+        except Exception as e:  # noqa: BLE001 - a model the meta device cannot run must not stop the training
+            log.warning("model FLOPs not counted (%s: %s): the logs carry no TFLOP/s or MFU", type(e).__name__, e)
+            self.flops_per_image = None
         self.peak_flops, self.peak_source = device_peak_flops(device, dtype)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the matmul probe's buffers are not the run's
-        log.info("%.2f GFLOP per image per step (model FLOPs); MFU against %.1f TFLOP/s per device (%s)",
-                 self.flops_per_image / 1e9, self.peak_flops / 1e12, self.peak_source)
+        if self.flops_per_image is not None:
+            log.info("%.2f GFLOP per image per step (model FLOPs); MFU against %.1f TFLOP/s per device (%s)",
+                     self.flops_per_image / 1e9, self.peak_flops / 1e12, self.peak_source)
 
     def fields(self, images_per_s: float) -> dict[str, float]:
+        out = {"peak_memory_gb": peak_memory_bytes(self.device) / 1e9}
+        if self.flops_per_image is None:
+            return out
         tflops = self.flops_per_image * images_per_s / 1e12
         per_device = tflops / self.world_size
         return {"flops_per_image": self.flops_per_image, "tflops": tflops, "tflops_per_device": per_device,
-                "mfu": per_device * 1e12 / self.peak_flops, "peak_tflops": self.peak_flops / 1e12,
-                "peak_memory_gb": peak_memory_bytes(self.device) / 1e9}
+                "mfu": per_device * 1e12 / self.peak_flops, "peak_tflops": self.peak_flops / 1e12, **out}

@@ -324,8 +324,8 @@ class Trainer:
             record["skipped_steps"] = int(self.engine.skipped_steps)
         if self.throughput is not None:
             record.update(self.throughput.fields(record["images_per_s"]))
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", mfu=f"{record['mfu']:.1%}",
-                            refresh=False)
+            mfu = {"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", **mfu, refresh=False)
         self.logger.log(record)
         self.acc.zero_()
         self.steps_since_log = 0
