@@ -30,7 +30,25 @@ STEPS = 2
 MOMENTUM = 0.9  # far from 1, so that an EMA of the wrong values differs visibly
 
 
-def run_case(zero: int, precision: str, target_precision: str, extra: dict, freeze: str | None) -> dict:
+class _Done:
+    def wait(self) -> None:
+        pass
+
+
+def _uneven_all_gather(outputs: list[torch.Tensor], tensor: torch.Tensor, group=None, async_op: bool = False):  # noqa: ANN001
+    """NCCL's all-gather of unequal sizes (gloo has none), emulated with a padded one: the EMA's
+    uneven layout is checked here; NCCL itself only on a GPU."""
+    n = max(o.numel() for o in outputs)
+    send = torch.zeros(n, dtype=tensor.dtype)
+    send[:tensor.numel()] = tensor
+    buf = torch.empty(n * len(outputs), dtype=tensor.dtype)
+    dist.all_gather_single(buf, send)
+    for q, o in enumerate(outputs):
+        o.copy_(buf[q * n:q * n + o.numel()])
+    return _Done() if async_op else None
+
+
+def run_case(zero: int, precision: str, target_precision: str, extra: dict, freeze: str | None, uneven: bool) -> dict:
     from mcf.config import build_config
     from mcf.models import create_model_from_config
     from mcf.train.ema import TargetEMA
@@ -62,7 +80,9 @@ def run_case(zero: int, precision: str, target_precision: str, extra: dict, free
     names = [n for n, _ in model.ema_pairs()]
     ref = {n: p.detach().clone() for n, p in model.ema_pairs()}  # fp32 copies, the EMA's start
     forward_dtype = dtype if target_precision == "auto" else torch.float32
-    ema = TargetEMA(model.target, engine, forward_dtype, fixed=fixed)
+    if uneven:
+        dist.all_gather = _uneven_all_gather
+    ema = TargetEMA(model.target, engine, forward_dtype, fixed=fixed, uneven=uneven or None)
     acts: list[torch.dtype] = []
     model.target.encoder.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: acts.append(o.dtype))
     online = CastInput(engine, dtype)
@@ -95,6 +115,7 @@ def run_case(zero: int, precision: str, target_precision: str, extra: dict, free
     restored = torch.equal(ema.shard, before[0]) and torch.equal(ema.flat, before[1])
     sd_ok = all(sd[n].dtype == torch.float32 and torch.equal(sd[n], ref[n]) for n in names)
     return {"zero": zero, "precision": precision, "target_precision": target_precision, "extra": extra, "freeze": freeze,
+            "uneven": ema.uneven, "gathered_numel": ema.rows.buffer.numel() if ema.sharded else 0,
             "optimizer": type(engine.optimizer).__name__, "kind": ema.layout.kind, "exact": bool(exact),
             "weights_exact": bool(weights_exact), "restored": bool(restored), "state_dict_exact": bool(sd_ok),
             "activation_dtypes": sorted({str(a).replace("torch.", "") for a in acts}), "update_collectives": per_update,
@@ -108,7 +129,7 @@ def main() -> int:
     cases = [json.loads(c) for c in sys.argv[1:]]
     for case in cases:
         result = run_case(case["zero"], case["precision"], case.get("target_precision", "auto"), case.get("extra", {}),
-                          case.get("freeze"))
+                          case.get("freeze"), case.get("uneven", False))
         if dist.get_rank() == 0:
             print("RESULT " + json.dumps(result), flush=True)
         dist.barrier()

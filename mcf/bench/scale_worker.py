@@ -140,8 +140,9 @@ class SyntheticLoader:
 def ema_bytes(ema: Any) -> int:
     """Bytes of the EMA's own tensors on this rank: the fp32 shard, the forward weights, the gather buffers."""
     c = StorageCounter()
-    for name in ("shard", "flat", "send", "gathered"):
-        c.add(getattr(ema, name, None), "ema")
+    rows = getattr(ema, "rows", None)
+    for t in (ema.shard, ema.flat, getattr(rows, "send", None), getattr(rows, "buffer", None)):
+        c.add(t, "ema")
     return c.bytes.get("ema", 0)
 
 

@@ -80,7 +80,7 @@ class _Layout:
     masters: Callable[[], list[torch.Tensor]]  # this rank's 1-D fp32 master tensors, looked up at every step
     runs: list[_Run]
     shard_numel: int
-    row_numel: int  # R: elements per rank in the gathered buffer (0 when nothing is gathered)
+    row_lengths: list[int]  # each rank's shard length (the rows' used part)
     pieces: list[_Piece]
     target_numel: int
     offsets: dict[str, int]  # parameter name → offset of its first element in the target's flat weights
@@ -169,8 +169,8 @@ class _Builder:
         if missing:
             raise RuntimeError(f"EMA parameters the optimizer does not hold: {missing[:5]}")
         shard = self.row_len[self.rank]
-        row = max(self.row_len) if kind != "replicated" else 0
-        return _Layout(kind, masters, _merge(self.runs), shard, row, self.pieces, self.target_numel, self.offsets, self.segments)
+        return _Layout(kind, masters, _merge(self.runs), shard, list(self.row_len), self.pieces, self.target_numel, self.offsets,
+                       self.segments)
 
 
 def _replicated(builder: _Builder, names: list[str], masters: Callable[[], list[torch.Tensor]]) -> _Layout:
@@ -277,6 +277,41 @@ def _all_gather() -> Callable[..., Any]:
     return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+class _Rows:
+    """The gathered buffer: every rank's shard, one row each. ``uneven``: rows of each rank's own
+    length, back to back (``all_gather`` into a list, which NCCL runs as one group of broadcasts:
+    each rank receives only the real elements); else rows of the longest length (one
+    ``all_gather_single``; gloo needs equal sizes)."""
+
+    def __init__(self, lengths: list[int], rank: int, uneven: bool, dtype: torch.dtype, device: torch.device):
+        self.lengths, self.uneven = lengths, uneven
+        self.row = max(lengths)
+        sizes = lengths if uneven else [self.row] * len(lengths)
+        self.starts = [sum(sizes[:q]) for q in range(len(sizes))]
+        self.buffer = torch.empty(sum(sizes), dtype=dtype, device=device)
+        self.send = torch.zeros(sizes[rank], dtype=dtype, device=device)  # padded: the tail beyond this rank's length stays 0
+        self._outputs = [self.buffer.narrow(0, a, n) for a, n in zip(self.starts, sizes)]
+
+    def gather(self, shard: torch.Tensor, async_op: bool = False) -> Any:
+        import torch.distributed as dist
+
+        self.send.narrow(0, 0, shard.numel()).copy_(shard)
+        if self.uneven:
+            return dist.all_gather(self._outputs, self.send, async_op=async_op)
+        return _all_gather()(self.buffer, self.send, async_op=async_op)
+
+    def views(self, pieces: list[_Piece], flat: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(sources in the buffer, destinations in ``flat``) of every piece."""
+        src = []
+        for p in pieces:
+            if p.rows == 1:
+                src.append(self.buffer.narrow(0, self.starts[p.row] + p.col, p.cols).view(1, p.cols))
+            else:  # all ranks at once (ZeRO-3): equal rows
+                src.append(self.buffer.view(len(self.lengths), self.row)[p.row:p.row + p.rows, p.col:p.col + p.cols])
+        dst = [flat.narrow(0, p.dst, p.rows * p.cols).view(p.rows, p.cols) for p in pieces]
+        return src, dst
+
+
 class TargetEMA:
     """The target encoder's fp32 EMA, partitioned like the online model's fp32 masters.
 
@@ -290,9 +325,12 @@ class TargetEMA:
         engine: the DeepSpeed engine of the online model (``engine.module``: the online model).
         forward_dtype: the dtype the target computes in (its weights are cast to it).
         fixed: fp32 values of frozen online parameters (they have no master weights).
+        uneven: gather rows of each rank's own length (see :class:`_Rows`); default: under NCCL
+            for ZeRO-1/2 layouts, whose ranks hold unequal shares of the target (ZeRO-3's are equal).
     """
 
-    def __init__(self, target: nn.Module, engine: Any, forward_dtype: torch.dtype, fixed: dict[str, torch.Tensor] | None = None):
+    def __init__(self, target: nn.Module, engine: Any, forward_dtype: torch.dtype, fixed: dict[str, torch.Tensor] | None = None,
+                 uneven: bool | None = None):
         import torch.distributed as dist
 
         self.target = target
@@ -320,26 +358,21 @@ class TargetEMA:
                 view.copy_(init[n])
             p.data = view
         self._pending: Any = None
+        if uneven is None:
+            uneven = lay.kind == "flat" and dist.is_initialized() and dist.get_backend() == "nccl"
+        self.uneven = bool(uneven) and lay.kind == "flat"
         if lay.kind != "replicated":
-            R = lay.row_numel
-            self.send = torch.zeros(R, dtype=forward_dtype, device=device)
-            self.gathered = torch.empty(self.world * R, dtype=forward_dtype, device=device)
-            self._src, self._dst = self._piece_views(self.gathered, self.flat)
+            self.rows = _Rows(lay.row_lengths, self.rank, self.uneven, forward_dtype, device)
+            self._src, self._dst = self.rows.views(lay.pieces, self.flat)
         self._hook = target.register_forward_pre_hook(lambda *_: self.wait())
         if self.rank == 0:
+            gather = f", one all-gather of {self.rows.buffer.numel()} elements per step" if lay.kind != "replicated" else ", no communication"
             log.info("EMA target: %s, %d of %d elements on this rank, forward weights in %s%s", lay.kind, lay.shard_numel,
-                     sum(p.numel() for p in named.values()), str(forward_dtype).replace("torch.", ""),
-                     f", one all-gather of {self.world} x {lay.row_numel} per step" if lay.kind != "replicated" else ", no communication")
+                     sum(p.numel() for p in named.values()), str(forward_dtype).replace("torch.", ""), gather)
 
     def _fill_shard(self, full: dict[str, torch.Tensor]) -> None:
         for s in self.layout.segments:
             self.shard.narrow(0, s.shard, s.length).copy_(full[s.name].reshape(-1).narrow(0, s.offset, s.length))
-
-    def _piece_views(self, gathered: torch.Tensor, flat: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        rows = gathered.view(self.world, self.layout.row_numel)
-        src = [rows[p.row:p.row + p.rows, p.col:p.col + p.cols] for p in self.layout.pieces]
-        dst = [flat.narrow(0, p.dst, p.rows * p.cols).view(p.rows, p.cols) for p in self.layout.pieces]
-        return src, dst
 
     @property
     def sharded(self) -> bool:
@@ -361,8 +394,7 @@ class TargetEMA:
             if self.flat is not self.shard:
                 self.flat.copy_(self.shard)
             return
-        self.send.narrow(0, 0, self.layout.shard_numel).copy_(self.shard)
-        self._pending = _all_gather()(self.gathered, self.send, async_op=True)
+        self._pending = self.rows.gather(self.shard, async_op=True)
 
     @torch.no_grad()
     def wait(self) -> None:
@@ -380,12 +412,10 @@ class TargetEMA:
         self.wait()
         lay = self.layout
         if self.sharded:
-            send = torch.zeros(lay.row_numel, dtype=torch.float32, device=self.send.device)
-            send.narrow(0, 0, lay.shard_numel).copy_(self.shard)
-            gathered = torch.empty(self.world * lay.row_numel, dtype=torch.float32, device=send.device)
-            _all_gather()(gathered, send)
-            flat = torch.zeros(lay.target_numel, dtype=torch.float32, device=send.device)
-            src, dst = self._piece_views(gathered, flat)
+            rows = _Rows(lay.row_lengths, self.rank, self.uneven, torch.float32, self.flat.device)
+            rows.gather(self.shard)
+            flat = torch.zeros(lay.target_numel, dtype=torch.float32, device=self.flat.device)
+            src, dst = rows.views(lay.pieces, flat)
             torch._foreach_copy_(dst, src)
         else:
             flat = self.shard
