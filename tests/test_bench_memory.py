@@ -21,8 +21,10 @@ def test_live_bytes_tracks_creation_and_release():
         del a  # live 4000
         c = torch.zeros(250, dtype=torch.float64)  # 2000 B, live 6000
         view = b[:10]  # a view: nothing new
+        before.t().add_(1)  # a view and an in-place op on a tensor made outside: nothing new either
+        weight_view = before.view(10, 100)
     assert t.peak == 8000 and t.live == 6000
-    del b, c, view
+    del b, c, view, weight_view
 
 
 def test_memory_bench_tiny(tmp_path):

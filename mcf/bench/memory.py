@@ -51,9 +51,9 @@ PAPER_MODELS = ("mcf_vit_base_patch16", "mcf_vit_large_patch16", "mcf_vit_huge_p
 class LiveBytes(TorchDispatchMode):
     """Peak bytes of the tensor storages created while the mode is active and still alive.
 
-    Every op's outputs are looked at; a storage is counted from its first appearance until it is
-    freed (a weakref finaliser on it). Storages created before the mode (weights, buffers) are not
-    counted; views cost nothing.
+    Every op's outputs are looked at; a storage is counted from its first appearance as a new output
+    (not one of the op's inputs' storages: views and in-place results are not new) until it is freed
+    (a weakref finaliser on it). Storages made before the mode (weights, buffers) are not counted.
     """
 
     def __init__(self) -> None:
@@ -66,13 +66,17 @@ class LiveBytes(TorchDispatchMode):
         self.live -= self._seen.pop(key, 0)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # an output sharing an input's storage (a view, an in-place op) is nothing new, even when that
+        # input was made before the mode (a weight and its transpose)
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue
             st = t.untyped_storage()
             key = st._cdata
-            if key in self._seen:
+            if key in self._seen or key in inputs:
                 continue
             self._seen[key] = st.nbytes()
             self.live += st.nbytes()
