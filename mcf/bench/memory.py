@@ -17,10 +17,12 @@ which keeps, like CUDA's flash attention, the output and the log-sum-exp, not th
 matrix); the CPU model is counted the same way too, so the two can be compared.
 
 Derived (:func:`model_state_bytes`, :func:`max_batch`): the largest per-GPU batch on a ``gpu_gb``
-card next to the batch-independent state: the online model's bf16 weights, fp32 masters and fp32
-Adam moments as the ZeRO stage shards them over ``ranks``, the EMA target (fp32 shard and bf16
-forward weights), the bf16 teacher, and a reserve (CUDA context, NCCL buffers, fragmentation). The
-gradients are in the measured fixed part (whole, bf16: conservative under ZeRO-2/3).
+card next to the batch-independent state: the online model's bf16 weights and gradients, fp32
+masters and fp32 Adam moments as the ZeRO stage shards them over ``ranks``, the EMA target (fp32
+shard and bf16 forward weights), the bf16 teacher, and a reserve (CUDA context, NCCL buffers,
+DeepSpeed's buckets, fragmentation). At the batch sizes of the count the peak is the activations'
+(at the start of the backward); at small ones it can be the gradients' (at its end), so the CPU
+table also gives what the forward keeps for the backward per image (``saved_per_image_bytes``).
 """
 
 from __future__ import annotations
@@ -199,17 +201,21 @@ def cpu_table(cfg: MemoryBenchConfig) -> dict[str, Any]:
     batch = cfg.batch_sizes[1]
     images, noise = _inputs(model, batch)
     times: dict[str, list[float]] = {m: [] for m in cfg.modes}
+    cpu_times: dict[str, list[float]] = {m: [] for m in cfg.modes}
     for _ in range(cfg.repeats):  # settings interleaved: load from other processes falls on all alike
         for mode in cfg.modes:
             model.set_activation_checkpointing(mode)
             for p in model.online.parameters():
                 p.grad = None
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             model(images, noise[0], noise[1]).loss.backward()
             times[mode].append(time.perf_counter() - t0)
+            cpu_times[mode].append(time.process_time() - c0)
     for mode in cfg.modes:
         rows[mode]["ms_per_step"] = statistics.median(times[mode]) * 1e3
         rows[mode]["ms_per_step_all"] = [t * 1e3 for t in times[mode]]
+        # this process's CPU time (all its threads): what the step computes, little moved by other processes' load
+        rows[mode]["cpu_ms_per_step"] = statistics.median(cpu_times[mode]) * 1e3
     with cpu_flash_attention():  # the meta count of the same model, to compare with the measurement
         meta = build(cfg.model, cfg.img_size, None, cfg.precision, "meta")
         for mode in cfg.modes:
@@ -226,6 +232,7 @@ def _relative(rows: dict[str, Any]) -> None:
             r["per_image_vs_none"] = r["per_image_bytes"] / base["per_image_bytes"]
             if "ms_per_step" in r:
                 r["time_vs_none"] = r["ms_per_step"] / base["ms_per_step"]
+                r["cpu_time_vs_none"] = r["cpu_ms_per_step"] / base["cpu_ms_per_step"]
 
 
 def _params(model: torch.nn.Module) -> dict[str, int]:
@@ -234,12 +241,15 @@ def _params(model: torch.nn.Module) -> dict[str, int]:
 
 
 def model_state_bytes(params: dict[str, int], ranks: int, zero: int) -> float:
-    """Batch-independent bytes per GPU besides the gradients (derived): the online model's bf16 weights
-    (sharded at ZeRO-3), fp32 masters and two fp32 Adam moments (sharded at ZeRO >= 1), the EMA
-    target's fp32 EMA (sharded with the masters) and bf16 forward weights, the bf16 teacher."""
+    """Batch-independent bytes per GPU (derived): the online model's bf16 weights (sharded at ZeRO-3),
+    bf16 gradients (sharded at ZeRO >= 2), fp32 masters and two fp32 Adam moments (sharded at
+    ZeRO >= 1), the EMA target's fp32 EMA (sharded with the masters) and bf16 forward weights, the
+    bf16 teacher. DeepSpeed's communication buckets are left to the reserve."""
     n, t = params["online"], params["target"]
     sharded = ranks if zero >= 1 else 1
-    return 2 * n / (ranks if zero == 3 else 1) + 12 * n / sharded + 4 * t / sharded + 2 * t + 2 * params["teacher"]
+    weights = 2 * n / (ranks if zero == 3 else 1)
+    grads = 2 * n / (ranks if zero >= 2 else 1)
+    return weights + grads + 12 * n / sharded + 4 * t / sharded + 2 * t + 2 * params["teacher"]
 
 
 def max_batch(per_image_bytes: float, fixed_bytes: float, state_bytes: float, gpu_bytes: float, reserve_bytes: float) -> int:
@@ -272,8 +282,8 @@ def run(cfg: MemoryBenchConfig) -> dict[str, Any]:
         result["projection"] = projection(cfg)
         result["projection_assumptions"] = {
             "gpu_gb": cfg.gpu_gb, "ranks": cfg.ranks, "zero": cfg.zero, "reserve_gb": cfg.reserve_gb,
-            "state": "bf16 weights (/ranks at ZeRO-3) + fp32 master and 2 Adam moments (/ranks at ZeRO>=1) + EMA fp32 (/ranks at "
-                     "ZeRO>=1) and bf16 forward weights + bf16 teacher; gradients: in the counted fixed part, whole"}
+            "state": "bf16 weights (/ranks at ZeRO-3) + bf16 gradients (/ranks at ZeRO>=2) + fp32 master and 2 Adam moments "
+                     "(/ranks at ZeRO>=1) + EMA fp32 (/ranks at ZeRO>=1) and bf16 forward weights + bf16 teacher"}
     result["peak_source"] = "bytes of tensors created during one forward+backward and alive at once (mcf.bench.memory.LiveBytes)"
     result["config"] = {k: v for k, v in asdict(cfg).items() if k != "out"}
     result.update(run_info(torch.device("cpu")))
