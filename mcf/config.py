@@ -7,6 +7,7 @@ The resolved tree is written to ``config.yaml`` in the output folder and into ev
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from mcf.data.config import DataConfig
 from mcf.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
+SEED_MAX = 2**32 - 1
 
 
 @dataclass(kw_only=True)
@@ -105,8 +107,17 @@ class OptimConfig:
     grad_clip: float = field(0.0, help="Gradient-norm clipping (0 = off, as released).")
 
     def __post_init__(self) -> None:
+        numbers = {"blr": self.blr, "lr": self.lr, "min_lr": self.min_lr, "weight_decay": self.weight_decay,
+                   "grad_clip": self.grad_clip, "warmup_epochs": self.warmup_epochs, "betas": self.betas}
+        for name, value in numbers.items():
+            if any(v is not None and not math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
+                raise ConfigError(f"optim.{name} must be a finite number, got {value}")
         if self.blr <= 0 or (self.lr is not None and self.lr <= 0):
             raise ConfigError("optim.blr / optim.lr must be > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.warmup_epochs < 0:
+            raise ConfigError("optim.warmup_epochs must be >= 0")
         if self.min_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("optim.min_lr, weight_decay and grad_clip must be >= 0")
         if self.warmup_steps is not None and self.warmup_steps < 0:
@@ -122,14 +133,20 @@ class TrainConfig:
     max_steps: int | None = field(None, help="Stop after this many optimizer steps (overrides epochs).")
     precision: Literal["fp32", "bf16", "fp16"] = field("bf16", help="Training precision (fp16 uses dynamic loss scaling).")
     seed: int = field(0, help="Seed of weights, masks, augmentation and data order.")
-    resume: str = field("auto", help="auto (newest complete checkpoint in output_dir), none, or a checkpoint path.")
+    resume: str = field("auto", help="auto (newest intact checkpoint in output_dir, else the previous one), none, or a checkpoint path.")
     compile: bool = field(False, help="torch.compile the online model.")
+    lock_stale_s: float = field(120.0, help="The output folder's lock is taken over when its holder on another node has not "
+                                            "refreshed it for this long (on the same node: as soon as its process is gone).")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.accum_steps < 1 or self.epochs < 1:
             raise ConfigError("train.batch_size, accum_steps and epochs must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("train.max_steps must be >= 1")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(f"train.seed must be in [0, {SEED_MAX}] (numpy's seed range), got {self.seed}")
+        if self.lock_stale_s < 1:
+            raise ConfigError("train.lock_stale_s must be >= 1 (seconds)")
 
 
 @dataclass(kw_only=True)
@@ -159,6 +176,8 @@ class LoggingConfig:
 class CheckpointConfig:
     every: int = field(1000, help="Steps between checkpoints (a final one is always written).")
     keep_last: int = field(3, help="Complete checkpoints kept; older ones are deleted.")
+    hash: bool = field(False, help="Record each file's SHA-256 in the COMPLETE marker (hashed while writing) and check it on "
+                                   "resume (reads the whole checkpoint); sizes are always recorded and checked.")
 
     def __post_init__(self) -> None:
         if self.every < 1 or self.keep_last < 1:
@@ -192,17 +211,26 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def preset_dict(name_or_path: str) -> dict[str, Any]:
-    """The partial dict of a named preset or a YAML file (a preset may ``inherit:`` another)."""
+def preset_dict(name_or_path: str, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The partial dict of a named preset or a YAML file (a preset may ``inherit:`` another; a
+    relative path is looked up beside the inheriting file first). A cycle is an error."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PRESET_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown preset '{name_or_path}' (presets: {', '.join(list_presets())}; or give a YAML path)")
+    elif _chain and not path.is_absolute() and (_chain[-1].parent / path).is_file():
+        path = _chain[-1].parent / path
+    key = path.resolve()
+    if key in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain[_chain.index(key):], key))
+        raise ConfigError(f"config 'inherit:' cycle: {cycle}")
     data = load_yaml(path)
     parent = data.pop("inherit", None)
-    if parent:
-        data = merge(preset_dict(parent), data)
+    if parent is not None:
+        if not isinstance(parent, str) or not parent:
+            raise ConfigError(f"config file {path}: 'inherit' must name a preset or a YAML file, got {parent!r}")
+        data = merge(preset_dict(parent, (*_chain, key)), data)
     return data
 
 

@@ -22,12 +22,15 @@ import torch
 
 from mcf.config import Config, dump_config
 from mcf.configtree import to_dict
-from mcf.errors import ConfigError, DataError
+from mcf.dist import rank0_decides
+from mcf.errors import ConfigError, DataError, StorageError, UserError
 from mcf.train import checkpoint as ckpt
 from mcf.train.engine import PRECISION_DTYPES, CastInput, build_ds_config, fp32_masters, init_distributed, setup_env
 from mcf.train.metrics import RunLogger, flatten, save_reconstruction
 from mcf.train.optim import build_optimizer, describe_schedule, lr_at, momentum_at, param_groups, peak_lr, set_lr, warmup_steps
+from mcf.train.runlock import RunLock
 from mcf.train.signals import REQUEUE_EXIT_CODE, StopRequest
+from mcf.train.tracking import check_reachable
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +66,15 @@ class Trainer:
         cfg = self.cfg
         # gloo's all_gather_into_tensor (the contrastive keys) warns on every call
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
-        _, world_size, _ = setup_env()
+        env_rank, world_size, _ = setup_env()
         self.ds_config = build_ds_config(cfg, world_size)  # flag/JSON conflicts fail before any heavy work
         self.out = Path(cfg.train.output_dir)
-        self.resume_dir = ckpt.find_resume(cfg.train.resume, self.out)
+        # rank 0 locks the output folder before anything reads or writes it, and probes MLflow; alone it
+        # fails at once, otherwise every rank learns the verdict right after the process group starts
+        startup_error = self._preflight() if env_rank == 0 else None
+        if startup_error is not None and world_size == 1:
+            raise startup_error
+        self.resume_dir = ckpt.find_resume(cfg.train.resume, self.out, verify=False)  # a wrong path fails early
         self.build_monitor = None
         if cfg.monitor.every > 0:
             try:
@@ -87,12 +95,15 @@ class Trainer:
         random.seed(seed)
         from mcf.models import create_model_from_config
 
-        model = create_model_from_config(cfg)  # a missing teacher checkpoint fails here, before DeepSpeed starts
+        model = create_model_from_config(cfg) if startup_error is None else None  # a missing teacher fails here, before DeepSpeed
 
         self.rank, self.world_size, self.device = init_distributed(cfg.train.precision)
+        self.resume_dir = rank0_decides(lambda: self._decide_resume(startup_error))
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(dump_config(cfg))
+            try:
+                (self.out / "config.yaml").write_text(dump_config(cfg))
+            except OSError as e:
+                raise StorageError(f"cannot write {self.out / 'config.yaml'}: {e.strerror}") from None
         model.set_distributed(self.rank, self.world_size)
         self.model = model.to(self.device).train()
         self.dtype = PRECISION_DTYPES[cfg.train.precision]
@@ -146,6 +157,23 @@ class Trainer:
                      cfg.deepspeed.zero, self.total_steps, self.steps_per_epoch,
                      describe_schedule(cfg, self.global_batch, self.steps_per_epoch, self.total_steps))
 
+    def _preflight(self) -> UserError | None:
+        """Rank 0: lock the output folder (held until :meth:`fit` returns) and check MLflow answers."""
+        try:
+            self.lock = RunLock(self.out, self.cfg.train.lock_stale_s).acquire()
+            uri = self.cfg.logging.tracking_uri
+            if uri and uri.lower() != "none":
+                check_reachable(uri)
+        except UserError as e:
+            return e
+        return None
+
+    def _decide_resume(self, startup_error: UserError | None) -> Path | None:
+        """Rank 0: the checkpoint to resume, verified against its marker (see :func:`ckpt.find_resume`)."""
+        if startup_error is not None:
+            raise startup_error
+        return ckpt.find_resume(self.cfg.train.resume, self.out)
+
     def _restore(self, path: Path) -> None:
         state, rstate = ckpt.load_checkpoint(self.engine, path, self.rank, self.world_size)
         self.model.target.load_state_dict(state["target"])
@@ -164,7 +192,7 @@ class Trainer:
             if changed:
                 log.warning("resuming with changed config keys: %s", ", ".join(changed))
             log.info("resumed from %s (step %d, epoch %d)", path, self.step, self.epoch)
-            ckpt.prune(path.parent, self.cfg.checkpoint.keep_last)
+            ckpt.prune(path.parent, self.cfg.checkpoint.keep_last, upto=self.step)
 
     # -- state ------------------------------------------------------------------------------------
     def _save(self) -> Path:
@@ -178,7 +206,7 @@ class Trainer:
             names = [n for n, p in self.engine.module.named_parameters() if p.requires_grad]
             online_fp32 = {k: v.detach().float().cpu() for k, v in fp32_masters(self.engine, names, self.cfg.train.precision, 0).items()}
         path = ckpt.save_checkpoint(self.engine, self.out / "checkpoints", self.step, mcf_state, rank_state, self.rank,
-                                    self.cfg.checkpoint.keep_last, online_fp32)
+                                    self.cfg.checkpoint.keep_last, online_fp32, hash_files=self.cfg.checkpoint.hash)
         self.last_saved = self.step
         if self.rank == 0:
             log.info("checkpoint %s", path)
@@ -195,6 +223,7 @@ class Trainer:
     # -- loop -------------------------------------------------------------------------------------
     def fit(self) -> int:
         self.logger = None
+        self.lock: RunLock | None = None
         status = "FAILED"
         try:
             self._setup()
@@ -202,12 +231,16 @@ class Trainer:
             status = "FINISHED" if rc == 0 else "KILLED"
             return rc
         finally:
-            if self.logger is not None:
-                self.logger.close(status)
-            import torch.distributed as dist
+            try:
+                if self.logger is not None:
+                    self.logger.close(status)
+                import torch.distributed as dist
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+            finally:
+                if self.lock is not None:
+                    self.lock.release()
 
     def _loop(self) -> int:
         cfg, model, engine = self.cfg, self.model, self.engine
@@ -290,18 +323,31 @@ class Trainer:
                     return REQUEUE_EXIT_CODE
                 if self.step % cfg.checkpoint.every == 0:
                     self._save()
+            # the end of the run stays under the stop handlers: a signal during the final checkpoint
+            # lets the save finish and turns the exit status into 3 (every rank agrees on it)
+            if self.last_saved != self.step:
+                self._save()
+            if last is not None and not (lg.recon_every and self.step % lg.recon_every == 0):
+                self._reconstruction(last)
+            final = self.out / "checkpoints" / ckpt.step_dir_name(self.step)
+            self.logger.set_tag("final_checkpoint", str(final.resolve()))
+            if self._stop_requested_anywhere(stop):
+                if self.rank == 0:
+                    log.warning("stopped by signal during the final checkpoint (step %d, complete); exiting with %d",
+                                self.step, REQUEUE_EXIT_CODE)
+                return REQUEUE_EXIT_CODE
         finally:
             bar.close()
             stop.restore()
-        if self.last_saved != self.step:
-            self._save()
-        if last is not None and not (lg.recon_every and self.step % lg.recon_every == 0):
-            self._reconstruction(last)
-        final = self.out / "checkpoints" / ckpt.step_dir_name(self.step)
-        self.logger.set_tag("final_checkpoint", str(final.resolve()))
         if self.rank == 0:
             log.info("done: %d steps; final checkpoint %s", self.step, final)
         return 0
+
+    def _stop_requested_anywhere(self, stop: StopRequest) -> bool:
+        flag = torch.tensor([float(stop.requested)], device=self.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(flag)
+        return bool(flag.item())
 
     def _log(self, momentum: float, t_log: float, bar: Any) -> float:
         vals = torch.cat([self.acc, torch.tensor([float(self.loader.bad_samples)], device=self.device)])
