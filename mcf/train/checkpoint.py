@@ -279,6 +279,19 @@ def prune(root: Path, keep_last: int, upto: int | None = None) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def _check_same_layout(path: Path, config: dict[str, Any], engine: Any) -> None:
+    """DeepSpeed's shards only load into the ZeRO stage and precision that wrote them."""
+    saved_zero = (config.get("deepspeed") or {}).get("zero")
+    saved_precision = (config.get("train") or {}).get("precision")
+    zero = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else saved_zero
+    precision = ("bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32") \
+        if hasattr(engine, "bfloat16_enabled") else saved_precision
+    if (saved_zero, saved_precision) != (zero, precision):
+        raise CheckpointError(f"{path} was written with ZeRO {saved_zero} in {saved_precision}, this run uses ZeRO {zero} in "
+                              f"{precision}: resume with --zero {saved_zero} --precision {saved_precision} (or export it with "
+                              "`mcf export-fp32` and start a new run from those weights)")
+
+
 def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore the engine (module, optimizer, ZeRO shards) from ``path``; returns (mcf_state, rank_state).
 
@@ -287,6 +300,9 @@ def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int) -> tupl
     state = safe_load(path / MCF_STATE)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an mcf pre-training checkpoint")
+    if not isinstance(state.get("config"), dict) or not isinstance(state.get("target"), dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{path / MCF_STATE} is damaged (no step, config or target weights)")
+    _check_same_layout(path, state["config"], engine)
     if int(state.get("world_size", world_size)) != world_size:
         raise CheckpointError(f"{path} was written by {state['world_size']} ranks, this run has {world_size}: "
                               "resume with the same number of ranks (or export it with `mcf export-fp32` and start a new run)")
