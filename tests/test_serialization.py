@@ -173,7 +173,7 @@ def test_mae_checkpoint_works_for_init_from_export_and_teacher(tmp_path):
 
 
 @pytest.mark.parametrize("bad, found", [
-    (lambda m: {"device": torch.device("cuda")}, "'device' is a device"),  # MAE's is the string 'cuda' 
+    (lambda m: {"device": torch.device("cuda")}, "'device' is a device"),  # MAE's is the string 'cuda'
     (lambda m: {"extra": torch.ones(1)}, "'extra' is a Tensor"),
     (lambda m: {"sched": [1, argparse.Namespace(x=1)]}, "'sched' is a Namespace"),
     (lambda m: {"hook": Payload(m)}, "posix.system"),

@@ -138,8 +138,7 @@ class RunLock:
                             holder.describe() if holder else "an unreadable lock file", reason)
                 self._break(ident)
                 continue
-            assert holder is not None
-            if self._earlier_instance_of_my_job(holder):
+            if holder is not None and self._earlier_instance_of_my_job(holder):
                 if waited_since is None:
                     waited_since = time.monotonic()
                     log.warning("output folder %s is held by an earlier instance of this slurm job (%s): waiting up to "
@@ -274,9 +273,10 @@ class RunLock:
         finally:
             breaker.unlink(missing_ok=True)
 
-    def _refusal(self, h: Holder, age: float | None) -> str:
+    def _refusal(self, h: Holder | None, age: float | None) -> str:
         beat = f", heartbeat {age:.0f} s ago" if age is not None else ""
-        return (f"output folder {self.folder} is in use by another run: {h.describe()} (lock {self.path}{beat}); wait for it "
+        who = h.describe() if h is not None else "its lock file cannot be read (being written, or damaged)"
+        return (f"output folder {self.folder} is in use by another run: {who} (lock {self.path}{beat}); wait for it "
                 f"to finish or use another --output-dir (the lock of a run that died is taken over automatically: at once on "
                 f"the same machine, after {self.stale_s:.0f} s without heartbeat from another one)")
 

@@ -67,10 +67,14 @@ class MlflowSink:
         self._mlflow, self.run_id, self.uri, self.retry_s = mlflow, run_id, uri, retry_s
         self._client = MlflowClient(uri)
         self._pending: deque[tuple[str, Any]] = deque()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # guards _pending; wakes the idle sender
         self._closing = False
+        self._close_event = threading.Event()  # wakes the sender from a retry wait (new records do not)
         self.down = False
         self.dropped = 0
+        # urllib3 logs every retry of every request as a warning: during an outage that is a line per
+        # metric record; the one warning of this class says it all
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
         self._thread = threading.Thread(target=self._run, name="mcf-mlflow", daemon=True)
         self._thread.start()
 
@@ -92,6 +96,7 @@ class MlflowSink:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+        self._close_event.set()
         self._thread.join(timeout_s)
         left = len(self._pending)
         if left or self.dropped:
@@ -148,10 +153,9 @@ class MlflowSink:
                                 "MLflow will catch up when it is back (retried every %.0f s)", self.uri, _first_line(e),
                                 self.retry_s)
                 self.down = True
-                with self._cond:
-                    if self._closing:
-                        return  # the last attempt failed: end_run reports what is left
-                    self._cond.wait(self.retry_s)
+                if self._closing:
+                    return  # the last attempt failed: end_run reports what is left
+                self._close_event.wait(self.retry_s)
                 continue
             with self._cond:
                 for _ in range(n):
