@@ -279,6 +279,16 @@ def prune(root: Path, keep_last: int, upto: int | None = None) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def read_mcf_state(step_dir: Path) -> dict[str, Any]:
+    """``mcf_state.pt`` of a step folder, checked to hold what a resume or an export needs."""
+    state = safe_load(step_dir / MCF_STATE)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{step_dir} is not an mcf pre-training checkpoint")
+    if not isinstance(state.get("config"), dict) or not isinstance(state.get("target"), dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{step_dir / MCF_STATE} is damaged (no step, config or target weights)")
+    return state
+
+
 def _check_same_layout(path: Path, config: dict[str, Any], engine: Any) -> None:
     """DeepSpeed's shards only load into the ZeRO stage and precision that wrote them."""
     saved_zero = (config.get("deepspeed") or {}).get("zero")
@@ -297,11 +307,7 @@ def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int) -> tupl
 
     Every file is read with :func:`mcf.serialization.safe_load` (DeepSpeed's reads too).
     """
-    state = safe_load(path / MCF_STATE)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an mcf pre-training checkpoint")
-    if not isinstance(state.get("config"), dict) or not isinstance(state.get("target"), dict) or not isinstance(state.get("step"), int):
-        raise CheckpointError(f"{path / MCF_STATE} is damaged (no step, config or target weights)")
+    state = read_mcf_state(path)
     _check_same_layout(path, state["config"], engine)
     if int(state.get("world_size", world_size)) != world_size:
         raise CheckpointError(f"{path} was written by {state['world_size']} ranks, this run has {world_size}: "
@@ -359,7 +365,7 @@ def load_consolidated(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f"{p} is not an `mcf export-fp32` file (keys online, target, config, step)")
         return d
     step_dir = resolve_checkpoint(p)
-    state = safe_load(step_dir / MCF_STATE)
+    state = read_mcf_state(step_dir)
     return {"online": _online_fp32(step_dir), "target": {k: v.float() for k, v in state["target"].items()},
             "config": state["config"], "step": int(state["step"])}
 

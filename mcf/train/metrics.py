@@ -168,6 +168,9 @@ def save_reconstruction(path: Path, images: torch.Tensor, pred: torch.Tensor, ma
     img = Image.fromarray(grid)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+    except OSError as e:
+        raise StorageError(describe_write_error(path, e)) from None
     return path

@@ -158,7 +158,7 @@ class RunLock:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        holder, _, _ = self._inspect(self.path, retries=1)
+        holder, _, _ = self._inspect(self.path, retries=1, age=False)
         if holder is not None and holder.token == self.me.token:
             try:
                 self.path.unlink()
@@ -212,9 +212,10 @@ class RunLock:
         except OSError:
             return time.time()
 
-    def _inspect(self, path: Path, retries: int = READ_RETRIES) -> tuple[Holder | None, float | None, tuple | None]:
-        """(holder or None if unreadable, age of its heartbeat in s, identity (inode, mtime)); identity
-        None when the file does not exist. Opened before stat, so NFS revalidates the attributes."""
+    def _inspect(self, path: Path, retries: int = READ_RETRIES, age: bool = True) -> tuple[Holder | None, float | None, tuple | None]:
+        """(holder or None if unreadable, age of its heartbeat in s (with ``age``), identity (inode,
+        mtime)); identity None when the file does not exist. Opened before stat, so NFS revalidates
+        the attributes."""
         for attempt in range(retries):
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -229,7 +230,7 @@ class RunLock:
                 os.close(fd)
             holder = Holder.parse(text)
             if holder is not None or attempt == retries - 1:
-                return holder, max(0.0, self._fs_now() - st.st_mtime), (st.st_ino, st.st_mtime_ns)
+                return holder, max(0.0, self._fs_now() - st.st_mtime) if age else None, (st.st_ino, st.st_mtime_ns)
             time.sleep(0.05)  # being written by its creator right now
         return None, None, None
 
@@ -267,7 +268,7 @@ class RunLock:
                 time.sleep(self.heartbeat_s / 4)
             return
         try:
-            _, _, now = self._inspect(self.path, retries=1)
+            _, _, now = self._inspect(self.path, retries=1, age=False)
             if now == ident:  # still the lock we judged stale, not a fresh one of a faster run
                 self.path.unlink(missing_ok=True)
         finally:
@@ -282,7 +283,7 @@ class RunLock:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            holder, _, _ = self._inspect(self.path, retries=3)
+            holder, _, _ = self._inspect(self.path, retries=3, age=False)
             if holder is None or holder.token != self.me.token:
                 if not self.lost:
                     self.lost = True

@@ -26,6 +26,7 @@ from mcf.dist import rank0_decides
 from mcf.errors import ConfigError, DataError, StorageError, UserError
 from mcf.train import checkpoint as ckpt
 from mcf.train.engine import PRECISION_DTYPES, CastInput, build_ds_config, fp32_masters, init_distributed, setup_env
+from mcf.train.integrity import describe_write_error
 from mcf.train.metrics import RunLogger, flatten, save_reconstruction
 from mcf.train.optim import build_optimizer, describe_schedule, lr_at, momentum_at, param_groups, peak_lr, set_lr, warmup_steps
 from mcf.train.runlock import RunLock
@@ -103,7 +104,7 @@ class Trainer:
             try:
                 (self.out / "config.yaml").write_text(dump_config(cfg))
             except OSError as e:
-                raise StorageError(f"cannot write {self.out / 'config.yaml'}: {e.strerror}") from None
+                raise StorageError(describe_write_error(self.out / "config.yaml", e)) from None
         model.set_distributed(self.rank, self.world_size)
         self.model = model.to(self.device).train()
         self.dtype = PRECISION_DTYPES[cfg.train.precision]
