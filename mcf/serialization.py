@@ -73,9 +73,6 @@ def safe_globals() -> list[Any]:
     return [*_deepspeed_globals(), argparse.Namespace]
 
 
-SAFE_GLOBALS_DOC = "tensors, plain containers and scalars, DeepSpeed's loss scalers/ZeRO enums, argparse.Namespace of plain values"
-
-
 def _name(f: Any) -> str:
     return str(f) if isinstance(f, (str, os.PathLike)) else getattr(f, "name", "<stream>")
 
