@@ -40,6 +40,7 @@ import os
 import pickle
 import pickletools
 import re
+import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +72,19 @@ def _deepspeed_globals() -> tuple[Any, ...]:
 def safe_globals() -> list[Any]:
     """Everything :func:`safe_load` accepts beyond PyTorch's own weights-only set."""
     return [*_deepspeed_globals(), argparse.Namespace]
+
+
+_ALLOW_LOCK = threading.RLock()  # torch keeps its allowlist in one process-wide set
+
+
+@contextlib.contextmanager
+def _allowlisted() -> Iterator[None]:
+    """:func:`safe_globals` added to torch's allowlist for the block, then exactly those removed
+    again (an entry the caller had added already stays); serialised across threads."""
+    with _ALLOW_LOCK:
+        present = set(torch.serialization.get_safe_globals())
+        with torch.serialization.safe_globals([g for g in safe_globals() if g not in present]):
+            yield
 
 
 def _name(f: Any) -> str:
@@ -157,7 +171,7 @@ def safe_load(f: str | os.PathLike | IO[bytes], map_location: Any = "cpu", *, mm
     if isinstance(f, (str, os.PathLike)) and os.path.isfile(f) and not zipfile.is_zipfile(f):
         check_file(f)  # a raw or legacy pickle: name what it would build before the unpickler refuses it
     try:
-        with torch.serialization.safe_globals(safe_globals()):
+        with _allowlisted():
             obj = _TORCH_LOAD(f, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = _offending(str(e))
@@ -207,10 +221,11 @@ def _pickle_globals(stream: IO[bytes]) -> set[str]:
 
 
 def _allowed_global_names() -> set[str]:
+    """The names :func:`safe_load` accepts: torch's own, the caller's additions and :func:`safe_globals`."""
     from torch import _weights_only_unpickler as wou
 
-    with torch.serialization.safe_globals(safe_globals()):
-        return set(wou._get_allowed_globals()) | set(wou._get_user_allowed_globals())
+    ours = {f"{g.__module__}.{g.__qualname__}" for g in safe_globals()}
+    return set(wou._get_allowed_globals()) | set(wou._get_user_allowed_globals()) | ours
 
 
 def unsafe_globals(path: str | os.PathLike) -> list[str]:

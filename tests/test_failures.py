@@ -38,6 +38,24 @@ def test_unreachable_tracking_server_at_start_is_one_line_within_seconds(tmp_pat
     assert took < 30, took  # ~3 s idle (imports): checked before the model is built; MLflow's own retries took 4 min
 
 
+def test_tracking_probe_refuses_a_server_that_accepts_but_never_answers(monkeypatch):
+    import socket
+
+    from mcf.errors import TrackingError
+    from mcf.train import tracking
+
+    monkeypatch.setattr(tracking, "PROBE_TIMEOUT_S", 0.5)
+    with socket.socket() as hung:  # listens (the kernel completes the handshake) but nobody reads or replies
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(4)
+        uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        with pytest.raises(TrackingError, match=f"{uri} is unreachable \\(timed out\\)"):
+            tracking.check_reachable(uri)
+    with pytest.raises(TrackingError, match="Connection refused"):
+        tracking.check_reachable(f"http://127.0.0.1:{free_port()}")
+    tracking.check_reachable("sqlite:////nonexistent/mlflow.db")  # not probed: MLflow creates it
+
+
 def test_tracking_server_dying_mid_run_never_stops_training(tmp_path, mlflow_server):
     url, healthy, server = mlflow_server
     wait_for(healthy, 240, server, "the MLflow server")

@@ -72,6 +72,16 @@ def list_checkpoints(root: Path, complete_only: bool = True) -> list[Path]:
     return sorted(dirs, key=lambda d: _step_of(d))  # type: ignore[arg-type,return-value]
 
 
+def make_root(root: Path) -> None:
+    """Create the checkpoints folder (rank 0, at start): a file in its place is a one-line error."""
+    if root.exists() and not root.is_dir():
+        raise StorageError(f"{root} is a file, not a folder: move it away (checkpoints are written there)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(integrity.describe_write_error(root, e)) from None
+
+
 def newest_intact(root: Path) -> Path | None:
     """The newest marked checkpoint under ``root`` that passes :func:`mcf.train.integrity.verify`.
 

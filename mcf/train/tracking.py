@@ -1,6 +1,6 @@
 """MLflow that never stops training: a quick reachability check at start, a background sender after.
 
-At start (rank 0), an ``http(s)://`` tracking URI gets a TCP connection within
+At start (rank 0), an ``http(s)://`` tracking URI must answer an HTTP request within
 :data:`PROBE_TIMEOUT_S`; an unreachable server is a one-line error (exit 2) naming the URI and
 ``--tracking-uri none``, not minutes of retries. MLflow's own HTTP retries are bounded for this
 process (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=2``, ``..._BACKOFF_FACTOR=1``, ``..._TIMEOUT=20`` unless
@@ -44,18 +44,32 @@ def bound_http_retries() -> None:
 
 
 def check_reachable(uri: str) -> None:
-    """Raise :class:`TrackingError` when an http(s) tracking server does not accept a connection."""
+    """Raise :class:`TrackingError` when an http(s) tracking server does not answer an HTTP request
+    within :data:`PROBE_TIMEOUT_S` (any HTTP status, even 401/404, counts as an answer)."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
     u = urlparse(uri)
     if u.scheme not in ("http", "https"):
         return  # sqlite:, file:, databricks ...: nothing to probe cheaply
-    port = u.port or (443 if u.scheme == "https" else 80)
     try:
-        with socket.create_connection((u.hostname or "", port), timeout=PROBE_TIMEOUT_S):
-            pass
-    except OSError as e:
-        reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); start it, fix the URI, or pass "
-                            "--tracking-uri none to train without MLflow") from None
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return  # it answered
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ssl.SSLError):
+            return  # TLS is up; certificates are MLflow's business (MLFLOW_TRACKING_INSECURE_TLS ...)
+        reason = e.reason.strerror if isinstance(e.reason, OSError) and e.reason.strerror else str(e.reason)
+        raise TrackingError(_unreachable(uri, reason)) from None
+    except (OSError, ValueError) as e:  # a timeout while reading, a reset connection, a malformed URI
+        reason = "timed out" if isinstance(e, socket.timeout) else (getattr(e, "strerror", None) or str(e) or type(e).__name__)
+        raise TrackingError(_unreachable(uri, reason)) from None
+
+
+def _unreachable(uri: str, reason: str) -> str:
+    return (f"MLflow tracking server {uri} is unreachable ({reason}); start it, fix the URI, or pass --tracking-uri none "
+            "to train without MLflow")
 
 
 class MlflowSink:

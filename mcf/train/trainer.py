@@ -162,6 +162,7 @@ class Trainer:
         """Rank 0: lock the output folder (held until :meth:`fit` returns) and check MLflow answers."""
         try:
             self.lock = RunLock(self.out, self.cfg.train.lock_stale_s).acquire()
+            ckpt.make_root(self.out / "checkpoints")
             uri = self.cfg.logging.tracking_uri
             if uri and uri.lower() != "none":
                 check_reachable(uri)
