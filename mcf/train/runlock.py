@@ -183,7 +183,7 @@ class RunLock:
     def _create(self, path: Path, holder: Holder) -> bool:
         """Create ``path`` holding ``holder`` atomically; False when it exists already."""
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # the umask decides, as for open()
         except FileExistsError:
             return False
         except OSError as e:
@@ -202,7 +202,7 @@ class RunLock:
         """The file system's current time: the mtime of a file touched now (node clocks may differ)."""
         probe = self.folder / f"{LOCK_NAME}.clock.{self.me.host}.{self.me.pid}"
         try:
-            fd = os.open(probe, os.O_CREAT | os.O_WRONLY, 0o644)
+            fd = os.open(probe, os.O_CREAT | os.O_WRONLY, 0o666)
             try:
                 os.utime(fd)
                 return os.fstat(fd).st_mtime
