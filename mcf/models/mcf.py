@@ -150,9 +150,11 @@ class MCF(nn.Module):
                 *, online: nn.Module | None = None) -> MCFOutput:
         online = self.online if online is None else online
         N = images.shape[0]
-        o: OnlineOutput = online(images, self.mask_ratio, online_noise, self._draw_ratios(N, images.device))
+        # with per-image ratios the encoders take the range's lower bound: it fixes the padded length on the host
+        ratio = self.mask_ratio if self.mask_ratio_range is None else self.mask_ratio_range[0]
+        o: OnlineOutput = online(images, ratio, online_noise, self._draw_ratios(N, images.device))
         target_dtype = self.target.projector[0].weight.dtype
-        k = self.target(images.to(target_dtype), self.mask_ratio, target_noise, self._draw_ratios(N, images.device))
+        k = self.target(images.to(target_dtype), ratio, target_noise, self._draw_ratios(N, images.device))
         rebuilt = unpatchify(o.pred, self.spec.patch_size)  # (N, 3, H, W), in the normalised input space
         terms = {
             "perceptual": self.perceptual(rebuilt, images),

@@ -140,7 +140,8 @@ class Trainer:
         elif self.rank == 0:
             ckpt.prune(self.out / "checkpoints", cfg.checkpoint.keep_last)
         self.logger = RunLogger(cfg, self.out, self.rank, self.step if self.resume_dir is not None else None)
-        self.monitor = self.build_monitor(cfg, self.device) if self.build_monitor and self.rank == 0 else None
+        # on every rank: under ZeRO-3 its forward passes are collectives that all ranks must join
+        self.monitor = self.build_monitor(cfg, self.device) if self.build_monitor else None
         if self.rank == 0:
             log.info("%d rank(s) on %s, %s, ZeRO %d; %d steps (%d per epoch); %s", self.world_size, self.device, cfg.train.precision,
                      cfg.deepspeed.zero, self.total_steps, self.steps_per_epoch,
@@ -330,16 +331,13 @@ class Trainer:
         self.logger.log_artifact(path, "reconstructions")
 
     def _monitor(self) -> None:
+        """Every rank runs the same probe forward passes (ZeRO-3 gathers parameters in them); rank 0 logs."""
         import deepspeed
 
+        if self.monitor is None:
+            return
         params = list(self.engine.module.parameters()) if self.cfg.deepspeed.zero == 3 else []
-        with deepspeed.zero.GatheredParameters(params, enabled=bool(params)):  # a collective under ZeRO-3
-            if self.rank == 0 and self.monitor is not None:
-                was_training = self.model.online.training
-                self.model.online.eval()
-                with torch.no_grad():
-                    metrics = self.monitor.evaluate(self.model)
-                self.model.online.train(was_training)
-                self.logger.log({"step": self.step, **{f"monitor/{k}": float(v) for k, v in metrics.items()}})
-        if self.world_size > 1:
-            torch.distributed.barrier()
+        with deepspeed.zero.GatheredParameters(params, enabled=bool(params)), torch.no_grad():  # a collective under ZeRO-3
+            metrics = self.monitor.evaluate(self.model)  # eval mode inside, train mode restored
+        if self.rank == 0:
+            self.logger.log({"step": self.step, **{f"monitor/{k}": float(v) for k, v in metrics.items()}})
