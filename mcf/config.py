@@ -136,6 +136,9 @@ class TrainConfig:
 class DeepSpeedConfig:
     zero: int = field(1, help="ZeRO stage 0-3.")
     config: str | None = field(None, help="DeepSpeed JSON (ds_configs/…); None = chosen from zero and precision. Batch keys are filled by mcf.")
+    reduce_dtype: Literal["fp32", "bf16", "fp16"] = field(
+        "fp32", help="dtype in which gradients are summed across ranks (DeepSpeed's communication_data_type, every ZeRO stage); "
+                     "fp32 as the paper's DDP did; bf16/fp16 halve the traffic but round every partial sum.")
 
     def __post_init__(self) -> None:
         if self.zero not in (0, 1, 2, 3):

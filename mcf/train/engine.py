@@ -163,6 +163,12 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
         if "enabled" in section and section["enabled"] not in ("auto",) and bool(section["enabled"]) != want:
             raise conflict(f"{name}.enabled", section["enabled"], p, "train.precision")
         section["enabled"] = want
+    # DeepSpeed 0.19.8 reads communication_data_type in the engine (ZeRO 0 and the BF16 optimizer's all-reduce),
+    # DeepSpeedZeroOptimizer (ZeRO 1/2) and DeepSpeedZeroOptimizer_Stage3; unset, it is the training dtype (bf16/fp16)
+    comm = ds.get("communication_data_type")
+    if comm is not None and str(comm).lower() != cfg.deepspeed.reduce_dtype:
+        raise conflict("communication_data_type", comm, cfg.deepspeed.reduce_dtype, "deepspeed.reduce_dtype")
+    ds["communication_data_type"] = cfg.deepspeed.reduce_dtype
     if "amp" in ds and ds["amp"].get("enabled"):
         raise ConfigError(f"DeepSpeed config {source} enables apex amp: use train.precision instead")
     ds.setdefault("zero_allow_untested_optimizer", True)
