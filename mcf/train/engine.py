@@ -90,13 +90,32 @@ def init_distributed(wanted_precision: str = "fp32") -> tuple[int, int, torch.de
                               + (" or bf16" if precision == "fp16" and accel.is_bf16_supported() else ""))
     if accel.device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        device = torch.device("cpu")
     else:
-        accel.set_device(local_rank)
+        device = bind_device(accel, local_rank)
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False)
     import torch.distributed as dist
 
-    device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def device_index(local_rank: int, device_count: int) -> int:
+    """The visible device a rank uses: ``local_rank % device_count``.
+
+    ``LOCAL_RANK`` indexes the node's GPUs only when every rank sees all of them (torchrun, the
+    deepspeed launcher); with per-task binding (slurm ``--gpus-per-task``, or CUDA_VISIBLE_DEVICES
+    set per rank) each rank sees its own, and ``cuda:LOCAL_RANK`` would be an invalid ordinal.
+    """
+    if device_count < 1:
+        raise ConfigError("no accelerator device is visible to this rank (check CUDA_VISIBLE_DEVICES and the job's GPU binding)")
+    return local_rank % device_count
+
+
+def bind_device(accel: Any, local_rank: int) -> torch.device:
+    """Make this rank's device (:func:`device_index` of DeepSpeed's accelerator) current and return it."""
+    index = device_index(local_rank, accel.device_count())
+    accel.set_device(index)
+    return torch.device(accel.device_name(index))
 
 
 # -- the DeepSpeed JSON ---------------------------------------------------------------------------
