@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,9 +26,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(out: Path, steps: int, zero: int, precision: str, reduce_dtype: str, nproc: int) -> float:
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "0", "-m", "mcf",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port()), "-m", "mcf",
            "pretrain", "--config", "demo", "--output-dir", str(out), "--max-steps", str(steps), "--log-every", "1",
            "--tracking-uri", "none", "--loader", "torch", "--zero", str(zero), "--precision", precision,
            "--set", f"deepspeed.reduce_dtype={reduce_dtype}", "--set", "logging.progress=false",

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from mcf.config import Config, dump_config
 from mcf.configtree import to_dict
@@ -27,6 +28,7 @@ from mcf.train import checkpoint as ckpt
 from mcf.train.engine import PRECISION_DTYPES, CastInput, build_ds_config, fp32_masters, init_distributed, setup_env
 from mcf.train.metrics import RunLogger, flatten, save_reconstruction
 from mcf.train.optim import build_optimizer, describe_schedule, lr_at, momentum_at, param_groups, peak_lr, set_lr, warmup_steps
+from mcf.train.profile import StepProfiler
 from mcf.train.signals import REQUEUE_EXIT_CODE, StopRequest
 
 log = logging.getLogger(__name__)
@@ -223,15 +225,18 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or not lg.progress, dynamic_ncols=True,
                    desc="pretrain")
         t_log = time.perf_counter()
+        profiler = StepProfiler(lg.profile_step, self.out, self.rank, self.device)
         try:
             data_error: DataError | None = None
             size = cfg.data.img_size or model.spec.img_size
             while self.step < self.total_steps:
+                profiler.begin(self.step + 1)
                 nonfinite = torch.zeros((), device=self.device)
                 for micro in range(t.accum_steps):
                     if data_error is None:
                         try:
-                            images = next(batches)  # (B, 3, H, W) fp32, normalised
+                            with record_function("mcf.data"):
+                                images = next(batches)  # (B, 3, H, W) fp32, normalised
                         except DataError as e:
                             # Too many bad samples on this rank. The other ranks are already inside this
                             # step's collectives: finish the step on a blank batch and stop every rank
@@ -242,7 +247,8 @@ class Trainer:
                     B = images.shape[0]
                     noise = torch.rand(2, B, L, generator=self.mask_gen, device=self.device)  # online / target masks
                     out = model(images, noise[0], noise[1], online=self.online)
-                    engine.backward(out.loss)
+                    with record_function("mcf.backward"):
+                        engine.backward(out.loss)
                     loss = out.loss.detach().float()
                     nonfinite += (~torch.isfinite(loss)).float()
                     self.acc[:len(TERMS)] += torch.stack([loss, *(out.losses[k].float() for k in TERMS[1:])])
@@ -253,13 +259,14 @@ class Trainer:
                 # the one host sync per step: (non-finite losses, stop requested, ranks with a data
                 # error), summed over ranks; filled on the device, since a tensor built from a host
                 # list would cost a second sync on a GPU
-                flags = torch.zeros(3, device=self.device)
-                flags[0] = nonfinite
-                flags[1] = float(stop.requested)
-                flags[2] = float(data_error is not None)
-                if self.world_size > 1:
-                    torch.distributed.all_reduce(flags)
-                n_bad, stop_now, data_ranks = flags.tolist()
+                with record_function("mcf.sync"):
+                    flags = torch.zeros(3, device=self.device)
+                    flags[0] = nonfinite
+                    flags[1] = float(stop.requested)
+                    flags[2] = float(data_error is not None)
+                    if self.world_size > 1:
+                        torch.distributed.all_reduce(flags)
+                    n_bad, stop_now, data_ranks = flags.tolist()
                 if data_ranks:
                     if data_error is not None:
                         raise data_error
@@ -271,11 +278,14 @@ class Trainer:
                                         f"before applying the update{where}; lower optim.lr/blr or use train.precision=fp32")
                 set_lr(self.optimizer, lr_at(self.step, peak=self.peak_lr, min_lr=cfg.optim.min_lr, warmup=self.warmup,
                                              total=self.total_steps))
-                engine.step()  # fp16: DeepSpeed skips an overflowing step and counts it
+                with record_function("mcf.optimizer"):
+                    engine.step()  # fp16: DeepSpeed skips an overflowing step and counts it
                 momentum = momentum_at(self.step, cfg.momentum, self.total_steps)
-                masters = fp32_masters(engine, self.ema_names, t.precision, cfg.deepspeed.zero)
-                model.update_target(momentum, {**masters, **self.frozen_fp32})
+                with record_function("mcf.ema"):
+                    masters = fp32_masters(engine, self.ema_names, t.precision, cfg.deepspeed.zero)
+                    model.update_target(momentum, {**masters, **self.frozen_fp32})
                 self.step += 1
+                profiler.end(self.step)
                 self.steps_since_log += 1
                 bar.update(1)
                 if self.step % lg.log_every == 0 or self.step == self.total_steps:
