@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mcf.kernels import TRITON_FASTER, TritonFaster, prefer_triton, triton_status
+from mcf.kernels import TRITON_FASTER, TritonFaster, prefer_triton
 from mcf.kernels.dispatch import _row_matches
 
 ROOT = Path(__file__).resolve().parents[1]
