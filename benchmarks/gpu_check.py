@@ -131,7 +131,7 @@ def check_ema(run: Path, before: int, after: int) -> dict[str, Any]:
     names = [n for n, _ in create_model_from_config(cfg).ema_pairs()]  # parameters; buffers are not averaged
     worst, not_bf16 = 0.0, 0
     for name in names:
-        t0, t1, online = a["target"][name], b["target"][name], b["online"][name]
+        t0, t1, online = (d[name].detach() for d in (a["target"], b["target"], b["online"]))
         expected = t0 * m + online * (1 - m)
         err = float(((t1 - expected).abs() - 1e-6 * expected.abs()).max())
         worst = max(worst, err)
@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "summary":
         return min(summary(args.work, args.out), 100)
+    stdout, sys.stdout = sys.stdout, sys.stderr  # libraries print (DeepSpeed's checkpoint reader): stdout is the JSON's
     try:
         if args.cmd == "imports":
             result = check_imports(args.repo.resolve())
@@ -337,9 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         else:  # loader
             result = loader_summary(args.jsons)
     except CheckFailed as e:
-        print(json.dumps({"error": e.args[0], **(e.args[1] if len(e.args) > 1 else {})}, indent=1))
+        print(json.dumps({"error": e.args[0], **(e.args[1] if len(e.args) > 1 else {})}, indent=1), file=stdout)
         print(f"check failed: {e.args[0]}", file=sys.stderr)
         return 1
+    finally:
+        sys.stdout = stdout
     print(json.dumps(result, indent=1))
     return 0
 

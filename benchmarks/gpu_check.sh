@@ -27,8 +27,8 @@
 #
 # Knobs (environment): STAGES (subset, in order), SIZE=gpu|tiny, MODEL CONFIG BATCH STEPS RESUME_STEPS
 # COMPILE_STEPS RANGE_STEPS IMG PRECISION ZERO ATTN_BACKEND RANGE RANGE_COMPILE KERNEL_TESTS ATTN_ARGS
-# LOADER_WORKERS LOADER_COUNT LOADER_IMG LOADER_BATCH LOADER_BATCHES DEADLINE LIMIT_SCALE VENDOR WORK
-# PYTHON. SIZE=tiny (with ALLOW_CPU=1 on a machine without CUDA) runs every stage at toy sizes: a
+# LOADER_WORKERS LOADER_COUNT LOADER_IMG LOADER_BATCH LOADER_BATCHES DEADLINE LIMIT_SCALE LIMITS (name:s
+# ...) VENDOR WORK PYTHON. SIZE=tiny (with ALLOW_CPU=1 on a machine without CUDA) runs every stage at toy sizes: a
 # rehearsal of this script, not a GPU figure.
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -79,7 +79,11 @@ export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}
 
 stage_names() { local e; for e in "${STAGE_LIMITS[@]}"; do echo "${e%%:*}"; done; }
-stage_limit() { local e; for e in "${STAGE_LIMITS[@]}"; do [ "${e%%:*}" = "$1" ] && echo $(( ${e##*:} * LIMIT_SCALE )); done; }
+stage_limit() {  # NAME → seconds: LIMITS (name:s ...) overrides the table; the table's are scaled by LIMIT_SCALE
+    local e
+    for e in ${LIMITS:-}; do [ "${e%%:*}" = "$1" ] && { echo "${e##*:}"; return; }; done
+    for e in "${STAGE_LIMITS[@]}"; do [ "${e%%:*}" = "$1" ] && echo $(( ${e##*:} * LIMIT_SCALE )); done
+}
 elapsed() { echo $(( $(date +%s) - T0 )); }
 say() { echo "[gpu_check $(elapsed)s] $*" | tee -a "$OUT/gpu_check.log" >&2; }
 check() { "$PY" benchmarks/gpu_check.py "$@"; }
