@@ -195,6 +195,19 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     return ds
 
 
+def cast_floating_buffers(module: nn.Module, dtype: torch.dtype) -> None:
+    """Every floating-point buffer of ``module`` to ``dtype``, as a new tensor.
+
+    Not ``buf.data = buf.data.to(dtype)``: a buffer that is a view (the sin-cos position tables are
+    ``emb.unsqueeze(0)``) would keep its fp32 base, and torch.compile rejects a view whose base has
+    another dtype ("torch.float32 != torch.bfloat16").
+    """
+    for mod in module.modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
+                mod._buffers[name] = buf.to(dtype)
+
+
 # -- fp32 master weights --------------------------------------------------------------------------
 class CastInput(nn.Module):
     """Calls the engine with the images cast to the engine's dtype (the target and teacher keep theirs)."""

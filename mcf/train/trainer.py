@@ -25,7 +25,15 @@ from mcf.config import Config, dump_config
 from mcf.configtree import to_dict
 from mcf.errors import ConfigError, DataError
 from mcf.train import checkpoint as ckpt
-from mcf.train.engine import PRECISION_DTYPES, CastInput, build_ds_config, fp32_masters, init_distributed, setup_env
+from mcf.train.engine import (
+    PRECISION_DTYPES,
+    CastInput,
+    build_ds_config,
+    cast_floating_buffers,
+    fp32_masters,
+    init_distributed,
+    setup_env,
+)
 from mcf.train.metrics import RunLogger, flatten, save_reconstruction
 from mcf.train.optim import build_optimizer, describe_schedule, lr_at, momentum_at, param_groups, peak_lr, set_lr, warmup_steps
 from mcf.train.profile import StepProfiler
@@ -121,9 +129,7 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model.online, optimizer=self.optimizer, config=self.ds_config,
                                                     dist_init_required=False)
         if self.dtype != torch.float32:  # ZeRO-3 leaves buffers (BatchNorm statistics) in fp32; stages 0-2 cast them
-            for b in self.engine.module.buffers():
-                if b.is_floating_point():
-                    b.data = b.data.to(self.dtype)
+            cast_floating_buffers(self.engine.module, self.dtype)
         if t.compile:
             self.engine.compile()
         self.online = CastInput(self.engine, self.dtype)
@@ -205,6 +211,8 @@ class Trainer:
             status = "FINISHED" if rc == 0 else "KILLED"
             return rc
         finally:
+            if getattr(self, "loader", None) is not None:
+                self.loader.close()  # the workers now, on every path: nothing else stops them (they ignore SIGTERM)
             if self.logger is not None:
                 self.logger.close(status)
             import torch.distributed as dist
