@@ -60,7 +60,7 @@ COMPILE_STEPS=${COMPILE_STEPS:-10}
 RANGE_STEPS=${RANGE_STEPS:-10}
 PRECISION=${PRECISION:-bf16}
 ZERO=${ZERO:-1}
-ATTN_BACKEND=${ATTN_BACKEND:-triton}
+ATTN_BACKEND=${ATTN_BACKEND:-}   # default: triton on a GPU; sdpa on a CPU (triton 3.6's interpreter fails with numpy >= 2.4)
 RANGE=${RANGE:-[0.6,0.9]}
 RANGE_COMPILE=${RANGE_COMPILE:-1}
 DATA_COUNT=${DATA_COUNT:-512}
@@ -159,7 +159,9 @@ st_compile() {
 
 st_triton_range() {
     need_data || return 1
-    local extra=(--set "attention.backend=$ATTN_BACKEND" --set "masking.ratio_range=$RANGE")
+    local backend=${ATTN_BACKEND:-$([ "$HAS_CUDA" = 1 ] && echo triton || echo sdpa)}
+    echo "attention.backend=$backend masking.ratio_range=$RANGE train.compile=$RANGE_COMPILE"
+    local extra=(--set "attention.backend=$backend" --set "masking.ratio_range=$RANGE")
     [ "$RANGE_COMPILE" = 1 ] && extra+=(--set train.compile=true)
     TORCH_LOGS=recompiles,graph_breaks pretrain_cmd "$WORK/triton_range" "$RANGE_STEPS" --resume none \
         --checkpoint-every 1000000 "${extra[@]}" || return 1
