@@ -311,6 +311,7 @@ class Trainer:
         finally:
             bar.close()
             stop.restore()
+            batches.close()  # drops the loader's iterators now (a fresh DataLoader per epoch stops its workers then)
         if self.last_saved != self.step:
             self._save()
         if last is not None and not (lg.recon_every and self.step % lg.recon_every == 0):
