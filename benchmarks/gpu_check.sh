@@ -28,7 +28,7 @@
 # Knobs (environment): STAGES (subset, in order), SIZE=gpu|tiny, MODEL CONFIG BATCH STEPS RESUME_STEPS
 # COMPILE_STEPS RANGE_STEPS IMG PRECISION ZERO ATTN_BACKEND RANGE RANGE_COMPILE KERNEL_TESTS ATTN_ARGS
 # LOADER_WORKERS LOADER_COUNT LOADER_IMG LOADER_BATCH LOADER_BATCHES DEADLINE LIMIT_SCALE LIMITS (name:s
-# ...) VENDOR WORK PYTHON. SIZE=tiny (with ALLOW_CPU=1 on a machine without CUDA) runs every stage at toy sizes: a
+# ...) VENDOR WORK PYTHON COMMIT (recorded when the copy there has no .git). SIZE=tiny (with ALLOW_CPU=1 on a machine without CUDA) runs every stage at toy sizes: a
 # rehearsal of this script, not a GPU figure.
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -244,7 +244,7 @@ main() {
     selected=${STAGES:-$(stage_names | tr '\n' ' ')}
     {
         echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-        echo "commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)$(git status --porcelain 2>/dev/null | grep -q . && echo +dirty)"
+        echo "commit=${COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)$(git status --porcelain 2>/dev/null | grep -q . && echo +dirty)}"
         echo "host=$(hostname) $(nproc) cpus"
         echo "device=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -n 1 || true)"
         echo "size=$SIZE model=$MODEL batch=$BATCH steps=$STEPS precision=$PRECISION zero=$ZERO deadline=$DEADLINE"
