@@ -76,7 +76,9 @@ DEADLINE=${DEADLINE:-$(( DEADLINE_DEFAULT * LIMIT_SCALE ))}
 PROFILE_STEP=$(( STEPS + (RESUME_STEPS > 3 ? 3 : RESUME_STEPS) ))   # a resumed step past the first two
 
 export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
+# compile caches of this run only: a truncated entry left by another process broke a rehearsal's Inductor load
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$WORK/inductor_cache} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$WORK/triton_cache}
 
 stage_names() { local e; for e in "${STAGE_LIMITS[@]}"; do echo "${e%%:*}"; done; }
 stage_limit() {  # NAME → seconds: LIMITS (name:s ...) overrides the table; the table's are scaled by LIMIT_SCALE
@@ -228,7 +230,7 @@ finish() {
         echo "summary failed; stage records:"; cat "$WORK/stages.tsv" 2>/dev/null; rc=100
     fi
     (cd "$WORK" && find . -maxdepth 3 \( -name '*.json' -o -name '*.log' -o -name '*.xml' -o -name '*.tsv' -o -name '*.txt' \
-        -o -name '*.jsonl' -o -name '*.yaml' \) -not -path './torch_extensions/*' -print0 \
+        -o -name '*.jsonl' -o -name '*.yaml' \) -not -path './*_cache/*' -not -path './torch_extensions/*' -print0 \
         | tar czf - --null -T -) > "$OUT/gpu_check_stages.tar.gz" 2>/dev/null
     exit "$rc"
 }
