@@ -26,7 +26,7 @@
 # gpu_check.log, gpu_check_stages.tar.gz (each stage's log and JSON). Exit status: stages not passed.
 #
 # Knobs (environment): STAGES (subset, in order), SIZE=gpu|tiny, MODEL CONFIG BATCH STEPS RESUME_STEPS
-# COMPILE_STEPS RANGE_STEPS IMG PRECISION ZERO ATTN_BACKEND RANGE RANGE_COMPILE KERNEL_TESTS ATTN_ARGS
+# COMPILE_STEPS RANGE_STEPS IMG PRECISION ZERO ATTN_BACKEND RANGE RANGE_COMPILE KERNEL_TESTS ATTN_ARGS BENCH_ARGS
 # LOADER_WORKERS LOADER_COUNT LOADER_IMG LOADER_BATCH LOADER_BATCHES DEADLINE LIMIT_SCALE LIMITS (name:s
 # ...) VENDOR WORK PYTHON COMMIT (recorded when the copy there has no .git). SIZE=tiny (with ALLOW_CPU=1 on a machine without CUDA) runs every stage at toy sizes: a
 # rehearsal of this script, not a GPU figure.
@@ -49,6 +49,7 @@ if [ "$SIZE" = tiny ]; then
     : "${CONFIG:=demo}" "${MODEL:=mcf_vit_tiny}" "${BATCH:=8}" "${STEPS:=6}" "${RESUME_STEPS:=3}" "${COMPILE_STEPS:=3}"
     : "${RANGE_STEPS:=3}" "${ATTN_ARGS:=--tiny}" "${LOADER_COUNT:=256}" "${LOADER_IMG:=64}" "${LOADER_BATCH:=32}"
     : "${LOADER_BATCHES:=4}" "${DATA_SIZE:=64}" "${LIMIT_SCALE:=12}"   # a loaded 2-core CPU compiles slowly
+    : "${BENCH_ARGS:=--steps 1 --repeats 2 --warmup 1}"
 fi
 CONFIG=${CONFIG:-base}
 MODEL=${MODEL:-mcf_vit_base_patch16}
@@ -66,6 +67,7 @@ RANGE_COMPILE=${RANGE_COMPILE:-1}
 DATA_COUNT=${DATA_COUNT:-512}
 DATA_SIZE=${DATA_SIZE:-256}
 ATTN_ARGS=${ATTN_ARGS:---full --repeats 10}
+BENCH_ARGS=${BENCH_ARGS:---steps 5 --repeats 3 --warmup 3}
 LOADER_WORKERS=${LOADER_WORKERS:-2 12}
 LOADER_COUNT=${LOADER_COUNT:-4096}
 LOADER_IMG=${LOADER_IMG:-224}
@@ -176,7 +178,8 @@ st_profile() {
 }
 
 st_bench_step() {
-    "$PY" -m mcf.bench step --model "$MODEL" --img-size "${IMG:-0}" --batch-size "$BATCH" --steps 5 --repeats 3 --warmup 3 \
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
+    "$PY" -m mcf.bench step --model "$MODEL" --img-size "${IMG:-0}" --batch-size "$BATCH" $BENCH_ARGS \
         --out "$WORK/bench_step.json" > /dev/null
 }
 
