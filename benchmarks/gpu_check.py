@@ -71,7 +71,8 @@ def check_imports(repo: Path) -> dict[str, Any]:
         where = Path(mcf.kernels.__file__).resolve().parent
         if where != (repo / "kernels").resolve():
             out["missing"].append("mcf.kernels")
-            out["modules"]["mcf.kernels"] = f"imports from {where}, not this tree's kernels/ (reinstall: pip install --no-deps -e .)"
+            out["modules"]["mcf.kernels"] = (f"imports from {where}, not this tree's kernels/ "
+                                             "(reinstall: pip install --no-deps -e .)")
     import torch
 
     out["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
@@ -137,8 +138,8 @@ def check_ema(run: Path, before: int, after: int) -> dict[str, Any]:
         worst = max(worst, err)
         not_bf16 += int((online != online.bfloat16().float()).any())
         if err > 1e-7:
-            raise CheckFailed(f"EMA off its formula at {name}: |target - (m·target_prev + (1-m)·online)| exceeds 1e-6·|x| + 1e-7 "
-                              f"by {err:.3g} (m={m})")
+            raise CheckFailed(f"EMA off its formula at {name}: |target - (m·target_prev + (1-m)·online)| "
+                              f"exceeds 1e-6·|x| + 1e-7 by {err:.3g} (m={m})")
     if not_bf16 == 0:
         raise CheckFailed("no online master weight has more than bf16 precision: the EMA did not read fp32 masters")
     return {"ema_steps": [before, after], "momentum": m, "parameters": len(names), "worst_excess": worst,
@@ -180,8 +181,11 @@ def profile(run: Path, step: int) -> dict[str, Any]:
     if not path.is_file():
         raise CheckFailed(f"{path.name} missing: logging.profile_step={step} wrote no profile (see the resume stage's log)")
     prof = json.loads(path.read_text())
-    shares = {k[4:]: {"host": round(v["host_share"], 4), "device": None if v["device_share"] is None else round(v["device_share"], 4),
-                      "host_ms": round(v["host_ms"], 3), "device_ms": round(v["device_ms"], 3)} for k, v in prof["ranges"].items()}
+    shares = {}
+    for k, v in prof["ranges"].items():
+        device = None if v["device_share"] is None else round(v["device_share"], 4)
+        shares[k[4:]] = {"host": round(v["host_share"], 4), "device": device, "host_ms": round(v["host_ms"], 3),
+                         "device_ms": round(v["device_ms"], 3)}
     return {"step": prof["step"], "device": prof["device"], "wall_ms": prof["wall_ms"], "device_ms": prof["device_ms"],
             "shares": shares, "top_ops": prof["top_ops"][:8]}
 
@@ -243,7 +247,8 @@ def _headline(row: dict[str, Any]) -> str:
         if name == "kernels":
             return f"{r['passed']} passed, {r['failures'] + r['errors']} failed, {r['skipped']} skipped"
         if name in ("pretrain", "resume", "compile", "triton_range"):
-            s = f"steps {r['steps'][0]}-{r['steps'][1]}, loss {r['loss_first']:.4g} → {r['loss_last']:.4g}, {r['images_per_s_median']:.0f} img/s"
+            s = (f"steps {r['steps'][0]}-{r['steps'][1]}, loss {r['loss_first']:.4g} → {r['loss_last']:.4g}, "
+                 f"{r['images_per_s_median']:.0f} img/s")
             if "ema" in r:
                 s += f", EMA = formula ({r['ema']['parameters']} params, m={r['ema']['momentum']})"
             if "graph_breaks" in r:
@@ -254,7 +259,8 @@ def _headline(row: dict[str, Any]) -> str:
             key = "device" if r.get("device_ms") else "host"
             return f"{key} shares: " + ", ".join(f"{k} {v[key] * 100:.0f}%" for k, v in sh.items() if v[key] is not None)
         if name == "bench_step":
-            return ", ".join(f"{v} {r[v]['images_per_s']:.0f} img/s (MFU {r[v]['mfu'] * 100:.1f}%)" for v in ("paper", "mcf") if r.get(v))
+            return ", ".join(f"{v} {r[v]['images_per_s']:.0f} img/s (MFU {r[v]['mfu'] * 100:.1f}%)"
+                             for v in ("paper", "mcf") if r.get(v))
         if name == "bench_attention":
             return f"{len(r.get('results', []))} rows, Triton faster at {len(r.get('triton_faster', []))} shapes"
         if name == "loader":

@@ -26,10 +26,11 @@
 # gpu_check.log, gpu_check_stages.tar.gz (each stage's log and JSON). Exit status: stages not passed.
 #
 # Knobs (environment): STAGES (subset, in order), SIZE=gpu|tiny, MODEL CONFIG BATCH STEPS RESUME_STEPS
-# COMPILE_STEPS RANGE_STEPS IMG PRECISION ZERO ATTN_BACKEND RANGE RANGE_COMPILE KERNEL_TESTS ATTN_ARGS BENCH_ARGS
-# LOADER_WORKERS LOADER_COUNT LOADER_IMG LOADER_BATCH LOADER_BATCHES DEADLINE LIMIT_SCALE LIMITS (name:s
-# ...) VENDOR WORK PYTHON COMMIT (recorded when the copy there has no .git). SIZE=tiny (with ALLOW_CPU=1 on a machine without CUDA) runs every stage at toy sizes: a
-# rehearsal of this script, not a GPU figure.
+# COMPILE_STEPS RANGE_STEPS IMG PRECISION ZERO ATTN_BACKEND RANGE RANGE_COMPILE KERNEL_TESTS ATTN_ARGS
+# BENCH_ARGS LOADER_WORKERS LOADER_COUNT LOADER_IMG LOADER_BATCH LOADER_BATCHES DEADLINE LIMIT_SCALE
+# LIMITS (name:s ...) VENDOR WORK PYTHON, COMMIT (recorded when the copy there has no .git).
+# SIZE=tiny (with ALLOW_CPU=1 on a machine without CUDA) runs every stage at toy sizes: a rehearsal
+# of this script, not a GPU figure.
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
@@ -61,7 +62,8 @@ COMPILE_STEPS=${COMPILE_STEPS:-10}
 RANGE_STEPS=${RANGE_STEPS:-10}
 PRECISION=${PRECISION:-bf16}
 ZERO=${ZERO:-1}
-ATTN_BACKEND=${ATTN_BACKEND:-}   # default: triton on a GPU; sdpa on a CPU (triton 3.6's interpreter fails with numpy >= 2.4)
+# default: triton on a GPU; sdpa on a CPU (triton 3.6's interpreter fails with numpy >= 2.4)
+ATTN_BACKEND=${ATTN_BACKEND:-}
 RANGE=${RANGE:-[0.6,0.9]}
 RANGE_COMPILE=${RANGE_COMPILE:-1}
 DATA_COUNT=${DATA_COUNT:-512}
@@ -80,7 +82,8 @@ PROFILE_STEP=$(( STEPS + (RESUME_STEPS > 3 ? 3 : RESUME_STEPS) ))   # a resumed 
 export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
 # compile caches of this run only: a truncated entry left by another process broke a rehearsal's Inductor load
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$WORK/inductor_cache} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$WORK/triton_cache}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$WORK/inductor_cache}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$WORK/triton_cache}
 
 stage_names() { local e; for e in "${STAGE_LIMITS[@]}"; do echo "${e%%:*}"; done; }
 stage_limit() {  # NAME → seconds: LIMITS (name:s ...) overrides the table; the table's are scaled by LIMIT_SCALE
@@ -102,13 +105,15 @@ pretrain_cmd() {  # OUTPUT_DIR MAX_STEPS [extra mcf pretrain args]
 }
 
 need_data() {
-    [ -d "$WORK/data/images" ] || "$PY" -c "from mcf.bench.feeds import make_jpeg_folder; make_jpeg_folder('$WORK/data', $DATA_COUNT, $DATA_SIZE)"
+    [ -d "$WORK/data/images" ] ||
+        "$PY" -c "from mcf.bench.feeds import make_jpeg_folder; make_jpeg_folder('$WORK/data', $DATA_COUNT, $DATA_SIZE)"
 }
 
 st_install() {
     if ! "$PY" -c "import deepspeed, lmdb, pytest, pytest_timeout" 2>/dev/null; then
         if [ ! -d "$VENDOR" ]; then
-            echo "DeepSpeed/lmdb/pytest missing and no $VENDOR/: run benchmarks/gpu_vendor.sh where pip works, carry $VENDOR"
+            echo "DeepSpeed/lmdb/pytest missing and no $VENDOR/:" \
+                "run benchmarks/gpu_vendor.sh where pip works, and carry $VENDOR"
             return 1
         fi
         local sdist=()
@@ -117,9 +122,12 @@ st_install() {
         DS_BUILD_OPS=0 "$PY" -m pip install --no-index --find-links "$VENDOR" --no-build-isolation --no-cache-dir \
             --progress-bar off "${sdist[@]}" lmdb pytest pytest-timeout || return 1
     fi
-    if ! "$PY" -c "import mcf.kernels, pathlib, sys; sys.exit(pathlib.Path(mcf.kernels.__file__).resolve().parent != pathlib.Path('kernels').resolve())" 2>/dev/null; then
+    local here="import mcf.kernels, pathlib as p, sys
+sys.exit(p.Path(mcf.kernels.__file__).resolve().parent != p.Path('kernels').resolve())"
+    if ! "$PY" -c "$here" 2>/dev/null; then  # mcf.kernels is not this tree's kernels/
         # editable and without dependencies (MLflow, DALI are not there): mcf.kernels then maps to kernels/
-        "$PY" -m pip install --no-index --no-deps --no-build-isolation --no-cache-dir --progress-bar off -e . || return 1
+        "$PY" -m pip install --no-index --no-deps --no-build-isolation --no-cache-dir --progress-bar off -e . ||
+            return 1
     fi
     check imports . > "$WORK/install.json"
 }
@@ -128,7 +136,8 @@ st_kernels() {
     local tests
     if [ "$HAS_CUDA" = 1 ]; then
         export TRITON_INTERPRET=0 MCF_TEST_GPU=1
-        tests=${KERNEL_TESTS:-tests/test_kernels_attention.py tests/test_kernels_decoder_input.py tests/test_kernels_dispatch.py tests/test_kernels_cuda_compile.py}
+        tests=${KERNEL_TESTS:-tests/test_kernels_attention.py tests/test_kernels_decoder_input.py
+               tests/test_kernels_dispatch.py tests/test_kernels_cuda_compile.py}
     else  # the interpreter of triton <= 3.6 fails with numpy >= 2.4 (the GPU image's pair): compile-only here
         tests=${KERNEL_TESTS:-tests/test_kernels_dispatch.py tests/test_kernels_cuda_compile.py}
     fi
@@ -151,7 +160,8 @@ st_resume() {
     local total=$(( STEPS + RESUME_STEPS ))
     pretrain_cmd "$WORK/pretrain" "$total" --resume auto --checkpoint-every $(( STEPS - 1 )) \
         --set checkpoint.keep_last=3 --set logging.profile_step="$PROFILE_STEP" || return 1
-    check run "$WORK/pretrain" --steps "$(( STEPS + 1 ))-$total" --resumed-from "$STEPS" --log "$WORK/resume.log" > "$WORK/resume.json"
+    check run "$WORK/pretrain" --steps "$(( STEPS + 1 ))-$total" --resumed-from "$STEPS" --log "$WORK/resume.log" \
+        > "$WORK/resume.json"
 }
 
 st_compile() {
@@ -169,7 +179,8 @@ st_triton_range() {
     [ "$RANGE_COMPILE" = 1 ] && extra+=(--set train.compile=true)
     TORCH_LOGS=recompiles,graph_breaks pretrain_cmd "$WORK/triton_range" "$RANGE_STEPS" --resume none \
         --checkpoint-every 1000000 "${extra[@]}" || return 1
-    check run "$WORK/triton_range" --steps "1-$RANGE_STEPS" --log "$WORK/triton_range.log" --compile-log > "$WORK/triton_range.json"
+    check run "$WORK/triton_range" --steps "1-$RANGE_STEPS" --log "$WORK/triton_range.log" --compile-log \
+        > "$WORK/triton_range.json"
 }
 
 st_profile() {
@@ -192,7 +203,8 @@ st_loader() {
     local w files=()
     for w in $LOADER_WORKERS; do
         "$PY" -m mcf.bench data --sources folder --count "$LOADER_COUNT" --file-size 256 --img-size "$LOADER_IMG" \
-            --batch-size "$LOADER_BATCH" --batches "$LOADER_BATCHES" --workers "$w" --out "$WORK/loader_w$w.json" > /dev/null || return 1
+            --batch-size "$LOADER_BATCH" --batches "$LOADER_BATCHES" --workers "$w" --out "$WORK/loader_w$w.json" \
+            > /dev/null || return 1
         files+=("$WORK/loader_w$w.json")
     done
     check loader "${files[@]}" > "$WORK/loader.json"
@@ -219,7 +231,8 @@ run_stage() {  # NAME: runs it under its limit (shortened to the time left), app
         75) status=skipped; note="${note:+$note; }$(tail -n 1 "$WORK/$name.log")" ;;
         *) status=fail ;;
     esac
-    printf '%s\t%s\t%s\t%.1f\t%s\t%s\n' "$name" "$status" "$rc" "$(awk "BEGIN { print $t1 - $t0 }")" "$limit" "$note" >> "$WORK/stages.tsv"
+    printf '%s\t%s\t%s\t%.1f\t%s\t%s\n' "$name" "$status" "$rc" "$(awk "BEGIN { print $t1 - $t0 }")" "$limit" "$note" \
+        >> "$WORK/stages.tsv"
     say "   $name: $status (exit $rc)"
     [ "$status" = pass ] || tail -n 15 "$WORK/$name.log" | sed 's/^/   | /' | tee -a "$OUT/gpu_check.log" >&2
 }
@@ -249,7 +262,8 @@ main() {
     selected=${STAGES:-$(stage_names | tr '\n' ' ')}
     {
         echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-        echo "commit=${COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)$(git status --porcelain 2>/dev/null | grep -q . && echo +dirty)}"
+        local dirty; dirty=$(git status --porcelain 2>/dev/null | grep -q . && echo +dirty)
+        echo "commit=${COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)$dirty}"
         echo "host=$(hostname) $(nproc) cpus"
         echo "device=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -n 1 || true)"
         echo "size=$SIZE model=$MODEL batch=$BATCH steps=$STEPS precision=$PRECISION zero=$ZERO deadline=$DEADLINE"
