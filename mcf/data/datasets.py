@@ -27,7 +27,7 @@ from typing import Any
 
 from PIL import Image
 
-from mcf.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_rgb
+from mcf.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_rgb, max_file_bytes, read_file
 from mcf.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -86,7 +86,8 @@ class ImageFolderDataset(EncodedImageDataset):
         return len(self.files)
 
     def read_bytes(self, i: int) -> bytes:
-        return (self.root / self.files[self._check_index(i)]).read_bytes()
+        """The file's bytes; :class:`~mcf.data.decode.BadImage` if it cannot be read (see ``read_file``)."""
+        return read_file(self.root / self.files[self._check_index(i)], max_file_bytes(self.max_pixels))
 
     def name(self, i: int) -> str:
         return str(self.root / self.files[i])

@@ -194,7 +194,7 @@ class Trainer:
 
     # -- loop -------------------------------------------------------------------------------------
     def fit(self) -> int:
-        self.logger = None
+        self.logger = self.loader = None
         status = "FAILED"
         try:
             self._setup()
@@ -202,6 +202,8 @@ class Trainer:
             status = "FINISHED" if rc == 0 else "KILLED"
             return rc
         finally:
+            if self.loader is not None:
+                self.loader.close()  # its worker processes end with the run, whatever ends it
             if self.logger is not None:
                 self.logger.close(status)
             import torch.distributed as dist
