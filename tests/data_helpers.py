@@ -89,7 +89,8 @@ def png_with_header(width: int, height: int) -> bytes:
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
     ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    idat = chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
 
 
 def jpeg_with_broken_marker(a: np.ndarray) -> bytes:
@@ -154,5 +155,5 @@ def make_paper_lmdb(db: Path, keys_file: Path, n: int = 16, seed: int = 2, lengt
     return keys
 
 
-__all__ = ["BAD_FILES", "ODD_FILES", "HUGE_LIMIT", "make_folder", "make_hostile_folder", "make_salted_folder", "make_paper_lmdb",
-           "png_with_header", "jpeg_with_broken_marker"]
+__all__ = ["BAD_FILES", "ODD_FILES", "HUGE_LIMIT", "make_folder", "make_hostile_folder", "make_salted_folder",
+           "make_paper_lmdb", "png_with_header", "jpeg_with_broken_marker"]

@@ -48,7 +48,7 @@ def test_read_file_refuses_what_is_not_a_regular_file(tmp_path):
     os.mkfifo(tmp_path / "fifo.jpg")
     (tmp_path / "big.jpg").write_bytes(b"x" * 1000)
     (tmp_path / "dir.jpg").mkdir()
-    for name, reason in [("fifo.jpg", "not a regular file"), ("dir.jpg", "not a regular file"), ("nowhere.jpg", "unreadable")]:
+    for name, reason in [("fifo.jpg", "not a regular"), ("dir.jpg", "not a regular"), ("nowhere.jpg", "unreadable")]:
         with pytest.raises(BadImage, match=reason):
             read_file(tmp_path / name, 1 << 20)  # a FIFO would block a plain open() forever
     with pytest.raises(BadImage, match="not a regular file"):
@@ -87,6 +87,19 @@ def test_hostile_entries_are_counted_bad_samples(kind, nw, hostile):
         other.set_epoch(0)
         list(other)
         assert other.bad_samples == ld.bad_samples  # the same rule in both loaders
+
+
+def test_build_and_verify_list_hostile_entries(hostile, tmp_path):
+    from mcf.data import build_lmdb, verify_dataset
+
+    root, bad = hostile
+    m = build_lmdb(root, tmp_path / "db", workers=0, progress=False)
+    assert m["count"] == 24 and {rel for rel, _ in m["bad"]} == bad
+    reasons = dict(m["bad"])
+    assert reasons["hostile/fifo.jpg"] == reasons["hostile/device.jpg"] == "not a regular file"
+    assert reasons["hostile/dangling.jpg"].startswith("unreadable (No such file")
+    r = verify_dataset(root, progress=False)
+    assert r["count"] == 24 + len(bad) and {os.path.relpath(n, root) for n, _ in r["bad"]} == bad
 
 
 @pytest.mark.parametrize("kind,nw", [("torch", 2), ("dali", 0)])
@@ -178,7 +191,8 @@ def _wait_group_gone(pgid: int, timeout: float = 15.0) -> list[int]:
 
 def _run_group(cmd, timeout=240):
     """Run ``cmd`` in its own session; returns (rc, stderr, processes of its group still alive)."""
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -201,7 +215,8 @@ def _pretrain(out, data, kind, *extra):
 @pytest.mark.parametrize("kind", ["torch", "dali"])
 def test_pretrain_counts_unreadable_entries_and_finishes(kind, hostile, tmp_path):
     root, _ = hostile
-    rc, _, err, left = _run_group(_pretrain(tmp_path / "run", root, kind, "--batch-size", "8", "--max-bad-fraction", "0.9"))
+    cmd = _pretrain(tmp_path / "run", root, kind, "--batch-size", "8", "--max-bad-fraction", "0.9")
+    rc, _, err, left = _run_group(cmd)
     assert rc == 0, err[-3000:]
     assert not left, f"processes left behind: {left}"
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -232,15 +247,15 @@ def test_killed_loaders_leave_no_workers(tmp_path):
     script = (
         "import sys, torch\n"
         "from mcf.data import DataConfig, build_pretrain_loader\n"
-        "lds = [build_pretrain_loader(DataConfig(path=sys.argv[1], loader=k, num_workers=2), img_size=32, batch_size=4, rank=0,\n"
-        "       world_size=1, seed=0, device=torch.device('cpu')) for k in ('torch', 'dali')]\n"
+        "lds = [build_pretrain_loader(DataConfig(path=sys.argv[1], loader=k, num_workers=2), img_size=32, batch_size=4,\n"
+        "       rank=0, world_size=1, seed=0, device=torch.device('cpu')) for k in ('torch', 'dali')]\n"
         "its = [iter(ld) for ld in lds]\n"
         "[next(it) for it in its]\n"
         "print('ready', flush=True)\n"
         "sys.stdin.read()\n"
     )
-    p = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "imgs")], cwd=ROOT, env=env(), stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "imgs")], cwd=ROOT, env=env(),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert p.stdout.readline().strip() == "ready"
         workers = [pid for pid in _group_members(p.pid) if pid != p.pid]
@@ -256,9 +271,10 @@ def test_killed_loaders_leave_no_workers(tmp_path):
 
 def test_build_lmdb_killed_leaves_no_workers(tmp_path):
     make_folder(tmp_path / "src", 400)
-    cmd = [sys.executable, "-m", "mcf", "data", "build-lmdb", str(tmp_path / "src"), str(tmp_path / "db"), "--workers", "2",
-           "--chunk-size", "1", "--no-progress"]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [sys.executable, "-m", "mcf", "data", "build-lmdb", str(tmp_path / "src"), str(tmp_path / "db"),
+           "--workers", "2", "--chunk-size", "1", "--no-progress"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while len(_group_members(p.pid)) < 3 and p.poll() is None and time.monotonic() < deadline:

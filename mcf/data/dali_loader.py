@@ -233,7 +233,9 @@ class DaliPretrainLoader(PretrainLoader):
             ) from None
         self.rejected.update(found)
         names = ", ".join(self.dataset.name(j) for j in found[:3])
-        logger.warning("DALI's decoder rejects %d file(s) that pass mcf's checks; they count as bad samples: %s", len(found), names)
+        logger.warning(
+            "DALI's decoder rejects %d file(s) that pass mcf's checks; they count as bad samples: %s", len(found), names
+        )
         self._build(epoch, position)
 
     def _find_rejected(self, src: DaliBatchSource, iteration: int) -> list[int]:
@@ -251,14 +253,15 @@ class DaliPretrainLoader(PretrainLoader):
                         if sample[6] < 0:  # every candidate failed: the placeholder, which decodes
                             break
                         holder.cols = _columns([sample])
-                        pipe = pipe or build_pipeline(holder, batch_size=1, device=self.device, img_size=self.transform.img_size,
-                                                      prefetch=1, seed=self.seed)
+                        pipe = pipe or build_pipeline(
+                            holder, batch_size=1, device=self.device, img_size=self.transform.img_size, prefetch=1
+                        )
                         try:
                             pipe.run()
                             break
                         except Exception:
                             found.append(int(sample[6]))
-                            close_pipeline(pipe)  # a fresh one for the next sample: never blame one for another's failure
+                            close_pipeline(pipe)  # a fresh one for the next: never blame a sample for another's failure
                             pipe = None
                 if found:
                     break

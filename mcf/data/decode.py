@@ -110,7 +110,7 @@ def _structurally_complete(data: bytes, fmt: str | None) -> bool:
 # multi-scan file puts between scans (DHT, DAC, SOS, DQT, DNL, DRI, DHP, EXP, APPn, COM, TEM).
 _JPEG_NO_LENGTH = frozenset({0x01, *range(0xD0, 0xD8)})
 _JPEG_IN_SCAN = np.zeros(256, dtype=bool)
-_JPEG_IN_SCAN[[0x00, 0xFF, *range(0xD0, 0xD8), 0xD9, 0xC4, 0xCC, *range(0xDA, 0xE0), *range(0xE0, 0xF0), 0xFE, 0x01]] = True
+_JPEG_IN_SCAN[[0x00, 0xFF, *range(0xD0, 0xD8), 0xD9, 0xC4, 0xCC, *range(0xDA, 0xF0), 0xFE, 0x01]] = True
 # Frame types (SOFn marker), sample precision and component counts that DALI's decoders read to
 # the same pixels as libjpeg-turbo (PIL): baseline, extended and progressive Huffman, 8-bit, grey
 # or YCbCr. Lossless, arithmetic-coded, 12-bit, CMYK or YCCK frames are re-encoded for DALI.

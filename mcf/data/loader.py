@@ -175,12 +175,13 @@ class PretrainLoader:
             raise DataError(
                 f"{self.bad_samples} of {self.samples_seen} samples seen on rank {self.rank} failed to decode or read "
                 f"({self.bad_samples / self.samples_seen:.1%} > data.max_bad_fraction={f:.1%}); "
-                f"e.g. {', '.join(self._example(j) for j in self._bad_indices[:3]) or 'n/a'} (run `mcf data verify` on the data set)"
+                f"e.g. {', '.join(self._example(j) for j in self._bad_indices[:3]) or 'n/a'} "
+                "(run `mcf data verify` on the data set)"
             )
 
     def _example(self, index: int) -> str:
         """A bad sample's name and why it is bad (read again here), for an error message."""
-        return f"{self.dataset.name(index)} ({self.source.reason(index)})"
+        return f"{self.dataset.name(index)} ({self.source.reason(index, getattr(self, 'rejected', ()))})"
 
 
 def _collate(items: list[tuple[np.ndarray, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -239,7 +240,11 @@ def _default_dali_check(device: torch.device, transform: PretrainTransform) -> N
     check_dali(device, transform)
 
 
-def dali_check_failure(device: torch.device, transform: PretrainTransform, check: DaliCheck | None = None) -> str | None:
+def dali_check_failure(
+    device: torch.device,
+    transform: PretrainTransform,
+    check: DaliCheck | None = None,
+) -> str | None:
     """Why DALI cannot serve ``transform`` on ``device`` (one line), or None when its start-up check
     (:mod:`mcf.data.dali_check`, or ``check``) passes; cached per device, transform and check."""
     check = check or _default_dali_check
@@ -331,7 +336,9 @@ def build_pretrain_loader(
     if kind in ("auto", "dali"):
         failure = _agree(dali_check_failure(device, transform, dali_check), world_size)
         if failure and kind == "dali":
-            raise ConfigError(f"data.loader=dali, but DALI failed its start-up check ({failure}); use --loader torch or auto")
+            raise ConfigError(
+                f"data.loader=dali, but DALI failed its start-up check ({failure}); use --loader torch or auto"
+            )
         if failure:
             if rank == 0:
                 logger.warning("data: DALI failed its start-up check, using the PyTorch loader (%s)", failure)

@@ -66,7 +66,13 @@ class SampleSource:
         for attempt in range(1, self.max_attempts):
             yield int(sample_rng(self.seed, epoch, index, attempt).integers(n))
 
-    def _fetch(self, epoch: int, index: int, decode: Callable[[bytes], Any], rejected: Collection[int] = ()) -> tuple[Any, int, int, int]:
+    def _fetch(
+        self,
+        epoch: int,
+        index: int,
+        decode: Callable[[bytes], Any],
+        rejected: Collection[int] = (),
+    ) -> tuple[Any, int, int, int]:
         """``(decoded, failed attempts, first bad index or -1, index used or -1)``; ``decoded`` is
         None when all :attr:`max_attempts` candidates failed. ``rejected`` indices count as bad."""
         n_bad, first_bad = 0, -1
@@ -80,8 +86,10 @@ class SampleSource:
                 first_bad = j if first_bad < 0 else first_bad
         return None, n_bad, first_bad, -1
 
-    def reason(self, index: int) -> str:
+    def reason(self, index: int, rejected: Collection[int] = ()) -> str:
         """Why sample ``index`` is bad (it is read and decoded again; for error messages)."""
+        if index in rejected:
+            return "rejected by DALI's decoder"
         try:
             decode_rgb(self.dataset.read_bytes(index), self.dataset.max_pixels)
         except READ_ERRORS as e:
