@@ -340,8 +340,9 @@ def build_pretrain_loader(
                 f"data.loader=dali, but DALI failed its start-up check ({failure}); use --loader torch or auto"
             )
         if failure:
-            if rank == 0:
-                logger.warning("data: DALI failed its start-up check, using the PyTorch loader (%s)", failure)
+            if rank == 0:  # DALI not installed is a plain choice; installed and failing deserves a warning
+                level = logging.INFO if "No module named" in failure else logging.WARNING
+                logger.log(level, "data: DALI failed its start-up check, using the PyTorch loader (%s)", failure)
             kind = "torch"
         else:
             kind = "dali"
