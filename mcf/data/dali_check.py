@@ -16,7 +16,7 @@ chroma upsampling differ from libjpeg's by a level or two per pixel, more at sha
 a mean of 3 and a p99 of 16 levels leave room for both, while a real fault -- swapped channels, a
 missing flip, a wrong crop, mean/std or layout -- is off by tens of levels. Not yet run on a GPU.
 
-Imports DALI only when called.
+Imports DALI only when a check runs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mcf.data.decode import decode_rgb
+from mcf.data.dali_loader import FixedBatch, build_pipeline, close_pipeline, first_line, sample_columns, to_torch
+from mcf.data.decode import decode_rgb, prepare_for_dali
 from mcf.data.transforms import IMAGENET_STD, PretrainTransform, SampleParams
 
 MEAN_LEVELS = 3.0
@@ -85,30 +86,19 @@ def compare(device: torch.device, transform: PretrainTransform) -> list[tuple[fl
     """Decode the reference JPEGs through the DALI loader's graph on ``device``: per image, the
     ``(mean, 99th percentile, max)`` absolute difference from the PyTorch loader, in 8-bit levels.
     Raises whatever DALI raises."""
-    from mcf.data.dali_loader import _OneBatch, _to_torch, build_pipeline, close_pipeline
-    from mcf.data.decode import prepare_for_dali
-
-    cols: tuple[list[np.ndarray], ...] = ([], [], [], [], [], [])
-    want = []
+    samples, want = [], []
     for k, data in enumerate(reference_jpegs()):
         img = decode_rgb(data)
         p = _sample_params(transform, k, *img.size)
         x0, y0, x1, y1 = p.box
-        sample = (
-            np.frombuffer(prepare_for_dali(data)[0], np.uint8),
-            np.array([y0, x0], np.float32),
-            np.array([y1, x1], np.float32),
-            np.array(int(p.flip), np.int32),
-            np.array(0, np.int32),  # failed attempts
-            np.array(-1, np.int64),  # first bad index
-        )
-        for col, v in zip(cols, sample):
-            col.append(v)
+        samples.append((np.frombuffer(prepare_for_dali(data)[0], np.uint8), np.array([y0, x0], np.float32),
+                        np.array([y1, x1], np.float32), np.array(int(p.flip), np.int32), 0, -1))
         want.append(transform.apply(img, p))  # (3, S, S) float32, normalised
-    pipe = build_pipeline(_OneBatch(cols), batch_size=len(want), device=device, img_size=transform.img_size, prefetch=1)
+    pipe = build_pipeline(FixedBatch(sample_columns(samples)), batch_size=len(want), device=device,
+                          img_size=transform.img_size, prefetch=1)
     try:
         images, _, _ = pipe.run()
-        got = _to_torch(images, device).float().cpu().numpy()  # (B, 3, S, S)
+        got = to_torch(images, device).float().cpu().numpy()  # (B, 3, S, S)
     finally:
         close_pipeline(pipe)
     ref = np.stack(want)
@@ -126,8 +116,7 @@ def check_dali(device: torch.device, transform: PretrainTransform) -> None:
     except DaliCheckError:
         raise
     except Exception as e:  # ImportError (no DALI), no GPU decoder, a broken install, a pipeline error
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().endswith(":")]
-        raise DaliCheckError(f"{type(e).__name__}: {lines[0][:200] if lines else 'no message'}") from None
+        raise DaliCheckError(f"{type(e).__name__}: {first_line(e)[:200]}") from None
     for k, (mean, p99, _) in enumerate(stats):
         if not (mean <= MEAN_LEVELS and p99 <= P99_LEVELS):  # also catches NaN
             raise DaliCheckError(

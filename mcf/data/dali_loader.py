@@ -58,7 +58,7 @@ def pipeline_device_id(device: torch.device) -> int | None:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _to_torch(tl: Any, device: torch.device) -> torch.Tensor:
+def to_torch(tl: Any, device: torch.device) -> torch.Tensor:
     """A DALI TensorList (uniform shape) -> a torch tensor on ``device``."""
     t = tl.as_tensor()
     if type(tl).__name__ == "TensorListGPU":
@@ -141,10 +141,12 @@ def close_pipeline(pipe: Any, timeout: float = 5.0) -> None:
     with kill_after(procs, timeout):
         if pool is not None:
             pool.close()
-        pipe._shutdown()
+        shutdown = getattr(pipe, "_shutdown", None)  # what Pipeline.__del__ calls; now, not at garbage collection
+        if shutdown is not None:
+            shutdown()
 
 
-class _OneBatch:
+class FixedBatch:
     """An inline ``external_source`` callable that always returns the same columns."""
 
     def __init__(self, cols: tuple[list[np.ndarray], ...]):
@@ -154,7 +156,7 @@ class _OneBatch:
         return self.cols
 
 
-def _columns(samples: list[tuple]) -> tuple[list[np.ndarray], ...]:
+def sample_columns(samples: list[tuple]) -> tuple[list[np.ndarray], ...]:
     """Per-sample tuples ``(data, roi0, roi1, mirror, n_bad, first_bad, ...)`` -> the six columns."""
     return (
         [s[0] for s in samples],
@@ -166,7 +168,8 @@ def _columns(samples: list[tuple]) -> tuple[list[np.ndarray], ...]:
     )
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The informative first line of an exception's message (DALI puts a header line first)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     for ln in lines:  # DALI: "Critical error in pipeline:" then the operator's message
         if not ln.endswith(":"):
@@ -215,7 +218,7 @@ class DaliPretrainLoader(PretrainLoader):
                 continue
             self._consumed += 1
             position += 1
-            yield _to_torch(images, self.device), np.array(n_bad.as_tensor()), np.array(bad_idx.as_tensor())
+            yield to_torch(images, self.device), np.array(n_bad.as_tensor()), np.array(bad_idx.as_tensor())
 
     def _recover(self, epoch: int, position: int, error: Exception) -> None:
         """Batch ``position`` of ``epoch`` failed in the pipeline: find the samples DALI's decoder
@@ -229,7 +232,7 @@ class DaliPretrainLoader(PretrainLoader):
         if not found:
             raise DataError(
                 f"DALI failed on batch {position} of epoch {epoch} and no single sample of it explains the failure "
-                f"({_first_line(error)}); use --loader torch"
+                f"({first_line(error)}); use --loader torch"
             ) from None
         self.rejected.update(found)
         names = ", ".join(self.dataset.name(j) for j in found[:3])
@@ -243,7 +246,7 @@ class DaliPretrainLoader(PretrainLoader):
         included) of batch ``iteration`` of ``src``, or of the batches DALI was preparing after it
         when that one holds none."""
         found: list[int] = []
-        holder, pipe = _OneBatch(()), None
+        holder, pipe = FixedBatch(()), None
         try:
             for it in range(iteration, iteration + 1 + self.cfg.prefetch):
                 epoch, idx = src.batch_indices(it)
@@ -252,7 +255,7 @@ class DaliPretrainLoader(PretrainLoader):
                         sample = self.source.dali_sample(epoch, int(i), self.rejected.union(found))
                         if sample[6] < 0:  # every candidate failed: the placeholder, which decodes
                             break
-                        holder.cols = _columns([sample])
+                        holder.cols = sample_columns([sample])
                         pipe = pipe or build_pipeline(
                             holder, batch_size=1, device=self.device, img_size=self.transform.img_size, prefetch=1
                         )
