@@ -117,7 +117,8 @@ def make_hostile_folder(root: Path, n_good: int = 40, seed: int = 3) -> set[str]
     decoded as root can make them: a dangling and a looping symlink, a FIFO, links to /dev/zero, to
     a write-only sysctl (EACCES even for root) and to /proc/self/mem (EIO at offset 0), an empty
     file, a PNG whose header claims 60000x60000 pixels, a JPEG with a broken marker, and a directory
-    named like an image. Returns the names (relative to ``root``) that must be bad samples."""
+    named like an image. Returns the names (relative to ``root``) that are bad samples where the
+    folder scan lists them (it skips what is not a file or a link to one)."""
     make_folder(root, n_good, seed, sub="good")
     h = root / "hostile"
     h.mkdir()

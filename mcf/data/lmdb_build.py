@@ -12,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +31,8 @@ from mcf.data.datasets import (
     scan_image_folder,
 )
 from mcf.data.decode import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, max_file_bytes, read_file
+from mcf.data.procs import shutdown, worker_pool
 from mcf.data.source import READ_ERRORS
-from mcf.data.workers import die_with_parent
 from mcf.errors import DataError
 
 PROGRESS_KEY = b"__progress__"
@@ -159,21 +157,20 @@ def _run_chunks(env, src: Path, files: list[str], state: dict, workers: int, chu
 
     opts = state["options"]
     jobs = [(str(src), rel, opts["resize_short"], opts["quality"], opts["max_pixels"]) for rel in files]
-    pool = None
-    if workers > 1:  # the workers die with this process, even when it is killed with SIGKILL
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=die_with_parent,
-                                   initargs=(os.getpid(),))
+    pool = worker_pool(workers) if workers > 1 else None  # its workers die with this process, even on SIGKILL
     bar = tqdm(total=len(files), initial=state["done"], unit="img", disable=not progress, desc="build-lmdb")
+    done = False
     try:
         for start in range(state["done"], len(files), chunk_size):
             chunk = jobs[start : start + chunk_size]
             results = pool.map(_encode_file, chunk, chunksize=8) if pool else map(_encode_file, chunk)
             _commit_chunk(env, state, list(results), start + len(chunk))
             bar.update(len(chunk))
+        done = True
     finally:
         bar.close()
         if pool:
-            pool.shutdown(cancel_futures=True)
+            shutdown(pool, kill=not done)  # after an error or ^C: cancel and kill, never wait on queued work
 
 
 def _commit_chunk(env, state: dict, results: list[tuple[str, bytes | None, str]], done: int) -> None:

@@ -27,7 +27,9 @@ import torch
 
 from mcf.data.config import DataConfig
 from mcf.data.datasets import EncodedImageDataset, open_dataset
+from mcf.data.index import IndexOptions
 from mcf.data.sampler import DistributedSampler
+from mcf.data.shards import StreamedShards
 from mcf.data.source import MAX_ATTEMPTS, SampleSource, TorchSampleDataset
 from mcf.data.transforms import PretrainTransform, build_transform, normalize_batch
 from mcf.data.workers import auto_num_workers, kill_after, worker_init
@@ -79,10 +81,14 @@ class PretrainLoader:
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        cfg = dataclasses.replace(cfg, num_workers=resolve_num_workers(cfg, rank))  # "auto" -> a count
         self.dataset, self.transform, self.cfg = dataset, transform, cfg
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device = torch.device(device)
-        self.sampler = DistributedSampler(len(dataset), rank=rank, world_size=world_size, seed=seed)
+        if hasattr(dataset, "make_sampler"):  # shards: their own epoch order (mcf.data.shards.ShardSampler)
+            self.sampler = dataset.make_sampler(rank=rank, world_size=world_size, seed=seed, window=cfg.shuffle_buffer)
+        else:
+            self.sampler = DistributedSampler(len(dataset), rank=rank, world_size=world_size, seed=seed)
         self.source = SampleSource(dataset, transform, seed)
         self.num_batches = self.sampler.per_rank // batch_size
         if self.num_batches == 0:
@@ -219,15 +225,19 @@ class TorchPretrainLoader(PretrainLoader):
             yield normalize_batch(imgs.to(self.device, non_blocking=nb)), n_bad.numpy(), bad_idx.numpy()
 
     def close(self) -> None:
-        """Shut the persistent workers down: the DataLoader's orderly shutdown, bounded (5 s, then
-        SIGKILL: the workers ignore the SIGTERM it would fall back to)."""
-        it = getattr(getattr(self, "_loader", None), "_iterator", None)
-        if it is None:
-            return
-        self._loader._iterator = None
-        with kill_after(getattr(it, "_workers", ())):
-            if hasattr(it, "_shutdown_workers"):
-                it._shutdown_workers()
+        """Shut the persistent workers down (see :func:`shutdown_workers`)."""
+        loader = getattr(self, "_loader", None)
+        if loader is not None and loader._iterator is not None:
+            it, loader._iterator = loader._iterator, None
+            shutdown_workers(it)
+
+
+def shutdown_workers(it: Any) -> None:
+    """Shut down the workers of a DataLoader iterator: its orderly shutdown, bounded (5 s, then
+    SIGKILL: the workers ignore the SIGTERM it would fall back to). No-op without workers."""
+    with kill_after(getattr(it, "_workers", ())):
+        if hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
 
 DaliCheck = Callable[[torch.device, PretrainTransform], None]
@@ -328,12 +338,17 @@ def build_pretrain_loader(
     if not drop_last:
         raise ValueError("the pre-training loader always drops the partial last batch (drop_last=True)")
     size = cfg.img_size or img_size
-    dataset = open_dataset(cfg.path, cfg.lmdb_keys, split=split, max_pixels=cfg.max_image_pixels)
+    index = IndexOptions(cache_dir=cfg.index_cache, rank=rank, world_size=world_size, wait_s=cfg.index_wait_s)
+    dataset = open_dataset(cfg.path, cfg.lmdb_keys, split=split, max_pixels=cfg.max_image_pixels, index=index)
     transform = build_transform(size, random_resized_crop=cfg.random_resized_crop, crop_scale=cfg.crop_scale, hflip=cfg.hflip)
     device = torch.device(device)
-    cfg = dataclasses.replace(cfg, num_workers=resolve_num_workers(cfg, rank))
     kind = cfg.loader
-    if kind in ("auto", "dali"):
+    streamed = isinstance(dataset, StreamedShards)
+    if streamed and kind == "dali":
+        raise DataError("remote shards (pipe:, URLs) are streamed by the PyTorch loader only: use --loader torch (or auto)")
+    if streamed:
+        kind = "torch"
+    elif kind in ("auto", "dali"):
         failure = _agree(dali_check_failure(device, transform, dali_check), world_size)
         if failure and kind == "dali":
             raise ConfigError(
@@ -346,10 +361,14 @@ def build_pretrain_loader(
             kind = "torch"
         else:
             kind = "dali"
-    if kind == "dali":
+    if streamed:
+        from mcf.data.shard_stream import ShardStreamLoader
+
+        cls: type[PretrainLoader] = ShardStreamLoader
+    elif kind == "dali":
         from mcf.data.dali_loader import DaliPretrainLoader
 
-        cls: type[PretrainLoader] = DaliPretrainLoader
+        cls = DaliPretrainLoader
     else:
         cls = TorchPretrainLoader
     loader = cls(dataset, transform, cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, device=device)
@@ -361,6 +380,6 @@ def build_pretrain_loader(
         len(loader),
         batch_size,
         size,
-        cfg.num_workers,
+        loader.cfg.num_workers,
     )
     return loader
