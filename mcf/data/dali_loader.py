@@ -67,13 +67,13 @@ class DaliPretrainLoader(PretrainLoader):
         self._src: DaliBatchSource | None = None
         self._consumed = 0
 
-    def _build(self, epoch: int, position: int) -> None:
+    def _build(self, epoch: int, offset: int) -> None:
         from nvidia.dali import fn, types
         from nvidia.dali.pipeline import Pipeline
 
         self.close()
         nw = self.cfg.num_workers
-        self._src = DaliBatchSource(self.source, self.sampler, self.batch_size, epoch, position)
+        self._src = DaliBatchSource(self.source, self.sampler, self.batch_size, epoch, offset)
         pipe = Pipeline(
             batch_size=self.batch_size,
             num_threads=max(1, nw),
@@ -86,12 +86,12 @@ class DaliPretrainLoader(PretrainLoader):
         s = self.transform.img_size
         parallel = {"parallel": True, "prefetch_queue_depth": self.cfg.prefetch} if nw > 0 else {}
         with pipe:
-            data, roi0, roi1, mirror, n_bad, bad_idx = fn.external_source(
+            data, roi0, roi1, mirror, n_bad, bad_idx, idx = fn.external_source(
                 source=self._src,
-                num_outputs=6,
+                num_outputs=7,
                 batch=True,
                 batch_info=True,
-                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.INT32, types.INT64],
+                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.INT32, types.INT64, types.INT64],
                 **parallel,
             )
             images = fn.decoders.image(data, device=decoder_device(self.device), output_type=types.RGB)
@@ -112,7 +112,7 @@ class DaliPretrainLoader(PretrainLoader):
                 mean=[m * 255 for m in IMAGENET_MEAN],
                 std=[v * 255 for v in IMAGENET_STD],
             )
-            pipe.set_outputs(images, n_bad, bad_idx)
+            pipe.set_outputs(images, n_bad, bad_idx, idx)
         with stop_signals_ignored():  # the spawned source workers must not die of a pre-emption signal
             pipe.build()
         self._pipe, self._consumed = pipe, 0
@@ -120,21 +120,21 @@ class DaliPretrainLoader(PretrainLoader):
     def _next_position(self) -> tuple[int, int] | None:
         return None if self._src is None else self._src.position(self._consumed)
 
-    def _batches(self, epoch, position):
+    def _batches(self, epoch, offset):
         # The stream continues across epochs; rebuild only when the caller jumped elsewhere.
-        if self._pipe is None or self._next_position() != (epoch, position):
-            self._build(epoch, position)
-        while position < self.num_batches:
+        if self._pipe is None or self._next_position() != (epoch, offset):
+            self._build(epoch, offset)
+        for _ in range(self.batches_left(offset)):
             try:
-                images, n_bad, bad_idx = self._pipe.run()
+                images, n_bad, bad_idx, idx = self._pipe.run()
             except RuntimeError as e:  # an error raised in the Python source arrives wrapped
                 self.close()
                 if "DataError" in str(e):
                     raise DataError(str(e).split("DataError:", 1)[-1].strip().splitlines()[0]) from None
                 raise
             self._consumed += 1
-            position += 1
-            yield _to_torch(images, self.device), np.array(n_bad.as_tensor()), np.array(bad_idx.as_tensor())
+            yield (_to_torch(images, self.device), np.array(n_bad.as_tensor()), np.array(bad_idx.as_tensor()),
+                   np.array(idx.as_tensor()))
 
     def close(self) -> None:
         """Stop the pipeline and its Python workers."""
