@@ -24,6 +24,7 @@ from mcf.config import Config, dump_config
 from mcf.configtree import to_dict
 from mcf.errors import ConfigError, DataError
 from mcf.train import checkpoint as ckpt
+from mcf.train import elastic
 from mcf.train.engine import PRECISION_DTYPES, CastInput, build_ds_config, fp32_masters, init_distributed, setup_env
 from mcf.train.metrics import RunLogger, flatten, save_reconstruction
 from mcf.train.optim import build_optimizer, describe_schedule, lr_at, momentum_at, param_groups, peak_lr, set_lr, warmup_steps
@@ -64,9 +65,18 @@ class Trainer:
         # gloo's all_gather_into_tensor (the contrastive keys) warns on every call
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
         _, world_size, _ = setup_env()
-        self.ds_config = build_ds_config(cfg, world_size)  # flag/JSON conflicts fail before any heavy work
         self.out = Path(cfg.train.output_dir)
         self.resume_dir = ckpt.find_resume(cfg.train.resume, self.out)
+        self.resume_state = ckpt.read_state(self.resume_dir) if self.resume_dir is not None else None
+        self.resized = False
+        if self.resume_state is not None:  # another number of ranks: the batch policy, before any heavy work
+            saved = elastic.RunShape.of_checkpoint(self.resume_state)
+            cfg.train.accum_steps = elastic.plan_accum_steps(cfg.train.elastic, saved, cfg.train.batch_size, cfg.train.accum_steps,
+                                                             world_size)
+            self.resized = saved.world_size != world_size
+        self.ds_config = build_ds_config(cfg, world_size)  # flag/JSON conflicts fail before any heavy work
+        if self.resized and ckpt.is_partitioned(self.resume_dir):  # ZeRO 1-3 partitions are re-split from the universal copy
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         self.build_monitor = None
         if cfg.monitor.every > 0:
             try:
@@ -132,7 +142,7 @@ class Trainer:
         self.mask_gen = torch.Generator(device=self.device)
         self.mask_gen.manual_seed(seed * 1_000_003 + 7919 * (self.rank + 1))
         torch.manual_seed(seed + 104_729 * (self.rank + 1))
-        self.step, self.epoch, self.epoch_batches = 0, 0, 0
+        self.step, self.epoch = 0, 0
         self.acc = torch.zeros(len(TERMS) + 1, device=self.device)  # sums of TERMS, micro-batch count
         self.steps_since_log = 0
         if self.resume_dir is not None:
@@ -147,17 +157,27 @@ class Trainer:
                      describe_schedule(cfg, self.global_batch, self.steps_per_epoch, self.total_steps))
 
     def _restore(self, path: Path) -> None:
-        state, rstate = ckpt.load_checkpoint(self.engine, path, self.rank, self.world_size)
+        state = self.resume_state
+        rstates = ckpt.load_checkpoint(self.engine, path, self.rank, self.world_size, state)
         self.model.target.load_state_dict(state["target"])
         self.step = int(state["step"])
-        self.epoch, self.epoch_batches = int(rstate["epoch"]), int(rstate["epoch_batches"])
+        if not self.resized:
+            rstate = rstates[0]
+            ckpt.set_rng_state(rstate["rng"])
+            self.mask_gen.set_state(rstate["mask_gen"])
+        else:  # another number of ranks: the data position is global, the rest is re-derived per new rank
+            rstate = elastic.resplit_rank_state(rstates, self.rank)
+            elastic.reseed(self.cfg.train.seed, self.rank, self.step, self.mask_gen)
+            if self.rank == 0:
+                log.info("resumed on %d rank(s) from a checkpoint of %d: the rest of epoch %d is re-split over the new ranks",
+                         self.world_size, len(rstates), rstate["loader"]["epoch"])
         self.loader.load_state_dict(rstate["loader"])
-        if self.epoch_batches >= len(self.loader):  # the checkpoint closed an epoch
-            self.epoch, self.epoch_batches = self.epoch + 1, 0
-        ckpt.set_rng_state(rstate["rng"])
-        self.mask_gen.set_state(rstate["mask_gen"])
+        self.epoch = self.loader.epoch
+        if self.loader.batches_left() == 0:  # the checkpoint closed an epoch (or left only a tail shorter than a global batch)
+            self.epoch += 1
         self.acc = rstate["acc"].to(self.device)
         self.steps_since_log = int(rstate["steps_since_log"])
+        self.resume_state = None  # the EMA weights it holds are in the target now
         if self.rank == 0:
             old, new = flatten(state["config"]), flatten(to_dict(self.cfg))
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "train.resume")
@@ -170,7 +190,7 @@ class Trainer:
     def _save(self) -> Path:
         mcf_state = {"step": self.step, "world_size": self.world_size, "config": to_dict(self.cfg),
                      "target": {k: v.detach().float().cpu() for k, v in self.model.target.state_dict().items()}}
-        rank_state = {"epoch": self.epoch, "epoch_batches": self.epoch_batches, "loader": self.loader.state_dict(),
+        rank_state = {"loader": self.loader.state_dict(),
                       "rng": ckpt.rng_state(), "mask_gen": self.mask_gen.get_state(), "acc": self.acc.cpu(),
                       "steps_since_log": self.steps_since_log}
         online_fp32 = None
@@ -187,10 +207,8 @@ class Trainer:
     def _batches(self) -> Iterator[torch.Tensor]:
         while True:
             self.loader.set_epoch(self.epoch)
-            for images in self.loader:
-                self.epoch_batches += 1
-                yield images
-            self.epoch, self.epoch_batches = self.epoch + 1, 0
+            yield from self.loader
+            self.epoch += 1
 
     # -- loop -------------------------------------------------------------------------------------
     def fit(self) -> int:
