@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -112,60 +113,66 @@ def _check_losses(r: dict) -> None:
     assert c[4] == pytest.approx(b[4], rel=0.02), (b, c)  # 1 -> 2 ranks
 
 
-def _adam_state(step_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """``{name: {fp32, exp_avg, exp_avg_sq}}`` (flat fp32) and the config of a checkpoint, any stage."""
+def _adam_state(step_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], Any]:
+    """``{name: {fp32, exp_avg, exp_avg_sq (flat fp32), step, decays}}`` and the config of a checkpoint, any stage."""
     from mcf.config import load_config_dict
     from mcf.models import create_model_from_config
     from mcf.train import checkpoint as ckpt
-    from mcf.train.optim import param_groups
+    from mcf.train.optim import no_decay_names, param_groups
 
-    config = ckpt.read_state(step_dir)["config"]
+    cfg = load_config_dict(ckpt.read_state(step_dir)["config"])
+    online = create_model_from_config(cfg).online
+    no_decay = set(no_decay_names(online))
     keys = ("fp32", "exp_avg", "exp_avg_sq")
+    out = {}
     if ckpt.is_partitioned(step_dir):
         root = ckpt.universal_copy(step_dir, 0) / "zero"
 
-        def flat(f: Path) -> torch.Tensor:
+        def load(f: Path):
             x = torch.load(f, weights_only=False)  # DeepSpeed's own files
-            return (x["param"] if isinstance(x, dict) else x).detach().float().flatten()
+            return x["param"] if isinstance(x, dict) else x
 
-        return {d.name: {k: flat(d / f"{k}.pt") for k in keys} for d in root.iterdir() if (d / "exp_avg.pt").is_file()}, config
-    # ZeRO-0: one file holds the whole torch optimizer (inside DeepSpeed's fp16/bf16 wrapper in low precision)
-    sd = torch.load(step_dir / "mp_rank_00_model_states.pt", weights_only=False)
-    opt = sd["optimizer"]
-    torch_opt = opt.get("optimizer_state_dict", opt)
-    model = create_model_from_config(load_config_dict(config))
-    names = {id(p): n for n, p in model.online.named_parameters()}
-    out = {}
-    for g, group in enumerate(param_groups(model.online, config["optim"]["weight_decay"])):
-        for j, (p, idx) in enumerate(zip(group["params"], torch_opt["param_groups"][g]["params"])):
-            st = torch_opt["state"][idx]
-            master = opt["fp32_groups"][g][j] if "fp32_groups" in opt else sd["module"][names[id(p)]]
-            out[names[id(p)]] = {"fp32": master.detach().float().flatten(), "exp_avg": st["exp_avg"].flatten(),
-                                 "exp_avg_sq": st["exp_avg_sq"].flatten()}
-    return out, config
+        groups = load(root / "optimizer_state.pt").get("optimizer_state_dict", {}).get("state", {})  # ZeRO-3: step per group
+        for d in (d for d in root.iterdir() if (d / "exp_avg.pt").is_file()):
+            g = int(d.name in no_decay)
+            step = load(d / "step.pt") if (d / "step.pt").is_file() else groups[g]["step"]
+            out[d.name] = {**{k: load(d / f"{k}.pt").detach().float().flatten() for k in keys}, "step": float(step)}
+    else:  # ZeRO-0: one file holds the whole torch optimizer (inside DeepSpeed's bf16/fp16 wrapper in low precision)
+        sd = torch.load(step_dir / "mp_rank_00_model_states.pt", weights_only=False)
+        opt = sd["optimizer"]
+        torch_opt = opt.get("optimizer_state_dict", opt)
+        names = {id(p): n for n, p in online.named_parameters()}
+        for g, group in enumerate(param_groups(online, cfg.optim.weight_decay)):
+            for j, (p, idx) in enumerate(zip(group["params"], torch_opt["param_groups"][g]["params"])):
+                st, name = torch_opt["state"][idx], names[id(p)]
+                master = opt["fp32_groups"][g][j] if "fp32_groups" in opt else sd["module"][name]
+                out[name] = {"fp32": master.detach().float().flatten(), "exp_avg": st["exp_avg"].flatten(),
+                             "exp_avg_sq": st["exp_avg_sq"].flatten(), "step": float(st["step"])}
+    for name, st in out.items():
+        st["decays"] = name not in no_decay
+    return out, cfg
 
 
-def _check_adam_continues(before: Path, after: Path, t: int) -> None:
-    """AdamW's update from checkpoint ``before`` (step ``t - 1``) to ``after`` (step ``t``); see the module docstring."""
-    from mcf.config import load_config_dict
-    from mcf.train.optim import lr_at, no_decay_names
+def _check_adam_continues(before: Path, after: Path, train_step: int) -> None:
+    """AdamW's update from checkpoint ``before`` to ``after``, one training step (``train_step``)
+    later on another number of ranks; see the module docstring. Adam's own step count ``t`` is read
+    from the state (DeepSpeed's bf16 wrapper at ZeRO-0 takes one empty step at start: t = train_step + 1)."""
+    from mcf.train.optim import lr_at
 
-    a, config = _adam_state(before)
+    a, cfg = _adam_state(before)
     b, _ = _adam_state(after)
-    cfg = load_config_dict(config)
-    from mcf.models import create_model_from_config
-
-    no_decay = set(no_decay_names(create_model_from_config(cfg).online))
     (b1, b2), eps = cfg.optim.betas, 1e-8
-    lr = lr_at(t - 1, peak=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup=cfg.optim.warmup_steps, total=4)
+    lr = lr_at(train_step - 1, peak=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup=cfg.optim.warmup_steps, total=4)
     assert a.keys() == b.keys() and len(a) > 50
     moved = 0.0
     for name in a:
         th2, m2, v2 = (a[name][k] for k in ("fp32", "exp_avg", "exp_avg_sq"))
         th3, m3, v3 = (b[name][k] for k in ("fp32", "exp_avg", "exp_avg_sq"))
+        t = b[name]["step"]
+        assert t == a[name]["step"] + 1 and t in (train_step, train_step + 1), (name, a[name]["step"], t)
         g = (m3 - b1 * m2) / (1 - b1)
         torch.testing.assert_close(v3, b2 * v2 + (1 - b2) * g * g, rtol=1e-5, atol=1e-12 + 1e-6 * float(v3.abs().max()), msg=name)
-        wd = 0.0 if name in no_decay else cfg.optim.weight_decay
+        wd = cfg.optim.weight_decay if a[name]["decays"] else 0.0
         want = th2 * (1 - lr * wd) - lr / (1 - b1**t) * m3 / ((v3 / (1 - b2**t)).sqrt() + eps)
         torch.testing.assert_close(th3, want, rtol=0, atol=2e-7 * max(1.0, float(th2.abs().max())), msg=name)
         moved = max(moved, float((th3 - th2).abs().max()))
