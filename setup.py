@@ -1,9 +1,29 @@
+import warnings
 from pathlib import Path
 
 from setuptools import setup
 
+# kernels/ and ds_configs/ are installed as mcf.kernels / mcf.ds_configs (package_dir below), so an
+# editable install needs setuptools' import finder rather than a plain path entry, and setuptools
+# announces that finder on every `pip install -e .` with a generic note about same-named folders in
+# the working directory. It says nothing about this project; keep the install quiet.
+warnings.filterwarnings("ignore", message="Editable installation", module="setuptools")
+
 ROOT = Path(__file__).parent
-PACKAGES = ["mcf", "mcf.models", "mcf.losses", "mcf.train", "mcf.data", "mcf.downstream", "mcf.bench", "mcf.kernels", "mcf.ds_configs"]
+# Every folder of the package, data-only ones included (mcf.presets: YAML, mcf.ds_configs: JSON),
+# so setuptools neither drops nor warns about them; tests/test_packaging.py checks the list.
+PACKAGES = [
+    "mcf",
+    "mcf.models",
+    "mcf.losses",
+    "mcf.train",
+    "mcf.data",
+    "mcf.downstream",
+    "mcf.bench",
+    "mcf.presets",
+    "mcf.kernels",
+    "mcf.ds_configs",
+]
 
 setup(
     name="mcf",
@@ -15,8 +35,7 @@ setup(
     python_requires=">=3.10",
     packages=PACKAGES,
     package_dir={"mcf.kernels": "kernels", "mcf.ds_configs": "ds_configs"},
-    package_data={"mcf": ["presets/*.yaml"], "mcf.data": ["*.json"], "mcf.ds_configs": ["*.json"]},
-    include_package_data=True,
+    package_data={"mcf.presets": ["*.yaml"], "mcf.ds_configs": ["*.json"]},
     install_requires=[
         "torch>=2.4",
         "timm>=1.0",

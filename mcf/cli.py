@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
 from mcf.errors import UserError
+from mcf.logs import setup_logging
 
 # (module, command names it registers): imported lazily so a missing optional extra only
 # breaks its own command.
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     try:
         rc = args.func(args)
     except UserError as e:

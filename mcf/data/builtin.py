@@ -87,7 +87,7 @@ def build_builtin(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    env = lmdb.open(str(tmp), map_size=1 << 30, subdir=True)
+    env = lmdb.open(str(tmp), map_size=1 << 30, subdir=True, mode=0o666)  # py-lmdb defaults to 0o755; the umask decides
     with env.begin(write=True) as txn:
         for i, (name, data) in enumerate(items):
             txn.put(image_key(i), data)

@@ -69,7 +69,8 @@ def _encode_file(args: tuple[str, str, int | None, int | None, int]) -> tuple[st
 def _open_env(path: Path):
     import lmdb
 
-    return lmdb.open(str(path), map_size=MAP_SIZE, subdir=True, readahead=False, meminit=False)
+    # mode: py-lmdb defaults to 0o755 (execute bits on data files); 0o666 lets the umask decide, like open()
+    return lmdb.open(str(path), map_size=MAP_SIZE, subdir=True, readahead=False, meminit=False, mode=0o666)
 
 
 def build_lmdb(

@@ -43,6 +43,7 @@ from mcf.downstream.weights import (
     load_encoder_weights,
 )
 from mcf.errors import CheckpointError, UserError
+from mcf.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,8 @@ def export_weights(weights: EncoderWeights, out: str | Path, source: str = "") -
         META_STEP: "" if weights.step is None else str(weights.step),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file({k: v.detach().float().contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:  # safetensors creates 0600 files: atomic_path gives the umask's mode
+        save_file({k: v.detach().float().contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
     return out
 
 

@@ -1,15 +1,21 @@
-"""``mcf finetune alignment|parsing``: the pre-trained ViT + a task head, trained with DeepSpeed.
+"""``mcf finetune alignment|parsing``: the pre-trained ViT + a task head, trained with DeepSpeed on one of
+FaRL's protocols (:mod:`mcf.downstream.protocols`) and scored as FaRL's table scores it.
 
-The encoder comes from any checkpoint :func:`mcf.downstream.weights.load_encoder_weights` reads
-(``random`` for baselines). Optimiser: AdamW with layer-wise lr decay (BEiT/MAE), linear warm-up
-then cosine, wrapped in a DeepSpeed engine (ZeRO stage and precision as in pre-training; on a
-machine without a GPU DeepSpeed's CPU accelerator with gloo, one process). After training the test
-split is evaluated with the benchmark metric (:mod:`mcf.downstream.metrics`) and
-``OUTPUT/metrics.json`` + ``OUTPUT/finetuned.pt`` (model state dict) are written on rank 0.
+The protocol (``aflw19``, ``300w``, ``lapa``, ``celebamask_hq``; by default the one the data folder's
+layout holds) sets the schedule, input size, crop or alignment, augmentations, EMA and metric; any
+field given explicitly overrides it. The encoder comes from any checkpoint
+:func:`mcf.downstream.weights.load_encoder_weights` reads (``random`` for baselines). Optimiser: AdamW
+with a backbone lr and a head lr (optionally layer-wise decay), FaRL's step schedule or warm-up +
+cosine, wrapped in a DeepSpeed engine (ZeRO stage and precision as in pre-training; on a machine
+without a GPU DeepSpeed's CPU accelerator with gloo, one process). The test split is evaluated with
+the EMA weights when ``ema_decay > 0`` (as FaRL does); ``OUTPUT/metrics.json``, ``OUTPUT/paper_row.md``
+and ``OUTPUT/finetuned.pt`` (model state dict) are written on rank 0, and the run goes to MLflow
+(:mod:`mcf.downstream.tracking`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -22,56 +28,138 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mcf.errors import ConfigError
+from mcf.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+
+CROPS = {"alignment": ("box",), "parsing": ("align", "resize")}
 
 
 @dataclass(kw_only=True)
 class FinetuneConfig:
-    """Settings of one fine-tuning run (every CLI flag of ``mcf finetune``)."""
+    """Settings of one fine-tuning run (every CLI flag of ``mcf finetune``). ``None`` = the protocol's value."""
 
     task: Literal["alignment", "parsing"]
     data: str  # dataset root, in one of the layouts of mcf.downstream.datasets
     pretrained: str  # checkpoint (export, run/step dir, consolidated file, paper layout) or 'random'
+    protocol: str | None = None  # aflw19 | 300w | lapa | celebamask_hq; None = from the data folder's layout
     output_dir: str = "runs/finetune"
     model: str = "mcf_vit_tiny"  # architecture of a 'random' encoder (a checkpoint brings its own)
-    img_size: int | None = None  # input size; None = the encoder's pre-training size
-    batch_size: int = 32  # per rank
-    epochs: int = 60
+    img_size: int | None = None  # network input (px); the protocol's 448
+    frame: int = 512  # FaRL's aligned frame (px): the geometry of crops, template and tanh warp
+    batch_size: int | None = None  # per rank; None = the protocol's global batch (40) / world size
+    epochs: int | None = None
     max_steps: int | None = None  # overrides epochs
-    lr: float = 5e-4  # peak lr of the head; the encoder's block i gets lr * layer_decay ** (depth - i)
-    min_lr: float = 1e-6
-    layer_decay: float = 0.75
-    weight_decay: float = 0.05
-    warmup_steps: int | None = None  # None = 5 % of the run
-    grad_clip: float = 1.0
+    lr: float | None = None  # head lr
+    backbone_lr: float | None = (
+        None  # encoder lr (FaRL 1e-4); with layer_decay < 1, block i gets it × decay^(depth - i)
+    )
+    min_lr: float = 1e-6  # cosine schedule only
+    layer_decay: float = 1.0  # FaRL: 1 (one backbone lr); BEiT/MAE-style fine-tuning uses ~0.75
+    weight_decay: float | None = None
+    schedule: Literal["step", "cosine"] = "step"  # step: FaRL's MultiStepLR; cosine: warm-up + cosine to min_lr
+    lr_milestones: tuple[int, ...] | None = None  # epochs after which the lr is multiplied by lr_gamma
+    lr_gamma: float | None = None
+    warmup_steps: int | None = None  # None = 0 for step (FaRL), 5 % of the run for cosine
+    grad_clip: float = 0.0  # 0 = off (FaRL's configs clip nothing)
+    ema_decay: float | None = None  # evaluate an EMA of the weights; 0 = evaluate the trained weights
+    crop: str | None = None  # alignment: box; parsing: align (5 points, LaPa) | resize
+    context: float | None = None  # alignment crop side / box side (AFLW-19 1.0, 300W 1.25)
+    warp_factor: float | None = None  # tanh warp, 0 = off (LaPa 0.8)
+    paint_order: Literal["farl", "release"] = "farl"  # CelebAMask-HQ overlapping parts
+    augment: bool = True
+    test_split: str | None = None
     precision: Literal["fp32", "bf16"] = "fp32"
     zero: int = 0  # ZeRO 0-2: evaluation runs the whole module on every rank (rank 0 writes)
     workers: int = 2
     seed: int = 0
     log_every: int = 10
-    augment: bool = True
-    test_split: str = "test"
+    tracking_uri: str | None = None  # MLflow: None = sqlite store in output_dir; 'none' = off; or a server URI
+    experiment: str = "mcf-finetune"
 
     def __post_init__(self) -> None:
+        from mcf.downstream.datasets import detect_protocol
+        from mcf.downstream.protocols import PROTOCOLS, TASK_PROTOCOLS
+
         if self.task not in ("alignment", "parsing"):
             raise ConfigError(f"task must be alignment or parsing, got {self.task!r}")
-        if self.batch_size < 1 or self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
+        if self.protocol is None:
+            self.protocol = detect_protocol(self.task, self.data)
+        if self.protocol not in TASK_PROTOCOLS[self.task]:
+            raise ConfigError(
+                f"protocol of {self.task} must be one of {', '.join(TASK_PROTOCOLS[self.task])}, got {self.protocol!r}"
+            )
+        p = PROTOCOLS[self.protocol]
+        defaults = {
+            "img_size": p.img_size,
+            "epochs": p.epochs,
+            "lr": p.lr,
+            "backbone_lr": p.backbone_lr,
+            "weight_decay": p.weight_decay,
+            "lr_milestones": p.milestones,
+            "lr_gamma": p.gamma,
+            "ema_decay": p.ema_decay,
+            "crop": p.crop,
+            "context": p.context,
+            "warp_factor": p.warp_factor,
+            "test_split": p.test_split,
+        }
+        for k, v in defaults.items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
+        if self.warmup_steps is None:
+            # -1: 5 % of the run, known once the loader is built
+            self.warmup_steps = 0 if self.schedule == "step" else -1
+        self._validate()
+
+    def _validate(self) -> None:
+        if (
+            (self.batch_size is not None and self.batch_size < 1)
+            or self.epochs < 1
+            or (self.max_steps is not None and self.max_steps < 1)
+        ):
             raise ConfigError("batch_size, epochs and max_steps must be >= 1")
-        if self.lr <= 0 or not 0 < self.layer_decay <= 1:
-            raise ConfigError("lr must be > 0 and layer_decay in (0, 1]")
+        if self.img_size < 16 or self.frame < 16:
+            raise ConfigError(f"img_size and frame must be >= 16 px, got {self.img_size} and {self.frame}")
+        if self.lr <= 0 or self.backbone_lr < 0 or not 0 < self.layer_decay <= 1:
+            raise ConfigError("lr must be > 0, backbone_lr >= 0 and layer_decay in (0, 1]")
+        if self.schedule not in ("step", "cosine"):
+            raise ConfigError(f"schedule must be step or cosine, got {self.schedule!r}")
+        if any(m < 1 for m in self.lr_milestones) or not 0 < self.lr_gamma <= 1:
+            raise ConfigError("lr_milestones must be epochs >= 1 and lr_gamma in (0, 1]")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.crop not in CROPS[self.task]:
+            raise ConfigError(
+                f"crop of {self.task} must be one of {', '.join(CROPS[self.task])}, got {self.crop!r}"
+            )
+        if self.crop == "align" and self.protocol != "lapa":
+            raise ConfigError("crop 'align' needs LaPa's 106-point landmarks (protocol lapa)")
+        if not self.context > 0 or not 0 <= self.warp_factor <= 1:
+            raise ConfigError(
+                f"context must be > 0 and warp_factor in [0, 1], got {self.context} and {self.warp_factor}"
+            )
+        if self.paint_order not in ("farl", "release"):
+            raise ConfigError(f"paint_order must be farl or release, got {self.paint_order!r}")
         if self.zero not in (0, 1, 2):
-            raise ConfigError("zero must be 0, 1 or 2 (the evaluation reads the whole model on each rank; ZeRO-3 would partition it)")
+            raise ConfigError(
+                "zero must be 0, 1 or 2 (the evaluation reads the whole model on each rank; ZeRO-3 would partition it)"
+            )
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError("precision must be fp32 or bf16")
 
 
 class TaskData(torch.utils.data.Dataset):
-    """A benchmark dataset + its transform; randomness from ``(seed, epoch, index)``."""
+    """A benchmark dataset + its transform; randomness from ``(seed, epoch, index)``.
 
-    def __init__(self, base: Any, transform: Any, seed: int, train: bool):
-        self.base, self.transform, self.seed, self.train, self.epoch = base, transform, seed, train, 0
+    Training items: ``(image, target)``; test items: alignment ``(image, matrix [3, 3], points, box, index)``,
+    parsing ``(image, original label map, matrix [3, 3])``.
+    """
+
+    def __init__(self, task: str, base: Any, transform: Any, seed: int, train: bool):
+        self.task, self.base, self.transform = task, base, transform
+        self.seed, self.train, self.epoch = seed, train, 0
 
     def __len__(self) -> int:
         return len(self.base)
@@ -80,63 +168,119 @@ class TaskData(torch.utils.data.Dataset):
         from mcf.downstream.transforms import sample_rng
 
         rng = sample_rng(self.seed, self.epoch, i) if self.train else None
-        sample = self.base[i]
-        if len(sample) == 3:  # alignment: image, points, box
-            image, pts, box = sample
-            x, target, a = self.transform(image, pts, box, rng)
+        if self.task == "alignment":
+            image, pts, box = self.base[i]
+            x, target, m = self.transform(image, pts, box, rng)
             if self.train:
                 return x, target
-            return x, torch.from_numpy(a).float(), torch.from_numpy(pts).float(), torch.from_numpy(box).float(), i
-        image, label = sample
-        x, lab = self.transform(image, label, rng)
+            return x, torch.from_numpy(m), torch.from_numpy(pts), torch.from_numpy(box), i
+        image, label = self.base[i]
+        x, lab, m = self.transform(image, label, self.base.align_points(i), rng)
         if self.train:
             return x, lab
-        return x, torch.from_numpy(label.astype(np.int64))
+        return x, torch.from_numpy(label.astype(np.int64)), torch.from_numpy(m)
 
 
 def _collate_eval_parsing(batch):
-    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+    return torch.stack([b[0] for b in batch]), [b[1] for b in batch], torch.stack([b[2] for b in batch])
 
 
 def lr_at(step: int, *, peak: float, min_lr: float, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine from ``peak`` to ``min_lr`` at ``total``."""
     if step < warmup:
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def step_lr_at(step: int, *, peak: float, warmup: int, milestones: tuple[int, ...], gamma: float) -> float:
+    """FaRL's ``MultiStepLR``: ``peak × gamma^(milestones passed)`` (milestones in steps), after an optional
+    warm-up."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * gamma ** sum(step >= m for m in milestones)
+
+
+class ModelEMA:
+    """An fp32 exponential moving average of a model's parameters (buffers copied), evaluated instead of the
+    trained weights (FaRL's ``main_ema``, decay 0.999, updated after every optimiser step)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        ema = list(self.model.parameters())
+        torch._foreach_lerp_(
+            ema, [p.detach().to(e.device, torch.float32) for e, p in zip(ema, model.parameters())], 1.0 - self.decay
+        )
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+def _alignment_data(cfg: FinetuneConfig, split: str):
+    from mcf.downstream import datasets as D
+
+    root = Path(cfg.data).expanduser()
+    if cfg.protocol == "aflw19":
+        return D.AFLW19(root, split)
+    if not root.is_dir():
+        raise DataError(f"alignment data folder not found: {root}")
+    if (root / D.HRNET_300W_CSV["train"]).is_file():
+        return D.Face300WCSV(root, split)
+    return D.PtsFolder(root, split)
+
+
+def _parsing_data(cfg: FinetuneConfig, split: str):
+    from mcf.downstream import datasets as D
+
+    if cfg.protocol == "lapa":
+        return D.LaPa(Path(cfg.data).expanduser(), split, landmarks=cfg.crop == "align")
+    return D.CelebAMaskHQ(Path(cfg.data).expanduser(), split, cfg.paint_order)
+
+
 def _build(cfg: FinetuneConfig):
     """(model, train data, test data, encoder weights, classes or num_points) for ``cfg``."""
-    from mcf.downstream import datasets as D
     from mcf.downstream.heads import LandmarkModel, ParsingModel
-    from mcf.downstream.transforms import AlignmentTransform, Augment, ParsingTransform
+    from mcf.downstream.protocols import PROTOCOLS
+    from mcf.downstream.transforms import AlignmentTransform, ParsingTransform
     from mcf.downstream.weights import arch_from_spec, build_encoder, load_encoder_weights
     from mcf.models.registry import get_spec
 
     weights = load_encoder_weights(cfg.pretrained, random_arch=arch_from_spec(get_spec(cfg.model)))
     encoder = build_encoder(weights, cfg.img_size)
-    size = cfg.img_size or weights.arch.img_size
-    aug = Augment() if cfg.augment else None
+    p = PROTOCOLS[cfg.protocol]
+    aug, color = (p.augment, p.color) if cfg.augment else (None, None)
+    geometry = {"frame": cfg.frame, "warp_factor": cfg.warp_factor}
     if cfg.task == "alignment":
-        train, test = D.open_alignment(cfg.data, "train"), D.open_alignment(cfg.data, cfg.test_split)
+        train, test = _alignment_data(cfg, "train"), _alignment_data(cfg, cfg.test_split)
         if train.num_points != test.num_points:
             raise ConfigError(f"train has {train.num_points} points, {cfg.test_split} {test.num_points}")
         model = LandmarkModel(encoder, train.num_points)
-        t_train, t_test = AlignmentTransform(size, augment=aug), AlignmentTransform(size)
+        t_train = AlignmentTransform(cfg.img_size, cfg.context, aug, color, **geometry)
+        t_test = AlignmentTransform(cfg.img_size, cfg.context, **geometry)
         info: Any = train.num_points
     else:
-        train, test = D.open_parsing(cfg.data, "train"), D.open_parsing(cfg.data, cfg.test_split)
+        train, test = _parsing_data(cfg, "train"), _parsing_data(cfg, cfg.test_split)
         model = ParsingModel(encoder, len(train.classes))
-        t_train, t_test = ParsingTransform(size, augment=aug), ParsingTransform(size)
+        t_train = ParsingTransform(cfg.img_size, cfg.crop, aug, color, **geometry)
+        t_test = ParsingTransform(cfg.img_size, cfg.crop, **geometry)
         info = train.classes
-    return model, TaskData(train, t_train, cfg.seed, True), TaskData(test, t_test, cfg.seed, False), weights, info
+    return (
+        model,
+        TaskData(cfg.task, train, t_train, cfg.seed, True),
+        TaskData(cfg.task, test, t_test, cfg.seed, False),
+        weights,
+        info,
+    )
 
 
 def build_engine(model: torch.nn.Module, groups: list[dict], cfg: FinetuneConfig, world_size: int, batch: int):
     """A DeepSpeed engine around ``model`` with a client AdamW (nothing JIT-compiled); ``batch`` per rank."""
     import deepspeed
 
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))  # refine_backbone.yaml: betas [0.9, 0.999]
     ds = {
         "train_batch_size": batch * world_size,
         "train_micro_batch_size_per_gpu": batch,
@@ -151,113 +295,234 @@ def build_engine(model: torch.nn.Module, groups: list[dict], cfg: FinetuneConfig
     return engine
 
 
-@torch.no_grad()
-def evaluate_alignment(model: torch.nn.Module, data: TaskData, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """NMEs on ``data`` (a test split), predictions mapped back to the original image pixels."""
-    from mcf.downstream.metrics import alignment_metrics
+def per_rank_batch(cfg: FinetuneConfig, world_size: int) -> int:
+    """``batch_size`` when given, else the protocol's global batch split over the ranks."""
+    from mcf.downstream.protocols import PROTOCOLS
 
-    size = data.transform.size
+    if cfg.batch_size is not None:
+        return cfg.batch_size
+    total = PROTOCOLS[cfg.protocol].global_batch_size
+    if total % world_size:
+        log.warning(
+            "the protocol's global batch %d does not split over %d ranks: %d per rank",
+            total,
+            world_size,
+            max(1, round(total / world_size)),
+        )
+    return max(1, round(total / world_size))
+
+
+@torch.no_grad()
+def evaluate_alignment(
+    model: torch.nn.Module,
+    data: TaskData,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    auc_threshold: float | None = None,
+) -> dict[str, float]:
+    """NMEs on ``data`` (a test split) in the original image's pixels, overall and per named subset
+    (``frontal/…``, ``common/…``, ``challenging/…``); fractions and ``_percent``."""
+    from mcf.downstream.metrics import add_percent, alignment_metrics
+    from mcf.downstream.warp import from_frame
+
+    t = data.transform
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
     preds, gts, boxes, idx = [], [], [], []
     model.eval()
-    for x, a, pts, box, i in loader:
-        p = model(x.to(device=device, dtype=dtype)).float().cpu() * size  # (N, K, 2) crop pixels
-        full = torch.cat([a, torch.tensor([0.0, 0.0, 1.0]).expand(a.shape[0], 1, 3)], dim=1)  # (N, 3, 3)
-        inv = torch.linalg.inv(full.double())[:, :2].float()
-        preds.append(p @ inv[:, :, :2].transpose(1, 2) + inv[:, None, :, 2])
+    for x, m, pts, box, i in loader:
+        p = model(x.to(device=device, dtype=dtype)).double().cpu() * t.frame - 0.5  # (N, K, 2) frame px
+        preds.append(from_frame(p, m, t.frame, t.warp_factor))  # (N, K, 2) source px
         gts.append(pts), boxes.append(box), idx.append(i)
     pred, gt, box, idx = torch.cat(preds), torch.cat(gts), torch.cat(boxes), torch.cat(idx)
-    metrics = alignment_metrics(pred, gt, box)
-    frontal = getattr(data.base, "frontal", None)
-    if frontal is not None and frontal[idx.numpy()].any():
-        sel = torch.from_numpy(frontal[idx.numpy()])
-        metrics.update({f"frontal/{k}": v for k, v in alignment_metrics(pred[sel], gt[sel], box[sel]).items()})
-    return metrics
+    metrics = alignment_metrics(pred, gt, box, auc_threshold)
+    for name, mask in getattr(data.base, "subsets", {}).items():
+        sel = torch.from_numpy(mask[idx.numpy()])
+        if sel.any():
+            part = alignment_metrics(pred[sel], gt[sel], box[sel], auc_threshold)
+            metrics.update({f"{name}/{k}": v for k, v in part.items()})
+    return add_percent(metrics)
 
 
 @torch.no_grad()
-def evaluate_parsing(model: torch.nn.Module, data: TaskData, classes: tuple[str, ...], batch_size: int, device: torch.device,
-                     dtype: torch.dtype) -> dict[str, float]:
-    """Per-class and mean F1 at each label map's own resolution (see :mod:`mcf.downstream.metrics`)."""
-    from mcf.downstream.metrics import ConfusionMatrix, parsing_metrics
+def evaluate_parsing(
+    model: torch.nn.Module,
+    data: TaskData,
+    classes: tuple[str, ...],
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, float]:
+    """Per-class and mean F1 over one confusion matrix at each label map's own resolution: the frame's
+    logits are warped back onto the original image (zeros where the frame does not reach, so
+    background wins there) before the argmax, as FaRL's ``test_post.yaml`` does."""
+    from mcf.downstream.metrics import ConfusionMatrix, add_percent, parsing_metrics
+    from mcf.downstream.warp import warp_from_frame
 
+    t = data.transform
     cm = ConfusionMatrix(len(classes))
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=_collate_eval_parsing)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch_size, shuffle=False, collate_fn=_collate_eval_parsing
+    )
     model.eval()
-    for x, labels in loader:
-        logits = model(x.to(device=device, dtype=dtype)).float()
-        for lg, lab in zip(logits, labels):
-            up = F.interpolate(lg[None], size=lab.shape, mode="bilinear", align_corners=False)[0]
-            cm.update(up.argmax(0).cpu(), lab)
-    return parsing_metrics(cm, classes)
+    for x, labels, mats in loader:
+        logits = model(x.to(device=device, dtype=dtype)).float().cpu()  # (N, C, S, S)
+        for lg, lab, m in zip(logits, labels, mats):
+            back = warp_from_frame(lg, m, tuple(lab.shape), t.frame, t.warp_factor)  # (C, H, W)
+            cm.update(back.argmax(0), lab)
+    return add_percent(parsing_metrics(cm, classes))
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Train, evaluate, write ``metrics.json``; returns ``{'metrics', 'train_losses', 'steps', ...}``."""
+    """Train, evaluate, write ``metrics.json`` / ``paper_row.md``; returns
+    ``{'metrics', 'paper_row', 'train_losses', 'steps', ...}``."""
     from mcf.downstream.heads import param_groups_lrd
+    from mcf.downstream.protocols import PROTOCOLS, format_row, paper_row
+    from mcf.downstream.tracking import FinetuneTracker
+    from mcf.fileio import atomic_path, write_text_atomic
     from mcf.train.engine import init_distributed
 
     torch.manual_seed(cfg.seed)
     model, train, test, weights, info = _build(cfg)  # data and checkpoint errors surface before DeepSpeed starts
     rank, world_size, device = init_distributed()
     depth = model.backbone.depth
-    groups = param_groups_lrd(model, depth, cfg.weight_decay, cfg.layer_decay)
+    groups = param_groups_lrd(
+        model, depth, cfg.weight_decay, cfg.layer_decay, encoder_lr_scale=cfg.backbone_lr / cfg.lr
+    )
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     if world_size > 1:
-        sampler = torch.utils.data.distributed.DistributedSampler(train, num_replicas=world_size, rank=rank, seed=cfg.seed, drop_last=True)
+        sampler = torch.utils.data.distributed.DistributedSampler(
+            train, num_replicas=world_size, rank=rank, seed=cfg.seed, drop_last=True
+        )
     else:
         sampler = torch.utils.data.RandomSampler(train, generator=torch.Generator().manual_seed(cfg.seed))
-    batch = min(cfg.batch_size, len(train) // world_size) or 1
+    batch = min(per_rank_batch(cfg, world_size), len(train) // world_size) or 1
     engine = build_engine(model, groups, cfg, world_size, batch)
-    loader = torch.utils.data.DataLoader(train, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.workers,
-                                         persistent_workers=False)
+    if ema is not None:
+        ema.model.to(device)
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.workers, persistent_workers=False
+    )
     steps_per_epoch = max(1, len(loader))
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, total // 20)
+    milestones = tuple(m * steps_per_epoch for m in cfg.lr_milestones)
+    out = Path(cfg.output_dir)
+    tracker = FinetuneTracker(cfg.tracking_uri, cfg.experiment, out, out.name, enabled=rank == 0)
+    tracker.set_tags(
+        {
+            "task": cfg.task,
+            "protocol": cfg.protocol,
+            "pretrained": cfg.pretrained,
+            "source_format": weights.source_format,
+        }
+    )
+    tracker.log_params(
+        {
+            **asdict(cfg),
+            "resolved": {
+                "world_size": world_size,
+                "batch_per_rank": batch,
+                "total_steps": total,
+                "steps_per_epoch": steps_per_epoch,
+                "warmup_steps": warmup,
+            },
+        }
+    )
     if rank == 0:
-        log.info("fine-tuning %s on %s (%d train, %d %s) from %s [%s]: %d steps, batch %d x %d ranks", cfg.task, cfg.data, len(train),
-                 len(test), cfg.test_split, cfg.pretrained, weights.source_format, total, batch, world_size)
+        log.info(
+            "fine-tuning %s (%s protocol) on %s (%d train, %d %s) from %s [%s]: %d steps, batch %d x %d ranks",
+            cfg.task,
+            cfg.protocol,
+            cfg.data,
+            len(train),
+            len(test),
+            cfg.test_split,
+            cfg.pretrained,
+            weights.source_format,
+            total,
+            batch,
+            world_size,
+        )
 
     losses: list[float] = []
     step, epoch, t0 = 0, 0, time.time()
-    while step < total:
-        train.epoch = epoch
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        else:
-            sampler.generator.manual_seed(cfg.seed + epoch)
-        for x, y in loader:
-            lr = lr_at(step, peak=cfg.lr, min_lr=cfg.min_lr, warmup=warmup, total=total)
-            for g in engine.optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
-            engine.train()
-            out = engine(x.to(device=device, dtype=dtype))
-            y = y.to(device)
-            loss = F.l1_loss(out.float(), y) if cfg.task == "alignment" else F.cross_entropy(out.float(), y)
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss.detach()))
-            step += 1
-            if rank == 0 and (step % cfg.log_every == 0 or step == total):
-                log.info("step %d/%d loss %.5f lr %.2e (%.1f s)", step, total, float(np.mean(losses[-cfg.log_every:])), lr, time.time() - t0)
-            if step >= total:
-                break
-        epoch += 1
+    status = "FAILED"
+    try:
+        while step < total:
+            train.epoch = epoch
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            else:
+                sampler.generator.manual_seed(cfg.seed + epoch)
+            for x, y in loader:
+                if cfg.schedule == "step":
+                    lr = step_lr_at(step, peak=cfg.lr, warmup=warmup, milestones=milestones, gamma=cfg.lr_gamma)
+                else:
+                    lr = lr_at(step, peak=cfg.lr, min_lr=cfg.min_lr, warmup=warmup, total=total)
+                for g in engine.optimizer.param_groups:
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
+                engine.train()
+                pred = engine(x.to(device=device, dtype=dtype))
+                y = y.to(device)
+                loss = F.l1_loss(pred.float(), y) if cfg.task == "alignment" else F.cross_entropy(pred.float(), y)
+                engine.backward(loss)
+                engine.step()
+                if ema is not None:
+                    ema.update(engine.module)
+                losses.append(float(loss.detach()))
+                step += 1
+                if step % cfg.log_every == 0 or step == total:
+                    mean_loss = float(np.mean(losses[-cfg.log_every :]))
+                    tracker.log_metrics({"train/loss": mean_loss, "train/lr": lr}, step)
+                    if rank == 0:
+                        log.info(
+                            "step %d/%d loss %.5f lr %.2e (%.1f s)", step, total, mean_loss, lr, time.time() - t0
+                        )
+                if step >= total:
+                    break
+            epoch += 1
 
-    module = engine.module
-    if cfg.task == "alignment":
-        metrics = evaluate_alignment(module, test, cfg.batch_size, device, dtype)
-    else:
-        metrics = evaluate_parsing(module, test, info, max(1, cfg.batch_size // 4), device, dtype)
-    result = {"task": cfg.task, "pretrained": cfg.pretrained, "source_format": weights.source_format, "steps": step,
-              "train_size": len(train), "test_size": len(test), "test_split": cfg.test_split, "metrics": metrics,
-              "final_loss": float(np.mean(losses[-cfg.log_every:])), "config": asdict(cfg), "train_losses": losses}
-    if rank == 0:
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        torch.save({k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in module.state_dict().items()},
-                   out / "finetuned.pt")
-        log.info("%s test metrics: %s", cfg.task, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        module = engine.module
+        evaluated, eval_dtype = (ema.model, torch.float32) if ema is not None else (module, dtype)
+        if cfg.task == "alignment":
+            metrics = evaluate_alignment(
+                evaluated, test, batch, device, eval_dtype, PROTOCOLS[cfg.protocol].auc_threshold
+            )
+        else:
+            metrics = evaluate_parsing(evaluated, test, info, max(1, batch // 4), device, eval_dtype)
+        headers, values = paper_row(cfg.protocol, metrics, cfg.test_split)
+        result = {
+            "task": cfg.task,
+            "protocol": cfg.protocol,
+            "pretrained": cfg.pretrained,
+            "source_format": weights.source_format,
+            "steps": step,
+            "train_size": len(train),
+            "test_size": len(test),
+            "test_split": cfg.test_split,
+            "evaluated": "ema" if ema is not None else "trained",
+            "metrics": metrics,
+            "paper_row": dict(zip(headers, values)),
+            "final_loss": float(np.mean(losses[-cfg.log_every :])),
+            "config": asdict(cfg),
+            "train_losses": losses,
+        }
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
+            write_text_atomic(out / "paper_row.md", format_row(cfg.protocol, metrics, cfg.test_split) + "\n")
+            state = (ema.model if ema is not None else module).state_dict()
+            state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state.items()}
+            with atomic_path(out / "finetuned.pt") as tmp:
+                torch.save(state, tmp)
+            tracker.log_metrics({f"test/{k}": v for k, v in metrics.items()}, step)
+            tracker.log_artifact(out / "metrics.json")
+            tracker.log_artifact(out / "paper_row.md")
+            log.info("%s test metrics: %s", cfg.task, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        status = "FINISHED"
+    finally:
+        tracker.close(status)
     return result

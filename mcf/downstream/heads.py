@@ -68,7 +68,9 @@ def _norm(c: int) -> nn.GroupNorm:
 
 
 def _up(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False), _norm(c_out), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False), _norm(c_out), nn.ReLU(inplace=True)
+    )
 
 
 def soft_argmax(heatmaps: torch.Tensor) -> torch.Tensor:
@@ -100,23 +102,37 @@ class SegmentationHead(nn.Module):
         super().__init__()
         c = channels
         self.lateral = nn.ModuleList([nn.Conv2d(embed_dim, c, 1) for _ in range(4)])
-        self.resample = nn.ModuleList([
-            nn.Sequential(_up(c, c), nn.ConvTranspose2d(c, c, 2, stride=2)),  # 4×
-            nn.ConvTranspose2d(c, c, 2, stride=2),  # 2×
-            nn.Identity(),  # 1×
-            nn.MaxPool2d(2, ceil_mode=True),  # ½×
-        ])
-        self.smooth = nn.ModuleList([nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), _norm(c), nn.ReLU(inplace=True)) for _ in range(4)])
+        self.resample = nn.ModuleList(
+            [
+                nn.Sequential(_up(c, c), nn.ConvTranspose2d(c, c, 2, stride=2)),  # 4×
+                nn.ConvTranspose2d(c, c, 2, stride=2),  # 2×
+                nn.Identity(),  # 1×
+                nn.MaxPool2d(2, ceil_mode=True),  # ½×
+            ]
+        )
+        self.smooth = nn.ModuleList(
+            [
+                nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), _norm(c), nn.ReLU(inplace=True))
+                for _ in range(4)
+            ]
+        )
         self.classifier = nn.Conv2d(c, num_classes, 1)
 
     def forward(self, feats: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
         if len(feats) == 1:
             feats = feats * 4
-        levels = [resample(lateral(f)) for f, lateral, resample in zip(feats, self.lateral, self.resample)]  # fine → coarse
+        levels = [
+            resample(lateral(f)) for f, lateral, resample in zip(feats, self.lateral, self.resample)
+        ]  # fine → coarse
         for i in range(len(levels) - 2, -1, -1):  # top-down
-            levels[i] = levels[i] + F.interpolate(levels[i + 1], size=levels[i].shape[-2:], mode="bilinear", align_corners=False)
+            levels[i] = levels[i] + F.interpolate(
+                levels[i + 1], size=levels[i].shape[-2:], mode="bilinear", align_corners=False
+            )
         size = levels[0].shape[-2:]
-        fused = sum(F.interpolate(s(x), size=size, mode="bilinear", align_corners=False) for x, s in zip(levels, self.smooth))
+        fused = sum(
+            F.interpolate(s(x), size=size, mode="bilinear", align_corners=False)
+            for x, s in zip(levels, self.smooth)
+        )
         return F.interpolate(self.classifier(fused), size=out_size, mode="bilinear", align_corners=False)
 
 
@@ -143,7 +159,7 @@ class ParsingModel(nn.Module):
 def layer_id(name: str, depth: int) -> int:
     """0 for embeddings, ``i + 1`` for block ``i``, ``depth + 1`` for the final norm and the head."""
     if name.startswith("backbone.encoder."):
-        rest = name[len("backbone.encoder."):]
+        rest = name[len("backbone.encoder.") :]
         if rest.startswith(("cls_token", "pos_embed", "patch_embed")):
             return 0
         m = re.match(r"blocks\.(\d+)\.", rest)
@@ -152,18 +168,27 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def param_groups_lrd(model: nn.Module, depth: int, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups with ``lr_scale = layer_decay ** (depth + 1 - layer_id)`` (BEiT / MAE fine-tuning);
-    no weight decay on biases, norms and tokens."""
-    groups: dict[tuple[int, bool], dict] = {}
+def param_groups_lrd(
+    model: nn.Module, depth: int, weight_decay: float, layer_decay: float, encoder_lr_scale: float = 1.0
+) -> list[dict]:
+    """AdamW groups with ``lr_scale = layer_decay ** (depth + 1 - layer_id)`` (BEiT / MAE fine-tuning), times
+    ``encoder_lr_scale`` for the encoder's parameters (its final norm included: FaRL's backbone lr covers
+    the whole ``backbone.visual``); no weight decay on biases, norms and tokens."""
+    groups: dict[tuple[int, bool, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         lid = layer_id(name, depth)
         no_wd = p.ndim == 1 or name.endswith(("cls_token", "pos_embed"))
-        key = (lid, no_wd)
+        in_encoder = name.startswith("backbone.encoder.")
+        key = (lid, no_wd, in_encoder)
         if key not in groups:
-            groups[key] = {"params": [], "weight_decay": 0.0 if no_wd else weight_decay, "lr_scale": layer_decay ** (depth + 1 - lid),
-                           "layer_id": lid}
+            scale = layer_decay ** (depth + 1 - lid) * (encoder_lr_scale if in_encoder else 1.0)
+            groups[key] = {
+                "params": [],
+                "weight_decay": 0.0 if no_wd else weight_decay,
+                "lr_scale": scale,
+                "layer_id": lid,
+            }
         groups[key]["params"].append(p)
     return [groups[k] for k in sorted(groups)]

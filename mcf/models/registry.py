@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from mcf.errors import ConfigError
+from mcf.logs import launcher_rank
 from mcf.models.loading import init_from_mae, load_teacher_weights
 from mcf.models.mcf import MCF, MCFSpec
 from mcf.models.teacher import TEACHERS, PerceptualTeacher, TeacherSpec
@@ -69,7 +70,8 @@ def create_teacher(name: str, checkpoint: str | None, img_size: int | None = Non
                           "or the explicit value 'random' for tests and benchmarks")
     teacher = PerceptualTeacher(spec, name)
     if checkpoint == "random":
-        log.warning("perceptual teacher '%s' has RANDOM weights (teacher_checkpoint='random'): fine for tests and benchmarks, "
+        # once per job, not once per rank (RANK is set by every launcher before the model is built)
+        (log.warning if launcher_rank()[0] == 0 else log.debug)("perceptual teacher '%s' has RANDOM weights (teacher_checkpoint='random'): fine for tests and benchmarks, "
                     "not for real pre-training", name)
     else:
         load_teacher_weights(teacher, checkpoint)

@@ -2,7 +2,8 @@
 and reconstruction pictures (original | masked | rebuilt).
 
 MLflow defaults to a local sqlite store in the output folder (no server); ``logging.tracking_uri``
-names a server (``http://…``) or ``none``. On resume the same MLflow run continues (its id is kept
+names a server (``http://…``) or ``none``. A local store keeps its artifacts (the pictures) in
+``mlartifacts/`` beside its database, so the default run folder is complete on its own. On resume the same MLflow run continues (its id is kept
 in ``OUTPUT/mlflow_run_id``) and ``metrics.jsonl`` is cut back to the resumed step.
 """
 
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 RUN_ID_FILE = "mlflow_run_id"
+MLFLOW_DB = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"  # MLflow artifacts of the local store (pictures), inside the run folder
 # the loader's normalisation (mcf.data.transforms), undone for pictures
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,6 +49,27 @@ def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def local_artifact_root(uri: str) -> Path | None:
+    """Where a local store keeps its artifacts: ``mlartifacts/`` next to its sqlite file, so a run
+    folder with the default store (``OUTPUT/mlflow.db``) holds its pictures too. None for a server
+    (it decides). MLflow itself would put them under ``./mlruns`` of the current directory."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return db.parent.resolve() / ARTIFACT_DIR
+
+
+def _ensure_experiment(mlflow: Any, name: str, artifact_root: Path | None) -> None:
+    """Select experiment ``name``, creating it with ``artifact_root`` (a local store) when new."""
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is None and artifact_root is not None:
+        mlflow.create_experiment(name, artifact_location=artifact_root.as_uri())
+    elif exp is not None and artifact_root is not None and exp.artifact_location != artifact_root.as_uri():
+        log.warning("MLflow experiment '%s' keeps its artifacts at %s, not in this store's folder (%s): the run folder was "
+                    "moved or the experiment was made elsewhere; new pictures go there", name, exp.artifact_location, artifact_root)
+    mlflow.set_experiment(name)
+
+
 class RunLogger:
     """Rank 0's sink for metrics; on other ranks every method is a no-op."""
 
@@ -65,14 +89,18 @@ class RunLogger:
         uri = cfg.logging.tracking_uri
         if uri is not None and uri.lower() == "none":
             return
-        self._start_mlflow(cfg, uri or f"sqlite:///{output_dir.resolve()}/mlflow.db", resume_step is not None)
+        if uri is None:  # the default local store; created here so that it gets the umask's mode, not sqlite's 0644
+            db = output_dir.resolve() / MLFLOW_DB
+            db.touch(mode=0o666)
+            uri = f"sqlite:///{db}"
+        self._start_mlflow(cfg, uri, resume_step is not None)
 
     def _start_mlflow(self, cfg: Any, uri: str, resuming: bool) -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import mlflow
 
         mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(cfg.logging.experiment)
+        _ensure_experiment(mlflow, cfg.logging.experiment, local_artifact_root(uri))
         id_file = self.output_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if resuming and id_file.is_file() else None
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else self.output_dir.name)
