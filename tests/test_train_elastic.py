@@ -132,7 +132,8 @@ def _adam_state(step_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], Any
             x = torch.load(f, weights_only=False)  # DeepSpeed's own files
             return x["param"] if isinstance(x, dict) else x
 
-        groups = load(root / "optimizer_state.pt").get("optimizer_state_dict", {}).get("state", {})  # ZeRO-3: step per group
+        # ZeRO-3 keeps no step per parameter, one per param group
+        groups = torch.load(root / "optimizer_state.pt", weights_only=False).get("optimizer_state_dict", {}).get("state", {})
         for d in (d for d in root.iterdir() if (d / "exp_avg.pt").is_file()):
             g = int(d.name in no_decay)
             step = load(d / "step.pt") if (d / "step.pt").is_file() else groups[g]["step"]
