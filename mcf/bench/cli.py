@@ -58,6 +58,18 @@ def _run_e2e(args: argparse.Namespace) -> int:
 
 
 def _run_data(args: argparse.Namespace) -> int:
+    if args.index_scale:
+        from mcf.bench.index_scale import IndexScaleConfig
+        from mcf.bench.index_scale import main as index_main
+        from mcf.errors import ConfigError
+
+        try:
+            cfg = IndexScaleConfig(keys=args.index_scale, folder_files=args.folder_files, worker_keys=min(args.worker_keys, args.index_scale),
+                                   workdir=args.workdir, out=args.out)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        index_main(cfg)
+        return 0
     from mcf.bench.data import DataBenchConfig, main
 
     main(DataBenchConfig(data=args.data, count=args.count, file_size=args.file_size, img_size=args.img_size, batch_size=args.batch_size,
@@ -112,7 +124,7 @@ def add_parser(subparsers) -> None:
     _add_step_args(p, e2e=True)
     p.set_defaults(func=_run_e2e)
 
-    p = sub.add_parser("data", help="loader images/s: DALI vs PyTorch on the same files (folder and LMDB)")
+    p = sub.add_parser("data", help="loader images/s: DALI vs PyTorch on the same files (folder, LMDB, shards); index scale")
     p.add_argument("--data", default=None, help="image folder (default: synthetic JPEGs)")
     p.add_argument("--count", type=int, default=256, help="synthetic files (default: %(default)s)")
     p.add_argument("--file-size", type=int, default=256, help="synthetic JPEG side (default: %(default)s)")
@@ -120,9 +132,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batches", type=int, default=6, help="timed batches per loader (default: %(default)s)")
-    p.add_argument("--sources", default="folder,lmdb")
+    p.add_argument("--sources", default="folder,lmdb,shards")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None)
+    p.add_argument("--index-scale", type=int, default=0, metavar="N",
+                   help="instead: open time and bytes per sample of the indexes for N synthetic keys/samples (e.g. 20000000)")
+    p.add_argument("--folder-files", type=int, default=200_000, help="index-scale: files of the synthetic folder (default: %(default)s)")
+    p.add_argument("--worker-keys", type=int, default=1_000_000, help="index-scale: keys a forked worker reads (default: %(default)s)")
+    p.add_argument("--workdir", default=None, help="index-scale: keep the synthetic data here (reused; default: a temporary folder)")
     p.set_defaults(func=_run_data)
 
     p = sub.add_parser("attention", help="attention kernels: Triton vs SDPA vs math (benchmarks/bench_attention.py)")

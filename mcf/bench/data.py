@@ -1,9 +1,18 @@
-"""``mcf bench data``: images/s of mcf's DALI loader vs its PyTorch loader on the same files.
+"""``mcf bench data``: images/s of mcf's DALI loader vs its PyTorch loader on the same files, and
+(``--index-scale N``) what opening a data set of N samples costs.
 
-Same files (an image folder and the LMDB built from it by ``mcf.data.build_lmdb``), same workers,
-batch, size and transform (mcf's resize + flip). The release's PIL DataLoader is timed on the folder
-too, as the baseline the step benchmark's ``paper`` variant uses. DALI decodes on the CPU here and
-``mixed`` (nvJPEG) on a GPU. The first batch (worker start-up, pipeline build) is not timed.
+Loader mode: same images as an image folder, the LMDB built from it by ``mcf.data.build_lmdb`` and
+the webdataset shards built by ``mcf.data.shards_build.build_shards``; same workers, batch, size and
+transform (mcf's resize + flip). The release's PIL DataLoader is timed on the folder too, as the
+baseline the step benchmark's ``paper`` variant uses. DALI decodes on the CPU here and ``mixed``
+(nvJPEG) on a GPU. The first batch (worker start-up, pipeline build) is not timed.
+
+Index-scale mode (:func:`run_index_scale`) measures the indexes of :mod:`mcf.data.index` on synthetic
+data that is cheap to make: a key file of N 13-character keys plus a tiny LMDB (the paper's layout:
+its ``length`` says N, it holds the first and last keys), a folder of empty ``.jpg`` files, and a
+shard index of N samples over fake shards. For each: first open (scan + write), re-open, the index's
+bytes per sample, and resident memory per sample after touching every entry; and the private
+(copy-on-write) memory a forked worker gains reading every key, against a ``list[str]`` baseline.
 """
 
 from __future__ import annotations
@@ -33,13 +42,13 @@ class DataBenchConfig:
     workers: int = 2
     batches: int = 6
     """Timed batches per loader (after one untimed batch)."""
-    sources: tuple[str, ...] = ("folder", "lmdb")
+    sources: tuple[str, ...] = ("folder", "lmdb", "shards")
     device: str = "auto"
     out: str | None = None
 
     def __post_init__(self) -> None:
-        if set(self.sources) - {"folder", "lmdb"}:
-            raise ValueError("sources must be a subset of folder,lmdb")
+        if set(self.sources) - {"folder", "lmdb", "shards"}:
+            raise ValueError("sources must be a subset of folder,lmdb,shards")
         if self.batches < 1 or self.batch_size < 1 or self.workers < 0:
             raise ValueError("batches and batch_size must be >= 1, workers >= 0")
 
@@ -72,6 +81,11 @@ def run(cfg: DataBenchConfig) -> dict[str, Any]:
 
             paths["lmdb"] = Path(tmp.name) / "lmdb"
             build_lmdb(folder, paths["lmdb"], workers=1, progress=False)
+        if "shards" in cfg.sources:
+            from mcf.data.shards_build import build_shards
+
+            paths["shards"] = Path(tmp.name) / "shards"
+            build_shards(folder, paths["shards"], max_count=max(1, cfg.count // 4), workers=1, progress=False)
         dali_ok = bool(dali_available(device))
         rows: list[dict[str, Any]] = []
         for source in cfg.sources:
@@ -100,7 +114,7 @@ def run(cfg: DataBenchConfig) -> dict[str, Any]:
             row = {"source": "folder", "loader": "paper-pil", "workers": cfg.workers, "decoder": "pil"}
             row.update(_time_loader(feeds.paper_batches(pl, device), cfg.batches, cfg.batch_size, device))
             rows.append(row)
-        file_count = sum(1 for p in folder.rglob("*") if p.is_file())
+        file_count = sum(1 for p in folder.rglob("*") if p.is_file() and ".mcf" not in p.parts)
     finally:
         tmp.cleanup()
 

@@ -1,5 +1,6 @@
-"""Data: datasets (image folder, our LMDB, the paper's LMDB), the converter, the built-in real faces,
-the distributed sampler, the transform, and the PyTorch / DALI pre-training loaders.
+"""Data: datasets (image folder, our LMDB, the paper's LMDB, webdataset shards) over compact cached
+indexes, the converters, the built-in real faces, the distributed samplers, the transform, and the
+PyTorch / DALI pre-training loaders.
 
 Exports are resolved lazily (PEP 562) so that DALI's spawned source workers, which import
 ``mcf.data.source``, do not pay for importing torch.
@@ -23,6 +24,12 @@ _EXPORTS = {
     "LMDBDataset": "mcf.data.datasets",
     "PaperLMDBDataset": "mcf.data.datasets",
     "open_dataset": "mcf.data.datasets",
+    "ShardDataset": "mcf.data.shards",
+    "ShardSampler": "mcf.data.shards",
+    "StreamedShards": "mcf.data.shards",
+    "open_shards": "mcf.data.shards",
+    "build_shards": "mcf.data.shards_build",
+    "IndexOptions": "mcf.data.index",
     "build_transform": "mcf.data.transforms",
     "PretrainTransform": "mcf.data.transforms",
     "IMAGENET_MEAN": "mcf.data.transforms",
@@ -46,14 +53,19 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ImageFolderDataset",
+    "IndexOptions",
     "LMDBDataset",
     "PaperLMDBDataset",
     "PretrainLoader",
     "PretrainTransform",
+    "ShardDataset",
+    "ShardSampler",
+    "StreamedShards",
     "TorchPretrainLoader",
     "build_builtin",
     "build_lmdb",
     "build_pretrain_loader",
+    "build_shards",
     "build_transform",
     "dali_available",
     "dataset_info",
@@ -61,6 +73,7 @@ __all__ = [
     "ensure_builtin",
     "load_builtin_faces",
     "open_dataset",
+    "open_shards",
     "verify_dataset",
 ]
 
@@ -70,9 +83,12 @@ if TYPE_CHECKING:
     from mcf.data.dali_loader import DaliPretrainLoader
     from mcf.data.datasets import EncodedImageDataset, ImageFolderDataset, LMDBDataset, PaperLMDBDataset, open_dataset
     from mcf.data.decode import BadImage, decode_rgb
+    from mcf.data.index import IndexOptions
     from mcf.data.lmdb_build import build_lmdb, dataset_info, verify_dataset
     from mcf.data.loader import PretrainLoader, TorchPretrainLoader, build_pretrain_loader, dali_available
     from mcf.data.sampler import DistributedSampler
+    from mcf.data.shards import ShardDataset, ShardSampler, StreamedShards, open_shards
+    from mcf.data.shards_build import build_shards
     from mcf.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PretrainTransform, build_transform
 
 

@@ -11,7 +11,8 @@ from mcf.errors import ConfigError
 
 @dataclass(kw_only=True)
 class DataConfig:
-    path: str = field("builtin", help="Image folder, mcf LMDB, or the paper's LMDB; 'builtin' = the built-in real faces (train split).")
+    path: str = field("builtin", help="Image folder, mcf LMDB, the paper's LMDB, or webdataset shards (brace pattern, directory of .tar, "
+                      "list file, pipe:/URL); 'builtin' = the built-in real faces (train split).")
     lmdb_keys: str | None = field(None, help="Key list file of the paper's LMDB layout (one key per line); only with such an LMDB.")
     loader: Literal["auto", "dali", "torch"] = field("auto", help="Input pipeline: DALI when installed and working ('auto'), or the PyTorch DataLoader.")
     num_workers: int = field(2, help="Decoding workers per rank (DataLoader workers / DALI threads).")
@@ -22,6 +23,9 @@ class DataConfig:
     hflip: bool = field(True, help="Random horizontal flip (p=0.5), as released.")
     max_bad_fraction: float = field(0.01, help="Stop the run when more than this fraction of the samples seen failed to decode.")
     max_image_pixels: int = field(64_000_000, help="Images with more pixels (from the header) are bad samples: a decompression-bomb guard.")
+    shuffle_buffer: int = field(2048, help="webdataset shards: samples per shuffle window (streamed shards hold one window per worker).")
+    index_cache: str | None = field(None, help="Folder for file/key/shard index files (read-only data); None = <data>/.mcf/.")
+    index_wait_s: float = field(7200.0, help="How long ranks other than 0 wait for rank 0 to write a missing or stale index.")
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
@@ -39,3 +43,7 @@ class DataConfig:
             raise ConfigError(f"data.loader must be auto, dali or torch, not {self.loader!r}")
         if self.max_image_pixels < 1:
             raise ConfigError("data.max_image_pixels must be positive")
+        if self.shuffle_buffer < 1:
+            raise ConfigError("data.shuffle_buffer must be >= 1")
+        if not self.index_wait_s > 0:
+            raise ConfigError("data.index_wait_s must be positive")

@@ -15,6 +15,12 @@ Our LMDB format (written by :func:`mcf.data.lmdb_build.build_lmdb`), a directory
 
 The paper's layout: an LMDB whose values are encoded images under arbitrary keys, whose ``length``
 key holds the count, plus a text file listing the keys, one per line (``--lmdb-keys``).
+
+File lists and key lists are compact shared indexes (:mod:`mcf.data.index`): a memory-mapped file
+of packed strings, cached next to the data (or in ``data.index_cache``), a few bytes a sample beyond
+the name itself. Every LMDB file is checked against its own meta pages before it is mapped
+(:mod:`mcf.data.lmdb_check`): a file cut short or garbage is a one-line error, never a SIGBUS.
+webdataset shards are :mod:`mcf.data.shards`.
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ from typing import Any
 
 from PIL import Image
 
-from mcf.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_rgb
+from mcf.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, decode_rgb
+from mcf.data.index import IndexOptions, open_key_list
+from mcf.data.lmdb_check import check_lmdb_file
+from mcf.data.scan import open_folder_index, scan_image_folder
 from mcf.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -71,38 +80,30 @@ class EncodedImageDataset:
 
 
 class ImageFolderDataset(EncodedImageDataset):
-    """All images under ``root`` (recursive, sorted; extensions in ``IMAGE_EXTENSIONS``)."""
+    """All images under ``root`` (recursive, symlinks followed, each directory once; sorted;
+    extensions in ``IMAGE_EXTENSIONS``), listed by a cached :class:`~mcf.data.scan.FolderIndex`."""
 
-    def __init__(self, root: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, root: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, index: IndexOptions | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"image folder not found: {self.root}")
         self.max_pixels = max_pixels
-        self.files = scan_image_folder(self.root)
-        if not self.files:
+        self.index = open_folder_index(self.root, index)
+        if not len(self.index):
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.index)
 
     def read_bytes(self, i: int) -> bytes:
-        return (self.root / self.files[self._check_index(i)]).read_bytes()
+        with open(self.index.path_bytes(self._check_index(i)), "rb") as f:
+            return f.read()
 
     def name(self, i: int) -> str:
-        return str(self.root / self.files[i])
+        return os.fsdecode(self.index.path_bytes(i))
 
 
-def scan_image_folder(root: Path) -> list[str]:
-    """Relative paths of the image files under ``root``, sorted (deterministic across ranks)."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        for f in filenames:
-            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
-                out.append(os.path.relpath(os.path.join(dirpath, f), root))
-    out.sort()
-    return out
-
+__all__ = ["scan_image_folder"]  # re-exported for the converter
 
 _ENVS: dict[tuple[str, bool, int], Any] = {}
 _ENVS_PID = -1
@@ -119,12 +120,30 @@ def _shared_env(path: Path, subdir: bool):
         gc.collect()
         _ENVS_PID = os.getpid()
     data = path / "data.mdb" if subdir else path
-    key = (str(path.resolve()), subdir, data.stat().st_ino)
+    try:
+        key = (str(path.resolve()), subdir, data.stat().st_ino)
+    except OSError as e:
+        raise DataError(f"cannot open LMDB {data}: {e.strerror or e}") from None
     env = _ENVS.get(key)
     if env is None:
-        env = lmdb.open(str(path), subdir=subdir, readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
+        check_lmdb_file(path, subdir)  # a file cut short would SIGBUS once its pages are touched
+        try:
+            env = lmdb.open(str(path), subdir=subdir, readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
+        except lmdb.Error as e:
+            raise DataError(f"cannot open LMDB {data}: {e}") from None
         _ENVS[key] = env
     return env
+
+
+def _lmdb_get(db: _LazyLMDB, key: bytes) -> bytes | None:
+    """One value; a damaged page is a bad sample (:class:`BadImage`), not a crash of the reader."""
+    import lmdb
+
+    try:
+        with db.txn() as txn:
+            return txn.get(key)
+    except lmdb.Error as e:
+        raise BadImage(f"LMDB read error ({type(e).__name__})") from None
 
 
 class _LazyLMDB:
@@ -192,28 +211,36 @@ class LMDBDataset(EncodedImageDataset):
             raise DataError(f"{self.path} is empty" + (f" (split '{split}')" if split else ""))
 
     def _check(self) -> None:
-        with self._db.txn() as txn:
-            length = txn.get(LENGTH_KEY)
-            if length is None or int(length) != self.count:
-                raise DataError(f"{self.path}: manifest count {self.count} != stored length {length!r}")
-            if (self.count and txn.get(image_key(self.count - 1)) is None) or txn.get(image_key(self.count)) is not None:
-                raise DataError(f"{self.path}: stored images do not match the manifest count {self.count}")
+        import lmdb
+
+        try:
+            with self._db.txn() as txn:
+                length = txn.get(LENGTH_KEY)
+                last_ok = not self.count or txn.get(image_key(self.count - 1)) is not None
+                extra = txn.get(image_key(self.count)) is not None
+        except lmdb.Error as e:
+            raise DataError(f"cannot read LMDB {self.path}: {e}") from None
+        if length is None or int(length) != self.count:
+            raise DataError(f"{self.path}: manifest count {self.count} != stored length {length!r}")
+        if not last_ok or extra:
+            raise DataError(f"{self.path}: stored images do not match the manifest count {self.count}")
 
     def __len__(self) -> int:
         return self.stop - self.start
 
     def read_bytes(self, i: int) -> bytes:
         j = self.start + self._check_index(i)
-        with self._db.txn() as txn:
-            v = txn.get(image_key(j))
+        v = _lmdb_get(self._db, image_key(j))
         if v is None:
             raise DataError(f"{self.path}: missing key {image_key(j).decode()}")
         return v
 
     def name(self, i: int) -> str:
         j = self.start + i
-        with self._db.txn() as txn:
-            v = txn.get(name_key(j))
+        try:
+            v = _lmdb_get(self._db, name_key(j))
+        except BadImage:
+            v = None
         return f"{self.path}[{j}]" + (f" ({v.decode()})" if v else "")
 
     @property
@@ -224,11 +251,22 @@ class LMDBDataset(EncodedImageDataset):
 class PaperLMDBDataset(EncodedImageDataset):
     """The paper's layout, read as is: ``db`` (LMDB dir or file) + ``keys_file`` (one key a line).
 
-    The key count must equal the ``length`` value stored in the LMDB, and the first and last keys
-    must exist, or a :class:`~mcf.errors.DataError` is raised at open.
+    The keys are a packed, memory-mapped index of the key file (:func:`~mcf.data.index.open_key_list`):
+    17 bytes a sample for 13-character keys instead of ~72 for a list of ``str``. The key count must
+    equal the ``length`` value stored in the LMDB, and the first and last keys must exist, or a
+    :class:`~mcf.errors.DataError` is raised at open.
     """
 
-    def __init__(self, db: str | os.PathLike, keys_file: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        db: str | os.PathLike,
+        keys_file: str | os.PathLike,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        index: IndexOptions | None = None,
+    ):
+        import lmdb
+
         self.path = Path(db)
         self.max_pixels = max_pixels
         if not self.path.exists():
@@ -236,37 +274,55 @@ class PaperLMDBDataset(EncodedImageDataset):
         kf = Path(keys_file)
         if not kf.is_file():
             raise DataError(f"LMDB key list not found: {kf}")
-        with open(kf, encoding="utf-8") as f:
-            self.keys = [line.strip() for line in f if line.strip()]
-        if not self.keys:
+        self.keys = open_key_list(kf, index)
+        if not len(self.keys):
             raise DataError(f"LMDB key list {kf} is empty")
         self._db = _LazyLMDB(self.path, subdir=self.path.is_dir())
         try:
             with self._db.txn() as txn:
                 length = txn.get(LENGTH_KEY)
-                missing = [k for k in (self.keys[0], self.keys[-1]) if txn.get(k.encode("utf-8")) is None]
-        except DataError:
-            raise
-        except Exception as e:
-            raise DataError(f"cannot open LMDB {self.path}: {e}") from None
+                missing = [k for k in (self.keys.get(0), self.keys.get(len(self.keys) - 1)) if txn.get(k) is None]
+        except lmdb.Error as e:
+            raise DataError(f"cannot read LMDB {self.path}: {e}") from None
         if length is None:
             raise DataError(f"{self.path} has no 'length' key: not the paper's LMDB layout")
         if int(length) != len(self.keys):
             raise DataError(f"{self.path}: 'length' is {int(length)} but {kf} lists {len(self.keys)} keys")
         if missing:
-            raise DataError(f"{self.path}: keys listed in {kf} are missing from the LMDB, e.g. {missing[0]!r}")
+            raise DataError(f"{self.path}: keys listed in {kf} are missing from the LMDB, e.g. {missing[0].decode(errors='replace')!r}")
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def read_bytes(self, i: int) -> bytes:
-        k = self.keys[self._check_index(i)]
-        with self._db.txn() as txn:
-            v = txn.get(k.encode("utf-8"))
+        v = _lmdb_get(self._db, self.keys.get(self._check_index(i)))
         return v if v is not None else b""  # a missing value is an (empty) bad sample
 
     def name(self, i: int) -> str:
         return f"{self.path}[{self.keys[i]}]"
+
+
+def precheck(path: str | os.PathLike, lmdb_keys: str | os.PathLike | None = None) -> None:
+    """The cheap checks of ``--data`` a run makes before any heavy start-up: the path exists (remote
+    shards and brace patterns are checked when opened), the key list exists, an LMDB file is whole.
+
+    Raises:
+        DataError: naming what is missing or damaged.
+    """
+    from mcf.data.shards import is_remote
+
+    s = str(path)
+    if s == "builtin" or is_remote(s) or "{" in s:
+        return
+    p = Path(s).expanduser()
+    if not p.exists():
+        raise DataError(f"data path not found: {s}")
+    if lmdb_keys is not None and not Path(lmdb_keys).is_file():
+        raise DataError(f"LMDB key list not found: {lmdb_keys}")
+    if (p / "data.mdb").is_file():
+        check_lmdb_file(p, subdir=True)
+    elif lmdb_keys is not None and p.is_file():
+        check_lmdb_file(p, subdir=False)
 
 
 def open_dataset(
@@ -275,28 +331,41 @@ def open_dataset(
     split: str | None = None,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> EncodedImageDataset:
+    index: IndexOptions | None = None,
+):
     """Open whatever ``path`` is: ``"builtin"``, our LMDB, the paper's LMDB (with ``lmdb_keys``),
-    or an image folder. ``dataset[i]`` is an RGB PIL image.
+    webdataset shards (a brace pattern, a directory of ``.tar`` files, one ``.tar``, a list file,
+    ``pipe:`` or URLs; see :mod:`mcf.data.shards`), or an image folder. ``dataset[i]`` is an RGB PIL
+    image, except for remote shards (:class:`~mcf.data.shards.StreamedShards`: streamed only).
+
+    Args:
+        index: where file/key/shard indexes are cached and who builds them (default: next to the
+            data, this process builds).
 
     Raises:
-        DataError: missing path, empty dataset, unknown or inconsistent layout.
+        DataError: missing path, empty dataset, unknown or inconsistent layout, a damaged LMDB.
     """
+    from mcf.data.shards import is_shard_spec, open_shards
+
     if str(path) == "builtin":
         from mcf.data.builtin import ensure_builtin
 
         return LMDBDataset(ensure_builtin(), split=split or "train", max_pixels=max_pixels)
+    if lmdb_keys is None and is_shard_spec(path):
+        if split not in (None, "train"):
+            raise DataError(f"shards {path} have no '{split}' split")
+        return open_shards(path, max_pixels=max_pixels, index=index)
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"data path not found: {p}")
     if lmdb_keys is not None:
-        return PaperLMDBDataset(p, lmdb_keys, max_pixels=max_pixels)
+        return PaperLMDBDataset(p, lmdb_keys, max_pixels=max_pixels, index=index)
     if p.is_dir() and ((p / MANIFEST).is_file() or (p / "data.mdb").is_file()):
         if (p / MANIFEST).is_file() or p.name.endswith(".partial"):
             return LMDBDataset(p, split=split, max_pixels=max_pixels)
         raise DataError(f"{p} is an LMDB without {MANIFEST}: pass --lmdb-keys KEYS.txt for the paper's layout")
     if p.is_file():
-        raise DataError(f"{p} is a file: pass an image folder, an LMDB directory, or an LMDB with --lmdb-keys")
+        raise DataError(f"{p} is an LMDB file: pass --lmdb-keys KEYS.txt for the paper's layout")
     if split not in (None, "train"):
         raise DataError(f"image folder {p} has no '{split}' split")
-    return ImageFolderDataset(p, max_pixels=max_pixels)
+    return ImageFolderDataset(p, max_pixels=max_pixels, index=index)

@@ -24,7 +24,9 @@ import torch
 
 from mcf.data.config import DataConfig
 from mcf.data.datasets import EncodedImageDataset, open_dataset
+from mcf.data.index import IndexOptions
 from mcf.data.sampler import DistributedSampler
+from mcf.data.shards import StreamedShards
 from mcf.data.source import SampleSource, TorchSampleDataset
 from mcf.data.transforms import PretrainTransform, build_transform, normalize_batch
 from mcf.errors import DataError
@@ -75,7 +77,10 @@ class PretrainLoader:
         self.dataset, self.transform, self.cfg = dataset, transform, cfg
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device = torch.device(device)
-        self.sampler = DistributedSampler(len(dataset), rank=rank, world_size=world_size, seed=seed)
+        if hasattr(dataset, "make_sampler"):  # shards: their own epoch order (mcf.data.shards.ShardSampler)
+            self.sampler = dataset.make_sampler(rank=rank, world_size=world_size, seed=seed, window=cfg.shuffle_buffer)
+        else:
+            self.sampler = DistributedSampler(len(dataset), rank=rank, world_size=world_size, seed=seed)
         self.source = SampleSource(dataset, transform, seed)
         self.num_batches = self.sampler.per_rank // batch_size
         if self.num_batches == 0:
@@ -316,16 +321,24 @@ def build_pretrain_loader(
     if not drop_last:
         raise ValueError("the pre-training loader always drops the partial last batch (drop_last=True)")
     size = cfg.img_size or img_size
-    dataset = open_dataset(cfg.path, cfg.lmdb_keys, split=split, max_pixels=cfg.max_image_pixels)
+    index = IndexOptions(cache_dir=cfg.index_cache, rank=rank, world_size=world_size, wait_s=cfg.index_wait_s)
+    dataset = open_dataset(cfg.path, cfg.lmdb_keys, split=split, max_pixels=cfg.max_image_pixels, index=index)
     transform = build_transform(size, random_resized_crop=cfg.random_resized_crop, crop_scale=cfg.crop_scale, hflip=cfg.hflip)
     device = torch.device(device)
     kind = cfg.loader
+    streamed = isinstance(dataset, StreamedShards)
+    if streamed and kind == "dali":
+        raise DataError("remote shards (pipe:, URLs) are streamed by the PyTorch loader only: use --loader torch (or auto)")
     if kind == "auto":
-        kind = "dali" if dali_available(device) else "torch"
-    if kind == "dali":
+        kind = "torch" if streamed or not dali_available(device) else "dali"
+    if streamed:
+        from mcf.data.shard_stream import ShardStreamLoader
+
+        cls: type[PretrainLoader] = ShardStreamLoader
+    elif kind == "dali":
         from mcf.data.dali_loader import DaliPretrainLoader
 
-        cls: type[PretrainLoader] = DaliPretrainLoader
+        cls = DaliPretrainLoader
     else:
         cls = TorchPretrainLoader
     loader = cls(dataset, transform, cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, device=device)

@@ -87,10 +87,9 @@ class Trainer:
             self.build_monitor = build_monitor
         loader_factory = self.loader_factory or _default_loader_factory()
 
-        if cfg.data.path != "builtin" and not Path(cfg.data.path).exists():
-            raise DataError(f"data path not found: {cfg.data.path}")
-        if cfg.data.lmdb_keys and not Path(cfg.data.lmdb_keys).is_file():
-            raise DataError(f"LMDB key list not found: {cfg.data.lmdb_keys}")
+        from mcf.data.datasets import precheck
+
+        precheck(cfg.data.path, cfg.data.lmdb_keys)  # missing or damaged data fails before the model is built
         seed = cfg.train.seed
         torch.manual_seed(seed)  # identical initial weights on every rank
         np.random.seed(seed)
