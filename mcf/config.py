@@ -143,6 +143,9 @@ class TrainConfig:
 class DeepSpeedConfig:
     zero: int = field(1, help="ZeRO stage 0-3.")
     config: str | None = field(None, help="DeepSpeed JSON (ds_configs/…); None = chosen from zero and precision. Batch keys are filled by mcf.")
+    reduce_dtype: Literal["fp32", "bf16", "fp16"] = field(
+        "fp32", help="dtype in which gradients are summed across ranks (DeepSpeed's communication_data_type, every ZeRO stage); "
+                     "fp32 as the paper's DDP did; bf16/fp16 halve the traffic but round every partial sum.")
 
     def __post_init__(self) -> None:
         if self.zero not in (0, 1, 2, 3):
@@ -156,10 +159,14 @@ class LoggingConfig:
     tracking_uri: str | None = field(None, help="MLflow tracking URI; None = a local sqlite store in the output folder; 'none' disables MLflow.")
     experiment: str = field("mcf", help="MLflow experiment name.")
     progress: bool = field(True, help="tqdm progress bar on rank 0.")
+    profile_step: int = field(0, help="Profile this optimizer step (torch.profiler, rank 0): time shares of the mcf.* ranges "
+                                      "(data, online, target, teacher, backward, optimizer, ema, sync) in OUTPUT/profile_step_N.json; 0 = off.")
 
     def __post_init__(self) -> None:
         if self.log_every < 1 or self.recon_every < 0:
             raise ConfigError("logging.log_every must be >= 1 and recon_every >= 0")
+        if self.profile_step < 0:
+            raise ConfigError("logging.profile_step must be >= 0 (0 = off)")
 
 
 @dataclass(kw_only=True)

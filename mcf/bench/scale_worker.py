@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from mcf.train.engine import device_index
+
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
     try:
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if on_gpu else torch.device("cpu")
+    device = torch.device("cuda", device_index(local, torch.cuda.device_count())) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
 

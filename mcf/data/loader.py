@@ -269,6 +269,16 @@ class TorchPretrainLoader(PretrainLoader):
         for imgs, n_bad, bad_idx, idx in self._loader:  # uint8 from the workers, normalised here on the device
             yield normalize_batch(imgs.to(self.device, non_blocking=nb)), n_bad.numpy(), bad_idx.numpy(), idx.numpy()
 
+    def close(self) -> None:
+        """Stop the persistent workers now. They ignore SIGTERM, so at interpreter exit multiprocessing's
+        handler (SIGTERM, then join) would wait on them forever if an error left their iterator alive."""
+        it = self._loader._iterator
+        if it is not None:
+            shutdown = getattr(it, "_shutdown_workers", None)  # only the multi-process iterator has workers
+            if shutdown is not None:
+                shutdown()
+            self._loader._iterator = None
+
 
 _DALI_OK: dict[str, bool] = {}
 

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+from torch.profiler import record_function
 
 from mcf.losses.contrastive import ContrastiveLoss
 from mcf.losses.perceptual import PerceptualLoss
@@ -150,12 +151,19 @@ class MCF(nn.Module):
                 *, online: nn.Module | None = None) -> MCFOutput:
         online = self.online if online is None else online
         N = images.shape[0]
-        o: OnlineOutput = online(images, self.mask_ratio, online_noise, self._draw_ratios(N, images.device))
+        # with per-image ratios the encoders take the range's lower bound: it fixes the padded length on the host
+        ratio = self.mask_ratio if self.mask_ratio_range is None else self.mask_ratio_range[0]
+        # record_function ranges: stable names for `logging.profile_step` (a few µs each when not profiling)
+        with record_function("mcf.online"):
+            o: OnlineOutput = online(images, ratio, online_noise, self._draw_ratios(N, images.device))
         target_dtype = self.target.projector[0].weight.dtype
-        k = self.target(images.to(target_dtype), self.mask_ratio, target_noise, self._draw_ratios(N, images.device))
+        with record_function("mcf.target"):
+            k = self.target(images.to(target_dtype), ratio, target_noise, self._draw_ratios(N, images.device))
         rebuilt = unpatchify(o.pred, self.spec.patch_size)  # (N, 3, H, W), in the normalised input space
+        with record_function("mcf.teacher"):  # the frozen teacher on the rebuilt and the original images
+            perceptual = self.perceptual(rebuilt, images)
         terms = {
-            "perceptual": self.perceptual(rebuilt, images),
+            "perceptual": perceptual,
             "contrastive": self.contrastive(o.q, k),
             "pixel": pixel_loss(images, o.pred, o.mask, self.spec.patch_size, self.norm_pix),
         }

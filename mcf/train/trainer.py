@@ -19,15 +19,25 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from mcf.config import Config, dump_config
 from mcf.configtree import to_dict
 from mcf.errors import ConfigError, DataError
 from mcf.train import checkpoint as ckpt
 from mcf.train import elastic
-from mcf.train.engine import PRECISION_DTYPES, CastInput, build_ds_config, fp32_masters, init_distributed, setup_env
+from mcf.train.engine import (
+    PRECISION_DTYPES,
+    CastInput,
+    build_ds_config,
+    cast_floating_buffers,
+    fp32_masters,
+    init_distributed,
+    setup_env,
+)
 from mcf.train.metrics import RunLogger, flatten, save_reconstruction
 from mcf.train.optim import build_optimizer, describe_schedule, lr_at, momentum_at, param_groups, peak_lr, set_lr, warmup_steps
+from mcf.train.profile import StepProfiler
 from mcf.train.signals import REQUEUE_EXIT_CODE, StopRequest
 
 log = logging.getLogger(__name__)
@@ -128,9 +138,7 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model.online, optimizer=self.optimizer, config=self.ds_config,
                                                     dist_init_required=False)
         if self.dtype != torch.float32:  # ZeRO-3 leaves buffers (BatchNorm statistics) in fp32; stages 0-2 cast them
-            for b in self.engine.module.buffers():
-                if b.is_floating_point():
-                    b.data = b.data.to(self.dtype)
+            cast_floating_buffers(self.engine.module, self.dtype)
         if t.compile:
             self.engine.compile()
         self.online = CastInput(self.engine, self.dtype)
@@ -149,7 +157,8 @@ class Trainer:
         elif self.rank == 0:
             ckpt.prune(self.out / "checkpoints", cfg.checkpoint.keep_last)
         self.logger = RunLogger(cfg, self.out, self.rank, self.step if self.resume_dir is not None else None)
-        self.monitor = self.build_monitor(cfg, self.device) if self.build_monitor and self.rank == 0 else None
+        # on every rank: under ZeRO-3 its forward passes are collectives that all ranks must join
+        self.monitor = self.build_monitor(cfg, self.device) if self.build_monitor else None
         if self.rank == 0:
             log.info("%d rank(s) on %s, %s, ZeRO %d; %d steps (%d per epoch); %s", self.world_size, self.device, cfg.train.precision,
                      cfg.deepspeed.zero, self.total_steps, self.steps_per_epoch,
@@ -219,6 +228,8 @@ class Trainer:
             status = "FINISHED" if rc == 0 else "KILLED"
             return rc
         finally:
+            if getattr(self, "loader", None) is not None:
+                self.loader.close()  # the workers now, on every path: nothing else stops them (they ignore SIGTERM)
             if self.logger is not None:
                 self.logger.close(status)
             import torch.distributed as dist
@@ -239,15 +250,18 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or not lg.progress, dynamic_ncols=True,
                    desc="pretrain")
         t_log = time.perf_counter()
+        profiler = StepProfiler(lg.profile_step, self.out, self.rank, self.device)
         try:
             data_error: DataError | None = None
             size = cfg.data.img_size or model.spec.img_size
             while self.step < self.total_steps:
+                profiler.begin(self.step + 1)
                 nonfinite = torch.zeros((), device=self.device)
                 for micro in range(t.accum_steps):
                     if data_error is None:
                         try:
-                            images = next(batches)  # (B, 3, H, W) fp32, normalised
+                            with record_function("mcf.data"):
+                                images = next(batches)  # (B, 3, H, W) fp32, normalised
                         except DataError as e:
                             # Too many bad samples on this rank. The other ranks are already inside this
                             # step's collectives: finish the step on a blank batch and stop every rank
@@ -258,7 +272,8 @@ class Trainer:
                     B = images.shape[0]
                     noise = torch.rand(2, B, L, generator=self.mask_gen, device=self.device)  # online / target masks
                     out = model(images, noise[0], noise[1], online=self.online)
-                    engine.backward(out.loss)
+                    with record_function("mcf.backward"):
+                        engine.backward(out.loss)
                     loss = out.loss.detach().float()
                     nonfinite += (~torch.isfinite(loss)).float()
                     self.acc[:len(TERMS)] += torch.stack([loss, *(out.losses[k].float() for k in TERMS[1:])])
@@ -269,13 +284,14 @@ class Trainer:
                 # the one host sync per step: (non-finite losses, stop requested, ranks with a data
                 # error), summed over ranks; filled on the device, since a tensor built from a host
                 # list would cost a second sync on a GPU
-                flags = torch.zeros(3, device=self.device)
-                flags[0] = nonfinite
-                flags[1] = float(stop.requested)
-                flags[2] = float(data_error is not None)
-                if self.world_size > 1:
-                    torch.distributed.all_reduce(flags)
-                n_bad, stop_now, data_ranks = flags.tolist()
+                with record_function("mcf.sync"):
+                    flags = torch.zeros(3, device=self.device)
+                    flags[0] = nonfinite
+                    flags[1] = float(stop.requested)
+                    flags[2] = float(data_error is not None)
+                    if self.world_size > 1:
+                        torch.distributed.all_reduce(flags)
+                    n_bad, stop_now, data_ranks = flags.tolist()
                 if data_ranks:
                     if data_error is not None:
                         raise data_error
@@ -287,11 +303,14 @@ class Trainer:
                                         f"before applying the update{where}; lower optim.lr/blr or use train.precision=fp32")
                 set_lr(self.optimizer, lr_at(self.step, peak=self.peak_lr, min_lr=cfg.optim.min_lr, warmup=self.warmup,
                                              total=self.total_steps))
-                engine.step()  # fp16: DeepSpeed skips an overflowing step and counts it
+                with record_function("mcf.optimizer"):
+                    engine.step()  # fp16: DeepSpeed skips an overflowing step and counts it
                 momentum = momentum_at(self.step, cfg.momentum, self.total_steps)
-                masters = fp32_masters(engine, self.ema_names, t.precision, cfg.deepspeed.zero)
-                model.update_target(momentum, {**masters, **self.frozen_fp32})
+                with record_function("mcf.ema"):
+                    masters = fp32_masters(engine, self.ema_names, t.precision, cfg.deepspeed.zero)
+                    model.update_target(momentum, {**masters, **self.frozen_fp32})
                 self.step += 1
+                profiler.end(self.step)
                 self.steps_since_log += 1
                 bar.update(1)
                 if self.step % lg.log_every == 0 or self.step == self.total_steps:
@@ -310,6 +329,7 @@ class Trainer:
         finally:
             bar.close()
             stop.restore()
+            batches.close()  # drops the loader's iterators now (a fresh DataLoader per epoch stops its workers then)
         if self.last_saved != self.step:
             self._save()
         if last is not None and not (lg.recon_every and self.step % lg.recon_every == 0):
@@ -347,16 +367,13 @@ class Trainer:
         self.logger.log_artifact(path, "reconstructions")
 
     def _monitor(self) -> None:
+        """Every rank runs the same probe forward passes (ZeRO-3 gathers parameters in them); rank 0 logs."""
         import deepspeed
 
+        if self.monitor is None:
+            return
         params = list(self.engine.module.parameters()) if self.cfg.deepspeed.zero == 3 else []
-        with deepspeed.zero.GatheredParameters(params, enabled=bool(params)):  # a collective under ZeRO-3
-            if self.rank == 0 and self.monitor is not None:
-                was_training = self.model.online.training
-                self.model.online.eval()
-                with torch.no_grad():
-                    metrics = self.monitor.evaluate(self.model)
-                self.model.online.train(was_training)
-                self.logger.log({"step": self.step, **{f"monitor/{k}": float(v) for k, v in metrics.items()}})
-        if self.world_size > 1:
-            torch.distributed.barrier()
+        with deepspeed.zero.GatheredParameters(params, enabled=bool(params)), torch.no_grad():  # a collective under ZeRO-3
+            metrics = self.monitor.evaluate(self.model)  # eval mode inside, train mode restored
+        if self.rank == 0:
+            self.logger.log({"step": self.step, **{f"monitor/{k}": float(v) for k, v in metrics.items()}})
