@@ -77,16 +77,7 @@ class Trainer:
         _, world_size, _ = setup_env()
         self.out = Path(cfg.train.output_dir)
         self.resume_dir = ckpt.find_resume(cfg.train.resume, self.out)
-        self.resume_state = ckpt.read_state(self.resume_dir) if self.resume_dir is not None else None
-        self.resized = False
-        if self.resume_state is not None:  # another number of ranks: the batch policy, before any heavy work
-            saved = elastic.RunShape.of_checkpoint(self.resume_state)
-            cfg.train.accum_steps = elastic.plan_accum_steps(cfg.train.elastic, saved, cfg.train.batch_size, cfg.train.accum_steps,
-                                                             world_size)
-            self.resized = saved.world_size != world_size
-        self.ds_config = build_ds_config(cfg, world_size)  # flag/JSON conflicts fail before any heavy work
-        if self.resized and ckpt.is_partitioned(self.resume_dir):  # ZeRO 1-3 partitions are re-split from the universal copy
-            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        self.ds_config = self._plan_resume(world_size)  # the batch policy on another number of ranks, before any heavy work
         self.build_monitor = None
         if cfg.monitor.every > 0:
             try:
@@ -163,6 +154,23 @@ class Trainer:
             log.info("%d rank(s) on %s, %s, ZeRO %d; %d steps (%d per epoch); %s", self.world_size, self.device, cfg.train.precision,
                      cfg.deepspeed.zero, self.total_steps, self.steps_per_epoch,
                      describe_schedule(cfg, self.global_batch, self.steps_per_epoch, self.total_steps))
+
+    def _plan_resume(self, world_size: int) -> dict[str, Any]:
+        """Read the checkpoint to resume (``self.resume_dir``), apply ``train.elastic`` when it was written by
+        another number of ranks (``train.accum_steps``, ``self.resized``), and return the DeepSpeed config
+        (flag/JSON conflicts fail here too), set to load a universal checkpoint when partitions must be re-split."""
+        cfg = self.cfg
+        self.resume_state = ckpt.read_state(self.resume_dir) if self.resume_dir is not None else None
+        self.resized = False
+        if self.resume_state is not None:
+            saved = elastic.RunShape.of_checkpoint(self.resume_state)
+            cfg.train.accum_steps = elastic.plan_accum_steps(cfg.train.elastic, saved, cfg.train.batch_size, cfg.train.accum_steps,
+                                                             world_size)
+            self.resized = saved.world_size != world_size
+        ds_config = build_ds_config(cfg, world_size)
+        if self.resized and ckpt.is_partitioned(self.resume_dir):  # ZeRO 1-3 partitions are re-split from the universal copy
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        return ds_config
 
     def _restore(self, path: Path) -> None:
         state = self.resume_state
