@@ -194,14 +194,13 @@ def test_dali_device_choice():
     assert pipeline_device_id(CPU) is None
 
 
-def test_auto_falls_back_to_torch(folder, monkeypatch):
-    from mcf.data import loader as loader_mod
+def test_auto_falls_back_to_torch(folder):
+    def no_dali(device, transform):
+        raise ImportError("no DALI")
 
-    monkeypatch.setattr(loader_mod, "_DALI_OK", {})
-    import mcf.data.dali_loader as dl
-
-    monkeypatch.setattr(dl, "smoke_test", lambda device: (_ for _ in ()).throw(ImportError("no DALI")))
-    assert _loader(folder, "auto").kind == "torch"
+    c = DataConfig(path=str(folder), loader="auto", num_workers=0)
+    ld = build_pretrain_loader(c, img_size=32, batch_size=4, rank=0, world_size=1, seed=0, device=CPU, dali_check=no_dali)
+    assert ld.kind == "torch"
 
 
 @pytest.mark.parametrize("kind", ["torch", "dali"])

@@ -33,11 +33,12 @@ import numpy as np
 import torch
 
 from mcf.data.decode import BadImage, decode_rgb
-from mcf.data.loader import PretrainLoader, ignore_stop_signals
+from mcf.data.loader import PretrainLoader, shutdown_workers
 from mcf.data.shards import ShardSampler, StreamedShards, open_stream
 from mcf.data.source import MAX_ATTEMPTS
 from mcf.data.tar_index import TarDamage, stream_samples
 from mcf.data.transforms import PretrainTransform, normalize_batch, sample_rng
+from mcf.data.workers import worker_init
 from mcf.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -248,21 +249,28 @@ class ShardStreamLoader(PretrainLoader):
             self.plan, list(self.dataset.spec.urls), self.transform, self.seed, self.dataset.max_pixels, epoch, position
         )
         nw = self.cfg.num_workers
+        self.close()
         if nw == 0:
             batches: Any = iter(ds)
         else:
-            batches = torch.utils.data.DataLoader(
+            batches = self._it = iter(torch.utils.data.DataLoader(
                 ds,
                 batch_size=None,
                 num_workers=nw,
                 persistent_workers=False,
                 prefetch_factor=self.cfg.prefetch,
-                worker_init_fn=ignore_stop_signals,
+                worker_init_fn=worker_init,
                 pin_memory=self.device.type == "cuda",
-            )
+            ))
         nb = self.device.type == "cuda"
         try:
             for imgs, n_bad, bad_idx, idx in batches:
                 yield normalize_batch(imgs.to(self.device, non_blocking=nb)), n_bad.numpy(), bad_idx.numpy(), idx.numpy()
         except DataError as e:  # re-raised from a worker with its traceback in the message: keep the last line
             raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+
+    def close(self) -> None:
+        """Shut down the workers of the epoch being streamed, if any."""
+        it, self._it = getattr(self, "_it", None), None
+        if it is not None:
+            shutdown_workers(it)

@@ -228,7 +228,7 @@ class Trainer:
 
     # -- loop -------------------------------------------------------------------------------------
     def fit(self) -> int:
-        self.logger = None
+        self.logger = self.loader = None
         status = "FAILED"
         try:
             self._setup()
