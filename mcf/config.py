@@ -137,10 +137,17 @@ class TrainConfig:
     compile: bool = field(False, help="torch.compile the online model.")
     lock_stale_s: float = field(120.0, help="The output folder's lock is taken over when its holder on another node has not "
                                             "refreshed it for this long (on the same node: as soon as its process is gone).")
+    elastic: Literal["keep_global_batch", "keep_micro_batch", "refuse"] = field(
+        "keep_global_batch",
+        help="Resuming on another number of ranks: keep_global_batch (accum_steps re-derived so that batch_size*accum_steps*ranks "
+             "stays the checkpoint's; an error when it cannot divide), keep_micro_batch (batch_size and accum_steps as configured: "
+             "the global batch changes), refuse (an error).")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.accum_steps < 1 or self.epochs < 1:
             raise ConfigError("train.batch_size, accum_steps and epochs must be >= 1")
+        if self.elastic not in ("keep_global_batch", "keep_micro_batch", "refuse"):
+            raise ConfigError(f"train.elastic must be keep_global_batch, keep_micro_batch or refuse, not {self.elastic!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("train.max_steps must be >= 1")
         if not 0 <= self.seed <= SEED_MAX:

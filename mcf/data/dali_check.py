@@ -92,12 +92,12 @@ def compare(device: torch.device, transform: PretrainTransform) -> list[tuple[fl
         p = _sample_params(transform, k, *img.size)
         x0, y0, x1, y1 = p.box
         samples.append((np.frombuffer(prepare_for_dali(data)[0], np.uint8), np.array([y0, x0], np.float32),
-                        np.array([y1, x1], np.float32), np.array(int(p.flip), np.int32), 0, -1))
+                        np.array([y1, x1], np.float32), np.array(int(p.flip), np.int32), 0, -1, k))
         want.append(transform.apply(img, p))  # (3, S, S) float32, normalised
     pipe = build_pipeline(FixedBatch(sample_columns(samples)), batch_size=len(want), device=device,
                           img_size=transform.img_size, prefetch=1)
     try:
-        images, _, _ = pipe.run()
+        images, *_ = pipe.run()
         got = to_torch(images, device).float().cpu().numpy()  # (B, 3, S, S)
     finally:
         close_pipeline(pipe)

@@ -81,11 +81,11 @@ def build_pipeline(
     seed: int = 0,
 ):
     """The loader's DALI graph over ``source`` (a batch-mode ``external_source`` callable taking a
-    ``BatchInfo`` and returning the six columns of :class:`~mcf.data.source.DaliBatchSource`).
+    ``BatchInfo`` and returning the seven columns of :class:`~mcf.data.source.DaliBatchSource`).
 
     ``num_workers`` > 0 runs ``source`` in that many spawned Python workers (it must be picklable
     and importable); 0 calls it in this process. Outputs: images (float32 ``(B, 3, S, S)``,
-    ImageNet-normalised, on ``device``), failed attempts and first bad index per sample.
+    ImageNet-normalised, on ``device``), failed attempts, first bad index and dataset index per sample.
     """
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
@@ -101,12 +101,12 @@ def build_pipeline(
     )
     parallel = {"parallel": True, "prefetch_queue_depth": prefetch} if num_workers > 0 else {}
     with pipe:
-        data, roi0, roi1, mirror, n_bad, bad_idx = fn.external_source(
+        data, roi0, roi1, mirror, n_bad, bad_idx, idx = fn.external_source(
             source=source,
-            num_outputs=6,
+            num_outputs=7,
             batch=True,
             batch_info=True,
-            dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.INT32, types.INT64],
+            dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.INT32, types.INT64, types.INT64],
             **parallel,
         )
         images = fn.decoders.image(data, device=decoder_device(device), output_type=types.RGB)
@@ -127,7 +127,7 @@ def build_pipeline(
             mean=[m * 255 for m in IMAGENET_MEAN],
             std=[v * 255 for v in IMAGENET_STD],
         )
-        pipe.set_outputs(images, n_bad, bad_idx)
+        pipe.set_outputs(images, n_bad, bad_idx, idx)
     with stop_signals_ignored():  # the spawned source workers must not die of a pre-emption signal
         pipe.build()
     return pipe
@@ -157,7 +157,7 @@ class FixedBatch:
 
 
 def sample_columns(samples: list[tuple]) -> tuple[list[np.ndarray], ...]:
-    """Per-sample tuples ``(data, roi0, roi1, mirror, n_bad, first_bad, ...)`` -> the six columns."""
+    """Per-sample tuples ``(data, roi0, roi1, mirror, n_bad, first_bad, index)`` -> the seven columns."""
     return (
         [s[0] for s in samples],
         [s[1] for s in samples],
@@ -165,6 +165,7 @@ def sample_columns(samples: list[tuple]) -> tuple[list[np.ndarray], ...]:
         [s[3] for s in samples],
         [np.array(s[4], np.int32) for s in samples],
         [np.array(s[5], np.int64) for s in samples],
+        [np.array(s[6], np.int64) for s in samples],
     )
 
 
@@ -189,9 +190,9 @@ class DaliPretrainLoader(PretrainLoader):
         self._consumed = 0
         self.rejected: set[int] = set()  # dataset indices DALI's decoder failed on
 
-    def _build(self, epoch: int, position: int) -> None:
+    def _build(self, epoch: int, offset: int) -> None:
         self.close()
-        self._src = DaliBatchSource(self.source, self.sampler, self.batch_size, epoch, position, self.rejected)
+        self._src = DaliBatchSource(self.source, self.sampler, self.batch_size, epoch, offset, self.rejected)
         self._pipe = build_pipeline(
             self._src,
             batch_size=self.batch_size,
@@ -206,23 +207,24 @@ class DaliPretrainLoader(PretrainLoader):
     def _next_position(self) -> tuple[int, int] | None:
         return None if self._src is None else self._src.position(self._consumed)
 
-    def _batches(self, epoch, position):
+    def _batches(self, epoch, offset):
         # The stream continues across epochs; rebuild only when the caller jumped elsewhere.
-        if self._pipe is None or self._next_position() != (epoch, position):
-            self._build(epoch, position)
-        while position < self.num_batches:
+        if self._pipe is None or self._next_position() != (epoch, offset):
+            self._build(epoch, offset)
+        while self.batches_left(offset) > 0:
             try:
-                images, n_bad, bad_idx = self._pipe.run()
+                images, n_bad, bad_idx, idx = self._pipe.run()
             except Exception as e:  # DALI wraps every error (decoder, Python source) in a RuntimeError
-                self._recover(epoch, position, e)
+                self._recover(epoch, offset, e)
                 continue
             self._consumed += 1
-            position += 1
-            yield to_torch(images, self.device), np.array(n_bad.as_tensor()), np.array(bad_idx.as_tensor())
+            offset += self.global_batch
+            yield (to_torch(images, self.device), np.array(n_bad.as_tensor()), np.array(bad_idx.as_tensor()),
+                   np.array(idx.as_tensor()))
 
-    def _recover(self, epoch: int, position: int, error: Exception) -> None:
-        """Batch ``position`` of ``epoch`` failed in the pipeline: find the samples DALI's decoder
-        rejects, mark them bad, rebuild at the same batch; raise if no sample explains the failure.
+    def _recover(self, epoch: int, offset: int, error: Exception) -> None:
+        """The batch at global ``offset`` of ``epoch`` failed in the pipeline: find the samples DALI's
+        decoder rejects, mark them bad, rebuild at the same batch; raise if no sample explains the failure.
         Terminates: every retry follows a strict growth of the finite ``rejected`` set."""
         src, consumed = self._src, self._consumed
         self.close()
@@ -231,7 +233,7 @@ class DaliPretrainLoader(PretrainLoader):
         found = self._find_rejected(src, consumed) if src is not None else []
         if not found:
             raise DataError(
-                f"DALI failed on batch {position} of epoch {epoch} and no single sample of it explains the failure "
+                f"DALI failed on the batch at sample {offset} of epoch {epoch} and no single sample of it explains the failure "
                 f"({first_line(error)}); use --loader torch"
             ) from None
         self.rejected.update(found)
@@ -239,7 +241,7 @@ class DaliPretrainLoader(PretrainLoader):
         logger.warning(
             "DALI's decoder rejects %d file(s) that pass mcf's checks; they count as bad samples: %s", len(found), names
         )
-        self._build(epoch, position)
+        self._build(epoch, offset)
 
     def _find_rejected(self, src: DaliBatchSource, iteration: int) -> list[int]:
         """Dataset indices that fail alone in the loader's graph, among the samples (substitutes

@@ -3,7 +3,9 @@
 Both yield float32 ``(B, 3, S, S)`` ImageNet-normalised batches on ``device`` with exactly
 ``batch_size`` samples on every rank (the partial last batch is dropped; a bad sample is replaced
 by a valid one), both draw the crop/flip from ``(seed, epoch, index)``, and both save/restore their
-position in batches, so a resumed run continues with exactly the batches it would have produced.
+position as a *global* sample count (see :class:`PretrainLoader`), so a resumed run continues with
+exactly the batches it would have produced, or, on another number of ranks, with the rest of the
+epoch re-split over the new ranks.
 
 Bad data never kills a worker: unreadable and undecodable files are substituted and counted in the
 workers (:mod:`mcf.data.source`); the main process raises :class:`~mcf.errors.DataError` past
@@ -18,8 +20,10 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import logging
+import os
 import weakref
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +63,17 @@ MIN_SAMPLES_FOR_BAD_CHECK = 32
 class PretrainLoader:
     """Iterates this rank's batches of one epoch; see the module docstring.
 
+    **Position.** ``offset`` counts the samples of ``epoch`` consumed by *all* ranks together: the
+    epoch's order (:mod:`mcf.data.sampler`) has been consumed up to position ``offset``, and every
+    batch delivered on every rank advances it by ``batch_size · world_size``. ``state_dict()`` saves
+    ``{epoch, offset}`` with the loader's shape and its counters; ``load_state_dict()`` continues from
+    there with this loader's own ``world_size`` and ``batch_size``, which may differ from the ones
+    that wrote it: the rest of the epoch is re-split over this run's ranks, none repeated, none
+    skipped (what a finished epoch leaves over — fewer samples than one more global batch — is left
+    out, as in an uninterrupted epoch). Every source's loader keeps this contract, so the trainer
+    resumes any of them on any number of ranks: a source whose order is not a permutation of indices
+    (e.g. shards) must still count consumed samples globally and be able to continue from the count.
+
     Attributes:
         bad_samples: cumulative count of failed decodes on this rank.
         samples_seen: cumulative count of samples delivered on this rank.
@@ -96,24 +111,38 @@ class PretrainLoader:
                 f"{len(dataset)} samples give no full batch of {batch_size} per rank on {world_size} rank(s); use more data or a smaller batch"
             )
         self.epoch = 0
-        self.position = 0  # batches of ``epoch`` already delivered
+        self.offset = 0  # samples of ``epoch`` consumed by all ranks together
         self.bad_samples = 0
         self.samples_seen = 0
         self.bad_examples: list[str] = []  # names of the first bad samples met
         self._bad_indices: list[int] = []
+        self._record = SampleRecorder.from_env(rank, world_size)
 
     def __len__(self) -> int:
+        """Batches per rank in a whole epoch."""
         return self.num_batches
 
+    @property
+    def global_batch(self) -> int:
+        """Samples one batch on every rank consumes from the epoch."""
+        return self.batch_size * self.world_size
+
+    def batches_left(self, offset: int | None = None) -> int:
+        """Batches per rank from ``offset`` (default: the current position) to the end of the epoch."""
+        return self.sampler.share(self.offset if offset is None else offset) // self.batch_size
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch to iterate; a new epoch starts at batch 0, the current one resumes."""
+        """Select the epoch to iterate; a new epoch starts at offset 0, the current one resumes."""
         if int(epoch) != self.epoch:
-            self.epoch, self.position = int(epoch), 0
+            self.epoch, self.offset = int(epoch), 0
 
     def state_dict(self) -> dict[str, Any]:
+        """``epoch`` and ``offset`` (the position, any world size), the shape that wrote them
+        (``world_size``, ``batch_size``, informative), what must match to resume (``seed``,
+        ``num_samples``), and this rank's counters."""
         return {
             "epoch": self.epoch,
-            "position": self.position,
+            "offset": self.offset,
             "bad_samples": self.bad_samples,
             "samples_seen": self.samples_seen,
             "seed": self.seed,
@@ -123,23 +152,35 @@ class PretrainLoader:
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        for k in ("seed", "batch_size", "world_size", "num_samples"):
+        """Continue from a saved position; the saving run's world size and batch size may differ.
+
+        Accepts the earlier per-rank format (``position`` = batches of this rank), converted with the
+        ``batch_size`` and ``world_size`` it was written with.
+
+        Raises:
+            DataError: another seed or data set size (the epoch's order would differ), or an offset
+                outside the epoch.
+        """
+        for k in ("seed", "num_samples"):
             mine = len(self.dataset) if k == "num_samples" else getattr(self, k)
             if k in d and int(d[k]) != mine:
-                raise DataError(f"cannot resume the data stream exactly: the checkpoint has {k}={d[k]}, this run has {mine}")
-        if not 0 <= int(d["position"]) <= self.num_batches:
-            raise DataError(f"saved data position {d['position']} outside 0..{self.num_batches}")
-        self.epoch, self.position = int(d["epoch"]), int(d["position"])
+                raise DataError(f"cannot resume the data stream: the checkpoint has data {k}={d[k]}, this run has {mine}")
+        offset = int(d["offset"]) if "offset" in d else int(d["position"]) * int(d["batch_size"]) * int(d["world_size"])
+        if not 0 <= offset <= len(self.dataset):
+            raise DataError(f"saved data offset {offset} outside 0..{len(self.dataset)}")
+        self.epoch, self.offset = int(d["epoch"]), offset
         self.bad_samples = int(d.get("bad_samples", 0))
         self.samples_seen = int(d.get("samples_seen", 0))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        if self.position >= self.num_batches:  # a finished epoch iterated again restarts it
-            self.position = 0
+        if self.batches_left() == 0:  # a finished epoch iterated again restarts it
+            self.offset = 0
         _OPEN.add(self)
         try:
-            for images, n_bad, bad_idx in self._batches(self.epoch, self.position):
-                self.position += 1
+            for images, n_bad, bad_idx, idx in self._batches(self.epoch, self.offset):
+                if self._record is not None:
+                    self._record(self.epoch, self.offset, idx)
+                self.offset += self.global_batch
                 self._account(n_bad, bad_idx)
                 yield images
         except DataError:
@@ -155,8 +196,9 @@ class PretrainLoader:
         except Exception:  # at interpreter shutdown modules may be half gone; the atexit hook ran first
             pass
 
-    def _batches(self, epoch: int, position: int) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
-        """Batches ``position..`` of ``epoch``: (images on device, failed attempts, first bad index)."""
+    def _batches(self, epoch: int, offset: int) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]]:
+        """This rank's batches of ``epoch`` from global position ``offset`` to the end of the epoch:
+        (images on device, failed attempts, first bad index, the batch's dataset indices)."""
         raise NotImplementedError
 
     def _account(self, n_bad: np.ndarray, bad_idx: np.ndarray) -> None:
@@ -190,9 +232,33 @@ class PretrainLoader:
         return f"{self.dataset.name(index)} ({self.source.reason(index, getattr(self, 'rejected', ()))})"
 
 
-def _collate(items: list[tuple[np.ndarray, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class SampleRecorder:
+    """Test hook: with ``$MCF_RECORD_SAMPLES=DIR`` every batch delivered appends one ``epoch offset
+    index`` line per sample to ``DIR/samples_rank{rank}of{world}_{pid}.txt``: the batch's global
+    offset and the dataset index each sample was produced for, as the worker returned it with the
+    image (a bad sample's substitute is not recorded). Off (None) otherwise."""
+
+    ENV = "MCF_RECORD_SAMPLES"
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def from_env(cls, rank: int, world_size: int) -> SampleRecorder | None:
+        folder = os.environ.get(cls.ENV)
+        if not folder:
+            return None
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return cls(Path(folder) / f"samples_rank{rank}of{world_size}_{os.getpid()}.txt")
+
+    def __call__(self, epoch: int, offset: int, indices: np.ndarray) -> None:
+        with open(self.path, "a") as f:
+            f.writelines(f"{epoch} {offset} {int(i)}\n" for i in np.asarray(indices).reshape(-1))
+
+
+def _collate(items: list[tuple[np.ndarray, int, int, int]]) -> tuple[torch.Tensor, ...]:
     imgs = torch.from_numpy(np.stack([it[0] for it in items]))  # (B, 3, S, S)
-    return imgs, torch.tensor([it[1] for it in items]), torch.tensor([it[2] for it in items])
+    return imgs, *(torch.tensor([it[k] for it in items]) for k in (1, 2, 3))
 
 
 class TorchPretrainLoader(PretrainLoader):
@@ -217,12 +283,12 @@ class TorchPretrainLoader(PretrainLoader):
             worker_init_fn=worker_init if nw > 0 else None,
         )
 
-    def _batches(self, epoch, position):
+    def _batches(self, epoch, offset):
         self.sampler.set_epoch(epoch)
-        self.sampler.set_start(position * self.batch_size)
+        self.sampler.set_offset(offset)
         nb = self.device.type == "cuda"
-        for imgs, n_bad, bad_idx in self._loader:  # uint8 from the workers, normalised here on the device
-            yield normalize_batch(imgs.to(self.device, non_blocking=nb)), n_bad.numpy(), bad_idx.numpy()
+        for imgs, n_bad, bad_idx, idx in self._loader:  # uint8 from the workers, normalised here on the device
+            yield normalize_batch(imgs.to(self.device, non_blocking=nb)), n_bad.numpy(), bad_idx.numpy(), idx.numpy()
 
     def close(self) -> None:
         """Shut the persistent workers down (see :func:`shutdown_workers`)."""

@@ -143,22 +143,26 @@ class TorchSampleDataset:
     def __len__(self) -> int:
         return len(self.source.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, int, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, int, int, int]:
+        """``(uint8 image, failed attempts, first bad index or -1, index)``."""
         epoch, index = key
-        return self.source.torch_sample(epoch, index)
+        return (*self.source.torch_sample(epoch, index), index)
 
 
 class DaliBatchSource:
     """The callable of DALI's parallel ``external_source`` (``batch=True, batch_info=True``).
 
-    It is a pure function of the iteration number: batch ``it`` of the stream is batch
-    ``(start_batch + it) % num_batches`` of epoch ``base_epoch + (start_batch + it) // num_batches``,
-    so the stream runs across epoch boundaries without a pipeline reset and prefetching never
-    stalls; the loader counts what it consumed to know the (epoch, batch) of the next output.
+    It is a pure function of the iteration number: the stream starts at global position
+    ``start_offset`` of epoch ``base_epoch`` and runs through that epoch's remaining batches, then
+    through whole epochs ``base_epoch + 1, …`` from offset 0, so it crosses epoch boundaries without
+    a pipeline reset and prefetching never stalls; the loader counts what it consumed to know the
+    ``(epoch, offset)`` of the next output. Batch indices are computed from the sampler's order per
+    batch (O(batch) memory in each worker).
 
     Outputs (per sample): encoded bytes (uint8), roi_start and roi_end ([y, x] float32), mirror
-    (int32), failed decode attempts (int32) and the first bad dataset index (int64, -1 if none).
-    ``rejected``: dataset indices DALI's decoder failed on, substituted like undecodable files.
+    (int32), failed decode attempts (int32), the first bad dataset index (int64, -1 if none) and the
+    sample's dataset index (int64). ``rejected``: dataset indices DALI's decoder failed on,
+    substituted like undecodable files.
 
     Unpickled in a spawned DALI worker, it first runs :func:`~mcf.data.workers.worker_init` there
     (stop signals ignored, killed with its parent).
@@ -170,13 +174,15 @@ class DaliBatchSource:
         sampler: DistributedSampler,
         batch_size: int,
         base_epoch: int,
-        start_batch: int,
+        start_offset: int,
         rejected: Collection[int] = frozenset(),
     ):
         self.source, self.sampler, self.batch_size = source, sampler, batch_size
-        self.base_epoch, self.start_batch = base_epoch, start_batch
+        self.base_epoch, self.start_offset = base_epoch, start_offset
         self.rejected = frozenset(rejected)
-        self.num_batches = sampler.per_rank // batch_size
+        self.step = batch_size * sampler.world_size  # global samples per batch
+        self.first = sampler.share(start_offset) // batch_size  # batches left in the base epoch
+        self.per_epoch = sampler.per_rank // batch_size
         self._owner = os.getpid()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -185,20 +191,24 @@ class DaliBatchSource:
             worker_init()
 
     def position(self, iteration: int) -> tuple[int, int]:
-        g = self.start_batch + iteration
-        return self.base_epoch + g // self.num_batches, g % self.num_batches
+        """``(epoch, global offset)`` of the stream's batch ``iteration``."""
+        if iteration < self.first:
+            return self.base_epoch, self.start_offset + iteration * self.step
+        epochs, b = divmod(iteration - self.first, self.per_epoch)
+        return self.base_epoch + 1 + epochs, b * self.step
 
     def batch_indices(self, iteration: int) -> tuple[int, np.ndarray]:
         """``(epoch, dataset indices)`` of batch ``iteration`` of the stream."""
-        epoch, b = self.position(iteration)
-        return epoch, self.sampler.indices(epoch)[b * self.batch_size : (b + 1) * self.batch_size]
+        epoch, offset = self.position(iteration)
+        return epoch, self.sampler.take(epoch, offset, 0, self.batch_size)
 
     def __call__(self, batch_info) -> tuple[list[np.ndarray], ...]:
         it = batch_info if isinstance(batch_info, int) else batch_info.iteration
         epoch, idx = self.batch_indices(it)
-        cols: tuple[list, ...] = ([], [], [], [], [], [])
-        for i in idx:
-            data, r0, r1, flip, n_bad, first_bad, _ = self.source.dali_sample(epoch, int(i), self.rejected)
-            for col, v in zip(cols, (data, r0, r1, flip, np.array(n_bad, np.int32), np.array(first_bad, np.int64))):
+        cols: tuple[list, ...] = ([], [], [], [], [], [], [])
+        for i in idx.tolist():
+            data, r0, r1, flip, n_bad, first_bad, _ = self.source.dali_sample(epoch, i, self.rejected)
+            values = (data, r0, r1, flip, np.array(n_bad, np.int32), np.array(first_bad, np.int64), np.array(i, np.int64))
+            for col, v in zip(cols, values):
                 col.append(v)
         return cols

@@ -16,6 +16,15 @@ leaves the previous one in use); an explicit path must be intact. The newest ``c
 marked directories up to the current step are kept, unmarked leftovers are deleted. A write error on
 any rank (a full disk) fails the save on every rank, removes the partial folder and leaves the
 earlier checkpoints as they were.
+
+**Another number of ranks.** ZeRO-0 state is whole in ``mp_rank_00_model_states.pt`` and loads on
+any number of ranks. ZeRO 1-3 partitions (the fp32 masters, Adam's moments and step) are re-split
+through DeepSpeed's universal checkpoint: on the first resume with another world size, rank 0
+converts the directory once with ``deepspeed.checkpoint.ds_to_universal`` into ``step_*/universal/``
+(one folder per parameter holding ``fp32``, ``exp_avg``, ``exp_avg_sq`` and ``step``; written
+beside, then renamed into place, so an interrupted conversion is redone) and every rank loads its
+new partition from it with DeepSpeed's ``checkpoint.load_universal``. The per-rank files of the old
+ranks are all read (see :mod:`mcf.train.elastic`).
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ log = logging.getLogger(__name__)
 FORMAT = "mcf-pretrain-v1"
 MCF_STATE = "mcf_state.pt"
 ONLINE_FP32 = "online_fp32.pt"  # ZeRO 0 in bf16/fp16 only: the fp32 masters (DeepSpeed keeps them as flat groups)
+UNIVERSAL = "universal"  # DeepSpeed's universal copy of a ZeRO 1-3 step directory, made on a world-size change
 STEP_RE = re.compile(r"^step_(\d{8,})$")
 # fault injection for tests, inside the save of step N once every file is written, before the marker:
 CRASH_ENV = "MCF_TEST_CRASH_IN_SAVE"  # every rank SIGKILLs itself
@@ -289,13 +299,14 @@ def prune(root: Path, keep_last: int, upto: int | None = None) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def read_mcf_state(step_dir: Path) -> dict[str, Any]:
-    """``mcf_state.pt`` of a step folder, checked to hold what a resume or an export needs."""
-    state = safe_load(step_dir / MCF_STATE)
+def read_state(path: Path) -> dict[str, Any]:
+    """``mcf_state.pt`` of a step directory (step, world size, config, EMA target), checked for its format
+    and for what a resume or an export needs."""
+    state = safe_load(path / MCF_STATE)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{step_dir} is not an mcf pre-training checkpoint")
+        raise CheckpointError(f"{path} is not an mcf pre-training checkpoint")
     if not isinstance(state.get("config"), dict) or not isinstance(state.get("target"), dict) or not isinstance(state.get("step"), int):
-        raise CheckpointError(f"{step_dir / MCF_STATE} is damaged (no step, config or target weights)")
+        raise CheckpointError(f"{path / MCF_STATE} is damaged (no step, config or target weights)")
     return state
 
 
@@ -312,26 +323,101 @@ def _check_same_layout(path: Path, config: dict[str, Any], engine: Any) -> None:
                               "`mcf export-fp32` and start a new run from those weights)")
 
 
-def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore the engine (module, optimizer, ZeRO shards) from ``path``; returns (mcf_state, rank_state).
+def is_partitioned(path: Path) -> bool:
+    """Whether DeepSpeed's optimizer state in ``path`` is split over ranks (ZeRO 1-3)."""
+    return any(path.glob("*optim_states.pt"))
 
+
+def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Restore the engine (module, optimizer, ZeRO shards) from ``path``, written with ``state`` (:func:`read_state`).
+
+    On the checkpoint's own number of ranks: returns ``[this rank's state]``. On another number:
+    ZeRO 1-3 state is loaded from the universal copy (:func:`universal_copy`; the engine must have
+    been built with ``checkpoint.load_universal``), and the states of all old ranks are returned.
     Every file is read with :func:`mcf.serialization.safe_load` (DeepSpeed's reads too).
     """
-    state = read_mcf_state(path)
-    _check_same_layout(path, state["config"], engine)
-    if int(state.get("world_size", world_size)) != world_size:
-        raise CheckpointError(f"{path} was written by {state['world_size']} ranks, this run has {world_size}: "
-                              "resume with the same number of ranks (or export it with `mcf export-fp32` and start a new run)")
-    rf = path / rank_file(rank)
-    if not rf.is_file():
-        raise CheckpointError(f"{rf} is missing")
+    saved_world = int(state.get("world_size", world_size))
+    ranks = [rank] if saved_world == world_size else list(range(saved_world))
+    files = [path / rank_file(r) for r in ranks]
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing")
+    if saved_world == world_size:
+        _check_same_layout(path, state["config"], engine)
+    universal = saved_world != world_size and is_partitioned(path)
+    load_dir = universal_copy(path, rank) if universal else path
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside DeepSpeed's wrapper
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
     integrity.writer_of(engine)  # DeepSpeed's own reads go through safe_load from here on
     with safe_torch_load():
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+        load_path, _ = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load {path}")
-    return state, safe_load(rf)
+        raise CheckpointError(f"DeepSpeed could not load {load_dir}")
+    if universal:
+        _repair_universal_load(base, hyper)
+    return [safe_load(f) for f in files]
+
+
+def _repair_universal_load(base: torch.optim.Optimizer, hyper: list[dict[str, Any]]) -> None:
+    """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal load (measured: after one resumed step
+    the no-decay group had decayed and its Adam step count had advanced by 2):
+
+    - it copies the hyperparameters of param group 0 into every group (the no-decay group got
+      ``weight_decay=0.05``): each group gets back the values it was built with (mcf's config);
+    - it stores one ``step`` tensor object in the state of every group, which torch's AdamW then
+      increments in place once per group: each state gets its own copy, on its parameter's device.
+    """
+    for group, values in zip(base.param_groups, hyper):
+        group.update(values)
+    for p, st in base.state.items():
+        if torch.is_tensor(st.get("step")):
+            st["step"] = st["step"].detach().clone().to(p.device if torch.is_tensor(p) else st["step"].device)
+
+
+def universal_copy(path: Path, rank: int) -> Path:
+    """``path/universal``: DeepSpeed's universal checkpoint of the ZeRO 1-3 step directory ``path``,
+    converted by rank 0 on first use (a collective: every rank waits for it)."""
+    out = path / UNIVERSAL
+    error = ""
+    if rank == 0 and not out.is_dir():
+        import argparse
+        import contextlib
+        import io
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        # The converter writes a "latest_universal" file beside its output folder: convert inside a
+        # scratch folder, then move the result into place (an interrupted conversion leaves only scratch).
+        scratch = path / f".{UNIVERSAL}.tmp"
+        shutil.rmtree(scratch, ignore_errors=True)
+        args = argparse.Namespace(input_folder=str(path), output_folder=str(scratch / UNIVERSAL), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        log.info("converting %s to DeepSpeed's universal checkpoint for a new number of ranks", path)
+        chatter = io.StringIO()  # the converter prints its arguments and progress bars
+        try:
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), safe_torch_load():
+                ds_to_universal.main(args)  # reads every shard with torch.load(weights_only=False)
+            os.replace(scratch / UNIVERSAL, out)
+        except Exception as e:  # noqa: BLE001 - any converter failure means this checkpoint cannot be re-split
+            error = f"{type(e).__name__}: {e}"
+        shutil.rmtree(scratch, ignore_errors=True)
+    error = _from_rank0(error)  # the other ranks wait here, and stop too when rank 0 failed
+    if error:
+        raise CheckpointError(f"cannot convert {path} for another number of ranks ({error}); resume it on the number of ranks "
+                              "that wrote it")
+    return out
+
+
+def _from_rank0(value: str) -> str:
+    """Rank 0's ``value`` on every rank (a collective when there are several ranks)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # -- consolidation --------------------------------------------------------------------------------
@@ -375,7 +461,7 @@ def load_consolidated(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f"{p} is not an `mcf export-fp32` file (keys online, target, config, step)")
         return d
     step_dir = resolve_checkpoint(p)
-    state = read_mcf_state(step_dir)
+    state = read_state(step_dir)
     return {"online": _online_fp32(step_dir), "target": {k: v.float() for k, v in state["target"].items()},
             "config": state["config"], "step": int(state["step"])}
 

@@ -24,8 +24,9 @@ from torch.profiler import record_function
 from mcf.config import Config, dump_config
 from mcf.configtree import to_dict
 from mcf.dist import rank0_decides
-from mcf.errors import ConfigError, DataError, StorageError, UserError
+from mcf.errors import CheckpointError, ConfigError, DataError, StorageError, UnsafeCheckpointError, UserError
 from mcf.train import checkpoint as ckpt
+from mcf.train import elastic
 from mcf.train.engine import (
     PRECISION_DTYPES,
     CastInput,
@@ -78,14 +79,16 @@ class Trainer:
         # gloo's all_gather_into_tensor (the contrastive keys) warns on every call
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
         env_rank, world_size, _ = setup_env()
-        self.ds_config = build_ds_config(cfg, world_size)  # flag/JSON conflicts fail before any heavy work
         self.out = Path(cfg.train.output_dir)
         # rank 0 locks the output folder before anything reads or writes it, and probes MLflow; alone it
         # fails at once, otherwise every rank learns the verdict right after the process group starts
         startup_error = self._preflight() if env_rank == 0 else None
         if startup_error is not None and world_size == 1:
             raise startup_error
-        self.resume_dir = ckpt.find_resume(cfg.train.resume, self.out, verify=False)  # a wrong path fails early
+        # a first look (names and markers: a wrong path fails early, and the batch plan and DeepSpeed config
+        # are known before any heavy work); rank 0 checks the files once the process group is up
+        self.resume_dir = ckpt.find_resume(cfg.train.resume, self.out, verify=False)
+        self.ds_config = self._plan_resume(world_size)  # the batch policy on another number of ranks, before any heavy work
         self.build_monitor = None
         if cfg.monitor.every > 0:
             try:
@@ -108,7 +111,10 @@ class Trainer:
         model = create_model_from_config(cfg) if startup_error is None else None  # a missing teacher fails here, before DeepSpeed
 
         self.rank, self.world_size, self.device = init_distributed(cfg.train.precision)
-        self.resume_dir = rank0_decides(lambda: self._decide_resume(startup_error))
+        verified = rank0_decides(lambda: self._decide_resume(startup_error))
+        if verified != self.resume_dir or (verified is not None and self.resume_state is None):
+            self.resume_dir = verified  # rank 0 fell back past a damaged checkpoint: plan from the one it chose
+            self.ds_config = self._plan_resume(self.world_size)
         if self.rank == 0:
             try:
                 (self.out / "config.yaml").write_text(dump_config(cfg))
@@ -151,7 +157,7 @@ class Trainer:
         self.mask_gen = torch.Generator(device=self.device)
         self.mask_gen.manual_seed(seed * 1_000_003 + 7919 * (self.rank + 1))
         torch.manual_seed(seed + 104_729 * (self.rank + 1))
-        self.step, self.epoch, self.epoch_batches = 0, 0, 0
+        self.step, self.epoch = 0, 0
         self.acc = torch.zeros(len(TERMS) + 1, device=self.device)  # sums of TERMS, micro-batch count
         self.steps_since_log = 0
         if self.resume_dir is not None:
@@ -184,18 +190,50 @@ class Trainer:
             raise startup_error
         return ckpt.find_resume(self.cfg.train.resume, self.out)
 
+    def _plan_resume(self, world_size: int) -> dict[str, Any]:
+        """Read the checkpoint to resume (``self.resume_dir``), apply ``train.elastic`` when it was written by
+        another number of ranks (``train.accum_steps``, ``self.resized``), and return the DeepSpeed config
+        (flag/JSON conflicts fail here too), set to load a universal checkpoint when partitions must be re-split."""
+        cfg = self.cfg
+        try:
+            self.resume_state = ckpt.read_state(self.resume_dir) if self.resume_dir is not None else None
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError:  # damaged: rank 0's check of the files decides (it may fall back to an older one)
+            self.resume_state = None
+        self.resized = False
+        if self.resume_state is not None:
+            saved = elastic.RunShape.of_checkpoint(self.resume_state)
+            cfg.train.accum_steps = elastic.plan_accum_steps(cfg.train.elastic, saved, cfg.train.batch_size, cfg.train.accum_steps,
+                                                             world_size)
+            self.resized = saved.world_size != world_size
+        ds_config = build_ds_config(cfg, world_size)
+        if self.resized and ckpt.is_partitioned(self.resume_dir):  # ZeRO 1-3 partitions are re-split from the universal copy
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        return ds_config
+
     def _restore(self, path: Path) -> None:
-        state, rstate = ckpt.load_checkpoint(self.engine, path, self.rank, self.world_size)
+        state = self.resume_state
+        rstates = ckpt.load_checkpoint(self.engine, path, self.rank, self.world_size, state)
         self.model.target.load_state_dict(state["target"])
         self.step = int(state["step"])
-        self.epoch, self.epoch_batches = int(rstate["epoch"]), int(rstate["epoch_batches"])
+        if not self.resized:
+            rstate = rstates[0]
+            ckpt.set_rng_state(rstate["rng"])
+            self.mask_gen.set_state(rstate["mask_gen"])
+        else:  # another number of ranks: the data position is global, the rest is re-derived per new rank
+            rstate = elastic.resplit_rank_state(rstates, self.rank)
+            elastic.reseed(self.cfg.train.seed, self.rank, self.step, self.mask_gen)
+            if self.rank == 0:
+                log.info("resumed on %d rank(s) from a checkpoint of %d: the rest of epoch %d is re-split over the new ranks",
+                         self.world_size, len(rstates), rstate["loader"]["epoch"])
         self.loader.load_state_dict(rstate["loader"])
-        if self.epoch_batches >= len(self.loader):  # the checkpoint closed an epoch
-            self.epoch, self.epoch_batches = self.epoch + 1, 0
-        ckpt.set_rng_state(rstate["rng"])
-        self.mask_gen.set_state(rstate["mask_gen"])
+        self.epoch = self.loader.epoch
+        if self.loader.batches_left() == 0:  # the checkpoint closed an epoch (or left only a tail shorter than a global batch)
+            self.epoch += 1
         self.acc = rstate["acc"].to(self.device)
         self.steps_since_log = int(rstate["steps_since_log"])
+        self.resume_state = None  # the EMA weights it holds are in the target now
         if self.rank == 0:
             old, new = flatten(state["config"]), flatten(to_dict(self.cfg))
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "train.resume")
@@ -208,7 +246,7 @@ class Trainer:
     def _save(self) -> Path:
         mcf_state = {"step": self.step, "world_size": self.world_size, "config": to_dict(self.cfg),
                      "target": {k: v.detach().float().cpu() for k, v in self.model.target.state_dict().items()}}
-        rank_state = {"epoch": self.epoch, "epoch_batches": self.epoch_batches, "loader": self.loader.state_dict(),
+        rank_state = {"loader": self.loader.state_dict(),
                       "rng": ckpt.rng_state(), "mask_gen": self.mask_gen.get_state(), "acc": self.acc.cpu(),
                       "steps_since_log": self.steps_since_log}
         online_fp32 = None
@@ -225,10 +263,8 @@ class Trainer:
     def _batches(self) -> Iterator[torch.Tensor]:
         while True:
             self.loader.set_epoch(self.epoch)
-            for images in self.loader:
-                self.epoch_batches += 1
-                yield images
-            self.epoch, self.epoch_batches = self.epoch + 1, 0
+            yield from self.loader
+            self.epoch += 1
 
     # -- loop -------------------------------------------------------------------------------------
     def fit(self) -> int:
