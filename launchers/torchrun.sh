@@ -4,11 +4,12 @@
 #   launchers/torchrun.sh [launcher options] [--] [mcf pretrain options]
 #
 # Launcher options (each also read from the environment; the flag wins):
-#   --nproc-per-node N   processes on this node   (NPROC_PER_NODE; default: GPUs seen by nvidia-smi, else 1)
+#   --nproc-per-node N   processes on this node   (NPROC_PER_NODE; default: the GPUs torch sees, else 1)
 #   --nnodes N           nodes in the run          (NNODES; default 1)
 #   --node-rank R        this node's index         (NODE_RANK; default 0)
 #   --master-addr A      rank-0 node address       (MASTER_ADDR; default 127.0.0.1)
 #   --master-port P      rank-0 TCP port           (MASTER_PORT; default 29500)
+#   --dry-run            print the torchrun command instead of running it
 # Everything else is passed to `mcf pretrain` unchanged, e.g.
 #   launchers/torchrun.sh --nproc-per-node 8 --config base --data /data/faces.lmdb --output-dir runs/base
 # The interpreter is $MCF_PYTHON (default: python); extra torchrun flags go in $MCF_TORCHRUN_ARGS.
@@ -22,9 +23,10 @@ NODE_RANK=${NODE_RANK:-0}
 ADDR=${MASTER_ADDR:-127.0.0.1}
 PORT=${MASTER_PORT:-29500}
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 need() { [ "$2" -ge 2 ] || { echo "torchrun.sh: $1 needs a value" >&2; exit 2; }; }
 
+DRY_RUN=0
 ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -33,6 +35,7 @@ while [ $# -gt 0 ]; do
         --node-rank|--node_rank) need "$1" $#; NODE_RANK=$2; shift 2 ;;
         --master-addr|--master_addr) need "$1" $#; ADDR=$2; shift 2 ;;
         --master-port|--master_port) need "$1" $#; PORT=$2; shift 2 ;;
+        --dry-run) DRY_RUN=1; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; ARGS+=("$@"); break ;;
         *) ARGS+=("$1"); shift ;;
@@ -40,12 +43,16 @@ while [ $# -gt 0 ]; do
 done
 
 if [ -z "$NPROC" ]; then
-    NPROC=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-    [ "${NPROC:-0}" -ge 1 ] || NPROC=1
+    # the GPUs torch will see: CUDA_VISIBLE_DEVICES applies (nvidia-smi -L lists every GPU of the node)
+    NPROC=$("$PY" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || true)
+    [[ "$NPROC" =~ ^[0-9]+$ ]] && [ "$NPROC" -ge 1 ] || NPROC=1
 fi
 
 # shellcheck disable=SC2086  # MCF_TORCHRUN_ARGS is a list of flags
-exec "$PY" -m torch.distributed.run \
-    --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC" \
-    --master-addr "$ADDR" --master-port "$PORT" ${MCF_TORCHRUN_ARGS:-} \
-    -m mcf pretrain "${ARGS[@]}"
+CMD=("$PY" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC"
+     --master-addr "$ADDR" --master-port "$PORT" ${MCF_TORCHRUN_ARGS:-} -m mcf pretrain "${ARGS[@]}")
+if [ "$DRY_RUN" = 1 ]; then
+    printf '%q ' "${CMD[@]}"; echo
+    exit 0
+fi
+exec "${CMD[@]}"

@@ -7,6 +7,7 @@ The resolved tree is written to ``config.yaml`` in the output folder and into ev
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from mcf.data.config import DataConfig
 from mcf.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
+SEED_MAX = 2**32 - 1
 
 
 @dataclass(kw_only=True)
@@ -105,8 +107,17 @@ class OptimConfig:
     grad_clip: float = field(0.0, help="Gradient-norm clipping (0 = off, as released).")
 
     def __post_init__(self) -> None:
+        numbers = {"blr": self.blr, "lr": self.lr, "min_lr": self.min_lr, "weight_decay": self.weight_decay,
+                   "grad_clip": self.grad_clip, "warmup_epochs": self.warmup_epochs, "betas": self.betas}
+        for name, value in numbers.items():
+            if any(v is not None and not math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
+                raise ConfigError(f"optim.{name} must be a finite number, got {value}")
         if self.blr <= 0 or (self.lr is not None and self.lr <= 0):
             raise ConfigError("optim.blr / optim.lr must be > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.warmup_epochs < 0:
+            raise ConfigError("optim.warmup_epochs must be >= 0")
         if self.min_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("optim.min_lr, weight_decay and grad_clip must be >= 0")
         if self.warmup_steps is not None and self.warmup_steps < 0:
@@ -122,7 +133,7 @@ class TrainConfig:
     max_steps: int | None = field(None, help="Stop after this many optimizer steps (overrides epochs).")
     precision: Literal["fp32", "bf16", "fp16"] = field("bf16", help="Training precision (fp16 uses dynamic loss scaling).")
     seed: int = field(0, help="Seed of weights, masks, augmentation and data order.")
-    resume: str = field("auto", help="auto (newest complete checkpoint in output_dir), none, or a checkpoint path.")
+    resume: str = field("auto", help="auto (newest intact checkpoint in output_dir, else the previous one), none, or a checkpoint path.")
     compile: bool = field(False, help="torch.compile the online model.")
     target_precision: Literal["auto", "fp32"] = field("auto", help="Dtype of the EMA target's forward: auto = the training "
                                                       "precision (the EMA itself stays fp32), fp32 = as released.")
@@ -130,18 +141,34 @@ class TrainConfig:
     activation_checkpointing: Literal["none", "encoder", "decoder", "teacher", "all"] = field(
         "none", help="Recompute the activations of these transformer blocks in the backward instead of keeping them "
                      "(per block; teacher = its pass over the rebuilt image).")
+    lock_stale_s: float = field(120.0, help="The output folder's lock is taken over when its holder on another node has not "
+                                            "refreshed it for this long (on the same node: as soon as its process is gone).")
+    elastic: Literal["keep_global_batch", "keep_micro_batch", "refuse"] = field(
+        "keep_global_batch",
+        help="Resuming on another number of ranks: keep_global_batch (accum_steps re-derived so that batch_size*accum_steps*ranks "
+             "stays the checkpoint's; an error when it cannot divide), keep_micro_batch (batch_size and accum_steps as configured: "
+             "the global batch changes), refuse (an error).")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.accum_steps < 1 or self.epochs < 1:
             raise ConfigError("train.batch_size, accum_steps and epochs must be >= 1")
+        if self.elastic not in ("keep_global_batch", "keep_micro_batch", "refuse"):
+            raise ConfigError(f"train.elastic must be keep_global_batch, keep_micro_batch or refuse, not {self.elastic!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("train.max_steps must be >= 1")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(f"train.seed must be in [0, {SEED_MAX}] (numpy's seed range), got {self.seed}")
+        if self.lock_stale_s < 1:
+            raise ConfigError("train.lock_stale_s must be >= 1 (seconds)")
 
 
 @dataclass(kw_only=True)
 class DeepSpeedConfig:
     zero: int = field(1, help="ZeRO stage 0-3.")
     config: str | None = field(None, help="DeepSpeed JSON (ds_configs/…); None = chosen from zero and precision. Batch keys are filled by mcf.")
+    reduce_dtype: Literal["fp32", "bf16", "fp16"] = field(
+        "fp32", help="dtype in which gradients are summed across ranks (DeepSpeed's communication_data_type, every ZeRO stage); "
+                     "fp32 as the paper's DDP did; bf16/fp16 halve the traffic but round every partial sum.")
 
     def __post_init__(self) -> None:
         if self.zero not in (0, 1, 2, 3):
@@ -155,16 +182,22 @@ class LoggingConfig:
     tracking_uri: str | None = field(None, help="MLflow tracking URI; None = a local sqlite store in the output folder; 'none' disables MLflow.")
     experiment: str = field("mcf", help="MLflow experiment name.")
     progress: bool = field(True, help="tqdm progress bar on rank 0.")
+    profile_step: int = field(0, help="Profile this optimizer step (torch.profiler, rank 0): time shares of the mcf.* ranges "
+                                      "(data, online, target, teacher, backward, optimizer, ema, sync) in OUTPUT/profile_step_N.json; 0 = off.")
 
     def __post_init__(self) -> None:
         if self.log_every < 1 or self.recon_every < 0:
             raise ConfigError("logging.log_every must be >= 1 and recon_every >= 0")
+        if self.profile_step < 0:
+            raise ConfigError("logging.profile_step must be >= 0 (0 = off)")
 
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
     every: int = field(1000, help="Steps between checkpoints (a final one is always written).")
     keep_last: int = field(3, help="Complete checkpoints kept; older ones are deleted.")
+    hash: bool = field(False, help="Record each file's SHA-256 in the COMPLETE marker (hashed while writing) and check it on "
+                                   "resume (reads the whole checkpoint); sizes are always recorded and checked.")
 
     def __post_init__(self) -> None:
         if self.every < 1 or self.keep_last < 1:
@@ -198,17 +231,26 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def preset_dict(name_or_path: str) -> dict[str, Any]:
-    """The partial dict of a named preset or a YAML file (a preset may ``inherit:`` another)."""
+def preset_dict(name_or_path: str, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The partial dict of a named preset or a YAML file (a preset may ``inherit:`` another; a
+    relative path is looked up beside the inheriting file first). A cycle is an error."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PRESET_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown preset '{name_or_path}' (presets: {', '.join(list_presets())}; or give a YAML path)")
+    elif _chain and not path.is_absolute() and (_chain[-1].parent / path).is_file():
+        path = _chain[-1].parent / path
+    key = path.resolve()
+    if key in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain[_chain.index(key):], key))
+        raise ConfigError(f"config 'inherit:' cycle: {cycle}")
     data = load_yaml(path)
     parent = data.pop("inherit", None)
-    if parent:
-        data = merge(preset_dict(parent), data)
+    if parent is not None:
+        if not isinstance(parent, str) or not parent:
+            raise ConfigError(f"config file {path}: 'inherit' must name a preset or a YAML file, got {parent!r}")
+        data = merge(preset_dict(parent, (*_chain, key)), data)
     return data
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -99,32 +100,55 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"invalid value for '{key}': expected true/false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"invalid value for '{key}': expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"invalid value for '{key}': expected an integer, got {value!r}")
+        return _check_int(_to_int(value, key), key)
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"invalid value for '{key}': expected a number, got {value!r}")
+        number = _to_float(value, key)
+        if not math.isfinite(number):  # nan/inf pass every comparison-based check, then poison the run
+            raise ConfigError(f"invalid value for '{key}': {value!r} (must be a finite number)")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"invalid value for '{key}': expected a string, got {value!r}")
     return value
+
+
+INT_MAX = 2**63 - 1  # what torch and numpy take as an integer
+
+
+def _to_int(value: Any, key: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"invalid value for '{key}': expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"invalid value for '{key}': expected an integer, got {value!r}")
+
+
+def _check_int(value: int, key: str) -> int:
+    if not -INT_MAX - 1 <= value <= INT_MAX:
+        raise ConfigError(f"invalid value for '{key}': {value} is out of the 64-bit integer range")
+    return value
+
+
+def _to_float(value: Any, key: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"invalid value for '{key}': {value!r} (must be a finite number)") from None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"invalid value for '{key}': expected a number, got {value!r}")
 
 
 def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:

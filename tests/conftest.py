@@ -26,3 +26,30 @@ def poison_kernel_outputs(monkeypatch):
         return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
 
     monkeypatch.setattr(tu, "empty", empty)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server on 127.0.0.1 (sqlite store ``tmp_path/server.db``): (url, healthy(), process)."""
+    import signal
+    import subprocess
+    import urllib.request
+
+    from train_helpers import BIN, env, free_port, kill_tree
+
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--default-artifact-root", str(tmp_path / "art")],
+                            env=env(), stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return urllib.request.urlopen(url + "/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        yield url, healthy, proc
+    finally:
+        kill_tree(proc, signal.SIGTERM)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import zlib
 from pathlib import Path
 
@@ -82,6 +83,63 @@ def make_salted_folder(root: Path, n_good: int = 40, seed: int = 1) -> None:
     (root / "notes.txt").write_text("ignored: not an image extension\n")
 
 
+def png_with_header(width: int, height: int) -> bytes:
+    """A well-formed PNG whose header claims ``width x height`` RGB pixels but holds one row."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    idat = chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
+
+
+def jpeg_with_broken_marker(a: np.ndarray) -> bytes:
+    """A JPEG whose second DHT segment lost its 0xFF: libjpeg (PIL) decodes it with a "Corrupt JPEG
+    data" warning, DALI's parser rejects it ("Invalid marker")."""
+    data = bytearray(encode(a, "JPEG", quality=90))
+    i = data.index(b"\xff\xc4")
+    j = data.index(b"\xff\xc4", i + 2)
+    data[j] = 0xC2
+    return bytes(data)
+
+
+def _raises_on_read(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.read(16)
+    except OSError:
+        return True
+    return False
+
+
+def make_hostile_folder(root: Path, n_good: int = 40, seed: int = 3) -> set[str]:
+    """``n_good`` good images under ``good/`` plus, under ``hostile/``, entries that cannot be read or
+    decoded as root can make them: a dangling and a looping symlink, a FIFO, links to /dev/zero, to
+    a write-only sysctl (EACCES even for root) and to /proc/self/mem (EIO at offset 0), an empty
+    file, a PNG whose header claims 60000x60000 pixels, a JPEG with a broken marker, and a directory
+    named like an image. Returns the names (relative to ``root``) that are bad samples where the
+    folder scan lists them (it skips what is not a file or a link to one)."""
+    make_folder(root, n_good, seed, sub="good")
+    h = root / "hostile"
+    h.mkdir()
+    (h / "dangling.jpg").symlink_to(root / "nowhere.jpg")
+    (h / "loop.jpg").symlink_to("loop.jpg")
+    os.mkfifo(h / "fifo.jpg")
+    (h / "device.jpg").symlink_to("/dev/zero")
+    (h / "empty.jpg").write_bytes(b"")
+    (h / "huge_header.png").write_bytes(png_with_header(60000, 60000))
+    (h / "broken_marker.jpg").write_bytes(jpeg_with_broken_marker(random_image(np.random.default_rng(seed), 48, 40)))
+    (h / "dir.jpg").mkdir()  # a directory is walked, not read
+    bad = {"dangling.jpg", "loop.jpg", "fifo.jpg", "device.jpg", "empty.jpg", "huge_header.png", "broken_marker.jpg"}
+    if _raises_on_read("/proc/sys/vm/drop_caches"):
+        (h / "eacces.jpg").symlink_to("/proc/sys/vm/drop_caches")
+        bad.add("eacces.jpg")
+    if _raises_on_read("/proc/self/mem"):
+        (h / "eio.jpg").symlink_to("/proc/self/mem")
+        bad.add("eio.jpg")
+    return {f"hostile/{b}" for b in bad}
+
+
 def make_paper_lmdb(db: Path, keys_file: Path, n: int = 16, seed: int = 2, length: int | None = None) -> list[str]:
     """The paper's layout: values are encoded images under path-like keys, ``length`` holds the count."""
     import lmdb
@@ -98,4 +156,5 @@ def make_paper_lmdb(db: Path, keys_file: Path, n: int = 16, seed: int = 2, lengt
     return keys
 
 
-__all__ = ["BAD_FILES", "ODD_FILES", "HUGE_LIMIT", "make_folder", "make_salted_folder", "make_paper_lmdb", "zlib"]
+__all__ = ["BAD_FILES", "ODD_FILES", "HUGE_LIMIT", "make_folder", "make_hostile_folder", "make_salted_folder",
+           "make_paper_lmdb", "png_with_header", "jpeg_with_broken_marker"]

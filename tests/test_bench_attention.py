@@ -18,3 +18,6 @@ def test_attention_json(tmp_path):
         assert key in result, key
     assert {r["backend"] for r in result["results"]} == {"sdpa", "math"}
     assert all(r["median_ms"] > 0 for r in result["results"])
+    # the rows to paste into TRITON_FASTER: none here (Triton was not run), said as a comment
+    assert result["suggested_rows"].startswith("# rows for mcf.kernels.dispatch.TRITON_FASTER")
+    assert "# none: keep TRITON_FASTER empty" in result["suggested_rows"]

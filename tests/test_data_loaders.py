@@ -71,7 +71,7 @@ def test_resume_mid_epoch_is_exact(kind, lmdb_path):
     it = iter(run)
     got = [next(it).clone() for _ in range(2)]
     state = run.state_dict()
-    assert state["epoch"] == 0 and state["position"] == 2
+    assert state["epoch"] == 0 and state["offset"] == 2 * 4
     del it, run
     resumed = _loader(lmdb_path, kind, **kw)
     resumed.load_state_dict(state)
@@ -175,8 +175,13 @@ def test_errors_and_choice(tmp_path, folder):
     with pytest.raises(DataError, match="no full batch"):
         _loader(folder, "torch", bs=64)
     ld = _loader(folder, "torch")
-    with pytest.raises(DataError, match="batch_size"):
-        _loader(folder, "torch", bs=2).load_state_dict(ld.state_dict())
+    # the position is global: another batch size or world size continues it, another order cannot
+    with pytest.raises(DataError, match="seed"):
+        _loader(folder, "torch", seed=1).load_state_dict(ld.state_dict())
+    with pytest.raises(DataError, match="num_samples"):
+        ld.load_state_dict({**ld.state_dict(), "num_samples": 27})
+    with pytest.raises(DataError, match="offset 27 outside"):
+        ld.load_state_dict({**ld.state_dict(), "offset": 27})
     assert _loader(folder, "auto").kind == "dali"  # DALI is installed and its CPU pipeline works
 
 
@@ -189,14 +194,13 @@ def test_dali_device_choice():
     assert pipeline_device_id(CPU) is None
 
 
-def test_auto_falls_back_to_torch(folder, monkeypatch):
-    from mcf.data import loader as loader_mod
+def test_auto_falls_back_to_torch(folder):
+    def no_dali(device, transform):
+        raise ImportError("no DALI")
 
-    monkeypatch.setattr(loader_mod, "_DALI_OK", {})
-    import mcf.data.dali_loader as dl
-
-    monkeypatch.setattr(dl, "smoke_test", lambda device: (_ for _ in ()).throw(ImportError("no DALI")))
-    assert _loader(folder, "auto").kind == "torch"
+    c = DataConfig(path=str(folder), loader="auto", num_workers=0)
+    ld = build_pretrain_loader(c, img_size=32, batch_size=4, rank=0, world_size=1, seed=0, device=CPU, dali_check=no_dali)
+    assert ld.kind == "torch"
 
 
 @pytest.mark.parametrize("kind", ["torch", "dali"])
@@ -209,7 +213,7 @@ def test_workers_match_inline_and_break_continues(kind, folder):
         got.append(b.clone())
         if len(got) == 2:
             break
-    assert ld.state_dict()["position"] == 2
+    assert ld.state_dict()["offset"] == 2 * 4
     got += [b.clone() for b in ld]
     assert len(got) == len(a) and all(torch.equal(x, y) for x, y in zip(a, got))
 
@@ -257,7 +261,7 @@ def test_torch_loader_batches_equal_the_transform_exactly(folder, nw):
     loader = _loader(folder, "torch", bs=4, world=2, rank=1, seed=3, nw=nw)
     loader.set_epoch(1)
     got = next(iter(loader))
-    idx = loader.sampler.indices(1)[:4]
+    idx = loader.sampler.take(1, 0, 0, 4)
     want = []
     for i in idx:
         img = decode_rgb(loader.dataset.read_bytes(int(i)))
@@ -268,3 +272,48 @@ def test_torch_loader_batches_equal_the_transform_exactly(folder, nw):
     u8 = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
     assert torch.equal(normalize_batch(u8), torch.from_numpy(normalize(u8.numpy())))
     assert normalize_batch(u8, torch.bfloat16).dtype == torch.bfloat16
+
+
+def _records(folder):
+    """``[(epoch, offset, index)]`` of every batch the loaders delivered (``$MCF_RECORD_SAMPLES``)."""
+    out = []
+    for f in sorted(folder.glob("samples_*.txt")):
+        out += [tuple(int(x) for x in line.split()) for line in f.read_text().splitlines()]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_resume_on_another_world_size_resplits_the_epoch(kind, folder, tmp_path, monkeypatch):
+    """2 ranks (batch 3) read 2 batches each; the saved global offset (12) is continued by 3 ranks
+    (batch 2): together they read the epoch's order once, in its order, up to the tail that cannot
+    fill a global batch (26 - 12 = 14 left: 2 batches of 2 on each of 3 ranks, 2 samples left out),
+    and the next epoch starts whole on the new ranks. The indices are those the workers returned."""
+    from mcf.data.sampler import FeistelPermutation
+
+    monkeypatch.setenv("MCF_RECORD_SAMPLES", str(tmp_path / "rec"))
+    old = [_loader(folder, kind, bs=3, rank=r, world=2, seed=4) for r in range(2)]
+    for ld in old:
+        ld.set_epoch(0)
+        it = iter(ld)
+        next(it), next(it)
+    states = [ld.state_dict() for ld in old]
+    assert [s["offset"] for s in states] == [12, 12]
+    new = [_loader(folder, kind, bs=2, rank=r, world=3, seed=4) for r in range(3)]
+    for ld in new:
+        ld.load_state_dict(states[0])
+        ld.set_epoch(0)
+        assert ld.batches_left() == 2
+        assert len([b for b in ld]) == 2 and ld.offset == 24
+        ld.set_epoch(1)
+        assert len([b for b in ld]) == 4  # a whole epoch on 3 ranks: 26 // 3 // 2
+    rec = _records(tmp_path / "rec")
+    epoch0 = [i for e, _, i in rec if e == 0]
+    order0 = FeistelPermutation(26, 4, 0)(np.arange(26)).tolist()
+    assert len(epoch0) == len(set(epoch0)) == 24 and set(epoch0) == set(order0[:24])
+    orders = {e: FeistelPermutation(26, 4, e)(np.arange(26)).tolist() for e in (0, 1)}
+    for e, off, i in rec:  # each sample inside its batch's stretch of the order (both global batches are 6)
+        assert i in orders[e][off : off + 6]
+    epoch1 = [i for e, _, i in rec if e == 1]
+    assert len(epoch1) == len(set(epoch1)) == 24 and set(epoch1) == set(orders[1][:24])
+    for ld in old + new:
+        ld.close()

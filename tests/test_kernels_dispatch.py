@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mcf.kernels import TRITON_FASTER, TritonFaster, prefer_triton, triton_status
+from mcf.kernels import TRITON_FASTER, TritonFaster, prefer_triton
 from mcf.kernels.dispatch import _row_matches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,12 +22,19 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_interpreter_runs_on_cpu():
+    """In a process of its own with TRITON_INTERPRET=1, whatever this one runs with (the GPU check sets 0)."""
     pytest.importorskip("triton")
-    ok, reason = triton_status(torch.device("cpu"))
-    assert ok and "interpreter" in reason  # conftest sets TRITON_INTERPRET=1 before the kernels import
-    assert triton_status(torch.zeros(2, 2, 4, 32))[0]
-    assert not triton_status(torch.zeros(2, 2, 4, 32, dtype=torch.float64))[0]
-    assert not triton_status(torch.zeros(2, 2, 4, 512))[0]
+    code = (
+        "import torch\n"
+        "from mcf.kernels import triton_status\n"
+        "ok, reason = triton_status(torch.device('cpu'))\n"
+        "assert ok and 'interpreter' in reason, reason\n"
+        "assert triton_status(torch.zeros(2, 2, 4, 32))[0]\n"
+        "assert not triton_status(torch.zeros(2, 2, 4, 32, dtype=torch.float64))[0]\n"
+        "assert not triton_status(torch.zeros(2, 2, 4, 512))[0]\n"
+    )
+    proc = _python(code, TRITON_INTERPRET="1")
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_auto_is_sdpa_on_cpu():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import urllib.request
 
 import pytest
 import torch
@@ -132,26 +131,6 @@ def test_mcf_without_arguments_runs_the_demo(tmp_path):
     assert run_.data.params["model.name"] == "mcf_vit_tiny" and run_.info.status == "FINISHED"
     assert run_.data.tags["final_checkpoint"].endswith("step_00000006")
     assert {a.path for a in client.list_artifacts(run_.info.run_id, "reconstructions")} == {f"reconstructions/{x}" for x in pngs}
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--default-artifact-root", str(tmp_path / "art")],
-                            env=env(), stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return urllib.request.urlopen(url + "/health", timeout=2).status == 200
-        except OSError:
-            return False
-
-    try:
-        yield url, healthy, proc
-    finally:
-        kill_tree(proc, signal.SIGTERM)
 
 
 def test_sigusr1_checkpoints_exits_3_and_resumes_exactly(tmp_path, mlflow_server):

@@ -22,6 +22,8 @@ from mcf.bench.comm import CollectiveCounter
 
 COUNTER = CollectiveCounter().install()  # DeepSpeed keeps references to the functions it finds at init
 
+from mcf.train.engine import device_index  # noqa: E402
+
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
     try:
@@ -356,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skips a 30-70 s JIT build
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if on_gpu else torch.device("cpu")
+    device = torch.device("cuda", device_index(local, torch.cuda.device_count())) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
     memory = memory_phase(args, device, on_gpu) if "memory" in phases else None

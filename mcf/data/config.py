@@ -15,7 +15,11 @@ class DataConfig:
                       "list file, pipe:/URL); 'builtin' = the built-in real faces (train split).")
     lmdb_keys: str | None = field(None, help="Key list file of the paper's LMDB layout (one key per line); only with such an LMDB.")
     loader: Literal["auto", "dali", "torch"] = field("auto", help="Input pipeline: DALI when installed and working ('auto'), or the PyTorch DataLoader.")
-    num_workers: int = field(2, help="Decoding workers per rank (DataLoader workers / DALI threads).")
+    num_workers: int | Literal["auto"] = field(
+        "auto",
+        help="Decoding workers per rank (DataLoader workers / DALI threads and source workers); 'auto' = the CPUs of this "
+        "rank (affinity mask / ranks on the node) minus 1 for the main process, 1..16 (mcf.data.workers).",
+    )
     prefetch: int = field(2, help="Batches prefetched per worker / DALI queue depth.")
     img_size: int | None = field(None, help="Input resolution; None = the model's image size.")
     random_resized_crop: bool = field(False, help="RandomResizedCrop instead of the released plain resize.")
@@ -28,8 +32,9 @@ class DataConfig:
     index_wait_s: float = field(7200.0, help="How long ranks other than 0 wait for rank 0 to write a missing or stale index.")
 
     def __post_init__(self) -> None:
-        if self.num_workers < 0:
-            raise ConfigError("data.num_workers must be >= 0")
+        nw = self.num_workers
+        if nw != "auto" and (isinstance(nw, bool) or not isinstance(nw, int) or nw < 0):
+            raise ConfigError(f"data.num_workers must be 'auto' or an integer >= 0, not {self.num_workers!r}")
         if self.prefetch < 1:
             raise ConfigError("data.prefetch must be >= 1")
         if self.img_size is not None and self.img_size <= 0:

@@ -33,7 +33,7 @@ from typing import Any
 
 from PIL import Image
 
-from mcf.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, decode_rgb
+from mcf.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, decode_rgb, max_file_bytes, read_file
 from mcf.data.index import IndexOptions, open_key_list
 from mcf.data.lmdb_check import check_lmdb_file
 from mcf.data.scan import open_folder_index, scan_image_folder
@@ -96,8 +96,8 @@ class ImageFolderDataset(EncodedImageDataset):
         return len(self.index)
 
     def read_bytes(self, i: int) -> bytes:
-        with open(self.index.path_bytes(self._check_index(i)), "rb") as f:
-            return f.read()
+        """The file's bytes; :class:`~mcf.data.decode.BadImage` if it cannot be read (see ``read_file``)."""
+        return read_file(self.index.path_bytes(self._check_index(i)), max_file_bytes(self.max_pixels))
 
     def name(self, i: int) -> str:
         return os.fsdecode(self.index.path_bytes(i))

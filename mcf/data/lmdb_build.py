@@ -12,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,9 @@ from mcf.data.datasets import (
     open_dataset,
     scan_image_folder,
 )
-from mcf.data.decode import DEFAULT_MAX_PIXELS, BadImage, decode_rgb
+from mcf.data.decode import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, max_file_bytes, read_file
+from mcf.data.procs import shutdown, worker_pool
+from mcf.data.source import READ_ERRORS
 from mcf.errors import DataError
 
 PROGRESS_KEY = b"__progress__"
@@ -58,12 +58,10 @@ def encode_image(data: bytes, *, resize_short: int | None, quality: int | None, 
 def _encode_file(args: tuple[str, str, int | None, int | None, int]) -> tuple[str, bytes | None, str]:
     root, rel, resize_short, quality, max_pixels = args
     try:
-        data = (Path(root) / rel).read_bytes()
+        data = read_file(Path(root) / rel, max_file_bytes(max_pixels))
         return rel, encode_image(data, resize_short=resize_short, quality=quality, max_pixels=max_pixels), ""
     except BadImage as e:
         return rel, None, str(e)
-    except OSError as e:
-        return rel, None, f"unreadable ({e.strerror or e})"
 
 
 def _open_env(path: Path):
@@ -159,20 +157,20 @@ def _run_chunks(env, src: Path, files: list[str], state: dict, workers: int, chu
 
     opts = state["options"]
     jobs = [(str(src), rel, opts["resize_short"], opts["quality"], opts["max_pixels"]) for rel in files]
-    pool = None
-    if workers > 1:
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    pool = worker_pool(workers) if workers > 1 else None  # its workers die with this process, even on SIGKILL
     bar = tqdm(total=len(files), initial=state["done"], unit="img", disable=not progress, desc="build-lmdb")
+    done = False
     try:
         for start in range(state["done"], len(files), chunk_size):
             chunk = jobs[start : start + chunk_size]
             results = pool.map(_encode_file, chunk, chunksize=8) if pool else map(_encode_file, chunk)
             _commit_chunk(env, state, list(results), start + len(chunk))
             bar.update(len(chunk))
+        done = True
     finally:
         bar.close()
         if pool:
-            pool.shutdown(cancel_futures=True)
+            shutdown(pool, kill=not done)  # after an error or ^C: cancel and kill, never wait on queued work
 
 
 def _commit_chunk(env, state: dict, results: list[tuple[str, bytes | None, str]], done: int) -> None:
@@ -206,8 +204,8 @@ def verify_dataset(
     for i in tqdm(range(len(ds)), unit="img", disable=not progress, desc="verify"):
         try:
             decode_rgb(ds.read_bytes(i), max_pixels)
-        except BadImage as e:
-            bad.append([ds.name(i), str(e)])
+        except READ_ERRORS as e:
+            bad.append([ds.name(i), str(e) or type(e).__name__])
     return {"count": len(ds), "bad": bad}
 
 
@@ -220,7 +218,7 @@ def dataset_info(path: str | os.PathLike, lmdb_keys: str | None = None, *, sampl
     for i in range(min(sample, len(ds))):
         try:
             sizes.append(list(decode_rgb(ds.read_bytes(i), ds.max_pixels).size))
-        except BadImage:
+        except READ_ERRORS:
             sizes.append(None)
     info: dict[str, Any] = {"path": str(p), "kind": type(ds).__name__, "count": len(ds), "disk_bytes": disk, "sizes": sizes}
     if isinstance(ds, LMDBDataset):

@@ -3,16 +3,27 @@
 Both yield float32 ``(B, 3, S, S)`` ImageNet-normalised batches on ``device`` with exactly
 ``batch_size`` samples on every rank (the partial last batch is dropped; a bad sample is replaced
 by a valid one), both draw the crop/flip from ``(seed, epoch, index)``, and both save/restore their
-position in batches, so a resumed run continues with exactly the batches it would have produced.
+position as a *global* sample count (see :class:`PretrainLoader`), so a resumed run continues with
+exactly the batches it would have produced, or, on another number of ranks, with the rest of the
+epoch re-split over the new ranks.
+
+Bad data never kills a worker: unreadable and undecodable files are substituted and counted in the
+workers (:mod:`mcf.data.source`); the main process raises :class:`~mcf.errors.DataError` past
+``data.max_bad_fraction`` or when every candidate of a sample failed. Worker processes ignore the
+stop signals, die with the process that started them, and are shut down by :meth:`close` (bounded:
+a stuck worker is killed), which the trainer calls on every exit path and an ``atexit`` hook calls
+for any loader still open.
 """
 
 from __future__ import annotations
 
-import contextlib
+import atexit
+import dataclasses
 import logging
-import signal
-import threading
-from collections.abc import Iterator
+import os
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,11 +34,26 @@ from mcf.data.datasets import EncodedImageDataset, open_dataset
 from mcf.data.index import IndexOptions
 from mcf.data.sampler import DistributedSampler
 from mcf.data.shards import StreamedShards
-from mcf.data.source import SampleSource, TorchSampleDataset
+from mcf.data.source import MAX_ATTEMPTS, SampleSource, TorchSampleDataset
 from mcf.data.transforms import PretrainTransform, build_transform, normalize_batch
-from mcf.errors import DataError
+from mcf.data.workers import auto_num_workers, kill_after, worker_init
+from mcf.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
+
+# Loaders whose workers may be running; closed at interpreter exit. Registered after torch's own
+# exit hook, so it runs before it (atexit is LIFO) while the DataLoader can still shut its workers
+# down, and before multiprocessing's, which would wait forever on workers that ignore SIGTERM.
+_OPEN: weakref.WeakSet[PretrainLoader] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    for loader in list(_OPEN):
+        try:
+            loader.close()
+        except Exception as e:  # interpreter shutdown: report, never hang or mask the exit status
+            logger.warning("closing a %s loader at exit failed: %s", loader.kind, e)
 
 # The bad-sample threshold is checked only after this many samples, so one early bad file does not
 # stop a run whose overall fraction is tiny.
@@ -36,6 +62,17 @@ MIN_SAMPLES_FOR_BAD_CHECK = 32
 
 class PretrainLoader:
     """Iterates this rank's batches of one epoch; see the module docstring.
+
+    **Position.** ``offset`` counts the samples of ``epoch`` consumed by *all* ranks together: the
+    epoch's order (:mod:`mcf.data.sampler`) has been consumed up to position ``offset``, and every
+    batch delivered on every rank advances it by ``batch_size · world_size``. ``state_dict()`` saves
+    ``{epoch, offset}`` with the loader's shape and its counters; ``load_state_dict()`` continues from
+    there with this loader's own ``world_size`` and ``batch_size``, which may differ from the ones
+    that wrote it: the rest of the epoch is re-split over this run's ranks, none repeated, none
+    skipped (what a finished epoch leaves over — fewer samples than one more global batch — is left
+    out, as in an uninterrupted epoch). Every source's loader keeps this contract, so the trainer
+    resumes any of them on any number of ranks: a source whose order is not a permutation of indices
+    (e.g. shards) must still count consumed samples globally and be able to continue from the count.
 
     Attributes:
         bad_samples: cumulative count of failed decodes on this rank.
@@ -59,6 +96,7 @@ class PretrainLoader:
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        cfg = dataclasses.replace(cfg, num_workers=resolve_num_workers(cfg, rank))  # "auto" -> a count
         self.dataset, self.transform, self.cfg = dataset, transform, cfg
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device = torch.device(device)
@@ -73,23 +111,38 @@ class PretrainLoader:
                 f"{len(dataset)} samples give no full batch of {batch_size} per rank on {world_size} rank(s); use more data or a smaller batch"
             )
         self.epoch = 0
-        self.position = 0  # batches of ``epoch`` already delivered
+        self.offset = 0  # samples of ``epoch`` consumed by all ranks together
         self.bad_samples = 0
         self.samples_seen = 0
-        self.bad_examples: list[str] = []
+        self.bad_examples: list[str] = []  # names of the first bad samples met
+        self._bad_indices: list[int] = []
+        self._record = SampleRecorder.from_env(rank, world_size)
 
     def __len__(self) -> int:
+        """Batches per rank in a whole epoch."""
         return self.num_batches
 
+    @property
+    def global_batch(self) -> int:
+        """Samples one batch on every rank consumes from the epoch."""
+        return self.batch_size * self.world_size
+
+    def batches_left(self, offset: int | None = None) -> int:
+        """Batches per rank from ``offset`` (default: the current position) to the end of the epoch."""
+        return self.sampler.share(self.offset if offset is None else offset) // self.batch_size
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch to iterate; a new epoch starts at batch 0, the current one resumes."""
+        """Select the epoch to iterate; a new epoch starts at offset 0, the current one resumes."""
         if int(epoch) != self.epoch:
-            self.epoch, self.position = int(epoch), 0
+            self.epoch, self.offset = int(epoch), 0
 
     def state_dict(self) -> dict[str, Any]:
+        """``epoch`` and ``offset`` (the position, any world size), the shape that wrote them
+        (``world_size``, ``batch_size``, informative), what must match to resume (``seed``,
+        ``num_samples``), and this rank's counters."""
         return {
             "epoch": self.epoch,
-            "position": self.position,
+            "offset": self.offset,
             "bad_samples": self.bad_samples,
             "samples_seen": self.samples_seen,
             "seed": self.seed,
@@ -99,79 +152,113 @@ class PretrainLoader:
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        for k in ("seed", "batch_size", "world_size", "num_samples"):
+        """Continue from a saved position; the saving run's world size and batch size may differ.
+
+        Accepts the earlier per-rank format (``position`` = batches of this rank), converted with the
+        ``batch_size`` and ``world_size`` it was written with.
+
+        Raises:
+            DataError: another seed or data set size (the epoch's order would differ), or an offset
+                outside the epoch.
+        """
+        for k in ("seed", "num_samples"):
             mine = len(self.dataset) if k == "num_samples" else getattr(self, k)
             if k in d and int(d[k]) != mine:
-                raise DataError(f"cannot resume the data stream exactly: the checkpoint has {k}={d[k]}, this run has {mine}")
-        if not 0 <= int(d["position"]) <= self.num_batches:
-            raise DataError(f"saved data position {d['position']} outside 0..{self.num_batches}")
-        self.epoch, self.position = int(d["epoch"]), int(d["position"])
+                raise DataError(f"cannot resume the data stream: the checkpoint has data {k}={d[k]}, this run has {mine}")
+        offset = int(d["offset"]) if "offset" in d else int(d["position"]) * int(d["batch_size"]) * int(d["world_size"])
+        if not 0 <= offset <= len(self.dataset):
+            raise DataError(f"saved data offset {offset} outside 0..{len(self.dataset)}")
+        self.epoch, self.offset = int(d["epoch"]), offset
         self.bad_samples = int(d.get("bad_samples", 0))
         self.samples_seen = int(d.get("samples_seen", 0))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        if self.position >= self.num_batches:  # a finished epoch iterated again restarts it
-            self.position = 0
-        for images, n_bad, bad_idx in self._batches(self.epoch, self.position):
-            self.position += 1
-            self._account(n_bad, bad_idx)
-            yield images
+        if self.batches_left() == 0:  # a finished epoch iterated again restarts it
+            self.offset = 0
+        _OPEN.add(self)
+        try:
+            for images, n_bad, bad_idx, idx in self._batches(self.epoch, self.offset):
+                if self._record is not None:
+                    self._record(self.epoch, self.offset, idx)
+                self.offset += self.global_batch
+                self._account(n_bad, bad_idx)
+                yield images
+        except DataError:
+            self.close()  # the run stops: release the workers now
+            raise
 
     def close(self) -> None:
         """Release workers/pipelines (the loader can still be iterated again afterwards)."""
 
-    def _batches(self, epoch: int, position: int) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
-        """Batches ``position..`` of ``epoch``: (images on device, failed attempts, first bad index)."""
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # at interpreter shutdown modules may be half gone; the atexit hook ran first
+            pass
+
+    def _batches(self, epoch: int, offset: int) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]]:
+        """This rank's batches of ``epoch`` from global position ``offset`` to the end of the epoch:
+        (images on device, failed attempts, first bad index, the batch's dataset indices)."""
         raise NotImplementedError
 
     def _account(self, n_bad: np.ndarray, bad_idx: np.ndarray) -> None:
+        n_bad, bad_idx = np.asarray(n_bad).reshape(-1), np.asarray(bad_idx).reshape(-1)
         self.samples_seen += self.batch_size
-        nb = int(np.asarray(n_bad).sum())
+        nb = int(n_bad.sum())
         if nb:
             self.bad_samples += nb
-            for j in np.asarray(bad_idx).reshape(-1):
+            for j in bad_idx:
                 if j >= 0 and len(self.bad_examples) < 5:
                     self.bad_examples.append(self.dataset.name(int(j)))
+                    self._bad_indices.append(int(j))
+        exhausted = np.flatnonzero(n_bad >= MAX_ATTEMPTS)
+        if exhausted.size:  # that sample is a blank placeholder: never train on it
+            j = int(bad_idx[exhausted[0]])
+            raise DataError(
+                f"{MAX_ATTEMPTS} samples in a row failed to decode or read on rank {self.rank}, starting at "
+                f"{self._example(j)}: the data set is mostly unreadable (run `mcf data verify` on it)"
+            )
         f = self.cfg.max_bad_fraction
         if self.samples_seen >= MIN_SAMPLES_FOR_BAD_CHECK and self.bad_samples > f * self.samples_seen:
             raise DataError(
-                f"{self.bad_samples} of {self.samples_seen} samples seen on rank {self.rank} failed to decode "
+                f"{self.bad_samples} of {self.samples_seen} samples seen on rank {self.rank} failed to decode or read "
                 f"({self.bad_samples / self.samples_seen:.1%} > data.max_bad_fraction={f:.1%}); "
-                f"e.g. {', '.join(self.bad_examples[:3]) or 'n/a'} (run `mcf data verify` on the data set)"
+                f"e.g. {', '.join(self._example(j) for j in self._bad_indices[:3]) or 'n/a'} "
+                "(run `mcf data verify` on the data set)"
             )
 
+    def _example(self, index: int) -> str:
+        """A bad sample's name and why it is bad (read again here), for an error message."""
+        return f"{self.dataset.name(index)} ({self.source.reason(index, getattr(self, 'rejected', ()))})"
 
-def _collate(items: list[tuple[np.ndarray, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+class SampleRecorder:
+    """Test hook: with ``$MCF_RECORD_SAMPLES=DIR`` every batch delivered appends one ``epoch offset
+    index`` line per sample to ``DIR/samples_rank{rank}of{world}_{pid}.txt``: the batch's global
+    offset and the dataset index each sample was produced for, as the worker returned it with the
+    image (a bad sample's substitute is not recorded). Off (None) otherwise."""
+
+    ENV = "MCF_RECORD_SAMPLES"
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def from_env(cls, rank: int, world_size: int) -> SampleRecorder | None:
+        folder = os.environ.get(cls.ENV)
+        if not folder:
+            return None
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return cls(Path(folder) / f"samples_rank{rank}of{world_size}_{os.getpid()}.txt")
+
+    def __call__(self, epoch: int, offset: int, indices: np.ndarray) -> None:
+        with open(self.path, "a") as f:
+            f.writelines(f"{epoch} {offset} {int(i)}\n" for i in np.asarray(indices).reshape(-1))
+
+
+def _collate(items: list[tuple[np.ndarray, int, int, int]]) -> tuple[torch.Tensor, ...]:
     imgs = torch.from_numpy(np.stack([it[0] for it in items]))  # (B, 3, S, S)
-    return imgs, torch.tensor([it[1] for it in items]), torch.tensor([it[2] for it in items])
-
-
-# Pre-emption signals: slurm delivers them to every process of a job step, but only the trainer's
-# main process acts on them (checkpoint at the step boundary, exit 3). A worker killed by one would
-# crash the run before that checkpoint, so workers ignore them. An ignored disposition survives
-# fork and exec (DALI's spawned workers); a Python handler does not.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def ignore_stop_signals(*_: Any) -> None:
-    """``worker_init_fn``: this worker process ignores SIGTERM and SIGUSR1."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
-@contextlib.contextmanager
-def stop_signals_ignored() -> Iterator[None]:
-    """Processes started inside this block inherit SIG_IGN for the stop signals (main thread only;
-    a stop signal arriving within the block itself is dropped, and the launchers re-send it)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return imgs, *(torch.tensor([it[k] for it in items]) for k in (1, 2, 3))
 
 
 class TorchPretrainLoader(PretrainLoader):
@@ -193,33 +280,87 @@ class TorchPretrainLoader(PretrainLoader):
             drop_last=True,
             persistent_workers=nw > 0,
             prefetch_factor=self.cfg.prefetch if nw > 0 else None,
-            worker_init_fn=ignore_stop_signals if nw > 0 else None,
+            worker_init_fn=worker_init if nw > 0 else None,
         )
 
-    def _batches(self, epoch, position):
+    def _batches(self, epoch, offset):
         self.sampler.set_epoch(epoch)
-        self.sampler.set_start(position * self.batch_size)
+        self.sampler.set_offset(offset)
         nb = self.device.type == "cuda"
-        for imgs, n_bad, bad_idx in self._loader:  # uint8 from the workers, normalised here on the device
-            yield normalize_batch(imgs.to(self.device, non_blocking=nb)), n_bad.numpy(), bad_idx.numpy()
+        for imgs, n_bad, bad_idx, idx in self._loader:  # uint8 from the workers, normalised here on the device
+            yield normalize_batch(imgs.to(self.device, non_blocking=nb)), n_bad.numpy(), bad_idx.numpy(), idx.numpy()
+
+    def close(self) -> None:
+        """Shut the persistent workers down (see :func:`shutdown_workers`)."""
+        loader = getattr(self, "_loader", None)
+        if loader is not None and loader._iterator is not None:
+            it, loader._iterator = loader._iterator, None
+            shutdown_workers(it)
 
 
-_DALI_OK: dict[str, bool] = {}
+def shutdown_workers(it: Any) -> None:
+    """Shut down the workers of a DataLoader iterator: its orderly shutdown, bounded (5 s, then
+    SIGKILL: the workers ignore the SIGTERM it would fall back to). No-op without workers."""
+    with kill_after(getattr(it, "_workers", ())):
+        if hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+
+DaliCheck = Callable[[torch.device, PretrainTransform], None]
+_DALI_CHECKED: dict[tuple[Any, ...], str | None] = {}
+
+
+def _default_dali_check(device: torch.device, transform: PretrainTransform) -> None:
+    from mcf.data.dali_check import check_dali
+
+    check_dali(device, transform)
+
+
+def dali_check_failure(
+    device: torch.device,
+    transform: PretrainTransform,
+    check: DaliCheck | None = None,
+) -> str | None:
+    """Why DALI cannot serve ``transform`` on ``device`` (one line), or None when its start-up check
+    (:mod:`mcf.data.dali_check`, or ``check``) passes; cached per device, transform and check."""
+    check = check or _default_dali_check
+    key = (str(torch.device(device)), transform, check)
+    if key not in _DALI_CHECKED:
+        try:
+            check(torch.device(device), transform)
+            _DALI_CHECKED[key] = None
+        except Exception as e:  # the check's own error, or anything a broken install raises
+            _DALI_CHECKED[key] = " ".join(str(e).split())[:300] or type(e).__name__
+    return _DALI_CHECKED[key]
 
 
 def dali_available(device: torch.device) -> bool:
-    """Whether DALI imports and a tiny pipeline runs on ``device`` (cached per device type)."""
-    key = torch.device(device).type
-    if key not in _DALI_OK:
-        try:
-            from mcf.data.dali_loader import smoke_test
+    """Whether the DALI loader passes its start-up check on ``device`` (64 px, the released transform)."""
+    return dali_check_failure(device, build_transform(64)) is None
 
-            smoke_test(torch.device(device))
-            _DALI_OK[key] = True
-        except Exception as e:  # ImportError, no libcuda, a broken install
-            logger.info("DALI unavailable on %s (%s: %s)", key, type(e).__name__, e)
-            _DALI_OK[key] = False
-    return _DALI_OK[key]
+
+def _agree(failure: str | None, world_size: int) -> str | None:
+    """Every rank must use the same loader: the first failing rank's reason, or None if all passed."""
+    if world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return failure
+    reasons: list[str | None] = [None] * world_size
+    torch.distributed.all_gather_object(reasons, failure)
+    return next((f"on rank {r}: {why}" for r, why in enumerate(reasons) if why), None)
+
+
+_WORKERS_LOGGED = False
+
+
+def resolve_num_workers(cfg: DataConfig, rank: int) -> int:
+    """``cfg.num_workers``, with ``"auto"`` derived from the CPUs of this rank (logged once, rank 0)."""
+    global _WORKERS_LOGGED
+    if cfg.num_workers != "auto":
+        return int(cfg.num_workers)
+    n, how = auto_num_workers()
+    if rank == 0 and not _WORKERS_LOGGED:
+        logger.info("data: num_workers=auto -> %d per rank (%s)", n, how)
+        _WORKERS_LOGGED = True
+    return n
 
 
 def build_pretrain_loader(
@@ -233,6 +374,7 @@ def build_pretrain_loader(
     device: torch.device,
     split: str = "train",
     drop_last: bool = True,
+    dali_check: DaliCheck | None = None,
 ) -> PretrainLoader:
     """The pre-training loader for ``cfg`` (``cfg.loader`` = auto | dali | torch).
 
@@ -245,12 +387,19 @@ def build_pretrain_loader(
         device: where batches are delivered.
         split: ``"train"`` or ``"val"`` (datasets with splits, e.g. the built-in faces).
         drop_last: must be True: ranks must agree on the batch size (the contrastive loss gathers).
+        dali_check: DALI's start-up check, ``(device, transform) -> None`` raising on failure
+            (default :func:`mcf.data.dali_check.check_dali`); for tests.
+
+    Before DALI is used (``auto`` or ``dali``) its start-up check runs on every rank; if it fails on
+    any, ``auto`` falls back to the PyTorch loader on all ranks (one line on rank 0 says why) and
+    ``dali`` is an error.
 
     Returns:
         A :class:`PretrainLoader` yielding float32 ``(batch_size, 3, S, S)`` tensors on ``device``.
 
     Raises:
         DataError: missing path, empty data set, no full batch, or too many bad samples.
+        ConfigError: ``loader: dali`` and DALI fails its start-up check.
     """
     if not drop_last:
         raise ValueError("the pre-training loader always drops the partial last batch (drop_last=True)")
@@ -263,8 +412,21 @@ def build_pretrain_loader(
     streamed = isinstance(dataset, StreamedShards)
     if streamed and kind == "dali":
         raise DataError("remote shards (pipe:, URLs) are streamed by the PyTorch loader only: use --loader torch (or auto)")
-    if kind == "auto":
-        kind = "torch" if streamed or not dali_available(device) else "dali"
+    if streamed:
+        kind = "torch"
+    elif kind in ("auto", "dali"):
+        failure = _agree(dali_check_failure(device, transform, dali_check), world_size)
+        if failure and kind == "dali":
+            raise ConfigError(
+                f"data.loader=dali, but DALI failed its start-up check ({failure}); use --loader torch or auto"
+            )
+        if failure:
+            if rank == 0:  # DALI not installed is a plain choice; installed and failing deserves a warning
+                level = logging.INFO if "No module named" in failure else logging.WARNING
+                logger.log(level, "data: DALI failed its start-up check, using the PyTorch loader (%s)", failure)
+            kind = "torch"
+        else:
+            kind = "dali"
     if streamed:
         from mcf.data.shard_stream import ShardStreamLoader
 
@@ -277,12 +439,13 @@ def build_pretrain_loader(
         cls = TorchPretrainLoader
     loader = cls(dataset, transform, cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, device=device)
     logger.info(
-        "data: %s loader (%s), %d samples, %d batches of %d per rank, %dpx",
+        "data: %s loader (%s), %d samples, %d batches of %d per rank, %dpx, %d workers",
         loader.kind,
         cfg.loader,
         len(dataset),
         len(loader),
         batch_size,
         size,
+        loader.cfg.num_workers,
     )
     return loader

@@ -6,20 +6,14 @@ import multiprocessing
 import signal
 from concurrent.futures import ProcessPoolExecutor
 
+from mcf.data.workers import die_with_parent
 
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``): a
-    converter killed with -9 leaves no orphaned workers. A no-op where prctl is unavailable."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+__all__ = ["die_with_parent", "shutdown", "worker_pool"]
 
 
 def _worker_init() -> None:
-    die_with_parent()
+    parent = multiprocessing.parent_process()
+    die_with_parent(parent.pid if parent is not None else None)  # a converter killed with -9 leaves no orphans
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is the parent's to handle (it shuts the pool down)
 
 

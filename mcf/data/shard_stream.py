@@ -33,11 +33,12 @@ import numpy as np
 import torch
 
 from mcf.data.decode import BadImage, decode_rgb
-from mcf.data.loader import PretrainLoader, ignore_stop_signals
+from mcf.data.loader import PretrainLoader, shutdown_workers
 from mcf.data.shards import ShardSampler, StreamedShards, open_stream
 from mcf.data.source import MAX_ATTEMPTS
 from mcf.data.tar_index import TarDamage, stream_samples
 from mcf.data.transforms import PretrainTransform, normalize_batch, sample_rng
+from mcf.data.workers import worker_init
 from mcf.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ class _StreamBatches(torch.utils.data.IterableDataset):
         self.plan, self.urls, self.transform, self.seed, self.max_pixels = plan, urls, transform, seed, max_pixels
         self.epoch, self.position = epoch, position
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         info = torch.utils.data.get_worker_info()
         k = 0 if info is None else info.id
         stream = (self.position + k) % self.plan.streams  # the stream whose turn follows `position`
@@ -157,7 +158,8 @@ class _StreamBatches(torch.utils.data.IterableDataset):
         finally:
             reader.close()
 
-    def _stream(self, stream: int, reader: _Reader) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _stream(self, stream: int, reader: _Reader) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Batches of ``stream``: (uint8 images, failed attempts, first bad sample id, sample ids)."""
         plan, epoch, bs = self.plan, self.epoch, self.plan.batch_size
         start = plan.sampler.start
         base = plan.sampler.rank * plan.sampler.per_rank
@@ -169,11 +171,13 @@ class _StreamBatches(torch.utils.data.IterableDataset):
                 data.extend(reader.read(shard, m0, m1))
             perm = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, base + a, 0x77696E64]).permutation(b - a)
             for q0 in range(drop, b - a, bs):
-                out = [self._sample(ids, data, int(j)) for j in perm[q0 : q0 + bs]]
+                slots = perm[q0 : q0 + bs]
+                out = [self._sample(ids, data, int(j)) for j in slots]
                 yield (
                     torch.from_numpy(np.stack([o[0] for o in out])),
                     torch.tensor([o[1] for o in out]),
                     torch.tensor([o[2] for o in out]),
+                    torch.tensor([ids[int(j)] for j in slots]),
                 )
 
     def _sample(self, ids: list[int], data: list[bytes | None], j: int) -> tuple[np.ndarray, int, int]:
@@ -239,26 +243,34 @@ class ShardStreamLoader(PretrainLoader):
             )
         super().load_state_dict(d)
 
-    def _batches(self, epoch, position):
+    def _batches(self, epoch, offset):
+        position = offset // self.global_batch  # this rank's batches of the epoch (same world and batch size: checked)
         ds = _StreamBatches(
             self.plan, list(self.dataset.spec.urls), self.transform, self.seed, self.dataset.max_pixels, epoch, position
         )
         nw = self.cfg.num_workers
+        self.close()
         if nw == 0:
             batches: Any = iter(ds)
         else:
-            batches = torch.utils.data.DataLoader(
+            batches = self._it = iter(torch.utils.data.DataLoader(
                 ds,
                 batch_size=None,
                 num_workers=nw,
                 persistent_workers=False,
                 prefetch_factor=self.cfg.prefetch,
-                worker_init_fn=ignore_stop_signals,
+                worker_init_fn=worker_init,
                 pin_memory=self.device.type == "cuda",
-            )
+            ))
         nb = self.device.type == "cuda"
         try:
-            for imgs, n_bad, bad_idx in batches:
-                yield normalize_batch(imgs.to(self.device, non_blocking=nb)), n_bad.numpy(), bad_idx.numpy()
+            for imgs, n_bad, bad_idx, idx in batches:
+                yield normalize_batch(imgs.to(self.device, non_blocking=nb)), n_bad.numpy(), bad_idx.numpy(), idx.numpy()
         except DataError as e:  # re-raised from a worker with its traceback in the message: keep the last line
             raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+
+    def close(self) -> None:
+        """Shut down the workers of the epoch being streamed, if any."""
+        it, self._it = getattr(self, "_it", None), None
+        if it is not None:
+            shutdown_workers(it)

@@ -1,14 +1,15 @@
 """Safe checkpoint reading and the weight formats mcf understands.
 
-Every file is read with ``torch.load(weights_only=True)`` or safetensors: a checkpoint can never
-execute code. Formats: MoCo v3 (``state_dict`` with ``module.base_encoder.``), MAE (``model``),
-timm / plain state dicts (optionally ``module.``-prefixed), and ``.safetensors``.
+Every file is read with :func:`mcf.serialization.safe_load` (weights-only unpickling with an
+explicit allowlist) or safetensors: a checkpoint can never execute code. Formats: MoCo v3
+(``state_dict`` with ``module.base_encoder.``), MAE (``model``; the ``args`` Namespace, ``epoch``,
+``scaler`` and ``optimizer`` that MAE's ``misc.save_model`` adds are accepted and ignored), timm /
+plain state dicts (optionally ``module.``-prefixed), and ``.safetensors``.
 """
 
 from __future__ import annotations
 
 import logging
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch.nn as nn
 
 from mcf.errors import CheckpointError
 from mcf.models.pos_embed import interpolate_pos_embed
+from mcf.serialization import safe_load
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +48,7 @@ def read_checkpoint(path: str | Path) -> dict:
             return load_file(str(p), device="cpu")
         except Exception as e:  # noqa: BLE001 - any parse failure is an unreadable file
             raise CheckpointError(f"cannot read safetensors checkpoint {p}: {e}") from None
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"refusing to load {p}: it holds objects other than tensors and plain containers (a pickle that could run code): {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read checkpoint {p}: {str(e).splitlines()[0]}") from None
+    obj = safe_load(p)
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {p} holds a {type(obj).__name__}, not a state dict")
     return obj

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+# float32 ratios (0.6 → 0.60000002) must floor like the Python int() of the fixed path
+_RATIO_EPS = 1e-4
 
 
 @dataclass
@@ -27,11 +31,20 @@ def num_keep(num_patches: int, ratio: float) -> int:
     return int(num_patches * (1 - ratio))
 
 
-def random_masking(noise: torch.Tensor, ratio: float, ratios: torch.Tensor | None = None) -> Masking:
+def max_keep(num_patches: int, min_ratio: float) -> int:
+    """The most patches a sample whose ratio is ``>= min_ratio`` keeps (the padded length), on the host."""
+    return min(num_patches, max(1, math.floor(num_patches * (1 - min_ratio) + _RATIO_EPS)))
+
+
+def random_masking(noise: torch.Tensor, ratio: float, ratios: torch.Tensor | None = None, min_ratio: float | None = None) -> Masking:
     """Masks from noise ``[N, L]``: patches sorted by noise ascending, the first ``keep`` kept.
 
-    ``ratios`` (``[N]``) gives each sample its own ratio; the visible sets are then padded to the
-    largest and ``keep_lens`` says how many of each are real.
+    ``ratios`` (``[N]``, on the noise's device) gives each sample its own ratio (``ratio`` is then
+    unused). The visible sets are padded to ``max_keep(L, min_ratio)`` — the lowest ratio the
+    samples can have, e.g. ``masking.ratio_range``'s lower bound; None = 0, every patch — which is
+    known on the host, so no shape waits for the device (no host sync, no ``torch.compile`` graph
+    break); ``keep_lens`` says how many of each are real. A ratio below ``min_ratio`` keeps only
+    ``max_keep(L, min_ratio)`` patches.
     """
     N, L = noise.shape
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
@@ -41,8 +54,7 @@ def random_masking(noise: torch.Tensor, ratio: float, ratios: torch.Tensor | Non
         mask = torch.ones(N, L, device=noise.device)
         mask[:, :keep] = 0
         return Masking(ids_shuffle, ids_restore, torch.gather(mask, 1, ids_restore), keep)
-    # + 1e-4: float32 ratios (0.6 → 0.60000002) must floor like the Python int() of the fixed path
-    keep_lens = (L * (1 - ratios.double()) + 1e-4).floor().long().clamp_(min=1, max=L)  # (N,)
-    keep = int(keep_lens.max())
+    keep = max_keep(L, 0.0 if min_ratio is None else min_ratio)
+    keep_lens = (L * (1 - ratios.double()) + _RATIO_EPS).floor().long().clamp(min=1, max=keep)  # (N,)
     mask = (ids_restore >= keep_lens[:, None]).float()  # rank in the shuffle >= keep_len → removed
     return Masking(ids_shuffle, ids_restore, mask, keep, keep_lens)

@@ -168,12 +168,16 @@ class MCF(nn.Module):
                 *, online: nn.Module | None = None) -> MCFOutput:
         online = self.online if online is None else online
         N = images.shape[0]
-        o: OnlineOutput = online(images, self.mask_ratio, online_noise, self._draw_ratios(N, images.device))
-        with record_function("mcf.target"):  # the EMA target computes in its weights' dtype (the training precision by default)
-            target_dtype = self.target.projector[0].weight.dtype
-            k = self.target(images.to(target_dtype), self.mask_ratio, target_noise, self._draw_ratios(N, images.device))
+        # with per-image ratios the encoders take the range's lower bound: it fixes the padded length on the host
+        ratio = self.mask_ratio if self.mask_ratio_range is None else self.mask_ratio_range[0]
+        # record_function ranges: stable names for `logging.profile_step` (a few µs each when not profiling)
+        with record_function("mcf.online"):
+            o: OnlineOutput = online(images, ratio, online_noise, self._draw_ratios(N, images.device))
+        target_dtype = self.target.projector[0].weight.dtype  # its forward weights' dtype (the training precision by default)
+        with record_function("mcf.target"):
+            k = self.target(images.to(target_dtype), ratio, target_noise, self._draw_ratios(N, images.device))
         rebuilt = unpatchify(o.pred, self.spec.patch_size)  # (N, 3, H, W), in the normalised input space
-        with record_function("mcf.teacher"):
+        with record_function("mcf.teacher"):  # the frozen teacher on the rebuilt and the original images
             perceptual = self.perceptual(rebuilt, images)
         terms = {
             "perceptual": perceptual,

@@ -55,7 +55,10 @@ def get_spec(name: str, **overrides: Any) -> MCFSpec:
     unknown = set(overrides) - {f.name for f in dataclasses.fields(MCFSpec)}
     if unknown:
         raise ConfigError(f"unknown model override(s) {sorted(unknown)}")
-    return dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+    spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+    if spec.img_size % spec.patch_size:
+        raise ConfigError(f"model.img_size={spec.img_size} is not a multiple of {name}'s patch size {spec.patch_size}")
+    return spec
 
 
 def create_teacher(name: str, checkpoint: str | None, img_size: int | None = None) -> PerceptualTeacher:
@@ -65,6 +68,8 @@ def create_teacher(name: str, checkpoint: str | None, img_size: int | None = Non
     spec: TeacherSpec = TEACHERS[name]
     if img_size is not None:
         spec = dataclasses.replace(spec, img_size=img_size)
+    if spec.img_size % spec.patch_size:
+        raise ConfigError(f"teacher.img_size={spec.img_size} is not a multiple of teacher {name}'s patch size {spec.patch_size}")
     if checkpoint is None:
         raise ConfigError("a perceptual teacher checkpoint is required: teacher_checkpoint=PATH (MoCo v3 ViT-B/16 in the paper), "
                           "or the explicit value 'random' for tests and benchmarks")
@@ -104,6 +109,11 @@ def create_model(name: str, *, teacher_checkpoint: str | None = None, teacher_na
 
 def create_model_from_config(cfg: Any) -> MCF:
     """Build the model described by an :class:`mcf.config.Config`."""
+    model_size = get_spec(cfg.model.name, img_size=cfg.model.img_size).img_size
+    if cfg.data.img_size is not None and cfg.data.img_size != model_size:
+        raise ConfigError(f"data.img_size={cfg.data.img_size} but the model {cfg.model.name} takes {model_size} px images: set "
+                          f"model.img_size={cfg.data.img_size} to train at that size (the position embeddings follow) and leave "
+                          "data.img_size unset")
     spec_overrides = {}
     if cfg.loss.projector_hidden is not None:
         spec_overrides["proj_hidden"] = cfg.loss.projector_hidden

@@ -51,6 +51,8 @@ class MaskedViT(nn.Module):
                 ratios: torch.Tensor | None = None) -> tuple[torch.Tensor, Masking, torch.Tensor | None]:
         """Encode the visible patches of ``images`` ``[N, 3, H, W]``.
 
+        ``ratio`` is the mask ratio, or with per-sample ``ratios`` (``[N]``) their lower bound, which
+        sets the padded length of the visible sets (:func:`random_masking`'s ``min_ratio``).
         Returns the normed latent ``[N, 1 + keep, D]`` (class token first), the masking, and the key
         mask ``[N, 1 + keep]`` (None unless per-sample ratios pad the visible sets).
         """
@@ -58,7 +60,7 @@ class MaskedViT(nn.Module):
         N, L, D = x.shape
         if noise is None:
             noise = torch.rand(N, L, device=x.device)
-        m = random_masking(noise, ratio, ratios)
+        m = random_masking(noise, ratio, ratios, min_ratio=ratio)
         x = torch.gather(x, 1, m.ids_shuffle[:, : m.keep, None].expand(N, m.keep, D))  # (N, keep, D)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).to(x.dtype).expand(N, -1, -1)
         x = torch.cat([cls, x], dim=1)  # (N, 1 + keep, D)

@@ -5,11 +5,26 @@ Layout of ``OUTPUT/checkpoints/step_{step:08d}/``::
     mp_rank_00_model_states.pt, *zero_pp_rank_*_optim_states.pt   DeepSpeed (module, optimizer, ZeRO shards)
     mcf_state.pt        rank 0: step, epoch, EMA target weights (fp32), resolved config, metric accumulators
     rank_00000.pt …     one per rank: torch/accelerator/numpy/python RNG states, data-loader position
-    COMPLETE            written by rank 0 last, after a barrier: only marked directories are resumed
+    COMPLETE            written by rank 0 last, once every rank reported its files: only marked directories are
+                        resumed; it lists every file with its size (and SHA-256 with checkpoint.hash=true)
 
-DeepSpeed's ``client_state`` is written by rank 0 only, hence the per-rank files. ``--resume auto``
-takes the newest marked directory, so a crash during a save leaves the previous one in use; the
-newest ``checkpoint.keep_last`` marked directories are kept, unmarked leftovers are deleted.
+DeepSpeed's ``client_state`` is written by rank 0 only, hence the per-rank files. Every file is
+written and read back through :mod:`mcf.train.integrity` and :mod:`mcf.serialization` (weights-only
+unpickling: a tampered file cannot run code). ``--resume auto`` takes the newest marked directory
+whose files match its marker, falling back to the previous one with a warning (a crash during a save
+leaves the previous one in use); an explicit path must be intact. The newest ``checkpoint.keep_last``
+marked directories up to the current step are kept, unmarked leftovers are deleted. A write error on
+any rank (a full disk) fails the save on every rank, removes the partial folder and leaves the
+earlier checkpoints as they were.
+
+**Another number of ranks.** ZeRO-0 state is whole in ``mp_rank_00_model_states.pt`` and loads on
+any number of ranks. ZeRO 1-3 partitions (the fp32 masters, Adam's moments and step) are re-split
+through DeepSpeed's universal checkpoint: on the first resume with another world size, rank 0
+converts the directory once with ``deepspeed.checkpoint.ds_to_universal`` into ``step_*/universal/``
+(one folder per parameter holding ``fp32``, ``exp_avg``, ``exp_avg_sq`` and ``step``; written
+beside, then renamed into place, so an interrupted conversion is redone) and every rank loads its
+new partition from it with DeepSpeed's ``checkpoint.load_universal``. The per-rank files of the old
+ranks are all read (see :mod:`mcf.train.elastic`).
 """
 
 from __future__ import annotations
@@ -26,16 +41,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from mcf.errors import CheckpointError
+from mcf.dist import gather_errors
+from mcf.errors import CheckpointError, StorageError, UnsafeCheckpointError
+from mcf.serialization import safe_load, safe_torch_load
+from mcf.train import integrity
+from mcf.train.integrity import COMPLETE
 
 log = logging.getLogger(__name__)
 
 FORMAT = "mcf-pretrain-v1"
-COMPLETE = "COMPLETE"
 MCF_STATE = "mcf_state.pt"
 ONLINE_FP32 = "online_fp32.pt"  # ZeRO 0 in bf16/fp16 only: the fp32 masters (DeepSpeed keeps them as flat groups)
+UNIVERSAL = "universal"  # DeepSpeed's universal copy of a ZeRO 1-3 step directory, made on a world-size change
 STEP_RE = re.compile(r"^step_(\d{8,})$")
-CRASH_ENV = "MCF_TEST_CRASH_IN_SAVE"  # fault injection for tests: every rank SIGKILLs itself inside the save of step N
+# fault injection for tests, inside the save of step N once every file is written, before the marker:
+CRASH_ENV = "MCF_TEST_CRASH_IN_SAVE"  # every rank SIGKILLs itself
+SIGNAL_ENV = "MCF_TEST_SIGNAL_IN_SAVE"  # "N" or "N:SIGNAME" (default SIGTERM): rank 0 signals its own process
 
 
 def step_dir_name(step: int) -> str:
@@ -61,31 +82,90 @@ def list_checkpoints(root: Path, complete_only: bool = True) -> list[Path]:
     return sorted(dirs, key=lambda d: _step_of(d))  # type: ignore[arg-type,return-value]
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A complete step directory from a step directory, a ``checkpoints/`` folder or a run folder."""
+def make_root(root: Path) -> None:
+    """Create the checkpoints folder (rank 0, at start): a file in its place is a one-line error."""
+    if root.exists() and not root.is_dir():
+        raise StorageError(f"{root} is a file, not a folder: move it away (checkpoints are written there)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(integrity.describe_write_error(root, e)) from None
+
+
+def newest_intact(root: Path) -> Path | None:
+    """The newest marked checkpoint under ``root`` that passes :func:`mcf.train.integrity.verify`.
+
+    A damaged one is skipped with a warning (the previous one is tried); one that holds code is an
+    error, since someone altered it. None when there is no marked checkpoint at all.
+
+    Raises:
+        UnsafeCheckpointError: a checkpoint holds a type outside the allowlist.
+        CheckpointError: there are marked checkpoints, but none is intact.
+    """
+    found = list_checkpoints(root)
+    problems = []
+    for step_dir in reversed(found):
+        try:
+            integrity.verify(step_dir)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as e:
+            log.warning("checkpoint %s is damaged, trying the previous one: %s", step_dir.name, e)
+            problems.append(str(e))
+            continue
+        return step_dir
+    if found:
+        raise CheckpointError(f"no intact checkpoint in {root} ({len(found)} damaged; newest: {problems[0]}); "
+                              "restore the files, or start over with --resume none")
+    return None
+
+
+def resolve_checkpoint(path: str | os.PathLike, verify: bool = True) -> Path:
+    """A complete step directory from a step directory, a ``checkpoints/`` folder or a run folder.
+
+    A step directory must be intact (``verify``); from a folder, the newest intact one is taken.
+    """
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is a file, not a checkpoint folder (a run folder, its checkpoints/ or a step_* folder)")
     if _step_of(p) is not None:
         if not (p / COMPLETE).is_file():
             raise CheckpointError(f"checkpoint {p} is incomplete (no {COMPLETE} marker: the save was interrupted)")
+        if verify:
+            integrity.verify(p)
         return p
     for root in (p / "checkpoints", p):
-        found = list_checkpoints(root)
-        if found:
-            return found[-1]
+        if not verify:
+            found = list_checkpoints(root)
+            if found:
+                return found[-1]
+            continue
+        step_dir = newest_intact(root)
+        if step_dir is not None:
+            return step_dir
     raise CheckpointError(f"no complete checkpoint in {p}")
 
 
-def find_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
-    """``auto``: the newest complete checkpoint of the run (None on a fresh run); ``none``: None;
-    else the checkpoint named by the path (an error when it does not exist)."""
+def find_resume(resume: str, output_dir: str | os.PathLike, verify: bool = True) -> Path | None:
+    """``auto``: the newest intact checkpoint of the run (None on a fresh run); ``none``: None;
+    else the checkpoint named by the path (an error when it does not exist or is damaged).
+
+    ``verify=False`` only looks at names and markers (cheap: every rank may call it before the
+    process group exists); the trainer then verifies on rank 0 (:func:`mcf.dist.rank0_decides`).
+    """
     if resume == "none":
         return None
     if resume == "auto":
-        found = list_checkpoints(Path(output_dir) / "checkpoints")
-        return found[-1] if found else None
-    return resolve_checkpoint(resume)
+        root = Path(output_dir) / "checkpoints"
+        if root.exists() and not root.is_dir():
+            raise CheckpointError(f"{root} is a file, not a folder: move it away (checkpoints are written there)")
+        if not verify:
+            found = list_checkpoints(root)
+            return found[-1] if found else None
+        return newest_intact(root)
+    return resolve_checkpoint(resume, verify=verify)
 
 
 # -- RNG ------------------------------------------------------------------------------------------
@@ -115,12 +195,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # -- save / load ----------------------------------------------------------------------------------
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _barrier() -> None:
     import torch.distributed as dist
 
@@ -128,38 +202,96 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(engine: Any, root: Path, step: int, mcf_state: dict[str, Any], rank_state: dict[str, Any], rank: int, keep_last: int,
-                    online_fp32: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``root/step_{step}`` on every rank (a collective); returns its path once marked complete."""
-    tag = step_dir_name(step)
-    path = root / tag
-    if rank == 0 and path.exists():  # leftovers of an interrupted save of the same step
-        shutil.rmtree(path)
-    _barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
-    path.mkdir(parents=True, exist_ok=True)
-    _atomic_save(rank_state, path / rank_file(rank))
-    if rank == 0:
-        _atomic_save({"format": FORMAT, **mcf_state}, path / MCF_STATE)
-        if online_fp32 is not None:
-            _atomic_save(online_fp32, path / ONLINE_FP32)
+def _gather_files(files: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every rank's files → one dict on rank 0 (others get theirs back)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return files
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, files)
+    merged: dict[str, dict[str, Any]] = {}
+    for part in everyone:
+        merged.update(part)
+    return merged
+
+
+def _fault_injection(step: int, rank: int) -> None:
     if os.environ.get(CRASH_ENV) == str(step):  # the job dies with every file written but the marker
         log.error("%s=%s: rank %d killed inside the save (test fault injection)", CRASH_ENV, step, rank)
         os.kill(os.getpid(), signal.SIGKILL)
+    wanted, _, name = os.environ.get(SIGNAL_ENV, "").partition(":")
+    if wanted == str(step) and rank == 0:
+        sig = signal.Signals[name or "SIGTERM"]
+        log.warning("%s=%s: rank 0 sends itself %s inside the save (test fault injection)", SIGNAL_ENV, wanted, sig.name)
+        os.kill(os.getpid(), sig)
+
+
+def _raise_failed(errors: list[tuple[int, str]], path: Path, root: Path) -> None:
+    rank, first = errors[0]
+    others = f" (and {len(errors) - 1} more rank(s))" if len(errors) > 1 else ""
+    previous = list_checkpoints(root)
+    kept = f"the last complete checkpoint, {previous[-1].name}, is intact" if previous else "there is no earlier checkpoint"
+    raise StorageError(f"checkpoint {path.name} was not written: rank {rank}: {first}{others}; {kept}; "
+                       "free space (or fix the folder) and resume with --resume auto")
+
+
+def save_checkpoint(engine: Any, root: Path, step: int, mcf_state: dict[str, Any], rank_state: dict[str, Any], rank: int,
+                    keep_last: int, online_fp32: dict[str, torch.Tensor] | None = None, hash_files: bool = False) -> Path:
+    """Write ``root/step_{step}`` on every rank (a collective); returns its path once marked complete.
+
+    Raises:
+        StorageError: a rank could not write its files (full disk, permissions): raised on every
+            rank; the partial folder is removed and earlier checkpoints are untouched.
+    """
+    tag = step_dir_name(step)
+    path = root / tag
+    if rank == 0 and (path.exists() or path.is_symlink()):  # leftovers of an interrupted save of the same step
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     _barrier()
+    writer = integrity.writer_of(engine)
+    writer.begin(hash_files)
+    engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        writer.error = writer.error or integrity.describe_write_error(path, e)
+    writer.write(rank_state, path / rank_file(rank))
     if rank == 0:
-        with open(path / COMPLETE, "w") as f:
-            f.write(f"{step}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        prune(root, keep_last)
-    _barrier()
+        writer.write({"format": FORMAT, **mcf_state}, path / MCF_STATE)
+        if online_fp32 is not None:
+            writer.write(online_fp32, path / ONLINE_FP32)
+    _fault_injection(step, rank)
+    files, error = writer.report(path)
+    failed = gather_errors(error)  # every rank learns whether any rank failed, so all stop together
+    if failed:
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        _barrier()
+        _raise_failed(failed, path, root)
+    files = _gather_files(files)
+    error = None
+    if rank == 0:
+        try:
+            integrity.write_marker(path, step, files)
+            prune(root, keep_last, upto=step)
+        except StorageError as e:
+            shutil.rmtree(path, ignore_errors=True)
+            error = str(e)
+    failed = gather_errors(error)
+    if failed:
+        _raise_failed(failed, path, root)
     return path
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints, and unmarked leftovers."""
-    complete = list_checkpoints(root)
+def prune(root: Path, keep_last: int, upto: int | None = None) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints, and unmarked leftovers.
+
+    With ``upto``, checkpoints of later steps are left alone and not counted: they belong to a
+    trajectory this run went back from (a damaged newest checkpoint, an explicit older resume) and
+    would otherwise push the run's own new checkpoints out.
+    """
+    complete = [d for d in list_checkpoints(root) if upto is None or _step_of(d) <= upto]  # type: ignore[operator]
     for d in complete[:-keep_last]:
         shutil.rmtree(d, ignore_errors=True)
     for d in list_checkpoints(root, complete_only=False):
@@ -167,21 +299,125 @@ def prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore the engine (module, optimizer, ZeRO shards) from ``path``; returns (mcf_state, rank_state)."""
-    state = torch.load(path / MCF_STATE, map_location="cpu", weights_only=True)
-    if state.get("format") != FORMAT:
+def read_state(path: Path) -> dict[str, Any]:
+    """``mcf_state.pt`` of a step directory (step, world size, config, EMA target), checked for its format
+    and for what a resume or an export needs."""
+    state = safe_load(path / MCF_STATE)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an mcf pre-training checkpoint")
-    if int(state.get("world_size", world_size)) != world_size:
-        raise CheckpointError(f"{path} was written by {state['world_size']} ranks, this run has {world_size}: "
-                              "resume with the same number of ranks (or export it with `mcf export-fp32` and start a new run)")
-    rf = path / rank_file(rank)
-    if not rf.is_file():
-        raise CheckpointError(f"{rf} is missing")
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False)
+    if not isinstance(state.get("config"), dict) or not isinstance(state.get("target"), dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{path / MCF_STATE} is damaged (no step, config or target weights)")
+    return state
+
+
+def _check_same_layout(path: Path, config: dict[str, Any], engine: Any) -> None:
+    """DeepSpeed's shards only load into the ZeRO stage and precision that wrote them."""
+    saved_zero = (config.get("deepspeed") or {}).get("zero")
+    saved_precision = (config.get("train") or {}).get("precision")
+    zero = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else saved_zero
+    precision = ("bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32") \
+        if hasattr(engine, "bfloat16_enabled") else saved_precision
+    if (saved_zero, saved_precision) != (zero, precision):
+        raise CheckpointError(f"{path} was written with ZeRO {saved_zero} in {saved_precision}, this run uses ZeRO {zero} in "
+                              f"{precision}: resume with --zero {saved_zero} --precision {saved_precision} (or export it with "
+                              "`mcf export-fp32` and start a new run from those weights)")
+
+
+def is_partitioned(path: Path) -> bool:
+    """Whether DeepSpeed's optimizer state in ``path`` is split over ranks (ZeRO 1-3)."""
+    return any(path.glob("*optim_states.pt"))
+
+
+def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Restore the engine (module, optimizer, ZeRO shards) from ``path``, written with ``state`` (:func:`read_state`).
+
+    On the checkpoint's own number of ranks: returns ``[this rank's state]``. On another number:
+    ZeRO 1-3 state is loaded from the universal copy (:func:`universal_copy`; the engine must have
+    been built with ``checkpoint.load_universal``), and the states of all old ranks are returned.
+    Every file is read with :func:`mcf.serialization.safe_load` (DeepSpeed's reads too).
+    """
+    saved_world = int(state.get("world_size", world_size))
+    ranks = [rank] if saved_world == world_size else list(range(saved_world))
+    files = [path / rank_file(r) for r in ranks]
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing")
+    if saved_world == world_size:
+        _check_same_layout(path, state["config"], engine)
+    universal = saved_world != world_size and is_partitioned(path)
+    load_dir = universal_copy(path, rank) if universal else path
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside DeepSpeed's wrapper
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+    integrity.writer_of(engine)  # DeepSpeed's own reads go through safe_load from here on
+    with safe_torch_load():
+        load_path, _ = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load {path}")
-    return state, torch.load(rf, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"DeepSpeed could not load {load_dir}")
+    if universal:
+        _repair_universal_load(base, hyper)
+    return [safe_load(f) for f in files]
+
+
+def _repair_universal_load(base: torch.optim.Optimizer, hyper: list[dict[str, Any]]) -> None:
+    """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal load (measured: after one resumed step
+    the no-decay group had decayed and its Adam step count had advanced by 2):
+
+    - it copies the hyperparameters of param group 0 into every group (the no-decay group got
+      ``weight_decay=0.05``): each group gets back the values it was built with (mcf's config);
+    - it stores one ``step`` tensor object in the state of every group, which torch's AdamW then
+      increments in place once per group: each state gets its own copy, on its parameter's device.
+    """
+    for group, values in zip(base.param_groups, hyper):
+        group.update(values)
+    for p, st in base.state.items():
+        if torch.is_tensor(st.get("step")):
+            st["step"] = st["step"].detach().clone().to(p.device if torch.is_tensor(p) else st["step"].device)
+
+
+def universal_copy(path: Path, rank: int) -> Path:
+    """``path/universal``: DeepSpeed's universal checkpoint of the ZeRO 1-3 step directory ``path``,
+    converted by rank 0 on first use (a collective: every rank waits for it)."""
+    out = path / UNIVERSAL
+    error = ""
+    if rank == 0 and not out.is_dir():
+        import argparse
+        import contextlib
+        import io
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        # The converter writes a "latest_universal" file beside its output folder: convert inside a
+        # scratch folder, then move the result into place (an interrupted conversion leaves only scratch).
+        scratch = path / f".{UNIVERSAL}.tmp"
+        shutil.rmtree(scratch, ignore_errors=True)
+        args = argparse.Namespace(input_folder=str(path), output_folder=str(scratch / UNIVERSAL), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        log.info("converting %s to DeepSpeed's universal checkpoint for a new number of ranks", path)
+        chatter = io.StringIO()  # the converter prints its arguments and progress bars
+        try:
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), safe_torch_load():
+                ds_to_universal.main(args)  # reads every shard with torch.load(weights_only=False)
+            os.replace(scratch / UNIVERSAL, out)
+        except Exception as e:  # noqa: BLE001 - any converter failure means this checkpoint cannot be re-split
+            error = f"{type(e).__name__}: {e}"
+        shutil.rmtree(scratch, ignore_errors=True)
+    error = _from_rank0(error)  # the other ranks wait here, and stop too when rank 0 failed
+    if error:
+        raise CheckpointError(f"cannot convert {path} for another number of ranks ({error}); resume it on the number of ranks "
+                              "that wrote it")
+    return out
+
+
+def _from_rank0(value: str) -> str:
+    """Rank 0's ``value`` on every rank (a collective when there are several ranks)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # -- consolidation --------------------------------------------------------------------------------
@@ -189,15 +425,16 @@ def _online_fp32(step_dir: Path) -> dict[str, torch.Tensor]:
     """The online model's fp32 weights from a DeepSpeed tag directory, any ZeRO stage/precision."""
     if (step_dir / ONLINE_FP32).is_file():
         files = sorted(step_dir.glob("mp_rank_*_model_states.pt"))
-        module = torch.load(files[0], map_location="cpu", weights_only=False)["module"] if files else {}
-        masters = torch.load(step_dir / ONLINE_FP32, map_location="cpu", weights_only=True)
+        module = safe_load(files[0])["module"] if files else {}
+        masters = safe_load(step_dir / ONLINE_FP32)
         return {k: masters[k] if k in masters else (v.float() if v.is_floating_point() else v) for k, v in module.items()}
     has_zero_shards = any(step_dir.glob("*zero_pp_rank_*optim_states.pt"))
     if has_zero_shards:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         try:
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+            with safe_torch_load():  # zero_to_fp32 reads with torch.load(weights_only=False)
+                sd = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
             return {k: v.float() for k, v in sd.items()}
         except ValueError as e:  # ZeRO-0 bf16 (BF16_Optimizer) shards are not ZeRO partitions
             if "zero" not in str(e).lower():
@@ -205,7 +442,7 @@ def _online_fp32(step_dir: Path) -> dict[str, torch.Tensor]:
     files = sorted(step_dir.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise CheckpointError(f"{step_dir} holds no DeepSpeed model states")
-    sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    sd = safe_load(files[0])["module"]
     if any(v.dtype != torch.float32 for v in sd.values() if v.is_floating_point()):
         log.warning("%s: no fp32 masters found; the module's %s weights are upcast", step_dir, next(iter(sd.values())).dtype)
     return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
@@ -219,21 +456,25 @@ def load_consolidated(path: str | os.PathLike) -> dict[str, Any]:
     """
     p = Path(path)
     if p.is_file():
-        try:
-            d = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is a checkpoint error
-            raise CheckpointError(f"cannot read {p}: {e}") from None
+        d = safe_load(p)
         if not isinstance(d, dict) or not {"online", "target", "config", "step"} <= set(d):
             raise CheckpointError(f"{p} is not an `mcf export-fp32` file (keys online, target, config, step)")
         return d
     step_dir = resolve_checkpoint(p)
-    state = torch.load(step_dir / MCF_STATE, map_location="cpu", weights_only=True)
+    state = read_state(step_dir)
     return {"online": _online_fp32(step_dir), "target": {k: v.float() for k, v in state["target"].items()},
             "config": state["config"], "step": int(state["step"])}
 
 
 def export_fp32(src: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
     d = load_consolidated(src)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save(d, Path(out))
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(integrity.describe_write_error(out, e)) from None
+    writer = integrity.CheckpointWriter(None)
+    writer.write(d, out)
+    if writer.error:
+        raise StorageError(writer.error)
     return d

@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.profiler import record_function
 
 log = logging.getLogger(__name__)
 
@@ -380,12 +379,9 @@ class TargetEMA:
 
     @torch.no_grad()
     def update(self, momentum: float) -> None:
-        """``t ← m·t + (1 − m)·θ`` on this rank's elements, then start assembling the forward weights."""
+        """``t ← m·t + (1 − m)·θ`` on this rank's elements, then start assembling the forward weights
+        (the trainer times this as ``mcf.ema``; the wait for the gather shows inside ``mcf.target``)."""
         self.wait()
-        with record_function("mcf.ema"):
-            self._update(momentum)
-
-    def _update(self, momentum: float) -> None:
         masters = self.layout.masters()
         src = [masters[r.master].narrow(0, r.start, r.length) for r in self.layout.runs]
         torch._foreach_mul_(self._ema_views, momentum)
@@ -401,10 +397,9 @@ class TargetEMA:
         """Finish a gather started by :meth:`update` (the target's forward calls this first)."""
         if self._pending is None:
             return
-        with record_function("mcf.ema"):
-            self._pending.wait()
-            self._pending = None
-            torch._foreach_copy_(self._dst, self._src)
+        self._pending.wait()
+        self._pending = None
+        torch._foreach_copy_(self._dst, self._src)
 
     @torch.no_grad()
     def full_fp32(self) -> dict[str, torch.Tensor]:

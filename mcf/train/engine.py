@@ -91,13 +91,32 @@ def init_distributed(wanted_precision: str = "fp32") -> tuple[int, int, torch.de
                               + (" or bf16" if precision == "fp16" and accel.is_bf16_supported() else ""))
     if accel.device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        device = torch.device("cpu")
     else:
-        accel.set_device(local_rank)
+        device = bind_device(accel, local_rank)
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False)
     import torch.distributed as dist
 
-    device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def device_index(local_rank: int, device_count: int) -> int:
+    """The visible device a rank uses: ``local_rank % device_count``.
+
+    ``LOCAL_RANK`` indexes the node's GPUs only when every rank sees all of them (torchrun, the
+    deepspeed launcher); with per-task binding (slurm ``--gpus-per-task``, or CUDA_VISIBLE_DEVICES
+    set per rank) each rank sees its own, and ``cuda:LOCAL_RANK`` would be an invalid ordinal.
+    """
+    if device_count < 1:
+        raise ConfigError("no accelerator device is visible to this rank (check CUDA_VISIBLE_DEVICES and the job's GPU binding)")
+    return local_rank % device_count
+
+
+def bind_device(accel: Any, local_rank: int) -> torch.device:
+    """Make this rank's device (:func:`device_index` of DeepSpeed's accelerator) current and return it."""
+    index = device_index(local_rank, accel.device_count())
+    accel.set_device(index)
+    return torch.device(accel.device_name(index))
 
 
 # -- the DeepSpeed JSON ---------------------------------------------------------------------------
@@ -167,11 +186,30 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
         if "enabled" in section and section["enabled"] not in ("auto",) and bool(section["enabled"]) != want:
             raise conflict(f"{name}.enabled", section["enabled"], p, "train.precision")
         section["enabled"] = want
+    # DeepSpeed 0.19.8 reads communication_data_type in the engine (ZeRO 0 and the BF16 optimizer's all-reduce),
+    # DeepSpeedZeroOptimizer (ZeRO 1/2) and DeepSpeedZeroOptimizer_Stage3; unset, it is the training dtype (bf16/fp16)
+    comm = ds.get("communication_data_type")
+    if comm is not None and str(comm).lower() != cfg.deepspeed.reduce_dtype:
+        raise conflict("communication_data_type", comm, cfg.deepspeed.reduce_dtype, "deepspeed.reduce_dtype")
+    ds["communication_data_type"] = cfg.deepspeed.reduce_dtype
     if "amp" in ds and ds["amp"].get("enabled"):
         raise ConfigError(f"DeepSpeed config {source} enables apex amp: use train.precision instead")
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def cast_floating_buffers(module: nn.Module, dtype: torch.dtype) -> None:
+    """Every floating-point buffer of ``module`` to ``dtype``, as a new tensor.
+
+    Not ``buf.data = buf.data.to(dtype)``: a buffer that is a view (the sin-cos position tables are
+    ``emb.unsqueeze(0)``) would keep its fp32 base, and torch.compile rejects a view whose base has
+    another dtype ("torch.float32 != torch.bfloat16").
+    """
+    for mod in module.modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
+                mod._buffers[name] = buf.to(dtype)
 
 
 # -- fp32 master weights --------------------------------------------------------------------------

@@ -3,8 +3,12 @@ and reconstruction pictures (original | masked | rebuilt).
 
 MLflow defaults to a local sqlite store in the output folder (no server); ``logging.tracking_uri``
 names a server (``http://…``) or ``none``. A local store keeps its artifacts (the pictures) in
-``mlartifacts/`` beside its database, so the default run folder is complete on its own. On resume the same MLflow run continues (its id is kept
-in ``OUTPUT/mlflow_run_id``) and ``metrics.jsonl`` is cut back to the resumed step.
+``mlartifacts/`` beside its database, so the default run folder is complete on its own. On resume
+the same MLflow run continues (its id is kept in ``OUTPUT/mlflow_run_id``) and ``metrics.jsonl`` is
+cut back to the resumed step. An unreachable server at start is a one-line error; after that MLflow
+is fed by a background thread that rides out outages (:mod:`mcf.train.tracking`), and
+``metrics.jsonl`` is always complete. A failed write of ``metrics.jsonl`` (a full disk) is a
+one-line :class:`~mcf.errors.StorageError`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ import numpy as np
 import torch
 
 from mcf.configtree import to_dict
+from mcf.errors import StorageError, TrackingError
 from mcf.losses.pixel import unpatchify
+from mcf.train.integrity import describe_write_error
+from mcf.train.tracking import MlflowSink, bound_http_retries, check_reachable
 
 log = logging.getLogger(__name__)
 
@@ -79,26 +86,47 @@ class RunLogger:
         self.mlflow = None
         if not self.enabled:
             return
-        path = output_dir / METRICS_FILE
-        if resume_step is not None:  # drop what the interrupted run logged after its checkpoint
-            kept = [r for r in read_metrics(output_dir) if r.get("step", 0) <= resume_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        elif path.exists():
-            path.unlink()
-        self._file = open(path, "a")
+        path = self.metrics_path = output_dir / METRICS_FILE
+        try:
+            if resume_step is not None:  # drop what the interrupted run logged after its checkpoint
+                kept = [r for r in read_metrics(output_dir) if r.get("step", 0) <= resume_step]
+                path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            elif path.exists():
+                path.unlink()
+            self._file = open(path, "a")
+        except OSError as e:
+            raise StorageError(describe_write_error(path, e)) from None
         uri = cfg.logging.tracking_uri
         if uri is not None and uri.lower() == "none":
             return
         if uri is None:  # the default local store; created here so that it gets the umask's mode, not sqlite's 0644
             db = output_dir.resolve() / MLFLOW_DB
-            db.touch(mode=0o666)
+            try:
+                db.touch(mode=0o666)
+            except OSError as e:
+                raise StorageError(describe_write_error(db, e)) from None
             uri = f"sqlite:///{db}"
         self._start_mlflow(cfg, uri, resume_step is not None)
 
     def _start_mlflow(self, cfg: Any, uri: str, resuming: bool) -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        check_reachable(uri)
+        bound_http_retries()
         import mlflow
 
+        try:
+            self._start_run(mlflow, cfg, uri, resuming)
+        except (TrackingError, StorageError):
+            raise
+        except Exception as e:  # noqa: BLE001 - MlflowException, requests' errors: a server that answers badly
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            try:
+                mlflow.end_run(status="FAILED")  # a run started before the failure stays no one's active run
+            except Exception:  # noqa: BLE001, S110 - the server that just failed may fail this too
+                pass
+            raise TrackingError(f"MLflow tracking at {uri} failed at start ({first}); fix it or pass --tracking-uri none") from None
+
+    def _start_run(self, mlflow: Any, cfg: Any, uri: str, resuming: bool) -> None:
         mlflow.set_tracking_uri(uri)
         _ensure_experiment(mlflow, cfg.logging.experiment, local_artifact_root(uri))
         id_file = self.output_dir / RUN_ID_FILE
@@ -110,14 +138,17 @@ class RunLogger:
             keys = sorted(params)
             for i in range(0, len(keys), 100):
                 mlflow.log_params({k: params[k] for k in keys[i:i + 100]})
-        self.mlflow = mlflow
+        self.mlflow = MlflowSink(mlflow, run.info.run_id, uri)
         log.info("MLflow: %s, run %s", uri, run.info.run_id)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise StorageError(describe_write_error(self.metrics_path, e)) from None
         if self.mlflow is not None:
             step = int(record["step"])
             self.mlflow.log_metrics({k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
@@ -133,7 +164,10 @@ class RunLogger:
     def close(self, status: str = "FINISHED") -> None:
         if not self.enabled:
             return
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as e:  # the disk filled up: the error that stopped the run already said so
+            log.warning("%s", describe_write_error(self.metrics_path, e))
         if self.mlflow is not None:
             self.mlflow.end_run(status=status)
             self.mlflow = None
@@ -166,6 +200,9 @@ def save_reconstruction(path: Path, images: torch.Tensor, pred: torch.Tensor, ma
     img = Image.fromarray(grid)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+    except OSError as e:
+        raise StorageError(describe_write_error(path, e)) from None
     return path

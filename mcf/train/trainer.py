@@ -19,17 +19,33 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from mcf.config import Config, dump_config
 from mcf.configtree import to_dict
-from mcf.errors import ConfigError, DataError
+from mcf.dist import rank0_decides
+from mcf.errors import CheckpointError, ConfigError, DataError, StorageError, UnsafeCheckpointError, UserError
 from mcf.train import checkpoint as ckpt
+from mcf.train import elastic
 from mcf.train.ema import TargetEMA
-from mcf.train.engine import PRECISION_DTYPES, CastInput, build_ds_config, fp32_masters, init_distributed, set_tf32, setup_env
+from mcf.train.engine import (
+    PRECISION_DTYPES,
+    CastInput,
+    build_ds_config,
+    cast_floating_buffers,
+    fp32_masters,
+    init_distributed,
+    set_tf32,
+    setup_env,
+)
+from mcf.train.integrity import describe_write_error
 from mcf.train.metrics import RunLogger, flatten, save_reconstruction
 from mcf.train.optim import build_optimizer, describe_schedule, lr_at, momentum_at, param_groups, peak_lr, set_lr, warmup_steps
 from mcf.train.perf import Throughput
+from mcf.train.profile import StepProfiler
+from mcf.train.runlock import RunLock
 from mcf.train.signals import REQUEUE_EXIT_CODE, StopRequest
+from mcf.train.tracking import check_reachable
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +81,17 @@ class Trainer:
         cfg = self.cfg
         # gloo's all_gather_into_tensor (the contrastive keys) warns on every call
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
-        _, world_size, _ = setup_env()
-        self.ds_config = build_ds_config(cfg, world_size)  # flag/JSON conflicts fail before any heavy work
+        env_rank, world_size, _ = setup_env()
         self.out = Path(cfg.train.output_dir)
-        self.resume_dir = ckpt.find_resume(cfg.train.resume, self.out)
+        # rank 0 locks the output folder before anything reads or writes it, and probes MLflow; alone it
+        # fails at once, otherwise every rank learns the verdict right after the process group starts
+        startup_error = self._preflight() if env_rank == 0 else None
+        if startup_error is not None and world_size == 1:
+            raise startup_error
+        # a first look (names and markers: a wrong path fails early, and the batch plan and DeepSpeed config
+        # are known before any heavy work); rank 0 checks the files once the process group is up
+        self.resume_dir = ckpt.find_resume(cfg.train.resume, self.out, verify=False)
+        self.ds_config = self._plan_resume(world_size)  # the batch policy on another number of ranks, before any heavy work
         self.build_monitor = None
         if cfg.monitor.every > 0:
             try:
@@ -88,13 +111,19 @@ class Trainer:
         random.seed(seed)
         from mcf.models import create_model_from_config
 
-        model = create_model_from_config(cfg)  # a missing teacher checkpoint fails here, before DeepSpeed starts
+        model = create_model_from_config(cfg) if startup_error is None else None  # a missing teacher fails here, before DeepSpeed
 
         self.rank, self.world_size, self.device = init_distributed(cfg.train.precision)
         set_tf32(self.device, cfg.train.tf32)
+        verified = rank0_decides(lambda: self._decide_resume(startup_error))
+        if verified != self.resume_dir or (verified is not None and self.resume_state is None):
+            self.resume_dir = verified  # rank 0 fell back past a damaged checkpoint: plan from the one it chose
+            self.ds_config = self._plan_resume(self.world_size)
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(dump_config(cfg))
+            try:
+                (self.out / "config.yaml").write_text(dump_config(cfg))
+            except OSError as e:
+                raise StorageError(describe_write_error(self.out / "config.yaml", e)) from None
         model.set_distributed(self.rank, self.world_size)
         model.set_activation_checkpointing(cfg.train.activation_checkpointing)
         self.model = model.to(self.device).train()
@@ -122,9 +151,7 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model.online, optimizer=self.optimizer, config=self.ds_config,
                                                     dist_init_required=False)
         if self.dtype != torch.float32:  # ZeRO-3 leaves buffers (BatchNorm statistics) in fp32; stages 0-2 cast them
-            for b in self.engine.module.buffers():
-                if b.is_floating_point():
-                    b.data = b.data.to(self.dtype)
+            cast_floating_buffers(self.engine.module, self.dtype)
         if t.compile:
             self.engine.compile()
         self.online = CastInput(self.engine, self.dtype)
@@ -137,7 +164,7 @@ class Trainer:
         self.mask_gen = torch.Generator(device=self.device)
         self.mask_gen.manual_seed(seed * 1_000_003 + 7919 * (self.rank + 1))
         torch.manual_seed(seed + 104_729 * (self.rank + 1))
-        self.step, self.epoch, self.epoch_batches = 0, 0, 0
+        self.step, self.epoch = 0, 0
         self.acc = torch.zeros(len(TERMS) + 1, device=self.device)  # sums of TERMS, micro-batch count
         self.steps_since_log = 0
         if self.resume_dir is not None:
@@ -145,7 +172,8 @@ class Trainer:
         elif self.rank == 0:
             ckpt.prune(self.out / "checkpoints", cfg.checkpoint.keep_last)
         self.logger = RunLogger(cfg, self.out, self.rank, self.step if self.resume_dir is not None else None)
-        self.monitor = self.build_monitor(cfg, self.device) if self.build_monitor and self.rank == 0 else None
+        # on every rank: under ZeRO-3 its forward passes are collectives that all ranks must join
+        self.monitor = self.build_monitor(cfg, self.device) if self.build_monitor else None
         # rank 0 logs: model FLOPs per image (counted once) and the device's peak, for TFLOP/s and MFU
         self.throughput = Throughput(cfg, self.device, self.dtype, self.world_size) if self.rank == 0 else None
         if self.rank == 0:
@@ -153,31 +181,81 @@ class Trainer:
                      cfg.deepspeed.zero, self.total_steps, self.steps_per_epoch,
                      describe_schedule(cfg, self.global_batch, self.steps_per_epoch, self.total_steps))
 
+    def _preflight(self) -> UserError | None:
+        """Rank 0: lock the output folder (held until :meth:`fit` returns) and check MLflow answers."""
+        try:
+            self.lock = RunLock(self.out, self.cfg.train.lock_stale_s).acquire()
+            ckpt.make_root(self.out / "checkpoints")
+            uri = self.cfg.logging.tracking_uri
+            if uri and uri.lower() != "none":
+                check_reachable(uri)
+        except UserError as e:
+            return e
+        return None
+
+    def _decide_resume(self, startup_error: UserError | None) -> Path | None:
+        """Rank 0: the checkpoint to resume, verified against its marker (see :func:`ckpt.find_resume`)."""
+        if startup_error is not None:
+            raise startup_error
+        return ckpt.find_resume(self.cfg.train.resume, self.out)
+
+    def _plan_resume(self, world_size: int) -> dict[str, Any]:
+        """Read the checkpoint to resume (``self.resume_dir``), apply ``train.elastic`` when it was written by
+        another number of ranks (``train.accum_steps``, ``self.resized``), and return the DeepSpeed config
+        (flag/JSON conflicts fail here too), set to load a universal checkpoint when partitions must be re-split."""
+        cfg = self.cfg
+        try:
+            self.resume_state = ckpt.read_state(self.resume_dir) if self.resume_dir is not None else None
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError:  # damaged: rank 0's check of the files decides (it may fall back to an older one)
+            self.resume_state = None
+        self.resized = False
+        if self.resume_state is not None:
+            saved = elastic.RunShape.of_checkpoint(self.resume_state)
+            cfg.train.accum_steps = elastic.plan_accum_steps(cfg.train.elastic, saved, cfg.train.batch_size, cfg.train.accum_steps,
+                                                             world_size)
+            self.resized = saved.world_size != world_size
+        ds_config = build_ds_config(cfg, world_size)
+        if self.resized and ckpt.is_partitioned(self.resume_dir):  # ZeRO 1-3 partitions are re-split from the universal copy
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        return ds_config
+
     def _restore(self, path: Path) -> None:
-        state, rstate = ckpt.load_checkpoint(self.engine, path, self.rank, self.world_size)
-        self.ema.load_state_dict(state["target"])
+        state = self.resume_state
+        rstates = ckpt.load_checkpoint(self.engine, path, self.rank, self.world_size, state)
+        self.ema.load_state_dict(state["target"])  # this rank's part of the whole fp32 EMA
         self.step = int(state["step"])
-        self.epoch, self.epoch_batches = int(rstate["epoch"]), int(rstate["epoch_batches"])
+        if not self.resized:
+            rstate = rstates[0]
+            ckpt.set_rng_state(rstate["rng"])
+            self.mask_gen.set_state(rstate["mask_gen"])
+        else:  # another number of ranks: the data position is global, the rest is re-derived per new rank
+            rstate = elastic.resplit_rank_state(rstates, self.rank)
+            elastic.reseed(self.cfg.train.seed, self.rank, self.step, self.mask_gen)
+            if self.rank == 0:
+                log.info("resumed on %d rank(s) from a checkpoint of %d: the rest of epoch %d is re-split over the new ranks",
+                         self.world_size, len(rstates), rstate["loader"]["epoch"])
         self.loader.load_state_dict(rstate["loader"])
-        if self.epoch_batches >= len(self.loader):  # the checkpoint closed an epoch
-            self.epoch, self.epoch_batches = self.epoch + 1, 0
-        ckpt.set_rng_state(rstate["rng"])
-        self.mask_gen.set_state(rstate["mask_gen"])
+        self.epoch = self.loader.epoch
+        if self.loader.batches_left() == 0:  # the checkpoint closed an epoch (or left only a tail shorter than a global batch)
+            self.epoch += 1
         self.acc = rstate["acc"].to(self.device)
         self.steps_since_log = int(rstate["steps_since_log"])
+        self.resume_state = None  # the EMA weights it holds are in the target now
         if self.rank == 0:
             old, new = flatten(state["config"]), flatten(to_dict(self.cfg))
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "train.resume")
             if changed:
                 log.warning("resuming with changed config keys: %s", ", ".join(changed))
             log.info("resumed from %s (step %d, epoch %d)", path, self.step, self.epoch)
-            ckpt.prune(path.parent, self.cfg.checkpoint.keep_last)
+            ckpt.prune(path.parent, self.cfg.checkpoint.keep_last, upto=self.step)
 
     # -- state ------------------------------------------------------------------------------------
     def _save(self) -> Path:
         mcf_state = {"step": self.step, "world_size": self.world_size, "config": to_dict(self.cfg),
                      "target": self.ema.state_dict()}  # the whole fp32 EMA (a collective when it is sharded)
-        rank_state = {"epoch": self.epoch, "epoch_batches": self.epoch_batches, "loader": self.loader.state_dict(),
+        rank_state = {"loader": self.loader.state_dict(),
                       "rng": ckpt.rng_state(), "mask_gen": self.mask_gen.get_state(), "acc": self.acc.cpu(),
                       "steps_since_log": self.steps_since_log}
         online_fp32 = None
@@ -185,7 +263,7 @@ class Trainer:
             names = [n for n, p in self.engine.module.named_parameters() if p.requires_grad]
             online_fp32 = {k: v.detach().float().cpu() for k, v in fp32_masters(self.engine, names, self.cfg.train.precision, 0).items()}
         path = ckpt.save_checkpoint(self.engine, self.out / "checkpoints", self.step, mcf_state, rank_state, self.rank,
-                                    self.cfg.checkpoint.keep_last, online_fp32)
+                                    self.cfg.checkpoint.keep_last, online_fp32, hash_files=self.cfg.checkpoint.hash)
         self.last_saved = self.step
         if self.rank == 0:
             log.info("checkpoint %s", path)
@@ -194,14 +272,13 @@ class Trainer:
     def _batches(self) -> Iterator[torch.Tensor]:
         while True:
             self.loader.set_epoch(self.epoch)
-            for images in self.loader:
-                self.epoch_batches += 1
-                yield images
-            self.epoch, self.epoch_batches = self.epoch + 1, 0
+            yield from self.loader
+            self.epoch += 1
 
     # -- loop -------------------------------------------------------------------------------------
     def fit(self) -> int:
-        self.logger = None
+        self.logger = self.loader = None
+        self.lock: RunLock | None = None
         status = "FAILED"
         try:
             self._setup()
@@ -209,12 +286,18 @@ class Trainer:
             status = "FINISHED" if rc == 0 else "KILLED"
             return rc
         finally:
-            if self.logger is not None:
-                self.logger.close(status)
-            import torch.distributed as dist
+            try:
+                if getattr(self, "loader", None) is not None:
+                    self.loader.close()  # the workers now, on every path: nothing else stops them (they ignore SIGTERM)
+                if self.logger is not None:
+                    self.logger.close(status)
+                import torch.distributed as dist
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+            finally:
+                if self.lock is not None:
+                    self.lock.release()
 
     def _loop(self) -> int:
         cfg, model, engine = self.cfg, self.model, self.engine
@@ -229,15 +312,18 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or not lg.progress, dynamic_ncols=True,
                    desc="pretrain")
         t_log = time.perf_counter()
+        profiler = StepProfiler(lg.profile_step, self.out, self.rank, self.device)
         try:
             data_error: DataError | None = None
             size = cfg.data.img_size or model.spec.img_size
             while self.step < self.total_steps:
+                profiler.begin(self.step + 1)
                 nonfinite = torch.zeros((), device=self.device)
                 for micro in range(t.accum_steps):
                     if data_error is None:
                         try:
-                            images = next(batches)  # (B, 3, H, W) fp32, normalised
+                            with record_function("mcf.data"):
+                                images = next(batches)  # (B, 3, H, W) fp32, normalised
                         except DataError as e:
                             # Too many bad samples on this rank. The other ranks are already inside this
                             # step's collectives: finish the step on a blank batch and stop every rank
@@ -248,7 +334,8 @@ class Trainer:
                     B = images.shape[0]
                     noise = torch.rand(2, B, L, generator=self.mask_gen, device=self.device)  # online / target masks
                     out = model(images, noise[0], noise[1], online=self.online)
-                    engine.backward(out.loss)
+                    with record_function("mcf.backward"):
+                        engine.backward(out.loss)
                     loss = out.loss.detach().float()
                     nonfinite += (~torch.isfinite(loss)).float()
                     self.acc[:len(TERMS)] += torch.stack([loss, *(out.losses[k].float() for k in TERMS[1:])])
@@ -259,13 +346,14 @@ class Trainer:
                 # the one host sync per step: (non-finite losses, stop requested, ranks with a data
                 # error), summed over ranks; filled on the device, since a tensor built from a host
                 # list would cost a second sync on a GPU
-                flags = torch.zeros(3, device=self.device)
-                flags[0] = nonfinite
-                flags[1] = float(stop.requested)
-                flags[2] = float(data_error is not None)
-                if self.world_size > 1:
-                    torch.distributed.all_reduce(flags)
-                n_bad, stop_now, data_ranks = flags.tolist()
+                with record_function("mcf.sync"):
+                    flags = torch.zeros(3, device=self.device)
+                    flags[0] = nonfinite
+                    flags[1] = float(stop.requested)
+                    flags[2] = float(data_error is not None)
+                    if self.world_size > 1:
+                        torch.distributed.all_reduce(flags)
+                    n_bad, stop_now, data_ranks = flags.tolist()
                 if data_ranks:
                     if data_error is not None:
                         raise data_error
@@ -277,10 +365,13 @@ class Trainer:
                                         f"before applying the update{where}; lower optim.lr/blr or use train.precision=fp32")
                 set_lr(self.optimizer, lr_at(self.step, peak=self.peak_lr, min_lr=cfg.optim.min_lr, warmup=self.warmup,
                                              total=self.total_steps))
-                engine.step()  # fp16: DeepSpeed skips an overflowing step and counts it
+                with record_function("mcf.optimizer"):
+                    engine.step()  # fp16: DeepSpeed skips an overflowing step and counts it
                 momentum = momentum_at(self.step, cfg.momentum, self.total_steps)
-                self.ema.update(momentum)  # no communication; starts the target weights' one all-gather when sharded
+                with record_function("mcf.ema"):  # no communication; starts the target weights' one all-gather when sharded
+                    self.ema.update(momentum)
                 self.step += 1
+                profiler.end(self.step)
                 self.steps_since_log += 1
                 bar.update(1)
                 if self.step % lg.log_every == 0 or self.step == self.total_steps:
@@ -296,18 +387,32 @@ class Trainer:
                     return REQUEUE_EXIT_CODE
                 if self.step % cfg.checkpoint.every == 0:
                     self._save()
+            # the end of the run stays under the stop handlers: a signal during the final checkpoint
+            # lets the save finish and turns the exit status into 3 (every rank agrees on it)
+            if self.last_saved != self.step:
+                self._save()
+            if last is not None and not (lg.recon_every and self.step % lg.recon_every == 0):
+                self._reconstruction(last)
+            final = self.out / "checkpoints" / ckpt.step_dir_name(self.step)
+            self.logger.set_tag("final_checkpoint", str(final.resolve()))
+            if self._stop_requested_anywhere(stop):
+                if self.rank == 0:
+                    log.warning("stopped by signal during the final checkpoint (step %d, complete); exiting with %d",
+                                self.step, REQUEUE_EXIT_CODE)
+                return REQUEUE_EXIT_CODE
         finally:
             bar.close()
             stop.restore()
-        if self.last_saved != self.step:
-            self._save()
-        if last is not None and not (lg.recon_every and self.step % lg.recon_every == 0):
-            self._reconstruction(last)
-        final = self.out / "checkpoints" / ckpt.step_dir_name(self.step)
-        self.logger.set_tag("final_checkpoint", str(final.resolve()))
+            batches.close()  # drops the loader's iterators now (a fresh DataLoader per epoch stops its workers then)
         if self.rank == 0:
             log.info("done: %d steps; final checkpoint %s", self.step, final)
         return 0
+
+    def _stop_requested_anywhere(self, stop: StopRequest) -> bool:
+        flag = torch.tensor([float(stop.requested)], device=self.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(flag)
+        return bool(flag.item())
 
     def _log(self, momentum: float, t_log: float, bar: Any) -> float:
         vals = torch.cat([self.acc, torch.tensor([float(self.loader.bad_samples)], device=self.device)])
@@ -339,16 +444,13 @@ class Trainer:
         self.logger.log_artifact(path, "reconstructions")
 
     def _monitor(self) -> None:
+        """Every rank runs the same probe forward passes (ZeRO-3 gathers parameters in them); rank 0 logs."""
         import deepspeed
 
+        if self.monitor is None:
+            return
         params = list(self.engine.module.parameters()) if self.cfg.deepspeed.zero == 3 else []
-        with deepspeed.zero.GatheredParameters(params, enabled=bool(params)):  # a collective under ZeRO-3
-            if self.rank == 0 and self.monitor is not None:
-                was_training = self.model.online.training
-                self.model.online.eval()
-                with torch.no_grad():
-                    metrics = self.monitor.evaluate(self.model)
-                self.model.online.train(was_training)
-                self.logger.log({"step": self.step, **{f"monitor/{k}": float(v) for k, v in metrics.items()}})
-        if self.world_size > 1:
-            torch.distributed.barrier()
+        with deepspeed.zero.GatheredParameters(params, enabled=bool(params)), torch.no_grad():  # a collective under ZeRO-3
+            metrics = self.monitor.evaluate(self.model)  # eval mode inside, train mode restored
+        if self.rank == 0:
+            self.logger.log({"step": self.step, **{f"monitor/{k}": float(v) for k, v in metrics.items()}})

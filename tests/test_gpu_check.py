@@ -1,0 +1,109 @@
+"""The plumbing of benchmarks/gpu_check.sh on the CPU, without the vendor folder or a GPU.
+
+The stages themselves need the GPU machine (or the CPU rehearsal in benchmarks/RESULTS.md); here:
+both scripts parse, the stage table fits the call, the runner records pass / skipped / timeout /
+not-run and prints the summary from its exit trap, and the summary and the checks of gpu_check.py
+work on fabricated stage outputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+CALL_LIMIT_S = 600  # the device tool's limit for one call
+
+
+@pytest.fixture(scope="module")
+def gc():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    e = {k: v for k, v in os.environ.items() if k not in ("OUT", "WORK", "STAGES", "DEADLINE", "LIMITS", "SIZE")}
+    e.update(PYTHON=sys.executable, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), CUDA_VISIBLE_DEVICES="", **env)
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_vendor.sh"])
+def test_scripts_parse(script):
+    r = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
+def test_stage_table_fits_one_call(gc, tmp_path):
+    r = run_script(tmp_path, "--list")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()]
+    stages = {name: int(limit.rstrip("s")) for name, limit, *_ in rows if name != "total"}
+    assert tuple(stages) == gc.EXPECTED_STAGES
+    total = sum(stages.values())
+    deadline = int(r.stdout.split("deadline ")[1].split("s")[0])
+    assert f"{total}s" in r.stdout.splitlines()[-1]
+    assert total <= deadline <= 8 * 60 < CALL_LIMIT_S  # the summary prints before the call's limit
+
+
+def test_runner_records_every_outcome_and_prints_the_summary(tmp_path):
+    # profile and resume find nothing to read: skipped (exit 75); kernels cannot start pytest within 1 s: timeout
+    r = run_script(tmp_path, ALLOW_CPU="1", STAGES="profile kernels resume", LIMITS="kernels:1")
+    assert r.returncode == 3, r.stdout + r.stderr  # the number of stages not passed
+    assert "=== gpu_check summary ===" in r.stdout
+    doc = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    got = {s["name"]: s for s in doc["stages"]}
+    assert [s["name"] for s in doc["stages"]] == ["profile", "kernels", "resume"]
+    assert got["profile"]["status"] == "skipped" and "needs the resume stage" in got["profile"]["note"]
+    assert got["resume"]["status"] == "skipped" and "needs the pretrain stage" in got["resume"]["note"]
+    assert got["kernels"]["status"] == "timeout" and got["kernels"]["limit_s"] == 1 and got["kernels"]["rc"] in (124, 137)
+    assert doc["failed"] == 3 and doc["not_run"] == [] and doc["meta"]["stages"].split() == ["profile", "kernels", "resume"]
+    with tarfile.open(tmp_path / "out" / "gpu_check_stages.tar.gz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert {"stages.tsv", "meta.txt", "profile.log", "kernels.log"} <= names
+    assert "== kernels (limit 1s)" in (tmp_path / "out" / "gpu_check.log").read_text()
+
+
+def test_without_a_gpu_it_refuses_unless_allowed_and_still_summarises(tmp_path):
+    r = run_script(tmp_path, STAGES="profile")
+    assert r.returncode == 1 and "no CUDA device visible" in r.stderr
+    doc = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert doc["stages"] == [] and doc["not_run"] == ["profile"]
+    r = run_script(tmp_path, ALLOW_CPU="1", STAGES="profile nonsense")
+    assert r.returncode == 2 and "unknown stage 'nonsense'" in r.stderr
+
+
+def test_summary_of_fabricated_stages(gc, tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "stages.tsv").write_text("kernels\tpass\t0\t12.5\t60\t\npretrain\tfail\t1\t40.0\t80\t\n")
+    (work / "kernels.json").write_text(json.dumps({"tests": 10, "passed": 9, "failures": 0, "errors": 0, "skipped": 1}))
+    (work / "pretrain.log").write_text("\n".join(f"line {i}" for i in range(40)))
+    (work / "meta.txt").write_text("date=2026-11-30T00:00:00Z\nstages=kernels pretrain resume\n")
+    assert gc.summary(work, tmp_path / "s.json") == 2  # pretrain failed, resume never ran
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["not_run"] == ["resume"] and doc["stages"][1]["log_tail"][-1] == "line 39" and len(doc["stages"][1]["log_tail"]) == 25
+    assert "9 passed, 0 failed, 1 skipped" in capsys.readouterr().out
+
+
+def test_compile_log_and_junit_counts(gc, tmp_path):
+    log = tmp_path / "c.log"
+    log.write_text("x\nV1130 [0/0] torch/_dynamo: Graph break in user code at a.py:3\n"
+                   "V1130 [0/1] Recompiling function forward in b.py:9\n")
+    assert gc.compile_log(log)["graph_breaks"] == 1 and gc.compile_log(log)["recompiles"] == 1
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+                   '<testcase classname="t" name="a"/><testcase classname="t" name="b"><failure/></testcase>'
+                   '<testcase classname="t" name="c"><skipped/></testcase></testsuite></testsuites>')
+    counts = gc.junit(xml)
+    assert counts["passed"] == 1 and counts["failed_tests"] == ["t::b"]
+    assert gc.main(["junit", str(xml)]) == 1  # a failed kernel test fails the stage
