@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -52,11 +54,17 @@ def run_case(zero: int, precision: str, target_precision: str, extra: dict, free
     from mcf.config import build_config
     from mcf.models import create_model_from_config
     from mcf.train.ema import TargetEMA
-    from mcf.train.engine import PRECISION_DTYPES, CastInput, build_ds_config, fp32_masters
+    from mcf.train.engine import PRECISION_DTYPES, CastInput, build_ds_config, default_ds_config_path, fp32_masters, load_ds_json
     from mcf.train.optim import build_optimizer, param_groups
 
-    cfg = build_config("demo", [f"deepspeed.zero={zero}", f"train.precision={precision}", "train.batch_size=4",
-                                f"train.target_precision={target_precision}"])
+    overrides = [f"deepspeed.zero={zero}", f"train.precision={precision}", "train.batch_size=4", f"train.target_precision={target_precision}"]
+    if extra:  # a DeepSpeed JSON of the user's: the stage's default one with these keys
+        path = default_ds_config_path(zero, precision)
+        ds_json = {**(load_ds_json(str(path)) if path.is_file() else {}), **extra}
+        json_path = Path(tempfile.mkdtemp(prefix="ema-worker-")) / "ds.json"
+        json_path.write_text(json.dumps(ds_json))
+        overrides.append(f"deepspeed.config={json_path}")
+    cfg = build_config("demo", overrides)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = create_model_from_config(cfg)
@@ -70,7 +78,6 @@ def run_case(zero: int, precision: str, target_precision: str, extra: dict, free
     if dtype != torch.float32:
         model.perceptual.teacher.to(dtype)
     ds = build_ds_config(cfg, world)
-    ds.update(extra)
     opt = build_optimizer(param_groups(model.online, 0.05), cfg.optim, 1e-2, torch.device("cpu"))
     engine, *_ = deepspeed.initialize(model=model.online, optimizer=opt, config=ds, dist_init_required=False)
     if dtype != torch.float32:

@@ -196,3 +196,23 @@ def test_unsupported_precision_is_a_user_error(clean_env, capsys):
     rc = main(["pretrain", "--precision", "fp16", "--zero", "2", "--tracking-uri", "none", "--output-dir", str(clean_env / "run")])
     err = capsys.readouterr().err
     assert rc == 2 and "fp16 is not supported" in err and "Traceback" not in err
+
+
+def test_ds_config_skips_the_gradient_norm_only_when_nothing_reads_it(tmp_path):
+    """ZeRO-1/2 without clipping: no global gradient norm (one all-reduce per parameter group saved);
+    with clipping, at ZeRO 0/3, with DeepSpeed's BF16_Optimizer (grad_accum_dtype), or when the JSON says, DeepSpeed decides."""
+    def zo(*overrides: str, ds: dict | None = None) -> dict:
+        extra = []
+        if ds is not None:
+            path = tmp_path / "ds.json"
+            path.write_text(json.dumps(ds))
+            extra.append(f"deepspeed.config={path}")
+        return build_ds_config(build_config("demo", [*overrides, *extra]), 2)["zero_optimization"]
+
+    for zero in (1, 2):
+        assert zo(f"deepspeed.zero={zero}", "train.precision=bf16")["compute_grad_norm"] is False
+        assert "compute_grad_norm" not in zo(f"deepspeed.zero={zero}", "train.precision=bf16", "optim.grad_clip=1.0")
+    for zero in (0, 3):
+        assert "compute_grad_norm" not in zo(f"deepspeed.zero={zero}", "train.precision=bf16")
+    assert "compute_grad_norm" not in zo("deepspeed.zero=1", "train.precision=bf16", ds={"data_types": {"grad_accum_dtype": "fp32"}})
+    assert zo("deepspeed.zero=1", "train.precision=bf16", ds={"zero_optimization": {"compute_grad_norm": True}})["compute_grad_norm"] is True

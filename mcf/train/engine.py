@@ -177,8 +177,9 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     zo["stage"] = z
     if zo.get("offload_optimizer", {}).get("device", "none") not in ("none", None):
         log.warning("optimizer offload makes DeepSpeed use DeepSpeedCPUAdam (JIT-compiled, ~2 min on first use)")
-    elif z in (1, 2) and not cfg.optim.grad_clip:
+    elif z in (1, 2) and not cfg.optim.grad_clip and "grad_accum_dtype" not in ds.get("data_types", {}):
         # without clipping nothing reads the global gradient norm, which costs one all-reduce per param group
+        # (DeepSpeed's BF16_Optimizer, chosen by data_types.grad_accum_dtype at ZeRO-1, needs it: left alone)
         zo.setdefault("compute_grad_norm", False)
     for name in ("bf16", "fp16"):
         section = ds.setdefault(name, {})
