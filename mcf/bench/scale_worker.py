@@ -129,13 +129,21 @@ class SyntheticLoader:
     def __iter__(self):
         return (self.batches[i % 2] for i in range(self.length))
 
+    epoch = 0
+
     def set_epoch(self, epoch: int) -> None:
-        pass
+        self.epoch = epoch
+
+    def batches_left(self) -> int:
+        return self.length
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {"epoch": self.epoch}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.epoch = int(d.get("epoch", 0))
+
+    def close(self) -> None:
         pass
 
 
