@@ -135,9 +135,11 @@ class TrainConfig:
     seed: int = field(0, help="Seed of weights, masks, augmentation and data order.")
     resume: str = field("auto", help="auto (newest intact checkpoint in output_dir, else the previous one), none, or a checkpoint path.")
     compile: bool = field(False, help="torch.compile the online model.")
-    target_precision: Literal["auto", "fp32"] = field("auto", help="Dtype of the EMA target's forward: auto = the training "
-                                                      "precision (the EMA itself stays fp32), fp32 = as released.")
-    tf32: bool = field(True, help="TF32 tensor cores for fp32 matmuls and convolutions (CUDA only; no effect elsewhere).")
+    target_precision: Literal["auto", "fp32"] = field(
+        "auto", help="Dtype of the EMA target's forward: auto = the training precision (the EMA itself stays fp32), "
+                     "fp32 = as released.")
+    tf32: bool = field(True, help="TF32 tensor cores for fp32 matmuls and convolutions (CUDA only; no effect "
+                                  "elsewhere).")
     activation_checkpointing: Literal["none", "encoder", "decoder", "teacher", "all"] = field(
         "none", help="Recompute the activations of these transformer blocks in the backward instead of keeping them "
                      "(per block; teacher = its pass over the rebuilt image).")

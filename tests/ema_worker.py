@@ -37,16 +37,21 @@ class _Done:
         pass
 
 
-def _uneven_all_gather(outputs: list[torch.Tensor], tensor: torch.Tensor, group=None, async_op: bool = False):  # noqa: ANN001
+def _uneven_all_gather(
+    outputs: list[torch.Tensor],
+    tensor: torch.Tensor,
+    group: object = None,
+    async_op: bool = False,
+) -> _Done | None:
     """NCCL's all-gather of unequal sizes (gloo has none), emulated with a padded one: the EMA's
     uneven layout is checked here; NCCL itself only on a GPU."""
     n = max(o.numel() for o in outputs)
     send = torch.zeros(n, dtype=tensor.dtype)
-    send[:tensor.numel()] = tensor
+    send[: tensor.numel()] = tensor
     buf = torch.empty(n * len(outputs), dtype=tensor.dtype)
     dist.all_gather_single(buf, send)
     for q, o in enumerate(outputs):
-        o.copy_(buf[q * n:q * n + o.numel()])
+        o.copy_(buf[q * n : q * n + o.numel()])
     return _Done() if async_op else None
 
 
@@ -54,10 +59,22 @@ def run_case(zero: int, precision: str, target_precision: str, extra: dict, free
     from mcf.config import build_config
     from mcf.models import create_model_from_config
     from mcf.train.ema import TargetEMA
-    from mcf.train.engine import PRECISION_DTYPES, CastInput, build_ds_config, default_ds_config_path, fp32_masters, load_ds_json
+    from mcf.train.engine import (
+        PRECISION_DTYPES,
+        CastInput,
+        build_ds_config,
+        default_ds_config_path,
+        fp32_masters,
+        load_ds_json,
+    )
     from mcf.train.optim import build_optimizer, param_groups
 
-    overrides = [f"deepspeed.zero={zero}", f"train.precision={precision}", "train.batch_size=4", f"train.target_precision={target_precision}"]
+    overrides = [
+        f"deepspeed.zero={zero}",
+        f"train.precision={precision}",
+        "train.batch_size=4",
+        f"train.target_precision={target_precision}",
+    ]
     if extra:  # a DeepSpeed JSON of the user's: the stage's default one with these keys
         path = default_ds_config_path(zero, precision)
         ds_json = {**(load_ds_json(str(path)) if path.is_file() else {}), **extra}
@@ -112,7 +129,9 @@ def run_case(zero: int, precision: str, target_precision: str, extra: dict, free
         full = ema.full_fp32()
         exact &= all(torch.equal(full[n], ref[n]) for n in names)
         weights = dict(model.target.named_parameters())
-        weights_exact &= all(weights[n].dtype == forward_dtype and torch.equal(weights[n], ref[n].to(forward_dtype)) for n in names)
+        weights_exact &= all(
+            weights[n].dtype == forward_dtype and torch.equal(weights[n], ref[n].to(forward_dtype)) for n in names
+        )
     # save -> perturb -> load gives back the same EMA and forward weights
     sd = ema.state_dict()
     before = ema.shard.clone(), ema.flat.clone()
@@ -121,13 +140,26 @@ def run_case(zero: int, precision: str, target_precision: str, extra: dict, free
     ema.load_state_dict(sd)
     restored = torch.equal(ema.shard, before[0]) and torch.equal(ema.flat, before[1])
     sd_ok = all(sd[n].dtype == torch.float32 and torch.equal(sd[n], ref[n]) for n in names)
-    return {"zero": zero, "precision": precision, "target_precision": target_precision, "extra": extra, "freeze": freeze,
-            "uneven": ema.uneven, "gathered_numel": ema.rows.buffer.numel() if ema.sharded else 0,
-            "optimizer": type(engine.optimizer).__name__, "kind": ema.layout.kind, "exact": bool(exact),
-            "weights_exact": bool(weights_exact), "restored": bool(restored), "state_dict_exact": bool(sd_ok),
-            "activation_dtypes": sorted({str(a).replace("torch.", "") for a in acts}), "update_collectives": per_update,
-            "shard_numel": ema.layout.shard_numel, "total_numel": sum(r.numel() for r in ref.values()),
-            "masters_not_bf16": sum(int((m != m.bfloat16().float()).any()) for m in masters.values())}
+    return {
+        "zero": zero,
+        "precision": precision,
+        "target_precision": target_precision,
+        "extra": extra,
+        "freeze": freeze,
+        "uneven": ema.uneven,
+        "gathered_numel": ema.rows.buffer.numel() if ema.sharded else 0,
+        "optimizer": type(engine.optimizer).__name__,
+        "kind": ema.layout.kind,
+        "exact": bool(exact),
+        "weights_exact": bool(weights_exact),
+        "restored": bool(restored),
+        "state_dict_exact": bool(sd_ok),
+        "activation_dtypes": sorted({str(a).replace("torch.", "") for a in acts}),
+        "update_collectives": per_update,
+        "shard_numel": ema.layout.shard_numel,
+        "total_numel": sum(r.numel() for r in ref.values()),
+        "masters_not_bf16": sum(int((m != m.bfloat16().float()).any()) for m in masters.values()),
+    }
 
 
 def main() -> int:
@@ -135,8 +167,14 @@ def main() -> int:
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     cases = [json.loads(c) for c in sys.argv[1:]]
     for case in cases:
-        result = run_case(case["zero"], case["precision"], case.get("target_precision", "auto"), case.get("extra", {}),
-                          case.get("freeze"), case.get("uneven", False))
+        result = run_case(
+            case["zero"],
+            case["precision"],
+            case.get("target_precision", "auto"),
+            case.get("extra", {}),
+            case.get("freeze"),
+            case.get("uneven", False),
+        )
         if dist.get_rank() == 0:
             print("RESULT " + json.dumps(result), flush=True)
         dist.barrier()

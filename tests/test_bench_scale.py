@@ -24,16 +24,47 @@ def _check_comm(c: dict, stage: int) -> None:
     assert per["by_label"]["keys"]["count"] == 1  # the contrastive keys: one fp32 all-gather
     ema = c["ema"]
     assert ema["count"] == 1, per  # the EMA: its target weights in one all-gather, in bf16
-    assert [k for k in per["by_op"] if k.startswith("all_gather_single/") or k.startswith("all_gather_into_tensor/bfloat16")]
+    assert [
+        k for k in per["by_op"] if k.startswith("all_gather_single/") or k.startswith("all_gather_into_tensor/bfloat16")
+    ]
     assert c["minimum"]["collectives"] == {1: 4, 2: 4, 3: 5}[stage]
     assert c["bytes_over_minimum"] == per["bytes"] / c["minimum"]["bytes"]
 
 
 def test_scale_json_shows_sharding(tmp_path):
     out = tmp_path / "scale.json"
-    assert main(["bench", "scale", "--stages", "3", "--steps", "1", "--batch-size", "2", "--phases", "memory", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "scale",
+                "--stages",
+                "3",
+                "--steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--phases",
+                "memory",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
-    for key in ("stages", "summary", "target_met", "device", "backend", "model", "batch_size", "precision", "params", "date"):
+    for key in (
+        "stages",
+        "summary",
+        "target_met",
+        "device",
+        "backend",
+        "model",
+        "batch_size",
+        "precision",
+        "params",
+        "date",
+    ):
         assert key in result, key
     assert result["backend"] == "gloo" and result["nproc"] == 2
     z3 = result["stages"]["3"]
@@ -52,7 +83,25 @@ def test_scale_bf16_holds_bf16_partitions_and_fp32_masters_and_counts_collective
     its half of the fp32 masters (2P) and of the fp32 Adam moments (4P); the trainer's steps
     call the EMA's one all-gather and no other collective of the EMA."""
     out = tmp_path / "scale.json"
-    assert main(["bench", "scale", "--stages", "3", "--steps", "1", "--batch-size", "2", "--precision", "bf16", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "scale",
+                "--stages",
+                "3",
+                "--steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--precision",
+                "bf16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["precision"] == "bf16"
     n = result["params"]
@@ -68,8 +117,27 @@ def test_scale_bf16_holds_bf16_partitions_and_fp32_masters_and_counts_collective
 
 def test_scale_zero1_bf16_steps_within_eight_collectives(tmp_path):
     out = tmp_path / "scale.json"
-    assert main(["bench", "scale", "--stages", "1", "--steps", "2", "--batch-size", "2", "--precision", "bf16", "--phases", "comm",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "scale",
+                "--stages",
+                "1",
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--precision",
+                "bf16",
+                "--phases",
+                "comm",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     c = result["stages"]["1"]["comm"]
     _check_comm(c, 1)

@@ -25,12 +25,24 @@ def test_flops_per_image_is_the_real_steps_count():
     assert flops_per_image(ranged) == flops_per_image(build_config("demo", ["masking.ratio=0.5"])) > real
 
 
-@pytest.mark.parametrize("name, card, tflops", [
-    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.4), ("NVIDIA H100 PCIe", "H100 PCIe", 756.5), ("NVIDIA H100 NVL", "H100 NVL", 835.5),
-    ("NVIDIA H200", "H200 SXM", 989.4), ("NVIDIA H200 NVL", "H200 NVL", 835.5), ("NVIDIA A100-SXM4-80GB", "A100", 312.0),
-    ("NVIDIA A100 80GB PCIe", "A100", 312.0), ("NVIDIA A10", "A10", 125.0), ("NVIDIA L40S", "L40S", 362.05), ("NVIDIA L40", "L40", 181.05),
-    ("NVIDIA L4", "L4", 121.0), ("NVIDIA GeForce RTX 4090", "RTX 4090", 165.2), ("NVIDIA B200", "B200", 2250.0),
-])
+@pytest.mark.parametrize(
+    "name, card, tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.4),
+        ("NVIDIA H100 PCIe", "H100 PCIe", 756.5),
+        ("NVIDIA H100 NVL", "H100 NVL", 835.5),
+        ("NVIDIA H200", "H200 SXM", 989.4),
+        ("NVIDIA H200 NVL", "H200 NVL", 835.5),
+        ("NVIDIA A100-SXM4-80GB", "A100", 312.0),
+        ("NVIDIA A100 80GB PCIe", "A100", 312.0),
+        ("NVIDIA A10", "A10", 125.0),
+        ("NVIDIA L40S", "L40S", 362.05),
+        ("NVIDIA L40", "L40", 181.05),
+        ("NVIDIA L4", "L4", 121.0),
+        ("NVIDIA GeForce RTX 4090", "RTX 4090", 165.2),
+        ("NVIDIA B200", "B200", 2250.0),
+    ],
+)
 def test_known_gpu_peaks(name, card, tflops):
     assert known_gpu_peak(name) == (card, tflops)
 

@@ -17,8 +17,10 @@ def _add_step_args(p: argparse.ArgumentParser, e2e: bool) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed windows, median reported (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="auto")
-    p.add_argument("--compile", action="store_true", help="also time the mcf step torch.compile-d, beside eager (variant mcf_compiled)")
-    p.add_argument("--variants", default="paper,mcf", help="comma list of paper,mcf,mcf_compiled (default: %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the mcf step torch.compile-d, beside eager (variant mcf_compiled)")
+    p.add_argument("--variants", default="paper,mcf",
+                   help="comma list of paper,mcf,mcf_compiled (default: %(default)s)")
     p.add_argument("--profile", action="store_true", help="add each variant's top operators (torch.profiler, one step)")
     p.add_argument("--order", default="sequential" if e2e else "interleaved", choices=("interleaved", "sequential"),
                    help="interleaved: both variants built, timed windows alternate (default: %(default)s)")
@@ -108,9 +110,18 @@ def _run_scale(args: argparse.Namespace) -> int:
     from mcf.errors import ConfigError
 
     try:
-        cfg = ScaleBenchConfig(model=args.model, img_size=args.img_size or None, batch_size=args.batch_size, steps=args.steps,
-                               stages=tuple(int(s) for s in args.stages.split(",")), precision=args.precision, nproc=args.nproc,
-                               phases=tuple(p for p in args.phases.split(",") if p), overrides=tuple(args.set), out=args.out)
+        cfg = ScaleBenchConfig(
+            model=args.model,
+            img_size=args.img_size or None,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            stages=tuple(int(s) for s in args.stages.split(",")),
+            precision=args.precision,
+            nproc=args.nproc,
+            phases=tuple(p for p in args.phases.split(",") if p),
+            overrides=tuple(args.set),
+            out=args.out,
+        )
     except ValueError as e:
         raise ConfigError(f"bench scale: {e}") from None
     main(cfg)
@@ -127,11 +138,22 @@ def _run_memory(args: argparse.Namespace) -> int:
     from mcf.errors import ConfigError
 
     try:
-        cfg = MemoryBenchConfig(model=args.model, img_size=args.img_size or None, batch_sizes=_pair(args.batch_sizes),
-                                modes=tuple(m for m in args.modes.split(",") if m), precision=args.precision, repeats=args.repeats,
-                                project=tuple(m for m in args.project.split(",") if m), project_teacher=args.project_teacher,
-                                project_batch_sizes=_pair(args.project_batch_sizes), gpu_gb=args.gpu_gb, ranks=args.ranks,
-                                zero=args.zero, reserve_gb=args.reserve_gb, out=args.out)
+        cfg = MemoryBenchConfig(
+            model=args.model,
+            img_size=args.img_size or None,
+            batch_sizes=_pair(args.batch_sizes),
+            modes=tuple(m for m in args.modes.split(",") if m),
+            precision=args.precision,
+            repeats=args.repeats,
+            project=tuple(m for m in args.project.split(",") if m),
+            project_teacher=args.project_teacher,
+            project_batch_sizes=_pair(args.project_batch_sizes),
+            gpu_gb=args.gpu_gb,
+            ranks=args.ranks,
+            zero=args.zero,
+            reserve_gb=args.reserve_gb,
+            out=args.out,
+        )
     except ValueError as e:
         raise ConfigError(f"bench memory: {e}") from None
     main(cfg)
@@ -139,7 +161,8 @@ def _run_memory(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    bench = subparsers.add_parser("bench", help="benchmarks: paper vs mcf step, loaders, attention, memory, ZeRO scaling (JSON)")
+    bench = subparsers.add_parser("bench",
+                                  help="benchmarks: paper vs mcf step, loaders, attention, memory, ZeRO scaling (JSON)")
     sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
 
     p = sub.add_parser("step", help="compute-only training step: paper's vs mcf's (images/s, MFU)")
@@ -174,10 +197,11 @@ def add_parser(subparsers) -> None:
         p.add_argument(flag, **kw)
     p.set_defaults(func=_run_attention)
 
-    p = sub.add_parser("memory", help="activation checkpointing: activation bytes per image and step time per setting (CPU), "
-                                       "and the largest per-GPU batch of ViT-B/L/H")
+    p = sub.add_parser("memory", help="activation checkpointing: activation bytes per image and step time per "
+                                       "setting (CPU), and the largest per-GPU batch of ViT-B/L/H")
     p.add_argument("--model", default="mcf_vit_small_patch16", help="the CPU-measured model (default: %(default)s)")
-    p.add_argument("--img-size", type=int, default=112, help="its input side; 0 = the model's own (default: %(default)s)")
+    p.add_argument("--img-size", type=int, default=112,
+                   help="its input side; 0 = the model's own (default: %(default)s)")
     p.add_argument("--batch-sizes", default="4,8", help="two batch sizes of the CPU measurement (default: %(default)s)")
     p.add_argument("--modes", default="none,encoder,decoder,teacher,all")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
@@ -189,11 +213,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--gpu-gb", type=float, default=80.0)
     p.add_argument("--ranks", type=int, default=8, help="GPUs the ZeRO state is sharded over (default: %(default)s)")
     p.add_argument("--zero", type=int, default=1)
-    p.add_argument("--reserve-gb", type=float, default=8.0, help="CUDA context, NCCL, fragmentation (default: %(default)s)")
+    p.add_argument("--reserve-gb", type=float, default=8.0,
+                   help="CUDA context, NCCL, fragmentation (default: %(default)s)")
     p.add_argument("--out", default=None)
     p.set_defaults(func=_run_memory)
 
-    p = sub.add_parser("scale", help="per-rank bytes, step time and collectives per step under ZeRO 0/1/2/3 (2 ranks)")
+    p = sub.add_parser("scale",
+                       help="per-rank bytes, step time and collectives per step under ZeRO 0/1/2/3 (2 ranks)")
     p.add_argument("--model", default="mcf_vit_tiny")
     p.add_argument("--img-size", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4, help="per rank")
@@ -203,7 +229,8 @@ def add_parser(subparsers) -> None:
                    help="the online model's dtype, as the trainer runs it (bf16: bf16 weights + fp32 masters)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--phases", default="memory,comm",
-                   help="memory (bytes held, step time) and/or comm (the trainer's collectives per step) (default: %(default)s)")
+                   help="memory (bytes held, step time) and/or comm (the trainer's collectives per step) "
+                        "(default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override of the comm phase's trainer, e.g. train.target_precision=fp32 (repeatable)")
     p.add_argument("--out", default=None)

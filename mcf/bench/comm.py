@@ -115,6 +115,7 @@ class CollectiveCounter:
 
     def labelled(self, fn: Callable, label: str) -> Callable:
         """``fn`` whose collectives carry ``label`` (e.g. ``"ema"``)."""
+
         def call(*args: Any, **kwargs: Any) -> Any:
             outer, self.label = self.label, label
             try:
@@ -129,8 +130,13 @@ class CollectiveCounter:
         index, key = _BUFFER_ARG[name]
         arg = kwargs.get(key) if key in kwargs else (args[index] if 0 <= index < len(args) else None)
         ts = _tensors(arg)
-        call = Call(self.tag_fn() if self.tag_fn else self.tag, self.label, name, str(ts[0].dtype).replace("torch.", "") if ts else "-",
-                    sum(t.numel() * t.element_size() for t in ts))
+        call = Call(
+            self.tag_fn() if self.tag_fn else self.tag,
+            self.label,
+            name,
+            str(ts[0].dtype).replace("torch.", "") if ts else "-",
+            sum(t.numel() * t.element_size() for t in ts),
+        )
         if self._group is not None:
             self._group.append(call)
         else:
@@ -165,8 +171,15 @@ class CollectiveCounter:
                     group, self._group = self._group or [], None
                     if group:
                         ops = ",".join(sorted({c.op for c in group}))
-                        self.calls.append(Call(group[0].tag, group[0].label, f"coalesced[{ops}]", group[0].dtype,
-                                               sum(c.bytes for c in group)))
+                        self.calls.append(
+                            Call(
+                                group[0].tag,
+                                group[0].label,
+                                f"coalesced[{ops}]",
+                                group[0].dtype,
+                                sum(c.bytes for c in group),
+                            )
+                        )
 
         counted._mcf_counted = True  # type: ignore[attr-defined]
         return counted

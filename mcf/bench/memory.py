@@ -92,9 +92,10 @@ def cpu_flash_attention() -> Iterator[None]:
     """SDPA calls go to the CPU's fused kernel, whatever the device (its meta version counts as the CPU runs)."""
     sdpa = F.scaled_dot_product_attention
 
-    def flash(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):  # noqa: ANN001 - SDPA's signature
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, attn_mask=attn_mask,
-                                                                           scale=scale)[0]
+    def flash(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):  # noqa: ANN001 - as SDPA
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+        )[0]
 
     F.scaled_dot_product_attention = flash
     try:
@@ -146,7 +147,9 @@ def build(name: str, img_size: int | None, teacher: str | None, precision: str, 
     quiet.setLevel(logging.ERROR)  # "random teacher": expected here
     try:
         with torch.device(device):
-            model = create_model(name, teacher_checkpoint="random", teacher_name=teacher, img_size=img_size, teacher_img_size=img_size)
+            model = create_model(
+                name, teacher_checkpoint="random", teacher_name=teacher, img_size=img_size, teacher_img_size=img_size
+            )
     finally:
         quiet.setLevel(level)
     # as DeepSpeed's bf16 engine: low-precision weights and activations
@@ -156,7 +159,9 @@ def build(name: str, img_size: int | None, teacher: str | None, precision: str, 
 def _inputs(model: torch.nn.Module, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     device, dtype = next(model.online.parameters()).device, next(model.online.parameters()).dtype
     size = model.spec.img_size
-    return torch.randn(batch, 3, size, size, device=device).to(dtype), torch.rand(2, batch, model.num_patches, device=device)
+    return torch.randn(batch, 3, size, size, device=device).to(dtype), torch.rand(
+        2, batch, model.num_patches, device=device
+    )
 
 
 def step_bytes(model: torch.nn.Module, mode: str, batch: int) -> tuple[int, int]:
@@ -184,8 +189,12 @@ def per_image(model: torch.nn.Module, mode: str, batches: tuple[int, int]) -> di
     (s_lo, lo), (s_hi, hi) = (step_bytes(model, mode, b) for b in batches)
     db = batches[1] - batches[0]
     slope = (hi - lo) / db
-    return {"peak_step_bytes": {str(batches[0]): lo, str(batches[1]): hi}, "per_image_bytes": slope, "fixed_bytes": lo - slope * batches[0],
-            "saved_per_image_bytes": (s_hi - s_lo) / db}
+    return {
+        "peak_step_bytes": {str(batches[0]): lo, str(batches[1]): hi},
+        "per_image_bytes": slope,
+        "fixed_bytes": lo - slope * batches[0],
+        "saved_per_image_bytes": (s_hi - s_lo) / db,
+    }
 
 
 def cpu_table(cfg: MemoryBenchConfig) -> dict[str, Any]:
@@ -221,8 +230,14 @@ def cpu_table(cfg: MemoryBenchConfig) -> dict[str, Any]:
         for mode in cfg.modes:
             rows[mode]["meta_per_image_bytes"] = per_image(meta, mode, cfg.batch_sizes)["per_image_bytes"]
     _relative(rows)
-    return {"model": cfg.model, "img_size": model.spec.img_size, "teacher": model.teacher.name, "batch_for_time": batch,
-            "modes": rows, "params": _params(model)}
+    return {
+        "model": cfg.model,
+        "img_size": model.spec.img_size,
+        "teacher": model.teacher.name,
+        "batch_for_time": batch,
+        "modes": rows,
+        "params": _params(model),
+    }
 
 
 def _relative(rows: dict[str, Any]) -> None:
@@ -236,8 +251,11 @@ def _relative(rows: dict[str, Any]) -> None:
 
 
 def _params(model: torch.nn.Module) -> dict[str, int]:
-    return {"online": sum(p.numel() for p in model.online.parameters()), "target": sum(p.numel() for p in model.target.parameters()),
-            "teacher": sum(p.numel() for p in model.teacher.parameters())}
+    return {
+        "online": sum(p.numel() for p in model.online.parameters()),
+        "target": sum(p.numel() for p in model.target.parameters()),
+        "teacher": sum(p.numel() for p in model.teacher.parameters()),
+    }
 
 
 def model_state_bytes(params: dict[str, int], ranks: int, zero: int) -> float:
@@ -252,7 +270,9 @@ def model_state_bytes(params: dict[str, int], ranks: int, zero: int) -> float:
     return weights + grads + 12 * n / sharded + 4 * t / sharded + 2 * t + 2 * params["teacher"]
 
 
-def max_batch(per_image_bytes: float, fixed_bytes: float, state_bytes: float, gpu_bytes: float, reserve_bytes: float) -> int:
+def max_batch(
+    per_image_bytes: float, fixed_bytes: float, state_bytes: float, gpu_bytes: float, reserve_bytes: float
+) -> int:
     """The largest batch with ``reserve + state + fixed + batch · per_image <= gpu``."""
     return max(0, int((gpu_bytes - reserve_bytes - state_bytes - fixed_bytes) // per_image_bytes))
 
@@ -271,8 +291,13 @@ def projection(cfg: MemoryBenchConfig) -> dict[str, Any]:
             for r in rows.values():
                 r["max_batch"] = max_batch(r["per_image_bytes"], r["fixed_bytes"], state, gpu, reserve)
             _relative(rows)
-            out[name] = {"img_size": model.spec.img_size, "teacher": model.teacher.name, "params": params, "state_bytes": state,
-                         "modes": rows}
+            out[name] = {
+                "img_size": model.spec.img_size,
+                "teacher": model.teacher.name,
+                "params": params,
+                "state_bytes": state,
+                "modes": rows,
+            }
     return out
 
 
@@ -281,10 +306,17 @@ def run(cfg: MemoryBenchConfig) -> dict[str, Any]:
     if cfg.project:
         result["projection"] = projection(cfg)
         result["projection_assumptions"] = {
-            "gpu_gb": cfg.gpu_gb, "ranks": cfg.ranks, "zero": cfg.zero, "reserve_gb": cfg.reserve_gb,
-            "state": "bf16 weights (/ranks at ZeRO-3) + bf16 gradients (/ranks at ZeRO>=2) + fp32 master and 2 Adam moments "
-                     "(/ranks at ZeRO>=1) + EMA fp32 (/ranks at ZeRO>=1) and bf16 forward weights + bf16 teacher"}
-    result["peak_source"] = "bytes of tensors created during one forward+backward and alive at once (mcf.bench.memory.LiveBytes)"
+            "gpu_gb": cfg.gpu_gb,
+            "ranks": cfg.ranks,
+            "zero": cfg.zero,
+            "reserve_gb": cfg.reserve_gb,
+            "state": "bf16 weights (/ranks at ZeRO-3) + bf16 gradients (/ranks at ZeRO>=2) + fp32 master "
+            "and 2 Adam moments "
+            "(/ranks at ZeRO>=1) + EMA fp32 (/ranks at ZeRO>=1) and bf16 forward weights + bf16 teacher",
+        }
+    result["peak_source"] = (
+        "bytes of tensors created during one forward+backward and alive at once (mcf.bench.memory.LiveBytes)"
+    )
     result["config"] = {k: v for k, v in asdict(cfg).items() if k != "out"}
     result.update(run_info(torch.device("cpu")))
     return result

@@ -71,10 +71,34 @@ def _free_port() -> int:
 
 def run_stage(cfg: ScaleBenchConfig, stage: int, workdir: Path) -> dict[str, Any]:
     out = workdir / f"stage{stage}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "mcf.bench.scale_worker", "--stage", str(stage), "--model", cfg.model,
-           "--batch-size", str(cfg.batch_size), "--steps", str(cfg.steps), "--precision", cfg.precision, "--out", str(out),
-           "--phases", ",".join(cfg.phases), *(a for o in cfg.overrides for a in ("--set", o))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(cfg.nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "mcf.bench.scale_worker",
+        "--stage",
+        str(stage),
+        "--model",
+        cfg.model,
+        "--batch-size",
+        str(cfg.batch_size),
+        "--steps",
+        str(cfg.steps),
+        "--precision",
+        cfg.precision,
+        "--out",
+        str(out),
+        "--phases",
+        ",".join(cfg.phases),
+        *(a for o in cfg.overrides for a in ("--set", o)),
+    ]
     if cfg.img_size:
         cmd += ["--img-size", str(cfg.img_size)]
     env = dict(os.environ)
@@ -102,8 +126,12 @@ def run(cfg: ScaleBenchConfig) -> dict[str, Any]:
         base = max(r["total_bytes"] for r in stages["0"]["ranks"])
         for s, res in stages.items():
             worst = max(r["total_bytes"] for r in res["ranks"])
-            summary[s] = {"max_rank_bytes": worst, "over_zero0": worst / base, "over_zero0_per_rank": worst / (base / cfg.nproc),
-                          "ms_per_step": res["ms_per_step"]}
+            summary[s] = {
+                "max_rank_bytes": worst,
+                "over_zero0": worst / base,
+                "over_zero0_per_rank": worst / (base / cfg.nproc),
+                "ms_per_step": res["ms_per_step"],
+            }
     import torch
 
     from mcf.bench.common import run_info
@@ -139,23 +167,39 @@ def comm_summary(stage: int, c: dict[str, Any]) -> dict[str, Any]:
     """One stage's collectives per step against the minimum and the goals (:data:`COMM_GOALS`)."""
     per, ema = c["per_step"], c["ema"]
     goal_count = ema["count"] <= 1 if stage == 3 else per["collectives"] <= 8 if stage in (1, 2) else True
-    return {"collectives": per["collectives"], "bytes": per["bytes"], "ema_collectives": ema["count"], "ema_bytes": ema["bytes"],
-            "minimum_collectives": c["minimum"]["collectives"], "minimum_bytes": c["minimum"]["bytes"],
-            "bytes_over_minimum": c["bytes_over_minimum"], "target_weights_bytes": c["minimum"].get("target_weights_bytes", 0),
-            "bytes_over_minimum_with_target": c.get("bytes_over_minimum_with_target"), "by_op": per["by_op"], "reduce_dtype": c["reduce_dtype"],
-            "steady": per["steady"], "collectives_goal_met": goal_count, "bytes_goal_met": c["bytes_over_minimum"] <= 1.25}
+    return {
+        "collectives": per["collectives"],
+        "bytes": per["bytes"],
+        "ema_collectives": ema["count"],
+        "ema_bytes": ema["bytes"],
+        "minimum_collectives": c["minimum"]["collectives"],
+        "minimum_bytes": c["minimum"]["bytes"],
+        "bytes_over_minimum": c["bytes_over_minimum"],
+        "target_weights_bytes": c["minimum"].get("target_weights_bytes", 0),
+        "bytes_over_minimum_with_target": c.get("bytes_over_minimum_with_target"),
+        "by_op": per["by_op"],
+        "reduce_dtype": c["reduce_dtype"],
+        "steady": per["steady"],
+        "collectives_goal_met": goal_count,
+        "bytes_goal_met": c["bytes_over_minimum"] <= 1.25,
+    }
 
 
 def comm_table(comm: dict[str, dict[str, Any]]) -> str:
     """Markdown: per stage, collectives and MB per step, of which the EMA, the minimum and the ratio, by op/dtype."""
-    rows = ["| ZeRO | collectives / step | of which the EMA | MB / step | minimum (collectives, MB) | bytes / minimum "
-            "| bytes / (minimum + target weights) | by op/dtype (count, MB) |",
-            "|---|---:|---:|---:|---:|---:|---:|---|"]
+    rows = [
+        "| ZeRO | collectives / step | of which the EMA | MB / step | minimum (collectives, MB) | bytes / minimum "
+        "| bytes / (minimum + target weights) | by op/dtype (count, MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for s, c in comm.items():
         ops = "; ".join(f"{k} {v['count']:g} x, {v['bytes'] / 1e6:.3f}" for k, v in c["by_op"].items())
-        rows.append(f"| {s} | {c['collectives']:g} | {c['ema_collectives']:g} ({c['ema_bytes'] / 1e6:.3f} MB) | {c['bytes'] / 1e6:.3f} | "
-                    f"{c['minimum_collectives']}, {c['minimum_bytes'] / 1e6:.3f} | {c['bytes_over_minimum']:.2f} | "
-                    f"{c['bytes_over_minimum_with_target'] or 0:.2f} | {ops} |")
+        rows.append(
+            f"| {s} | {c['collectives']:g} | {c['ema_collectives']:g} ({c['ema_bytes'] / 1e6:.3f} MB) | "
+            f"{c['bytes'] / 1e6:.3f} | "
+            f"{c['minimum_collectives']}, {c['minimum_bytes'] / 1e6:.3f} | {c['bytes_over_minimum']:.2f} | "
+            f"{c['bytes_over_minimum_with_target'] or 0:.2f} | {ops} |"
+        )
     return "\n".join(rows)
 
 

@@ -157,7 +157,8 @@ def ema_bytes(ema: Any) -> int:
 
 
 def memory_phase(args: argparse.Namespace, device: torch.device, on_gpu: bool) -> dict[str, Any]:
-    """Bytes held and step time of the online model's engine (+ the EMA) with small buckets; rank 0 gets every rank's."""
+    """Bytes held and step time of the online model's engine (+ the EMA) with small buckets; rank 0
+    gets every rank's."""
     import deepspeed
     import torch.distributed as dist
 
@@ -174,10 +175,20 @@ def memory_phase(args: argparse.Namespace, device: torch.device, on_gpu: bool) -
         "train_micro_batch_size_per_gpu": args.batch_size,
         "gradient_accumulation_steps": 1,
         "steps_per_print": 10**9,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1.5e-4, "betas": [0.9, 0.95], "weight_decay": 0.05, "torch_adam": True}},
-        "zero_optimization": {"stage": args.stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
-                              "stage3_prefetch_bucket_size": bucket, "stage3_param_persistence_threshold": 0,
-                              "stage3_max_live_parameters": bucket, "overlap_comm": False, "contiguous_gradients": True},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": 1.5e-4, "betas": [0.9, 0.95], "weight_decay": 0.05, "torch_adam": True},
+        },
+        "zero_optimization": {
+            "stage": args.stage,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+            "stage3_prefetch_bucket_size": bucket,
+            "stage3_param_persistence_threshold": 0,
+            "stage3_max_live_parameters": bucket,
+            "overlap_comm": False,
+            "contiguous_gradients": True,
+        },
         "bf16": {"enabled": args.precision == "bf16"},
     }
     from mcf.train.ema import TargetEMA
@@ -188,8 +199,9 @@ def memory_phase(args: argparse.Namespace, device: torch.device, on_gpu: bool) -
     if dtype != torch.float32:  # as the trainer: the frozen teacher runs in the engine's dtype
         model.perceptual.teacher.to(dtype)
     online = model.online
-    engine, _, _, _ = deepspeed.initialize(model=online, model_parameters=[p for p in online.parameters() if p.requires_grad],
-                                           config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=online, model_parameters=[p for p in online.parameters() if p.requires_grad], config=ds_config
+    )
     if dtype != torch.float32:  # ZeRO-3 leaves buffers in fp32; stages 0-2 cast them
         for b in engine.module.buffers():
             if b.is_floating_point():
@@ -228,8 +240,15 @@ def memory_phase(args: argparse.Namespace, device: torch.device, on_gpu: bool) -
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     held = combine(after_backward, after_step, {"ema": ema_bytes(ema)})
-    mine = {"rank": rank, "held": held, "after_backward": after_backward, "after_step": after_step, "total_bytes": held["total_bytes"],
-            "ms_per_step": statistics.median(times) * 1e3, "last_loss": loss}
+    mine = {
+        "rank": rank,
+        "held": held,
+        "after_backward": after_backward,
+        "after_step": after_step,
+        "total_bytes": held["total_bytes"],
+        "ms_per_step": statistics.median(times) * 1e3,
+        "last_loss": loss,
+    }
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, mine)
     return {
@@ -243,7 +262,9 @@ def memory_phase(args: argparse.Namespace, device: torch.device, on_gpu: bool) -
     }
 
 
-def minimum_comm(stage: int, params: int, param_bytes: int, reduce_bytes: int, keys_bytes: int, flags_bytes: int) -> dict[str, Any]:
+def minimum_comm(
+    stage: int, params: int, param_bytes: int, reduce_bytes: int, keys_bytes: int, flags_bytes: int
+) -> dict[str, Any]:
     """What a ZeRO stage cannot do without per step (bytes as :mod:`mcf.bench.comm` counts them):
     ZeRO-0 one all-reduce of the gradients; ZeRO-1/2 a reduce-scatter of the gradients and an
     all-gather of the updated parameters; ZeRO-3 an all-gather of the parameters for the forward,
@@ -251,8 +272,13 @@ def minimum_comm(stage: int, params: int, param_bytes: int, reduce_bytes: int, k
     keys' all-gather and the step's flags all-reduce. One collective each."""
     grads, gather = params * reduce_bytes, params * param_bytes
     engine = {0: (1, grads), 1: (2, grads + gather), 2: (2, grads + gather), 3: (3, grads + 2 * gather)}[stage]
-    return {"collectives": engine[0] + 2, "bytes": engine[1] + keys_bytes + flags_bytes,
-            "engine_bytes": engine[1], "keys_bytes": keys_bytes, "flags_bytes": flags_bytes}
+    return {
+        "collectives": engine[0] + 2,
+        "bytes": engine[1] + keys_bytes + flags_bytes,
+        "engine_bytes": engine[1],
+        "keys_bytes": keys_bytes,
+        "flags_bytes": flags_bytes,
+    }
 
 
 def comm_phase(args: argparse.Namespace, device: torch.device, workdir: Path, memory: dict[str, Any] | None) -> None:
@@ -266,21 +292,38 @@ def comm_phase(args: argparse.Namespace, device: torch.device, workdir: Path, me
     from mcf.train.engine import PRECISION_DTYPES
 
     comm_steps = max(args.steps, 2) + 1
-    overrides = [f"model.name={args.model}", f"train.batch_size={args.batch_size}", f"train.max_steps={comm_steps}",
-                 f"train.precision={args.precision}", f"deepspeed.zero={args.stage}", "train.resume=none",
-                 f"train.output_dir={workdir}", "logging.log_every=1000000", "logging.progress=false", "logging.tracking_uri=none",
-                 "logging.recon_every=0", "checkpoint.every=1000000", "monitor.every=0", "data.num_workers=0", *args.set]
+    overrides = [
+        f"model.name={args.model}",
+        f"train.batch_size={args.batch_size}",
+        f"train.max_steps={comm_steps}",
+        f"train.precision={args.precision}",
+        f"deepspeed.zero={args.stage}",
+        "train.resume=none",
+        f"train.output_dir={workdir}",
+        "logging.log_every=1000000",
+        "logging.progress=false",
+        "logging.tracking_uri=none",
+        "logging.recon_every=0",
+        "checkpoint.every=1000000",
+        "monitor.every=0",
+        "data.num_workers=0",
+        *args.set,
+    ]
     if args.img_size:
         overrides.append(f"model.img_size={args.img_size}")
     cfg = build_config("demo", overrides)
 
-    def loader_factory(_data: Any, *, img_size: int, batch_size: int, rank: int, world_size: int, seed: int, device: torch.device):
+    def loader_factory(
+        _data: Any, *, img_size: int, batch_size: int, rank: int, world_size: int, seed: int, device: torch.device
+    ):
         return SyntheticLoader(img_size, batch_size, rank, device)
 
     trainer = trainer_mod.Trainer(cfg, loader_factory=loader_factory)
     active = {"loop": False}
     COUNTER.tag_fn = lambda: trainer.step if active["loop"] else None
-    if hasattr(trainer_mod, "fp32_masters"):  # the EMA's reads of the masters (before the sharded EMA: a collective each)
+    if hasattr(
+        trainer_mod, "fp32_masters"
+    ):  # the EMA's reads of the masters (before the sharded EMA: a collective each)
         trainer_mod.fp32_masters = COUNTER.labelled(trainer_mod.fp32_masters, "ema")
     setup, loop = trainer._setup, trainer._loop
 
@@ -310,7 +353,9 @@ def comm_phase(args: argparse.Namespace, device: torch.device, workdir: Path, me
         if rank != 0:
             return
         engine = trainer.engine
-        params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters() if p.requires_grad)
+        params = sum(
+            p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters() if p.requires_grad
+        )
         param_bytes = torch.empty((), dtype=PRECISION_DTYPES[args.precision]).element_size()
         reduce_dtype = getattr(engine, "communication_data_type", None) or PRECISION_DTYPES[args.precision]
         reduce_bytes = torch.empty((), dtype=reduce_dtype).element_size()
@@ -320,18 +365,34 @@ def comm_phase(args: argparse.Namespace, device: torch.device, workdir: Path, me
         # every rank each step in some form (P_target x the forward dtype's bytes), whoever computes them.
         fwd = getattr(getattr(trainer, "ema", None), "forward_dtype", torch.float32)
         sharded = args.stage == 3 or (args.stage in (1, 2) and args.precision != "fp32")
-        target_bytes = sum(p.numel() for p in trainer.model.target.parameters()) * torch.empty((), dtype=fwd).element_size()
+        target_bytes = (
+            sum(p.numel() for p in trainer.model.target.parameters()) * torch.empty((), dtype=fwd).element_size()
+        )
         minimum["target_weights_bytes"] = target_bytes if sharded else 0
         worst = max(gathered, key=lambda r: (r["per_step"]["collectives"], r["per_step"]["bytes"]))["per_step"]
-        comm = {"steps_counted": comm_steps - 1, "ranks": gathered, "per_step": worst, "minimum": minimum,
-                "collectives_over_minimum": worst["collectives"] / minimum["collectives"],
-                "bytes_over_minimum": worst["bytes"] / minimum["bytes"],
-                "bytes_over_minimum_with_target": worst["bytes"] / (minimum["bytes"] + minimum["target_weights_bytes"]),
-                "ema": worst["by_label"].get("ema", {"count": 0.0, "bytes": 0.0}),
-                "reduce_dtype": str(reduce_dtype).replace("torch.", ""), "trainable_params": params,
-                "ds_config": "the trainer's default for the stage and precision (ds_configs/)", "overrides": list(args.set)}
-        result = {"stage": args.stage, **(memory or {}), "comm": comm, "precision": args.precision, "device": str(device.type),
-                  "backend": dist.get_backend(), "deepspeed": __import__("deepspeed").__version__}
+        comm = {
+            "steps_counted": comm_steps - 1,
+            "ranks": gathered,
+            "per_step": worst,
+            "minimum": minimum,
+            "collectives_over_minimum": worst["collectives"] / minimum["collectives"],
+            "bytes_over_minimum": worst["bytes"] / minimum["bytes"],
+            "bytes_over_minimum_with_target": worst["bytes"] / (minimum["bytes"] + minimum["target_weights_bytes"]),
+            "ema": worst["by_label"].get("ema", {"count": 0.0, "bytes": 0.0}),
+            "reduce_dtype": str(reduce_dtype).replace("torch.", ""),
+            "trainable_params": params,
+            "ds_config": "the trainer's default for the stage and precision (ds_configs/)",
+            "overrides": list(args.set),
+        }
+        result = {
+            "stage": args.stage,
+            **(memory or {}),
+            "comm": comm,
+            "precision": args.precision,
+            "device": str(device.type),
+            "backend": dist.get_backend(),
+            "deepspeed": __import__("deepspeed").__version__,
+        }
         with open(args.out, "w") as f:
             json.dump(result, f)
 
@@ -350,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--phases", default="memory,comm", help="memory, comm or both")
-    ap.add_argument("--set", action="append", default=[], help="config override of the comm phase's trainer (repeatable)")
+    ap.add_argument(
+        "--set", action="append", default=[], help="config override of the comm phase's trainer (repeatable)"
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     phases = set(args.phases.split(","))
@@ -371,12 +434,23 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
     memory = memory_phase(args, device, on_gpu) if "memory" in phases else None
     if "comm" in phases:  # the trainer's run folder (checkpoints): beside --out, the same on every rank
-        comm_phase(args, device, Path(args.out).parent / f"trainer_zero{args.stage}", memory)  # ends with the group destroyed
+        comm_phase(
+            args, device, Path(args.out).parent / f"trainer_zero{args.stage}", memory
+        )  # ends with the group destroyed
         return 0
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
-            json.dump({"stage": args.stage, **(memory or {}), "precision": args.precision, "device": str(device.type),
-                       "backend": dist.get_backend(), "deepspeed": deepspeed.__version__}, f)
+            json.dump(
+                {
+                    "stage": args.stage,
+                    **(memory or {}),
+                    "precision": args.precision,
+                    "device": str(device.type),
+                    "backend": dist.get_backend(),
+                    "deepspeed": deepspeed.__version__,
+                },
+                f,
+            )
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -306,8 +306,11 @@ def _count_model_flops(cfg: StepBenchConfig) -> float:
     """FLOPs per image of one step on the math path (used when the paper variant is not run)."""
     from mcf.models import create_model
 
-    return step_flops(lambda: create_model(cfg.model, teacher_checkpoint="random", img_size=cfg.img_size,
-                                           teacher_img_size=cfg.teacher_img_size or cfg.img_size), cfg.batch_size) / cfg.batch_size
+    def build() -> torch.nn.Module:
+        return create_model(cfg.model, teacher_checkpoint="random", img_size=cfg.img_size,
+                            teacher_img_size=cfg.teacher_img_size or cfg.img_size)
+
+    return step_flops(build, cfg.batch_size) / cfg.batch_size
 
 
 def run(cfg: StepBenchConfig) -> dict[str, Any]:
@@ -364,7 +367,8 @@ def run(cfg: StepBenchConfig) -> dict[str, Any]:
         return results[a]["images_per_s"] / results[b]["images_per_s"] if a in results and b in results else None
 
     summary = ", ".join(f"{v} {r['images_per_s']:.1f}" for v, r in results.items())
-    log.info("images/s: %s%s", summary, f" (compiled: {speed('mcf_compiled', 'mcf'):.2f}x eager)" if speed("mcf_compiled", "mcf") else "")
+    compiled = speed("mcf_compiled", "mcf")
+    log.info("images/s: %s%s", summary, f" (compiled: {compiled:.2f}x eager)" if compiled else "")
     out: dict[str, Any] = {
         "benchmark": "e2e" if cfg.e2e else "step",
         "paper": results.get("paper"),

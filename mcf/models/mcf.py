@@ -173,7 +173,7 @@ class MCF(nn.Module):
         # record_function ranges: stable names for `logging.profile_step` (a few µs each when not profiling)
         with record_function("mcf.online"):
             o: OnlineOutput = online(images, ratio, online_noise, self._draw_ratios(N, images.device))
-        target_dtype = self.target.projector[0].weight.dtype  # its forward weights' dtype (the training precision by default)
+        target_dtype = self.target.projector[0].weight.dtype  # its forward weights' (the training precision by default)
         with record_function("mcf.target"):
             k = self.target(images.to(target_dtype), ratio, target_noise, self._draw_ratios(N, images.device))
         rebuilt = unpatchify(o.pred, self.spec.patch_size)  # (N, 3, H, W), in the normalised input space

@@ -90,7 +90,12 @@ def _merge(runs: list[_Run]) -> list[_Run]:
     """Adjacent runs (contiguous in both the master and the shard) become one: fewer tensors per foreach."""
     out: list[_Run] = []
     for r in runs:
-        if out and out[-1].master == r.master and out[-1].start + out[-1].length == r.start and out[-1].shard + out[-1].length == r.shard:
+        if (
+            out
+            and out[-1].master == r.master
+            and out[-1].start + out[-1].length == r.start
+            and out[-1].shard + out[-1].length == r.shard
+        ):
             last = out.pop()
             r = _Run(last.master, last.start, last.shard, last.length + r.length)
         out.append(r)
@@ -117,7 +122,9 @@ class _Builder:
         self.row_len = [0] * world  # elements each rank has put in its row so far
         self.target_numel = 0
 
-    def flat_space(self, master: int, params: list[tuple[str, int]], partition: int, owners: range | None = None) -> None:
+    def flat_space(
+        self, master: int, params: list[tuple[str, int]], partition: int, owners: range | None = None
+    ) -> None:
         """A flat space split in ``partition``-element ranges over ranks (``owners``: one rank owns it
         all); ``params``: (name, element offset in the space); rank r's masters are ``masters[master]``."""
         intervals: list[list[Any]] = []  # [start, end, [(name, offset)]] of runs of adjacent tracked parameters
@@ -134,7 +141,9 @@ class _Builder:
                 self.offsets[name] = base + off - start
             self.target_numel += end - start
             for q in range(self.world) if owners is None else owners:
-                lo, hi = (start, end) if owners is not None else (max(start, q * partition), min(end, (q + 1) * partition))
+                lo, hi = (
+                    (start, end) if owners is not None else (max(start, q * partition), min(end, (q + 1) * partition))
+                )
                 if lo >= hi:
                     continue
                 col = self.row_len[q]
@@ -150,7 +159,8 @@ class _Builder:
                         self.segments.append(_Segment(name, a - off, col + a - lo, b - a))
 
     def zero3_piece(self, master: int, name: str, start: int, piece: int) -> None:
-        """A ZeRO-3 parameter: rank r holds its elements ``[r·piece, (r + 1)·piece)`` at ``masters[master][start:]``."""
+        """A ZeRO-3 parameter: rank r holds its elements ``[r·piece, (r + 1)·piece)``, at
+        ``masters[master][start:]`` on this rank."""
         numel = self.shapes[name].numel()
         col = self.row_len[0]  # the same column on every rank
         for q in range(self.world):
@@ -168,8 +178,17 @@ class _Builder:
         if missing:
             raise RuntimeError(f"EMA parameters the optimizer does not hold: {missing[:5]}")
         shard = self.row_len[self.rank]
-        return _Layout(kind, masters, _merge(self.runs), shard, list(self.row_len), self.pieces, self.target_numel, self.offsets,
-                       self.segments)
+        return _Layout(
+            kind,
+            masters,
+            _merge(self.runs),
+            shard,
+            list(self.row_len),
+            self.pieces,
+            self.target_numel,
+            self.offsets,
+            self.segments,
+        )
 
 
 def _replicated(builder: _Builder, names: list[str], masters: Callable[[], list[torch.Tensor]]) -> _Layout:
@@ -181,7 +200,9 @@ def _replicated(builder: _Builder, names: list[str], masters: Callable[[], list[
     return lay
 
 
-def build_layout(engine: Any, tracked: dict[str, torch.Size], fixed: dict[str, torch.Tensor], world: int, rank: int) -> _Layout:
+def build_layout(
+    engine: Any, tracked: dict[str, torch.Size], fixed: dict[str, torch.Tensor], world: int, rank: int
+) -> _Layout:
     """Where this rank's EMA elements come from and where the gathered ones go (see the module doc)."""
     opt = engine.optimizer
     params = dict(engine.module.named_parameters())
@@ -207,14 +228,20 @@ def build_layout(engine: Any, tracked: dict[str, torch.Size], fixed: dict[str, t
 
         for g in groups:
             if dist.get_world_size(group=g) != world or dist.get_rank(group=g) != rank:
-                raise RuntimeError("the sharded EMA needs the optimizer partitioned over all ranks (no MiCS / hpZ / MoE groups)")
+                raise RuntimeError(
+                    "the sharded EMA needs the optimizer partitioned over all ranks (no MiCS / hpZ / MoE groups)"
+                )
 
     def owned_names(group: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
         return [(by_id[id(p)], p) for p in group if id(p) in by_id]
 
     if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
-        if getattr(opt, "optimizer_swapper", None) is not None or any(t.numel() == 0 for t in opt.fp32_partitioned_groups_flat):
-            raise RuntimeError("the sharded EMA needs the fp32 masters in memory: NVMe optimizer offload is not supported")
+        if getattr(opt, "optimizer_swapper", None) is not None or any(
+            t.numel() == 0 for t in opt.fp32_partitioned_groups_flat
+        ):
+            raise RuntimeError(
+                "the sharded EMA needs the fp32 masters in memory: NVMe optimizer offload is not supported"
+            )
         check_world([p.ds_process_group for g in opt.fp16_groups for p in g])
         for g, group in enumerate(opt.fp16_groups):
             start = 0
@@ -222,15 +249,22 @@ def build_layout(engine: Any, tracked: dict[str, torch.Size], fixed: dict[str, t
             for p in group:
                 piece = p.partition_numel()
                 if id(p) in by_id:
-                    if flat is not None and p.ds_tensor.numel() and p.ds_tensor.device == flat.device and _offset_in(p.ds_tensor, flat) != start:
+                    if (
+                        flat is not None
+                        and p.ds_tensor.numel()
+                        and p.ds_tensor.device == flat.device
+                        and _offset_in(p.ds_tensor, flat) != start
+                    ):
                         raise RuntimeError("unexpected ZeRO-3 partition layout")
                     b.zero3_piece(g, by_id[id(p)], start, piece)
                 start += piece
         add_fixed(len(opt.fp16_groups))
         return b.layout("zero3", with_fixed(lambda: [t.view(-1) for t in opt.fp32_partitioned_groups_flat]))
 
-    flat_attrs = (("single_partition_of_fp32_groups", "bit16_groups_flat", "bit16_groups"),
-                  ("fp32_groups_flat_partition", "bf16_groups_flat", "bf16_groups"))
+    flat_attrs = (
+        ("single_partition_of_fp32_groups", "bit16_groups_flat", "bit16_groups"),
+        ("fp32_groups_flat_partition", "bf16_groups_flat", "bf16_groups"),
+    )
     fp32_module = all(p.dtype == torch.float32 for p in params.values())
     for masters_attr, flat_attr, groups_attr in flat_attrs:
         if hasattr(opt, masters_attr) and not fp32_module:  # fp32 at ZeRO-1/2: the module's weights are whole masters
@@ -260,6 +294,7 @@ def build_layout(engine: Any, tracked: dict[str, torch.Size], fixed: dict[str, t
         def masters() -> list[torch.Tensor]:
             return [opt.fp32_groups[where[n][0]][where[n][1]].detach().view(-1) for n in names]
     elif fp32_module and not hasattr(opt, "fp16_groups"):
+
         def masters() -> list[torch.Tensor]:
             return [params[n].detach().view(-1) for n in names]
     else:
@@ -288,7 +323,9 @@ class _Rows:
         sizes = lengths if uneven else [self.row] * len(lengths)
         self.starts = [sum(sizes[:q]) for q in range(len(sizes))]
         self.buffer = torch.empty(sum(sizes), dtype=dtype, device=device)
-        self.send = torch.zeros(sizes[rank], dtype=dtype, device=device)  # padded: the tail beyond this rank's length stays 0
+        self.send = torch.zeros(
+            sizes[rank], dtype=dtype, device=device
+        )  # padded: the tail beyond this rank's length stays 0
         self._outputs = [self.buffer.narrow(0, a, n) for a, n in zip(self.starts, sizes)]
 
     def gather(self, shard: torch.Tensor, async_op: bool = False) -> Any:
@@ -306,7 +343,9 @@ class _Rows:
             if p.rows == 1:
                 src.append(self.buffer.narrow(0, self.starts[p.row] + p.col, p.cols).view(1, p.cols))
             else:  # all ranks at once (ZeRO-3): equal rows
-                src.append(self.buffer.view(len(self.lengths), self.row)[p.row:p.row + p.rows, p.col:p.col + p.cols])
+                src.append(
+                    self.buffer.view(len(self.lengths), self.row)[p.row : p.row + p.rows, p.col : p.col + p.cols]
+                )
         dst = [flat.narrow(0, p.dst, p.rows * p.cols).view(p.rows, p.cols) for p in pieces]
         return src, dst
 
@@ -328,8 +367,14 @@ class TargetEMA:
             for ZeRO-1/2 layouts, whose ranks hold unequal shares of the target (ZeRO-3's are equal).
     """
 
-    def __init__(self, target: nn.Module, engine: Any, forward_dtype: torch.dtype, fixed: dict[str, torch.Tensor] | None = None,
-                 uneven: bool | None = None):
+    def __init__(
+        self,
+        target: nn.Module,
+        engine: Any,
+        forward_dtype: torch.dtype,
+        fixed: dict[str, torch.Tensor] | None = None,
+        uneven: bool | None = None,
+    ):
         import torch.distributed as dist
 
         self.target = target
@@ -365,9 +410,19 @@ class TargetEMA:
             self._src, self._dst = self.rows.views(lay.pieces, self.flat)
         self._hook = target.register_forward_pre_hook(lambda *_: self.wait())
         if self.rank == 0:
-            gather = f", one all-gather of {self.rows.buffer.numel()} elements per step" if lay.kind != "replicated" else ", no communication"
-            log.info("EMA target: %s, %d of %d elements on this rank, forward weights in %s%s", lay.kind, lay.shard_numel,
-                     sum(p.numel() for p in named.values()), str(forward_dtype).replace("torch.", ""), gather)
+            gather = (
+                f", one all-gather of {self.rows.buffer.numel()} elements per step"
+                if lay.kind != "replicated"
+                else ", no communication"
+            )
+            log.info(
+                "EMA target: %s, %d of %d elements on this rank, forward weights in %s%s",
+                lay.kind,
+                lay.shard_numel,
+                sum(p.numel() for p in named.values()),
+                str(forward_dtype).replace("torch.", ""),
+                gather,
+            )
 
     def _fill_shard(self, full: dict[str, torch.Tensor]) -> None:
         for s in self.layout.segments:
@@ -419,7 +474,10 @@ class TargetEMA:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The target's state dict with the fp32 EMA for its parameters, on the CPU (a collective when sharded)."""
         params = self.full_fp32()
-        return {k: (params[k] if k in params else v).detach().float().cpu().clone() for k, v in self.target.state_dict().items()}
+        return {
+            k: (params[k] if k in params else v).detach().float().cpu().clone()
+            for k, v in self.target.state_dict().items()
+        }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

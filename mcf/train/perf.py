@@ -64,7 +64,9 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, 
         if known:
             return known[1] * 1e12, f"datasheet dense bf16 peak of the {known[0]} ({name})"
         return matmul_peak(device, torch.bfloat16), f"measured bf16 8192^3 matmul on {name} (not in the table)"
-    return matmul_peak(device, dtype, n=1024, repeats=3), f"measured {str(dtype).replace('torch.', '')} 1024^3 matmul on the CPU"
+    return matmul_peak(
+        device, dtype, n=1024, repeats=3
+    ), f"measured {str(dtype).replace('torch.', '')} 1024^3 matmul on the CPU"
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -110,8 +112,12 @@ class Throughput:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the matmul probe's buffers are not the run's
         if self.flops_per_image is not None:
-            log.info("%.2f GFLOP per image per step (model FLOPs); MFU against %.1f TFLOP/s per device (%s)",
-                     self.flops_per_image / 1e9, self.peak_flops / 1e12, self.peak_source)
+            log.info(
+                "%.2f GFLOP per image per step (model FLOPs); MFU against %.1f TFLOP/s per device (%s)",
+                self.flops_per_image / 1e9,
+                self.peak_flops / 1e12,
+                self.peak_source,
+            )
 
     def fields(self, images_per_s: float) -> dict[str, float]:
         out = {"peak_memory_gb": peak_memory_bytes(self.device) / 1e9}
@@ -119,5 +125,11 @@ class Throughput:
             return out
         tflops = self.flops_per_image * images_per_s / 1e12
         per_device = tflops / self.world_size
-        return {"flops_per_image": self.flops_per_image, "tflops": tflops, "tflops_per_device": per_device,
-                "mfu": per_device * 1e12 / self.peak_flops, "peak_tflops": self.peak_flops / 1e12, **out}
+        return {
+            "flops_per_image": self.flops_per_image,
+            "tflops": tflops,
+            "tflops_per_device": per_device,
+            "mfu": per_device * 1e12 / self.peak_flops,
+            "peak_tflops": self.peak_flops / 1e12,
+            **out,
+        }

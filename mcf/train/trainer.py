@@ -368,7 +368,7 @@ class Trainer:
                 with record_function("mcf.optimizer"):
                     engine.step()  # fp16: DeepSpeed skips an overflowing step and counts it
                 momentum = momentum_at(self.step, cfg.momentum, self.total_steps)
-                with record_function("mcf.ema"):  # no communication; starts the target weights' one all-gather when sharded
+                with record_function("mcf.ema"):  # no communication; starts the target weights' all-gather if sharded
                     self.ema.update(momentum)
                 self.step += 1
                 profiler.end(self.step)
