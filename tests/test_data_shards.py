@@ -132,14 +132,14 @@ def test_shard_sampler_order():
         perm = np.random.default_rng([4, 2, w, 0x77696E64]).permutation(min(4, n - w))
         want[w : w + len(perm)] = seq[w + perm]
     samplers = [ShardSampler(counts, rank=r, world_size=3, seed=4, window=4) for r in range(3)]
-    shares = [s.indices(2)[:] for s in samplers]
+    shares = [s.take(2, 0, 0, s.per_rank) for s in samplers]
     for r, share in enumerate(shares):
         assert share.tolist() == want[r::3][: n // 3].tolist()
     s = samplers[1]
     s.set_epoch(2)
-    assert [i for _, i in s] == shares[1].tolist() and not np.array_equal(s.indices(3)[:], shares[1])
-    s.set_start(5)
-    assert [i for _, i in s] == shares[1][5:].tolist() and s.indices(2)[3] == shares[1][3]
+    assert [i for _, i in s] == shares[1].tolist() and not np.array_equal(s.take(3, 0, 0, s.per_rank), shares[1])
+    s.set_offset(5 * 3)  # 5 entries of each of the 3 ranks consumed
+    assert [i for _, i in s] == shares[1][5:].tolist() and s.take(2, 0, 3, 4)[0] == shares[1][3]
     # 4 entries a rank consumed on 3 ranks (offset 12); the rest of the epoch on 2 ranks
     two = [ShardSampler(counts, rank=r, world_size=2, seed=4, window=4) for r in range(2)]
     rest = np.concatenate([t.take(2, 12, 0, t.share(12)) for t in two])
@@ -171,7 +171,7 @@ def test_resume_mid_epoch_is_exact_with_bad_members(kind, tmp_path):
 def test_two_ranks_disjoint_and_equal(kind, shards):
     r0, r1 = (_loader(shards, kind, rank=r, world=2, bs=3, shuffle_buffer=5) for r in range(2))
     assert len(r0) == len(r1) == (33 // 2) // 3
-    s0, s1 = set(r0.sampler.indices(0)[:].tolist()), set(r1.sampler.indices(0)[:].tolist())  # disjoint, equal
+    s0, s1 = ({*r.sampler.take(0, 0, 0, r.sampler.per_rank).tolist()} for r in (r0, r1))  # disjoint, equal
     assert len(s0) == len(s1) == 16 and not s0 & s1
     b0, b1 = _epoch(r0, 0), _epoch(r1, 0)
     assert len(b0) == len(b1) == 5 and not any(torch.equal(x, y) for x in b0 for y in b1)

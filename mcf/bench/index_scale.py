@@ -279,7 +279,7 @@ def shards_bench(work: Path, n: int) -> dict[str, Any]:
         t = ShardTable(IndexFile.open(path))
         sampler = ShardSampler(np.asarray(t.count), rank=3, world_size=8, seed=0, window=2048)
         t0 = time.perf_counter()
-        batch = sampler.indices(5)[sampler.per_rank // 2 : sampler.per_rank // 2 + 256]
+        batch = sampler.take(5, 0, sampler.per_rank // 2, sampler.per_rank // 2 + 256)
         return t, (time.perf_counter() - t0, len(batch))
 
     row = _in_child(_open_measure, open_and_sample, n, lambda r: (r[0].offset, r[0].length))

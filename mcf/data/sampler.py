@@ -87,30 +87,27 @@ class FeistelPermutation:
         return y.astype(np.int64).reshape(pos.shape)
 
 
-class DistributedSampler:
-    """This rank's share of each epoch's order, from a global offset; see the module docstring.
+class RankShare:
+    """A rank's share of an epoch's global order, from a global offset (see the module docstring).
 
-    Iterating yields ``(epoch, index)`` pairs of the positions ``offset + rank + world_size·j``
-    (what :class:`~mcf.data.source.TorchSampleDataset` takes), computed ``CHUNK`` at a time.
-
-    Args:
-        num_samples: dataset size ``n``.
-        rank, world_size: this rank and the number of ranks.
-        seed: base seed; the order is a function of ``(seed, epoch)`` only.
-        shuffle: the Feistel order (True) or dataset order (False).
+    What every mcf sampler shares: positions ``offset + rank + world_size·j`` of epoch ``e``'s order,
+    mapped to sample ids by the subclass's :meth:`order_at`; iterating yields ``(epoch, index)`` pairs
+    (what :class:`~mcf.data.source.TorchSampleDataset` takes), computed ``CHUNK`` at a time; the state
+    is ``{"epoch", "offset"}``, valid for any world size.
     """
 
-    def __init__(self, num_samples: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"invalid rank {rank} for world_size {world_size}")
         if num_samples < 0:
             raise ValueError("num_samples must be >= 0")
-        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
+        self.num_samples, self.rank, self.world_size, self.seed = int(num_samples), rank, world_size, seed
         self.epoch = 0
-        self.offset = 0
-        self._order: FeistelPermutation | None = None
-        self._order_epoch = -1
+        self.offset = 0  # global position the next iteration starts at
+
+    def order_at(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        """Sample ids at global ``positions`` (int64 array) of ``epoch``'s order."""
+        raise NotImplementedError
 
     @property
     def per_rank(self) -> int:
@@ -130,21 +127,11 @@ class DistributedSampler:
             raise ValueError(f"offset {offset} outside 0..{self.num_samples}")
         self.offset = int(offset)
 
-    def order(self, epoch: int) -> FeistelPermutation | None:
-        """The epoch's order (None = dataset order, ``shuffle=False``)."""
-        if not self.shuffle:
-            return None
-        if self._order is None or self._order_epoch != epoch:
-            self._order, self._order_epoch = FeistelPermutation(self.num_samples, self.seed, epoch), epoch
-        return self._order
-
     def take(self, epoch: int, offset: int, start: int, stop: int) -> np.ndarray:
-        """Dataset indices (int64) of this rank's share entries ``start … stop-1`` after global ``offset``."""
+        """Sample ids (int64) of this rank's share entries ``start … stop-1`` after global ``offset``."""
         if not 0 <= start <= stop <= self.share(offset):
             raise ValueError(f"entries {start}..{stop} outside this rank's share 0..{self.share(offset)} after offset {offset}")
-        positions = offset + self.rank + self.world_size * np.arange(start, stop, dtype=np.int64)
-        order = self.order(epoch)
-        return positions if order is None else order(positions)
+        return self.order_at(epoch, offset + self.rank + self.world_size * np.arange(start, stop, dtype=np.int64))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, offset = self.epoch, self.offset
@@ -162,3 +149,32 @@ class DistributedSampler:
     def load_state_dict(self, d: dict[str, int]) -> None:
         self.set_epoch(d["epoch"])
         self.set_offset(d["offset"])
+
+
+class DistributedSampler(RankShare):
+    """The indexed sources' sampler: the epoch order is a :class:`FeistelPermutation` of ``(seed, epoch)``.
+
+    Args:
+        num_samples: dataset size ``n``.
+        rank, world_size: this rank and the number of ranks.
+        seed: base seed; the order is a function of ``(seed, epoch)`` only.
+        shuffle: the Feistel order (True) or dataset order (False).
+    """
+
+    def __init__(self, num_samples: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        super().__init__(num_samples, rank, world_size, seed)
+        self.shuffle = shuffle
+        self._order: FeistelPermutation | None = None
+        self._order_epoch = -1
+
+    def order(self, epoch: int) -> FeistelPermutation | None:
+        """The epoch's order (None = dataset order, ``shuffle=False``)."""
+        if not self.shuffle:
+            return None
+        if self._order is None or self._order_epoch != epoch:
+            self._order, self._order_epoch = FeistelPermutation(self.num_samples, self.seed, epoch), epoch
+        return self._order
+
+    def order_at(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        order = self.order(epoch)
+        return positions if order is None else order(positions)

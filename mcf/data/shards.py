@@ -49,6 +49,7 @@ import numpy as np
 from mcf.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage
 from mcf.data.index import IndexFile, IndexOptions, PackedStrings, index_location, open_or_build, source_hash
 from mcf.data.procs import die_with_parent
+from mcf.data.sampler import RankShare
 from mcf.data.tar_index import count_stream, index_tar
 from mcf.errors import DataError
 
@@ -567,7 +568,7 @@ def open_shards(
 
 
 # -- the epoch order ---------------------------------------------------------------------------------
-class ShardSampler:
+class ShardSampler(RankShare):
     """The epoch order of a shard set, a pure function of ``(seed, epoch)``, split over ranks like the
     indexed sources' order, so a run resumes exactly and, from its global sample count, on another
     world size too.
@@ -580,9 +581,8 @@ class ShardSampler:
     (one or a few windows, one or a few shards). Nothing of size ``N`` is built: positions become
     sample ids through per-shard arrays and the permutations of the windows they fall in.
 
-    Interface: that of :class:`~mcf.data.sampler.DistributedSampler` (``(epoch, index)`` pairs,
-    ``per_rank``, ``set_start`` in this rank's entries, ``indices(epoch)[a:b]``) and the global-offset
-    one (``share``, ``set_offset``, ``take``).
+    Interface: :class:`~mcf.data.sampler.RankShare`'s (``(epoch, index)`` pairs, ``per_rank``,
+    ``share``, ``set_offset``, ``take``), the interface of the indexed sources' sampler too.
 
     Args:
         counts: samples per shard, in shard-list order.
@@ -592,41 +592,14 @@ class ShardSampler:
     CACHED_WINDOWS = 64
 
     def __init__(self, counts: np.ndarray, *, rank: int = 0, world_size: int = 1, seed: int = 0, window: int = 2048):
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"invalid rank {rank} for world_size {world_size}")
         if window < 1:
             raise ValueError("window must be >= 1")
         self.counts = np.asarray(counts, dtype=np.int64)
         self.start = np.concatenate([[0], np.cumsum(self.counts)])
-        self.num_samples = int(self.start[-1])
-        self.rank, self.world_size, self.seed, self.window = rank, world_size, seed, window
-        self.epoch, self.offset = 0, 0  # offset: global position the next iteration starts at
+        super().__init__(int(self.start[-1]), rank, world_size, seed)
+        self.window = window
         self._order: tuple[int, np.ndarray, np.ndarray] | None = None
         self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-
-    @property
-    def per_rank(self) -> int:
-        """Samples per rank in a whole epoch."""
-        return self.num_samples // self.world_size
-
-    def share(self, offset: int) -> int:
-        """Samples per rank from global position ``offset`` to the end of the epoch."""
-        return (self.num_samples - offset) // self.world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def set_offset(self, offset: int) -> None:
-        """Begin the next iteration at global position ``offset`` (written by any world size)."""
-        if not 0 <= offset <= self.num_samples:
-            raise ValueError(f"offset {offset} outside 0..{self.num_samples}")
-        self.offset = int(offset)
-
-    def set_start(self, start: int) -> None:
-        """Begin the next iteration at entry ``start`` of this rank's share (offset ``start * W``)."""
-        if not 0 <= start <= self.per_rank:
-            raise ValueError(f"start {start} outside 0..{self.per_rank}")
-        self.offset = int(start) * self.world_size
 
     def _shard_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard ids in epoch order, their cumulative sample counts (S + 1))."""
@@ -660,70 +633,5 @@ class ShardSampler:
         k = np.searchsorted(cum, shuffled, side="right") - 1
         return self.start[order[k]] + (shuffled - cum[k])
 
-    def take(self, epoch: int, offset: int, start: int, stop: int) -> np.ndarray:
-        """Sample ids (int64) of this rank's share entries ``start..stop-1`` after global ``offset``."""
-        if not 0 <= start <= stop <= self.share(offset):
-            raise ValueError(
-                f"entries {start}..{stop} outside this rank's share 0..{self.share(offset)} after {offset}"
-            )
-        g = offset + self.rank + self.world_size * np.arange(start, stop, dtype=np.int64)
-        return self.order_at(epoch, g)
-
-    def positions(self, epoch: int, a: int, b: int) -> np.ndarray:
-        """Sample ids of entries ``a..b-1`` of this rank's whole-epoch share (clipped to it)."""
-        a, b = max(0, a), min(b, self.per_rank)
-        return self.take(epoch, 0, a, b) if b > a else np.zeros(0, dtype=np.int64)
-
-    def indices(self, epoch: int | None = None) -> _EpochView:
-        return _EpochView(self, self.epoch if epoch is None else int(epoch))
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, offset, block = self.epoch, self.offset, 4096
-        count = self.share(offset)
-        for a in range(0, count, block):
-            for i in self.take(epoch, offset, a, min(a + block, count)).tolist():
-                yield (epoch, i)
-
-    def __len__(self) -> int:
-        return self.share(self.offset)
-
     def __getstate__(self) -> dict:
         return dict(self.__dict__, _order=None, _perms=OrderedDict())
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "offset": self.offset}
-
-    def load_state_dict(self, d: dict[str, int]) -> None:
-        self.set_epoch(d["epoch"])
-        self.set_offset(d["offset"])
-
-
-class _EpochView:
-    """``sampler.indices(epoch)``: a lazy int64 sequence of this rank's share; slicing computes it."""
-
-    def __init__(self, sampler: ShardSampler, epoch: int):
-        self.sampler, self.epoch = sampler, epoch
-
-    def __len__(self) -> int:
-        return self.sampler.per_rank
-
-    def __getitem__(self, key):
-        n = len(self)
-        if isinstance(key, slice):
-            a, b, step = key.indices(n)
-            out = (
-                self.sampler.positions(self.epoch, a, b) if step == 1 else self.sampler.positions(self.epoch, 0, n)[key]
-            )
-            return out
-        i = int(key) + (n if int(key) < 0 else 0)
-        if not 0 <= i < n:
-            raise IndexError(key)
-        return self.sampler.positions(self.epoch, i, i + 1)[0]
-
-    def __iter__(self):
-        for a in range(0, len(self), 4096):
-            yield from self.sampler.positions(self.epoch, a, a + 4096)
-
-    def __array__(self, dtype=None, copy=None):
-        a = self.sampler.positions(self.epoch, 0, len(self))
-        return a if dtype is None else a.astype(dtype)
