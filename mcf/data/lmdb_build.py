@@ -55,6 +55,18 @@ def encode_image(data: bytes, *, resize_short: int | None, quality: int | None, 
     return buf.getvalue()
 
 
+def prepare_output(out: Path, *, quality: int | None, resize_short: int | None, overwrite: bool) -> None:
+    """Check a build's re-encoding options and clear ``out`` (only with ``overwrite``); raises DataError."""
+    if quality is not None and not 1 <= quality <= 100:
+        raise DataError("--quality must be in 1..100")
+    if resize_short is not None and resize_short < 1:
+        raise DataError("--resize-short must be positive")
+    if out.exists():
+        if not overwrite:
+            raise DataError(f"{out} already exists (pass --overwrite to replace it)")
+        shutil.rmtree(out)
+
+
 def _encode_file(args: tuple[str, str, int | None, int | None, int]) -> tuple[str, bytes | None, str]:
     root, rel, resize_short, quality, max_pixels = args
     try:
@@ -103,14 +115,7 @@ def build_lmdb(
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise DataError(f"source folder not found: {src}")
-    if quality is not None and not 1 <= quality <= 100:
-        raise DataError("--quality must be in 1..100")
-    if resize_short is not None and resize_short < 1:
-        raise DataError("--resize-short must be positive")
-    if out.exists():
-        if not overwrite:
-            raise DataError(f"{out} already exists (pass --overwrite to replace it)")
-        shutil.rmtree(out)
+    prepare_output(out, quality=quality, resize_short=resize_short, overwrite=overwrite)
     files = scan_image_folder(src)
     if not files:
         raise DataError(f"no images under {src}")

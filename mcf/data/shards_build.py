@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -154,6 +153,7 @@ def build_shards(
     from tqdm import tqdm
 
     from mcf.data.datasets import open_dataset
+    from mcf.data.lmdb_build import prepare_output
     from mcf.data.procs import shutdown, worker_pool
 
     global _JOB
@@ -162,14 +162,7 @@ def build_shards(
         raise DataError("give --max-count and/or --max-bytes")
     if (max_count is not None and max_count < 1) or (max_bytes is not None and max_bytes < 2048):
         raise DataError("--max-count must be >= 1 and --max-bytes >= 2048")
-    if quality is not None and not 1 <= quality <= 100:
-        raise DataError("--quality must be in 1..100")
-    if resize_short is not None and resize_short < 1:
-        raise DataError("--resize-short must be positive")
-    if out.exists():
-        if not overwrite:
-            raise DataError(f"{out} already exists (pass --overwrite to replace it)")
-        shutil.rmtree(out)
+    prepare_output(out, quality=quality, resize_short=resize_short, overwrite=overwrite)
     ds = open_dataset(src, lmdb_keys, index=IndexOptions(write=False))
     if isinstance(ds, StreamedShards):
         raise DataError("build-shards reads local data (an image folder, an LMDB or local shards)")
