@@ -311,6 +311,29 @@ def test_finetune_parsing_celebamask_hq_records_mlflow(tmp_path):
     assert len(list((out / "mlartifacts").rglob("paper_row.md"))) == 1  # a local store's artifacts stay in the run folder
 
 
+def test_finetune_unreachable_tracking_server_is_one_line_within_seconds(tmp_path):
+    """As for pretrain: a tracking server nobody answers at is exit 2 with one line naming the URI and
+    `--tracking-uri none`, in seconds (MLflow's own retries would take minutes), and nothing is trained."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: nothing listens there
+    data = S.write_aflw19(tmp_path / "a", num_images=4, num_test=2, size=32)
+    out = tmp_path / "ft"
+    args = ["finetune", "alignment", "--data", str(data), "--pretrained", "random", "--output-dir", str(out),
+            "--max-steps", "2", "--batch-size", "2", "--img-size", "32", "--workers", "0", "--tracking-uri", uri]
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "mcf", *args], capture_output=True, text=True, env=_env(), timeout=300)
+    took = time.monotonic() - t0
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("mcf: error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert uri in lines[0] and "--tracking-uri none" in lines[0]
+    assert took < 60, took  # imports and DeepSpeed's start-up; MLflow's retries alone took 4 minutes
+    assert not (out / "metrics.json").exists() and not (out / "finetuned.pt").exists()
+
+
 def test_finetune_cli_user_errors_are_one_line(tmp_path, capsys):
     from mcf.cli import main
 

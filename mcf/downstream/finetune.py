@@ -410,27 +410,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, total // 20)
     milestones = tuple(m * steps_per_epoch for m in cfg.lr_milestones)
     out = Path(cfg.output_dir)
-    tracker = FinetuneTracker(cfg.tracking_uri, cfg.experiment, out, out.name, enabled=rank == 0)
-    tracker.set_tags(
-        {
-            "task": cfg.task,
-            "protocol": cfg.protocol,
-            "pretrained": cfg.pretrained,
-            "source_format": weights.source_format,
-        }
-    )
-    tracker.log_params(
-        {
-            **asdict(cfg),
-            "resolved": {
-                "world_size": world_size,
-                "batch_per_rank": batch,
-                "total_steps": total,
-                "steps_per_epoch": steps_per_epoch,
-                "warmup_steps": warmup,
-            },
-        }
-    )
+    resolved = {"world_size": world_size, "batch_per_rank": batch, "total_steps": total,
+                "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup}
+    tracker = FinetuneTracker(cfg.tracking_uri, cfg.experiment, out, out.name, enabled=rank == 0,
+                              params={**asdict(cfg), "resolved": resolved})
+    tracker.set_tags({"task": cfg.task, "protocol": cfg.protocol, "pretrained": cfg.pretrained,
+                      "source_format": weights.source_format})
     if rank == 0:
         log.info(
             "fine-tuning %s (%s protocol) on %s (%d train, %d %s) from %s [%s]: %d steps, batch %d x %d ranks",

@@ -77,6 +77,52 @@ def _ensure_experiment(mlflow: Any, name: str, artifact_root: Path | None) -> No
     mlflow.set_experiment(name)
 
 
+def start_mlflow(uri: str | None, output_dir: Path, experiment: str, *, run_name: str, run_id: str | None = None,
+                 params: dict[str, Any] | None = None) -> MlflowSink:
+    """Start (or, with ``run_id``, continue) an MLflow run; every mcf command that tracks starts here.
+
+    ``uri`` None is the default local store ``OUTPUT/mlflow.db`` (created with the umask's mode, not
+    sqlite's 0644; its artifacts in ``OUTPUT/mlartifacts``). A server must answer within seconds
+    (:func:`~mcf.train.tracking.check_reachable`), MLflow's HTTP retries are bounded, ``params``
+    (nested) are logged flattened, and the run is then fed by a background :class:`MlflowSink`.
+
+    Raises:
+        TrackingError: an unreachable server, or one that fails at start (one line naming the URI).
+        StorageError: the local store cannot be created.
+    """
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if uri is None:
+        db = output_dir.resolve() / MLFLOW_DB
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            db.touch(mode=0o666)
+        except OSError as e:
+            raise StorageError(describe_write_error(db, e)) from None
+        uri = f"sqlite:///{db}"
+    check_reachable(uri)
+    bound_http_retries()
+    import mlflow
+
+    try:
+        mlflow.set_tracking_uri(uri)
+        _ensure_experiment(mlflow, experiment, local_artifact_root(uri))
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+        if params is not None:
+            flat = {k: str(v)[:500] for k, v in flatten(params).items()}
+            keys = sorted(flat)
+            for i in range(0, len(keys), 100):
+                mlflow.log_params({k: flat[k] for k in keys[i:i + 100]})
+    except Exception as e:  # noqa: BLE001 - MlflowException, requests' errors: a server that answers badly
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        try:
+            mlflow.end_run(status="FAILED")  # a run started before the failure stays no one's active run
+        except Exception:  # noqa: BLE001, S110 - the server that just failed may fail this too
+            pass
+        raise TrackingError(f"MLflow tracking at {uri} failed at start ({first}); fix it or pass --tracking-uri none") from None
+    log.info("MLflow: %s, run %s", uri, run.info.run_id)
+    return MlflowSink(mlflow, run.info.run_id, uri)
+
+
 class RunLogger:
     """Rank 0's sink for metrics; on other ranks every method is a no-op."""
 
@@ -99,47 +145,14 @@ class RunLogger:
         uri = cfg.logging.tracking_uri
         if uri is not None and uri.lower() == "none":
             return
-        if uri is None:  # the default local store; created here so that it gets the umask's mode, not sqlite's 0644
-            db = output_dir.resolve() / MLFLOW_DB
-            try:
-                db.touch(mode=0o666)
-            except OSError as e:
-                raise StorageError(describe_write_error(db, e)) from None
-            uri = f"sqlite:///{db}"
-        self._start_mlflow(cfg, uri, resume_step is not None)
-
-    def _start_mlflow(self, cfg: Any, uri: str, resuming: bool) -> None:
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        check_reachable(uri)
-        bound_http_retries()
-        import mlflow
-
+        id_file = output_dir / RUN_ID_FILE
+        run_id = id_file.read_text().strip() if resume_step is not None and id_file.is_file() else None
+        self.mlflow = start_mlflow(uri, output_dir, cfg.logging.experiment, run_name=output_dir.name, run_id=run_id,
+                                   params=None if run_id else to_dict(cfg))
         try:
-            self._start_run(mlflow, cfg, uri, resuming)
-        except (TrackingError, StorageError):
-            raise
-        except Exception as e:  # noqa: BLE001 - MlflowException, requests' errors: a server that answers badly
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            try:
-                mlflow.end_run(status="FAILED")  # a run started before the failure stays no one's active run
-            except Exception:  # noqa: BLE001, S110 - the server that just failed may fail this too
-                pass
-            raise TrackingError(f"MLflow tracking at {uri} failed at start ({first}); fix it or pass --tracking-uri none") from None
-
-    def _start_run(self, mlflow: Any, cfg: Any, uri: str, resuming: bool) -> None:
-        mlflow.set_tracking_uri(uri)
-        _ensure_experiment(mlflow, cfg.logging.experiment, local_artifact_root(uri))
-        id_file = self.output_dir / RUN_ID_FILE
-        run_id = id_file.read_text().strip() if resuming and id_file.is_file() else None
-        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else self.output_dir.name)
-        id_file.write_text(run.info.run_id + "\n")
-        if run_id is None:
-            params = {k: str(v)[:500] for k, v in flatten(to_dict(cfg)).items()}
-            keys = sorted(params)
-            for i in range(0, len(keys), 100):
-                mlflow.log_params({k: params[k] for k in keys[i:i + 100]})
-        self.mlflow = MlflowSink(mlflow, run.info.run_id, uri)
-        log.info("MLflow: %s, run %s", uri, run.info.run_id)
+            id_file.write_text(self.mlflow.run_id + "\n")
+        except OSError as e:
+            raise StorageError(describe_write_error(id_file, e)) from None
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
