@@ -19,8 +19,8 @@ A file holding anything else is refused with :class:`~mcf.errors.UnsafeCheckpoin
 naming the file and the offending type; an unreadable, truncated or foreign file with
 :class:`~mcf.errors.CheckpointError`.
 
-DeepSpeed reads its own files with ``torch.load(weights_only=False)``; wrap every DeepSpeed read
-(``engine.load_checkpoint``, ``get_fp32_state_dict_from_zero_checkpoint``, ...) in
+DeepSpeed reads its own files with ``torch.load`` and weights-only off (full, code-running
+unpickling); wrap every DeepSpeed read (``engine.load_checkpoint``, ``get_fp32_state_dict_from_zero_checkpoint``, ...) in
 :func:`safe_torch_load`, which makes ``torch.load`` itself the safe loader for its duration::
 
     from mcf.serialization import safe_load, safe_torch_load
@@ -276,7 +276,8 @@ def safe_torch_load() -> Iterator[None]:
     """Within the block, ``torch.load`` is :func:`safe_load` whatever its caller asks.
 
     DeepSpeed's checkpoint engine, ``zero_to_fp32`` and its ZeRO-3 helpers call
-    ``torch.load(..., weights_only=False)``; this routes every such call through the allowlist.
+    ``torch.load`` with weights-only off (full unpickling); this routes every such call through the
+    allowlist.
     Re-entrant; the original ``torch.load`` is restored on exit, also after an error.
     """
     if getattr(torch.load, "_mcf_safe", False):  # already inside

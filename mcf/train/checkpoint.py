@@ -397,7 +397,7 @@ def universal_copy(path: Path, rank: int) -> Path:
         chatter = io.StringIO()  # the converter prints its arguments and progress bars
         try:
             with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), safe_torch_load():
-                ds_to_universal.main(args)  # reads every shard with torch.load(weights_only=False)
+                ds_to_universal.main(args)  # reads every shard with full unpickling (weights-only off)
             os.replace(scratch / UNIVERSAL, out)
         except Exception as e:  # noqa: BLE001 - any converter failure means this checkpoint cannot be re-split
             error = f"{type(e).__name__}: {e}"
@@ -433,7 +433,7 @@ def _online_fp32(step_dir: Path) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         try:
-            with safe_torch_load():  # zero_to_fp32 reads with torch.load(weights_only=False)
+            with safe_torch_load():  # zero_to_fp32 reads with full unpickling (weights-only off)
                 sd = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
             return {k: v.float() for k, v in sd.items()}
         except ValueError as e:  # ZeRO-0 bf16 (BF16_Optimizer) shards are not ZeRO partitions
