@@ -198,6 +198,30 @@ def test_truncated_shard_and_bad_members_are_counted_never_a_crash(kind, tmp_pat
     assert 20 < len(again) < 30 and "truncated" in again.table.damage(1)
 
 
+def test_oversized_member_is_a_bad_sample_never_read_into_memory(tmp_path, monkeypatch):
+    """A member larger than the image-file cap (8 bytes a pixel of data.max_pixels + 64 MiB; a hostile
+    or broken shard can claim gigabytes) is a bad sample in both read paths, as an oversized file of a
+    folder is; the samples after it are read as usual."""
+    from mcf.data import shards as shards_mod
+    from mcf.data.decode import BadImage
+    from mcf.data.tar_index import stream_samples
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in [("a.jpg", b"A" * 100), ("b.jpg", b"B" * 5000), ("b.json", b"{}"), ("c.png", b"C" * 10)]:
+            add_member(tf, name, data)
+    assert list(stream_samples(io.BytesIO(buf.getvalue()), max_bytes=1000)) == [b"A" * 100, b"", b"C" * 10]
+    assert list(stream_samples(io.BytesIO(buf.getvalue())))[1] == b"B" * 5000  # no cap: read
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s/00000.tar").write_bytes(buf.getvalue())
+    ds = open_dataset(tmp_path / "s")
+    assert isinstance(ds, ShardDataset) and len(ds) == 3
+    monkeypatch.setattr(shards_mod, "max_file_bytes", lambda max_pixels: 1000)
+    assert ds.read_bytes(0) == b"A" * 100 and ds.read_bytes(2) == b"C" * 10
+    with pytest.raises(BadImage, match="too large"):
+        ds.read_bytes(1)
+
+
 def test_shard_cut_before_indexing_keeps_what_precedes(tmp_path, capsys):
     make_shards(tmp_path / "s", (8, 8))
     data = (tmp_path / "s/00000.tar").read_bytes()

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mcf.data.decode import BadImage, decode_rgb
+from mcf.data.decode import BadImage, decode_rgb, max_file_bytes
 from mcf.data.loader import PretrainLoader, shutdown_workers
 from mcf.data.shards import ShardSampler, StreamedShards, open_stream
 from mcf.data.source import MAX_ATTEMPTS
@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 class _Reader:
     """Samples of one stream, read shard by shard; keeps the current shard open between windows."""
 
-    def __init__(self, urls: list[str]):
-        self.urls = urls
+    def __init__(self, urls: list[str], max_bytes: int | None = None):
+        self.urls, self.max_bytes = urls, max_bytes
         self._at: tuple[int, int] | None = None  # (shard, next sample) of the open stream
         self._ctx: contextlib.ExitStack | None = None
         self._gen: Iterator[bytes] | None = None
@@ -58,7 +58,7 @@ class _Reader:
         self._ctx = contextlib.ExitStack()
         try:
             f = self._ctx.enter_context(open_stream(self.urls[shard]))
-            self._gen = stream_samples(f)
+            self._gen = stream_samples(f, self.max_bytes)
         except (DataError, OSError) as e:
             log.warning("shard %s: %s", self.urls[shard], e)
             self._gen = iter(())
@@ -152,7 +152,7 @@ class _StreamBatches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         k = 0 if info is None else info.id
         stream = (self.position + k) % self.plan.streams  # the stream whose turn follows `position`
-        reader = _Reader(self.urls)
+        reader = _Reader(self.urls, max_file_bytes(self.max_pixels))
         try:
             yield from self._stream(stream, reader)
         finally:

@@ -46,7 +46,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from mcf.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage
+from mcf.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, max_file_bytes
 from mcf.data.index import IndexFile, IndexOptions, PackedStrings, index_location, open_or_build, source_hash
 from mcf.data.procs import die_with_parent
 from mcf.data.sampler import RankShare
@@ -498,6 +498,8 @@ class ShardDataset:
             raise IndexError(f"index {i} out of range for {len(self)} samples")
         k, _ = self.table.locate(i)
         off, n = int(self.table.offset[i]), int(self.table.length[i])
+        if n > max_file_bytes(self.max_pixels):  # not read into memory, as for a folder's files
+            raise BadImage(f"member too large ({n} > {max_file_bytes(self.max_pixels)} bytes)")
         try:
             return os.pread(self._handles.get(self.table.url(k)), n, off)  # short (a bad sample) when the shard was cut
         except OSError as e:

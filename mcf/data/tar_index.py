@@ -159,9 +159,11 @@ def index_tar(path: str) -> tuple[list[tuple[int, int]], str | None]:
     return out, None
 
 
-def stream_samples(f: BinaryIO) -> Iterator[bytes]:
+def stream_samples(f: BinaryIO, max_bytes: int | None = None) -> Iterator[bytes]:
     """The image bytes of each image sample of a tar stream, in order, reading it once without
-    seeking (``tarfile`` streaming mode). Raises :class:`TarDamage` where the stream breaks off."""
+    seeking (``tarfile`` streaming mode). Raises :class:`TarDamage` where the stream breaks off.
+    An image member larger than ``max_bytes`` is not read into memory: its sample yields ``b""``
+    (a bad sample for the decoder)."""
     key, found = None, None
     try:
         tf = tarfile.open(fileobj=f, mode="r|")
@@ -175,7 +177,9 @@ def stream_samples(f: BinaryIO) -> Iterator[bytes]:
                 if found is not None:
                     yield found
                 key, found = kx[0], None
-            if found is None and image_ext(kx[1]):
+            if found is None and image_ext(kx[1]) and max_bytes is not None and m.size > max_bytes:
+                found = b""  # skipped by the stream without being held
+            elif found is None and image_ext(kx[1]):
                 fo = tf.extractfile(m)
                 data = fo.read() if fo is not None else b""
                 if len(data) != m.size:
