@@ -40,6 +40,31 @@ def test_folder_lmdb_and_paper_layout_agree(tmp_path):
         db[12]
 
 
+def test_oversized_lmdb_value_is_a_bad_sample_never_copied(tmp_path, monkeypatch):
+    """Both LMDB layouts: a value over the image-file cap (as for a folder's files and shard members)
+    is a bad sample, checked in the map before it is copied; values within it read as before."""
+    from mcf.data import datasets
+    from mcf.data.decode import BadImage
+
+    make_folder(tmp_path / "f", 4)
+    build_lmdb(tmp_path / "f", tmp_path / "db", workers=0, progress=False)
+    make_paper_lmdb(tmp_path / "paper", tmp_path / "keys.txt", n=4)
+    ours, paper = open_dataset(tmp_path / "db"), open_dataset(tmp_path / "paper", lmdb_keys=tmp_path / "keys.txt")
+    sizes = [len(ours.read_bytes(i)) for i in range(4)]
+    paper_size = len(paper.read_bytes(0))
+    cap = sorted(sizes)[1]  # two values fit, two do not
+    monkeypatch.setattr(datasets, "max_file_bytes", lambda max_pixels: cap)
+    for i, n in enumerate(sizes):
+        if n > cap:
+            with pytest.raises(BadImage, match="too large"):
+                ours.read_bytes(i)
+        else:
+            assert len(ours.read_bytes(i)) == n
+    monkeypatch.setattr(datasets, "max_file_bytes", lambda max_pixels: paper_size - 1)
+    with pytest.raises(BadImage, match="too large"):
+        paper.read_bytes(0)
+
+
 def test_paper_layout_length_mismatch_and_missing_keys(tmp_path):
     make_paper_lmdb(tmp_path / "p1", tmp_path / "k1.txt", n=8, length=9)
     with pytest.raises(DataError, match="'length' is 9 but .* 8 keys"):

@@ -135,13 +135,19 @@ def _shared_env(path: Path, subdir: bool):
     return env
 
 
-def _lmdb_get(db: _LazyLMDB, key: bytes) -> bytes | None:
-    """One value; a damaged page is a bad sample (:class:`BadImage`), not a crash of the reader."""
+def _lmdb_get(db: _LazyLMDB, key: bytes, max_bytes: int | None = None) -> bytes | None:
+    """One value; a damaged page is a bad sample (:class:`BadImage`), not a crash of the reader, and
+    so is a value over ``max_bytes`` (looked at in the map, never copied)."""
     import lmdb
 
     try:
-        with db.txn() as txn:
-            return txn.get(key)
+        with db.txn(buffers=True) as txn:  # a view into the map, valid inside the transaction only
+            v = txn.get(key)
+            if v is None:
+                return None
+            if max_bytes is not None and len(v) > max_bytes:
+                raise BadImage(f"value too large ({len(v)} > {max_bytes} bytes)")
+            return bytes(v)
     except lmdb.Error as e:
         raise BadImage(f"LMDB read error ({type(e).__name__})") from None
 
@@ -154,14 +160,14 @@ class _LazyLMDB:
         self._env = None
         self._pid = -1
 
-    def txn(self):
+    def txn(self, buffers: bool = False):
         if self._env is None or self._pid != os.getpid():
             # drop an environment inherited through fork first: while referenced it stays open, and
             # py-lmdb refuses to open the same file again in this process
             self._env = None
             self._env = _shared_env(self.path, self.subdir)
             self._pid = os.getpid()
-        return self._env.begin(write=False, buffers=False)
+        return self._env.begin(write=False, buffers=buffers)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "subdir": self.subdir, "_env": None, "_pid": -1}
@@ -230,7 +236,7 @@ class LMDBDataset(EncodedImageDataset):
 
     def read_bytes(self, i: int) -> bytes:
         j = self.start + self._check_index(i)
-        v = _lmdb_get(self._db, image_key(j))
+        v = _lmdb_get(self._db, image_key(j), max_file_bytes(self.max_pixels))
         if v is None:
             raise DataError(f"{self.path}: missing key {image_key(j).decode()}")
         return v
@@ -295,7 +301,7 @@ class PaperLMDBDataset(EncodedImageDataset):
         return len(self.keys)
 
     def read_bytes(self, i: int) -> bytes:
-        v = _lmdb_get(self._db, self.keys.get(self._check_index(i)))
+        v = _lmdb_get(self._db, self.keys.get(self._check_index(i)), max_file_bytes(self.max_pixels))
         return v if v is not None else b""  # a missing value is an (empty) bad sample
 
     def name(self, i: int) -> str:
