@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mcf.configtree import field, from_dict, load_yaml, merge, parse_override, to_dict
+from mcf.configtree import field, from_dict, load_yaml, merge, parse_override, short, to_dict
 from mcf.data.config import DataConfig
 from mcf.errors import ConfigError
 
@@ -115,7 +115,7 @@ class OptimConfig:
         if self.blr <= 0 or (self.lr is not None and self.lr <= 0):
             raise ConfigError("optim.blr / optim.lr must be > 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {short(list(self.betas))}")
         if self.warmup_epochs < 0:
             raise ConfigError("optim.warmup_epochs must be >= 0")
         if self.min_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -20,6 +21,57 @@ import yaml
 from mcf.errors import ConfigError
 
 _MISSING = dataclasses.MISSING
+MAX_YAML_VALUES = 100_000  # scalars, lists and mappings of one YAML document, aliases expanded
+_SHORT = reprlib.Repr()  # keyword arguments need Python 3.12
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 2, 6, 6, 6
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 80, 80, 80
+
+
+def short(value: Any) -> str:
+    """``repr(value)``, abbreviated for one-line errors (a list of a million items stays a line)."""
+    return _SHORT.repr(value)
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)``, refusing documents that only aliases make huge or cyclic.
+
+    Anchors and aliases stay usable, but an alias repeats a node by reference, so a few lines can
+    stand for billions of values ("billion laughs") or contain themselves (``&a [*a]``); either
+    would hang or exhaust whatever walks the config later. Raises :class:`ConfigError` naming ``where``.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply") from None
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any) -> int:  # values below node with aliases expanded; memoised per object
+        if not isinstance(node, (list, dict)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(f"{where} contains itself through a YAML alias")
+        active.add(key)
+        items = list(node.keys()) + list(node.values()) if isinstance(node, dict) else node
+        total = 1
+        for item in items:
+            total += size(item)
+            if total > MAX_YAML_VALUES:
+                raise ConfigError(f"{where} expands to more than {MAX_YAML_VALUES} values through YAML aliases")
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        size(data)
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply") from None
+    return data
 
 
 def field(default: Any = _MISSING, *, help: str, default_factory: Any = _MISSING) -> Any:
@@ -78,16 +130,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"invalid value for '{key}': {value!r}")
+        raise ConfigError(errors[0] if errors else f"invalid value for '{key}': {short(value)}")
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"invalid value for '{key}': {value!r} (choose from {', '.join(map(str, args))})")
+            raise ConfigError(f"invalid value for '{key}': {short(value)} (choose from {', '.join(map(str, args))})")
         return value
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = safe_yaml(value, f"the value of '{key}'") if value.strip().startswith("[") else [
+                v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"invalid value for '{key}': expected a list, got {value!r}")
+            raise ConfigError(f"invalid value for '{key}': expected a list, got {short(value)}")
         inner = args[0] if args else Any
         items = [_coerce(v, inner, key) for v in value]
         return tuple(items) if origin is tuple else items
@@ -98,18 +151,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"invalid value for '{key}': expected true/false, got {value!r}")
+        raise ConfigError(f"invalid value for '{key}': expected true/false, got {short(value)}")
     if tp is int:
         return _check_int(_to_int(value, key), key)
     if tp is float:
         number = _to_float(value, key)
         if not math.isfinite(number):  # nan/inf pass every comparison-based check, then poison the run
-            raise ConfigError(f"invalid value for '{key}': {value!r} (must be a finite number)")
+            raise ConfigError(f"invalid value for '{key}': {short(value)} (must be a finite number)")
         return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"invalid value for '{key}': expected a string, got {value!r}")
+        raise ConfigError(f"invalid value for '{key}': expected a string, got {short(value)}")
     return value
 
 
@@ -118,7 +171,7 @@ INT_MAX = 2**63 - 1  # what torch and numpy take as an integer
 
 def _to_int(value: Any, key: str) -> int:
     if isinstance(value, bool):
-        raise ConfigError(f"invalid value for '{key}': expected an integer, got {value!r}")
+        raise ConfigError(f"invalid value for '{key}': expected an integer, got {short(value)}")
     if isinstance(value, int):
         return value
     if isinstance(value, float) and value.is_integer():
@@ -128,7 +181,7 @@ def _to_int(value: Any, key: str) -> int:
             return int(value)
         except ValueError:
             pass
-    raise ConfigError(f"invalid value for '{key}': expected an integer, got {value!r}")
+    raise ConfigError(f"invalid value for '{key}': expected an integer, got {short(value)}")
 
 
 def _check_int(value: int, key: str) -> int:
@@ -142,13 +195,13 @@ def _to_float(value: Any, key: str) -> float:
         try:
             return float(value)
         except OverflowError:
-            raise ConfigError(f"invalid value for '{key}': {value!r} (must be a finite number)") from None
+            raise ConfigError(f"invalid value for '{key}': {short(value)} (must be a finite number)") from None
     if isinstance(value, str):
         try:
             return float(value)
         except ValueError:
             pass
-    raise ConfigError(f"invalid value for '{key}': expected a number, got {value!r}")
+    raise ConfigError(f"invalid value for '{key}': expected a number, got {short(value)}")
 
 
 def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
@@ -212,7 +265,7 @@ def parse_override(text: str, cls: type) -> dict[str, Any]:
     valid = flat_keys(cls)
     if key not in valid:
         raise _unknown_key_error(key, list(valid))
-    value: Any = yaml.safe_load(raw) if raw.strip() != "" else ""
+    value: Any = safe_yaml(raw, f"the value of '{key}'") if raw.strip() != "" else ""
     if value is None and raw.strip().lower() not in ("null", "~"):
         value = raw
     node: dict[str, Any] = {}
@@ -228,10 +281,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    data = safe_yaml(p.read_text(), f"config file {p}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping at the top level")
     return data

@@ -44,6 +44,36 @@ def test_unknown_key_in_yaml_file(tmp_path):
         build_config(str(p))
 
 
+def test_yaml_alias_bombs_cycles_and_deep_nesting_are_one_line(tmp_path):
+    """A few lines of aliases can stand for 9**9 values ("billion laughs") or contain themselves: the
+    config is refused in one line, in well under a second, before anything walks or prints it (an
+    error message once printed the whole expansion: 46 s and gigabytes). Anchors themselves still work."""
+    import time
+
+    lines = ["logging:", "  experiment:", '    - &l0 ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"    - &l{i} [{','.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    cases = {
+        "bomb.yaml": ("\n".join(lines) + "\n", "expands to more than 100000 values through YAML aliases"),
+        "cycle.yaml": ("logging:\n  experiment: &a [*a]\n", "contains itself through a YAML alias"),
+        "deep.yaml": ("logging:\n  experiment: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError, match=message) as e:
+            build_config(str(tmp_path / name))
+        assert time.monotonic() - t0 < 5 and len(str(e.value)) < 300 and str(tmp_path / name) in str(e.value)
+    with pytest.raises(ConfigError, match="the value of 'masking.ratio_range' contains itself"):
+        build_config("demo", ["masking.ratio_range=&a [*a]"])
+    # a wrong value is quoted abbreviated, however large
+    with pytest.raises(ConfigError) as e:
+        build_config("demo", [f"logging.experiment=[{','.join(['1'] * 50_000)}]"])
+    assert "expected a string" in str(e.value) and len(str(e.value)) < 200
+    (tmp_path / "anchors.yaml").write_text("inherit: demo\noptim:\n  lr: &lr 0.002\n  min_lr: *lr\n")
+    cfg = build_config(str(tmp_path / "anchors.yaml"))
+    assert cfg.optim.lr == cfg.optim.min_lr == 0.002
+
+
 def test_round_trip_through_yaml():
     cfg = build_config("demo", ["masking.ratio_range=[0.6,0.9]"])
     again = load_config_dict(yaml.safe_load(dump_config(cfg)))
