@@ -60,6 +60,15 @@ def _pop_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+MAX_ERROR_CHARS = 2000  # a path or value quoted from hostile input can be any length
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_ERROR_CHARS:
+        return message
+    return f"{message[:MAX_ERROR_CHARS]}… ({len(message)} characters in all)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _pop_local_rank(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
@@ -73,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except UserError as e:
-        print(f"mcf: error: {e}", file=sys.stderr)
+        print(f"mcf: error: {_bounded(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mcf: interrupted", file=sys.stderr)

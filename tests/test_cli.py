@@ -34,3 +34,15 @@ def test_config_command_prints_resolved_config_and_lists_keys(capsys):
     assert "masking.ratio = 0.75" in capsys.readouterr().out
     assert main(["config", "--set", "trian.seed=1"]) == 2
     assert "unknown config key 'trian.seed'" in capsys.readouterr().err
+
+
+def test_error_quoting_hostile_input_stays_bounded(tmp_path, capsys):
+    """An error that quotes a path or value from the input (here a shard list whose one line is a
+    megabyte) is one bounded line, saying how long the message was."""
+    from mcf.cli import MAX_ERROR_CHARS, main
+
+    (tmp_path / "shards.txt").write_text("a" * 1_000_000 + ".tar\n")
+    assert main(["data", "info", str(tmp_path / "shards.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mcf: error:") and err.count("\n") == 1
+    assert len(err) < MAX_ERROR_CHARS + 100 and "characters in all)" in err
