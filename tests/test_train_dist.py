@@ -69,6 +69,26 @@ def test_kill9_then_crash_in_save_resume_exactly(zero2_reference, tmp_path):
     assert complete_steps(out) == [8, 12]  # keep_last=2
 
 
+@pytest.mark.parametrize("zero", [1, 3])
+def test_bf16_sharded_ema_resumes_exactly(tmp_path, zero):
+    """bf16 on 2 ranks, where the fp32 EMA is sharded like the masters (ZeRO-1: flat partitions,
+    ZeRO-3: per-parameter pieces) and the target computes in bf16: killed -9 after the checkpoint of
+    step 3 and resumed, the run gives the uninterrupted losses exactly, every step."""
+    args = ["--zero", str(zero), "--precision", "bf16", "--checkpoint-every", "3"]
+    ref = check(run(pretrain_args(tmp_path / "ref", 6, *args), nproc=2))
+    assert f"EMA target: {'flat' if zero == 1 else 'zero3'}" in ref.stderr and "bfloat16, one all-gather" in ref.stderr
+    out = tmp_path / "run"
+    p = start(pretrain_args(out, 6, *args), nproc=2, log=tmp_path / "a.log")
+    try:
+        wait_for(lambda: 3 in complete_steps(out) and max(losses(out), default=0) >= 4, 300, p, "step 4")
+    finally:
+        kill_tree(p)
+    assert complete_steps(out) == [3], (tmp_path / "a.log").read_text()[-3000:]
+    p2 = check(run(pretrain_args(out, 6, *args), nproc=2))
+    assert "step_00000003 (step 3" in p2.stderr
+    assert losses(out) == losses(tmp_path / "ref")
+
+
 def test_bf16_zero3_ema_follows_the_formula_from_fp32_masters(tmp_path):
     from mcf.cli import main
     from mcf.train.checkpoint import load_consolidated
