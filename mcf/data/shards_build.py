@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mcf.data.decode import DEFAULT_MAX_PIXELS, BadImage, decode_rgb
+from mcf.data.decode import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, max_file_bytes
 from mcf.data.index import IndexOptions, PackedStrings, index_location, write_index
 from mcf.data.shards import FORMAT as INDEX_FORMAT
 from mcf.data.shards import MANIFEST_FORMAT, ShardDataset, StreamedShards, open_shards, resolve_shards
@@ -333,7 +333,7 @@ def verify_shards(
         url, n = ds.table.url(k), 0
         try:
             with open_stream(url) as f:
-                for data in stream_samples(f):
+                for data in stream_samples(f, max_file_bytes(max_pixels)):
                     try:
                         decode_rgb(data, max_pixels)
                     except BadImage as e:
