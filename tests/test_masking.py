@@ -1,7 +1,7 @@
 import torch
+from tolerances import assert_close_scaled
 
 from mcf.models.masking import max_keep, num_keep, random_masking
-from tolerances import assert_close_scaled
 
 
 def test_fixed_ratio_removes_exactly_L_minus_keep():

@@ -1,10 +1,10 @@
 import pytest
 import torch
+from tolerances import assert_close_scaled, assert_no_worse_than
 
 from mcf.errors import ConfigError
 from mcf.models import create_model, list_models
 from mcf.models.pos_embed import interpolate_pos_embed, sincos_2d
-from tolerances import assert_close_scaled, assert_no_worse_than
 
 
 @pytest.fixture()

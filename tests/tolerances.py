@@ -34,12 +34,21 @@ weights, an index gather. Those never go through this module.
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import numpy as np
 import torch
 
 # Per-stage constant: ~4 units of eps per reduction, a few reductions per stage (see the module docstring).
 K_DEFAULT = 16.0
+# MCF_TOL_REPORT=1 prints every comparison's error / bound (run pytest with -s) to see the margins on a new host.
+_REPORT = os.environ.get("MCF_TOL_REPORT") == "1"
+
+
+def _report(kind: str, msg: str, err: float, allowed: float) -> None:
+    if _REPORT:
+        print(f"[tolerance] {kind} {msg or '-'}: error {err:.3g} / allowed {allowed:.3g} = {err / allowed:.3g}", file=sys.stderr)
 
 
 def eps(dtype: torch.dtype | np.dtype | type) -> float:
@@ -104,6 +113,7 @@ def assert_close_scaled(got, ref, dtype=None, depth: float = 1, k: float = K_DEF
     s = scale_of(ref) if scale is None else scale
     dt = _dtype_of(got, dtype)
     err, b = max_error(got, ref), bound(dt, s, depth, k)
+    _report("close", msg, err, b)
     assert err <= b, (f"{msg + ': ' if msg else ''}max error {err:.3g} > {k:g} x eps({dt}) {eps(dt):.3g} x scale {s:.3g}"
                       f" x depth {depth:g} = {b:.3g}")
 
@@ -124,6 +134,7 @@ def assert_no_worse_than(got, ref, other, dtype=None, depth: float = 1, k: float
     floor = bound(dt, scale_of(ref), depth, k)
     g = _as_tensor(got)
     assert bool(torch.isfinite(g).all()) if g.is_floating_point() else True, f"{msg}: non-finite values"
+    _report("no-worse", msg, err, factor * other_err + floor)
     assert err <= factor * other_err + floor, (
         f"{msg + ': ' if msg else ''}max error {err:.3g} > {factor:g} x the other path's {other_err:.3g}"
         f" + floor {floor:.3g} ({k:g} x eps({dt}) x scale {scale_of(ref):.3g} x depth {depth:g})")
