@@ -33,7 +33,6 @@ weights, an index gather. Those never go through this module.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -139,8 +138,3 @@ def assert_no_worse_than(got, ref, other, dtype=None, depth: float = 1, k: float
         f"{msg + ': ' if msg else ''}max error {err:.3g} > {factor:g} x the other path's {other_err:.3g}"
         f" + floor {floor:.3g} ({k:g} x eps({dt}) x scale {scale_of(ref):.3g} x depth {depth:g})")
 
-
-def rel_close(a: float, b: float, dtype=torch.float32, depth: float = 1, k: float = K_DEFAULT) -> bool:
-    """Scalar form of ``assert_close_scaled`` for loss histories: ``|a - b| <= bound(dtype, max(|a|, |b|), depth, k)``."""
-    s = max(abs(a), abs(b)) or 1.0
-    return math.isfinite(a) and math.isfinite(b) and abs(a - b) <= bound(dtype, s, depth, k)
