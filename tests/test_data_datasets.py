@@ -43,8 +43,8 @@ def test_folder_lmdb_and_paper_layout_agree(tmp_path):
 def test_oversized_lmdb_value_is_a_bad_sample_never_copied(tmp_path, monkeypatch):
     """Both LMDB layouts: a value over the image-file cap (as for a folder's files and shard members)
     is a bad sample, checked in the map before it is copied; values within it read as before."""
-    from mcf.data import datasets
-    from mcf.data.decode import BadImage
+    from mcf.data.formats import datasets
+    from mcf.data.core.decode import BadImage
 
     make_folder(tmp_path / "f", 4)
     build_lmdb(tmp_path / "f", tmp_path / "db", workers=0, progress=False)

@@ -284,7 +284,7 @@ def index_location(name: str, source: str, data_dir: Path | None, cache_dir: str
     if cache_dir is not None:
         return Path(cache_dir).expanduser() / f"{name}-{source_hash(source)}.mcfidx"
     if data_dir is None:
-        from mcf.data.builtin import cache_dir as mcf_cache
+        from mcf.data.formats.builtin import cache_dir as mcf_cache
 
         return mcf_cache() / "index" / f"{name}-{source_hash(source)}.mcfidx"
     return data_dir / INDEX_DIR / f"{name}.mcfidx"

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mcf.data.datasets import FORMAT, FORMAT_VERSION, LENGTH_KEY, MANIFEST, LMDBDataset, image_key, name_key
+from mcf.data.formats.datasets import FORMAT, FORMAT_VERSION, LENGTH_KEY, MANIFEST, LMDBDataset, image_key, name_key
 from mcf.errors import DataError
 
 BUILTIN_VERSION = 1

@@ -8,7 +8,7 @@ exactly the batches it would have produced, or, on another number of ranks, with
 epoch re-split over the new ranks.
 
 Bad data never kills a worker: unreadable and undecodable files are substituted and counted in the
-workers (:mod:`mcf.data.source`); the main process raises :class:`~mcf.errors.DataError` past
+workers (:mod:`mcf.data.core.source`); the main process raises :class:`~mcf.errors.DataError` past
 ``data.max_bad_fraction`` or when every candidate of a sample failed. Worker processes ignore the
 stop signals, die with the process that started them, and are shut down by :meth:`close` (bounded:
 a stuck worker is killed), which the trainer calls on every exit path and an ``atexit`` hook calls
@@ -29,14 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mcf.data.config import DataConfig
-from mcf.data.datasets import EncodedImageDataset, open_dataset
-from mcf.data.index import IndexOptions
-from mcf.data.sampler import DistributedSampler
-from mcf.data.shards import StreamedShards
-from mcf.data.source import MAX_ATTEMPTS, SampleSource, TorchSampleDataset
-from mcf.data.transforms import PretrainTransform, build_transform, normalize_batch
-from mcf.data.workers import auto_num_workers, kill_after, worker_init
+from mcf.data.core.config import DataConfig
+from mcf.data.formats.datasets import EncodedImageDataset, open_dataset
+from mcf.data.core.index import IndexOptions
+from mcf.data.core.sampler import DistributedSampler
+from mcf.data.formats.shards import StreamedShards
+from mcf.data.core.source import MAX_ATTEMPTS, SampleSource, TorchSampleDataset
+from mcf.data.core.transforms import PretrainTransform, build_transform, normalize_batch
+from mcf.data.core.workers import auto_num_workers, kill_after, worker_init
 from mcf.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class PretrainLoader:
     """Iterates this rank's batches of one epoch; see the module docstring.
 
     **Position.** ``offset`` counts the samples of ``epoch`` consumed by *all* ranks together: the
-    epoch's order (:mod:`mcf.data.sampler`) has been consumed up to position ``offset``, and every
+    epoch's order (:mod:`mcf.data.core.sampler`) has been consumed up to position ``offset``, and every
     batch delivered on every rank advances it by ``batch_size · world_size``. ``state_dict()`` saves
     ``{epoch, offset}`` with the loader's shape and its counters; ``load_state_dict()`` continues from
     there with this loader's own ``world_size`` and ``batch_size``, which may differ from the ones
@@ -100,7 +100,7 @@ class PretrainLoader:
         self.dataset, self.transform, self.cfg = dataset, transform, cfg
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device = torch.device(device)
-        if hasattr(dataset, "make_sampler"):  # shards: their own epoch order (mcf.data.shards.ShardSampler)
+        if hasattr(dataset, "make_sampler"):  # shards: their own epoch order (mcf.data.formats.shards.ShardSampler)
             self.sampler = dataset.make_sampler(rank=rank, world_size=world_size, seed=seed, window=cfg.shuffle_buffer)
         else:
             self.sampler = DistributedSampler(len(dataset), rank=rank, world_size=world_size, seed=seed)
@@ -311,7 +311,7 @@ _DALI_CHECKED: dict[tuple[Any, ...], str | None] = {}
 
 
 def _default_dali_check(device: torch.device, transform: PretrainTransform) -> None:
-    from mcf.data.dali_check import check_dali
+    from mcf.data.loaders.dali_check import check_dali
 
     check_dali(device, transform)
 
@@ -322,7 +322,7 @@ def dali_check_failure(
     check: DaliCheck | None = None,
 ) -> str | None:
     """Why DALI cannot serve ``transform`` on ``device`` (one line), or None when its start-up check
-    (:mod:`mcf.data.dali_check`, or ``check``) passes; cached per device, transform and check."""
+    (:mod:`mcf.data.loaders.dali_check`, or ``check``) passes; cached per device, transform and check."""
     check = check or _default_dali_check
     key = (str(torch.device(device)), transform, check)
     if key not in _DALI_CHECKED:
@@ -388,7 +388,7 @@ def build_pretrain_loader(
         split: ``"train"`` or ``"val"`` (datasets with splits, e.g. the built-in faces).
         drop_last: must be True: ranks must agree on the batch size (the contrastive loss gathers).
         dali_check: DALI's start-up check, ``(device, transform) -> None`` raising on failure
-            (default :func:`mcf.data.dali_check.check_dali`); for tests.
+            (default :func:`mcf.data.loaders.dali_check.check_dali`); for tests.
 
     Before DALI is used (``auto`` or ``dali``) its start-up check runs on every rank; if it fails on
     any, ``auto`` falls back to the PyTorch loader on all ranks (one line on rank 0 says why) and
@@ -428,11 +428,11 @@ def build_pretrain_loader(
         else:
             kind = "dali"
     if streamed:
-        from mcf.data.shard_stream import ShardStreamLoader
+        from mcf.data.loaders.shard_stream import ShardStreamLoader
 
         cls: type[PretrainLoader] = ShardStreamLoader
     elif kind == "dali":
-        from mcf.data.dali_loader import DaliPretrainLoader
+        from mcf.data.loaders.dali_loader import DaliPretrainLoader
 
         cls = DaliPretrainLoader
     else:
