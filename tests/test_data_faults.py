@@ -33,7 +33,7 @@ CPU = torch.device("cpu")
 def hostile(tmp_path_factory):
     """``(root, listed bad entries, samples listed)``: the folder scan itself skips what is not a
     file or a link to one (FIFO, device, link loop); what it lists of the rest must be bad samples."""
-    from mcf.data.formats.datasets import open_dataset
+    from mcf.data.formats.factory import open_dataset
 
     root = tmp_path_factory.mktemp("hostile")
     bad = make_hostile_folder(root, n_good=24)

@@ -17,9 +17,9 @@ import pytest
 from data_helpers import make_folder, make_paper_lmdb
 
 from mcf.data import build_lmdb, open_dataset
+from mcf.data.core.index import IndexOptions, PackedStrings, open_key_list, open_or_build, pack_lines
 from mcf.data.formats import scan as scan_mod
 from mcf.data.formats.datasets import ImageFolderDataset, PaperLMDBDataset
-from mcf.data.core.index import IndexOptions, PackedStrings, open_key_list, open_or_build, pack_lines
 from mcf.data.formats.scan import walk_images
 from mcf.errors import DataError
 

@@ -108,14 +108,14 @@ def test_auto_falls_back_to_torch_with_one_log_line(tmp_path, caplog):
 
     make_folder(tmp_path, 8)
     kw = dict(img_size=32, batch_size=4, world_size=1, seed=0, device=CPU)
-    with caplog.at_level(logging.INFO, logger="mcf.data.loaders.base"):
+    with caplog.at_level(logging.INFO, logger="mcf.data.loaders"):
         ld = build_pretrain_loader(DataConfig(path=str(tmp_path), loader="auto", num_workers=0), rank=0,
                                    dali_check=_failing, **kw)
     assert ld.kind == "torch"
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warned == ["data: DALI failed its start-up check, using the PyTorch loader (nvJPEG: no such multiline thing)"]
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="mcf.data.loaders.base"):
+    with caplog.at_level(logging.INFO, logger="mcf.data.loaders"):
         other_rank = build_pretrain_loader(DataConfig(path=str(tmp_path), num_workers=0), rank=1, dali_check=_failing,
                                            **{**kw, "world_size": 2, "batch_size": 2})
     assert other_rank.kind == "torch" and not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -129,7 +129,7 @@ def test_auto_falls_back_to_torch_with_one_log_line(tmp_path, caplog):
 
 def test_ranks_agree_on_the_loader(monkeypatch):
     """One rank failing the check sends every rank to the PyTorch loader (with its reason)."""
-    import mcf.data.loaders.base as loader_mod
+    import mcf.data.loaders.factory as factory_mod
 
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
 
@@ -137,5 +137,5 @@ def test_ranks_agree_on_the_loader(monkeypatch):
         out[:] = [None, "ImportError: no nvidia.dali", None]
 
     monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
-    assert loader_mod._agree(None, 3) == "on rank 1: ImportError: no nvidia.dali"
-    assert loader_mod._agree("x", 1) == "x"
+    assert factory_mod._agree(None, 3) == "on rank 1: ImportError: no nvidia.dali"
+    assert factory_mod._agree("x", 1) == "x"

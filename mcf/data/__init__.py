@@ -13,17 +13,17 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "DataConfig": "mcf.data.core.config",
-    "build_pretrain_loader": "mcf.data.loaders.base",
+    "build_pretrain_loader": "mcf.data.loaders.factory",
     "PretrainLoader": "mcf.data.loaders.base",
-    "TorchPretrainLoader": "mcf.data.loaders.base",
-    "dali_available": "mcf.data.loaders.base",
+    "TorchPretrainLoader": "mcf.data.loaders.torch_loader",
+    "dali_available": "mcf.data.loaders.factory",
     "DaliPretrainLoader": "mcf.data.loaders.dali_loader",
     "DistributedSampler": "mcf.data.core.sampler",
     "EncodedImageDataset": "mcf.data.formats.datasets",
     "ImageFolderDataset": "mcf.data.formats.datasets",
     "LMDBDataset": "mcf.data.formats.datasets",
     "PaperLMDBDataset": "mcf.data.formats.datasets",
-    "open_dataset": "mcf.data.formats.datasets",
+    "open_dataset": "mcf.data.formats.factory",
     "ShardDataset": "mcf.data.formats.shards",
     "ShardSampler": "mcf.data.formats.shards",
     "StreamedShards": "mcf.data.formats.shards",
@@ -78,18 +78,21 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from mcf.data.formats.builtin import build_builtin, ensure_builtin, load_builtin_faces
     from mcf.data.core.config import DataConfig
-    from mcf.data.loaders.dali_loader import DaliPretrainLoader
-    from mcf.data.formats.datasets import EncodedImageDataset, ImageFolderDataset, LMDBDataset, PaperLMDBDataset, open_dataset
     from mcf.data.core.decode import BadImage, decode_rgb
     from mcf.data.core.index import IndexOptions
-    from mcf.data.tools.lmdb_build import build_lmdb, dataset_info, verify_dataset
-    from mcf.data.loaders.base import PretrainLoader, TorchPretrainLoader, build_pretrain_loader, dali_available
     from mcf.data.core.sampler import DistributedSampler
-    from mcf.data.formats.shards import ShardDataset, ShardSampler, StreamedShards, open_shards
-    from mcf.data.tools.shards_build import build_shards
     from mcf.data.core.transforms import IMAGENET_MEAN, IMAGENET_STD, PretrainTransform, build_transform
+    from mcf.data.formats.builtin import build_builtin, ensure_builtin, load_builtin_faces
+    from mcf.data.formats.datasets import EncodedImageDataset, ImageFolderDataset, LMDBDataset, PaperLMDBDataset
+    from mcf.data.formats.factory import open_dataset
+    from mcf.data.formats.shards import ShardDataset, ShardSampler, StreamedShards, open_shards
+    from mcf.data.loaders.base import PretrainLoader
+    from mcf.data.loaders.dali_loader import DaliPretrainLoader
+    from mcf.data.loaders.factory import build_pretrain_loader, dali_available
+    from mcf.data.loaders.torch_loader import TorchPretrainLoader
+    from mcf.data.tools.lmdb_build import build_lmdb, dataset_info, verify_dataset
+    from mcf.data.tools.shards_build import build_shards
 
 
 def __getattr__(name: str):

@@ -145,8 +145,8 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from mcf.data.tools.lmdb_build import verify_dataset
     from mcf.data.formats.shards import is_shard_spec
+    from mcf.data.tools.lmdb_build import verify_dataset
 
     if args.lmdb_keys is None and is_shard_spec(args.path):
         from mcf.data.tools.shards_build import verify_shards
@@ -161,8 +161,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from mcf.data.tools.lmdb_build import dataset_info
     from mcf.data.formats.shards import is_shard_spec
+    from mcf.data.tools.lmdb_build import dataset_info
 
     if args.lmdb_keys is None and is_shard_spec(args.path):
         from mcf.data.tools.shards_build import shards_info

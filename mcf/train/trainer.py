@@ -102,7 +102,7 @@ class Trainer:
             self.build_monitor = build_monitor
         loader_factory = self.loader_factory or _default_loader_factory()
 
-        from mcf.data.formats.datasets import precheck
+        from mcf.data.formats.factory import precheck
 
         precheck(cfg.data.path, cfg.data.lmdb_keys)  # missing or damaged data fails before the model is built
         seed = cfg.train.seed

@@ -46,7 +46,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from mcf.data.core.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, max_file_bytes
+from mcf.data.core.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, decode_rgb, max_file_bytes
 from mcf.data.core.index import IndexFile, IndexOptions, PackedStrings, index_location, open_or_build, source_hash
 from mcf.data.core.procs import die_with_parent
 from mcf.data.core.sampler import RankShare
@@ -506,8 +506,6 @@ class ShardDataset:
             raise BadImage(f"unreadable shard ({e.strerror or e})") from None
 
     def __getitem__(self, i: int):
-        from mcf.data.core.decode import decode_rgb
-
         return decode_rgb(self.read_bytes(i), self.max_pixels)
 
     def name(self, i: int) -> str:

@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mcf.data.loaders.base import PretrainLoader
 from mcf.data.core.source import DaliBatchSource
 from mcf.data.core.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mcf.data.core.workers import kill_after, stop_signals_ignored
+from mcf.data.loaders.base import PretrainLoader
 from mcf.errors import DataError
 
 logger = logging.getLogger(__name__)

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 
 from mcf.data.core.decode import BadImage, decode_rgb, max_file_bytes
-from mcf.data.loaders.base import PretrainLoader, shutdown_workers
-from mcf.data.formats.shards import ShardSampler, StreamedShards, open_stream
 from mcf.data.core.source import MAX_ATTEMPTS
 from mcf.data.core.tar_index import TarDamage, stream_samples
 from mcf.data.core.transforms import PretrainTransform, normalize_batch, sample_rng
 from mcf.data.core.workers import worker_init
+from mcf.data.formats.shards import ShardSampler, StreamedShards, open_stream
+from mcf.data.loaders.base import PretrainLoader, shutdown_workers
 from mcf.errors import DataError
 
 log = logging.getLogger(__name__)

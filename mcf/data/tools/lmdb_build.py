@@ -19,6 +19,9 @@ from typing import Any
 
 from PIL import Image
 
+from mcf.data.core.decode import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, max_file_bytes, read_file
+from mcf.data.core.procs import shutdown, worker_pool
+from mcf.data.core.source import READ_ERRORS
 from mcf.data.formats.datasets import (
     FORMAT,
     FORMAT_VERSION,
@@ -27,12 +30,9 @@ from mcf.data.formats.datasets import (
     LMDBDataset,
     image_key,
     name_key,
-    open_dataset,
     scan_image_folder,
 )
-from mcf.data.core.decode import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, max_file_bytes, read_file
-from mcf.data.core.procs import shutdown, worker_pool
-from mcf.data.core.source import READ_ERRORS
+from mcf.data.formats.factory import open_dataset
 from mcf.errors import DataError
 
 PROGRESS_KEY = b"__progress__"
