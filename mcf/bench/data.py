@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from mcf.bench.common import device_name, emit, resolve_device, run_info, sync
+from mcf.bench.common import emit, run_info
+from mcf.measure import device_name, resolve_device, sync
 
 log = logging.getLogger(__name__)
 

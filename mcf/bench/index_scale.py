@@ -112,8 +112,8 @@ def _in_child(fn, *args) -> Any:
 
 
 def _open_paper(db: Path, keys_file: Path, cache: Path):
-    from mcf.data.formats.datasets import PaperLMDBDataset
     from mcf.data.core.index import IndexOptions
+    from mcf.data.formats.datasets import PaperLMDBDataset
 
     return PaperLMDBDataset(db, keys_file, index=IndexOptions(cache_dir=str(cache)))
 
