@@ -277,7 +277,7 @@ def source_hash(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-def cache_dir() -> Path:
+def mcf_cache_dir() -> Path:
     """``$MCF_CACHE`` or ``~/.cache/mcf``."""
     return Path(os.environ.get("MCF_CACHE") or Path.home() / ".cache" / "mcf").expanduser()
 
@@ -289,7 +289,7 @@ def index_location(name: str, source: str, data_dir: Path | None, cache_dir: str
     if cache_dir is not None:
         return Path(cache_dir).expanduser() / f"{name}-{source_hash(source)}.mcfidx"
     if data_dir is None:
-        return cache_dir() / "index" / f"{name}-{source_hash(source)}.mcfidx"
+        return mcf_cache_dir() / "index" / f"{name}-{source_hash(source)}.mcfidx"
     return data_dir / INDEX_DIR / f"{name}.mcfidx"
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mcf.data.core.index import cache_dir
+from mcf.data.core.index import mcf_cache_dir
 from mcf.data.formats.datasets import FORMAT, FORMAT_VERSION, LENGTH_KEY, MANIFEST, LMDBDataset, image_key, name_key
 from mcf.errors import DataError
 
@@ -113,8 +113,8 @@ def build_builtin(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
 
 
 def ensure_builtin() -> Path:
-    """The cached built-in LMDB (``cache_dir()/builtin``), built on first use."""
-    path = cache_dir() / "builtin"
+    """The cached built-in LMDB (``mcf_cache_dir()/builtin``), built on first use."""
+    path = mcf_cache_dir() / "builtin"
     m = path / MANIFEST
     if m.is_file():
         try:
