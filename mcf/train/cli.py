@@ -86,8 +86,8 @@ def monitor_factory(cfg) -> Callable[..., Any] | None:
     try:  # imported only when asked for: the probes read scikit-image's faces
         from mcf.downstream.monitor import build_monitor
     except ImportError as e:
-        raise ConfigError(f"monitor.every={cfg.monitor.every} needs mcf.downstream.monitor, which is unavailable ({e}); "
-                          "set monitor.every=0") from None
+        raise ConfigError(f"monitor.every={cfg.monitor.every} needs mcf.downstream.monitor, which is unavailable "
+                          f"({e}); set monitor.every=0") from None
     return build_monitor
 
 
