@@ -27,13 +27,13 @@ from mcf.dist import rank0_decides
 from mcf.errors import CheckpointError, ConfigError, DataError, StorageError, UnsafeCheckpointError, UserError
 from mcf.train import checkpoint as ckpt
 from mcf.train import elastic
+from mcf.train.ds_internals import fp32_masters
 from mcf.train.ema import TargetEMA
 from mcf.train.engine import (
     PRECISION_DTYPES,
     CastInput,
     build_ds_config,
     cast_floating_buffers,
-    fp32_masters,
     init_distributed,
     set_tf32,
     setup_env,
