@@ -6,7 +6,7 @@ import pytest
 from tolerances import assert_close_scaled
 
 from mcf.data import DistributedSampler, build_transform
-from mcf.data.sampler import FeistelPermutation
+from mcf.data.core.sampler import FeistelPermutation
 
 
 def _share(n, rank, world, seed=0, epoch=0):
