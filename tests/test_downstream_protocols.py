@@ -311,7 +311,8 @@ def test_aflw19_crop_is_the_square_box_at_scale_one_and_context_is_an_option():
         wide, [[255.5 - 256 * 0.8, 255.5 - 256 * 0.8], [255.5 + 256 * 0.8, 255.5 + 256 * 0.8]]
     )
     np.testing.assert_allclose(box_matrix(box) @ [200, 150, 1], [255.5, 255.5, 1])
-    assert_close_scaled(about_centre(512, 90.0) @ [255.5, 0, 1], [511.0, 255.5, 1], dtype=np.float64, depth=2)  # cos 90° = 6e-17
+    rotated = about_centre(512, 90.0) @ [255.5, 0, 1]
+    assert_close_scaled(rotated, [511.0, 255.5, 1], dtype=np.float64, depth=2)  # cos 90° = 6e-17, not 0
 
 
 def test_protocol_presets_resolve_and_flags_override(tmp_path):

@@ -3,8 +3,8 @@
 On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest) at tiny
 shapes; the error of the kernel must stay within about twice PyTorch's own error in the same dtype
 (the reference run in that dtype), plus a floor of a few eps of the dtype times the values' magnitude
-(tests/tolerances.py: PyTorch's error can be ~0 at these sizes, and is 0 on some hosts). Every kernel output is allocated
-NaN-filled, so an element a kernel does not write fails.
+(tests/tolerances.py: PyTorch's error can be ~0 at these sizes, and is 0 on some hosts). Every
+kernel output is allocated NaN-filled, so an element a kernel does not write fails.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def test_loss_is_weighted_sum_of_reported_terms(tiny):
     assert_close_scaled(out.loss.detach(), expected, depth=2)  # a sum of weighted scalars, in another order
     m2 = create_model("mcf_vit_tiny", teacher_checkpoint="random", pixel_weight=2.0, norm_pix=True)
     o2 = m2(torch.randn(4, 3, 32, 32))
-    assert_close_scaled(o2.loss.detach(), 1000 * o2.losses["perceptual"] + o2.losses["contrastive"] + 2 * o2.losses["pixel"], depth=3)
+    want = 1000 * o2.losses["perceptual"] + o2.losses["contrastive"] + 2 * o2.losses["pixel"]
+    assert_close_scaled(o2.loss.detach(), want, depth=3)
 
 
 def test_ema_matches_formula(tiny):
@@ -139,8 +140,9 @@ def test_triton_backend_in_the_model_matches_math_with_variable_ratios():
     """The padded variable-ratio encoder through the Triton kernels (CPU: Triton's interpreter).
 
     Reference: the math backend in fp64. Triton's fp32 error must stay within twice SDPA's fp32 error
-    plus a floor of a few fp32 eps of the values' magnitude (SDPA may be exact on AMX). The contrastive term is off: its BatchNorm over a 2-sample batch amplifies rounding so
-    much that it would swamp the attention path being checked.
+    plus a floor of a few fp32 eps of the values' magnitude (SDPA may be exact on AMX). The contrastive
+    term is off: its BatchNorm over a 2-sample batch amplifies rounding so much that it would swamp the
+    attention path being checked.
     """
     from mcf.kernels import triton_status
 

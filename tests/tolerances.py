@@ -47,7 +47,8 @@ _REPORT = os.environ.get("MCF_TOL_REPORT") == "1"
 
 def _report(kind: str, msg: str, err: float, allowed: float) -> None:
     if _REPORT:
-        print(f"[tolerance] {kind} {msg or '-'}: error {err:.3g} / allowed {allowed:.3g} = {err / allowed:.3g}", file=sys.stderr)
+        print(f"[tolerance] {kind} {msg or '-'}: error {err:.3g} / allowed {allowed:.3g} = {err / allowed:.3g}",
+              file=sys.stderr)
 
 
 def eps(dtype: torch.dtype | np.dtype | type) -> float:
@@ -113,8 +114,8 @@ def assert_close_scaled(got, ref, dtype=None, depth: float = 1, k: float = K_DEF
     dt = _dtype_of(got, dtype)
     err, b = max_error(got, ref), bound(dt, s, depth, k)
     _report("close", msg, err, b)
-    assert err <= b, (f"{msg + ': ' if msg else ''}max error {err:.3g} > {k:g} x eps({dt}) {eps(dt):.3g} x scale {s:.3g}"
-                      f" x depth {depth:g} = {b:.3g}")
+    assert err <= b, (f"{msg + ': ' if msg else ''}max error {err:.3g} > {k:g} x eps({dt}) {eps(dt):.3g}"
+                      f" x scale {s:.3g} x depth {depth:g} = {b:.3g}")
 
 
 def assert_no_worse_than(got, ref, other, dtype=None, depth: float = 1, k: float = K_DEFAULT, factor: float = 2.0,
