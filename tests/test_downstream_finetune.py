@@ -162,7 +162,7 @@ def test_export_and_finetune_alignment_from_mcf_pretrain_run(pretrain_run, tmp_p
             assert np.isfinite(m[f"{prefix}{k}"]) and m[f"{prefix}{k}_percent"] == pytest.approx(
                 100 * m[f"{prefix}{k}"]
             )
-    assert "| 300W (NME in %) | NME_io Full | NME_io Common | NME_io Challenging |" in proc.stdout
+    assert "| 300W (NME, FR, AUC in %) | NME_io Full | NME_io Common | NME_io Challenging |" in proc.stdout
     assert f"{m['nme_inter_ocular_percent']:.3f}" in proc.stdout and "nme_inter_pupil_percent" in proc.stdout
     assert (tmp_path / "ft" / "finetuned.pt").is_file() and (tmp_path / "ft" / "paper_row.md").is_file()
     assert not (tmp_path / "ft" / "mlflow.db").exists()  # --tracking-uri none
@@ -220,7 +220,7 @@ def test_finetune_alignment_aflw19_from_export(pretrain_run, tmp_path):
     } <= set(m)
     assert 0 < m["nme_diag"] < m["nme_box"] and m["nme_diag_percent"] == pytest.approx(100 * m["nme_diag"])
     assert result["paper_row"]["NME_diag Full"] == f"{m['nme_diag_percent']:.3f}"
-    assert "| AFLW-19 (NME in %) | NME_diag Full | NME_diag Frontal |" in proc.stdout
+    assert "| AFLW-19 (NME, FR, AUC in %) | NME_diag Full | NME_diag Frontal |" in proc.stdout
 
 
 def test_finetune_parsing_lapa_from_paper_layout(tmp_path):

@@ -14,7 +14,8 @@
   and a 1×1 classifier's logits are upsampled bilinearly to the input size. Lighter than UperNet
   (no PPM, no per-level concatenation); enough for a 10-class face parser.
 * :class:`UPerHead` — **FaRL's head** (``farl.network.MMSEG_UPerHead``, mmseg's UPerNet decoder) on
-  FaRL's simple pyramid (``FaRLVisualFeatures.fpns``: 4×, 2×, 1×, ½× the patch grid) of the blocks
+  FaRL's simple pyramid (``FaRLVisualFeatures.fpns``: strides 4, 8, 16, 32; for patch 16 4×, 2×, 1×, ½× the
+  patch grid) of the blocks
   :func:`farl_blocks` picks ((3, 5, 7, 11) for 12 blocks): a pyramid pooling module (scales 1, 2, 3, 6)
   on the coarsest level, FPN laterals and top-down sums, every level brought to 4× and concatenated,
   a 3×3 bottleneck, dropout 0.1 and a 1×1 classifier. The protocol presets use it; the light heads stay
@@ -71,6 +72,8 @@ class ViTBackbone(nn.Module):
         self.out_indices = tuple(out_indices) if out_indices is not None else (encoder.depth - 1,)
         self.embed_dim, self.depth = encoder.embed_dim, encoder.depth
         self.final_norm = final_norm  # FaRL takes the raw block outputs (no final norm)
+        if not final_norm:
+            encoder.norm.requires_grad_(False)  # unused: out of the optimizer (DeepSpeed would see no gradient)
         self.frozen = False
 
     def freeze(self) -> ViTBackbone:
@@ -206,18 +209,27 @@ def _conv_bn_relu(c_in: int, c_out: int, k: int) -> nn.Sequential:
 
 
 class FaRLPyramid(nn.Module):
-    """FaRL's ``_make_fpns`` for patch 16 (and 14): four ``[N, D, g, g]`` maps → ``[N, D, 4g]``, ``2g``, ``g``,
-    ``g/2`` (deconv-BN-GELU-deconv, deconv, identity, 2×2 max-pool)."""
+    """FaRL's ``_make_fpns``: four ``[N, D, g, g]`` maps → strides 4, 8, 16, 32 of the input. Patch 16 (and 14):
+    deconv-BN-GELU-deconv (4×), deconv (2×), identity, 2×2 max-pool; patch 8: deconv, identity, max-pool 2,
+    max-pool 4 — the same rule for any patch size (FaRL has no other; mcf's tiny ViT has patch 4: identity,
+    max-pool 2, 4, 8)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, patch_size: int = 16):
         super().__init__()
-        self.fpns = nn.ModuleList([
-            nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), nn.BatchNorm2d(dim), nn.GELU(),
-                          nn.ConvTranspose2d(dim, dim, 2, 2)),
-            nn.ConvTranspose2d(dim, dim, 2, 2),
-            nn.Identity(),
-            nn.MaxPool2d(2, 2),
-        ])
+        levels: list[nn.Module] = []
+        for stride in (4, 8, 16, 32):
+            f = patch_size / stride
+            if f >= 4:
+                levels.append(nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), nn.BatchNorm2d(dim), nn.GELU(),
+                                            nn.ConvTranspose2d(dim, dim, 2, 2)))
+            elif f >= 2:
+                levels.append(nn.ConvTranspose2d(dim, dim, 2, 2))
+            elif f >= 1:
+                levels.append(nn.Identity())
+            else:
+                k = round(1 / f)
+                levels.append(nn.MaxPool2d(k, k))
+        self.fpns = nn.ModuleList(levels)
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         return [f(x) for f, x in zip(self.fpns, feats)]
@@ -276,18 +288,18 @@ def farl_head_channels(embed_dim: int) -> int:
 
 class HeatmapLandmarkModel(nn.Module):
     """FaRL's ``FaceAlignmentTransformer``: ViT blocks :func:`farl_blocks` → pyramid → UPerHead heatmaps
-    ``[N, K, 4g, 4g]`` → sigmoid → :func:`heatmap_points`. ``forward`` returns the points ``[N, K, 2]`` in
+    ``[N, K, H/4, W/4]`` → sigmoid → :func:`heatmap_points`. ``forward`` returns the points ``[N, K, 2]`` in
     eval mode and ``(points, heatmap logits)`` in training mode (what the loss needs, through the
     DeepSpeed engine's own forward)."""
 
     def __init__(self, encoder: MaskedViT, num_points: int, channels: int | None = None):
         super().__init__()
         self.backbone = ViTBackbone(encoder, farl_blocks(encoder.depth), final_norm=False)
-        self.pyramid = FaRLPyramid(encoder.embed_dim)
+        self.pyramid = FaRLPyramid(encoder.embed_dim, encoder.patch_embed.patch_size)
         self.head = UPerHead(encoder.embed_dim, num_points, channels or farl_head_channels(encoder.embed_dim))
 
     def forward(self, images: torch.Tensor):
-        logits = self.head(self.pyramid(self.backbone(images)))  # (N, K, 4g, 4g)
+        logits = self.head(self.pyramid(self.backbone(images)))  # (N, K, H/4, W/4)
         points = heatmap_points(logits.float().sigmoid())  # (N, K, 2)
         return (points, logits) if self.training else points
 
@@ -299,7 +311,7 @@ class UPerParsingModel(nn.Module):
     def __init__(self, encoder: MaskedViT, num_classes: int, channels: int | None = None):
         super().__init__()
         self.backbone = ViTBackbone(encoder, farl_blocks(encoder.depth), final_norm=False)
-        self.pyramid = FaRLPyramid(encoder.embed_dim)
+        self.pyramid = FaRLPyramid(encoder.embed_dim, encoder.patch_embed.patch_size)
         self.head = UPerHead(encoder.embed_dim, num_classes, channels or farl_head_channels(encoder.embed_dim))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
