@@ -326,7 +326,7 @@ def test_memory_estimate_counts_what_autograd_saves():
         seen: dict[int, int] = {}
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
-        def pack(t):
+        def pack(t, seen=seen, params=params):
             if t.untyped_storage().data_ptr() not in params:
                 seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
             return t

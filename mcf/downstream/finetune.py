@@ -16,6 +16,7 @@ and ``OUTPUT/finetuned.pt`` (model state dict) are written on rank 0, and the ru
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import math
@@ -548,7 +549,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     loader = torch.utils.data.DataLoader(
         train, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.workers, persistent_workers=False
     )
-    steps_per_epoch = max(1, len(loader) // accum)  # optimizer steps
+    if len(loader) < accum:
+        raise ConfigError(
+            f"{len(loader)} micro-batches of {batch} per epoch and rank cannot make one step of {accum} accumulation "
+            "steps: lower --grad-accum or --batch-size"
+        )
+    steps_per_epoch = len(loader) // accum  # optimizer steps; the last len(loader) % accum micro-batches are dropped
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, total // 20)
     milestones = tuple(m * steps_per_epoch for m in cfg.lr_milestones)
@@ -597,7 +603,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 sampler.set_epoch(epoch)
             else:
                 sampler.generator.manual_seed(cfg.seed + epoch)
-            for x, y in loader:
+            for x, y in itertools.islice(loader, steps_per_epoch * accum):  # whole accumulation cycles only
                 if cfg.schedule == "step":
                     lr = step_lr_at(step, peak=cfg.lr, warmup=warmup, milestones=milestones, gamma=cfg.lr_gamma)
                 else:
