@@ -371,3 +371,20 @@ def test_farl_pyramid_strides_for_patch_16_8_and_4():
     assert kinds == ["Sequential", "ConvTranspose2d", "Identity", "MaxPool2d"]
     assert [type(m).__name__ for m in FaRLPyramid(8, 16).fpns[0]] == ["ConvTranspose2d", "BatchNorm2d", "GELU",
                                                                        "ConvTranspose2d"]
+
+
+@pytest.mark.parametrize("benchmark", ["aflw19", "300w", "wflw", "lapa", "celebamask_hq"])
+def test_synthetic_recipe_writes_each_benchmark_in_its_layout(tmp_path, benchmark, capsys):
+    """The README's one-command recipe: the folder it writes is recognised as that benchmark's protocol and
+    opens as its train and test splits."""
+    from mcf.downstream.finetune import FinetuneConfig, _build
+
+    root = tmp_path / benchmark
+    assert S.main([benchmark, str(root), "--images", "6", "--size", "32"]) == 0
+    task = "parsing" if benchmark in ("lapa", "celebamask_hq") else "alignment"
+    assert detect_protocol(task, root) == benchmark
+    assert f"mcf finetune {task} --data {root}" in capsys.readouterr().out
+    _, train, test, _, _ = _build(FinetuneConfig(task=task, data=str(root), pretrained="random", img_size=32))
+    assert len(train) >= 1 and len(test) >= 1
+    with pytest.raises(SystemExit):
+        S.main([benchmark, str(root)])  # not over an existing folder
