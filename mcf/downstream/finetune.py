@@ -527,6 +527,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model, train, test, weights, info = _build(cfg)  # data and checkpoint errors surface before DeepSpeed starts
     rank, world_size, device = init_distributed()
+    if world_size > 1 and device.type == "cuda":  # FaRL's SyncBN (the UPerHead, the pyramid); gloo has no SyncBN
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     batch, accum, memory_note = plan_batch(cfg, model, world_size, device, len(train))
     if rank == 0:
         log.info("memory: %s", memory_note)

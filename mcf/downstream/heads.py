@@ -21,8 +21,8 @@
   a 3×3 bottleneck, dropout 0.1 and a 1×1 classifier. The protocol presets use it; the light heads stay
   as ``--head light``. Alignment (:class:`HeatmapLandmarkModel`): one heatmap per point, a sigmoid,
   and the points as the sigmoid-weighted mean of the pixel centres (FaRL's ``heatmap2points``), trained
-  with :func:`mcf.downstream.losses.farl_alignment_loss`. Normalisation: BatchNorm as mmseg's SyncBN
-  (synchronised across ranks when ``world_size > 1`` on a GPU; per rank on the CPU).
+  with :func:`mcf.downstream.losses.farl_alignment_loss`. Normalisation: BatchNorm, converted to
+  ``SyncBatchNorm`` by the fine-tuning run on several GPU ranks (FaRL's SyncBN); per rank on the CPU.
 """
 
 from __future__ import annotations
