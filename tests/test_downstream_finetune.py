@@ -163,6 +163,9 @@ def test_export_and_finetune_alignment_from_mcf_pretrain_run(pretrain_run, tmp_p
                 100 * m[f"{prefix}{k}"]
             )
     assert "| 300W (NME, FR, AUC in %) | NME_io Full | NME_io Common | NME_io Challenging |" in proc.stdout
+    assert result["config"]["head"] == "uper" and result["config"]["loss"] == "farl"  # FaRL's head and loss
+    assert f"| best (epoch {result['best']['epoch']}, min nme_inter_ocular; the paper's column) |" in proc.stdout
+    assert f"| last (epoch {result['last']['epoch']}) |" in proc.stdout
     assert f"{m['nme_inter_ocular_percent']:.3f}" in proc.stdout and "nme_inter_pupil_percent" in proc.stdout
     assert (tmp_path / "ft" / "finetuned.pt").is_file() and (tmp_path / "ft" / "paper_row.md").is_file()
     assert not (tmp_path / "ft" / "mlflow.db").exists()  # --tracking-uri none
@@ -221,6 +224,7 @@ def test_finetune_alignment_aflw19_from_export(pretrain_run, tmp_path):
     assert 0 < m["nme_diag"] < m["nme_box"] and m["nme_diag_percent"] == pytest.approx(100 * m["nme_diag"])
     assert result["paper_row"]["NME_diag Full"] == f"{m['nme_diag_percent']:.3f}"
     assert "| AFLW-19 (NME, FR, AUC in %) | NME_diag Full | NME_diag Frontal |" in proc.stdout
+    assert result["config"]["box_stretch"] is True and "| best (epoch 1, min nme_diag; the paper's column) |" in proc.stdout
 
 
 def test_finetune_parsing_lapa_from_paper_layout(tmp_path):
@@ -258,6 +262,7 @@ def test_finetune_parsing_lapa_from_paper_layout(tmp_path):
         and m["mean_f1_percent"] == pytest.approx(100 * m["mean_f1"])
     )
     assert "| LaPa (F1 ×100) | Skin | Hair |" in proc.stdout and f"{100 * m['mean_f1']:.2f} |" in proc.stdout
+    assert result["config"]["head"] == "uper" and "| best (epoch " in proc.stdout and "| last (epoch " in proc.stdout
 
 
 def test_finetune_parsing_celebamask_hq_records_mlflow(tmp_path):
