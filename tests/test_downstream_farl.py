@@ -388,3 +388,27 @@ def test_synthetic_recipe_writes_each_benchmark_in_its_layout(tmp_path, benchmar
     assert len(train) >= 1 and len(test) >= 1
     with pytest.raises(SystemExit):
         S.main([benchmark, str(root)])  # not over an existing folder
+
+
+def test_wflw_subset_columns_equal_scoring_each_subset_file_alone(tmp_path):
+    """FaRL scores each WFLW subset as its own evaluation set (test_<subset>.csv); mcf scores the subsets as
+    masks over one pass of the test split. Same model, same faces: the same numbers."""
+    from mcf.downstream.finetune import TaskData, evaluate_alignment
+    from mcf.downstream.transforms import AlignmentTransform
+
+    root = S.write_wflw(tmp_path / "wflw", num_train=2, num_test=7, size=48)
+    torch.manual_seed(0)
+    model = HeatmapLandmarkModel(build_encoder(load_encoder_weights("random"), 32), 98).eval()
+    t = AlignmentTransform(32, 1.25, stretch=True)
+
+    def score(split):
+        return evaluate_alignment(model, TaskData("alignment", WFLW(root, split), t, 0, False), 3,
+                                  torch.device("cpu"), torch.float32, 0.1, "inter_ocular")
+
+    full = score("test")
+    for sub in WFLW_SUBSETS:
+        alone = score(f"test_{sub}")
+        for k in ("nme_inter_ocular", "nme_inter_pupil", "auc_inter_ocular_10", "fr_inter_ocular_10"):
+            # fp32 network outputs differ in the last bits with the batch's make-up: ~100 fp32 epsilons
+            assert full[f"{sub}/{k}"] == pytest.approx(alone[k], rel=1e-5, abs=1e-9), (sub, k)
+    assert full["blur/nme_inter_ocular"] != full["largepose/nme_inter_ocular"]
