@@ -90,16 +90,24 @@ def _shared_alignment(k: int, n: int = 40, seed: int = 0):
 def test_alignment_metrics_agree_with_farls_scorer_per_subset():
     """NME (inter-ocular, inter-pupil, box, diag) per subset and AUC/FR, on the same predictions, for the
     98- (WFLW), 68- (300W) and 19-point (AFLW-19) sets."""
-    eyes = {98: ([60], [72], [96], [97]), 68: ([36], [45], list(range(36, 42)), list(range(42, 48))),
-            19: ([6], [11], [7], [10])}
+    eyes = {
+        98: ([60], [72], [96], [97]),
+        68: ([36], [45], list(range(36, 42)), list(range(42, 48))),
+        19: ([6], [11], [7], [10]),
+    }
     for k, (ol, or_, pl, pr) in eyes.items():
         gt, pred, box = _shared_alignment(k, seed=k)
         subsets = {"all": np.ones(len(gt), bool), "odd": np.arange(len(gt)) % 2 == 1, "first": np.arange(len(gt)) < 7}
         for name, sel in subsets.items():
             g, p, b = gt[sel], pred[sel], box[sel]
             yxyx = b[:, [1, 0, 3, 2]]
-            ours = alignment_metrics(torch.from_numpy(p), torch.from_numpy(g), torch.from_numpy(b),
-                                     0.1 if k == 98 else 0.07, "inter_ocular" if k == 98 else "box")
+            ours = alignment_metrics(
+                torch.from_numpy(p),
+                torch.from_numpy(g),
+                torch.from_numpy(b),
+                0.1 if k == 98 else 0.07,
+                "inter_ocular" if k == 98 else "box",
+            )
             io = farl_unit_landmarks(g, ol, or_)
             assert ours["nme_inter_ocular"] == pytest.approx(farl_nme(g, p, io), rel=1e-12)
             assert ours["nme_inter_pupil"] == pytest.approx(farl_nme(g, p, farl_unit_landmarks(g, pl, pr)), rel=1e-12)
@@ -133,15 +141,44 @@ def test_celebamask_columns_are_printed_in_farls_naming():
     """FaRL's scorer (scorers/celebm.yaml) names its labels, in farl/datasets/celebamask_hq.py's paint order,
     background, neck, face, cloth, rr, lr, rb, lb, re, le, ...: the release's l_eye mask is its 're'. The
     printed L-Eye column must be FaRL's 'le', i.e. the release's r_eye mask, and so on for brows and ears."""
-    farl_names = ["background", "neck", "face", "cloth", "rr", "lr", "rb", "lb", "re", "le", "nose", "imouth",
-                  "llip", "ulip", "hair", "glass", "hat", "earr", "neckl"]
+    farl_names = [
+        "background",
+        "neck",
+        "face",
+        "cloth",
+        "rr",
+        "lr",
+        "rb",
+        "lb",
+        "re",
+        "le",
+        "nose",
+        "imouth",
+        "llip",
+        "ulip",
+        "hair",
+        "glass",
+        "hat",
+        "earr",
+        "neckl",
+    ]
     assert len(farl_names) == len(CELEBAMASK_FARL_CLASSES)
     release_of = dict(zip(farl_names, CELEBAMASK_FARL_CLASSES))
     metrics = {f"f1/{c}": (i + 1) / 100 for i, c in enumerate(CELEBAMASK_FARL_CLASSES[1:])} | {"mean_f1": 0.5}
     headers, values = paper_row("celebamask_hq", metrics)
     row = dict(zip(headers, values))
-    column_of = {"L-Eye": "le", "R-Eye": "re", "L-Brow": "lb", "R-Brow": "rb", "L-Ear": "lr", "R-Ear": "rr",
-                 "Face": "face", "Hair": "hair", "Glasses": "glass", "Neck": "neck"}
+    column_of = {
+        "L-Eye": "le",
+        "R-Eye": "re",
+        "L-Brow": "lb",
+        "R-Brow": "rb",
+        "L-Ear": "lr",
+        "R-Ear": "rr",
+        "Face": "face",
+        "Hair": "hair",
+        "Glasses": "glass",
+        "Neck": "neck",
+    }
     for header, farl in column_of.items():
         assert row[header] == f"{100 * metrics['f1/' + release_of[farl]]:.2f}", header
     assert headers[:5] == ["Face", "Nose", "Glasses", "L-Eye", "R-Eye"] and headers[-1] == "Mean"
@@ -176,7 +213,8 @@ def test_alignment_loss_is_euclidean_distance_plus_heatmap_bce():
     logits = torch.randn(1, 1, 16, 16)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(
         torch.nn.functional.interpolate(logits, (128, 128), mode="bilinear", align_corners=False),
-        point_heatmaps(target, 128, 5.0))
+        point_heatmaps(target, 128, 5.0),
+    )
     assert alignment_loss((pred, logits), target, "farl").item() == pytest.approx(0.05 + bce.item(), rel=1e-6)
     assert alignment_loss(pred, target, "l1").item() == pytest.approx(0.035, rel=1e-6)
     with pytest.raises(ValueError, match="heatmap head"):
@@ -184,7 +222,9 @@ def test_alignment_loss_is_euclidean_distance_plus_heatmap_bce():
 
 
 def test_farl_blocks_scale_with_depth():
-    assert farl_blocks(12) == (3, 5, 7, 11) and farl_blocks(24) == (7, 11, 15, 23) and farl_blocks(32) == (8, 14, 20, 31)
+    assert (
+        farl_blocks(12) == (3, 5, 7, 11) and farl_blocks(24) == (7, 11, 15, 23) and farl_blocks(32) == (8, 14, 20, 31)
+    )
     assert farl_blocks(4) == (0, 1, 2, 3) and farl_blocks(6) == (1, 2, 3, 5)
     for d in range(4, 40):
         b = farl_blocks(d)
@@ -263,11 +303,26 @@ def test_wflw_layout_splits_and_subsets(tmp_path):
 
 
 def test_wflw_row_columns_in_the_papers_order():
-    m = add_percent({"nme_inter_ocular": 0.0396, "fr_inter_ocular_10": 0.0164, "auc_inter_ocular_10": 0.6114,
-                     **{f"{s}/nme_inter_ocular": 0.01 * (i + 1) for i, s in enumerate(WFLW_SUBSETS)}})
+    m = add_percent(
+        {
+            "nme_inter_ocular": 0.0396,
+            "fr_inter_ocular_10": 0.0164,
+            "auc_inter_ocular_10": 0.6114,
+            **{f"{s}/nme_inter_ocular": 0.01 * (i + 1) for i, s in enumerate(WFLW_SUBSETS)},
+        }
+    )
     headers, values = paper_row("wflw", m)
-    assert headers == ["NME_io Full", "NME_io Large pose", "NME_io Expression", "NME_io Illumination",
-                       "NME_io Make-up", "NME_io Occlusion", "NME_io Blur", "FR_io@10 Full", "AUC_io@10 Full"]
+    assert headers == [
+        "NME_io Full",
+        "NME_io Large pose",
+        "NME_io Expression",
+        "NME_io Illumination",
+        "NME_io Make-up",
+        "NME_io Occlusion",
+        "NME_io Blur",
+        "FR_io@10 Full",
+        "AUC_io@10 Full",
+    ]
     assert values == ["3.960", "1.000", "2.000", "3.000", "4.000", "5.000", "6.000", "1.64", "61.14"]
     assert paper_row("wflw", add_percent({"nme_inter_ocular": 0.05}), "test_blur")[1][6] == "5.000"
 
@@ -276,17 +331,21 @@ def test_wflw_row_columns_in_the_papers_order():
 
 
 def test_best_epoch_by_the_full_metric_and_both_rows_printed():
-    ev = [{"epoch": 1, "metrics": add_percent({"nme_diag": 0.012})},
-          {"epoch": 2, "metrics": add_percent({"nme_diag": 0.009})},
-          {"epoch": 3, "metrics": add_percent({"nme_diag": 0.009})},  # a tie keeps the earlier epoch
-          {"epoch": 4, "metrics": add_percent({"nme_diag": float("nan")})},
-          {"epoch": 5, "metrics": add_percent({"nme_diag": 0.010})}]
+    ev = [
+        {"epoch": 1, "metrics": add_percent({"nme_diag": 0.012})},
+        {"epoch": 2, "metrics": add_percent({"nme_diag": 0.009})},
+        {"epoch": 3, "metrics": add_percent({"nme_diag": 0.009})},  # a tie keeps the earlier epoch
+        {"epoch": 4, "metrics": add_percent({"nme_diag": float("nan")})},
+        {"epoch": 5, "metrics": add_percent({"nme_diag": 0.010})},
+    ]
     best = None
     for r in ev:
         if is_better("aflw19", r["metrics"], best["metrics"] if best else None):
             best = r
     assert best["epoch"] == 2
-    assert is_better("lapa", {"mean_f1": 0.9}, {"mean_f1": 0.8}) and not is_better("lapa", {"mean_f1": 0.7}, {"mean_f1": 0.8})
+    assert is_better("lapa", {"mean_f1": 0.9}, {"mean_f1": 0.8}) and not is_better(
+        "lapa", {"mean_f1": 0.7}, {"mean_f1": 0.8}
+    )
     text = format_best_last("aflw19", best, ev[-1])
     assert "| best (epoch 2, min nme_diag; the paper's column) | 0.900 |" in text
     assert "| last (epoch 5) | 1.000 |" in text
@@ -354,7 +413,10 @@ def test_memory_check_picks_micro_batch_and_accumulation_or_says_what_fits(tmp_p
     monkeypatch.setattr(memory, "available", lambda device: 10)
     with pytest.raises(ConfigError, match="smallest micro-batch"):
         plan_batch(cfg, model, 1, torch.device("cpu"), 1000)
-    assert plan_batch(_cfg(tmp_path, memory_check=False, batch_size=8), model, 1, torch.device("cpu"), 1000)[:2] == (8, 1)
+    assert plan_batch(_cfg(tmp_path, memory_check=False, batch_size=8), model, 1, torch.device("cpu"), 1000)[:2] == (
+        8,
+        1,
+    )
 
 
 def test_farl_pyramid_strides_for_patch_16_8_and_4():
@@ -369,8 +431,12 @@ def test_farl_pyramid_strides_for_patch_16_8_and_4():
         assert [o.shape[-1] for o in outs] == [16, 8, 4, 2], patch
     kinds = [type(m).__name__ for m in FaRLPyramid(8, 16).fpns]
     assert kinds == ["Sequential", "ConvTranspose2d", "Identity", "MaxPool2d"]
-    assert [type(m).__name__ for m in FaRLPyramid(8, 16).fpns[0]] == ["ConvTranspose2d", "BatchNorm2d", "GELU",
-                                                                       "ConvTranspose2d"]
+    assert [type(m).__name__ for m in FaRLPyramid(8, 16).fpns[0]] == [
+        "ConvTranspose2d",
+        "BatchNorm2d",
+        "GELU",
+        "ConvTranspose2d",
+    ]
 
 
 @pytest.mark.parametrize("benchmark", ["aflw19", "300w", "wflw", "lapa", "celebamask_hq"])
@@ -402,8 +468,15 @@ def test_wflw_subset_columns_equal_scoring_each_subset_file_alone(tmp_path):
     t = AlignmentTransform(32, 1.25, stretch=True)
 
     def score(split):
-        return evaluate_alignment(model, TaskData("alignment", WFLW(root, split), t, 0, False), 3,
-                                  torch.device("cpu"), torch.float32, 0.1, "inter_ocular")
+        return evaluate_alignment(
+            model,
+            TaskData("alignment", WFLW(root, split), t, 0, False),
+            3,
+            torch.device("cpu"),
+            torch.float32,
+            0.1,
+            "inter_ocular",
+        )
 
     full = score("test")
     for sub in WFLW_SUBSETS:

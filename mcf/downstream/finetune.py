@@ -474,7 +474,9 @@ def plan_batch(cfg: FinetuneConfig, model: torch.nn.Module, world_size: int, dev
     accum = cfg.grad_accum or 1
     batch = min(per_rank_batch(cfg, world_size), max(1, train_size // world_size))
     if cfg.batch_size is not None and cfg.batch_size < min_batch:
-        raise ConfigError(f"--head uper needs a micro-batch of at least {min_batch} per rank (BatchNorm), got {cfg.batch_size}")
+        raise ConfigError(
+            f"--head uper needs a micro-batch of at least {min_batch} per rank (BatchNorm), got {cfg.batch_size}"
+        )
     batch = max(batch, min(min_batch, max(1, train_size // world_size)))
     if not cfg.memory_check:
         return batch, accum, "memory check off"

@@ -257,7 +257,9 @@ class UPerHead(nn.Module):
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         top = feats[3]
-        pooled = [self._resize(m(F.adaptive_avg_pool2d(top, s)), top.shape[-2:]) for m, s in zip(self.ppm, self.pool_scales)]
+        pooled = [  # the pyramid pooling module, each scale back at the coarsest level's size
+            self._resize(m(F.adaptive_avg_pool2d(top, s)), top.shape[-2:]) for m, s in zip(self.ppm, self.pool_scales)
+        ]
         levels = [lat(f) for lat, f in zip(self.lateral, feats[:3])]
         levels.append(self.bottleneck(torch.cat([top, *pooled], dim=1)))
         for i in range(3, 0, -1):  # top-down

@@ -21,7 +21,9 @@ FARL_HEATMAP_SIZE = 128
 FARL_HEATMAP_RADIUS = 5.0
 
 
-def point_heatmaps(points: torch.Tensor, size: int = FARL_HEATMAP_SIZE, radius: float = FARL_HEATMAP_RADIUS) -> torch.Tensor:
+def point_heatmaps(
+    points: torch.Tensor, size: int = FARL_HEATMAP_SIZE, radius: float = FARL_HEATMAP_RADIUS
+) -> torch.Tensor:
     """``[N, K, 2]`` points in [0, 1] → ``[N, K, size, size]`` targets: FaRL's ``points2heatmap`` with the
     ``gaussian_awing`` kernel, ``exp(−8 r² / radius²)`` (σ = radius / 4) at the pixel centres within
     ``radius`` pixels of the point (``X = x · size − ½``), 0 elsewhere."""
@@ -38,8 +40,12 @@ def coord_distance_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return (pred.float() - target.float()).norm(dim=-1).mean()
 
 
-def heatmap_bce_loss(logits: torch.Tensor, target_points: torch.Tensor, size: int = FARL_HEATMAP_SIZE,
-                     radius: float = FARL_HEATMAP_RADIUS) -> torch.Tensor:
+def heatmap_bce_loss(
+    logits: torch.Tensor,
+    target_points: torch.Tensor,
+    size: int = FARL_HEATMAP_SIZE,
+    radius: float = FARL_HEATMAP_RADIUS,
+) -> torch.Tensor:
     """FaRL's ``heatmap_ce_loss``: BCE with logits of the ``size``-px resized logits against
     :func:`point_heatmaps`."""
     resized = F.interpolate(logits.float(), (size, size), mode="bilinear", align_corners=False)

@@ -43,12 +43,15 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return int(HEADROOM * (self.state_bytes + self.micro_batch * self.activation_bytes_per_sample) + PROCESS_OVERHEAD)
+        return int(
+            HEADROOM * (self.state_bytes + self.micro_batch * self.activation_bytes_per_sample) + PROCESS_OVERHEAD
+        )
 
     def describe(self) -> str:
         gib = 2**30
         return (
-            f"{self.params / 1e6:.1f} M parameters ({self.trainable / 1e6:.1f} M trained): state {self.state_bytes / gib:.2f} GiB, "
+            f"{self.params / 1e6:.1f} M parameters ({self.trainable / 1e6:.1f} M trained): "
+            f"state {self.state_bytes / gib:.2f} GiB, "
             f"activations {self.activation_bytes_per_sample / gib:.3f} GiB/sample x {self.micro_batch}, "
             f"total with overhead ~{self.total / gib:.1f} GiB"
         )
@@ -130,7 +133,9 @@ def available(device: torch.device) -> int:
     return int(avail) if avail is not None else 2**62
 
 
-def fit(est: MemoryEstimate, budget: int, global_batch: int, world_size: int, min_batch: int = 1) -> tuple[int, int] | None:
+def fit(
+    est: MemoryEstimate, budget: int, global_batch: int, world_size: int, min_batch: int = 1
+) -> tuple[int, int] | None:
     """The largest micro-batch ``b >= min_batch`` whose estimate fits ``budget`` and that divides the per-rank
     share of ``global_batch``, with the accumulation steps that make it up: ``(b, accumulation)``; None when
     not even ``min_batch`` fits."""

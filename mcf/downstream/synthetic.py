@@ -313,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.root} exists and is not empty")
     root = WRITERS[args.benchmark](Path(args.root), args.images, args.size)
     task = "parsing" if args.benchmark in ("lapa", "celebamask_hq") else "alignment"
-    print(f"wrote a synthetic {args.benchmark} to {root}; try:\n  mcf finetune {task} --data {root} --pretrained random "
-          f"--epochs 2 --batch-size 4 --img-size 64 --workers 0")
+    print(
+        f"wrote a synthetic {args.benchmark} to {root}; try:\n  mcf finetune {task} --data {root} "
+        "--pretrained random --epochs 2 --batch-size 4 --img-size 64 --workers 0"
+    )
     return 0
 
 
