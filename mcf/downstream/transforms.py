@@ -2,11 +2,11 @@
 
 Every sample goes into a ``frame``-px frame (FaRL: 512) by one 3×3 matrix (source px → frame px):
 a box crop (alignment; stretched to the square frame as FaRL does, or squared), FaRL's 5-point
-similarity (LaPa) or a plain resize (CelebAMask-HQ, LaPa's ``resize`` option); training draws a random rotation/scale/shift about the frame centre on
-top; an optional tanh warp follows; the network sees the frame sampled at ``size`` px. Landmarks go
-through the same map and predictions come back through its inverse, so NMEs are measured in the
-original image's pixels; parsing logits are warped back onto the original label map before the
-argmax. Randomness is a pure function of ``(seed, epoch, index)``.
+similarity (LaPa) or a plain resize (CelebAMask-HQ, LaPa's ``resize`` option); training draws a random
+rotation/scale/shift about the frame centre on top; an optional tanh warp follows; the network sees the
+frame sampled at ``size`` px. Landmarks go through the same map and predictions come back through its
+inverse, so NMEs are measured in the original image's pixels; parsing logits are warped back onto the
+original label map before the argmax. Randomness is a pure function of ``(seed, epoch, index)``.
 """
 
 from __future__ import annotations
