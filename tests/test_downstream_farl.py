@@ -485,3 +485,27 @@ def test_wflw_subset_columns_equal_scoring_each_subset_file_alone(tmp_path):
             # fp32 network outputs differ in the last bits with the batch's make-up: ~100 fp32 epsilons
             assert full[f"{sub}/{k}"] == pytest.approx(alone[k], rel=1e-5, abs=1e-9), (sub, k)
     assert full["blur/nme_inter_ocular"] != full["largepose/nme_inter_ocular"]
+
+
+def test_head_and_loss_options_resolve_and_bad_pairs_are_one_line(tmp_path, capsys):
+    """Presets: FaRL's head and loss; --head light keeps mcf's head with its L1 loss; the new flags come from
+    FinetuneConfig's field metadata (declared once)."""
+    from mcf.cli import main
+
+    cfg = _cfg(tmp_path)
+    assert (cfg.protocol, cfg.head, cfg.loss, cfg.box_stretch, cfg.eval_every) == ("wflw", "uper", "farl", True, 1)
+    light = _cfg(tmp_path, head="light", box_stretch=False)
+    assert (light.head, light.loss, light.box_stretch) == ("light", "l1", False)
+    with pytest.raises(ConfigError, match="needs heatmaps"):
+        _cfg(tmp_path, head="light", loss="farl")
+    with pytest.raises(ConfigError, match="loss must be one of farl, l1"):
+        _cfg(tmp_path, loss="ce")
+    with pytest.raises(SystemExit):
+        main(["finetune", "alignment", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--head", "--loss", "--no-box-stretch", "--eval-every", "--train-data-ratio", "--freeze-backbone",
+                 "--grad-accum", "--no-memory-check"):
+        assert flag in text, flag
+    assert main(["finetune", "alignment", "--data", cfg.data, "--pretrained", "random", "--head", "light",
+                 "--loss", "farl", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "needs heatmaps" in capsys.readouterr().err
