@@ -509,3 +509,27 @@ def test_head_and_loss_options_resolve_and_bad_pairs_are_one_line(tmp_path, caps
     assert main(["finetune", "alignment", "--data", cfg.data, "--pretrained", "random", "--head", "light",
                  "--loss", "farl", "--output-dir", str(tmp_path / "o")]) == 2
     assert "needs heatmaps" in capsys.readouterr().err
+
+
+def test_batchnorm_runs_with_bf16_weights_and_fp32_statistics_as_deepspeed_leaves_them():
+    """DeepSpeed's bf16 casts the parameters, not the buffers: torch's CPU BatchNorm refuses the mix. The heads'
+    BatchNorm computes in fp32 and updates the fp32 statistics exactly as an fp32 BatchNorm would."""
+    from mcf.downstream.heads import BatchNorm2d
+
+    torch.manual_seed(0)
+    ref, bn = torch.nn.BatchNorm2d(6), BatchNorm2d(6)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5), ref.bias.uniform_(-0.5, 0.5)
+    bn.load_state_dict(ref.state_dict())
+    bn.weight.data, bn.bias.data = bn.weight.data.bfloat16(), bn.bias.data.bfloat16()  # buffers stay fp32
+    x = torch.randn(4, 6, 5, 5).bfloat16()
+    y = bn.train()(x)
+    want = ref.train()(x.float())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want, atol=0.05, rtol=0.02)  # bf16 output and bf16 weights: ~3 ulps
+    torch.testing.assert_close(bn.running_mean, ref.running_mean, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(bn.running_var, ref.running_var, atol=1e-6, rtol=1e-5)
+    assert bn.running_mean.dtype == torch.float32 and int(bn.num_batches_tracked) == 1
+    torch.testing.assert_close(bn.eval()(x).float(), ref.eval()(x.float()), atol=0.05, rtol=0.02)
+    with pytest.raises(RuntimeError):  # what torch's own BatchNorm does in that state
+        torch.nn.BatchNorm2d.forward(bn.train(), x)

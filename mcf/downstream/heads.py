@@ -203,9 +203,38 @@ class ParsingModel(nn.Module):
         return self.head(self.backbone(images), images.shape[-2:])
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm computed in fp32 whatever the input's dtype (the output in the input's): under DeepSpeed
+    bf16 the weights are bf16 while the running statistics stay fp32, which the CPU kernel refuses to mix;
+    the statistics are kept (and moved to) fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return super().forward(x)
+        for name in ("running_mean", "running_var"):
+            buf = getattr(self, name)
+            if buf is not None and buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        factor = 0.0
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        y = F.batch_norm(
+            x.float(),
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight.float(),
+            self.bias.float(),
+            self.training or self.running_mean is None,
+            factor,
+            self.eps,
+        )
+        return y.to(x.dtype)
+
+
 def _conv_bn_relu(c_in: int, c_out: int, k: int) -> nn.Sequential:
     """mmseg's ``ConvModule``: conv (no bias) → BatchNorm → ReLU."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True))
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), BatchNorm2d(c_out), nn.ReLU(True))
 
 
 class FaRLPyramid(nn.Module):
@@ -220,7 +249,7 @@ class FaRLPyramid(nn.Module):
         for stride in (4, 8, 16, 32):
             f = patch_size / stride
             if f >= 4:
-                levels.append(nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), nn.BatchNorm2d(dim), nn.GELU(),
+                levels.append(nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), BatchNorm2d(dim), nn.GELU(),
                                             nn.ConvTranspose2d(dim, dim, 2, 2)))
             elif f >= 2:
                 levels.append(nn.ConvTranspose2d(dim, dim, 2, 2))
