@@ -23,17 +23,19 @@ from torch.profiler import record_function
 
 from mcf.config import Config, dump_config
 from mcf.configtree import to_dict
+from mcf.data.formats.factory import precheck
 from mcf.dist import rank0_decides
 from mcf.errors import CheckpointError, ConfigError, DataError, StorageError, UnsafeCheckpointError, UserError
+from mcf.models import create_model_from_config
 from mcf.train import checkpoint as ckpt
 from mcf.train import elastic
+from mcf.train.ds_internals import fp32_masters
 from mcf.train.ema import TargetEMA
 from mcf.train.engine import (
     PRECISION_DTYPES,
     CastInput,
     build_ds_config,
     cast_floating_buffers,
-    fp32_masters,
     init_distributed,
     set_tf32,
     setup_env,
@@ -106,15 +108,11 @@ class Trainer:
                               "(mcf pretrain passes mcf.downstream.monitor.build_monitor), or set monitor.every=0")
         loader_factory = self.loader_factory or _default_loader_factory()
 
-        from mcf.data.formats.factory import precheck
-
         precheck(cfg.data.path, cfg.data.lmdb_keys)  # missing or damaged data fails before the model is built
         seed = cfg.train.seed
         torch.manual_seed(seed)  # identical initial weights on every rank
         np.random.seed(seed)
         random.seed(seed)
-        from mcf.models import create_model_from_config
-
         model = create_model_from_config(cfg) if startup_error is None else None  # a missing teacher fails here, before DeepSpeed
 
         self.rank, self.world_size, self.device = init_distributed(cfg.train.precision)
