@@ -113,7 +113,7 @@ class Trainer:
 
         model = create_model_from_config(cfg) if startup_error is None else None  # a missing teacher fails here, before DeepSpeed
 
-        self.rank, self.world_size, self.device = init_distributed(cfg.train.precision)
+        self.rank, self.world_size, self.device = init_distributed(cfg.train.precision, cfg.deepspeed.timeout_s)
         set_tf32(self.device, cfg.train.tf32)
         verified = rank0_decides(lambda: self._decide_resume(startup_error))
         if verified != self.resume_dir or (verified is not None and self.resume_state is None):
