@@ -2,14 +2,15 @@
 # The GPU proof: one call on the lent GPU machine (one H200, Python 3.12, torch 2.11 + CUDA 13, triton
 # 3.6; no DeepSpeed, lmdb, pytest, MLflow, DALI; nothing downloadable there), under 8 minutes.
 #
-#   bash benchmarks/gpu_vendor.sh           # here, once: DeepSpeed's sdist + missing wheels → .gpu_vendor/
+#   bash benchmarks/gpu_vendor.sh           # here, once: a DeepSpeed wheel + missing wheels → .gpu_vendor/
 #   bash benchmarks/gpu_check.sh            # there, with .gpu_vendor carried along (README, Benchmarks)
 #   bash benchmarks/gpu_check.sh --list     # the stages and their time limits
 #   ALLOW_CPU=1 SIZE=tiny bash benchmarks/gpu_check.sh    # the CPU rehearsal of the same plumbing
 #
 # Stages, each under its own time limit (they sum to well under the 600 s a call may run, and a global
 # DEADLINE shortens the last ones if earlier ones ran long, so the summary always prints):
-#   install          DeepSpeed + missing wheels from .gpu_vendor/ (pip --no-index), mcf itself with
+#   install          DeepSpeed's wheel (built by gpu_vendor.sh) + missing wheels from .gpu_vendor/ (pip --no-index,
+#                    DeepSpeed seeing CUDA, no nvcc; a --dry-run where all is installed), mcf itself with
 #                    --no-deps -e (so mcf.kernels maps to kernels/); every module the stages need imports
 #   kernels          the Triton kernel tests compiled for the GPU against their references
 #   pretrain         `mcf pretrain`, ViT-B/16, bf16, ZeRO-1, torch loader on synthetic JPEGs, random
@@ -41,7 +42,7 @@ STAGE_LIMITS=(install:50 kernels:85 pretrain:80 resume:45 compile:65 triton_rang
 DEADLINE_DEFAULT=470    # whole script, seconds: the device tool allows 600 per call
 RESERVE=15              # kept for the summary and `timeout --kill-after`
 
-PY=${PYTHON:-python3}
+PY=$(command -v "${PYTHON:-python3}" || echo "${PYTHON:-python3}")  # absolute: the install runs with nvcc folders off PATH
 OUT=${OUT:-benchmarks/out}
 WORK=${WORK:-/tmp/mcf_gpu_check}
 VENDOR=${VENDOR:-.gpu_vendor}
@@ -109,18 +110,34 @@ need_data() {
         "$PY" -c "from mcf.bench.feeds import make_jpeg_folder; make_jpeg_folder('$WORK/data', $DATA_COUNT, $DATA_SIZE)"
 }
 
+without_nvcc() {  # PATH without the folders that hold an nvcc (the GPU machine has no CUDA toolkit)
+    local d out=""
+    IFS=: read -r -a dirs <<< "$PATH"
+    for d in "${dirs[@]}"; do [ -x "$d/nvcc" ] || out="${out:+$out:}$d"; done
+    echo "$out"
+}
+
 st_install() {
-    if ! "$PY" -c "import deepspeed, lmdb, pytest, pytest_timeout" 2>/dev/null; then
-        if [ ! -d "$VENDOR" ]; then
-            echo "DeepSpeed/lmdb/pytest missing and no $VENDOR/:" \
-                "run benchmarks/gpu_vendor.sh where pip works, and carry $VENDOR"
-            return 1
-        fi
-        local sdist=()
-        "$PY" -c "import deepspeed" 2>/dev/null || sdist=("$(ls "$VENDOR"/deepspeed-*.tar.gz | head -n 1)")
-        # pip resolves against what is installed: only what is missing (or too old) comes from the folder
-        DS_BUILD_OPS=0 "$PY" -m pip install --no-index --find-links "$VENDOR" --no-build-isolation --no-cache-dir \
-            --progress-bar off "${sdist[@]}" lmdb pytest pytest-timeout || return 1
+    # DeepSpeed comes as the wheel gpu_vendor.sh built (setup.py must not run there: on a CUDA machine it
+    # requires nvidia-ml-py and, without nvcc, fails in builder.is_compatible()). The install runs as it
+    # will there: DeepSpeed's accelerator detection sees CUDA (forced in the CPU rehearsal), no nvcc on
+    # PATH, no CUDA_HOME, pip's own config ignored (only the vendor folder). Where everything already
+    # imports (a rehearsal host), the same command runs with --dry-run: the resolution is what is tested.
+    local wheel dry=() have=0
+    "$PY" -c "import deepspeed, lmdb, pytest, pytest_timeout" 2>/dev/null && have=1
+    if [ ! -d "$VENDOR" ]; then
+        [ "$have" = 1 ] && { echo "everything imports; no $VENDOR/ to rehearse the vendored install with"; } ||
+            { echo "DeepSpeed/lmdb/pytest missing and no $VENDOR/:" \
+                   "run benchmarks/gpu_vendor.sh where pip works, and carry $VENDOR"; return 1; }
+    else
+        wheel=$(ls "$VENDOR"/deepspeed-*-py3-none-any.whl 2>/dev/null | head -n 1)
+        [ -n "$wheel" ] || { echo "no DeepSpeed wheel in $VENDOR/ (rerun benchmarks/gpu_vendor.sh)"; return 1; }
+        [ "$have" = 1 ] && dry=(--dry-run)
+        echo "pip install ${dry[*]} $wheel lmdb pytest pytest-timeout (DS_ACCELERATOR=cuda, no nvcc)"
+        # shellcheck disable=SC2097,SC2098  # PATH is the stripped one for pip only
+        env -u CUDA_HOME -u CUDA_PATH -u DS_BUILD_OPS PATH="$(without_nvcc)" DS_ACCELERATOR=cuda PIP_CONFIG_FILE=/dev/null \
+            "$PY" -m pip install "${dry[@]}" --no-index --find-links "$VENDOR" --no-build-isolation --no-cache-dir \
+            --progress-bar off "$wheel" lmdb pytest pytest-timeout || return 1
     fi
     local here="import mcf.kernels, pathlib as p, sys
 sys.exit(p.Path(mcf.kernels.__file__).resolve().parent != p.Path('kernels').resolve())"

@@ -33,7 +33,8 @@ def gc():
 
 def run_script(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     e = {k: v for k, v in os.environ.items() if k not in ("OUT", "WORK", "STAGES", "DEADLINE", "LIMITS", "SIZE")}
-    e.update(PYTHON=sys.executable, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), CUDA_VISIBLE_DEVICES="", **env)
+    e.update({"PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "CUDA_VISIBLE_DEVICES": ""})
+    e.update(env)
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
 
 
@@ -107,3 +108,57 @@ def test_compile_log_and_junit_counts(gc, tmp_path):
     counts = gc.junit(xml)
     assert counts["passed"] == 1 and counts["failed_tests"] == ["t::b"]
     assert gc.main(["junit", str(xml)]) == 1  # a failed kernel test fails the stage
+
+
+def _vendor_with_deepspeed_wheel(tmp_path: Path) -> Path:
+    """.gpu_vendor/ when gpu_vendor.sh made it here; else a folder holding a metadata-only wheel of the installed
+    DeepSpeed (its real METADATA and requirements: all that pip's resolution reads)."""
+    real = ROOT / ".gpu_vendor"
+    if list(real.glob("deepspeed-*-py3-none-any.whl")):
+        return real
+    import zipfile
+    from importlib import metadata
+
+    dist = metadata.distribution("deepspeed")
+    vendor = tmp_path / "vendor"
+    vendor.mkdir()
+    info = f"deepspeed-{dist.version}.dist-info"
+    with zipfile.ZipFile(vendor / f"deepspeed-{dist.version}-py3-none-any.whl", "w") as whl:
+        whl.writestr(f"{info}/METADATA", dist.read_text("METADATA"))
+        whl.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: mcf-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        whl.writestr(f"{info}/RECORD", f"{info}/METADATA,,\n{info}/WHEEL,,\n{info}/RECORD,,\n")
+    return vendor
+
+
+def test_install_rehearsal_runs_pip_with_cuda_detected_and_no_nvcc(tmp_path):
+    """The CPU rehearsal of the install stage runs the vendored pip install as the GPU machine will: DeepSpeed's
+    setup would see CUDA (DS_ACCELERATOR=cuda), no nvcc on PATH, no CUDA_HOME, only the vendor folder, and a
+    wheel (an sdist's setup.py needs nvidia-ml-py and nvcc there). A shim interpreter records every pip call."""
+    vendor = _vendor_with_deepspeed_wheel(tmp_path)
+    calls = tmp_path / "pip_calls.txt"
+    shim = tmp_path / "bin" / "python"
+    shim.parent.mkdir()
+    shim.write_text(f'''#!/bin/bash
+if [ "$1" = -m ] && [ "$2" = pip ]; then
+    {{ echo "call DS_ACCELERATOR=${{DS_ACCELERATOR-}} nvcc=$(command -v nvcc || echo none) CUDA_HOME=${{CUDA_HOME-}}"
+      echo "args $*"; }} >> {calls}
+    {sys.executable} "$@"; rc=$?; echo "rc $rc" >> {calls}; exit $rc
+fi
+exec {sys.executable} "$@"
+''')
+    shim.chmod(0o755)
+    nvcc_dir = tmp_path / "cuda" / "bin"  # a toolkit on PATH, as on a developer's machine: the stage must hide it
+    nvcc_dir.mkdir(parents=True)
+    (nvcc_dir / "nvcc").write_text("#!/bin/sh\nexit 1\n")
+    (nvcc_dir / "nvcc").chmod(0o755)
+    r = run_script(tmp_path, ALLOW_CPU="1", SIZE="tiny", STAGES="install", VENDOR=str(vendor), PYTHON=str(shim),
+                   PATH=f"{nvcc_dir}:{os.environ['PATH']}", CUDA_HOME=str(tmp_path / "cuda"))
+    log = (tmp_path / "work" / "install.log").read_text() if (tmp_path / "work" / "install.log").exists() else ""
+    assert r.returncode == 0, r.stdout + r.stderr + log
+    text = calls.read_text() if calls.exists() else ""
+    installs = [line for line in text.splitlines() if line.startswith("args -m pip install")]
+    assert installs, f"the install stage ran no pip install\n{log}"
+    assert "call DS_ACCELERATOR=cuda nvcc=none CUDA_HOME=\n" in text
+    args = installs[0].split()
+    assert "--no-index" in args and str(vendor) in args and any(a.endswith("-py3-none-any.whl") for a in args)
+    assert "rc 0" in text.splitlines()[text.splitlines().index(installs[0]) + 1]
