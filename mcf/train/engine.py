@@ -215,6 +215,11 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
         if "enabled" in section and section["enabled"] not in ("auto",) and bool(section["enabled"]) != want:
             raise conflict(f"{name}.enabled", section["enabled"], p, "train.precision")
         section["enabled"] = want
+    if p == "bf16":
+        # DeepSpeed's gradient-overflow check costs a host sync per step at ZeRO-1/2 (an .item()) and skips a
+        # non-finite step silently; the trainer's finite-loss check stops the run before such an update in the
+        # step's one sync (bf16 has fp32's range: a non-finite gradient under a finite loss is not expected)
+        ds["bf16"].setdefault("check_grad_overflow", False)
     # DeepSpeed 0.19.8 reads communication_data_type in the engine (ZeRO 0 and the BF16 optimizer's all-reduce),
     # DeepSpeedZeroOptimizer (ZeRO 1/2) and DeepSpeedZeroOptimizer_Stage3; unset, it is the training dtype (bf16/fp16)
     comm = ds.get("communication_data_type")
