@@ -1,10 +1,11 @@
 """The pre-training loop: the online model in a DeepSpeed engine, the EMA target and the frozen
 teacher beside it, exact resume, and rank-0 outputs.
 
-One optimizer step = ``accum_steps`` micro-batches. Per step the host waits once, on a 2-float
-all-reduce of (non-finite losses seen, stop requested): a non-finite loss is caught before the
-update is applied and every rank stops after the same step on SIGTERM/SIGUSR1. Loss values stay on
-the device and are reduced every ``log_every`` steps.
+One optimizer step = ``accum_steps`` micro-batches. Per step mcf's host waits once, on a 3-float
+all-reduce of (non-finite losses seen, stop requested, data error): a non-finite loss is caught before
+the update is applied and every rank stops after the same step on SIGTERM/SIGUSR1 (DeepSpeed's own
+syncs per precision and ZeRO stage: README). Loss values stay on the device and are reduced every
+``log_every`` steps. A watchdog thread (:mod:`mcf.train.watchdog`) ends a rank whose step stalls.
 """
 
 from __future__ import annotations
