@@ -35,7 +35,8 @@ def gc():
 
 def run_script(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     e = {k: v for k, v in os.environ.items() if k not in ("OUT", "WORK", "STAGES", "DEADLINE", "LIMITS", "SIZE")}
-    e.update({"PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "CUDA_VISIBLE_DEVICES": ""})
+    e.update({"PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "CUDA_VISIBLE_DEVICES": "",
+              "CACHE": str(tmp_path / "cache")})
     e.update(env)
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
 
