@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mcf.configtree import field, from_dict, load_yaml, merge, parse_override, short, to_dict
+from mcf.configtree import field, from_dict, load_yaml, merge, resolve, short, to_dict
 from mcf.data.core.config import DataConfig
 from mcf.errors import ConfigError
 
@@ -277,12 +277,7 @@ def preset_dict(name_or_path: str, _chain: tuple[Path, ...] = ()) -> dict[str, A
 
 def build_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = (), updates: dict[str, Any] | None = None) -> Config:
     """Resolve a config: preset/YAML, then the nested ``updates`` dict (CLI flags), then overrides."""
-    data: dict[str, Any] = preset_dict(preset) if preset else {}
-    if updates:
-        data = merge(data, updates)
-    for text in overrides:
-        data = merge(data, parse_override(text, Config))
-    return from_dict(Config, data)
+    return resolve(Config, preset_dict(preset) if preset else {}, flags=updates, overrides=overrides)
 
 
 def load_config_dict(data: dict[str, Any]) -> Config:

@@ -66,16 +66,11 @@ def _updates(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace):
     """preset/YAML → $MCF_OVERRIDES → dedicated flags → --set, validated once at the end."""
-    from mcf.config import Config, load_config_dict, preset_dict
-    from mcf.configtree import merge, parse_override
+    from mcf.config import Config, preset_dict
+    from mcf.configtree import resolve
 
-    data = preset_dict(args.config)
-    for text in shlex.split(os.environ.get(OVERRIDES_ENV, "")):
-        data = merge(data, parse_override(text, Config))
-    data = merge(data, _updates(args))
-    for text in args.set:
-        data = merge(data, parse_override(text, Config))
-    return load_config_dict(data)
+    return resolve(Config, preset_dict(args.config), env=shlex.split(os.environ.get(OVERRIDES_ENV, "")),
+                   flags=_updates(args), overrides=args.set)
 
 
 def monitor_factory(cfg) -> Callable[..., Any] | None:
