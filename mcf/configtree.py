@@ -74,11 +74,12 @@ def safe_yaml(text: str, where: str) -> Any:
     return data
 
 
-def field(default: Any = _MISSING, *, help: str, default_factory: Any = _MISSING) -> Any:
-    """A dataclass field with a help string (shown by ``mcf config`` and in errors)."""
+def field(default: Any = _MISSING, *, help: str, default_factory: Any = _MISSING, **metadata: Any) -> Any:
+    """A dataclass field with a help string (shown by ``mcf config`` and in errors); ``metadata`` holds more
+    (e.g. how a command builds a flag of it)."""
     if default_factory is not _MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=default_factory, metadata={"help": help, **metadata})
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -316,4 +317,23 @@ def describe(cls: type) -> list[tuple[str, Any, str]]:
         for part in key.split("."):
             cur = cur[part]
         rows.append((key, cur, f.metadata.get("help", "")))
+    return rows
+
+
+REQUIRED = "<required>"
+
+
+def describe_fields(cls: type) -> list[tuple[str, Any, str]]:
+    """(dotted key, declared default or :data:`REQUIRED`, help) for every leaf, read from the field declarations
+    without building the config: for a config with required keys or defaults filled from other keys (finetune's
+    ``None`` = the protocol's value)."""
+    rows = []
+    for key, f in flat_keys(cls).items():
+        if f.default is not _MISSING:
+            default = f.default
+        elif f.default_factory is not _MISSING:
+            default = to_dict(f.default_factory())
+        else:
+            default = REQUIRED
+        rows.append((key, list(default) if isinstance(default, tuple) else default, f.metadata.get("help", "")))
     return rows

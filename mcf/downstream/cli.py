@@ -6,8 +6,6 @@ import argparse
 import json
 import logging
 
-from mcf.errors import ConfigError
-
 log = logging.getLogger(__name__)
 
 PRETRAINED_HELP = (
@@ -25,57 +23,30 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+FINETUNE_EPILOG = """\
+Each flag sets the config key of its name (--img-size: img_size; --no-augment: augment=false); --set key=value
+reaches every key (list them with `mcf config --list --command finetune`). Resolution order, as for pretrain:
+the defaults, the protocol's values for every key left unset, the flags, then --set."""
+
+
+def finetune_config_from_args(args: argparse.Namespace):
+    """The :class:`FinetuneConfig` of ``mcf finetune TASK``: the task's defaults, the dedicated flags, then
+    ``--set``, through the resolution every command uses (:func:`mcf.configtree.resolve`)."""
+    from dataclasses import fields
+
+    from mcf.configtree import resolve
+    from mcf.downstream.finetune import FinetuneConfig
+
+    flags = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig) if getattr(args, f.name, None) is not None}
+    return resolve(FinetuneConfig, {"task": args.task, "output_dir": f"runs/finetune_{args.task}"}, flags=flags,
+                   overrides=args.set)
+
+
 def run_finetune_cmd(args: argparse.Namespace) -> int:
-    from mcf.downstream.finetune import FinetuneConfig, cli_fields, run_finetune
+    from mcf.downstream.finetune import run_finetune
     from mcf.downstream.protocols import PROTOCOLS, REPORTED, format_best_last
 
-    try:
-        milestones = (
-            None
-            if args.lr_milestones is None
-            else tuple(int(m) for m in args.lr_milestones.split(",") if m.strip())
-        )
-    except ValueError:
-        raise ConfigError(
-            f"--lr-milestones takes epochs separated by commas (e.g. 200 or 100,200), got {args.lr_milestones!r}"
-        ) from None
-    cfg = FinetuneConfig(
-        task=args.task,
-        data=args.data,
-        pretrained=args.pretrained,
-        protocol=args.protocol,
-        output_dir=args.output_dir,
-        model=args.model,
-        img_size=args.img_size,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        lr=args.lr,
-        backbone_lr=args.backbone_lr,
-        min_lr=args.min_lr,
-        layer_decay=args.layer_decay,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        lr_milestones=milestones,
-        lr_gamma=args.lr_gamma,
-        warmup_steps=args.warmup_steps,
-        grad_clip=args.grad_clip,
-        ema_decay=args.ema_decay,
-        crop=args.crop,
-        context=args.context,
-        warp_factor=args.warp_factor,
-        paint_order=args.paint_order,
-        augment=not args.no_augment,
-        test_split=args.test_split,
-        precision=args.precision,
-        zero=args.zero,
-        workers=args.workers,
-        seed=args.seed,
-        log_every=args.log_every,
-        tracking_uri=args.tracking_uri,
-        experiment=args.experiment,
-        **{f.name: getattr(args, f.name) for f in cli_fields()},
-    )
+    cfg = finetune_config_from_args(args)
     result = run_finetune(cfg)
     p = PROTOCOLS[cfg.protocol]
     print(
@@ -134,12 +105,12 @@ def _finetune_flags(p: argparse.ArgumentParser, task: str) -> None:
     )
     p.add_argument(
         "--output-dir",
-        default=f"runs/finetune_{task}",
+        default=None,
         metavar="DIR",
         help="metrics.json, paper_row.md, finetuned.pt, mlflow.db",
     )
     p.add_argument(
-        "--model", default="mcf_vit_tiny", help="architecture of a 'random' encoder (checkpoints bring their own)"
+        "--model", default=None, help="architecture of a 'random' encoder (checkpoints bring their own)"
     )
     p.add_argument(
         "--img-size", type=int, default=None, help="network input px (protocol: 448, the 512-px frame resized)"
@@ -156,18 +127,18 @@ def _finetune_flags(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=None, help="head lr (protocol: alignment 1e-2, parsing 1e-3)")
     p.add_argument("--backbone-lr", type=float, default=None, help="encoder lr (protocol: 1e-4)")
-    p.add_argument("--min-lr", type=float, default=1e-6, help="end of the cosine schedule")
+    p.add_argument("--min-lr", type=float, default=None, help="end of the cosine schedule")
     p.add_argument(
         "--layer-decay",
         type=float,
-        default=1.0,
+        default=None,
         help="encoder block i gets backbone-lr * decay ** (depth - i) (FaRL: 1)",
     )
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (protocol: 1e-5)")
     p.add_argument(
         "--schedule",
         choices=("step", "cosine"),
-        default="step",
+        default=None,
         help="step: lr x gamma after each milestone epoch (FaRL); cosine: warm-up then cosine to --min-lr",
     )
     p.add_argument(
@@ -177,7 +148,7 @@ def _finetune_flags(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument(
         "--warmup-steps", type=int, default=None, help="default: none for step, 5%% of the run for cosine"
     )
-    p.add_argument("--grad-clip", type=float, default=0.0, help="gradient norm clip, 0 = off (FaRL clips nothing)")
+    p.add_argument("--grad-clip", type=float, default=None, help="gradient norm clip, 0 = off (FaRL clips nothing)")
     p.add_argument(
         "--ema-decay",
         type=float,
@@ -202,7 +173,7 @@ def _finetune_flags(p: argparse.ArgumentParser, task: str) -> None:
         p.add_argument(
             "--paint-order",
             choices=("farl", "release"),
-            default="farl",
+            default=None,
             help="CelebAMask-HQ overlapping parts: FaRL's order (its table) or the release's g_mask.py order",
         )
     p.add_argument(
@@ -211,12 +182,12 @@ def _finetune_flags(p: argparse.ArgumentParser, task: str) -> None:
         default=None,
         help="tanh warp of the frame, 0 = off (protocol: LaPa 0.8, others 0)",
     )
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--zero", type=int, choices=(0, 1, 2), default=0, help="DeepSpeed ZeRO stage")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--no-augment", action="store_true", help="no random geometry or colour while training")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="training precision (default fp32)")
+    p.add_argument("--zero", type=int, choices=(0, 1, 2), default=None, help="DeepSpeed ZeRO stage (default 0)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 2)")
+    p.add_argument("--seed", type=int, default=None, help="default 0")
+    p.add_argument("--log-every", type=int, default=None, help="steps between loss logs (default 10)")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no random geometry or colour while training")
     p.add_argument(
         "--test-split",
         default=None,
@@ -229,18 +200,20 @@ def _finetune_flags(p: argparse.ArgumentParser, task: str) -> None:
         metavar="URI|none",
         help="MLflow (default: sqlite store in the output dir; 'none' = off)",
     )
-    p.add_argument("--experiment", default="mcf-finetune", help="MLflow experiment name")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (default mcf-finetune)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any config key (repeatable; `mcf config --list --command finetune`)")
     from mcf.downstream.finetune import cli_fields
 
     for f in cli_fields():  # declared once, in FinetuneConfig's field metadata
         flag = "--" + f.name.replace("_", "-")
         if f.metadata.get("bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
         else:
-            p.add_argument(flag, type=f.metadata.get("type", str), choices=f.metadata.get("choices"), default=f.default,
+            p.add_argument(flag, type=f.metadata.get("type", str), choices=f.metadata.get("choices"), default=None,
                            help=f.metadata["help"])
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.set_defaults(func=run_finetune_cmd, task=task, context=None, paint_order="farl")
+    p.set_defaults(func=run_finetune_cmd, task=task)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -266,7 +239,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     tasks = f.add_subparsers(dest="task_command", metavar="TASK")
     _finetune_flags(
         tasks.add_parser(
-            "alignment",
+            "alignment", epilog=FINETUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
             help="landmarks on FaRL's AFLW-19 (NME_diag, NME_box), 300W or WFLW protocol (NME inter-ocular, "
             "inter-pupil; WFLW: FR and AUC @10)",
         ),
@@ -274,7 +247,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     _finetune_flags(
         tasks.add_parser(
-            "parsing", help="segmentation on FaRL's LaPa or CelebAMask-HQ protocol (per-class and mean F1)"
+            "parsing", epilog=FINETUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, help="segmentation on FaRL's LaPa or CelebAMask-HQ protocol (per-class and mean F1)"
         ),
         "parsing",
     )

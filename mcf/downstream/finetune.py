@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mcf.configtree import field
 from mcf.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -38,70 +39,90 @@ CROPS = {"alignment": ("box",), "parsing": ("align", "resize")}
 
 @dataclass(kw_only=True)
 class FinetuneConfig:
-    """Settings of one fine-tuning run (every CLI flag of ``mcf finetune``). ``None`` = the protocol's value."""
+    """Settings of one fine-tuning run: the ``mcf finetune`` config (``mcf config --list --command finetune``).
 
-    task: Literal["alignment", "parsing"]
-    data: str  # dataset root, in one of the layouts of mcf.downstream.datasets
-    pretrained: str  # checkpoint (export, run/step dir, consolidated file, paper layout) or 'random'
-    protocol: str | None = None  # aflw19 | 300w | lapa | celebamask_hq; None = from the data folder's layout
-    output_dir: str = "runs/finetune"
-    model: str = "mcf_vit_tiny"  # architecture of a 'random' encoder (a checkpoint brings its own)
-    img_size: int | None = None  # network input (px); the protocol's 448
-    frame: int = 512  # FaRL's aligned frame (px): the geometry of crops, template and tanh warp
-    batch_size: int | None = None  # per rank; None = the protocol's global batch (40) / world size
-    epochs: int | None = None
-    max_steps: int | None = None  # overrides epochs
-    lr: float | None = None  # head lr
-    backbone_lr: float | None = (
-        None  # encoder lr (FaRL 1e-4); with layer_decay < 1, block i gets it × decay^(depth - i)
-    )
-    min_lr: float = 1e-6  # cosine schedule only
-    layer_decay: float = 1.0  # FaRL: 1 (one backbone lr); BEiT/MAE-style fine-tuning uses ~0.75
-    weight_decay: float | None = None
-    schedule: Literal["step", "cosine"] = "step"  # step: FaRL's MultiStepLR; cosine: warm-up + cosine to min_lr
-    lr_milestones: tuple[int, ...] | None = None  # epochs after which the lr is multiplied by lr_gamma
-    lr_gamma: float | None = None
-    warmup_steps: int | None = None  # None = 0 for step (FaRL), 5 % of the run for cosine
-    grad_clip: float = 0.0  # 0 = off (FaRL's configs clip nothing)
-    ema_decay: float | None = None  # evaluate an EMA of the weights; 0 = evaluate the trained weights
-    crop: str | None = None  # alignment: box; parsing: align (5 points, LaPa) | resize
-    context: float | None = None  # alignment crop side / box side (AFLW-19 1.0, 300W 1.25)
-    warp_factor: float | None = None  # tanh warp, 0 = off (LaPa 0.8)
-    paint_order: Literal["farl", "release"] = "farl"  # CelebAMask-HQ overlapping parts
-    augment: bool = True
-    test_split: str | None = None
-    precision: Literal["fp32", "bf16"] = "fp32"
-    zero: int = 0  # ZeRO 0-2: evaluation runs the whole module on every rank (rank 0 writes)
-    workers: int = 2
-    seed: int = 0
-    log_every: int = 10
-    tracking_uri: str | None = None  # MLflow: None = sqlite store in output_dir; 'none' = off; or a server URI
-    experiment: str = "mcf-finetune"
-    # Declared once here: `mcf finetune` makes a flag of every field with a "help" (cli.py reads the metadata).
-    head: str | None = field(default=None, metadata={
-        "help": "uper: FaRL's UPerHead on blocks 3,5,7,11 (scaled to the depth), the protocol's; light: mcf's "
-                "soft-argmax head (alignment) / light FPN (parsing)", "choices": ("uper", "light")})
-    loss: str | None = field(default=None, metadata={
-        "help": "alignment loss: farl = per-point Euclidean distance + heatmap BCE (uper's default); l1 = L1 of "
-                "the coordinates (light's default)", "choices": ("farl", "l1")})
-    box_stretch: bool | None = field(default=None, metadata={
-        "help": "alignment: scale a non-square box's width and height apart onto the square frame (FaRL, the "
-                "protocols'); --no-box-stretch: the square of its longer side", "bool": True})
-    eval_every: int = field(default=1, metadata={
-        "help": "evaluate the test split every N epochs and at the end; the best (by the Full metric) and the "
-                "last are reported (FaRL: every epoch, its tables the best); 0 = at the end only", "type": int})
-    train_data_ratio: float | None = field(default=None, metadata={
-        "help": "train on this random share of the train split (FaRL's train_data_ratio, the low-data rows); "
-                "the subset is fixed by --seed", "type": float})
-    freeze_backbone: bool = field(default=False, metadata={
-        "help": "linear probing: the encoder is frozen (out of the optimizer, eval mode, no_grad); only the "
-                "head trains (FaRL's freeze_backbone optimizer)", "bool": True})
-    grad_accum: int | None = field(default=None, metadata={
-        "help": "gradient accumulation steps per optimizer step (default: 1, or what the memory check picks "
-                "to keep the protocol's global batch)", "type": int})
-    memory_check: bool = field(default=True, metadata={
-        "help": "estimate the run's memory before starting and fit the micro-batch (+ accumulation) to the "
-                "machine, or stop with what fits; --no-memory-check skips it", "bool": True})
+    A field left ``None`` takes the protocol's value (:data:`mcf.downstream.protocols.PROTOCOLS`, FaRL's
+    per-benchmark settings: the named presets of this config). The command line resolves it as pretrain's
+    does (:func:`mcf.configtree.resolve`): defaults, the protocol, the dedicated flags, then ``--set key=value``.
+    """
+
+    task: Literal["alignment", "parsing"] = field(help="alignment (landmarks) or parsing (segmentation); set by the "
+                                                       "subcommand.")
+    data: str = field(help="Dataset root, in one of the layouts of mcf.downstream.datasets.")
+    pretrained: str = field(help="Encoder weights: an `mcf export` .safetensors, a run or step directory, an `mcf "
+                                 "export-fp32` file, the paper's .pth, or 'random' (baseline).")
+    protocol: str | None = field(None, help="FaRL's protocol (aflw19, 300w, wflw, lapa, celebamask_hq); None = the "
+                                            "one the data folder's layout holds. Fills every field left None.")
+    output_dir: str = field("runs/finetune", help="metrics.json, paper_row.md, finetuned.pt, mlflow.db (the CLI's "
+                                                  "default: runs/finetune_<task>).")
+    model: str = field("mcf_vit_tiny", help="Architecture of a 'random' encoder (a checkpoint brings its own).")
+    img_size: int | None = field(None, help="Network input px (protocol: 448, the 512-px frame resized).")
+    frame: int = field(512, help="FaRL's aligned frame (px): the geometry of crops, template and tanh warp.")
+    batch_size: int | None = field(None, help="Micro-batch per rank; None = the protocol's global batch (40) over "
+                                              "the ranks, fitted to memory.")
+    epochs: int | None = field(None, help="Epochs (protocol: AFLW-19 and WFLW 150, 300W 250, LaPa and "
+                                          "CelebAMask-HQ 300).")
+    max_steps: int | None = field(None, help="Stop after this many optimizer steps (overrides epochs).")
+    lr: float | None = field(None, help="Head lr (protocol: alignment 1e-2, parsing 1e-3).")
+    backbone_lr: float | None = field(None, help="Encoder lr (protocol: 1e-4); with layer_decay < 1 block i gets "
+                                                 "it x decay^(depth - i).")
+    min_lr: float = field(1e-6, help="End of the cosine schedule (cosine only).")
+    layer_decay: float = field(1.0, help="Layer-wise lr decay of the encoder (FaRL: 1; BEiT/MAE-style ~0.75).")
+    weight_decay: float | None = field(None, help="AdamW weight decay on weight matrices (protocol: 1e-5).")
+    schedule: Literal["step", "cosine"] = field("step", help="step: lr x lr_gamma after each milestone epoch "
+                                                             "(FaRL's MultiStepLR); cosine: warm-up then cosine to "
+                                                             "min_lr.")
+    lr_milestones: tuple[int, ...] | None = field(None, help="Epochs after which the step schedule multiplies the "
+                                                             "lr by lr_gamma (protocol: 200).")
+    lr_gamma: float | None = field(None, help="Step schedule factor (protocol: 0.1).")
+    warmup_steps: int | None = field(None, help="Linear warm-up steps; None = 0 for step (FaRL), 5 % of the run "
+                                                "for cosine.")
+    grad_clip: float = field(0.0, help="Gradient-norm clipping, 0 = off (FaRL's configs clip nothing).")
+    ema_decay: float | None = field(None, help="Evaluate an EMA of the weights (protocol: 0.999); 0 = the trained "
+                                               "weights.")
+    crop: str | None = field(None, help="alignment: box; parsing: align (5 of LaPa's 106 points onto FaRL's "
+                                        "template) or resize (the whole image, celebamask_hq).")
+    context: float | None = field(None, help="Alignment crop side / box side (protocol: AFLW-19 1.0, 300W and WFLW "
+                                             "1.25).")
+    warp_factor: float | None = field(None, help="tanh warp of the frame, 0 = off (protocol: LaPa 0.8, others 0).")
+    paint_order: Literal["farl", "release"] = field("farl", help="CelebAMask-HQ overlapping parts: FaRL's order (its "
+                                                                 "table) or the release's g_mask.py order.")
+    augment: bool = field(True, help="Random geometry and colour while training (--no-augment: off).")
+    test_split: str | None = field(None, help="The evaluated split (protocol: test; 300W test_full); subsets such as "
+                                              "test_frontal, test_common, test_<wflw subset>, or val.")
+    precision: Literal["fp32", "bf16"] = field("fp32", help="Training precision.")
+    zero: int = field(0, help="DeepSpeed ZeRO stage 0-2 (evaluation runs the whole module on every rank).")
+    workers: int = field(2, help="DataLoader workers.")
+    seed: int = field(0, help="Seed of the head, data order, augmentation and train_data_ratio's subset.")
+    log_every: int = field(10, help="Steps between loss logs.")
+    tracking_uri: str | None = field(None, help="MLflow tracking URI; None = a sqlite store in output_dir; 'none' "
+                                                "= off.")
+    experiment: str = field("mcf-finetune", help="MLflow experiment name.")
+    # The fields below also declare their command-line flag here (flag=True): cli.py reads the metadata.
+    head: str | None = field(None, flag=True, choices=("uper", "light"), help=(
+        "uper: FaRL's UPerHead on blocks 3,5,7,11 (scaled to the depth), the protocol's; light: mcf's "
+        "soft-argmax head (alignment) / light FPN (parsing)"))
+    loss: str | None = field(None, flag=True, choices=("farl", "l1"), help=(
+        "alignment loss: farl = per-point Euclidean distance + heatmap BCE (uper's default); l1 = L1 of "
+        "the coordinates (light's default)"))
+    box_stretch: bool | None = field(None, flag=True, bool=True, help=(
+        "alignment: scale a non-square box's width and height apart onto the square frame (FaRL, the "
+        "protocols'); --no-box-stretch: the square of its longer side"))
+    eval_every: int = field(1, flag=True, type=int, help=(
+        "evaluate the test split every N epochs and at the end; the best (by the Full metric) and the "
+        "last are reported (FaRL: every epoch, its tables the best); 0 = at the end only"))
+    train_data_ratio: float | None = field(None, flag=True, type=float, help=(
+        "train on this random share of the train split (FaRL's train_data_ratio, the low-data rows); "
+        "the subset is fixed by --seed"))
+    freeze_backbone: bool = field(False, flag=True, bool=True, help=(
+        "linear probing: the encoder is frozen (out of the optimizer, eval mode, no_grad); only the "
+        "head trains (FaRL's freeze_backbone optimizer)"))
+    grad_accum: int | None = field(None, flag=True, type=int, help=(
+        "gradient accumulation steps per optimizer step (default: 1, or what the memory check picks "
+        "to keep the protocol's global batch)"))
+    memory_check: bool = field(True, flag=True, bool=True, help=(
+        "estimate the run's memory before starting and fit the micro-batch (+ accumulation) to the "
+        "machine, or stop with what fits; --no-memory-check skips it"))
 
     def __post_init__(self) -> None:
         from mcf.downstream.datasets import detect_protocol
@@ -194,8 +215,8 @@ class FinetuneConfig:
 
 
 def cli_fields() -> list:
-    """The :class:`FinetuneConfig` fields that declare their own command-line flag (metadata ``help``)."""
-    return [f for f in fields(FinetuneConfig) if "help" in f.metadata]
+    """The :class:`FinetuneConfig` fields that declare their own command-line flag (metadata ``flag``)."""
+    return [f for f in fields(FinetuneConfig) if f.metadata.get("flag")]
 
 
 class TaskData(torch.utils.data.Dataset):
@@ -361,6 +382,18 @@ def _build(cfg: FinetuneConfig):
     )
 
 
+def finetune_ds_config(cfg: FinetuneConfig, world_size: int, batch: int, accum: int = 1) -> dict[str, Any]:
+    """The DeepSpeed config of a fine-tuning run, filled by the trainer's builder
+    (:func:`mcf.train.engine.fill_ds_config`) from nothing: no ds_configs/ JSON, and none of pre-training's
+    communication dtype or sync savings (gradients are reduced in the training dtype, DeepSpeed's default)."""
+    from mcf.train.engine import fill_ds_config
+
+    return fill_ds_config({}, micro_batch=batch, accum=accum, world_size=world_size, zero=cfg.zero,
+                          precision=cfg.precision, grad_clip=cfg.grad_clip,
+                          keys={"batch": "batch_size", "accum": "grad_accum", "grad_clip": "grad_clip", "zero": "zero",
+                                "precision": "precision"})
+
+
 def build_engine(
     model: torch.nn.Module, groups: list[dict], cfg: FinetuneConfig, world_size: int, batch: int, accum: int = 1
 ):
@@ -369,16 +402,7 @@ def build_engine(
     import deepspeed
 
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))  # refine_backbone.yaml: betas [0.9, 0.999]
-    ds = {
-        "train_batch_size": batch * world_size * accum,
-        "train_micro_batch_size_per_gpu": batch,
-        "gradient_accumulation_steps": accum,
-        "zero_optimization": {"stage": cfg.zero},
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "gradient_clipping": cfg.grad_clip,
-        "steps_per_print": 10**9,
-        "zero_allow_untested_optimizer": True,
-    }
+    ds = finetune_ds_config(cfg, world_size, batch, accum)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     return engine
 

@@ -106,15 +106,30 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# The config class of each other command, by name: `mcf config --list --command NAME` documents its keys.
+# Imported by name so that train imports nothing from the packages above it.
+COMMAND_CONFIGS = {"finetune": ("mcf.downstream.finetune", "FinetuneConfig")}
+
+
+def _command_config(args: argparse.Namespace) -> type:
+    import importlib
+
+    module, name = COMMAND_CONFIGS[args.command_keys]
+    return getattr(importlib.import_module(module), name)
+
+
 def run_config(args: argparse.Namespace) -> int:
     """Print the resolved config as YAML, or every key with its default and help (``--list``)."""
     from mcf.config import Config, dump_config
-    from mcf.configtree import describe
+    from mcf.configtree import describe, describe_fields
 
     if args.list:
-        for key, default, text in describe(Config):
+        rows = describe(Config) if args.command_keys == "pretrain" else describe_fields(_command_config(args))
+        for key, default, text in rows:
             print(f"{key} = {default!r}\n    {text}")
         return 0
+    if args.command_keys != "pretrain":
+        raise ConfigError("--command selects the keys --list prints; the resolved config is printed for pretrain only")
     print(dump_config(config_from_args(args)), end="")
     return 0
 
@@ -124,6 +139,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--config", default="demo", metavar="NAME|PATH", help="preset name or YAML file (default: demo)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (repeatable)")
     c.add_argument("--list", action="store_true", help="list every key with its default and documentation")
+    c.add_argument("--command", dest="command_keys", choices=("pretrain", *COMMAND_CONFIGS), default="pretrain",
+                   help="whose keys --list prints: pretrain's tree, or finetune's (its --set keys; None = the "
+                        "protocol's value)")
     c.set_defaults(func=run_config)
 
     p = subparsers.add_parser("pretrain", help="MCF pre-training (DeepSpeed; 1 process, torchrun, deepspeed or srun)",

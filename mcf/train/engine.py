@@ -167,18 +167,19 @@ def load_ds_json(name_or_path: str) -> dict[str, Any]:
     return data
 
 
-def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config for this run: ``deepspeed.config`` (or ``ds_configs/zero{Z}_{P}.json``
-    when it exists, else a minimal one) with the batch keys, ZeRO stage, precision and clipping
-    filled from the mcf config. A key the JSON sets to a different value than the flags is an error.
-    """
-    t, z, p = cfg.train, cfg.deepspeed.zero, cfg.train.precision
-    if cfg.deepspeed.config:
-        ds, source = load_ds_json(cfg.deepspeed.config), cfg.deepspeed.config
-    elif default_ds_config_path(z, p).is_file():
-        ds, source = load_ds_json(str(default_ds_config_path(z, p))), str(default_ds_config_path(z, p))
-    else:
-        ds, source = {}, "built-in defaults"
+# The config keys the DeepSpeed keys mcf fills come from (named in conflict errors): pretrain's tree.
+PRETRAIN_DS_KEYS = {"batch": "train.batch_size", "accum": "train.accum_steps", "grad_clip": "optim.grad_clip",
+                    "zero": "deepspeed.zero", "precision": "train.precision"}
+
+
+def fill_ds_config(ds: dict[str, Any], *, micro_batch: int, accum: int, world_size: int, zero: int, precision: str,
+                   grad_clip: float, source: str = "built-in defaults",
+                   keys: dict[str, str] = PRETRAIN_DS_KEYS) -> dict[str, Any]:
+    """A copy of the DeepSpeed config ``ds`` (read from ``source``) with the keys every mcf engine owns filled:
+    batch sizes, accumulation, clipping, ZeRO stage, precision (DeepSpeed's ``bf16``/``fp16`` sections), a
+    client optimizer allowed, no console prints. A key ``ds`` sets to another value is an error naming the
+    config key (``keys``) that sets it; so is an ``optimizer``, ``scheduler`` or apex ``amp`` section (mcf
+    supplies the optimizer and the lr schedule). Used by pretraining and by ``mcf finetune``."""
     ds = json.loads(json.dumps(ds))  # a private copy
 
     def conflict(key: str, have: Any, want: Any, flag: str) -> ConfigError:
@@ -187,34 +188,57 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
 
     for key in ("optimizer", "scheduler"):
         if key in ds:
-            raise ConfigError(f"DeepSpeed config {source} has an '{key}' section: mcf supplies the optimizer and the lr schedule "
-                              "(optim.*); remove it")
+            raise ConfigError(f"DeepSpeed config {source} has an '{key}' section: mcf supplies the optimizer and the "
+                              "lr schedule (optim.*); remove it")
     expected = {
-        "train_micro_batch_size_per_gpu": (t.batch_size, "train.batch_size"),
-        "gradient_accumulation_steps": (t.accum_steps, "train.accum_steps"),
-        "train_batch_size": (t.batch_size * t.accum_steps * world_size, "batch_size*accum_steps*world_size"),
-        "gradient_clipping": (cfg.optim.grad_clip, "optim.grad_clip"),
+        "train_micro_batch_size_per_gpu": (micro_batch, keys["batch"]),
+        "gradient_accumulation_steps": (accum, keys["accum"]),
+        "train_batch_size": (micro_batch * accum * world_size, f"{keys['batch']}*{keys['accum']}*world_size"),
+        "gradient_clipping": (grad_clip, keys["grad_clip"]),
     }
     for key, (want, flag) in expected.items():
         if key in ds and ds[key] not in ("auto", None) and float(ds[key]) != float(want):
             raise conflict(key, ds[key], want, flag)
         ds[key] = want
     zo = ds.setdefault("zero_optimization", {})
-    if "stage" in zo and int(zo["stage"]) != z:
-        raise conflict("zero_optimization.stage", zo["stage"], z, "deepspeed.zero")
-    zo["stage"] = z
+    if "stage" in zo and int(zo["stage"]) != zero:
+        raise conflict("zero_optimization.stage", zo["stage"], zero, keys["zero"])
+    zo["stage"] = zero
+    for name in ("bf16", "fp16"):
+        section = ds.setdefault(name, {})
+        want = precision == name
+        if "enabled" in section and section["enabled"] not in ("auto",) and bool(section["enabled"]) != want:
+            raise conflict(f"{name}.enabled", section["enabled"], precision, keys["precision"])
+        section["enabled"] = want
+    if "amp" in ds and ds["amp"].get("enabled"):
+        raise ConfigError(f"DeepSpeed config {source} enables apex amp: use {keys['precision']} instead")
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of a pre-training run: ``deepspeed.config`` (or ``ds_configs/zero{Z}_{P}.json``
+    when it exists, else a minimal one) filled by :func:`fill_ds_config` from the mcf config, then
+    pre-training's communication dtype and the syncs it saves. A key the JSON sets to a different value
+    than the flags is an error.
+    """
+    t, z, p = cfg.train, cfg.deepspeed.zero, cfg.train.precision
+    if cfg.deepspeed.config:
+        ds, source = load_ds_json(cfg.deepspeed.config), cfg.deepspeed.config
+    elif default_ds_config_path(z, p).is_file():
+        ds, source = load_ds_json(str(default_ds_config_path(z, p))), str(default_ds_config_path(z, p))
+    else:
+        ds, source = {}, "built-in defaults"
+    ds = fill_ds_config(ds, micro_batch=t.batch_size, accum=t.accum_steps, world_size=world_size, zero=z, precision=p,
+                        grad_clip=cfg.optim.grad_clip, source=source)
+    zo = ds["zero_optimization"]
     if zo.get("offload_optimizer", {}).get("device", "none") not in ("none", None):
         log.warning("optimizer offload makes DeepSpeed use DeepSpeedCPUAdam (JIT-compiled, ~2 min on first use)")
     elif z in (1, 2) and not cfg.optim.grad_clip and "grad_accum_dtype" not in ds.get("data_types", {}):
         # without clipping nothing reads the global gradient norm, which costs one all-reduce per param group
         # (DeepSpeed's BF16_Optimizer, chosen by data_types.grad_accum_dtype at ZeRO-1, needs it: left alone)
         zo.setdefault("compute_grad_norm", False)
-    for name in ("bf16", "fp16"):
-        section = ds.setdefault(name, {})
-        want = p == name
-        if "enabled" in section and section["enabled"] not in ("auto",) and bool(section["enabled"]) != want:
-            raise conflict(f"{name}.enabled", section["enabled"], p, "train.precision")
-        section["enabled"] = want
     if p == "bf16":
         # DeepSpeed's gradient-overflow check costs a host sync per step at ZeRO-1/2 (an .item()) and skips a
         # non-finite step silently; the trainer's finite-loss check stops the run before such an update in the
@@ -224,12 +248,10 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     # DeepSpeedZeroOptimizer (ZeRO 1/2) and DeepSpeedZeroOptimizer_Stage3; unset, it is the training dtype (bf16/fp16)
     comm = ds.get("communication_data_type")
     if comm is not None and str(comm).lower() != cfg.deepspeed.reduce_dtype:
-        raise conflict("communication_data_type", comm, cfg.deepspeed.reduce_dtype, "deepspeed.reduce_dtype")
+        raise ConfigError(f"DeepSpeed config {source} sets communication_data_type={comm!r} but the run has "
+                          f"deepspeed.reduce_dtype={cfg.deepspeed.reduce_dtype!r}; remove the key from the JSON "
+                          "(mcf fills it) or change the flag")
     ds["communication_data_type"] = cfg.deepspeed.reduce_dtype
-    if "amp" in ds and ds["amp"].get("enabled"):
-        raise ConfigError(f"DeepSpeed config {source} enables apex amp: use train.precision instead")
-    ds.setdefault("zero_allow_untested_optimizer", True)
-    ds.setdefault("steps_per_print", 10**9)
     return ds
 
 
