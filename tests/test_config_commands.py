@@ -58,8 +58,22 @@ def test_every_finetune_flag_is_a_config_key():
     names = {f.name for f in dataclasses.fields(FinetuneConfig)}
     for task in ("alignment", "parsing"):
         parser = sub._subparsers._group_actions[0].choices[task]
-        dests = {a.dest for a in parser._actions} - {"help", "set", "local_rank"}
+        dests = {a.dest for a in parser._actions} - {"help", "set", "config", "local_rank"}
         assert dests <= names, dests - names
+
+
+def test_finetune_yaml_file_then_flags_then_set(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(f"data: {tmp_path}\npretrained: random\nprotocol: 300w\nepochs: 3\nlr: 0.5\nseed: 4\n")
+    run = tmp_path / "run.yaml"
+    run.write_text("inherit: base.yaml\nlr: 0.25\n")
+    cfg = _finetune("alignment", "--config", str(run), "--epochs", "5", "--set", "seed=9")
+    assert (cfg.data, cfg.pretrained, cfg.epochs, cfg.lr, cfg.seed) == (str(tmp_path), "random", 5, 0.25, 9)
+    assert cfg.context == 1.25  # still the protocol's where nothing set it
+    with pytest.raises(ConfigError, match="missing config key pretrained"):
+        _finetune("alignment", "--data", str(tmp_path), "--protocol", "300w")
+    with pytest.raises(ConfigError, match="takes a YAML file"):
+        _finetune("alignment", "--config", "base", "--data", str(tmp_path), "--pretrained", "random")
 
 
 def test_finetune_set_errors_are_one_line(tmp_path, capsys):

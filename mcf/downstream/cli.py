@@ -26,20 +26,29 @@ def run_export(args: argparse.Namespace) -> int:
 FINETUNE_EPILOG = """\
 Each flag sets the config key of its name (--img-size: img_size; --no-augment: augment=false); --set key=value
 reaches every key (list them with `mcf config --list --command finetune`). Resolution order, as for pretrain:
-the defaults, the protocol's values for every key left unset, the flags, then --set."""
+the defaults, --config FILE, the flags, then --set; the protocol's values then fill every key still unset
+(None). --data and --pretrained may come from the file."""
 
 
 def finetune_config_from_args(args: argparse.Namespace):
     """The :class:`FinetuneConfig` of ``mcf finetune TASK``: the task's defaults, the dedicated flags, then
     ``--set``, through the resolution every command uses (:func:`mcf.configtree.resolve`)."""
     from dataclasses import fields
+    from pathlib import Path
 
-    from mcf.configtree import resolve
+    from mcf.config import preset_dict
+    from mcf.configtree import merge, resolve
     from mcf.downstream.finetune import FinetuneConfig
+    from mcf.errors import ConfigError
 
+    base = {"task": args.task, "output_dir": f"runs/finetune_{args.task}"}
+    if args.config is not None:
+        if not Path(args.config).suffix:
+            raise ConfigError(f"finetune --config takes a YAML file of finetune keys, got {args.config!r} (the "
+                              "protocols are chosen with --protocol)")
+        base = merge(base, preset_dict(args.config))
     flags = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig) if getattr(args, f.name, None) is not None}
-    return resolve(FinetuneConfig, {"task": args.task, "output_dir": f"runs/finetune_{args.task}"}, flags=flags,
-                   overrides=args.set)
+    return resolve(FinetuneConfig, base, flags=flags, overrides=args.set)
 
 
 def run_finetune_cmd(args: argparse.Namespace) -> int:
@@ -84,18 +93,19 @@ def _finetune_flags(p: argparse.ArgumentParser, task: str) -> None:
     from mcf.downstream.protocols import TASK_PROTOCOLS
 
     protocols = TASK_PROTOCOLS[task]
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML file of finetune keys (`inherit:` another file), applied before the flags")
     p.add_argument(
         "--data",
-        required=True,
         metavar="DIR",
         help="AFLW-19 (AFLWinfo_release.mat + data/flickr), 300W (afw, helen, lfpw, ibug with .pts files, or HRNet's "
         "face_landmarks_300w_*.csv), WFLW (HRNet's face_landmarks_wflw_*.csv + WFLW_images) or train/ test/ .pts "
-        "folders"
+        "folders; required, here or in --config"
         if task == "alignment"
         else "LaPa (train|val|test/images,labels,landmarks) or CelebAMask-HQ (official layout + CelebA's "
-        "list_eval_partition.txt)",
+        "list_eval_partition.txt); required, here or in --config",
     )
-    p.add_argument("--pretrained", required=True, metavar="CKPT", help=PRETRAINED_HELP)
+    p.add_argument("--pretrained", metavar="CKPT", help=PRETRAINED_HELP + " (required, here or in --config)")
     p.add_argument(
         "--protocol",
         choices=protocols,
