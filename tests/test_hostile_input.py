@@ -5,6 +5,7 @@ stalled streams, output folders that hold the source or another run."""
 from __future__ import annotations
 
 import subprocess
+import tarfile
 import sys
 
 import pytest
@@ -49,3 +50,109 @@ def test_too_deep_nesting_is_one_line(tmp_path):
     torch.save({"x": a}, tmp_path / "deep.pth")
     with pytest.raises(CheckpointError, match=f"nest more than {MAX_DEPTH} deep"):
         safe_load(tmp_path / "deep.pth")
+
+
+# -- crafted tar headers (the indexer reads headers only; the stream reader goes through tarfile) ---------
+def _header(name: str, size: int, typ: bytes = b"0") -> bytes:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.type = size, typ
+    return ti.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def _member(name: str, data: bytes) -> bytes:
+    return _header(name, len(data)) + data + b"\0" * (-len(data) % 512)
+
+
+def _pax(records: bytes) -> bytes:
+    return _header("././@PaxHeader", len(records), tarfile.XHDTYPE) + records + b"\0" * (-len(records) % 512)
+
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(100)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("records", [b"0 size=5\n", b"13 size=-512\n", b"12 size=-0x\n", b"99 path=x\n", b"5 a=b\n",
+                                     b"x size=5\n"])
+def test_crafted_pax_headers_end_the_shard(tmp_path, records):
+    """A pax length that does not advance, runs past its header or is not a number, and a negative or
+    malformed ``size=``: the shard is damaged there (the sample before it kept); never a loop, never a
+    negative length in the index."""
+    from mcf.data.tar_index import count_stream, index_tar
+
+    path = tmp_path / "s.tar"
+    path.write_bytes(_member("a.png", PNG) + _pax(records) + _member("b.png", PNG) + bytes(1024))
+    samples, damage = index_tar(str(path))
+    assert samples == [(512, len(PNG))] and damage and ("at byte 1024" in damage or "at byte 2048" in damage), damage
+    with open(path, "rb") as f:
+        n, _ = count_stream(f)
+    assert n <= 2
+
+
+@pytest.mark.timeout(60)
+def test_member_over_4_gib_is_indexed_with_64_bit_lengths(tmp_path):
+    """A 4 GiB + 1000 byte member (a sparse file: only the headers are written) is indexed, not an
+    OverflowError; reading it is a bad sample (over the image-file cap), never a read into memory."""
+    from mcf.data.shards import ShardTable, build_shard_index, resolve_shards
+    from mcf.data.index import IndexFile
+
+    big = 2**32 + 1000
+    path = tmp_path / "big.tar"
+    with open(path, "wb") as f:
+        f.write(_member("a.png", PNG) + _header("b.png", big))
+        f.seek(f.tell() + big + (-big % 512))
+        f.write(bytes(1024))
+    meta, arrays = build_shard_index(resolve_shards(path), workers=1)
+    table = ShardTable(IndexFile(meta, arrays))
+    assert table.samples(0) == [(512, len(PNG)), (1536, big)]
+
+
+@pytest.mark.timeout(60)
+def test_remote_count_never_holds_a_member(tmp_path, monkeypatch):
+    """Counting a streamed shard for its index reads no member into memory, whatever its size."""
+    import mcf.data.tar_index as ti
+
+    path = tmp_path / "s.tar"
+    path.write_bytes(_member("a.png", PNG) + _member("b.png", bytes(1 << 20)) + bytes(1024))
+    reads = []
+    real = tarfile.ExFileObject if hasattr(tarfile, "ExFileObject") else None
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, m: reads.append(m.name) or real)
+    with open(path, "rb") as f:
+        assert ti.count_stream(f) == (2, None)
+    assert reads == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("tamper", ["list", "object", "float", "negative", "meta"])
+def test_tampered_shard_index_is_rebuilt(tmp_path, tamper):
+    """A shard index whose header was tampered with (arrays as a list, an object or float dtype, a
+    negative shape, meta not a dict) is rebuilt, not a traceback."""
+    import json
+
+    from shard_helpers import make_shards
+
+    from mcf.data.index import MAGIC
+    from mcf.data.shards import open_shard_index, resolve_shards
+
+    make_shards(tmp_path / "d", sizes=(3, 2))
+    spec = resolve_shards(tmp_path / "d")
+    first = open_shard_index(spec, workers=1)
+    path = first.idx.path
+    raw = path.read_bytes()
+    hlen = int.from_bytes(raw[8:16], "little")
+    header = json.loads(raw[16 : 16 + hlen])
+    name = next(iter(header["arrays"]))
+    if tamper == "list":
+        header["arrays"] = list(header["arrays"].items())
+    elif tamper == "object":
+        header["arrays"][name][0] = "|O"
+    elif tamper == "float":
+        header["arrays"]["count"][0] = "<f8"
+    elif tamper == "negative":
+        header["arrays"][name][1] = [-5]
+    else:
+        header["meta"] = [1, 2]
+    text = json.dumps(header).encode()
+    text = text + b" " * (hlen - len(text)) if len(text) <= hlen else text[:hlen]
+    path.write_bytes(MAGIC + raw[8:16] + text + raw[16 + hlen :])
+    again = open_shard_index(spec, workers=1)
+    assert again.total == 5

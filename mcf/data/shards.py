@@ -363,7 +363,7 @@ def build_shard_index(
     if not spec.remote:
         big = max((s[0] for s in stats), default=0) >= 2**32
         arrays["offset"] = np.array(offsets, dtype=np.uint64 if big else np.uint32)
-        arrays["length"] = np.array(sizes, dtype=np.uint32)
+        arrays["length"] = np.array(sizes, dtype=np.uint64 if max(sizes, default=0) >= 2**32 else np.uint32)
     meta = {
         "format": FORMAT,
         "version": VERSION,

@@ -22,6 +22,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$", re.DOTALL)
 BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")
+MAX_META_BYTES = 1 << 20  # a pax header or GNU long name read into memory (real ones are < 1 KiB)
 
 
 def split_name(name: str) -> tuple[str, str] | None:
@@ -57,12 +58,20 @@ def _checksum_ok(h: bytes) -> bool:
 
 
 def _pax(data: bytes) -> dict[str, str]:
+    """The records ``"LEN key=value\\n"`` of a pax header. ``LEN`` counts the whole record; a length that
+    does not reach past its own digits, runs past the header or does not end on a newline raises
+    ``ValueError`` (a record of length 0 would never advance)."""
     out, pos = {}, 0
     while pos < len(data):
-        sp = data.find(b" ", pos)
-        if sp < 0:
-            break
-        n = int(data[pos:sp])
+        if data[pos] == 0:
+            break  # NUL padding after the last record
+        sp = data.find(b" ", pos, pos + 24)
+        digits = data[pos:sp]
+        if sp < 0 or not digits.isdigit():
+            raise ValueError(f"pax record at {pos} has no length")
+        n = int(digits)
+        if n <= sp + 1 - pos or pos + n > len(data) or data[pos + n - 1 : pos + n] != b"\n":
+            raise ValueError(f"pax record at {pos} has a bad length {n}")
         key, _, value = data[sp + 1 : pos + n - 1].partition(b"=")
         out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
         pos += n
@@ -85,17 +94,25 @@ def scan_members(fd: int, size: int) -> Iterator[tuple[str, int, int]]:
         if not ok:
             raise TarDamage(f"bad header checksum at byte {pos}")
         typ = h[156:157]
-        n = pax.get("size")
-        try:
-            n = int(n) if n is not None else _octal(h[124:136])
-        except ValueError:
-            raise TarDamage(f"bad pax size {n!r} at byte {pos}") from None
+        pax_size = pax.get("size")
+        if pax_size is None:
+            n = _octal(h[124:136])
+        elif pax_size.isascii() and pax_size.isdigit():  # no sign, no blanks
+            n = int(pax_size)
+        else:
+            raise TarDamage(f"bad pax size {pax_size[:40]!r} at byte {pos}")
+        if n < 0:  # a base-256 or pax length below zero would step back onto this header: never loop
+            raise TarDamage(f"negative member size {n} at byte {pos}")
         data = pos + BLOCK
         if data + n > size:
             raise TarDamage(f"member at byte {pos} runs past the end of the file ({size} bytes): truncated")
+        if typ == b"L" and n > MAX_META_BYTES:
+            raise TarDamage(f"GNU long name of {n} bytes at byte {pos} (more than {MAX_META_BYTES})")
         if typ == b"L":  # GNU long name: the next member's name
             long_name = os.pread(fd, n, data).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         elif typ == b"x":  # pax extended header of the next member
+            if n > MAX_META_BYTES:
+                raise TarDamage(f"pax header of {n} bytes at byte {pos} (more than {MAX_META_BYTES})")
             try:
                 pax = _pax(os.pread(fd, n, data))
             except ValueError:
@@ -168,6 +185,8 @@ def stream_samples(f: BinaryIO, max_bytes: int | None = None) -> Iterator[bytes]
     try:
         tf = tarfile.open(fileobj=f, mode="r|")
         for m in tf:
+            if m.size < 0:  # a crafted pax size: tarfile would seek back (or loop)
+                raise TarDamage(f"member {m.name[:200]} has a negative size {m.size}")
             if not m.isreg():
                 continue
             kx = split_name(m.name)
@@ -186,6 +205,10 @@ def stream_samples(f: BinaryIO, max_bytes: int | None = None) -> Iterator[bytes]
                     raise TarDamage(f"member {m.name} is cut short ({len(data)} of {m.size} bytes)")
                 found = data
             tf.members = []  # streaming: keep no history
+    except TarDamage:
+        if found is not None:
+            yield found
+        raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         if found is not None:
             yield found
@@ -195,10 +218,11 @@ def stream_samples(f: BinaryIO, max_bytes: int | None = None) -> Iterator[bytes]
 
 
 def count_stream(f: BinaryIO) -> tuple[int, str | None]:
-    """``(image samples, damage)`` of a tar stream (for indexes of remote shards)."""
+    """``(image samples, damage)`` of a tar stream (for indexes of remote shards). No member is held
+    in memory: every image member is skipped by the stream, whatever its size."""
     n = 0
     try:
-        for _ in stream_samples(f):
+        for _ in stream_samples(f, max_bytes=0):
             n += 1
     except TarDamage as e:
         return n, str(e)
