@@ -4,14 +4,16 @@ stalled streams, output folders that hold the source or another run."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tarfile
+import time
 import sys
 
 import pytest
 import torch
 
-from mcf.errors import CheckpointError
+from mcf.errors import CheckpointError, DataError
 
 
 def self_sharing_list(depth: int = 60) -> list:
@@ -156,3 +158,50 @@ def test_tampered_shard_index_is_rebuilt(tmp_path, tamper):
     path.write_bytes(MAGIC + raw[8:16] + text + raw[16 + hlen :])
     again = open_shard_index(spec, workers=1)
     assert again.total == 5
+
+
+# -- naming shards ------------------------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_brace_patterns_expand_like_bash_and_are_bounded_before_expansion():
+    from mcf.data.shards import MAX_SHARDS, brace_count, expand_braces, resolve_shards
+
+    assert expand_braces("{0..10}") == [str(i) for i in range(11)]  # bash, webdataset: no padding
+    assert expand_braces("{00..10}")[:2] == ["00", "01"] and expand_braces("{8..010}")[0] == "008"
+    assert expand_braces("{3..1}") == ["3", "2", "1"]
+    assert brace_count("s{0..999999}{0..9999999}.tar") == 10**13  # counted, not expanded
+    t0 = time.process_time()
+    with pytest.raises(DataError, match=f"more than the limit of {MAX_SHARDS:,}"):
+        resolve_shards("/nowhere/{0..9999999}.tar")
+    with pytest.raises(DataError, match="more than the limit"):
+        resolve_shards("pipe:cat /x/{0..999999}{0..9999999}.tar")
+    assert time.process_time() - t0 < 5  # nothing of size 10^7 was built (the old code took 26 s, 2.5 GB)
+
+
+@pytest.mark.timeout(60)
+def test_shard_list_bounded_as_a_whole_with_bom_and_directories(tmp_path):
+    from shard_helpers import make_shards
+
+    from mcf.data.shards import MAX_SHARDS, resolve_shards
+
+    make_shards(tmp_path / "d", sizes=(2, 2))
+    lst = tmp_path / "list.txt"
+    lst.write_bytes("\ufeffd/00000.tar\nd/00001.tar\n".encode())  # a byte-order mark, as Windows editors write
+    assert [os.path.basename(u) for u in resolve_shards(lst).urls] == ["00000.tar", "00001.tar"]
+    lst.write_text("d/00000.tar\nd\n")
+    with pytest.raises(DataError, match="is a directory"):
+        resolve_shards(lst)
+    n = MAX_SHARDS // 2 + 1
+    lst.write_text(f"pipe:cat a{{1..{n}}}.tar\npipe:cat b{{1..{n}}}.tar\n")  # each line under the limit, the list over
+    with pytest.raises(DataError, match="more than the limit"):
+        resolve_shards(lst)
+
+
+@pytest.mark.timeout(60)
+def test_shards_one_folder_down_are_named_not_no_images(tmp_path):
+    from shard_helpers import make_shards
+
+    from mcf.data import open_dataset
+
+    make_shards(tmp_path / "root" / "train", sizes=(2,))
+    with pytest.raises(DataError, match=f"{tmp_path / 'root' / 'train'} holds .tar shards"):
+        open_dataset(tmp_path / "root")

@@ -33,12 +33,14 @@ Numpy only: DALI's spawned source workers unpickle :class:`ShardDataset` and :cl
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import math
 import os
 import re
 import subprocess
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,26 +65,57 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 # -- naming shards -----------------------------------------------------------------------------------
-def expand_braces(pattern: str) -> list[str]:
-    """``a{00..02}b{x,y}`` -> ``a00bx a00by a01bx ...``: numeric ranges (zero-padded when a bound
-    is) and comma lists, as webdataset's brace expansion; other braces are kept literally."""
-    m = _BRACE.search(pattern)
-    if m is None:
-        return [pattern]
-    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        a, b = rng.groups()
-        width = max(len(a), len(b)) if (a.startswith("0") or b.startswith("0")) else 0
+MAX_SHARDS = 1_000_000  # shards one --data may name (LAION-5B in 10k-sample shards is 500k)
+
+
+def _brace_parts(pattern: str) -> list[Sequence[str]]:
+    """``pattern`` as a product of parts, each a sequence of alternatives, none materialised: a literal
+    is ``[text]``, ``{a..b}`` a lazy :class:`_Range`, ``{x,y}`` its list; other braces are literal."""
+    parts: list[Sequence[str]] = []
+    pos = 0
+    for m in _BRACE.finditer(pattern):
+        body = m.group(1)
+        rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+        if rng is None and "," not in body:
+            continue  # kept literally, with what follows
+        parts.append([pattern[pos : m.start()]])
+        parts.append(_Range(*rng.groups()) if rng else body.split(","))
+        pos = m.end()
+    parts.append([pattern[pos:]])
+    return parts
+
+
+class _Range(Sequence[str]):
+    """``{a..b}`` as bash and webdataset expand it: ``{0..10}`` is ``0 1 ... 10``; zero-padded to the
+    wider bound only when a bound is written with a leading zero (``{00..10}``: ``00 01 ... 10``);
+    ``{3..1}`` counts down."""
+
+    def __init__(self, a: str, b: str):
+        self.width = max(len(a), len(b)) if (len(a) > 1 and a[0] == "0") or (len(b) > 1 and b[0] == "0") else 0
         lo, hi = int(a), int(b)
-        step = 1 if hi >= lo else -1
-        options = [str(i).zfill(width) for i in range(lo, hi + step, step)]
-    elif "," in body:
-        options = body.split(",")
-    else:
-        return [head + "{" + body + "}" + t for t in expand_braces(tail)]
-    tails = expand_braces(tail)
-    return [head + o + t for o in options for t in tails]
+        self.range = range(lo, hi + 1) if hi >= lo else range(lo, hi - 1, -1)
+
+    def __len__(self) -> int:
+        return len(self.range)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return str(self.range[i]).zfill(self.width)
+
+
+def brace_count(pattern: str) -> int:
+    """How many names :func:`expand_braces` gives for ``pattern``, computed without expanding it."""
+    return math.prod(len(p) for p in _brace_parts(pattern))
+
+
+def expand_braces(pattern: str, limit: int = MAX_SHARDS) -> list[str]:
+    """``a{00..02}b{x,y}`` -> ``a00bx a00by a01bx ...``: numeric ranges (see :class:`_Range`) and comma
+    lists, as webdataset's brace expansion; other braces are kept literally. More than ``limit``
+    names is a :class:`DataError`, raised before anything is expanded."""
+    parts = _brace_parts(pattern)
+    n = math.prod(len(p) for p in parts)
+    if n > limit:
+        raise DataError(f"{pattern[:200]} names {n:,} shards, more than the limit of {limit:,}")
+    return ["".join(t) for t in itertools.product(*parts)]
 
 
 def is_remote(url: str) -> bool:
@@ -129,7 +162,7 @@ def _is_shard_dir(p: Path) -> bool:
 def is_shard_spec(path: str | os.PathLike) -> bool:
     """Whether ``--data`` names webdataset shards (see the module docstring for the forms)."""
     s = str(path)
-    if s.startswith("pipe:") or _URL.match(s) or _BRACE.search(s) and len(expand_braces(s)) > 1:
+    if s.startswith("pipe:") or _URL.match(s) or _BRACE.search(s) and brace_count(s) > 1:
         return True
     p = Path(s).expanduser()
     if p.is_dir():
@@ -158,7 +191,7 @@ def resolve_shards(spec: str | os.PathLike) -> ShardSpec:
     if s.startswith("pipe:") or _URL.match(s) and not s.startswith("file://"):
         urls = expand_braces(s)
         data_dir, name = None, "shards"
-    elif _BRACE.search(s) and len(expand_braces(s)) > 1:
+    elif _BRACE.search(s) and brace_count(s) > 1:
         urls = [os.path.abspath(_local(u)) for u in expand_braces(s)]
         data_dir, name = Path(urls[0]).parent, f"shards-{source_hash(os.path.abspath(_local(s)))}"
     else:
@@ -185,6 +218,11 @@ def resolve_shards(spec: str | os.PathLike) -> ShardSpec:
     if not remote:
         missing = [u for u in urls if not os.path.isfile(u)]
         if missing:
+            what = [u for u in missing if os.path.exists(u)]
+            if what:  # a directory, a FIFO, a device: named as what it is, not "not found"
+                kind = "a directory" if os.path.isdir(what[0]) else "not a regular file"
+                raise DataError(f"{len(what)} of {len(urls)} shards are not tar files: {what[0]} is {kind} "
+                                "(list .tar files, or pass a shard folder as --data itself)")
             raise DataError(f"{len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}")
     source = s if data_dir is None else "\n".join(urls)
     return ShardSpec(tuple(urls), source, data_dir, name, remote)
@@ -200,7 +238,7 @@ def _read_list(p: Path) -> list[str]:
             f"{p} is a binary file: pass an image folder, an LMDB directory, shards, or an LMDB with --lmdb-keys"
         )
     try:
-        lines = text.decode("utf-8").splitlines()
+        lines = text.decode("utf-8-sig").splitlines()  # a byte-order mark (Windows editors) is not a path
     except UnicodeDecodeError:
         raise DataError(f"{p} is not a UTF-8 text list of shards") from None
     urls = []
@@ -208,10 +246,11 @@ def _read_list(p: Path) -> list[str]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        names = expand_braces(line, limit=MAX_SHARDS - len(urls))  # the whole list is bounded, not each line
         if is_remote(line):
-            urls.extend(expand_braces(line))
+            urls.extend(names)
         else:
-            urls.extend(os.path.abspath(os.path.join(p.parent, _local(u))) for u in expand_braces(line))
+            urls.extend(os.path.abspath(os.path.join(p.parent, _local(u))) for u in names)
     return urls
 
 
