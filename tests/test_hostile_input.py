@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tarfile
 import time
-import sys
 
 import pytest
 import torch
@@ -94,8 +94,8 @@ def test_crafted_pax_headers_end_the_shard(tmp_path, records):
 def test_member_over_4_gib_is_indexed_with_64_bit_lengths(tmp_path):
     """A 4 GiB + 1000 byte member (a sparse file: only the headers are written) is indexed, not an
     OverflowError; reading it is a bad sample (over the image-file cap), never a read into memory."""
-    from mcf.data.shards import ShardTable, build_shard_index, resolve_shards
     from mcf.data.index import IndexFile
+    from mcf.data.shards import ShardTable, build_shard_index, resolve_shards
 
     big = 2**32 + 1000
     path = tmp_path / "big.tar"
@@ -205,3 +205,67 @@ def test_shards_one_folder_down_are_named_not_no_images(tmp_path):
     make_shards(tmp_path / "root" / "train", sizes=(2,))
     with pytest.raises(DataError, match=f"{tmp_path / 'root' / 'train'} holds .tar shards"):
         open_dataset(tmp_path / "root")
+
+
+# -- builds never delete what mcf did not make ------------------------------------------------------------
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.timeout(120)
+def test_build_shards_overwrite_checks_everything_before_deleting(tmp_path):
+    from data_helpers import make_folder
+
+    from mcf.data import build_lmdb
+    from mcf.data import shards_build as sb
+
+    make_folder(tmp_path / "data" / "src", 6)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    before = _tree(tmp_path)
+    build = dict(workers=0, progress=False, overwrite=True)
+    with pytest.raises(DataError, match="not found"):  # a typo in SRC: OUT untouched
+        sb.build_shards(tmp_path / "data" / "srx", tmp_path / "mine", **build)
+    with pytest.raises(DataError, match="not the output of an mcf build"):  # a folder mcf did not make
+        sb.build_shards(tmp_path / "data" / "src", tmp_path / "mine", **build)
+    with pytest.raises(DataError, match="contains the source"):  # OUT a parent of SRC
+        sb.build_shards(tmp_path / "data" / "src", tmp_path / "data", **build)
+    with pytest.raises(DataError, match="is inside the source"):
+        sb.build_shards(tmp_path / "data" / "src", tmp_path / "data" / "src" / "out", **build)
+    with pytest.raises(DataError, match="is inside the source"):
+        build_lmdb(tmp_path / "data" / "src", tmp_path / "data" / "src" / "db", **build)
+    assert _tree(tmp_path) == before
+    sb.build_shards(tmp_path / "data" / "src", tmp_path / "shards", **build)
+    with pytest.raises(DataError, match="is the source"):  # SRC == OUT: the source is never deleted
+        sb.build_shards(tmp_path / "shards", tmp_path / "shards", **build)
+    lst = tmp_path / "data" / "list.txt"
+    lst.write_text(f"{tmp_path / 'shards' / '00000.tar'}\n")
+    with pytest.raises(DataError, match="contains the source"):  # the shards a list names are the source too
+        sb.build_shards(lst, tmp_path / "shards", **build)
+    assert (tmp_path / "shards" / "00000.tar").is_file()
+    sb.build_shards(tmp_path / "data" / "src", tmp_path / "shards", max_count=2, **build)  # its own output: replaced
+    assert len(list((tmp_path / "shards").glob("*.tar"))) == 3
+
+
+@pytest.mark.timeout(120)
+def test_build_shards_onto_a_symlink_or_a_broken_partial_is_one_line(tmp_path):
+    from data_helpers import make_folder
+
+    from mcf.data import shards_build as sb
+
+    make_folder(tmp_path / "src", 4)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for out in ("link", "dangling"):
+        with pytest.raises(DataError, match="symbolic link"):
+            sb.build_shards(tmp_path / "src", tmp_path / out, workers=0, progress=False)
+    (tmp_path / "out.partial").mkdir()
+    (tmp_path / "out.partial" / "progress.json").write_text("{broken")
+    with pytest.raises(DataError, match="progress.json is damaged"):
+        sb.build_shards(tmp_path / "src", tmp_path / "out", workers=0, progress=False)
+    (tmp_path / "out.partial" / "progress.json").unlink()
+    (tmp_path / "out.partial" / "thesis.tmp").write_text("not mcf's")
+    with pytest.raises(DataError, match="not an interrupted build-shards"):
+        sb.build_shards(tmp_path / "src", tmp_path / "out", workers=0, progress=False)
+    assert (tmp_path / "out.partial" / "thesis.tmp").read_text() == "not mcf's"
