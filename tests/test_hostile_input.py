@@ -269,3 +269,79 @@ def test_build_shards_onto_a_symlink_or_a_broken_partial_is_one_line(tmp_path):
     with pytest.raises(DataError, match="not an interrupted build-shards"):
         sb.build_shards(tmp_path / "src", tmp_path / "out", workers=0, progress=False)
     assert (tmp_path / "out.partial" / "thesis.tmp").read_text() == "not mcf's"
+
+
+# -- streams that stall ---------------------------------------------------------------------------------------
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie waiting for init to reap it
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.timeout(120)
+def test_stalled_pipe_shard_becomes_bad_samples_and_its_children_die(tmp_path, caplog):
+    """A pipe: command that writes part of a shard and then hangs (an object store that stalls): the
+    epoch ends within data.stream_stall_s with the rest of that shard substituted and counted, one log
+    line names it; the command's children had the default signal mask, not the loader's ignored
+    SIGTERM/SIGUSR1, and are killed with their process group when the stream closes."""
+    import logging
+    import signal
+
+    from shard_helpers import make_shards
+
+    from mcf.data import DataConfig, build_pretrain_loader
+
+    make_shards(tmp_path / "s", (6, 6))
+    flag, status, pidfile = tmp_path / "stall", tmp_path / "status", tmp_path / "pid"
+    part = (tmp_path / "s" / "00001.tar").stat().st_size // 3
+    stalling = (f"pipe:if [ -e {flag} ]; then head -c {part} {tmp_path}/s/00001.tar; grep -E 'SigBlk|SigIgn' "
+                f"/proc/self/status > {status}; sleep 300 & echo $! > {pidfile}; wait; else cat {tmp_path}/s/00001.tar; fi")
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"pipe:cat {tmp_path}/s/00000.tar\n{stalling}\n")
+
+    def loader():
+        cfg = DataConfig(path=str(lst), loader="torch", num_workers=0, shuffle_buffer=12, max_bad_fraction=0.9,
+                         stream_stall_s=1.5)
+        return build_pretrain_loader(cfg, img_size=32, batch_size=12, rank=0, world_size=1, seed=0,
+                                     device=torch.device("cpu"))
+
+    assert len(loader()) == 1  # indexed while the command still delivers its shard
+    flag.touch()
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}  # as a worker
+    try:
+        run = loader()
+        run.set_epoch(0)
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING):
+            batches = list(run)
+        elapsed = time.monotonic() - t0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert len(batches) == 1 and torch.isfinite(batches[0]).all() and run.bad_samples >= 3
+    assert elapsed < 30
+    assert any("stalled" in r.getMessage() and "stream_stall_s" in r.getMessage() for r in caplog.records)
+    masks = dict(line.split(":") for line in status.read_text().splitlines())
+    assert int(masks["SigIgn"], 16) & (1 << (signal.SIGTERM - 1) | 1 << (signal.SIGUSR1 - 1)) == 0
+    assert int(masks["SigBlk"], 16) == 0
+    sleeper = int(pidfile.read_text())
+    deadline = time.monotonic() + 10
+    while not _dead(sleeper) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _dead(sleeper), "the stalled command's child outlived the stream"
+
+
+@pytest.mark.timeout(60)
+def test_a_trickling_pipe_is_stalled_too(tmp_path):
+    """A stream that never stops but delivers a few bytes at a time slower than 64 KiB per
+    stream_stall_s of waiting is as stalled as one that stops (a per-read timeout would wait forever)."""
+    from mcf.data.shards import StalledStream, open_stream
+
+    cmd = "pipe:while true; do printf x; sleep 0.05; done"
+    t0 = time.monotonic()
+    with pytest.raises(StalledStream), open_stream(cmd, stall_s=1.0) as f:
+        while f.read(1):
+            pass
+    assert time.monotonic() - t0 < 20

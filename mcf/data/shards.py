@@ -33,12 +33,18 @@ Numpy only: DALI's spawned source workers unpickle :class:`ShardDataset` and :cl
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import io
 import itertools
 import logging
 import math
 import os
 import re
+import select
+import signal
 import subprocess
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -50,7 +56,6 @@ import numpy as np
 
 from mcf.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, max_file_bytes
 from mcf.data.index import IndexFile, IndexOptions, PackedStrings, index_location, open_or_build, source_hash
-from mcf.data.procs import die_with_parent
 from mcf.data.sampler import RankShare
 from mcf.data.tar_index import count_stream, index_tar
 from mcf.errors import DataError
@@ -272,19 +277,93 @@ def check_url(url: str) -> None:
         raise DataError(f"unknown shard URL protocol {protocol!r} in {url} ({e})") from None
 
 
+STREAM_STALL_S = 120.0  # default data.stream_stall_s
+MIN_PROGRESS_BYTES = 64 * 1024  # a pipe must deliver this much within every stream_stall_s seconds of waiting
+
+
+class StalledStream(OSError):
+    """A ``pipe:`` shard that stopped delivering data (see :class:`_DeadlineStream`)."""
+
+
+class _DeadlineStream(io.RawIOBase):
+    """The read end of a ``pipe:`` command's stdout, with a deadline: :data:`MIN_PROGRESS_BYTES` (or the
+    end of the stream) must arrive within every ``stall_s`` seconds spent waiting for it, else
+    :class:`StalledStream`. Only time blocked in this reader counts (not the time the consumer
+    spends decoding between reads), so a slow consumer is never cut off, and a stream that trickles
+    (a byte a minute) is as stalled as one that stops. The descriptor stays its owner's to close."""
+
+    def __init__(self, fd: int, stall_s: float, what: str):
+        self.fd, self.stall_s, self.what = fd, stall_s, what
+        self.waited, self.progress = 0.0, 0
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while True:
+            t0 = time.monotonic()
+            ready = self._poll.poll(max(0.0, self.stall_s - self.waited) * 1000.0)
+            self.waited += time.monotonic() - t0
+            if ready:
+                data = os.read(self.fd, len(b))
+                b[: len(data)] = data
+                self.progress += len(data)
+                if self.progress >= MIN_PROGRESS_BYTES:
+                    self.waited, self.progress = 0.0, 0
+                return len(data)  # 0: end of the stream
+            if self.waited >= self.stall_s:
+                raise StalledStream(f"stalled: less than {MIN_PROGRESS_BYTES // 1024} KiB in {self.stall_s:g} s of "
+                                    f"waiting (data.stream_stall_s) from {self.what[:200]}")
+
+
+_SIG_DFL = 0
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """libc, loaded in the parent: a forked child must not load libraries (not async-signal-safe)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.signal.argtypes, libc.signal.restype = (ctypes.c_int, ctypes.c_void_p), ctypes.c_void_p
+    return libc
+
+
+def _pipe_child_init() -> None:
+    """In a ``pipe:`` command's process, before exec: the default disposition for every signal and an
+    empty signal mask (a loader worker ignores SIGTERM and SIGUSR1, and ignored signals survive
+    exec), and SIGKILL when the process that started it dies (``PR_SET_PDEATHSIG``). Plain libc
+    calls only: the forking thread may not be the main one."""
+    libc = _libc()
+    for sig in range(1, signal.SIGRTMIN):
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            libc.signal(sig, _SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 @contextlib.contextmanager
-def open_stream(url: str) -> Iterator[BinaryIO]:
-    """A readable byte stream of shard ``url``: a ``pipe:`` command's stdout, an fsspec URL, or a file."""
+def open_stream(url: str, stall_s: float = STREAM_STALL_S) -> Iterator[BinaryIO]:
+    """A readable byte stream of shard ``url``: a ``pipe:`` command's stdout, an fsspec URL, or a file.
+
+    A ``pipe:`` command runs in a process group of its own, with the default signal dispositions and
+    mask, and dies (SIGKILL) with the process that started it; when the stream is closed the whole
+    group is killed (the command's own children too). Its stdout is read with a deadline
+    (``stall_s``, see :class:`_DeadlineStream`): a stalled command is a shard that broke off.
+    """
     if url.startswith("pipe:"):
-        proc = subprocess.Popen(
-            url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, preexec_fn=die_with_parent
-        )  # killed with its worker
+        _libc()
+        proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                preexec_fn=_pipe_child_init, process_group=0)
         try:
-            yield proc.stdout
+            yield io.BufferedReader(_DeadlineStream(proc.stdout.fileno(), stall_s, url), 1 << 16)
         finally:
+            try:  # before the shell is reaped: its pid, the group's id, cannot be reused until then
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             proc.stdout.close()
-            if proc.poll() is None:
-                proc.kill()
             rc = proc.wait()
             if rc not in (0, -9):
                 log.warning("shard command %r exited with status %d", url, rc)
