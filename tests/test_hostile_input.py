@@ -345,3 +345,23 @@ def test_a_trickling_pipe_is_stalled_too(tmp_path):
         while f.read(1):
             pass
     assert time.monotonic() - t0 < 20
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_local_shard_replaced_by_a_fifo_mid_run_is_bad_samples(tmp_path, kind):
+    """A local shard replaced by a FIFO after it was indexed: never opened for reading (open() of a
+    FIFO waits for a writer forever); its samples are bad, substituted and counted."""
+    from shard_helpers import make_shards
+
+    from mcf.data import DataConfig, build_pretrain_loader
+
+    make_shards(tmp_path / "s", (6, 6))
+    cfg = DataConfig(path=str(tmp_path / "s"), loader=kind, num_workers=0 if kind == "torch" else 1, shuffle_buffer=12,
+                     max_bad_fraction=0.9)
+    run = build_pretrain_loader(cfg, img_size=32, batch_size=12, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
+    os.remove(tmp_path / "s" / "00001.tar")
+    os.mkfifo(tmp_path / "s" / "00001.tar")
+    run.set_epoch(0)
+    (batch,) = list(run)
+    assert torch.isfinite(batch).all() and run.bad_samples >= 6

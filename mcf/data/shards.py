@@ -43,6 +43,7 @@ import os
 import re
 import select
 import signal
+import stat
 import subprocess
 import time
 from collections import OrderedDict
@@ -379,7 +380,11 @@ def open_stream(url: str, stall_s: float = STREAM_STALL_S) -> Iterator[BinaryIO]
         with f:
             yield f
         return
-    with open(url[len("file://") :] if url.startswith("file://") else url, "rb") as f:
+    try:
+        fd = open_regular(_local(url))
+    except (OSError, BadImage) as e:
+        raise DataError(f"cannot open {url}: {e}") from None
+    with os.fdopen(fd, "rb") as f:
         yield f
 
 
@@ -579,6 +584,17 @@ def open_shard_index(spec: ShardSpec, options: IndexOptions | None = None, worke
 
 
 # -- datasets ----------------------------------------------------------------------------------------
+def open_regular(path: str) -> int:
+    """A read-only descriptor of the regular file ``path``; ``BadImage`` for anything else. Opened
+    with ``O_NONBLOCK`` and checked after opening: a shard replaced by a FIFO mid-run would block
+    ``open`` until a writer came (never), a device would never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BadImage("not a regular file (replaced by a FIFO, a device or a folder?)")
+    return fd
+
+
 class _Handles:
     """Open shard files of this process (at most ``limit``, least recently used closed first);
     forgotten after a fork."""
@@ -591,7 +607,7 @@ class _Handles:
             self.pid, self.fds = os.getpid(), OrderedDict()  # inherited descriptors: left to the parent
         fd = self.fds.pop(path, None)
         if fd is None:
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_regular(path)
             while len(self.fds) >= self.limit:
                 os.close(self.fds.popitem(last=False)[1])
         self.fds[path] = fd
@@ -635,7 +651,7 @@ class ShardDataset:
         try:
             head = os.pread(self._handles.get(url), 100, off - 512)
             member = head.split(b"\0", 1)[0].decode("utf-8", "replace")
-        except OSError:
+        except (OSError, BadImage):  # gone, or no longer a regular file: named by number
             pass
         return f"{url}[{member or f'sample {j}'}]"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tarfile
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -159,9 +160,12 @@ def index_tar(path: str) -> tuple[list[tuple[int, int]], str | None]:
     archive could not be read to its end (the samples before that point are kept), else None."""
     out: list[tuple[int, int]] = []
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO would block open() forever
     except OSError as e:
         return out, f"unreadable ({e.strerror or e})"
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return out, "not a regular file"
     try:
         gen = image_samples(scan_members(fd, os.fstat(fd).st_size))
         try:
