@@ -365,3 +365,28 @@ def test_local_shard_replaced_by_a_fifo_mid_run_is_bad_samples(tmp_path, kind):
     run.set_epoch(0)
     (batch,) = list(run)
     assert torch.isfinite(batch).all() and run.bad_samples >= 6
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("marker", ["old", "empty"])
+@pytest.mark.parametrize("lost", ["rank_00000.pt", "mcf_state.pt", "mp_rank_00_model_states.pt", "rank_00001.pt",
+                                  "zero_pp_rank_1_mp_rank_00_optim_states.pt"])
+def test_auto_falls_back_when_a_file_is_missing_under_a_marker_that_lists_none(tmp_path, marker, lost):
+    """A checkpoint whose marker is of the old format (the step alone) or lists no files, and that lacks a
+    file every save writes (2 ranks, ZeRO-1 here): damaged, so --resume auto takes the previous one."""
+    from test_checkpoint_integrity import fake_checkpoint
+
+    from mcf.train import checkpoint as ckpt
+
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root, 2)
+    d = root / "step_00000004"
+    d.mkdir()
+    for name in ("mcf_state.pt", "mp_rank_00_model_states.pt", "rank_00000.pt", "rank_00001.pt",
+                 "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        torch.save({"w": torch.zeros(3)}, d / name)
+    (d / "COMPLETE").write_text("4\n" if marker == "old" else '{"format": "mcf-complete/2", "step": 4, "files": {}}')
+    assert ckpt.find_resume("auto", tmp_path) == d
+    (d / lost).unlink()
+    assert ckpt.find_resume("auto", tmp_path).name == "step_00000002"
