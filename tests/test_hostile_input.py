@@ -390,3 +390,38 @@ def test_auto_falls_back_when_a_file_is_missing_under_a_marker_that_lists_none(t
     assert ckpt.find_resume("auto", tmp_path) == d
     (d / lost).unlink()
     assert ckpt.find_resume("auto", tmp_path).name == "step_00000002"
+
+
+# -- run folders ------------------------------------------------------------------------------------------------
+def _last_error(err: str) -> str:
+    lines = [x for x in err.splitlines() if x.startswith("mcf: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+@pytest.mark.timeout(600)
+def test_a_fresh_run_in_a_used_folder_is_an_explicit_choice_and_runs_never_mix(tmp_path):
+    from train_helpers import check, complete_steps, losses, pretrain_args, run
+
+    out = tmp_path / "run"
+    check(run(pretrain_args(out, 2, "--checkpoint-every", "2", "--seed", "1"), launcher="python"))
+    first = (out / "metrics.jsonl").read_bytes()
+    for resume in ("none", str(tmp_path / "elsewhere")):
+        p = run(pretrain_args(out, 1, "--resume", resume), launcher="python")
+        assert p.returncode == 2 and "holds another run" in _last_error(p.stderr) and "--overwrite-run" in p.stderr
+    assert (out / "metrics.jsonl").read_bytes() == first and complete_steps(out) == [2]  # nothing touched
+    check(run(pretrain_args(out, 1, "--resume", "none", "--overwrite-run", "--checkpoint-every", "1"), launcher="python"))
+    assert complete_steps(out) == [1] and sorted(losses(out)) == [1]  # only the new run's files
+    check(run(pretrain_args(out, 2, "--checkpoint-every", "1"), launcher="python"))  # --resume auto: the new run goes on
+    assert complete_steps(out)[-1] == 2 and sorted(losses(out)) == [1, 2]
+
+
+@pytest.mark.timeout(120)
+def test_output_dir_inside_the_data_is_refused(tmp_path):
+    from data_helpers import make_folder
+    from train_helpers import pretrain_args, run
+
+    make_folder(tmp_path / "faces", 8)
+    p = run(pretrain_args(tmp_path / "faces" / "run", 1, "--data", str(tmp_path / "faces")), launcher="python")
+    assert p.returncode == 2 and "lies inside the data" in _last_error(p.stderr)
+    assert not (tmp_path / "faces" / "run").exists()

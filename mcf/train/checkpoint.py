@@ -116,7 +116,7 @@ def newest_intact(root: Path) -> Path | None:
         return step_dir
     if found:
         raise CheckpointError(f"no intact checkpoint in {root} ({len(found)} damaged; newest: {problems[0]}); "
-                              "restore the files, or start over with --resume none")
+                              "restore the files, or start over with --resume none --overwrite-run")
     return None
 
 
