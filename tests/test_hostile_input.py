@@ -425,3 +425,43 @@ def test_output_dir_inside_the_data_is_refused(tmp_path):
     p = run(pretrain_args(tmp_path / "faces" / "run", 1, "--data", str(tmp_path / "faces")), launcher="python")
     assert p.returncode == 2 and "lies inside the data" in _last_error(p.stderr)
     assert not (tmp_path / "faces" / "run").exists()
+
+
+# -- run locks ------------------------------------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["dir", "fifo"])
+def test_lock_path_that_is_not_a_file_is_one_line(tmp_path, kind):
+    from mcf.errors import StorageError
+    from mcf.train.runlock import LOCK_NAME, RunLock
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_NAME).mkdir() if kind == "dir" else os.mkfifo(tmp_path / "run" / LOCK_NAME)
+    with pytest.raises(StorageError, match="is not a file"):
+        RunLock(tmp_path / "run", stale_s=1).acquire()
+
+
+@pytest.mark.timeout(60)
+def test_lock_of_nested_brackets_is_unreadable_not_a_traceback(tmp_path):
+    from mcf.errors import RunLockedError
+    from mcf.train.runlock import LOCK_NAME, RunLock
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_NAME).write_text("[" * 60_000)
+    with pytest.raises(RunLockedError, match="cannot be read"):
+        RunLock(tmp_path / "run", stale_s=60).acquire()
+    os.utime(tmp_path / "run" / LOCK_NAME, (time.time() - 100, time.time() - 100))
+    RunLock(tmp_path / "run", stale_s=60).acquire().release()  # old and unreadable: stale, taken over
+
+
+@pytest.mark.timeout(60)
+def test_foreign_lock_from_the_future_says_it_never_goes_stale(tmp_path):
+    from test_run_lock import write_lock
+
+    from mcf.errors import RunLockedError
+    from mcf.train.runlock import RunLock
+
+    write_lock(tmp_path / "run", age_s=-3600, host="node-17", boot_id="b", pidns="p", pid=4242)
+    with pytest.raises(RunLockedError) as e:
+        RunLock(tmp_path / "run", stale_s=60).acquire()
+    assert "in the future" in str(e.value) and "will not go stale" in str(e.value)
+    assert "taken over automatically" not in str(e.value)
