@@ -465,3 +465,62 @@ def test_foreign_lock_from_the_future_says_it_never_goes_stale(tmp_path):
         RunLock(tmp_path / "run", stale_s=60).acquire()
     assert "in the future" in str(e.value) and "will not go stale" in str(e.value)
     assert "taken over automatically" not in str(e.value)
+
+
+# -- exports and resumes of the wrong model --------------------------------------------------------------------
+def _mcf(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mcf", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.timeout(180)
+def test_wrong_shaped_tensor_in_a_safetensors_file_is_one_line(tmp_path):
+    """An export whose tensor was edited to another shape: `mcf export` of it exits 2 naming the tensor
+    (it used to re-export it silently), and the loader behind finetune --pretrained refuses it the same way."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from test_downstream_export import _model
+
+    from mcf.downstream.export import export
+    from mcf.downstream.weights import load_encoder_weights
+
+    torch.save({"online": _model().online.state_dict()}, tmp_path / "c.pt")
+    good = export(tmp_path / "c.pt", tmp_path / "good.safetensors")
+    with safe_open(str(good), "pt") as f:
+        meta = f.metadata()
+    sd = load_file(str(good))
+    sd["blocks.0.attn.qkv.weight"] = sd["blocks.0.attn.qkv.weight"][:-3].contiguous()
+    save_file(sd, str(tmp_path / "bad.safetensors"), metadata=meta)
+    p = _mcf("export", str(tmp_path / "bad.safetensors"), str(tmp_path / "again.safetensors"))
+    assert p.returncode == 2 and "blocks.0.attn.qkv.weight has shape" in _last_error(p.stderr)
+    assert not (tmp_path / "again.safetensors").exists()
+    with pytest.raises(CheckpointError, match="blocks.0.attn.qkv.weight has shape"):
+        load_encoder_weights(tmp_path / "bad.safetensors")
+    (tmp_path / "dir.safetensors").mkdir()
+    p = _mcf("export", str(good), str(tmp_path / "dir.safetensors"))
+    assert p.returncode == 2 and "is a directory" in _last_error(p.stderr)
+
+
+@pytest.mark.timeout(60)
+def test_run_state_without_train_config_is_damaged_not_a_traceback(tmp_path):
+    from mcf.train import checkpoint as ckpt
+
+    d = tmp_path / "step_00000001"
+    d.mkdir()
+    torch.save({"format": ckpt.FORMAT, "step": 1, "world_size": 1, "config": {"model": {"name": "mcf_vit_tiny"}},
+                "target": {}}, d / ckpt.MCF_STATE)
+    with pytest.raises(CheckpointError, match="lacks train"):
+        ckpt.read_state(d)
+
+
+@pytest.mark.timeout(600)
+def test_resume_or_export_fp32_with_another_model_is_one_line(tmp_path):
+    from train_helpers import check, pretrain_args, run
+
+    out = tmp_path / "run"
+    check(run(pretrain_args(out, 1, "--checkpoint-every", "1"), launcher="python"))
+    p = run(pretrain_args(out, 2, "--model", "mcf_vit_small_patch16"), launcher="python")
+    line = _last_error(p.stderr)
+    assert p.returncode == 2 and "mcf_vit_tiny" in line and "mcf_vit_small_patch16" in line, p.stderr[-3000:]
+    (tmp_path / "w").mkdir()
+    p = _mcf("export-fp32", str(out), str(tmp_path / "w"))
+    assert p.returncode == 2 and "is a directory" in _last_error(p.stderr)

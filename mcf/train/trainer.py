@@ -215,6 +215,7 @@ class Trainer:
             self.resume_state = None
         self.resized = False
         if self.resume_state is not None:
+            ckpt.check_same_model(self.resume_dir, self.resume_state, to_dict(cfg)["model"])
             saved = elastic.RunShape.of_checkpoint(self.resume_state)
             cfg.train.accum_steps = elastic.plan_accum_steps(cfg.train.elastic, saved, cfg.train.batch_size, cfg.train.accum_steps,
                                                              world_size)
