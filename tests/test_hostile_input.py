@@ -86,8 +86,18 @@ def test_crafted_pax_headers_end_the_shard(tmp_path, records):
     samples, damage = index_tar(str(path))
     assert samples == [(512, len(PNG))] and damage and ("at byte 1024" in damage or "at byte 2048" in damage), damage
     with open(path, "rb") as f:
-        n, _ = count_stream(f)
-    assert n <= 2
+        assert count_stream(f) == (1, damage)  # the stream reader validates the same way
+
+
+@pytest.mark.timeout(60)
+def test_huge_pax_header_in_a_stream_is_damage_not_a_read_into_memory(tmp_path):
+    from mcf.data.tar_index import MAX_META_BYTES, count_stream
+
+    path = tmp_path / "s.tar"
+    path.write_bytes(_member("a.png", PNG) + _header("././@PaxHeader", 1 << 31, tarfile.XHDTYPE) + bytes(4096))
+    with open(path, "rb") as f:
+        n, damage = count_stream(f)
+    assert n == 1 and f"pax header of {1 << 31} bytes" in damage and str(MAX_META_BYTES) in damage
 
 
 @pytest.mark.timeout(60)
@@ -109,18 +119,23 @@ def test_member_over_4_gib_is_indexed_with_64_bit_lengths(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_remote_count_never_holds_a_member(tmp_path, monkeypatch):
-    """Counting a streamed shard for its index reads no member into memory, whatever its size."""
+def test_remote_count_never_holds_a_member(tmp_path):
+    """Counting a streamed shard for its index holds no member in memory, whatever its size (an 8 MiB
+    member here: the peak stays under 3 MiB)."""
+    import tracemalloc
+
     import mcf.data.tar_index as ti
 
     path = tmp_path / "s.tar"
-    path.write_bytes(_member("a.png", PNG) + _member("b.png", bytes(1 << 20)) + bytes(1024))
-    reads = []
-    real = tarfile.ExFileObject if hasattr(tarfile, "ExFileObject") else None
-    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, m: reads.append(m.name) or real)
-    with open(path, "rb") as f:
-        assert ti.count_stream(f) == (2, None)
-    assert reads == []
+    path.write_bytes(_member("a.png", PNG) + _member("b.png", bytes(8 << 20)) + bytes(1024))
+    with open(path, "rb", buffering=0) as f:
+        tracemalloc.start()
+        try:
+            assert ti.count_stream(f) == (2, None)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 3 << 20, peak
 
 
 @pytest.mark.timeout(120)
