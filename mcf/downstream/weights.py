@@ -120,7 +120,8 @@ def _strip(sd: dict, prefix: str) -> dict:
 def _clean_encoder(sd: dict) -> dict[str, torch.Tensor]:
     """Keep the ViT tensors (drop heads, decoders, MAE's mask token), fp32 and contiguous."""
     drop = ("head.", "fc.", "fc_norm.", "decoder", "mask_token")
-    return {k: v.detach().float().contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor) and not k.startswith(drop)}
+    return {k: v.detach().float().contiguous() for k, v in sd.items()
+            if isinstance(k, str) and isinstance(v, torch.Tensor) and not k.startswith(drop)}
 
 
 def from_consolidated(obj: dict, fmt: str) -> EncoderWeights:
