@@ -184,6 +184,7 @@ def test_brace_patterns_expand_like_bash_and_are_bounded_before_expansion():
     assert expand_braces("{00..10}")[:2] == ["00", "01"] and expand_braces("{8..010}")[0] == "008"
     assert expand_braces("{3..1}") == ["3", "2", "1"]
     assert brace_count("s{0..999999}{0..9999999}.tar") == 10**13  # counted, not expanded
+    assert brace_count("{0..99999999999999999999}") == 10**20  # past what len() can count
     t0 = time.process_time()
     with pytest.raises(DataError, match=f"more than the limit of {MAX_SHARDS:,}"):
         resolve_shards("/nowhere/{0..9999999}.tar")

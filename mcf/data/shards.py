@@ -100,6 +100,7 @@ class _Range(Sequence[str]):
         self.width = max(len(a), len(b)) if (len(a) > 1 and a[0] == "0") or (len(b) > 1 and b[0] == "0") else 0
         lo, hi = int(a), int(b)
         self.range = range(lo, hi + 1) if hi >= lo else range(lo, hi - 1, -1)
+        self.n = abs(hi - lo) + 1  # len() overflows past 2**63 (`{0..99999999999999999999}`)
 
     def __len__(self) -> int:
         return len(self.range)
@@ -110,7 +111,11 @@ class _Range(Sequence[str]):
 
 def brace_count(pattern: str) -> int:
     """How many names :func:`expand_braces` gives for ``pattern``, computed without expanding it."""
-    return math.prod(len(p) for p in _brace_parts(pattern))
+    return math.prod(_count(p) for p in _brace_parts(pattern))
+
+
+def _count(part: Sequence[str]) -> int:
+    return part.n if isinstance(part, _Range) else len(part)
 
 
 def expand_braces(pattern: str, limit: int = MAX_SHARDS) -> list[str]:
@@ -118,7 +123,7 @@ def expand_braces(pattern: str, limit: int = MAX_SHARDS) -> list[str]:
     lists, as webdataset's brace expansion; other braces are kept literally. More than ``limit``
     names is a :class:`DataError`, raised before anything is expanded."""
     parts = _brace_parts(pattern)
-    n = math.prod(len(p) for p in parts)
+    n = math.prod(_count(p) for p in parts)
     if n > limit:
         raise DataError(f"{pattern[:200]} names {n:,} shards, more than the limit of {limit:,}")
     return ["".join(t) for t in itertools.product(*parts)]
