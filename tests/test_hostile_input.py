@@ -79,7 +79,7 @@ def test_crafted_pax_headers_end_the_shard(tmp_path, records):
     """A pax length that does not advance, runs past its header or is not a number, and a negative or
     malformed ``size=``: the shard is damaged there (the sample before it kept); never a loop, never a
     negative length in the index."""
-    from mcf.data.tar_index import count_stream, index_tar
+    from mcf.data.core.tar_index import count_stream, index_tar
 
     path = tmp_path / "s.tar"
     path.write_bytes(_member("a.png", PNG) + _pax(records) + _member("b.png", PNG) + bytes(1024))
@@ -91,7 +91,7 @@ def test_crafted_pax_headers_end_the_shard(tmp_path, records):
 
 @pytest.mark.timeout(60)
 def test_huge_pax_header_in_a_stream_is_damage_not_a_read_into_memory(tmp_path):
-    from mcf.data.tar_index import MAX_META_BYTES, count_stream
+    from mcf.data.core.tar_index import MAX_META_BYTES, count_stream
 
     path = tmp_path / "s.tar"
     path.write_bytes(_member("a.png", PNG) + _header("././@PaxHeader", 1 << 31, tarfile.XHDTYPE) + bytes(4096))
@@ -104,8 +104,8 @@ def test_huge_pax_header_in_a_stream_is_damage_not_a_read_into_memory(tmp_path):
 def test_member_over_4_gib_is_indexed_with_64_bit_lengths(tmp_path):
     """A 4 GiB + 1000 byte member (a sparse file: only the headers are written) is indexed, not an
     OverflowError; reading it is a bad sample (over the image-file cap), never a read into memory."""
-    from mcf.data.index import IndexFile
-    from mcf.data.shards import ShardTable, build_shard_index, resolve_shards
+    from mcf.data.core.index import IndexFile
+    from mcf.data.formats.shards import ShardTable, build_shard_index, resolve_shards
 
     big = 2**32 + 1000
     path = tmp_path / "big.tar"
@@ -124,7 +124,7 @@ def test_remote_count_never_holds_a_member(tmp_path):
     member here: the peak stays under 3 MiB)."""
     import tracemalloc
 
-    import mcf.data.tar_index as ti
+    import mcf.data.core.tar_index as ti
 
     path = tmp_path / "s.tar"
     path.write_bytes(_member("a.png", PNG) + _member("b.png", bytes(8 << 20)) + bytes(1024))
@@ -147,8 +147,8 @@ def test_tampered_shard_index_is_rebuilt(tmp_path, tamper):
 
     from shard_helpers import make_shards
 
-    from mcf.data.index import MAGIC
-    from mcf.data.shards import open_shard_index, resolve_shards
+    from mcf.data.core.index import MAGIC
+    from mcf.data.formats.shards import open_shard_index, resolve_shards
 
     make_shards(tmp_path / "d", sizes=(3, 2))
     spec = resolve_shards(tmp_path / "d")
@@ -178,7 +178,7 @@ def test_tampered_shard_index_is_rebuilt(tmp_path, tamper):
 # -- naming shards ------------------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_brace_patterns_expand_like_bash_and_are_bounded_before_expansion():
-    from mcf.data.shards import MAX_SHARDS, brace_count, expand_braces, resolve_shards
+    from mcf.data.formats.shards import MAX_SHARDS, brace_count, expand_braces, resolve_shards
 
     assert expand_braces("{0..10}") == [str(i) for i in range(11)]  # bash, webdataset: no padding
     assert expand_braces("{00..10}")[:2] == ["00", "01"] and expand_braces("{8..010}")[0] == "008"
@@ -197,7 +197,7 @@ def test_brace_patterns_expand_like_bash_and_are_bounded_before_expansion():
 def test_shard_list_bounded_as_a_whole_with_bom_and_directories(tmp_path):
     from shard_helpers import make_shards
 
-    from mcf.data.shards import MAX_SHARDS, resolve_shards
+    from mcf.data.formats.shards import MAX_SHARDS, resolve_shards
 
     make_shards(tmp_path / "d", sizes=(2, 2))
     lst = tmp_path / "list.txt"
@@ -233,7 +233,7 @@ def test_build_shards_overwrite_checks_everything_before_deleting(tmp_path):
     from data_helpers import make_folder
 
     from mcf.data import build_lmdb
-    from mcf.data import shards_build as sb
+    from mcf.data.tools import shards_build as sb
 
     make_folder(tmp_path / "data" / "src", 6)
     (tmp_path / "mine").mkdir()
@@ -267,7 +267,7 @@ def test_build_shards_overwrite_checks_everything_before_deleting(tmp_path):
 def test_build_shards_onto_a_symlink_or_a_broken_partial_is_one_line(tmp_path):
     from data_helpers import make_folder
 
-    from mcf.data import shards_build as sb
+    from mcf.data.tools import shards_build as sb
 
     make_folder(tmp_path / "src", 4)
     (tmp_path / "real").mkdir()
@@ -353,7 +353,7 @@ def test_stalled_pipe_shard_becomes_bad_samples_and_its_children_die(tmp_path, c
 def test_a_trickling_pipe_is_stalled_too(tmp_path):
     """A stream that never stops but delivers a few bytes at a time slower than 64 KiB per
     stream_stall_s of waiting is as stalled as one that stops (a per-read timeout would wait forever)."""
-    from mcf.data.shards import StalledStream, open_stream
+    from mcf.data.formats.shards import StalledStream, open_stream
 
     cmd = "pipe:while true; do printf x; sleep 0.05; done"
     t0 = time.monotonic()
