@@ -102,8 +102,8 @@ def test_huge_pax_header_in_a_stream_is_damage_not_a_read_into_memory(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_member_over_4_gib_is_indexed_with_64_bit_lengths(tmp_path):
-    """A 4 GiB + 1000 byte member (a sparse file: only the headers are written) is indexed, not an
-    OverflowError; reading it is a bad sample (over the image-file cap), never a read into memory."""
+    """A 4 GiB + 1000 byte member (a sparse file: only the headers are written) is indexed with its
+    true length, not an OverflowError of 32-bit lengths."""
     from mcf.data.core.index import IndexFile
     from mcf.data.formats.shards import ShardTable, build_shard_index, resolve_shards
 
