@@ -3,8 +3,10 @@
 ``t ← m·t + (1 − m)·θ`` in fp32, θ the online model's fp32 master weights after the optimizer step.
 Each rank keeps the EMA only of the master elements its optimizer owns, so the update needs no
 communication; the target's forward weights, in its forward dtype, are then assembled from every
-rank's shard by one ``all_gather_into_tensor`` per step. The gather starts right after the update
-and is awaited by a forward pre-hook of the target, so it overlaps whatever runs in between.
+rank's shard by one ``all_gather_into_tensor`` per step, of equal rows (each rank's shard padded to
+the longest: gloo and NCCL run the same call, so the CPU tests run what the GPU runs). The gather
+starts right after the update and is awaited by a forward pre-hook of the target, so it overlaps
+whatever runs in between. Its cost, ``W × max(share)`` elements, is :func:`flat_row_lengths`'s.
 Where every rank holds every fp32 master (fp32 at ZeRO 0-2, whose module weights *are* the
 masters; bf16/fp16 at ZeRO 0 under DeepSpeed's FP16_(Unfused)Optimizer) the EMA is whole on every
 rank and nothing is communicated.
@@ -25,7 +27,8 @@ Where the masters live in DeepSpeed 0.19.8 (read from its source):
   copy per parameter, ``fp32_groups``) or, with a fused Adam, ``FP16_Optimizer`` (flat fp32 copies
   per group, ``fp32_groups_flat``, laid out like ``fp16_groups_flat``), whole on every rank.
 
-Frozen online parameters (no master) are averaged against their fixed fp32 values, by rank 0.
+Frozen online parameters (no master) are averaged against their fixed fp32 values, each by the rank
+whose row is shortest when it is placed (every rank has the values), so they add little padding.
 """
 
 from __future__ import annotations
@@ -173,6 +176,14 @@ class _Builder:
             self.runs.append(_Run(master, start, col, valid))
             self.segments.append(_Segment(name, self.rank * piece, col, valid))
 
+    def fixed(self, master: int, params: list[tuple[str, int]]) -> None:
+        """Frozen parameters (``params``: name, offset in ``masters[master]``), whose values every rank has:
+        the largest first, each to the rank whose row is then shortest (the lowest such rank), as one
+        owned flat space: the gathered rows stay as even as the masters' layout allows."""
+        for name, off in sorted(params, key=lambda x: (-self.shapes[x[0]].numel(), x[1])):
+            q = min(range(self.world), key=lambda r: (self.row_len[r], r))
+            self.flat_space(master, [(name, off)], 0, owners=range(q, q + 1))
+
     def layout(self, kind: str, masters: Callable[[], list[torch.Tensor]]) -> _Layout:
         missing = [n for n in self.shapes if n not in self.offsets]
         if missing:
@@ -218,10 +229,10 @@ def build_layout(
     def with_fixed(get: Callable[[], list[torch.Tensor]]) -> Callable[[], list[torch.Tensor]]:
         return get if fixed_flat is None else (lambda: [*get(), fixed_flat])
 
-    def add_fixed(master: int) -> None:  # one flat space owned by rank 0 (every rank has the values)
+    def add_fixed(master: int) -> None:  # masters[master]: the fixed values, flat; each parameter to one rank
         if fixed_flat is not None:
             offsets = torch.tensor([0] + [t.numel() for t in fixed_t]).cumsum(0).tolist()
-            b.flat_space(master, list(zip(fixed_names, offsets)), 0, owners=range(0, 1))
+            b.fixed(master, list(zip(fixed_names, offsets)))
 
     def check_world(groups: list[Any]) -> None:
         import torch.distributed as dist
@@ -304,6 +315,30 @@ def build_layout(
     return _replicated(b, names + fixed_names, masters if not fixed_t else (lambda: [*masters(), *fixed_t]))
 
 
+def flat_row_lengths(
+    groups: list[list[tuple[str, int]]], tracked: dict[str, int], fixed: dict[str, int], world: int
+) -> list[int]:
+    """Each rank's share of the EMA (elements) at ZeRO-1/2 on ``world`` ranks, laid out as DeepSpeed
+    0.19.8's ``DeepSpeedZeroOptimizer`` does (no model, no process group): per optimizer group
+    (``groups``: its trainable parameters, (name, numel), in order) one flat space padded to a
+    multiple of ``2·W`` elements (``nccl_start_alignment_factor · W``) and cut in ``W`` equal
+    partitions; ``tracked``: the EMA's parameters (name → numel), ``fixed``: its frozen ones.
+    The gather costs ``W × max(rows)`` elements."""
+    shapes = {n: torch.Size([k]) for n, k in {**tracked, **fixed}.items()}
+    b = _Builder(shapes, world, 0)
+    for group in groups:
+        offsets, total = [], 0
+        for name, numel in group:
+            if name in tracked and name not in fixed:
+                offsets.append((name, total))
+            total += numel
+        part = -(-total // (2 * world)) * 2
+        b.flat_space(0, offsets, part)
+    offsets = torch.tensor([0] + list(fixed.values())).cumsum(0).tolist()
+    b.fixed(0, list(zip(fixed, offsets)))
+    return list(b.row_len)
+
+
 def _all_gather() -> Callable[..., Any]:
     """``all_gather_single`` (torch >= 2.14; ``all_gather_into_tensor`` is deprecated there) or its older name."""
     import torch.distributed as dist
@@ -312,40 +347,26 @@ def _all_gather() -> Callable[..., Any]:
 
 
 class _Rows:
-    """The gathered buffer: every rank's shard, one row each. ``uneven``: rows of each rank's own
-    length, back to back (``all_gather`` into a list, which NCCL runs as one group of broadcasts:
-    each rank receives only the real elements); else rows of the longest length (one
-    ``all_gather_single``; gloo needs equal sizes)."""
+    """The gathered buffer ``[W, row]``: every rank's shard, one row each, padded to the longest
+    (``row = max(lengths)``), filled by one ``all_gather_single`` of equal sizes. gloo refuses an
+    all-gather of unequal sizes and NCCL would run one as a group of broadcasts: equal rows are the
+    one call both run alike, at ``W × row`` elements received instead of ``sum(lengths)``."""
 
-    def __init__(self, lengths: list[int], rank: int, uneven: bool, dtype: torch.dtype, device: torch.device):
-        self.lengths, self.uneven = lengths, uneven
+    def __init__(self, lengths: list[int], rank: int, dtype: torch.dtype, device: torch.device):
+        self.lengths = lengths
         self.row = max(lengths)
-        sizes = lengths if uneven else [self.row] * len(lengths)
-        self.starts = [sum(sizes[:q]) for q in range(len(sizes))]
-        self.buffer = torch.empty(sum(sizes), dtype=dtype, device=device)
-        self.send = torch.zeros(
-            sizes[rank], dtype=dtype, device=device
-        )  # padded: the tail beyond this rank's length stays 0
-        self._outputs = [self.buffer.narrow(0, a, n) for a, n in zip(self.starts, sizes)]
+        self.buffer = torch.empty(len(lengths) * self.row, dtype=dtype, device=device)
+        self.send = torch.zeros(self.row, dtype=dtype, device=device)  # the tail beyond this rank's length stays 0
 
     def gather(self, shard: torch.Tensor, async_op: bool = False) -> Any:
-        import torch.distributed as dist
-
         self.send.narrow(0, 0, shard.numel()).copy_(shard)
-        if self.uneven:
-            return dist.all_gather(self._outputs, self.send, async_op=async_op)
         return _all_gather()(self.buffer, self.send, async_op=async_op)
 
     def views(self, pieces: list[_Piece], flat: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(sources in the buffer, destinations in ``flat``) of every piece."""
         src = []
         for p in pieces:
-            if p.rows == 1:
-                src.append(self.buffer.narrow(0, self.starts[p.row] + p.col, p.cols).view(1, p.cols))
-            else:  # all ranks at once (ZeRO-3): equal rows
-                src.append(
-                    self.buffer.view(len(self.lengths), self.row)[p.row : p.row + p.rows, p.col : p.col + p.cols]
-                )
+            src.append(self.buffer.view(len(self.lengths), self.row)[p.row : p.row + p.rows, p.col : p.col + p.cols])
         dst = [flat.narrow(0, p.dst, p.rows * p.cols).view(p.rows, p.cols) for p in pieces]
         return src, dst
 
@@ -363,8 +384,6 @@ class TargetEMA:
         engine: the DeepSpeed engine of the online model (``engine.module``: the online model).
         forward_dtype: the dtype the target computes in (its weights are cast to it).
         fixed: fp32 values of frozen online parameters (they have no master weights).
-        uneven: gather rows of each rank's own length (see :class:`_Rows`); default: under NCCL
-            for ZeRO-1/2 layouts, whose ranks hold unequal shares of the target (ZeRO-3's are equal).
     """
 
     def __init__(
@@ -373,7 +392,6 @@ class TargetEMA:
         engine: Any,
         forward_dtype: torch.dtype,
         fixed: dict[str, torch.Tensor] | None = None,
-        uneven: bool | None = None,
     ):
         import torch.distributed as dist
 
@@ -402,16 +420,14 @@ class TargetEMA:
                 view.copy_(init[n])
             p.data = view
         self._pending: Any = None
-        if uneven is None:
-            uneven = lay.kind == "flat" and dist.is_initialized() and dist.get_backend() == "nccl"
-        self.uneven = bool(uneven) and lay.kind == "flat"
         if lay.kind != "replicated":
-            self.rows = _Rows(lay.row_lengths, self.rank, self.uneven, forward_dtype, device)
+            self.rows = _Rows(lay.row_lengths, self.rank, forward_dtype, device)
             self._src, self._dst = self.rows.views(lay.pieces, self.flat)
         self._hook = target.register_forward_pre_hook(lambda *_: self.wait())
         if self.rank == 0:
             gather = (
-                f", one all-gather of {self.rows.buffer.numel()} elements per step"
+                f", one all-gather of {self.rows.buffer.numel()} elements per step "
+                f"({sum(lay.row_lengths)} without padding)"
                 if lay.kind != "replicated"
                 else ", no communication"
             )
@@ -462,7 +478,7 @@ class TargetEMA:
         self.wait()
         lay = self.layout
         if self.sharded:
-            rows = _Rows(lay.row_lengths, self.rank, self.uneven, torch.float32, self.flat.device)
+            rows = _Rows(lay.row_lengths, self.rank, torch.float32, self.flat.device)
             rows.gather(self.shard)
             flat = torch.zeros(lay.target_numel, dtype=torch.float32, device=self.flat.device)
             src, dst = rows.views(lay.pieces, flat)
