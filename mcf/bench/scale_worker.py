@@ -402,6 +402,15 @@ def comm_phase(args: argparse.Namespace, device: torch.device, workdir: Path, me
             "trainable_params": params,
             "ds_config": "the trainer's default for the stage and precision (ds_configs/)",
             "overrides": list(args.set),
+            # what mcf.bench.projection scales from
+            "world": world,
+            "batch_size": args.batch_size,
+            "precision": args.precision,
+            "facts": {"trainable": params, "proj_dim": trainer.model.spec.proj_dim},
+            "ema_gather_elements": trainer.ema.rows.buffer.numel() if trainer.ema.sharded else 0,
+            "param_bytes": param_bytes,
+            "reduce_bytes": reduce_bytes,
+            "forward_bytes": torch.empty((), dtype=fwd).element_size(),
         }
         result = {
             "stage": args.stage,

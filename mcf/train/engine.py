@@ -142,7 +142,7 @@ def load_ds_json(name_or_path: str) -> dict[str, Any]:
 # A backward issues its gradient reduction in about this many buckets: the first ones overlap the rest of
 # the backward (overlap_comm), only the last is left when it ends (1/8 of the reduction exposed)
 GRAD_BUCKETS = 8
-MIN_BUCKET = 500_000  # elements: below this a bucket's latency dominates its bandwidth
+MIN_BUCKET = 100_000  # elements (0.4 MB fp32): smaller buckets would be latency-bound
 MAX_BUCKET = 500_000_000  # DeepSpeed's default; also its ipg buffer (x2 with overlap_comm) in the reduce dtype
 
 
