@@ -147,6 +147,8 @@ def run_case(zero: int, precision: str, target_precision: str, extra: dict, free
         "shard_numel": ema.layout.shard_numel,
         "total_numel": sum(r.numel() for r in ref.values()),
         "masters_not_bf16": sum(int((m != m.bfloat16().float()).any()) for m in masters.values()),
+        # ZeRO++ hpZ: parameters with a secondary (intra-group) partition
+        "secondary_partitions": sum(getattr(p, "ds_secondary_tensor", None) is not None for p in engine.module.parameters()),
     }
 
 

@@ -50,6 +50,10 @@ CASES_3 = [
 ]
 
 
+# 4 ranks, ZeRO++ hierarchical partitioning: a secondary copy of the bf16 weights per pair of ranks
+CASES_HPZ = [{"zero": 3, "precision": "bf16", "extra": {"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}}]
+
+
 def test_sharded_ema_is_exact_at_every_zero_stage():
     _run_and_check(CASES, 2)
 
@@ -58,7 +62,12 @@ def test_sharded_ema_gathers_unequal_shares_on_three_ranks():
     _run_and_check(CASES_3, 3)
 
 
-def _run_and_check(cases: list[dict], nproc: int) -> None:
+def test_sharded_ema_is_exact_under_zero_plus_plus_hierarchical_partitioning():
+    (r,) = _run_and_check(CASES_HPZ, 4)
+    assert r["secondary_partitions"] > 0, r  # hpZ is on: DeepSpeed keeps secondary partitions
+
+
+def _run_and_check(cases: list[dict], nproc: int) -> list[dict]:
     cmd = [
         str(BIN / "torchrun"),
         "--nproc_per_node",
@@ -106,7 +115,7 @@ def _run_and_check(cases: list[dict], nproc: int) -> None:
         if case["precision"] == "bf16":
             assert r["masters_not_bf16"] > 0  # real fp32 masters: an EMA of the bf16 weights would have failed above
     if cases is not CASES:
-        return
+        return results
     assert {r["optimizer"] for r in results} >= {
         "AdamW",
         "FP16_UnfusedOptimizer",
@@ -114,3 +123,4 @@ def _run_and_check(cases: list[dict], nproc: int) -> None:
         "BF16_Optimizer",
         "DeepSpeedZeroOptimizer_Stage3",
     }
+    return results

@@ -162,9 +162,11 @@ def ema_gather_elements(facts: dict[str, Any], stage: int, world: int) -> int:
     """Elements the EMA's gather receives per step on ``world`` ranks: ``W × max(share)`` (0: no gather)."""
     from mcf.train.ema import flat_row_lengths
 
-    if stage == 3:
-        rows = sum(-(-k // world) for k in facts["tracked"].values()) + sum(facts["fixed"].values()) // world + 1
-        return world * rows
+    if stage == 3:  # every rank a ceil(numel / W) piece of each parameter; frozen ones whole, to the shortest row
+        rows = [sum(-(-k // world) for k in facts["tracked"].values())] * world
+        for k in sorted(facts["fixed"].values(), reverse=True):
+            rows[rows.index(min(rows))] += k
+        return world * max(rows)
     rows = flat_row_lengths(facts["groups"], facts["tracked"], facts["fixed"], world)
     return world * max(rows)
 

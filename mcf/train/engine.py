@@ -144,6 +144,8 @@ def load_ds_json(name_or_path: str) -> dict[str, Any]:
 GRAD_BUCKETS = 8
 MIN_BUCKET = 100_000  # elements (0.4 MB fp32): smaller buckets would be latency-bound
 MAX_BUCKET = 500_000_000  # DeepSpeed's default; also its ipg buffer (x2 with overlap_comm) in the reduce dtype
+# Up to this many ranks (one 8-GPU node) each bucket is reduced to its owners; beyond, all-reduced (see below)
+OWNER_REDUCE_MAX_RANKS = 8
 
 
 def online_trainable_params(cfg: Config) -> int:
@@ -166,21 +168,25 @@ def grad_bucket_elements(trainable_params: int) -> int:
     return 2 * (min(MAX_BUCKET, max(MIN_BUCKET, -(-trainable_params // GRAD_BUCKETS))) // 2)
 
 
-def communication_defaults(zero: int, trainable_params: int) -> dict[str, Any]:
+def communication_defaults(zero: int, trainable_params: int, world_size: int) -> dict[str, Any]:
     """The ``zero_optimization`` keys mcf sets unless the JSON does (see the README's "Communication"):
 
     - ZeRO-1/2 ``overlap_comm``: each full bucket's reduction is issued from the gradient hooks during
       the backward, on DeepSpeed's reduction stream; at ZeRO-1 only in the accumulation boundary's
       backward, so the gradients are reduced once per optimizer step (ZeRO-2 reduces each micro-batch);
-    - ZeRO-1/2 ``use_multi_rank_bucket_allreduce: false``: each bucket is reduced to the ranks owning its
-      slices (one ``reduce`` per owner: a reduce-scatter's traffic), not all-reduced to every rank (2x);
+    - ZeRO-1/2 ``use_multi_rank_bucket_allreduce``: false up to :data:`OWNER_REDUCE_MAX_RANKS` ranks (each
+      bucket reduced to the ranks owning its slices, one ``reduce`` per owner: a reduce-scatter's bytes,
+      half an all-reduce's), true beyond (DeepSpeed's default: one all-reduce per bucket), because the
+      owner reduces number ~2·W per step and each pays a ring's latency: ``mcf bench scale --project``
+      projects ViT-B/16 at 64 GPUs to 85.8 % with them and 93.4 % with all-reduces (RESULTS.md);
     - every stage ``reduce_bucket_size`` from the model size (:func:`grad_bucket_elements`).
     """
     out: dict[str, Any] = {}
     if zero in (1, 2, 3):
         out["reduce_bucket_size"] = grad_bucket_elements(trainable_params)
     if zero in (1, 2):
-        out.update(overlap_comm=True, contiguous_gradients=True, use_multi_rank_bucket_allreduce=False)
+        out.update(overlap_comm=True, contiguous_gradients=True,
+                   use_multi_rank_bucket_allreduce=world_size > OWNER_REDUCE_MAX_RANKS)
     return out
 
 
@@ -224,7 +230,7 @@ def build_ds_config(cfg: Config, world_size: int, trainable_params: int | None =
     zo["stage"] = z
     if trainable_params is None:
         trainable_params = online_trainable_params(cfg)
-    for key, value in communication_defaults(z, trainable_params).items():
+    for key, value in communication_defaults(z, trainable_params, world_size).items():
         zo.setdefault(key, value)
     if zo.get("offload_optimizer", {}).get("device", "none") not in ("none", None):
         log.warning("optimizer offload makes DeepSpeed use DeepSpeedCPUAdam (JIT-compiled, ~2 min on first use)")
