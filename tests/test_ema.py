@@ -51,7 +51,13 @@ CASES_3 = [
 
 
 # 4 ranks, ZeRO++ hierarchical partitioning: a secondary copy of the bf16 weights per pair of ranks
-CASES_HPZ = [{"zero": 3, "precision": "bf16", "extra": {"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}}]
+CASES_HPZ = [
+    {
+        "zero": 3,
+        "precision": "bf16",
+        "extra": {"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2, "stage3_param_persistence_threshold": 0}},
+    }
+]
 
 
 def test_sharded_ema_is_exact_at_every_zero_stage():
