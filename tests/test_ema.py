@@ -55,7 +55,9 @@ CASES_HPZ = [
     {
         "zero": 3,
         "precision": "bf16",
-        "extra": {"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2, "stage3_param_persistence_threshold": 0}},
+        # no persistent parameters: every one is partitioned, gathered in the forward and given a secondary copy
+        "extra": {"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2,
+                                        "stage3_param_persistence_threshold": 0}},
     }
 ]
 

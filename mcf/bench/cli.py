@@ -242,8 +242,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override of the comm phase's trainer, e.g. train.target_precision=fp32 (repeatable)")
     p.add_argument("--options", default="reduce-fp32",
-                   help="gradient reduction options, one comm run each: reduce-fp32, reduce-bf16 (each bucket to its owners), "
-                        "allreduce-fp32, allreduce-bf16 (DeepSpeed's default) (default: %(default)s)")
+                   help="gradient reduction options, one comm run each: reduce-fp32, reduce-bf16 (each bucket to "
+                        "its owners), allreduce-fp32, allreduce-bf16 (DeepSpeed's path) (default: %(default)s)")
     p.add_argument("--project", default="", metavar="MODELS",
                    help="project the counted steps to these models at --gpus (e.g. mcf_vit_base_patch16,...)")
     p.add_argument("--gpus", default="8,64,256", help="GPU counts of the projection (default: %(default)s)")

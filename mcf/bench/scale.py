@@ -94,12 +94,12 @@ def option_overrides(option: str, stage: int, precision: str, workdir: Path) -> 
     """The trainer's config overrides of an option (:attr:`ScaleBenchConfig.options`)."""
     path, dtype = option.split("-")
     out = [f"deepspeed.reduce_dtype={dtype}"]
-    if path == "allreduce":
+    if stage in (1, 2):  # the path set explicitly (mcf's default picks it by rank count)
         from mcf.train.engine import default_ds_config_path, load_ds_json
 
         default = default_ds_config_path(stage, precision)
         ds = load_ds_json(str(default)) if default.is_file() else {}
-        ds.setdefault("zero_optimization", {})["use_multi_rank_bucket_allreduce"] = True
+        ds.setdefault("zero_optimization", {})["use_multi_rank_bucket_allreduce"] = path == "allreduce"
         json_path = workdir / f"ds_zero{stage}_{option}.json"
         json_path.write_text(json.dumps(ds))
         out.append(f"deepspeed.config={json_path}")

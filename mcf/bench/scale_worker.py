@@ -396,8 +396,7 @@ def comm_phase(args: argparse.Namespace, device: torch.device, workdir: Path, me
             "ema": worst["by_label"].get("ema", {"count": 0.0, "bytes": 0.0}),
             "grads": grads,
             "step_2_calls": gathered[0]["step_2_calls"],
-            "reduce_bucket_elements": engine.optimizer.reduce_bucket_size if hasattr(engine.optimizer, "reduce_bucket_size")
-            else None,
+            "reduce_bucket_elements": getattr(engine.optimizer, "reduce_bucket_size", None),
             "reduce_dtype": str(reduce_dtype).replace("torch.", ""),
             "trainable_params": params,
             "ds_config": "the trainer's default for the stage and precision (ds_configs/)",
