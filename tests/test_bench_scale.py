@@ -5,7 +5,8 @@ gradient reduction's buckets, the EMA one
 bf16 all-gather at ZeRO-1 and ZeRO-3 (before the sharded EMA: 57 fp32 collectives per step).
 
 Each stage is a torchrun of its own (~30-60 s on 2 cores); ZeRO-0's bytes are the analytic 4P, which
-the full benchmark measures (benchmarks/RESULTS.md).
+the full benchmark measures (benchmarks/RESULTS.md). The projection to many GPUs
+(``mcf.bench.projection``) is checked against what 3 ranks count, from what 2 ranks count.
 """
 
 from __future__ import annotations
