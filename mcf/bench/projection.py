@@ -10,7 +10,7 @@ What is counted, and what is modelled:
   (the reduce dtype, the forward dtype), the operations, the order and the share of the gradient
   reduction issued during the backward (``overlap_comm``).
 - Scaled to a model and ``W`` GPUs: gradient and parameter traffic by the model's trainable elements;
-  the EMA's gather by its padded rows at ``W`` (:func:`mcf.train.ema.flat_row_lengths` at ZeRO-1/2,
+  the EMA's gather by its padded rows at ``W`` (:func:`mcf.train.ds_internals.flat_row_lengths` at ZeRO-1/2,
   ``ceil(numel / W)`` pieces at ZeRO-3); the contrastive keys by ``W × batch × proj_dim``; the
   number of owner reduces by the ``W − W0`` extra owners per optimizer group.
 - Network (:class:`Network`): a ring per collective; each GPU sends ``(W − 1)/W`` of an all-gather's
@@ -19,7 +19,7 @@ What is counted, and what is modelled:
   at the smaller of that and the node's NICs (rail-aligned rings; ``rail_aligned=False``: one NIC);
   latency ``(W − nodes)·hop_intra + nodes·hop_inter`` per collective (x2 for an all-reduce).
 - Compute (:class:`Compute`): the step's FLOPs counted on the meta device
-  (:func:`mcf.bench.flops.step_flops`) at a stated MFU of a stated peak.
+  (:func:`mcf.models.flops.step_flops`) at a stated MFU of a stated peak.
 - Overlap: the reduction issued during the backward runs beside the backward's compute (what exceeds
   it is exposed); the rest of the reduction (the last bucket, after the backward) is exposed; at
   ZeRO-3 the parameter gathers of the forward, and everywhere the EMA's gather (awaited by the
@@ -135,8 +135,8 @@ def model_facts(name: str) -> dict[str, Any]:
 def flops_per_image(name: str) -> tuple[float, float, float]:
     """(step, online forward, backward) FLOPs per image of model ``name``, counted on the meta device
     (the backward: the step's count less the forward's)."""
-    from mcf.bench.flops import step_flops, use_math_attention
     from mcf.models import create_model
+    from mcf.models.flops import step_flops, use_math_attention
 
     def build() -> Any:
         return create_model(name, teacher_checkpoint="random")
@@ -160,7 +160,7 @@ def flops_per_image(name: str) -> tuple[float, float, float]:
 
 def ema_gather_elements(facts: dict[str, Any], stage: int, world: int) -> int:
     """Elements the EMA's gather receives per step on ``world`` ranks: ``W × max(share)`` (0: no gather)."""
-    from mcf.train.ema import flat_row_lengths
+    from mcf.train.ds_internals import flat_row_lengths
 
     if stage == 3:  # every rank a ceil(numel / W) piece of each parameter; frozen ones whole, to the shortest row
         rows = [sum(-(-k // world) for k in facts["tracked"].values())] * world
