@@ -7,8 +7,9 @@
 - ``tflops``: achieved by the whole job, ``flops_per_image × images_per_s / 1e12``;
   ``tflops_per_device`` divides by the ranks.
 - ``mfu``: ``tflops_per_device`` over the device's peak: the dense bf16 peak of a known GPU
-  (:data:`GPU_BF16_PEAK_TFLOPS`), else a short matmul measured at start (bf16 on a GPU, the
-  training dtype on a CPU).
+  (:data:`GPU_BF16_PEAK_TFLOPS`), else a matmul measured at start by ``mcf bench step``'s method
+  (``mcf.bench.common.matmul_peak``: a fixed size per dtype, warm-up, the median of repeats; bf16 on
+  a GPU, the training dtype on a CPU). A peak below the achieved rate is raised to it (logged once).
 - ``peak_memory_gb``: rank 0's peak: the CUDA allocator's ``max_memory_allocated``, on a CPU the
   process's resident-set high-water mark.
 """
@@ -56,17 +57,17 @@ def known_gpu_peak(name: str) -> tuple[str, float] | None:
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     """(peak FLOP/s, where it comes from) of ``device``: the table for a known GPU, else measured."""
-    from mcf.bench.common import matmul_peak
+    from mcf.bench.common import matmul_peak, peak_size
 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         known = known_gpu_peak(name)
         if known:
             return known[1] * 1e12, f"datasheet dense bf16 peak of the {known[0]} ({name})"
-        return matmul_peak(device, torch.bfloat16), f"measured bf16 8192^3 matmul on {name} (not in the table)"
-    return matmul_peak(
-        device, dtype, n=1024, repeats=3
-    ), f"measured {str(dtype).replace('torch.', '')} 1024^3 matmul on the CPU"
+        n = peak_size(device, torch.bfloat16)
+        return matmul_peak(device, torch.bfloat16), f"measured bf16 {n}^3 matmul on {name} (not in the table)"
+    n = peak_size(device, dtype)
+    return matmul_peak(device, dtype), f"measured {str(dtype).replace('torch.', '')} {n}^3 matmul on the CPU (median)"
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -123,8 +124,15 @@ class Throughput:
         out = {"peak_memory_gb": peak_memory_bytes(self.device) / 1e9}
         if self.flops_per_image is None:
             return out
+        from mcf.bench.common import peak_at_least
+
         tflops = self.flops_per_image * images_per_s / 1e12
         per_device = tflops / self.world_size
+        peak, raised = peak_at_least(self.peak_flops, per_device * 1e12)
+        if raised:
+            log.warning("achieved %.3f TFLOP/s per device is above the measured peak %.3f (%s): MFU is now "
+                        "reported against the achieved rate", per_device, self.peak_flops / 1e12, self.peak_source)
+            self.peak_flops, self.peak_source = peak, f"raised to an achieved rate (was: {self.peak_source})"
         return {
             "flops_per_image": self.flops_per_image,
             "tflops": tflops,
