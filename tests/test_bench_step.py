@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from mcf.bench.flops import attention_block_flops, count_flops, linear_flops
 from mcf.cli import main
+from mcf.models.flops import attention_block_flops, count_flops, linear_flops
 
 VARIANT_FIELDS = ("images_per_s", "ms_per_step", "peak_memory_bytes", "flops_per_image", "mfu", "precision")
 TOP_FIELDS = ("paper", "mcf", "ratio", "device", "model", "batch_size", "precision", "peak_flops", "date", "commit")
@@ -91,8 +91,8 @@ def test_mcf_step_casts_each_weight_once():
     """bf16 mcf step: the frozen teacher's and the EMA target's forward weights are stored in bf16
     (never cast per use), autocast casts each online weight once per step (and each gradient back
     once), and the residual streams stay bf16 (no activation round trips per block)."""
-    from mcf.bench.flops import CastCounter
     from mcf.bench.step import StepBenchConfig, build_model, mcf_step_fn
+    from mcf.models.flops import CastCounter
 
     cfg = StepBenchConfig(model="mcf_vit_tiny", img_size=None, batch_size=2)
     cpu = torch.device("cpu")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mcf.bench.flops import count_flops, use_math_attention
 from mcf.config import build_config
 from mcf.models import create_model_from_config
+from mcf.models.flops import count_flops, use_math_attention
 from mcf.train.perf import Throughput, flops_per_image, known_gpu_peak
 
 
@@ -87,7 +87,7 @@ def test_peak_sizes_are_fixed_per_dtype(monkeypatch):
     measures: bf16 at 512 only where the CPU emulates it."""
     import mcf.kernels.dispatch as dispatch
 
-    import mcf.bench.common as common
+    import mcf.measure as common
 
     calls = []
     monkeypatch.setattr(common, "time_repeats", lambda run, device, repeats: calls.append(repeats) or [1.0] * repeats)

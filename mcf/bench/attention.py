@@ -66,7 +66,7 @@ def _time_interleaved(backends: list[str], inputs: tuple, device, warmup: int, r
     time when other processes share the cores; GPU: wall time between synchronisations."""
     import torch
 
-    from mcf.bench.common import sync
+    from mcf.measure import sync
     from mcf.models.attention import candidate
 
     q, k, v, dout = inputs
@@ -92,8 +92,9 @@ def run_table(argv: list[str]) -> dict[str, Any]:
     """``--table``: measure the candidates, merge the rows into the table (see the module doc)."""
     import torch
 
-    from mcf.bench.common import device_name, resolve_device, run_info
+    from mcf.bench.common import run_info
     from mcf.kernels.dispatch import host_class, rows_from_bench, triton_status, user_table_path, write_table
+    from mcf.measure import device_name, resolve_device
 
     bench = load_bench_attention()
     device = resolve_device((_option(argv, "--device") or ["auto"])[0])
@@ -138,7 +139,8 @@ def run_table(argv: list[str]) -> dict[str, Any]:
 def run(argv: list[str]) -> dict[str, Any]:
     import torch
 
-    from mcf.bench.common import device_name, resolve_device, run_info
+    from mcf.bench.common import run_info
+    from mcf.measure import device_name, resolve_device
 
     argv = [a for a in argv if a != "--"]
     if "--table" in argv:

@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: device, timing, peak matmul rate, peak memory, run metadata, JSON.
+"""Shared pieces of the benchmarks: run metadata and JSON output (device, timing, peak matmul rate and
+peak memory are :mod:`mcf.measure`, which training uses too).
 
 Every benchmark reports what it measured in this process only; nothing here estimates a figure.
 """
@@ -9,151 +10,13 @@ import datetime as _dt
 import json
 import os
 import platform
-import statistics
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def time_repeats(run: Callable[[], None], device: torch.device, repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``run``, synchronising only around each call."""
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        run()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-# Matrix side of the peak's n×n×n product, fixed per device type and dtype so that the figure does
-# not move with a size chosen at run time; bf16 on a CPU without native bf16 (emulated, ~30× slower
-# than fp32) is timed at 512 and labelled as such (``bf16_n``).
-PEAK_N = {("cuda", "bf16"): 8192, ("cuda", "fp32"): 8192, ("cpu", "bf16"): 2048, ("cpu", "fp32"): 2048}
-PEAK_N_EMULATED = 512
-PEAK_WARMUP = {"cuda": 3, "cpu": 2}
-PEAK_REPEATS = {"cuda": 20, "cpu": 7}
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def peak_size(device: torch.device, dtype: torch.dtype) -> int:
-    """The fixed matrix side of :func:`matmul_peak` for ``device`` and ``dtype``."""
-    from mcf.kernels.dispatch import native_bf16
-
-    if device.type == "cpu" and dtype == torch.bfloat16 and not native_bf16(device):
-        return PEAK_N_EMULATED
-    return PEAK_N.get((device.type, _DTYPE_NAMES.get(dtype, "fp32")), 2048)
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int | None = None) -> float:
-    """Measured FLOP/s of an ``n × n × n`` matrix product in ``dtype``: the median of ``repeats`` after
-    warm-up products (handle creation, kernel selection, caches, CPU frequency ramp).
-
-    Random operands (never zeros: they can run faster than real data). Defaults (the one method of
-    ``mcf bench step`` and the trainer's MFU): n from :data:`PEAK_N` (:func:`peak_size`), repeats
-    from :data:`PEAK_REPEATS`.
-    """
-    n = n or peak_size(device, dtype)
-    repeats = repeats or PEAK_REPEATS.get(device.type, 7)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(PEAK_WARMUP.get(device.type, 2)):
-        torch.mm(a, b)
-    if device.type == "cuda":
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            torch.mm(a, b)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        times = time_repeats(lambda: torch.mm(a, b), device, repeats)
-    return 2.0 * n**3 / statistics.median(times)
-
-
-def measure_peaks(device: torch.device) -> dict[str, float]:
-    """Peak matmul FLOP/s by dtype (:func:`matmul_peak`): bf16 on a GPU; fp32 and bf16 on the CPU,
-    each at its fixed size (``<dtype>_n``; bf16 at 512 where the CPU has no native bf16)."""
-    if device.type == "cuda":
-        return {"bf16": matmul_peak(device, torch.bfloat16), "bf16_n": peak_size(device, torch.bfloat16)}
-    peaks: dict[str, float] = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        peaks[name], peaks[f"{name}_n"] = matmul_peak(device, dtype), peak_size(device, dtype)
-    return peaks
-
-
-def peak_at_least(peak: float, achieved: float) -> tuple[float, bool]:
-    """``(max(peak, achieved), raised)``: a measured peak below an achieved rate is wrong (the host
-    was busier while the peak was measured); the achieved rate is then the best known peak."""
-    return (achieved, True) if achieved > peak else (peak, False)
-
-
-def fast_dtype(peaks: dict[str, float]) -> str:
-    """The dtype with the higher measured matmul rate (``bf16`` on GPUs and AVX512-BF16/AMX CPUs)."""
-    return "bf16" if peaks.get("bf16", 0.0) >= peaks.get("fp32", 0.0) else "fp32"
-
-
-def peak_flops(peaks: dict[str, float]) -> float:
-    """The device's measured peak: the faster of the measured dtypes."""
-    return max(v for k, v in peaks.items() if not k.endswith("_n"))
-
-
-class PeakMemory:
-    """Peak memory of a region: the CUDA allocator's high-water mark on a GPU, the process's
-    resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.source = "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_rss_high_water_mark"
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            self.source = "cpu_rss_high_water_mark_since_process_start"
-
-    def peak_bytes(self) -> int:
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def git_commit() -> str:

@@ -45,6 +45,7 @@ from mcf.dist import gather_errors
 from mcf.errors import CheckpointError, StorageError, UnsafeCheckpointError
 from mcf.serialization import safe_load, safe_torch_load
 from mcf.train import integrity
+from mcf.train.ds_internals import repair_universal_load
 from mcf.train.integrity import COMPLETE
 
 log = logging.getLogger(__name__)
@@ -355,24 +356,8 @@ def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int, state: 
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {load_dir}")
     if universal:
-        _repair_universal_load(base, hyper)
+        repair_universal_load(base, hyper)
     return [safe_load(f) for f in files]
-
-
-def _repair_universal_load(base: torch.optim.Optimizer, hyper: list[dict[str, Any]]) -> None:
-    """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal load (measured: after one resumed step
-    the no-decay group had decayed and its Adam step count had advanced by 2):
-
-    - it copies the hyperparameters of param group 0 into every group (the no-decay group got
-      ``weight_decay=0.05``): each group gets back the values it was built with (mcf's config);
-    - it stores one ``step`` tensor object in the state of every group, which torch's AdamW then
-      increments in place once per group: each state gets its own copy, on its parameter's device.
-    """
-    for group, values in zip(base.param_groups, hyper):
-        group.update(values)
-    for p, st in base.state.items():
-        if torch.is_tensor(st.get("step")):
-            st["step"] = st["step"].detach().clone().to(p.device if torch.is_tensor(p) else st["step"].device)
 
 
 def universal_copy(path: Path, rank: int) -> Path:

@@ -1,8 +1,8 @@
 """The distributed runtime and the DeepSpeed engine: ranks from any launcher, the DeepSpeed JSON
-filled and checked against the config, and the fp32 master weights read back whole (the ZeRO-0
-checkpoint's ``online_fp32.pt``; the EMA reads its own shard of them, see ``mcf.train.ema``).
+filled and checked against the config.
 
-Everything DeepSpeed-specific that the trainer needs lives here, so ``trainer.py`` reads as a loop.
+The DeepSpeed set-up the trainer needs lives here, so ``trainer.py`` reads as a loop; what mcf reads
+of DeepSpeed's private state (where the fp32 masters live) is :mod:`mcf.train.ds_internals`.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def cast_floating_buffers(module: nn.Module, dtype: torch.dtype) -> None:
                 mod._buffers[name] = buf.to(dtype)
 
 
-# -- fp32 master weights --------------------------------------------------------------------------
+# -- the engine's input dtype --------------------------------------------------------------------
 class CastInput(nn.Module):
     """Calls the engine with the images cast to the engine's dtype (the target and teacher keep theirs)."""
 
@@ -223,52 +223,6 @@ class CastInput(nn.Module):
 
     def forward(self, images: torch.Tensor, *args: Any) -> Any:
         return self.engine(images.to(self.dtype), *args)
-
-
-def fp32_masters(engine: Any, names: list[str], precision: str, zero: int) -> dict[str, torch.Tensor]:
-    """The fp32 master values of the online parameters ``names`` (after the optimizer step).
-
-    fp32 with ZeRO 0/1/2: the module's parameters are the masters (ZeRO-1/2 copy the updated fp32
-    partitions back bit for bit). Otherwise (bf16/fp16, or ZeRO-3's partitioned parameters) they are
-    assembled from the optimizer with ``safe_get_full_fp32_param``: a collective, called on every
-    rank in the same order.
-    """
-    params = dict(engine.module.named_parameters())
-    if precision == "fp32" and zero < 3:
-        return {n: params[n].detach() for n in names}
-    flat = _flat_fp32_masters(engine.optimizer)
-    if flat is not None:  # bf16/fp16 at ZeRO 0: DeepSpeed's FP16_Optimizer keeps flat fp32 copies, no per-param mapping
-        return {n: flat[id(params[n])] for n in names}
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    out = {}
-    for n in names:
-        full = safe_get_full_fp32_param(params[n])
-        if full is None:
-            raise RuntimeError(f"no fp32 master weight for '{n}' (precision {precision}, ZeRO {zero})")
-        out[n] = full
-    return out
-
-
-def _flat_fp32_masters(optimizer: Any) -> dict[int, torch.Tensor] | None:
-    """id(low-precision param) → its fp32 master in DeepSpeed's FP16_(Unfused)Optimizer (bf16/fp16 at ZeRO 0),
-    which keeps fp32 copies per group (``fp32_groups``) or flattened (``fp32_groups_flat``), with no per-param mapping."""
-    groups = getattr(optimizer, "fp16_groups", None)
-    if groups is None:
-        return None
-    out = {}
-    if hasattr(optimizer, "fp32_groups"):  # FP16_UnfusedOptimizer: one fp32 tensor per parameter
-        for params, masters in zip(groups, optimizer.fp32_groups):
-            out.update({id(p): m for p, m in zip(params, masters)})
-        return out
-    if hasattr(optimizer, "fp32_groups_flat"):  # FP16_Optimizer: one flat fp32 tensor per group
-        for params, flat in zip(groups, optimizer.fp32_groups_flat):
-            offset = 0
-            for p in params:
-                out[id(p)] = flat.narrow(0, offset, p.numel()).view_as(p)
-                offset += p.numel()
-        return out
-    return None
 
 
 def set_tf32(device: torch.device, enabled: bool) -> None:
