@@ -221,7 +221,8 @@ def test_every_candidate_matches_the_reference(name, dtype, masked):
         assert g <= 2 * o + 4 * eps * r.abs().max().item(), (name, dtype, got, own)
 
 
-def test_teacher_attention_goes_through_the_dispatch():
+def test_teacher_attention_goes_through_the_dispatch(monkeypatch):
+    import mcf.models.attention as attn_mod
     from mcf.models.teacher import TEACHERS, PerceptualTeacher
 
     spec = TEACHERS["vit_tiny_debug"]
@@ -234,16 +235,10 @@ def test_teacher_attention_goes_through_the_dispatch():
     for blk in timm_vit.blocks[:3]:
         y = blk(y)
     calls = []
-    real = dispatch.auto_candidate
+    monkeypatch.setattr(attn_mod, "auto_candidate", lambda q, m: calls.append(q.shape) or dispatch.auto_candidate(q, m))
     for name in ("math", "auto"):
         teacher.set_attention_backend(name)
-        import mcf.models.attention as attn_mod
-
-        attn_mod.auto_candidate = lambda q, m: calls.append(q.shape) or real(q, m)
-        try:
-            (feat,) = teacher.features(x, (2,))
-        finally:
-            attn_mod.auto_candidate = real
+        (feat,) = teacher.features(x, (2,))
         torch.testing.assert_close(feat, y, rtol=1e-5, atol=1e-5)
     assert len(calls) == 3  # auto: one dispatch per block, at the teacher's shapes
     assert calls[0] == (2, spec.num_heads, 1 + (32 // 4) ** 2, spec.embed_dim // spec.num_heads)
