@@ -294,26 +294,33 @@ _choice: dict[tuple, str] = {}
 
 def auto_candidate(q: torch.Tensor, key_mask: torch.Tensor | None = None) -> str:
     """``attention.backend=auto`` for ``q`` ``[B, H, S, D]``: the measured fastest candidate (see the module doc)."""
-    key = (q.device.type, q.device.index, q.dtype, q.shape[-2], q.shape[-1], key_mask is not None)
+    return _auto_choice(q.device.type, q.device.index, q.dtype, int(q.shape[-2]), int(q.shape[-1]), key_mask is not None)
+
+
+@torch.compiler.assume_constant_result  # traced code gets the answer as a constant: no graph break
+def _auto_choice(device_type: str, index: int | None, dtype: torch.dtype, tokens: int, head_dim: int, masked: bool) -> str:
+    key = (device_type, index, dtype, tokens, head_dim, masked)
     choice = _choice.get(key)
     if choice is None:
-        choice = _resolve(q, key_mask)
-        _choice[key] = choice
+        choice = _choice[key] = _resolve(torch.device(device_type, index), dtype, tokens, head_dim, masked)
     return choice
 
 
-@torch.compiler.disable
-def _resolve(q: torch.Tensor, key_mask: torch.Tensor | None) -> str:
+def _resolve(device: torch.device, dtype: torch.dtype, tokens: int, head_dim: int, masked: bool) -> str:
     allowed = ("sdpa", "math", "sdpa_fp32")
-    if q.device.type == "cuda" and triton_status(q)[0]:
+    triton_ok = (device.type == "cuda" and dtype in tu.SUPPORTED_DTYPES and head_dim <= MAX_HEAD_DIM
+                 and triton_status(device)[0])
+    if triton_ok:
         allowed += ("triton",)
-    rows = _load_rows(host_class(q.device)) if q.device.type in ("cpu", "cuda") else ()
-    chosen = pick(rows, q.dtype, q.shape[-2], q.shape[-1], key_mask is not None, allowed)
+    rows = _load_rows(host_class(device)) if device.type in ("cpu", "cuda") else ()
+    chosen = pick(rows, dtype, tokens, head_dim, masked, allowed)
     if chosen is not None:
         return chosen
-    if q.device.type == "cuda" and prefer_triton(q, key_mask):
-        return "triton"
-    return default_candidate(q.device.type, q.dtype)
+    if triton_ok:  # the older GPU rule: shapes listed in TRITON_FASTER
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if any(_row_matches(r, _device_name(index), dtype, head_dim, tokens, masked) for r in TRITON_FASTER):
+            return "triton"
+    return default_candidate(device.type, dtype)
 
 
 def rows_from_bench(results: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
