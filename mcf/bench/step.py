@@ -33,10 +33,10 @@ FLOPs are counted (``torch.utils.flop_counter``) during the paper variant's firs
 forward and backward of the whole step, the teacher's two passes and the target's included — and
 MFU is ``images/s × FLOPs/image`` over the device's matmul peak measured in the same run (bf16 on
 a GPU; on a CPU the faster of fp32 and bf16 — without AVX512-BF16 the bf16 product is emulated and
-far slower, and mcf's variant then runs in fp32 too), by ``mcf.bench.common.matmul_peak`` (fixed
+far slower, and mcf's variant then runs in fp32 too), by ``mcf.measure.matmul_peak`` (fixed
 sizes, warm-up, median: the trainer's method); a peak below an achieved rate is raised to it and
 flagged (``peak_raised_to_achieved``). Each eager variant's dtype conversions in one step are
-counted (``dtype_casts_per_step``, ``mcf.bench.flops.CastCounter``) and the CPU time of each window
+counted (``dtype_casts_per_step``, ``mcf.models.flops.CastCounter``) and the CPU time of each window
 is reported beside its wall time (``cpu_s_per_step``: on a shared host the steadier figure).
 """
 
