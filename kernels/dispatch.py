@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from mcf.kernels import _triton_utils as tu
 
+from mcf.measure import cpu_isa, native_bf16  # noqa: F401 - native_bf16 re-exported: the table's host classes
+
 # Largest head dimension the attention kernels take (padded to a power of two inside).
 MAX_HEAD_DIM = 256
 
@@ -146,52 +148,6 @@ def _row_matches(row: TritonFaster, device_name: str, dtype: torch.dtype, head_d
 CANDIDATES = ("sdpa", "math", "sdpa_fp32", "triton")
 TABLE_FILE = Path(__file__).with_name("attention_table.json")
 TABLE_FORMAT = 1
-# ``ONEDNN_MAX_CPU_ISA`` values (oneDNN's names) that leave out the native bf16 dot products.
-_ONEDNN_NO_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
-
-
-@functools.cache
-def cpu_isa() -> str:
-    """The CPU's class for the kernels mcf runs: ``amx_bf16`` | ``avx512_bf16`` (native bf16 dot
-    products) | ``avx512`` | ``avx2`` | ``default``, capped by what torch was told to use
-    (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``: ``=AVX2`` and ``=default`` emulate an older host)."""
-    flags = _cpu_flags()
-    if "amx_bf16" in flags and "avx512_bf16" in flags:
-        isa = "amx_bf16"
-    elif "avx512_bf16" in flags:
-        isa = "avx512_bf16"
-    elif "avx512f" in flags:
-        isa = "avx512"
-    elif "avx2" in flags:
-        isa = "avx2"
-    else:
-        isa = "default"
-    order = ("default", "avx2", "avx512", "avx512_bf16", "amx_bf16")
-    aten = torch.backends.cpu.get_cpu_capability().lower()  # "default" | "avx2" | "avx512" | ...
-    cap = aten if aten in ("default", "avx2") else "amx_bf16"  # ATen's own vectorised kernels (SDPA's among them)
-    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()  # oneDNN's: the matrix products
-    if onednn in _ONEDNN_NO_BF16:
-        cap = min(cap, "avx512" if onednn.startswith("AVX512") else "avx2", key=order.index)
-    return min(isa, cap, key=order.index)
-
-
-def native_bf16(device: torch.device | str = "cpu") -> bool:
-    """Whether ``device`` multiplies bf16 natively (every CUDA device mcf supports; a CPU with AVX512-BF16/AMX)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and cpu_isa() in ("avx512_bf16", "amx_bf16")
-
-
 def host_class(device: torch.device | str = "cpu") -> str:
     """The table's key for ``device``: ``cpu/<isa>/torch<major.minor>`` or ``cuda/<GPU name>/torch<major.minor>``."""
     device = torch.device(device)

@@ -1,12 +1,14 @@
 """Measuring the device: which device, synchronised timing, the peak matmul rate, peak memory.
 
 Shared by training (:mod:`mcf.train.perf`: MFU and peak memory in every metrics record) and the
-benchmarks (:mod:`mcf.bench`); imports nothing from mcf but the host's CPU class
-(:mod:`mcf.kernels.dispatch`, torch only), so both can stand on it.
+benchmarks (:mod:`mcf.bench`), and the CPU's class (:func:`cpu_isa`) by the attention table of
+:mod:`mcf.kernels.dispatch`; imports nothing from mcf, so all can stand on it.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import platform
 import statistics
 import time
@@ -46,6 +48,52 @@ def time_repeats(run: Callable[[], None], device: torch.device, repeats: int) ->
     return times
 
 
+# ``ONEDNN_MAX_CPU_ISA`` values (oneDNN's names) that leave out the native bf16 dot products.
+_ONEDNN_NO_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+@functools.cache
+def cpu_isa() -> str:
+    """The CPU's class for the kernels mcf runs: ``amx_bf16`` | ``avx512_bf16`` (native bf16 dot
+    products) | ``avx512`` | ``avx2`` | ``default``, capped by what torch was told to use
+    (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``: ``=AVX2`` and ``=default`` emulate an older host)."""
+    flags = _cpu_flags()
+    if "amx_bf16" in flags and "avx512_bf16" in flags:
+        isa = "amx_bf16"
+    elif "avx512_bf16" in flags:
+        isa = "avx512_bf16"
+    elif "avx512f" in flags:
+        isa = "avx512"
+    elif "avx2" in flags:
+        isa = "avx2"
+    else:
+        isa = "default"
+    order = ("default", "avx2", "avx512", "avx512_bf16", "amx_bf16")
+    aten = torch.backends.cpu.get_cpu_capability().lower()  # "default" | "avx2" | "avx512" | ...
+    cap = aten if aten in ("default", "avx2") else "amx_bf16"  # ATen's own vectorised kernels (SDPA's among them)
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()  # oneDNN's: the matrix products
+    if onednn in _ONEDNN_NO_BF16:
+        cap = min(cap, "avx512" if onednn.startswith("AVX512") else "avx2", key=order.index)
+    return min(isa, cap, key=order.index)
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` multiplies bf16 natively (every CUDA device mcf supports; a CPU with AVX512-BF16/AMX)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and cpu_isa() in ("avx512_bf16", "amx_bf16")
+
+
 # Matrix side of the peak's n×n×n product, fixed per device type and dtype so that the figure does
 # not move with a size chosen at run time; bf16 on a CPU without native bf16 (emulated, ~30× slower
 # than fp32) is timed at 512 and labelled as such (``bf16_n``).
@@ -58,8 +106,6 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
 
 def peak_size(device: torch.device, dtype: torch.dtype) -> int:
     """The fixed matrix side of :func:`matmul_peak` for ``device`` and ``dtype``."""
-    from mcf.kernels.dispatch import native_bf16  # torch only below it: no circle
-
     if device.type == "cpu" and dtype == torch.bfloat16 and not native_bf16(device):
         return PEAK_N_EMULATED
     return PEAK_N.get((device.type, _DTYPE_NAMES.get(dtype, "fp32")), 2048)

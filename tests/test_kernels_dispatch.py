@@ -178,8 +178,10 @@ def test_a_broken_table_says_what_to_do(tmp_path):
 @pytest.mark.parametrize("onednn, aten, isa", [(None, "AVX512", "avx512_bf16"), ("AVX2", "AVX512", "avx2"),
                                                ("AVX512_CORE", "AVX512", "avx512"), (None, "DEFAULT", "default")])
 def test_cpu_isa_is_capped_by_what_torch_may_use(monkeypatch, onednn, aten, isa):
+    import mcf.measure as measure
+
     flags = {"avx2", "avx512f", "avx512_bf16"}
-    monkeypatch.setattr(dispatch, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(measure, "_cpu_flags", lambda: flags)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: aten)
     if onednn:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn)

@@ -85,15 +85,13 @@ def test_a_peak_below_the_achieved_rate_is_raised(monkeypatch):
 def test_peak_sizes_are_fixed_per_dtype(monkeypatch):
     """One method (``matmul_peak``) and one size per device type and dtype, whatever the other dtype
     measures: bf16 at 512 only where the CPU emulates it."""
-    import mcf.kernels.dispatch as dispatch
-
     import mcf.measure as common
 
     calls = []
     monkeypatch.setattr(common, "time_repeats", lambda run, device, repeats: calls.append(repeats) or [1.0] * repeats)
     monkeypatch.setattr(torch, "mm", lambda a, b: calls.append(a.shape[0]))
     for native in (True, False):
-        monkeypatch.setattr(dispatch, "native_bf16", lambda device, native=native: native)
+        monkeypatch.setattr(common, "native_bf16", lambda device, native=native: native)
         peaks = common.measure_peaks(torch.device("cpu"))
         assert peaks["fp32_n"] == 2048 and peaks["bf16_n"] == (2048 if native else 512)
         assert peaks["fp32"] == 2 * 2048**3  # median of the (fake) 1 s repeats
