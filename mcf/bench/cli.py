@@ -85,6 +85,11 @@ _ATTENTION_FLAGS = [
     ("--batch", {"nargs": "+"}), ("--heads", {"nargs": "+"}), ("--tokens", {"nargs": "+"}), ("--head-dim", {}),
     ("--dtype", {}), ("--backends", {"nargs": "+"}), ("--modes", {"nargs": "+"}), ("--device", {}), ("--warmup", {}),
     ("--repeats", {}), ("--inner", {}), ("--min-speedup", {}), ("--markdown", {}),
+    # handled by mcf.bench.attention: fill the attention dispatch table (bf16 and fp32, MCF's shapes)
+    ("--table", {"action": "store_true", "help": "measure every candidate path in bf16 and fp32 at MCF's shapes and "
+                 "write the rows to the per-user attention table that attention.backend=auto reads"}),
+    ("--table-file", {"help": "the table to write with --table (default: the per-user cache; "
+                      "kernels/attention_table.json is the repository's)"}),
 ]
 
 
