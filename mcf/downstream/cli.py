@@ -223,9 +223,10 @@ def _finetune_flags(p: argparse.ArgumentParser, task: str) -> None:
         "--tracking-uri",
         default=None,
         metavar="URI|none",
-        help="MLflow (default: sqlite store in the output dir; 'none' = off)",
+        help="MLflow (default: $MLFLOW_TRACKING_URI if set, else a sqlite store in the output dir; 'none' = off)",
     )
-    p.add_argument("--experiment", default="mcf-finetune", help="MLflow experiment name")
+    p.add_argument("--experiment", default=None,
+                   help="MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME if set, else mcf-finetune)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run_finetune_cmd, task=task, context=None, paint_order="farl")
 

@@ -74,8 +74,8 @@ class FinetuneConfig:
     workers: int = 2
     seed: int = 0
     log_every: int = 10
-    tracking_uri: str | None = None  # MLflow: None = sqlite store in output_dir; 'none' = off; or a server URI
-    experiment: str = "mcf-finetune"
+    tracking_uri: str | None = None  # MLflow: None = $MLFLOW_TRACKING_URI, else sqlite in output_dir; 'none' = off
+    experiment: str | None = None  # None = $MLFLOW_EXPERIMENT_NAME, else mcf-finetune
 
     def __post_init__(self) -> None:
         from mcf.downstream.datasets import detect_protocol

@@ -32,7 +32,7 @@ FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "resume": ("train.resume", "auto|none|PATH", str, "auto = newest complete checkpoint in the output dir; or a checkpoint/run path"),
     "seed": ("train.seed", "N", int, "seed of weights, masks, augmentation and data order"),
     "teacher_checkpoint": ("teacher.checkpoint", "PATH|random", str, "frozen perceptual teacher weights ('random' for tests)"),
-    "tracking_uri": ("logging.tracking_uri", "URI|none", str, "MLflow tracking URI (default: sqlite store in the output dir; 'none' = off)"),
+    "tracking_uri": ("logging.tracking_uri", "URI|none", str, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a sqlite store in the output dir; 'none' = off)"),
     "max_bad_fraction": ("data.max_bad_fraction", "F", float, "stop when more than this fraction of samples fails to decode"),
 }
 

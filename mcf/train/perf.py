@@ -9,6 +9,8 @@
 - ``mfu``: ``tflops_per_device`` over the device's peak: the dense bf16 peak of a known GPU
   (:data:`GPU_BF16_PEAK_TFLOPS`), else a short matmul measured at start (bf16 on a GPU, the
   training dtype on a CPU).
+- ``flops_per_image`` and the peak (``peak_tflops``) are constants of the run: :meth:`Throughput.params`
+  (MLflow params, logged once); the others come with every metrics record (:meth:`Throughput.fields`).
 - ``peak_memory_gb``: rank 0's peak: the CUDA allocator's ``max_memory_allocated``, on a CPU the
   process's resident-set high-water mark.
 """
@@ -119,17 +121,17 @@ class Throughput:
                 self.peak_source,
             )
 
+    def params(self) -> dict[str, float | str]:
+        """The run's constants, logged once (MLflow params), not with every record."""
+        out: dict[str, float | str] = {"peak_tflops": self.peak_flops / 1e12, "peak_source": self.peak_source}
+        if self.flops_per_image is not None:
+            out["flops_per_image"] = self.flops_per_image
+        return out
+
     def fields(self, images_per_s: float) -> dict[str, float]:
         out = {"peak_memory_gb": peak_memory_bytes(self.device) / 1e9}
         if self.flops_per_image is None:
             return out
         tflops = self.flops_per_image * images_per_s / 1e12
         per_device = tflops / self.world_size
-        return {
-            "flops_per_image": self.flops_per_image,
-            "tflops": tflops,
-            "tflops_per_device": per_device,
-            "mfu": per_device * 1e12 / self.peak_flops,
-            "peak_tflops": self.peak_flops / 1e12,
-            **out,
-        }
+        return {"tflops": tflops, "tflops_per_device": per_device, "mfu": per_device * 1e12 / self.peak_flops, **out}
