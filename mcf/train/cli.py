@@ -96,15 +96,23 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_config(args: argparse.Namespace) -> int:
-    """Print the resolved config as YAML, or every key with its default and help (``--list``)."""
+    """Print the resolved config as YAML, or every key with its resolved value, the dataclass default
+    where the preset or an override changed it, and its help (``--list``)."""
     from mcf.config import Config, dump_config
-    from mcf.configtree import describe
+    from mcf.configtree import describe, to_dict
+    from mcf.train.metrics import flatten
 
+    cfg = config_from_args(args)
     if args.list:
+        resolved = flatten(to_dict(cfg))
+        print(f"# the keys of `mcf pretrain --config {args.config}`{' with the overrides given' if args.set else ''}: "
+              "key = value as it runs [built-in default where that differs]")
         for key, default, text in describe(Config):
-            print(f"{key} = {default!r}\n    {text}")
+            value = resolved[key]
+            note = f"  [default {default!r}]" if value != default else ""
+            print(f"{key} = {value!r}{note}\n    {text}")
         return 0
-    print(dump_config(config_from_args(args)), end="")
+    print(dump_config(cfg), end="")
     return 0
 
 
@@ -112,7 +120,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     c = subparsers.add_parser("config", help="print the resolved config (preset + flags + --set), or list every key (--list)")
     c.add_argument("--config", default="demo", metavar="NAME|PATH", help="preset name or YAML file (default: demo)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (repeatable)")
-    c.add_argument("--list", action="store_true", help="list every key with its default and documentation")
+    c.add_argument("--list", action="store_true",
+                   help="list every key with its value in the preset in use (--config, default demo), and its documentation")
     c.set_defaults(func=run_config)
 
     p = subparsers.add_parser("pretrain", help="MCF pre-training (DeepSpeed; 1 process, torchrun, deepspeed or srun)",

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from mcf import threads
 from mcf.config import Config, dump_config
 from mcf.configtree import to_dict
 from mcf.dist import rank0_decides
@@ -185,9 +186,9 @@ class Trainer:
         if self.throughput is not None:
             self.logger.log_params({f"perf.{k}": v for k, v in self.throughput.params().items()})
         if self.rank == 0:
-            log.info("%d rank(s) on %s, %s, ZeRO %d; %d steps (%d per epoch); %s", self.world_size, self.device, cfg.train.precision,
-                     cfg.deepspeed.zero, self.total_steps, self.steps_per_epoch,
-                     describe_schedule(cfg, self.global_batch, self.steps_per_epoch, self.total_steps))
+            log.info("%d rank(s) on %s, %s, ZeRO %d; %d steps (%d per epoch); %s; %s", self.world_size, self.device,
+                     cfg.train.precision, cfg.deepspeed.zero, self.total_steps, self.steps_per_epoch,
+                     describe_schedule(cfg, self.global_batch, self.steps_per_epoch, self.total_steps), threads.describe())
 
     def _preflight(self) -> UserError | None:
         """Rank 0: lock the output folder (held until :meth:`fit` returns) and check MLflow answers."""
