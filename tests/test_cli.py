@@ -51,6 +51,16 @@ def test_config_list_shows_the_values_of_the_preset_that_runs(capsys):
     assert "\nmodel.name = 'mcf_vit_base_patch16'\n" in out and "train.seed = 3  [default 0]" in out
 
 
+def test_every_bench_flag_has_help():
+    import argparse
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    bench = next(a for a in sub.choices["bench"]._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"bench {name} {a.option_strings[0]}" for name, p in bench.choices.items() for a in p._actions
+               if a.option_strings and a.dest != "help" and not a.help]
+    assert not missing, missing
+
+
 def test_error_quoting_hostile_input_stays_bounded(tmp_path, capsys):
     """An error that quotes a path or value from the input (here a shard list whose one line is a
     megabyte) is one bounded line, saying how long the message was."""

@@ -12,11 +12,11 @@ def _add_step_args(p: argparse.ArgumentParser, e2e: bool) -> None:
     p.add_argument("--model", default="mcf_vit_small_patch16", help="model name (default: %(default)s)")
     p.add_argument("--img-size", type=int, default=112, help="input side; 0 = the model's own (default: %(default)s)")
     p.add_argument("--teacher-img-size", type=int, default=None, help="teacher input side (default: = --img-size)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="images per step (default: %(default)s)")
     p.add_argument("--steps", type=int, default=1, help="steps per timed window (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed windows, median reported (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed windows (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (the first GPU if any, else cpu), cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--compile", action="store_true",
                    help="also time the mcf step torch.compile-d, beside eager (variant mcf_compiled)")
     p.add_argument("--variants", default="paper,mcf",
@@ -84,9 +84,15 @@ def _run_data(args: argparse.Namespace) -> int:
 _ATTENTION_FLAGS = [
     ("--tiny", {"action": "store_true", "help": "tiny shapes (CPU smoke test; the default without a GPU)"}),
     ("--full", {"action": "store_true", "help": "MCF shapes (the default on a GPU)"}),
-    ("--batch", {"nargs": "+"}), ("--heads", {"nargs": "+"}), ("--tokens", {"nargs": "+"}), ("--head-dim", {}),
-    ("--dtype", {}), ("--backends", {"nargs": "+"}), ("--modes", {"nargs": "+"}), ("--device", {}), ("--warmup", {}),
-    ("--repeats", {}), ("--inner", {}), ("--min-speedup", {}), ("--markdown", {}),
+    ("--batch", {"nargs": "+", "help": "batch sizes"}), ("--heads", {"nargs": "+", "help": "head counts"}),
+    ("--tokens", {"nargs": "+", "help": "sequence lengths"}), ("--head-dim", {"help": "head dimension"}),
+    ("--dtype", {"help": "input dtype (float16, bfloat16, float32)"}),
+    ("--backends", {"nargs": "+", "help": "kernels compared (default: all)"}),
+    ("--modes", {"nargs": "+", "help": "fwd and/or fwd+bwd (default: both)"}),
+    ("--device", {"help": "device (default: cuda if available, else cpu)"}), ("--warmup", {"help": "untimed calls"}),
+    ("--repeats", {"help": "timed groups, median reported"}), ("--inner", {"help": "calls per timed group"}),
+    ("--min-speedup", {"help": "SDPA/Triton ratio that counts as a Triton win (default 1.1)"}),
+    ("--markdown", {"metavar": "OUT", "help": "also write a markdown table to OUT"}),
 ]
 
 
@@ -177,13 +183,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", default=None, help="image folder (default: synthetic JPEGs)")
     p.add_argument("--count", type=int, default=256, help="synthetic files (default: %(default)s)")
     p.add_argument("--file-size", type=int, default=256, help="synthetic JPEG side (default: %(default)s)")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--img-size", type=int, default=224, help="output side of the loaders' crops (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="loader workers (DALI threads, DataLoader processes) (default: %(default)s)")
     p.add_argument("--batches", type=int, default=6, help="timed batches per loader (default: %(default)s)")
-    p.add_argument("--sources", default="folder,lmdb,shards")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None)
+    p.add_argument("--sources", default="folder,lmdb,shards", help="comma list of the stores the same files are read from (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="where batches are delivered: auto (GPU if any), cpu, cuda (default: %(default)s)")
+    p.add_argument("--out", default=None, help="JSON file or folder")
     p.add_argument("--index-scale", type=int, default=0, metavar="N",
                    help="instead: open time and bytes per sample of the indexes for N synthetic keys/samples (e.g. 20000000)")
     p.add_argument("--folder-files", type=int, default=200_000, help="index-scale: files of the synthetic folder (default: %(default)s)")
@@ -203,35 +209,38 @@ def add_parser(subparsers) -> None:
     p.add_argument("--img-size", type=int, default=112,
                    help="its input side; 0 = the model's own (default: %(default)s)")
     p.add_argument("--batch-sizes", default="4,8", help="two batch sizes of the CPU measurement (default: %(default)s)")
-    p.add_argument("--modes", default="none,encoder,decoder,teacher,all")
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--modes", default="none,encoder,decoder,teacher,all",
+                   help="train.activation_checkpointing settings compared (default: %(default)s)")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
+                   help="weights' and activations' dtype, as DeepSpeed runs the online model (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per setting, interleaved (default: %(default)s)")
     p.add_argument("--project", default="mcf_vit_base_patch16,mcf_vit_large_patch16,mcf_vit_huge_patch14",
                    help="models counted at their own size on the meta device for the batch projection ('' = none)")
-    p.add_argument("--project-teacher", default="vit_base_patch16")
-    p.add_argument("--project-batch-sizes", default="64,128")
-    p.add_argument("--gpu-gb", type=float, default=80.0)
+    p.add_argument("--project-teacher", default="vit_base_patch16", help="the projected models' teacher (default: %(default)s)")
+    p.add_argument("--project-batch-sizes", default="64,128",
+                   help="two batch sizes of the meta count (large, so the activations' peak shows) (default: %(default)s)")
+    p.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory the largest batch is projected for (default: %(default)s)")
     p.add_argument("--ranks", type=int, default=8, help="GPUs the ZeRO state is sharded over (default: %(default)s)")
-    p.add_argument("--zero", type=int, default=1)
+    p.add_argument("--zero", type=int, default=1, help="ZeRO stage of the projection (default: %(default)s)")
     p.add_argument("--reserve-gb", type=float, default=8.0,
                    help="CUDA context, NCCL, fragmentation (default: %(default)s)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="JSON file or folder")
     p.set_defaults(func=_run_memory)
 
     p = sub.add_parser("scale",
                        help="per-rank bytes, step time and collectives per step under ZeRO 0/1/2/3 (2 ranks)")
-    p.add_argument("--model", default="mcf_vit_tiny")
-    p.add_argument("--img-size", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=4, help="per rank")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--stages", default="0,1,2,3")
+    p.add_argument("--model", default="mcf_vit_tiny", help="model name (default: %(default)s)")
+    p.add_argument("--img-size", type=int, default=0, help="input side; 0 = the model's own (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, help="per rank (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up step (default: %(default)s)")
+    p.add_argument("--stages", default="0,1,2,3", help="comma list of ZeRO stages (default: %(default)s)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="the online model's dtype, as the trainer runs it (bf16: bf16 weights + fp32 masters)")
-    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=2, help="ranks (torchrun processes; gloo on the CPU) (default: %(default)s)")
     p.add_argument("--phases", default="memory,comm",
                    help="memory (bytes held, step time) and/or comm (the trainer's collectives per step) "
                         "(default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override of the comm phase's trainer, e.g. train.target_precision=fp32 (repeatable)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="JSON file or folder")
     p.set_defaults(func=_run_scale)

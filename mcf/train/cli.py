@@ -17,7 +17,9 @@ from typing import Any
 # flag dest → (config key, metavar, type, help)
 FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "output_dir": ("train.output_dir", "DIR", str, "run folder (config.yaml, metrics.jsonl, checkpoints/, reconstructions/, mlflow.db)"),
-    "data": ("data.path", "PATH", str, "image folder, mcf LMDB, the paper's LMDB, or 'builtin' (the built-in faces)"),
+    "data": ("data.path", "PATH", str, "image folder, mcf LMDB, the paper's LMDB, webdataset .tar shards (a folder of them, "
+                                       "a brace pattern such as /d/{00000..00099}.tar, a .txt list of paths or URLs, "
+                                       "pipe:COMMAND), or 'builtin' (the built-in faces)"),
     "lmdb_keys": ("data.lmdb_keys", "FILE", str, "key list of the paper's LMDB layout"),
     "loader": ("data.loader", "auto|dali|torch", str, "input pipeline"),
     "model": ("model.name", "NAME", str, "registered model (mcf_vit_tiny, mcf_vit_base_patch16, ...)"),
