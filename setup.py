@@ -44,6 +44,7 @@ setup(
         "pillow",
         "lmdb",
         "mlflow>=2.10",
+        "psutil",  # MLflow's system metrics (CPU, memory) of every run
         "safetensors",
         "pyyaml",
         "tqdm",
