@@ -1,5 +1,5 @@
 """Memory and time of the epoch order per loader worker: the explicit permutation (before) vs the
-Feistel order computed per index (``mcf.data.sampler``, after), at 1M and 20M samples.
+Feistel order computed per index (``mcf.data.core.sampler``, after), at 1M and 20M samples.
 
 Each measurement runs in a fresh spawned process, as a DALI source worker starts: it receives the
 pickled sampler, then produces the indices of one batch of rank 0 of 8 near the end of epoch 3
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from mcf.data.sampler import CHUNK, DistributedSampler  # noqa: E402
+from mcf.data.core.sampler import CHUNK, DistributedSampler  # noqa: E402
 
 RANK, WORLD, EPOCH = 0, 8, 3
 

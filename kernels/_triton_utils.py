@@ -41,6 +41,14 @@ def jit(fn):
     return _Missing()
 
 
+@jit
+def probe_kernel():
+    """A kernel that does nothing, jitted when the kernels are (at ``mcf.kernels``' import): whether it
+    is interpreted is whether theirs are (:func:`mcf.kernels.dispatch.triton_status` asks it, so the
+    dispatcher need not import a kernel module that imports the dispatcher)."""
+    pass
+
+
 def is_interpreted(kernel) -> bool:
     """Whether ``kernel`` (a jitted function) runs in Triton's CPU interpreter."""
     if triton is None:

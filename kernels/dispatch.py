@@ -68,9 +68,7 @@ def triton_status(where: torch.Tensor | torch.device | str | None = None) -> tup
     """
     if tu.triton is None:
         return False, tu.TRITON_IMPORT_ERROR
-    from mcf.kernels.masked_attention import _attn_fwd_kernel
-
-    interpreted = tu.is_interpreted(_attn_fwd_kernel)
+    interpreted = tu.is_interpreted(tu.probe_kernel)
     device = _device_of(where)
     if isinstance(where, torch.Tensor):
         if where.dtype not in tu.SUPPORTED_DTYPES:

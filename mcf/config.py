@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from mcf.configtree import field, from_dict, load_yaml, merge, parse_override, short, to_dict
-from mcf.data.config import DataConfig
+from mcf.data.core.config import DataConfig
 from mcf.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from mcf.bench.flops import attention_block_flops, count_flops, linear_flops
 from mcf.cli import main
+from mcf.models.flops import attention_block_flops, count_flops, linear_flops
 
 VARIANT_FIELDS = ("images_per_s", "ms_per_step", "peak_memory_bytes", "flops_per_image", "mfu", "precision")
 TOP_FIELDS = ("paper", "mcf", "ratio", "device", "model", "batch_size", "precision", "peak_flops", "date", "commit")

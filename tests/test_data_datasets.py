@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from data_helpers import BAD_FILES, HUGE_LIMIT, ODD_FILES, make_folder, make_paper_lmdb, make_salted_folder
 
-from mcf.data import ImageFolderDataset, LMDBDataset, PaperLMDBDataset, build_lmdb, lmdb_build, open_dataset, verify_dataset
+from mcf.data import ImageFolderDataset, LMDBDataset, PaperLMDBDataset, build_lmdb, open_dataset, verify_dataset
 from mcf.data.cli import add_parser
+from mcf.data.tools import lmdb_build
 from mcf.errors import DataError
 
 
@@ -43,8 +44,8 @@ def test_folder_lmdb_and_paper_layout_agree(tmp_path):
 def test_oversized_lmdb_value_is_a_bad_sample_never_copied(tmp_path, monkeypatch):
     """Both LMDB layouts: a value over the image-file cap (as for a folder's files and shard members)
     is a bad sample, checked in the map before it is copied; values within it read as before."""
-    from mcf.data import datasets
-    from mcf.data.decode import BadImage
+    from mcf.data.core.decode import BadImage
+    from mcf.data.formats import datasets
 
     make_folder(tmp_path / "f", 4)
     build_lmdb(tmp_path / "f", tmp_path / "db", workers=0, progress=False)

@@ -22,7 +22,7 @@ from data_helpers import encode, jpeg_with_broken_marker, make_folder, make_host
 from train_helpers import ROOT, env, pretrain_args
 
 from mcf.data import DataConfig, build_pretrain_loader
-from mcf.data.decode import BadImage, decode_rgb, read_file
+from mcf.data.core.decode import BadImage, decode_rgb, read_file
 from mcf.errors import DataError
 
 dali = pytest.importorskip("nvidia.dali")
@@ -33,7 +33,7 @@ CPU = torch.device("cpu")
 def hostile(tmp_path_factory):
     """``(root, listed bad entries, samples listed)``: the folder scan itself skips what is not a
     file or a link to one (FIFO, device, link loop); what it lists of the rest must be bad samples."""
-    from mcf.data.datasets import open_dataset
+    from mcf.data.formats.factory import open_dataset
 
     root = tmp_path_factory.mktemp("hostile")
     bad = make_hostile_folder(root, n_good=24)
@@ -147,7 +147,7 @@ def test_all_unreadable_stops_with_one_line(kind, tmp_path):
 def test_dali_decoder_rejects_at_run_time_are_bad_samples(tmp_path, monkeypatch, caplog):
     """A file that passes mcf's checks but that DALI's decoder fails on (as nvJPEG may) fails its
     batch; the loader finds it, counts it as a bad sample from then on, and carries on."""
-    import mcf.data.source as source_mod
+    import mcf.data.core.source as source_mod
 
     make_folder(tmp_path, 16)
     real = source_mod.prepare_for_dali
@@ -160,7 +160,7 @@ def test_dali_decoder_rejects_at_run_time_are_bad_samples(tmp_path, monkeypatch,
     monkeypatch.setattr(source_mod, "prepare_for_dali", leaky)
     ld = _loader(tmp_path, "dali", bs=4, max_bad_fraction=0.5)
     batches = []
-    with caplog.at_level("WARNING", logger="mcf.data.dali_loader"):
+    with caplog.at_level("WARNING", logger="mcf.data.loaders.dali_loader"):
         for epoch in (0, 1):
             ld.set_epoch(epoch)
             batches += [b.clone() for b in ld]

@@ -5,7 +5,7 @@ import torch
 from data_helpers import make_folder
 
 from mcf.data import LMDBDataset, build_lmdb, build_pretrain_loader
-from mcf.data.config import DataConfig
+from mcf.data.core.config import DataConfig
 
 
 def test_torch_loader_workers_after_parent_opened_lmdb(tmp_path):

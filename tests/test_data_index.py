@@ -17,10 +17,10 @@ import pytest
 from data_helpers import make_folder, make_paper_lmdb
 
 from mcf.data import build_lmdb, open_dataset
-from mcf.data import scan as scan_mod
-from mcf.data.datasets import ImageFolderDataset, PaperLMDBDataset
-from mcf.data.index import IndexOptions, PackedStrings, open_key_list, open_or_build, pack_lines
-from mcf.data.scan import walk_images
+from mcf.data.core.index import IndexOptions, PackedStrings, open_key_list, open_or_build, pack_lines
+from mcf.data.formats import scan as scan_mod
+from mcf.data.formats.datasets import ImageFolderDataset, PaperLMDBDataset
+from mcf.data.formats.scan import walk_images
 from mcf.errors import DataError
 
 OLD = time.time() - 3600
@@ -271,7 +271,7 @@ def test_damaged_lmdb_pretrain_exits_2(tmp_path):
 def test_rank_0_that_cannot_write_fails_instead_of_leaving_others_waiting(tmp_path, monkeypatch):
     import errno
 
-    from mcf.data import index as index_mod
+    from mcf.data.core import index as index_mod
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

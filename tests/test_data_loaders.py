@@ -10,7 +10,7 @@ import torch
 from data_helpers import BAD_FILES, HUGE_LIMIT, ODD_FILES, make_folder, make_paper_lmdb, make_salted_folder
 
 from mcf.data import DataConfig, build_lmdb, build_pretrain_loader
-from mcf.data.decode import decode_rgb, prepare_for_dali
+from mcf.data.core.decode import decode_rgb, prepare_for_dali
 from mcf.errors import DataError
 
 dali = pytest.importorskip("nvidia.dali")
@@ -215,7 +215,7 @@ def test_errors_and_choice(tmp_path, folder):
 
 
 def test_dali_device_choice():
-    from mcf.data.dali_loader import decoder_device, pipeline_device_id
+    from mcf.data.loaders.dali_loader import decoder_device, pipeline_device_id
 
     assert decoder_device(torch.device("cuda", 1)) == "mixed"
     assert decoder_device(CPU) == "cpu"
@@ -251,7 +251,7 @@ def test_light_imports():
     import subprocess
     import sys
 
-    code = "import sys, mcf.data, mcf.data.cli, mcf.data.source; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, mcf.data, mcf.data.cli, mcf.data.core.source; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -285,7 +285,7 @@ def test_dali_mixed_gpu_matches_cpu(lmdb_path):
 def test_torch_loader_batches_equal_the_transform_exactly(folder, nw):
     """Workers hand over uint8 and the loader normalises the batch: bit-identical to the float
     transform applied to each sample of this rank's epoch order."""
-    from mcf.data.transforms import normalize, normalize_batch
+    from mcf.data.core.transforms import normalize, normalize_batch
 
     loader = _loader(folder, "torch", bs=4, world=2, rank=1, seed=3, nw=nw)
     loader.set_epoch(1)
@@ -317,7 +317,7 @@ def test_resume_on_another_world_size_resplits_the_epoch(kind, folder, tmp_path,
     (batch 2): together they read the epoch's order once, in its order, up to the tail that cannot
     fill a global batch (26 - 12 = 14 left: 2 batches of 2 on each of 3 ranks, 2 samples left out),
     and the next epoch starts whole on the new ranks. The indices are those the workers returned."""
-    from mcf.data.sampler import FeistelPermutation
+    from mcf.data.core.sampler import FeistelPermutation
 
     monkeypatch.setenv("MCF_RECORD_SAMPLES", str(tmp_path / "rec"))
     old = [_loader(folder, kind, bs=3, rank=r, world=2, seed=4) for r in range(2)]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mcf.data import DistributedSampler, build_transform
-from mcf.data.sampler import FeistelPermutation
+from mcf.data.core.sampler import FeistelPermutation
 
 
 def _share(n, rank, world, seed=0, epoch=0):

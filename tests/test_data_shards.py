@@ -20,9 +20,9 @@ from data_helpers import make_folder, make_paper_lmdb
 from shard_helpers import add_member, make_shards
 
 from mcf.data import DataConfig, build_lmdb, build_pretrain_loader, open_dataset
-from mcf.data import shards_build as sb
-from mcf.data.shards import ShardDataset, ShardSampler, StreamedShards, expand_braces, is_shard_spec, resolve_shards
-from mcf.data.tar_index import index_tar
+from mcf.data.core.tar_index import index_tar
+from mcf.data.formats.shards import ShardDataset, ShardSampler, StreamedShards, expand_braces, is_shard_spec, resolve_shards
+from mcf.data.tools import shards_build as sb
 from mcf.errors import DataError
 
 CPU = torch.device("cpu")
@@ -202,9 +202,9 @@ def test_oversized_member_is_a_bad_sample_never_read_into_memory(tmp_path, monke
     """A member larger than the image-file cap (8 bytes a pixel of data.max_pixels + 64 MiB; a hostile
     or broken shard can claim gigabytes) is a bad sample in both read paths, as an oversized file of a
     folder is; the samples after it are read as usual."""
-    from mcf.data import shards as shards_mod
-    from mcf.data.decode import BadImage
-    from mcf.data.tar_index import stream_samples
+    from mcf.data.core.decode import BadImage
+    from mcf.data.core.tar_index import stream_samples
+    from mcf.data.formats import shards as shards_mod
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
@@ -399,7 +399,7 @@ def test_two_rank_pretrain_on_shards_resumes_exactly(tmp_path):
 
 
 def test_remote_index_retries_unreadable_shards_only(tmp_path, shards, monkeypatch):
-    from mcf.data import shards as shards_mod
+    from mcf.data.formats import shards as shards_mod
 
     lst = tmp_path / "remote.txt"
     late = tmp_path / "late.tar"

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mcf.data import DataConfig, build_pretrain_loader
-from mcf.data.transforms import build_transform
-from mcf.data.workers import AUTO_WORKERS_CAP, auto_num_workers, cpus_per_rank
+from mcf.data.core.transforms import build_transform
+from mcf.data.core.workers import AUTO_WORKERS_CAP, auto_num_workers, cpus_per_rank
 from mcf.errors import ConfigError
 
 CPU = torch.device("cpu")
@@ -53,13 +53,13 @@ def test_num_workers_config_and_log(tmp_path, monkeypatch, caplog):
             DataConfig(num_workers=bad)
     from data_helpers import make_folder
 
-    import mcf.data.loader as loader_mod
+    import mcf.data.loaders.base as loader_mod
 
     make_folder(tmp_path, 8)
     monkeypatch.setattr(loader_mod, "_WORKERS_LOGGED", False)
     monkeypatch.setattr(loader_mod, "auto_num_workers", lambda: (2, "12 CPUs in the affinity mask / 4 local ranks"))
     kw = dict(img_size=32, batch_size=4, world_size=1, seed=0, device=CPU)
-    with caplog.at_level(logging.INFO, logger="mcf.data.loader"):
+    with caplog.at_level(logging.INFO, logger="mcf.data.loaders.base"):
         a = build_pretrain_loader(DataConfig(path=str(tmp_path), loader="torch"), rank=0, **kw)
         b = build_pretrain_loader(DataConfig(path=str(tmp_path), loader="torch"), rank=0, **kw)
         c = build_pretrain_loader(DataConfig(path=str(tmp_path), loader="torch", num_workers=1), rank=0, **kw)
@@ -73,7 +73,7 @@ def test_num_workers_config_and_log(tmp_path, monkeypatch, caplog):
 
 def test_dali_check_passes_on_the_cpu_pipeline():
     pytest.importorskip("nvidia.dali")
-    from mcf.data.dali_check import MEAN_LEVELS, P99_LEVELS, check_dali, compare
+    from mcf.data.loaders.dali_check import MEAN_LEVELS, P99_LEVELS, check_dali, compare
 
     for size, rrc in ((32, False), (64, True), (224, False)):
         t = build_transform(size, random_resized_crop=rrc)
@@ -88,8 +88,8 @@ def test_dali_check_passes_on_the_cpu_pipeline():
 def test_dali_check_catches_a_mismatching_pipeline(monkeypatch):
     """A DALI graph that computes something else (here: a wrong std) fails the check."""
     pytest.importorskip("nvidia.dali")
-    import mcf.data.dali_loader as dl
-    from mcf.data.dali_check import DaliCheckError, check_dali
+    import mcf.data.loaders.dali_loader as dl
+    from mcf.data.loaders.dali_check import DaliCheckError, check_dali
 
     monkeypatch.setattr(dl, "IMAGENET_STD", (0.25, 0.25, 0.25))
     with pytest.raises(DaliCheckError, match="reference JPEG 0 differs .* levels mean"):
@@ -108,14 +108,14 @@ def test_auto_falls_back_to_torch_with_one_log_line(tmp_path, caplog):
 
     make_folder(tmp_path, 8)
     kw = dict(img_size=32, batch_size=4, world_size=1, seed=0, device=CPU)
-    with caplog.at_level(logging.INFO, logger="mcf.data.loader"):
+    with caplog.at_level(logging.INFO, logger="mcf.data.loaders"):
         ld = build_pretrain_loader(DataConfig(path=str(tmp_path), loader="auto", num_workers=0), rank=0,
                                    dali_check=_failing, **kw)
     assert ld.kind == "torch"
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warned == ["data: DALI failed its start-up check, using the PyTorch loader (nvJPEG: no such multiline thing)"]
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="mcf.data.loader"):
+    with caplog.at_level(logging.INFO, logger="mcf.data.loaders"):
         other_rank = build_pretrain_loader(DataConfig(path=str(tmp_path), num_workers=0), rank=1, dali_check=_failing,
                                            **{**kw, "world_size": 2, "batch_size": 2})
     assert other_rank.kind == "torch" and not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -129,7 +129,7 @@ def test_auto_falls_back_to_torch_with_one_log_line(tmp_path, caplog):
 
 def test_ranks_agree_on_the_loader(monkeypatch):
     """One rank failing the check sends every rank to the PyTorch loader (with its reason)."""
-    import mcf.data.loader as loader_mod
+    import mcf.data.loaders.factory as factory_mod
 
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
 
@@ -137,5 +137,5 @@ def test_ranks_agree_on_the_loader(monkeypatch):
         out[:] = [None, "ImportError: no nvidia.dali", None]
 
     monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
-    assert loader_mod._agree(None, 3) == "on rank 1: ImportError: no nvidia.dali"
-    assert loader_mod._agree("x", 1) == "x"
+    assert factory_mod._agree(None, 3) == "on rank 1: ImportError: no nvidia.dali"
+    assert factory_mod._agree("x", 1) == "x"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mcf.bench.flops import count_flops, use_math_attention
 from mcf.config import build_config
 from mcf.models import create_model_from_config
+from mcf.models.flops import count_flops, use_math_attention
 from mcf.train.perf import Throughput, flops_per_image, known_gpu_peak
 
 

@@ -9,7 +9,7 @@ import torch
 from data_helpers import make_folder
 
 from mcf.data import build_lmdb, build_pretrain_loader
-from mcf.data.config import DataConfig
+from mcf.data.core.config import DataConfig
 from mcf.train.signals import StopRequest
 
 

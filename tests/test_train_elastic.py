@@ -57,7 +57,7 @@ def _args(out: Path, data: Path, steps: int, zero: int, precision: str, *extra: 
 def _records(folder: Path) -> dict[tuple[int, int], list[int]]:
     """``{(epoch, global offset of the batch): [dataset indices delivered, all ranks]}``, and the
     check that each batch holds exactly its stretch of the epoch's order: ``B·W`` positions."""
-    from mcf.data.sampler import FeistelPermutation
+    from mcf.data.core.sampler import FeistelPermutation
 
     out: dict[tuple[int, int], list[int]] = {}
     for f in sorted(folder.glob("samples_*.txt")):
@@ -96,7 +96,7 @@ def _step_samples(records: dict, step: int) -> set[int]:
 def _check_samples(r: dict) -> None:
     """Epoch 0 (4 steps) is read by A (steps 1-2, 2 ranks), B (step 3, 1 rank) and C (step 4, 2 ranks):
     every sample once, in the epoch's order; each resumed step reads the uninterrupted step's samples."""
-    from mcf.data.sampler import FeistelPermutation
+    from mcf.data.core.sampler import FeistelPermutation
 
     order = FeistelPermutation(N_IMAGES, 0, 0)(np.arange(N_IMAGES)).tolist()
     parts = [(r["rec_A"], 0, 16), (r["rec_B"], 16, 24), (r["rec_C"], 24, 32)]

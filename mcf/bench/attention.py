@@ -33,7 +33,8 @@ def load_bench_attention(path: Path = BENCH_FILE) -> ModuleType:
 def run(argv: list[str]) -> dict[str, Any]:
     import torch
 
-    from mcf.bench.common import device_name, resolve_device, run_info
+    from mcf.bench.common import run_info
+    from mcf.measure import device_name, resolve_device
 
     bench = load_bench_attention()
     argv = [a for a in argv if a != "--"]

@@ -2,12 +2,12 @@
 (``--index-scale N``) what opening a data set of N samples costs.
 
 Loader mode: same images as an image folder, the LMDB built from it by ``mcf.data.build_lmdb`` and
-the webdataset shards built by ``mcf.data.shards_build.build_shards``; same workers, batch, size and
+the webdataset shards built by ``mcf.data.tools.shards_build.build_shards``; same workers, batch, size and
 transform (mcf's resize + flip). The release's PIL DataLoader is timed on the folder too, as the
 baseline the step benchmark's ``paper`` variant uses. DALI decodes on the CPU here and ``mixed``
 (nvJPEG) on a GPU. The first batch (worker start-up, pipeline build) is not timed.
 
-Index-scale mode (:func:`run_index_scale`) measures the indexes of :mod:`mcf.data.index` on synthetic
+Index-scale mode (:func:`run_index_scale`) measures the indexes of :mod:`mcf.data.core.index` on synthetic
 data that is cheap to make: a key file of N 13-character keys plus a tiny LMDB (the paper's layout:
 its ``length`` says N, it holds the first and last keys), a folder of empty ``.jpg`` files, and a
 shard index of N samples over fake shards. For each: first open (scan + write), re-open, the index's
@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from mcf.bench.common import device_name, emit, resolve_device, run_info, sync
+from mcf.bench.common import emit, run_info
+from mcf.measure import device_name, resolve_device, sync
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def run(cfg: DataBenchConfig) -> dict[str, Any]:
             paths["lmdb"] = Path(tmp.name) / "lmdb"
             build_lmdb(folder, paths["lmdb"], workers=1, progress=False)
         if "shards" in cfg.sources:
-            from mcf.data.shards_build import build_shards
+            from mcf.data.tools.shards_build import build_shards
 
             paths["shards"] = Path(tmp.name) / "shards"
             build_shards(folder, paths["shards"], max_count=max(1, cfg.count // 4), workers=1, progress=False)

@@ -112,8 +112,8 @@ def _in_child(fn, *args) -> Any:
 
 
 def _open_paper(db: Path, keys_file: Path, cache: Path):
-    from mcf.data.datasets import PaperLMDBDataset
-    from mcf.data.index import IndexOptions
+    from mcf.data.core.index import IndexOptions
+    from mcf.data.formats.datasets import PaperLMDBDataset
 
     return PaperLMDBDataset(db, keys_file, index=IndexOptions(cache_dir=str(cache)))
 
@@ -167,8 +167,8 @@ def _preload() -> None:
     import lmdb  # noqa: F401
     import PIL.Image  # noqa: F401
 
-    import mcf.data.datasets  # noqa: F401
-    import mcf.data.shards  # noqa: F401
+    import mcf.data.formats.datasets  # noqa: F401
+    import mcf.data.formats.shards  # noqa: F401
 
 
 def keys_bench(work: Path, n: int, worker_keys: int) -> dict[str, Any]:
@@ -178,7 +178,7 @@ def keys_bench(work: Path, n: int, worker_keys: int) -> dict[str, Any]:
     if not db.exists():
         make_paper_lmdb(db, kf, n)
     shutil.rmtree(cache, ignore_errors=True)
-    from mcf.data.index import IndexOptions, open_key_list
+    from mcf.data.core.index import IndexOptions, open_key_list
 
     opts = IndexOptions(cache_dir=str(cache))
     arrays = lambda keys: (keys.offsets, keys.blob)  # noqa: E731
@@ -224,8 +224,8 @@ def make_empty_folder(root: Path, n: int) -> None:
 
 
 def folder_bench(work: Path, n: int) -> dict[str, Any]:
-    from mcf.data.index import IndexOptions
-    from mcf.data.scan import open_folder_index
+    from mcf.data.core.index import IndexOptions
+    from mcf.data.formats.scan import open_folder_index
 
     root, cache = work / f"folder{n}", work / "cache-folder"
     if not (work / f"folder{n}.complete").exists():
@@ -248,8 +248,8 @@ def folder_bench(work: Path, n: int) -> dict[str, Any]:
 def shards_bench(work: Path, n: int) -> dict[str, Any]:
     """A shard index of ``n`` samples (fake 10,000-sample shards of 1 GiB): open, bytes per sample, and
     the sampler's cost for one batch deep into an epoch (it never builds an N-long array)."""
-    from mcf.data.index import IndexFile, PackedStrings, write_index
-    from mcf.data.shards import FORMAT, VERSION, ShardSampler, ShardTable
+    from mcf.data.core.index import IndexFile, PackedStrings, write_index
+    from mcf.data.formats.shards import FORMAT, VERSION, ShardSampler, ShardTable
 
     path = work / f"shards{n}.mcfidx"
     s = -(-n // SHARD_SAMPLES)

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from mcf.bench.common import PeakMemory, emit, run_info
+from mcf.bench.common import emit, run_info
+from mcf.measure import PeakMemory
 
 log = logging.getLogger(__name__)
 

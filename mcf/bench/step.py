@@ -43,8 +43,9 @@ from typing import Any
 
 import torch
 
-from mcf.bench.common import PeakMemory, device_name, emit, fast_dtype, measure_peaks, peak_flops, resolve_device, run_info, sync, time_repeats
-from mcf.bench.flops import count_flops, step_flops, use_math_attention
+from mcf.bench.common import emit, run_info
+from mcf.measure import PeakMemory, device_name, fast_dtype, measure_peaks, peak_flops, resolve_device, sync, time_repeats
+from mcf.models.flops import count_flops, step_flops, use_math_attention
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ indexes, the converters, the built-in real faces, the distributed samplers, the 
 PyTorch / DALI pre-training loaders.
 
 Exports are resolved lazily (PEP 562) so that DALI's spawned source workers, which import
-``mcf.data.source``, do not pay for importing torch.
+``mcf.data.core.source``, do not pay for importing torch.
 """
 
 from __future__ import annotations
@@ -12,36 +12,36 @@ import importlib
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "DataConfig": "mcf.data.config",
-    "build_pretrain_loader": "mcf.data.loader",
-    "PretrainLoader": "mcf.data.loader",
-    "TorchPretrainLoader": "mcf.data.loader",
-    "dali_available": "mcf.data.loader",
-    "DaliPretrainLoader": "mcf.data.dali_loader",
-    "DistributedSampler": "mcf.data.sampler",
-    "EncodedImageDataset": "mcf.data.datasets",
-    "ImageFolderDataset": "mcf.data.datasets",
-    "LMDBDataset": "mcf.data.datasets",
-    "PaperLMDBDataset": "mcf.data.datasets",
-    "open_dataset": "mcf.data.datasets",
-    "ShardDataset": "mcf.data.shards",
-    "ShardSampler": "mcf.data.shards",
-    "StreamedShards": "mcf.data.shards",
-    "open_shards": "mcf.data.shards",
-    "build_shards": "mcf.data.shards_build",
-    "IndexOptions": "mcf.data.index",
-    "build_transform": "mcf.data.transforms",
-    "PretrainTransform": "mcf.data.transforms",
-    "IMAGENET_MEAN": "mcf.data.transforms",
-    "IMAGENET_STD": "mcf.data.transforms",
-    "BadImage": "mcf.data.decode",
-    "decode_rgb": "mcf.data.decode",
-    "build_lmdb": "mcf.data.lmdb_build",
-    "verify_dataset": "mcf.data.lmdb_build",
-    "dataset_info": "mcf.data.lmdb_build",
-    "build_builtin": "mcf.data.builtin",
-    "ensure_builtin": "mcf.data.builtin",
-    "load_builtin_faces": "mcf.data.builtin",
+    "DataConfig": "mcf.data.core.config",
+    "build_pretrain_loader": "mcf.data.loaders.factory",
+    "PretrainLoader": "mcf.data.loaders.base",
+    "TorchPretrainLoader": "mcf.data.loaders.torch_loader",
+    "dali_available": "mcf.data.loaders.factory",
+    "DaliPretrainLoader": "mcf.data.loaders.dali_loader",
+    "DistributedSampler": "mcf.data.core.sampler",
+    "EncodedImageDataset": "mcf.data.formats.datasets",
+    "ImageFolderDataset": "mcf.data.formats.datasets",
+    "LMDBDataset": "mcf.data.formats.datasets",
+    "PaperLMDBDataset": "mcf.data.formats.datasets",
+    "open_dataset": "mcf.data.formats.factory",
+    "ShardDataset": "mcf.data.formats.shards",
+    "ShardSampler": "mcf.data.formats.shards",
+    "StreamedShards": "mcf.data.formats.shards",
+    "open_shards": "mcf.data.formats.shards",
+    "build_shards": "mcf.data.tools.shards_build",
+    "IndexOptions": "mcf.data.core.index",
+    "build_transform": "mcf.data.core.transforms",
+    "PretrainTransform": "mcf.data.core.transforms",
+    "IMAGENET_MEAN": "mcf.data.core.transforms",
+    "IMAGENET_STD": "mcf.data.core.transforms",
+    "BadImage": "mcf.data.core.decode",
+    "decode_rgb": "mcf.data.core.decode",
+    "build_lmdb": "mcf.data.tools.lmdb_build",
+    "verify_dataset": "mcf.data.tools.lmdb_build",
+    "dataset_info": "mcf.data.tools.lmdb_build",
+    "build_builtin": "mcf.data.formats.builtin",
+    "ensure_builtin": "mcf.data.formats.builtin",
+    "load_builtin_faces": "mcf.data.formats.builtin",
 }
 
 __all__ = [
@@ -78,18 +78,21 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from mcf.data.builtin import build_builtin, ensure_builtin, load_builtin_faces
-    from mcf.data.config import DataConfig
-    from mcf.data.dali_loader import DaliPretrainLoader
-    from mcf.data.datasets import EncodedImageDataset, ImageFolderDataset, LMDBDataset, PaperLMDBDataset, open_dataset
-    from mcf.data.decode import BadImage, decode_rgb
-    from mcf.data.index import IndexOptions
-    from mcf.data.lmdb_build import build_lmdb, dataset_info, verify_dataset
-    from mcf.data.loader import PretrainLoader, TorchPretrainLoader, build_pretrain_loader, dali_available
-    from mcf.data.sampler import DistributedSampler
-    from mcf.data.shards import ShardDataset, ShardSampler, StreamedShards, open_shards
-    from mcf.data.shards_build import build_shards
-    from mcf.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PretrainTransform, build_transform
+    from mcf.data.core.config import DataConfig
+    from mcf.data.core.decode import BadImage, decode_rgb
+    from mcf.data.core.index import IndexOptions
+    from mcf.data.core.sampler import DistributedSampler
+    from mcf.data.core.transforms import IMAGENET_MEAN, IMAGENET_STD, PretrainTransform, build_transform
+    from mcf.data.formats.builtin import build_builtin, ensure_builtin, load_builtin_faces
+    from mcf.data.formats.datasets import EncodedImageDataset, ImageFolderDataset, LMDBDataset, PaperLMDBDataset
+    from mcf.data.formats.factory import open_dataset
+    from mcf.data.formats.shards import ShardDataset, ShardSampler, StreamedShards, open_shards
+    from mcf.data.loaders.base import PretrainLoader
+    from mcf.data.loaders.dali_loader import DaliPretrainLoader
+    from mcf.data.loaders.factory import build_pretrain_loader, dali_available
+    from mcf.data.loaders.torch_loader import TorchPretrainLoader
+    from mcf.data.tools.lmdb_build import build_lmdb, dataset_info, verify_dataset
+    from mcf.data.tools.shards_build import build_shards
 
 
 def __getattr__(name: str):

@@ -62,7 +62,7 @@ def add_parser(subparsers) -> None:
 
 
 def _build_lmdb(args: argparse.Namespace) -> int:
-    from mcf.data.lmdb_build import BAD_REPORT, build_lmdb
+    from mcf.data.tools.lmdb_build import BAD_REPORT, build_lmdb
 
     m = build_lmdb(
         args.src,
@@ -93,7 +93,7 @@ def _size(text: str) -> int:
 
 
 def _build_shards(args: argparse.Namespace) -> int:
-    from mcf.data.shards_build import BAD_REPORT, build_shards
+    from mcf.data.tools.shards_build import BAD_REPORT, build_shards
 
     m = build_shards(
         args.src,
@@ -119,8 +119,8 @@ def _index(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from mcf.data.index import IndexOptions, open_key_list
-    from mcf.data.shards import is_shard_spec, open_shard_index, resolve_shards
+    from mcf.data.core.index import IndexOptions, open_key_list
+    from mcf.data.formats.shards import is_shard_spec, open_shard_index, resolve_shards
     from mcf.errors import DataError
 
     opts = IndexOptions(cache_dir=args.index_cache, rebuild=args.rebuild)
@@ -133,7 +133,7 @@ def _index(args: argparse.Namespace) -> int:
         damaged = [k for k in range(len(table)) if table.damage(k)]
         what = f"image samples in {len(table)} shards" + (f" ({len(damaged)} damaged: see `mcf data verify`)" if damaged else "")
     elif Path(args.path).is_dir() and not (Path(args.path) / "data.mdb").exists():
-        from mcf.data.scan import open_folder_index
+        from mcf.data.formats.scan import open_folder_index
 
         fi = open_folder_index(args.path, opts)
         n, path, what = len(fi), fi.idx.path, "images"
@@ -145,11 +145,11 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from mcf.data.lmdb_build import verify_dataset
-    from mcf.data.shards import is_shard_spec
+    from mcf.data.formats.shards import is_shard_spec
+    from mcf.data.tools.lmdb_build import verify_dataset
 
     if args.lmdb_keys is None and is_shard_spec(args.path):
-        from mcf.data.shards_build import verify_shards
+        from mcf.data.tools.shards_build import verify_shards
 
         r = verify_shards(args.path, progress=not args.no_progress)
     else:
@@ -161,11 +161,11 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from mcf.data.lmdb_build import dataset_info
-    from mcf.data.shards import is_shard_spec
+    from mcf.data.formats.shards import is_shard_spec
+    from mcf.data.tools.lmdb_build import dataset_info
 
     if args.lmdb_keys is None and is_shard_spec(args.path):
-        from mcf.data.shards_build import shards_info
+        from mcf.data.tools.shards_build import shards_info
 
         info = shards_info(args.path)
     else:
@@ -189,7 +189,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _builtin(args: argparse.Namespace) -> int:
-    from mcf.data.builtin import build_builtin
+    from mcf.data.formats.builtin import build_builtin
 
     out = build_builtin(args.out, overwrite=args.overwrite)
     print(f"wrote the built-in faces to {out}")

@@ -12,7 +12,10 @@ import logging
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from typing import Any
+
+from mcf.errors import ConfigError
 
 # flag dest → (config key, metavar, type, help)
 FLAGS: dict[str, tuple[str, str, Any, str]] = {
@@ -77,12 +80,25 @@ def config_from_args(args: argparse.Namespace):
     return load_config_dict(data)
 
 
+def monitor_factory(cfg) -> Callable[..., Any] | None:
+    """The representation monitor's builder when ``monitor.every > 0``: downstream's, injected into the
+    trainer from this entry point (``train`` sits below ``downstream`` and imports nothing from it)."""
+    if cfg.monitor.every <= 0:
+        return None
+    try:  # imported only when asked for: the probes read scikit-image's faces
+        from mcf.downstream.monitor import build_monitor
+    except ImportError as e:
+        raise ConfigError(f"monitor.every={cfg.monitor.every} needs mcf.downstream.monitor, which is unavailable "
+                          f"({e}); set monitor.every=0") from None
+    return build_monitor
+
+
 def run_pretrain(args: argparse.Namespace) -> int:
     from mcf.train.trainer import Trainer, TrainingError
 
     cfg = config_from_args(args)
     try:
-        return Trainer(cfg).fit()
+        return Trainer(cfg, monitor_factory=monitor_factory(cfg)).fit()
     except TrainingError as e:
         print(f"mcf: error: {e}", file=sys.stderr)
         return 1

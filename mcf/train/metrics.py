@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 RUN_ID_FILE = "mlflow_run_id"
 ARTIFACT_DIR = "mlartifacts"  # MLflow artifacts of the local store (pictures), inside the run folder
-# the loader's normalisation (mcf.data.transforms), undone for pictures
+# the loader's normalisation (mcf.data.core.transforms), undone for pictures
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -2,7 +2,7 @@
 
 - ``flops_per_image``: model FLOPs of one training step per image (the online forward and backward,
   the EMA target's forward, the teacher's two passes and the backward through the rebuilt one),
-  counted once at start on the meta device (``mcf.bench.flops.step_flops``; activation
+  counted once at start on the meta device (``mcf.models.flops.step_flops``; activation
   checkpointing's recomputation is not counted: it is not model work).
 - ``tflops``: achieved by the whole job, ``flops_per_image × images_per_s / 1e12``;
   ``tflops_per_device`` divides by the ranks.
@@ -23,6 +23,9 @@ import re
 from typing import Any
 
 import torch
+
+from mcf.measure import PeakMemory, matmul_peak
+from mcf.models.flops import step_flops
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +61,6 @@ def known_gpu_peak(name: str) -> tuple[str, float] | None:
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     """(peak FLOP/s, where it comes from) of ``device``: the table for a known GPU, else measured."""
-    from mcf.bench.common import matmul_peak
-
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         known = known_gpu_peak(name)
@@ -73,8 +74,6 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, 
 
 def peak_memory_bytes(device: torch.device) -> int:
     """The peak so far: CUDA ``max_memory_allocated``; on a CPU the resident-set high-water mark."""
-    from mcf.bench.common import PeakMemory
-
     return PeakMemory(device).peak_bytes()
 
 
@@ -83,7 +82,6 @@ def flops_per_image(cfg: Any, batch: int = 2) -> float:
 
     Per-image mask ratios (``masking.ratio_range``) are counted at the smallest ratio, the largest
     visible set, which the padded encoder computes on."""
-    from mcf.bench.flops import step_flops
     from mcf.models import create_model_from_config
 
     meta = copy.deepcopy(cfg)

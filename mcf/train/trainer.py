@@ -77,11 +77,20 @@ class Trainer:
 
     ``loader_factory`` (default ``mcf.data.build_pretrain_loader``) builds the per-rank loader with
     the keywords ``img_size, batch_size, rank, world_size, seed, device``.
+    ``monitor_factory`` ``(cfg, device) -> monitor`` builds the representation monitor that
+    ``monitor.every > 0`` asks for (``mcf pretrain`` passes :func:`mcf.downstream.monitor.build_monitor`:
+    the trainer does not import the evaluation package above it).
     """
 
-    def __init__(self, cfg: Config, loader_factory: Callable[..., Any] | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        loader_factory: Callable[..., Any] | None = None,
+        monitor_factory: Callable[..., Any] | None = None,
+    ):
         self.cfg = cfg
         self.loader_factory = loader_factory
+        self.monitor_factory = monitor_factory
 
     # -- setup ------------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -99,17 +108,12 @@ class Trainer:
         # are known before any heavy work); rank 0 checks the files once the process group is up
         self.resume_dir = ckpt.find_resume(cfg.train.resume, self.out, verify=False)
         self.ds_config = self._plan_resume(world_size)  # the batch policy on another number of ranks, before any heavy work
-        self.build_monitor = None
-        if cfg.monitor.every > 0:
-            try:
-                from mcf.downstream.monitor import build_monitor
-            except ImportError as e:
-                raise ConfigError(f"monitor.every={cfg.monitor.every} needs mcf.downstream.monitor, which is unavailable ({e}); "
-                                  "set monitor.every=0") from None
-            self.build_monitor = build_monitor
+        if cfg.monitor.every > 0 and self.monitor_factory is None:
+            raise ConfigError(f"monitor.every={cfg.monitor.every} needs a monitor: pass Trainer(monitor_factory=...) "
+                              "(mcf pretrain passes mcf.downstream.monitor.build_monitor), or set monitor.every=0")
         loader_factory = self.loader_factory or _default_loader_factory()
 
-        from mcf.data.datasets import precheck
+        from mcf.data.formats.factory import precheck
 
         precheck(cfg.data.path, cfg.data.lmdb_keys)  # missing or damaged data fails before the model is built
         seed = cfg.train.seed
@@ -180,7 +184,7 @@ class Trainer:
             ckpt.prune(self.out / "checkpoints", cfg.checkpoint.keep_last)
         self.logger = RunLogger(cfg, self.out, self.rank, self.step if self.resume_dir is not None else None)
         # on every rank: under ZeRO-3 its forward passes are collectives that all ranks must join
-        self.monitor = self.build_monitor(cfg, self.device) if self.build_monitor else None
+        self.monitor = self.monitor_factory(cfg, self.device) if cfg.monitor.every > 0 else None
         # rank 0 logs: model FLOPs per image (counted once) and the device's peak, for TFLOP/s and MFU
         self.throughput = Throughput(cfg, self.device, self.dtype, self.world_size) if self.rank == 0 else None
         if self.throughput is not None:

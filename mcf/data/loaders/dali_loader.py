@@ -1,13 +1,13 @@
-"""The NVIDIA DALI implementation of :class:`~mcf.data.loader.PretrainLoader`.
+"""The NVIDIA DALI implementation of :class:`~mcf.data.loaders.base.PretrainLoader`.
 
 Graph (:func:`build_pipeline`): a parallel ``external_source`` (``batch=True, batch_info=True``;
 Python workers started with ``spawn``, each opening its own LMDB environment) reads the encoded
 bytes in our sampler's order, validates them (bad samples substituted and counted, exotic formats
-re-encoded, see :func:`mcf.data.decode.prepare_for_dali`, so a file DALI cannot decode should never
+re-encoded, see :func:`mcf.data.core.decode.prepare_for_dali`, so a file DALI cannot decode should never
 reach the decoder) and computes each sample's crop box and flip from ``(seed, epoch, index)``; then
 ``decoders.image`` (``device="mixed"`` = nvJPEG on a GPU, ``"cpu"`` otherwise) -> ``resize`` of the
 crop box to ``S x S`` (linear, antialiased) -> ``crop_mirror_normalize`` to float32 NCHW.
-:mod:`mcf.data.dali_check` runs this same graph on known images at start-up.
+:mod:`mcf.data.loaders.dali_check` runs this same graph on known images at start-up.
 
 The same external source serves image folders and LMDBs: DALI's ``fn.readers.file`` (sharded with
 ``stick_to_shard=True``) would feed undecodable files straight to the decoder, where one error
@@ -21,7 +21,7 @@ pipeline at the same batch. A failure that no single sample explains is a
 :class:`~mcf.errors.DataError` naming the batch.
 
 Worker processes: started with the stop signals ignored, killed by the kernel when the trainer
-dies (:func:`mcf.data.workers.worker_init`), and killed after a bounded wait on :meth:`close`.
+dies (:func:`mcf.data.core.workers.worker_init`), and killed after a bounded wait on :meth:`close`.
 
 Verified here on DALI's CPU pipeline only (``device_id=None``). The ``"mixed"`` decoder and the
 GPU output copy (``feed_ndarray`` into a CUDA tensor) are written to DALI's documented API but could
@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mcf.data.loader import PretrainLoader
-from mcf.data.source import DaliBatchSource
-from mcf.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from mcf.data.workers import kill_after, stop_signals_ignored
+from mcf.data.core.source import DaliBatchSource
+from mcf.data.core.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mcf.data.core.workers import kill_after, stop_signals_ignored
+from mcf.data.loaders.base import PretrainLoader
 from mcf.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def build_pipeline(
     seed: int = 0,
 ):
     """The loader's DALI graph over ``source`` (a batch-mode ``external_source`` callable taking a
-    ``BatchInfo`` and returning the seven columns of :class:`~mcf.data.source.DaliBatchSource`).
+    ``BatchInfo`` and returning the seven columns of :class:`~mcf.data.core.source.DaliBatchSource`).
 
     ``num_workers`` > 0 runs ``source`` in that many spawned Python workers (it must be picklable
     and importable); 0 calls it in this process. Outputs: images (float32 ``(B, 3, S, S)``,
@@ -179,7 +179,7 @@ def first_line(e: BaseException) -> str:
 
 
 class DaliPretrainLoader(PretrainLoader):
-    """DALI pipeline over :class:`~mcf.data.source.DaliBatchSource`; see the module docstring."""
+    """DALI pipeline over :class:`~mcf.data.core.source.DaliBatchSource`; see the module docstring."""
 
     kind = "dali"
 

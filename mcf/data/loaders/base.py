@@ -1,4 +1,6 @@
-"""The pre-training loader: one interface, a PyTorch and a DALI implementation.
+"""The pre-training loader's interface, :class:`PretrainLoader`; its PyTorch (:mod:`~mcf.data.loaders.torch_loader`),
+DALI (:mod:`~mcf.data.loaders.dali_loader`) and remote-shard (:mod:`~mcf.data.loaders.shard_stream`)
+implementations, built by :func:`mcf.data.loaders.factory.build_pretrain_loader`.
 
 Both yield float32 ``(B, 3, S, S)`` ImageNet-normalised batches on ``device`` with exactly
 ``batch_size`` samples on every rank (the partial last batch is dropped; a bad sample is replaced
@@ -8,7 +10,7 @@ exactly the batches it would have produced, or, on another number of ranks, with
 epoch re-split over the new ranks.
 
 Bad data never kills a worker: unreadable and undecodable files are substituted and counted in the
-workers (:mod:`mcf.data.source`); the main process raises :class:`~mcf.errors.DataError` past
+workers (:mod:`mcf.data.core.source`); the main process raises :class:`~mcf.errors.DataError` past
 ``data.max_bad_fraction`` or when every candidate of a sample failed. Worker processes ignore the
 stop signals, die with the process that started them, and are shut down by :meth:`close` (bounded:
 a stuck worker is killed), which the trainer calls on every exit path and an ``atexit`` hook calls
@@ -22,22 +24,20 @@ import dataclasses
 import logging
 import os
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mcf.data.config import DataConfig
-from mcf.data.datasets import EncodedImageDataset, open_dataset
-from mcf.data.index import IndexOptions
-from mcf.data.sampler import DistributedSampler
-from mcf.data.shards import StreamedShards
-from mcf.data.source import MAX_ATTEMPTS, SampleSource, TorchSampleDataset
-from mcf.data.transforms import PretrainTransform, build_transform, normalize_batch
-from mcf.data.workers import auto_num_workers, kill_after, worker_init
-from mcf.errors import ConfigError, DataError
+from mcf.data.core.config import DataConfig
+from mcf.data.core.sampler import DistributedSampler
+from mcf.data.core.source import MAX_ATTEMPTS, SampleSource
+from mcf.data.core.transforms import PretrainTransform
+from mcf.data.core.workers import auto_num_workers, kill_after
+from mcf.data.formats.datasets import EncodedImageDataset
+from mcf.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class PretrainLoader:
     """Iterates this rank's batches of one epoch; see the module docstring.
 
     **Position.** ``offset`` counts the samples of ``epoch`` consumed by *all* ranks together: the
-    epoch's order (:mod:`mcf.data.sampler`) has been consumed up to position ``offset``, and every
+    epoch's order (:mod:`mcf.data.core.sampler`) has been consumed up to position ``offset``, and every
     batch delivered on every rank advances it by ``batch_size · world_size``. ``state_dict()`` saves
     ``{epoch, offset}`` with the loader's shape and its counters; ``load_state_dict()`` continues from
     there with this loader's own ``world_size`` and ``batch_size``, which may differ from the ones
@@ -113,7 +113,7 @@ class PretrainLoader:
         self.dataset, self.transform, self.cfg = dataset, transform, cfg
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device = torch.device(device)
-        if hasattr(dataset, "make_sampler"):  # shards: their own epoch order (mcf.data.shards.ShardSampler)
+        if hasattr(dataset, "make_sampler"):  # shards: their own epoch order (mcf.data.formats.shards.ShardSampler)
             self.sampler = dataset.make_sampler(rank=rank, world_size=world_size, seed=seed, window=cfg.shuffle_buffer)
         else:
             self.sampler = DistributedSampler(len(dataset), rank=rank, world_size=world_size, seed=seed)
@@ -273,96 +273,12 @@ class SampleRecorder:
             f.writelines(f"{epoch} {offset} {int(i)}\n" for i in np.asarray(indices).reshape(-1))
 
 
-def _collate(items: list[tuple[np.ndarray, int, int, int]]) -> tuple[torch.Tensor, ...]:
-    imgs = torch.from_numpy(np.stack([it[0] for it in items]))  # (B, 3, S, S)
-    return imgs, *(torch.tensor([it[k] for it in items]) for k in (1, 2, 3))
-
-
-class TorchPretrainLoader(PretrainLoader):
-    """``torch.utils.data.DataLoader`` with PIL decoding; persistent workers, pinned memory on GPU.
-    Workers hand over uint8 batches; normalisation runs on the batch, on the device."""
-
-    kind = "torch"
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        nw = self.cfg.num_workers
-        self._loader = torch.utils.data.DataLoader(
-            TorchSampleDataset(self.source),
-            batch_size=self.batch_size,
-            sampler=self.sampler,
-            num_workers=nw,
-            collate_fn=_collate,
-            pin_memory=self.device.type == "cuda",
-            drop_last=True,
-            persistent_workers=nw > 0,
-            prefetch_factor=self.cfg.prefetch if nw > 0 else None,
-            worker_init_fn=worker_init if nw > 0 else None,
-        )
-
-    def _batches(self, epoch, offset):
-        self.sampler.set_epoch(epoch)
-        self.sampler.set_offset(offset)
-        nb = self.device.type == "cuda"
-        for imgs, n_bad, bad_idx, idx in self._loader:  # uint8 from the workers, normalised here on the device
-            yield normalize_batch(imgs.to(self.device, non_blocking=nb)), n_bad.numpy(), bad_idx.numpy(), idx.numpy()
-
-    def close(self) -> None:
-        """Shut the persistent workers down (see :func:`shutdown_workers`)."""
-        loader = getattr(self, "_loader", None)
-        if loader is not None and loader._iterator is not None:
-            it, loader._iterator = loader._iterator, None
-            shutdown_workers(it)
-
-
 def shutdown_workers(it: Any) -> None:
     """Shut down the workers of a DataLoader iterator: its orderly shutdown, bounded (5 s, then
     SIGKILL: the workers ignore the SIGTERM it would fall back to). No-op without workers."""
     with kill_after(getattr(it, "_workers", ())):
         if hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
-
-
-DaliCheck = Callable[[torch.device, PretrainTransform], None]
-_DALI_CHECKED: dict[tuple[Any, ...], str | None] = {}
-
-
-def _default_dali_check(device: torch.device, transform: PretrainTransform) -> None:
-    from mcf.data.dali_check import check_dali
-
-    check_dali(device, transform)
-
-
-def dali_check_failure(
-    device: torch.device,
-    transform: PretrainTransform,
-    check: DaliCheck | None = None,
-) -> str | None:
-    """Why DALI cannot serve ``transform`` on ``device`` (one line), or None when its start-up check
-    (:mod:`mcf.data.dali_check`, or ``check``) passes; cached per device, transform and check."""
-    check = check or _default_dali_check
-    key = (str(torch.device(device)), transform, check)
-    if key not in _DALI_CHECKED:
-        try:
-            check(torch.device(device), transform)
-            _DALI_CHECKED[key] = None
-        except Exception as e:  # the check's own error, or anything a broken install raises
-            _DALI_CHECKED[key] = " ".join(str(e).split())[:300] or type(e).__name__
-    return _DALI_CHECKED[key]
-
-
-def dali_available(device: torch.device) -> bool:
-    """Whether the DALI loader passes its start-up check on ``device`` (64 px, the released transform)."""
-    return dali_check_failure(device, build_transform(64)) is None
-
-
-def _agree(failure: str | None, world_size: int) -> str | None:
-    """Every rank must use the same loader: the first failing rank's reason, or None if all passed."""
-    if world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return failure
-    reasons: list[str | None] = [None] * world_size
-    torch.distributed.all_gather_object(reasons, failure)
-    return next((f"on rank {r}: {why}" for r, why in enumerate(reasons) if why), None)
 
 
 _WORKERS_LOGGED = False
@@ -378,91 +294,3 @@ def resolve_num_workers(cfg: DataConfig, rank: int) -> int:
         logger.info("data: num_workers=auto -> %d per rank (%s)", n, how)
         _WORKERS_LOGGED = True
     return n
-
-
-def build_pretrain_loader(
-    cfg: DataConfig,
-    *,
-    img_size: int,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    device: torch.device,
-    split: str = "train",
-    drop_last: bool = True,
-    dali_check: DaliCheck | None = None,
-) -> PretrainLoader:
-    """The pre-training loader for ``cfg`` (``cfg.loader`` = auto | dali | torch).
-
-    Args:
-        cfg: the data section (path, lmdb_keys, loader, workers, transform options).
-        img_size: square input side; ``cfg.img_size`` overrides it when set.
-        batch_size: per-rank batch size; every batch has exactly this many samples.
-        rank, world_size: this rank's share of each epoch.
-        seed: order and augmentation seed (the same on every rank).
-        device: where batches are delivered.
-        split: ``"train"`` or ``"val"`` (datasets with splits, e.g. the built-in faces).
-        drop_last: must be True: ranks must agree on the batch size (the contrastive loss gathers).
-        dali_check: DALI's start-up check, ``(device, transform) -> None`` raising on failure
-            (default :func:`mcf.data.dali_check.check_dali`); for tests.
-
-    Before DALI is used (``auto`` or ``dali``) its start-up check runs on every rank; if it fails on
-    any, ``auto`` falls back to the PyTorch loader on all ranks (one line on rank 0 says why) and
-    ``dali`` is an error.
-
-    Returns:
-        A :class:`PretrainLoader` yielding float32 ``(batch_size, 3, S, S)`` tensors on ``device``.
-
-    Raises:
-        DataError: missing path, empty data set, no full batch, or too many bad samples.
-        ConfigError: ``loader: dali`` and DALI fails its start-up check.
-    """
-    if not drop_last:
-        raise ValueError("the pre-training loader always drops the partial last batch (drop_last=True)")
-    size = cfg.img_size or img_size
-    index = IndexOptions(cache_dir=cfg.index_cache, rank=rank, world_size=world_size, wait_s=cfg.index_wait_s)
-    dataset = open_dataset(cfg.path, cfg.lmdb_keys, split=split, max_pixels=cfg.max_image_pixels, index=index)
-    transform = build_transform(size, random_resized_crop=cfg.random_resized_crop, crop_scale=cfg.crop_scale, hflip=cfg.hflip)
-    device = torch.device(device)
-    kind = cfg.loader
-    streamed = isinstance(dataset, StreamedShards)
-    if streamed and kind == "dali":
-        raise DataError("remote shards (pipe:, URLs) are streamed by the PyTorch loader only: use --loader torch (or auto)")
-    if streamed:
-        kind = "torch"
-    elif kind in ("auto", "dali"):
-        failure = _agree(dali_check_failure(device, transform, dali_check), world_size)
-        if failure and kind == "dali":
-            raise ConfigError(
-                f"data.loader=dali, but DALI failed its start-up check ({failure}); use --loader torch or auto"
-            )
-        if failure:
-            if rank == 0:  # DALI not installed is a plain choice; installed and failing deserves a warning
-                level = logging.INFO if "No module named" in failure else logging.WARNING
-                logger.log(level, "data: DALI failed its start-up check, using the PyTorch loader (%s)", failure)
-            kind = "torch"
-        else:
-            kind = "dali"
-    if streamed:
-        from mcf.data.shard_stream import ShardStreamLoader
-
-        cls: type[PretrainLoader] = ShardStreamLoader
-    elif kind == "dali":
-        from mcf.data.dali_loader import DaliPretrainLoader
-
-        cls = DaliPretrainLoader
-    else:
-        cls = TorchPretrainLoader
-    loader = cls(dataset, transform, cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, device=device)
-    logger.info(
-        "data: %s loader (%s), %d samples, %d batches of %d per rank, %dpx, %d workers",
-        loader.kind,
-        cfg.loader,
-        len(dataset),
-        len(loader),
-        batch_size,
-        size,
-        loader.cfg.num_workers,
-    )
-    return loader

@@ -28,11 +28,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mcf.data.decode import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, max_file_bytes
-from mcf.data.index import IndexOptions, PackedStrings, index_location, write_index
-from mcf.data.shards import FORMAT as INDEX_FORMAT
-from mcf.data.shards import MANIFEST_FORMAT, ShardDataset, StreamedShards, open_shards, resolve_shards
-from mcf.data.shards import VERSION as INDEX_VERSION
+from mcf.data.core.decode import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, max_file_bytes
+from mcf.data.core.index import IndexOptions, PackedStrings, index_location, write_index
+from mcf.data.core.procs import shutdown, worker_pool
+from mcf.data.core.tar_index import TarDamage, stream_samples
+from mcf.data.formats.factory import open_dataset
+from mcf.data.formats.shards import FORMAT as INDEX_FORMAT
+from mcf.data.formats.shards import MANIFEST_FORMAT, ShardDataset, StreamedShards, open_shards, open_stream, resolve_shards
+from mcf.data.formats.shards import VERSION as INDEX_VERSION
+from mcf.data.tools.lmdb_build import encode_image, prepare_output
 from mcf.errors import DataError
 from mcf.fileio import write_text_atomic
 
@@ -48,8 +52,6 @@ _JOB: tuple | None = None  # (dataset, resize_short, quality, max_pixels): inher
 
 def _encode(i: int) -> tuple[int, str, bytes | None, str]:
     """``(i, name, bytes or None, extension or the reason it is bad)`` of source sample ``i``."""
-    from mcf.data.lmdb_build import encode_image
-
     ds, resize_short, quality, max_pixels = _JOB
     name = ds.name(i)
     try:
@@ -151,10 +153,6 @@ def build_shards(
         The manifest written (``count``, ``shards``, ``bad`` = ``[[name, reason], ...]``, ...).
     """
     from tqdm import tqdm
-
-    from mcf.data.datasets import open_dataset
-    from mcf.data.lmdb_build import prepare_output
-    from mcf.data.procs import shutdown, worker_pool
 
     global _JOB
     out = Path(out)
@@ -325,9 +323,6 @@ def verify_shards(
             except BadImage as e:
                 bad.append([ds.name(i), str(e)])
         return {"count": len(ds), "bad": bad}
-    from mcf.data.shards import open_stream
-    from mcf.data.tar_index import TarDamage, stream_samples
-
     bar = tqdm(total=len(ds), unit="img", disable=not progress, desc="verify")
     for k in range(len(ds.table)):
         url, n = ds.table.url(k), 0

@@ -92,7 +92,7 @@ class RankShare:
 
     What every mcf sampler shares: positions ``offset + rank + world_size·j`` of epoch ``e``'s order,
     mapped to sample ids by the subclass's :meth:`order_at`; iterating yields ``(epoch, index)`` pairs
-    (what :class:`~mcf.data.source.TorchSampleDataset` takes), computed ``CHUNK`` at a time; the state
+    (what :class:`~mcf.data.core.source.TorchSampleDataset` takes), computed ``CHUNK`` at a time; the state
     is ``{"epoch", "offset"}``, valid for any world size.
     """
 

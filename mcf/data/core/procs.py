@@ -6,7 +6,7 @@ import multiprocessing
 import signal
 from concurrent.futures import ProcessPoolExecutor
 
-from mcf.data.workers import die_with_parent
+from mcf.data.core.workers import die_with_parent
 
 __all__ = ["die_with_parent", "shutdown", "worker_pool"]
 

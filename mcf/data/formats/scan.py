@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mcf.data.decode import IMAGE_EXTENSIONS
-from mcf.data.index import INDEX_DIR, RACY_NS, IndexFile, IndexOptions, PackedStrings, index_location, open_or_build
+from mcf.data.core.decode import IMAGE_EXTENSIONS
+from mcf.data.core.index import INDEX_DIR, RACY_NS, IndexFile, IndexOptions, PackedStrings, index_location, open_or_build
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class FolderIndex:
 
 def open_folder_index(root: str | os.PathLike, options: IndexOptions | None = None) -> FolderIndex:
     """The index of image folder ``root``: mapped when fresh, else built (rank 0) and written
-    atomically, the other ranks waiting for it (see :func:`mcf.data.index.open_or_build`)."""
+    atomically, the other ranks waiting for it (see :func:`mcf.data.core.index.open_or_build`)."""
     root, opts = Path(root), options or IndexOptions()
     path = index_location("folder", str(root.resolve()), root, opts.cache_dir) if opts.write else None
     idx = open_or_build(

@@ -6,7 +6,7 @@ checked against the index when the dataset is opened, so ``__len__`` and the ind
 LMDB environments are opened lazily in the process that reads them (each DataLoader/DALI worker),
 ``readonly=True, lock=False``, and are dropped when the dataset is pickled.
 
-Our LMDB format (written by :func:`mcf.data.lmdb_build.build_lmdb`), a directory holding:
+Our LMDB format (written by :func:`mcf.data.tools.lmdb_build.build_lmdb`), a directory holding:
 
 * ``data.mdb``: values ``b"%09d" % i`` -> encoded image, ``b"name:%09d" % i`` -> source name,
   ``b"length"`` -> the count as decimal text (so it is also readable as the paper's layout);
@@ -16,11 +16,11 @@ Our LMDB format (written by :func:`mcf.data.lmdb_build.build_lmdb`), a directory
 The paper's layout: an LMDB whose values are encoded images under arbitrary keys, whose ``length``
 key holds the count, plus a text file listing the keys, one per line (``--lmdb-keys``).
 
-File lists and key lists are compact shared indexes (:mod:`mcf.data.index`): a memory-mapped file
+File lists and key lists are compact shared indexes (:mod:`mcf.data.core.index`): a memory-mapped file
 of packed strings, cached next to the data (or in ``data.index_cache``), a few bytes a sample beyond
 the name itself. Every LMDB file is checked against its own meta pages before it is mapped
-(:mod:`mcf.data.lmdb_check`): a file cut short or garbage is a one-line error, never a SIGBUS.
-webdataset shards are :mod:`mcf.data.shards`.
+(:mod:`mcf.data.formats.lmdb_check`): a file cut short or garbage is a one-line error, never a SIGBUS.
+webdataset shards are :mod:`mcf.data.formats.shards`.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from typing import Any
 
 from PIL import Image
 
-from mcf.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, decode_rgb, max_file_bytes, read_file
-from mcf.data.index import IndexOptions, open_key_list
-from mcf.data.lmdb_check import check_lmdb_file
-from mcf.data.scan import open_folder_index, scan_image_folder
+from mcf.data.core.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, decode_rgb, max_file_bytes, read_file
+from mcf.data.core.index import IndexOptions, open_key_list
+from mcf.data.formats.lmdb_check import check_lmdb_file
+from mcf.data.formats.scan import open_folder_index, scan_image_folder
 from mcf.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -68,7 +68,7 @@ class EncodedImageDataset:
         raise NotImplementedError
 
     def __getitem__(self, i: int) -> Image.Image:
-        """The decoded RGB image; raises :class:`~mcf.data.decode.BadImage` on a bad sample."""
+        """The decoded RGB image; raises :class:`~mcf.data.core.decode.BadImage` on a bad sample."""
         if not 0 <= i < len(self):
             raise IndexError(i)
         return decode_rgb(self.read_bytes(i), self.max_pixels)
@@ -81,7 +81,7 @@ class EncodedImageDataset:
 
 class ImageFolderDataset(EncodedImageDataset):
     """All images under ``root`` (recursive, symlinks followed, each directory once; sorted;
-    extensions in ``IMAGE_EXTENSIONS``), listed by a cached :class:`~mcf.data.scan.FolderIndex`."""
+    extensions in ``IMAGE_EXTENSIONS``), listed by a cached :class:`~mcf.data.formats.scan.FolderIndex`."""
 
     def __init__(self, root: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, index: IndexOptions | None = None):
         self.root = Path(root)
@@ -96,7 +96,7 @@ class ImageFolderDataset(EncodedImageDataset):
         return len(self.index)
 
     def read_bytes(self, i: int) -> bytes:
-        """The file's bytes; :class:`~mcf.data.decode.BadImage` if it cannot be read (see ``read_file``)."""
+        """The file's bytes; :class:`~mcf.data.core.decode.BadImage` if it cannot be read (see ``read_file``)."""
         return read_file(self.index.path_bytes(self._check_index(i)), max_file_bytes(self.max_pixels))
 
     def name(self, i: int) -> str:
@@ -257,7 +257,7 @@ class LMDBDataset(EncodedImageDataset):
 class PaperLMDBDataset(EncodedImageDataset):
     """The paper's layout, read as is: ``db`` (LMDB dir or file) + ``keys_file`` (one key a line).
 
-    The keys are a packed, memory-mapped index of the key file (:func:`~mcf.data.index.open_key_list`):
+    The keys are a packed, memory-mapped index of the key file (:func:`~mcf.data.core.index.open_key_list`):
     17 bytes a sample for 13-character keys instead of ~72 for a list of ``str``. The key count must
     equal the ``length`` value stored in the LMDB, and the first and last keys must exist, or a
     :class:`~mcf.errors.DataError` is raised at open.
@@ -306,72 +306,3 @@ class PaperLMDBDataset(EncodedImageDataset):
 
     def name(self, i: int) -> str:
         return f"{self.path}[{self.keys[i]}]"
-
-
-def precheck(path: str | os.PathLike, lmdb_keys: str | os.PathLike | None = None) -> None:
-    """The cheap checks of ``--data`` a run makes before any heavy start-up: the path exists (remote
-    shards and brace patterns are checked when opened), the key list exists, an LMDB file is whole.
-
-    Raises:
-        DataError: naming what is missing or damaged.
-    """
-    from mcf.data.shards import is_remote
-
-    s = str(path)
-    if s == "builtin" or is_remote(s) or "{" in s:
-        return
-    p = Path(s).expanduser()
-    if not p.exists():
-        raise DataError(f"data path not found: {s}")
-    if lmdb_keys is not None and not Path(lmdb_keys).is_file():
-        raise DataError(f"LMDB key list not found: {lmdb_keys}")
-    if (p / "data.mdb").is_file():
-        check_lmdb_file(p, subdir=True)
-    elif lmdb_keys is not None and p.is_file():
-        check_lmdb_file(p, subdir=False)
-
-
-def open_dataset(
-    path: str | os.PathLike,
-    lmdb_keys: str | os.PathLike | None = None,
-    split: str | None = None,
-    *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    index: IndexOptions | None = None,
-):
-    """Open whatever ``path`` is: ``"builtin"``, our LMDB, the paper's LMDB (with ``lmdb_keys``),
-    webdataset shards (a brace pattern, a directory of ``.tar`` files, one ``.tar``, a list file,
-    ``pipe:`` or URLs; see :mod:`mcf.data.shards`), or an image folder. ``dataset[i]`` is an RGB PIL
-    image, except for remote shards (:class:`~mcf.data.shards.StreamedShards`: streamed only).
-
-    Args:
-        index: where file/key/shard indexes are cached and who builds them (default: next to the
-            data, this process builds).
-
-    Raises:
-        DataError: missing path, empty dataset, unknown or inconsistent layout, a damaged LMDB.
-    """
-    from mcf.data.shards import is_shard_spec, open_shards
-
-    if str(path) == "builtin":
-        from mcf.data.builtin import ensure_builtin
-
-        return LMDBDataset(ensure_builtin(), split=split or "train", max_pixels=max_pixels)
-    if lmdb_keys is None and is_shard_spec(path):
-        if split not in (None, "train"):
-            raise DataError(f"shards {path} have no '{split}' split")
-        return open_shards(path, max_pixels=max_pixels, index=index)
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise DataError(f"data path not found: {p}")
-    if lmdb_keys is not None:
-        return PaperLMDBDataset(p, lmdb_keys, max_pixels=max_pixels, index=index)
-    if p.is_dir() and ((p / MANIFEST).is_file() or (p / "data.mdb").is_file()):
-        if (p / MANIFEST).is_file() or p.name.endswith(".partial"):
-            return LMDBDataset(p, split=split, max_pixels=max_pixels)
-        raise DataError(f"{p} is an LMDB without {MANIFEST}: pass --lmdb-keys KEYS.txt for the paper's layout")
-    if p.is_file():
-        raise DataError(f"{p} is an LMDB file: pass --lmdb-keys KEYS.txt for the paper's layout")
-    if split not in (None, "train"):
-        raise DataError(f"image folder {p} has no '{split}' split")
-    return ImageFolderDataset(p, max_pixels=max_pixels, index=index)

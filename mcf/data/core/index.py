@@ -277,6 +277,11 @@ def source_hash(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
+def mcf_cache_dir() -> Path:
+    """``$MCF_CACHE`` or ``~/.cache/mcf``."""
+    return Path(os.environ.get("MCF_CACHE") or Path.home() / ".cache" / "mcf").expanduser()
+
+
 def index_location(name: str, source: str, data_dir: Path | None, cache_dir: str | os.PathLike | None) -> Path:
     """Where the index of ``source`` lives: ``cache_dir/<name>-<hash of source>.mcfidx`` when a cache
     folder is configured (``data.index_cache``: read-only data), else ``data_dir/.mcf/<name>.mcfidx``
@@ -284,9 +289,7 @@ def index_location(name: str, source: str, data_dir: Path | None, cache_dir: str
     if cache_dir is not None:
         return Path(cache_dir).expanduser() / f"{name}-{source_hash(source)}.mcfidx"
     if data_dir is None:
-        from mcf.data.builtin import cache_dir as mcf_cache
-
-        return mcf_cache() / "index" / f"{name}-{source_hash(source)}.mcfidx"
+        return mcf_cache_dir() / "index" / f"{name}-{source_hash(source)}.mcfidx"
     return data_dir / INDEX_DIR / f"{name}.mcfidx"
 
 

@@ -4,7 +4,7 @@ The build writes into ``OUT.partial`` and commits in chunks; each chunk's images
 record (files done, images written, bad files, options) go in one LMDB transaction, so an
 interrupted build resumes after its last committed chunk. At the end the ``length`` key and then
 ``manifest.json`` are written and ``OUT.partial`` is renamed to ``OUT``: a database without the
-manifest never opens as complete (see :class:`mcf.data.datasets.LMDBDataset`).
+manifest never opens as complete (see :class:`mcf.data.formats.datasets.LMDBDataset`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ from typing import Any
 
 from PIL import Image
 
-from mcf.data.datasets import (
+from mcf.data.core.decode import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, max_file_bytes, read_file
+from mcf.data.core.procs import shutdown, worker_pool
+from mcf.data.core.source import READ_ERRORS
+from mcf.data.formats.datasets import (
     FORMAT,
     FORMAT_VERSION,
     LENGTH_KEY,
@@ -27,12 +30,9 @@ from mcf.data.datasets import (
     LMDBDataset,
     image_key,
     name_key,
-    open_dataset,
     scan_image_folder,
 )
-from mcf.data.decode import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, max_file_bytes, read_file
-from mcf.data.procs import shutdown, worker_pool
-from mcf.data.source import READ_ERRORS
+from mcf.data.formats.factory import open_dataset
 from mcf.errors import DataError
 
 PROGRESS_KEY = b"__progress__"

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mcf.data.decode import BadImage, decode_rgb, prepare_for_dali
-from mcf.data.sampler import DistributedSampler
-from mcf.data.transforms import PretrainTransform, SampleParams, sample_rng
-from mcf.data.workers import worker_init
+from mcf.data.core.decode import BadImage, decode_rgb, prepare_for_dali
+from mcf.data.core.sampler import DistributedSampler
+from mcf.data.core.transforms import PretrainTransform, SampleParams, sample_rng
+from mcf.data.core.workers import worker_init
 from mcf.errors import DataError
 
 MAX_ATTEMPTS = 16
@@ -101,7 +101,7 @@ class SampleSource:
 
     def torch_sample(self, epoch: int, index: int) -> tuple[np.ndarray, int, int]:
         """``(uint8 (3, S, S) augmented image, failed attempts, first bad index or -1)``; the loader
-        normalises whole batches (:func:`~mcf.data.transforms.normalize_batch`)."""
+        normalises whole batches (:func:`~mcf.data.core.transforms.normalize_batch`)."""
         mp = self.dataset.max_pixels
         img, n_bad, first_bad, _ = self._fetch(epoch, index, lambda b: decode_rgb(b, mp))
         if img is None:
@@ -164,7 +164,7 @@ class DaliBatchSource:
     sample's dataset index (int64). ``rejected``: dataset indices DALI's decoder failed on,
     substituted like undecodable files.
 
-    Unpickled in a spawned DALI worker, it first runs :func:`~mcf.data.workers.worker_init` there
+    Unpickled in a spawned DALI worker, it first runs :func:`~mcf.data.core.workers.worker_init` there
     (stop signals ignored, killed with its parent).
     """
 

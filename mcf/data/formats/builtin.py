@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mcf.data.datasets import FORMAT, FORMAT_VERSION, LENGTH_KEY, MANIFEST, LMDBDataset, image_key, name_key
+from mcf.data.core.index import mcf_cache_dir
+from mcf.data.formats.datasets import FORMAT, FORMAT_VERSION, LENGTH_KEY, MANIFEST, LMDBDataset, image_key, name_key
 from mcf.errors import DataError
 
 BUILTIN_VERSION = 1
@@ -29,11 +30,6 @@ FACE_SIZE = 64
 N_FACES = 100
 N_TRAIN_FACES = 80
 LFW_LICENCE = "LFW (vis-www.cs.umass.edu/lfw), redistributed in scikit-image's data; research use"
-
-
-def cache_dir() -> Path:
-    """``$MCF_CACHE`` or ``~/.cache/mcf``."""
-    return Path(os.environ.get("MCF_CACHE") or Path.home() / ".cache" / "mcf").expanduser()
 
 
 def _png(img: Image.Image) -> bytes:
@@ -117,8 +113,8 @@ def build_builtin(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
 
 
 def ensure_builtin() -> Path:
-    """The cached built-in LMDB (``cache_dir()/builtin``), built on first use."""
-    path = cache_dir() / "builtin"
+    """The cached built-in LMDB (``mcf_cache_dir()/builtin``), built on first use."""
+    path = mcf_cache_dir() / "builtin"
     m = path / MANIFEST
     if m.is_file():
         try:

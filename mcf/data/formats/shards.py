@@ -17,7 +17,7 @@ it keeps the samples before the damage (the rest are counted as bad in the index
 
 **Local shards are read in place**: a sample is one ``pread`` of its image bytes, so they are an
 indexed source like the others (either loader, same batches, exact resume, bad samples substituted
-and counted by :class:`~mcf.data.source.SampleSource`), with their own epoch order
+and counted by :class:`~mcf.data.core.source.SampleSource`), with their own epoch order
 (:class:`ShardSampler`): shards shuffled per ``(seed, epoch)``, their samples shuffled within
 consecutive windows of ``data.shuffle_buffer`` samples (a bounded shuffle: a window spans one or
 two shards), and that global order dealt over the ranks like the indexed sources' (rank ``r`` takes
@@ -25,7 +25,7 @@ every ``world_size``-th position), so the consumed samples are always a prefix o
 of size N is materialised: a batch's indices are computed on demand from per-shard arrays and the
 permutations of the windows it touches.
 
-**Remote shards are streamed** (:mod:`mcf.data.shard_stream`, PyTorch loader only).
+**Remote shards are streamed** (:mod:`mcf.data.loaders.shard_stream`, PyTorch loader only).
 
 Numpy only: DALI's spawned source workers unpickle :class:`ShardDataset` and :class:`ShardSampler`.
 """
@@ -46,11 +46,11 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from mcf.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, max_file_bytes
-from mcf.data.index import IndexFile, IndexOptions, PackedStrings, index_location, open_or_build, source_hash
-from mcf.data.procs import die_with_parent
-from mcf.data.sampler import RankShare
-from mcf.data.tar_index import count_stream, index_tar
+from mcf.data.core.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, decode_rgb, max_file_bytes
+from mcf.data.core.index import IndexFile, IndexOptions, PackedStrings, index_location, open_or_build, source_hash
+from mcf.data.core.procs import die_with_parent
+from mcf.data.core.sampler import RankShare
+from mcf.data.core.tar_index import count_stream, index_tar
 from mcf.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -482,7 +482,7 @@ class _Handles:
 
 class ShardDataset:
     """Local webdataset shards read in place: ``read_bytes(i)`` is one ``pread`` of sample ``i``'s
-    image (an :class:`~mcf.data.datasets.EncodedImageDataset`; see the module docstring)."""
+    image (an :class:`~mcf.data.formats.datasets.EncodedImageDataset`; see the module docstring)."""
 
     def __init__(self, spec: ShardSpec, table: ShardTable, *, max_pixels: int = DEFAULT_MAX_PIXELS):
         if table.total == 0:
@@ -506,8 +506,6 @@ class ShardDataset:
             raise BadImage(f"unreadable shard ({e.strerror or e})") from None
 
     def __getitem__(self, i: int):
-        from mcf.data.decode import decode_rgb
-
         return decode_rgb(self.read_bytes(i), self.max_pixels)
 
     def name(self, i: int) -> str:
@@ -535,7 +533,7 @@ class ShardDataset:
 
 
 class StreamedShards:
-    """Remote shards: a length and names, no random access (read by :mod:`mcf.data.shard_stream`)."""
+    """Remote shards: a length and names, no random access (read by :mod:`mcf.data.loaders.shard_stream`)."""
 
     def __init__(self, spec: ShardSpec, table: ShardTable, *, max_pixels: int = DEFAULT_MAX_PIXELS):
         if table.total == 0:
@@ -583,7 +581,7 @@ class ShardSampler(RankShare):
     (one or a few windows, one or a few shards). Nothing of size ``N`` is built: positions become
     sample ids through per-shard arrays and the permutations of the windows they fall in.
 
-    Interface: :class:`~mcf.data.sampler.RankShare`'s (``(epoch, index)`` pairs, ``per_rank``,
+    Interface: :class:`~mcf.data.core.sampler.RankShare`'s (``(epoch, index)`` pairs, ``per_rank``,
     ``share``, ``set_offset``, ``take``), the interface of the indexed sources' sampler too.
 
     Args:

@@ -32,13 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from mcf.data.decode import BadImage, decode_rgb, max_file_bytes
-from mcf.data.loader import PretrainLoader, shutdown_workers
-from mcf.data.shards import ShardSampler, StreamedShards, open_stream
-from mcf.data.source import MAX_ATTEMPTS
-from mcf.data.tar_index import TarDamage, stream_samples
-from mcf.data.transforms import PretrainTransform, normalize_batch, sample_rng
-from mcf.data.workers import worker_init
+from mcf.data.core.decode import BadImage, decode_rgb, max_file_bytes
+from mcf.data.core.source import MAX_ATTEMPTS
+from mcf.data.core.tar_index import TarDamage, stream_samples
+from mcf.data.core.transforms import PretrainTransform, normalize_batch, sample_rng
+from mcf.data.core.workers import worker_init
+from mcf.data.formats.shards import ShardSampler, StreamedShards, open_stream
+from mcf.data.loaders.base import PretrainLoader, shutdown_workers
 from mcf.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 On CUDA the DALI loader decodes with nvJPEG (``mixed``), which no CPU test can run. Before a run
 trusts it, :func:`check_dali` decodes a few JPEGs made from real photographs (the built-in faces'
 sources in scikit-image: ``astronaut``, ``camera`` and an LFW face, at a few sizes, colour and grey,
-4:2:0 and 4:4:4, baseline and progressive) through :func:`mcf.data.dali_loader.build_pipeline` --
+4:2:0 and 4:4:4, baseline and progressive) through :func:`mcf.data.loaders.dali_loader.build_pipeline` --
 the same operators, decoder device, resize and normalisation as the loader -- with the loader's own
 transform (crop box and flip from ``(seed, epoch, index)``), and compares every image with PIL's
 decode + the PyTorch loader's transform (:meth:`PretrainTransform.apply`).
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mcf.data.dali_loader import FixedBatch, build_pipeline, close_pipeline, first_line, sample_columns, to_torch
-from mcf.data.decode import decode_rgb, prepare_for_dali
-from mcf.data.transforms import IMAGENET_STD, PretrainTransform, SampleParams
+from mcf.data.core.decode import decode_rgb, prepare_for_dali
+from mcf.data.core.transforms import IMAGENET_STD, PretrainTransform, SampleParams
+from mcf.data.loaders.dali_loader import FixedBatch, build_pipeline, close_pipeline, first_line, sample_columns, to_torch
 
 MEAN_LEVELS = 3.0
 P99_LEVELS = 16.0

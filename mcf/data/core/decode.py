@@ -203,7 +203,7 @@ def prepare_for_dali(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple
     a PNG has its chunk CRCs checked by ``verify``); every other format or mode (CMYK, 16-bit,
     WebP, palette, alpha, lossless or arithmetic JPEG, ...) is decoded by PIL and re-encoded as
     lossless PNG, so DALI decodes exactly the pixels the PyTorch loader sees. A file DALI's decoder
-    still rejects at run time is handled by the loader (see :mod:`mcf.data.dali_loader`).
+    still rejects at run time is handled by the loader (see :mod:`mcf.data.loaders.dali_loader`).
     Raises :class:`BadImage` like :func:`decode_rgb`.
     """
     img = _open(data, max_pixels)
