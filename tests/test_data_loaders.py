@@ -165,7 +165,7 @@ def test_one_early_bad_file_in_a_nearly_clean_folder_does_not_stop_the_run(tmp_p
     still stops, and the message states the rule."""
     from data_helpers import make_folder
 
-    from mcf.data.loader import MIN_SAMPLES_FOR_BAD_CHECK, bad_fraction_lower_bound
+    from mcf.data.loaders.base import MIN_SAMPLES_FOR_BAD_CHECK, bad_fraction_lower_bound
 
     make_folder(tmp_path / "f", 103)
     (tmp_path / "f" / "img999.jpg").write_bytes(b"not a jpeg")
