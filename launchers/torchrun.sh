@@ -57,7 +57,8 @@ else
         "python); run \`make demo\` or \`source .venv/bin/activate\`, or set MCF_PYTHON" >&2; exit 2; }
 fi
 has_mcf "$PY" || { echo "torchrun.sh: MCF_PYTHON=$PY cannot import torch and mcf" \
-    "($("$PY" -c 'import torch, mcf' 2>&1 | tail -n 1)); point MCF_PYTHON at the environment mcf is installed in" >&2; exit 2; }
+    "($("$PY" -c 'import torch, mcf' 2>&1 | tail -n 1));" \
+    "point MCF_PYTHON at the environment mcf is installed in" >&2; exit 2; }
 
 if [ -z "$NPROC" ]; then
     # the GPUs torch will see: CUDA_VISIBLE_DEVICES applies (nvidia-smi -L lists every GPU of the node)

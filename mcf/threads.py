@@ -37,7 +37,8 @@ def local_world_size() -> int:
     for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
         if env.get(key, "").isdigit() and int(env[key]) > 0:
             return int(env[key])
-    m = re.match(r"(\d+)", env.get("SLURM_TASKS_PER_NODE", ""))  # "4(x2),3": this node's count is not known; take the first
+    # "4(x2),3": which group this node is in is not known here; take the first count
+    m = re.match(r"(\d+)", env.get("SLURM_TASKS_PER_NODE", ""))
     if m and "SLURM_PROCID" in env:
         return max(int(m.group(1)), 1)
     return 1

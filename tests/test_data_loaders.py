@@ -184,7 +184,8 @@ def test_one_early_bad_file_in_a_nearly_clean_folder_does_not_stop_the_run(tmp_p
     for i in range(12):
         (tmp_path / "f" / f"img{i:03d}.png").write_bytes(b"broken")
     worse = _loader(tmp_path / "f", "torch", bs=8, max_bad_fraction=0.01)
-    with pytest.raises(DataError, match=r"with 99% confidence at least .* above data.max_bad_fraction=1.0%; the check starts at 32"):
+    rule = r"with 99% confidence at least .* above data.max_bad_fraction=1.0%; the check starts at 32"
+    with pytest.raises(DataError, match=rule):
         _epoch(worse, 0)
 
 

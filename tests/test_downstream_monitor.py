@@ -107,7 +107,8 @@ def test_probe_command_over_seeds(tmp_path, capsys):
     from mcf.models import create_model
 
     m = create_model("mcf_vit_tiny", teacher_checkpoint="random")
-    torch.save({"online": m.online.state_dict(), "target": {}, "config": {"model": {"name": "mcf_vit_tiny"}}, "step": 5}, tmp_path / "c.pt")
+    ckpt = {"online": m.online.state_dict(), "target": {}, "config": {"model": {"name": "mcf_vit_tiny"}}, "step": 5}
+    torch.save(ckpt, tmp_path / "c.pt")
     assert main(["probe", "--pretrained", str(tmp_path / "c.pt"), "--warps", "4", "--seeds", "0,1"]) == 0
     out = capsys.readouterr().out
     assert "seed 0:" in out and "seed 1:" in out and "Over 2 seeds (0, 1): mean ± std [min, max]" in out

@@ -142,7 +142,8 @@ def test_torchrun_sh_picks_and_checks_a_python_with_torch_and_mcf(tmp_path):
     bare.chmod(0o755)
     r = subprocess.run(["bash", str(TORCHRUN), "--dry-run"], capture_output=True, text=True, timeout=60,
                        env=dict(e, MCF_PYTHON=str(bare)))
-    assert r.returncode == 2 and r.stdout == "" and f"MCF_PYTHON={bare} cannot import torch and mcf" in r.stderr, r.stderr
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert f"MCF_PYTHON={bare} cannot import torch and mcf" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("args, message", [

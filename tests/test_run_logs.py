@@ -19,9 +19,11 @@ from mcf.train.tracking import resolve_tracking
 
 def _pretrain(out: Path, steps: int, *extra: str, cwd: Path, log: Path, timeout: float = 400, **env_extra: str):
     """``mcf pretrain`` on the demo preset with stderr (and stdout) redirected to ``log``, as under slurm."""
-    args = ["--output-dir", str(out), "--max-steps", str(steps), "--loader", "torch", "--set", "data.num_workers=0", *extra]
+    args = ["--output-dir", str(out), "--max-steps", str(steps), "--loader", "torch", "--set", "data.num_workers=0",
+            *extra]
     with open(log, "w") as f:
-        p = subprocess.run(command(args), cwd=cwd, env=env(**env_extra), stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+        p = subprocess.run(command(args), cwd=cwd, env=env(**env_extra), stdout=f, stderr=subprocess.STDOUT,
+                           timeout=timeout)
     text = log.read_text()
     assert p.returncode == 0, text[-4000:]
     return text
@@ -52,8 +54,8 @@ def test_a_log_file_gets_a_line_per_interval_and_a_summary(run):
     lines = [x for x in text.splitlines() if re.search(r"INFO mcf\.train\.trainer: step \d+/4 ", x)]
     assert [re.search(r"step (\d+)/4", x).group(1) for x in lines] == ["2", "4"], text[-3000:]
     for x in lines:
-        assert re.search(r"loss \d+\.\d+ \(perceptual .*, contrastive .*, pixel .*\) lr \d\.\d\de[-+]\d\d \| [\d.]+ img/s, "
-                         r"data wait \d+%, MFU [\d.]+%, mem [\d.]+ GB \| ETA \d:\d\d:\d\d", x), x
+        assert re.search(r"loss \d+\.\d+ \(perceptual .*, contrastive .*, pixel .*\) lr \d\.\d\de[-+]\d\d \| "
+                         r"[\d.]+ img/s, data wait \d+%, MFU [\d.]+%, mem [\d.]+ GB \| ETA \d:\d\d:\d\d", x), x
     # the checkpoint and reconstructions of step 2 ran in the window closed at step 4: named there, not counted
     assert re.search(r"not counted: reconstructions [\d.]+ s, checkpoint [\d.]+ s", lines[1]), lines[1]
     last = metrics(out)[-1]
@@ -140,8 +142,9 @@ def test_pretrain_and_finetune_log_to_mlflow_tracking_uri(tmp_path):
     assert not (out / "mlflow.db").exists()
     data = S.write_aflw19(tmp_path / "a", num_images=4, num_test=2, size=32)
     ft = tmp_path / "ft"
-    p = subprocess.run([sys.executable, "-m", "mcf", "finetune", "alignment", "--data", str(data), "--pretrained", "random",
-                        "--output-dir", str(ft), "--max-steps", "1", "--batch-size", "2", "--img-size", "32", "--workers", "0"],
+    p = subprocess.run([sys.executable, "-m", "mcf", "finetune", "alignment", "--data", str(data), "--pretrained",
+                        "random", "--output-dir", str(ft), "--max-steps", "1", "--batch-size", "2", "--img-size", "32",
+                        "--workers", "0"],
                        cwd=ROOT, env=env(**team), capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stderr[-4000:]
     assert not (ft / "mlflow.db").exists()
@@ -154,8 +157,9 @@ def test_deepspeed_launcher_ranks_get_their_share_of_the_cores(tmp_path):
     from mcf.threads import cores_available
 
     out = tmp_path / "run"
-    args = ["--output-dir", str(out), "--max-steps", "1", "--loader", "torch", "--tracking-uri", "none", "--batch-size", "4",
-            "--set", "data.num_workers=0", "--set", "logging.recon_every=0", "--set", "logging.progress=false"]
+    args = ["--output-dir", str(out), "--max-steps", "1", "--loader", "torch", "--tracking-uri", "none",
+            "--batch-size", "4", "--set", "data.num_workers=0", "--set", "logging.recon_every=0",
+            "--set", "logging.progress=false"]
     e = env()
     e.pop("OMP_NUM_THREADS")
     p = subprocess.run(command(args, nproc=2, launcher="deepspeed"), cwd=ROOT, env=e, capture_output=True, text=True,

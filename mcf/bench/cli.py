@@ -15,8 +15,10 @@ def _add_step_args(p: argparse.ArgumentParser, e2e: bool) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="images per step (default: %(default)s)")
     p.add_argument("--steps", type=int, default=1, help="steps per timed window (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed windows, median reported (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed windows (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto (the first GPU if any, else cpu), cpu, cuda, cuda:N (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps before the timed windows (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="auto (the first GPU if any, else cpu), cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--compile", action="store_true",
                    help="also time the mcf step torch.compile-d, beside eager (variant mcf_compiled)")
     p.add_argument("--variants", default="paper,mcf",
@@ -28,7 +30,8 @@ def _add_step_args(p: argparse.ArgumentParser, e2e: bool) -> None:
     if e2e:
         p.add_argument("--data", default=None, help="image folder (default: synthetic JPEGs in a temporary folder)")
         p.add_argument("--workers", type=int, default=2, help="loader workers, both variants (default: %(default)s)")
-        p.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"), help="mcf's loader (default: %(default)s)")
+        p.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"),
+                       help="mcf's loader (default: %(default)s)")
 
 
 def _step_config(args: argparse.Namespace, e2e: bool):
@@ -185,16 +188,22 @@ def add_parser(subparsers) -> None:
     p.add_argument("--file-size", type=int, default=256, help="synthetic JPEG side (default: %(default)s)")
     p.add_argument("--img-size", type=int, default=224, help="output side of the loaders' crops (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="loader workers (DALI threads, DataLoader processes) (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="loader workers (DALI threads, DataLoader processes) (default: %(default)s)")
     p.add_argument("--batches", type=int, default=6, help="timed batches per loader (default: %(default)s)")
-    p.add_argument("--sources", default="folder,lmdb,shards", help="comma list of the stores the same files are read from (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="where batches are delivered: auto (GPU if any), cpu, cuda (default: %(default)s)")
+    p.add_argument("--sources", default="folder,lmdb,shards",
+                   help="comma list of the stores the same files are read from (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="where batches are delivered: auto (GPU if any), cpu, cuda (default: %(default)s)")
     p.add_argument("--out", default=None, help="JSON file or folder")
     p.add_argument("--index-scale", type=int, default=0, metavar="N",
                    help="instead: open time and bytes per sample of the indexes for N synthetic keys/samples (e.g. 20000000)")
-    p.add_argument("--folder-files", type=int, default=200_000, help="index-scale: files of the synthetic folder (default: %(default)s)")
-    p.add_argument("--worker-keys", type=int, default=1_000_000, help="index-scale: keys a forked worker reads (default: %(default)s)")
-    p.add_argument("--workdir", default=None, help="index-scale: keep the synthetic data here (reused; default: a temporary folder)")
+    p.add_argument("--folder-files", type=int, default=200_000,
+                   help="index-scale: files of the synthetic folder (default: %(default)s)")
+    p.add_argument("--worker-keys", type=int, default=1_000_000,
+                   help="index-scale: keys a forked worker reads (default: %(default)s)")
+    p.add_argument("--workdir", default=None,
+                   help="index-scale: keep the synthetic data here (reused; default: a temporary folder)")
     p.set_defaults(func=_run_data)
 
     p = sub.add_parser("attention", help="attention kernels: Triton vs SDPA vs math (benchmarks/bench_attention.py)")
@@ -216,10 +225,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed steps per setting, interleaved (default: %(default)s)")
     p.add_argument("--project", default="mcf_vit_base_patch16,mcf_vit_large_patch16,mcf_vit_huge_patch14",
                    help="models counted at their own size on the meta device for the batch projection ('' = none)")
-    p.add_argument("--project-teacher", default="vit_base_patch16", help="the projected models' teacher (default: %(default)s)")
+    p.add_argument("--project-teacher", default="vit_base_patch16",
+                   help="the projected models' teacher (default: %(default)s)")
     p.add_argument("--project-batch-sizes", default="64,128",
-                   help="two batch sizes of the meta count (large, so the activations' peak shows) (default: %(default)s)")
-    p.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory the largest batch is projected for (default: %(default)s)")
+                   help="two batch sizes of the meta count (large, so the activations' peak shows) "
+                        "(default: %(default)s)")
+    p.add_argument("--gpu-gb", type=float, default=80.0,
+                   help="GPU memory the largest batch is projected for (default: %(default)s)")
     p.add_argument("--ranks", type=int, default=8, help="GPUs the ZeRO state is sharded over (default: %(default)s)")
     p.add_argument("--zero", type=int, default=1, help="ZeRO stage of the projection (default: %(default)s)")
     p.add_argument("--reserve-gb", type=float, default=8.0,
@@ -236,7 +248,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--stages", default="0,1,2,3", help="comma list of ZeRO stages (default: %(default)s)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="the online model's dtype, as the trainer runs it (bf16: bf16 weights + fp32 masters)")
-    p.add_argument("--nproc", type=int, default=2, help="ranks (torchrun processes; gloo on the CPU) (default: %(default)s)")
+    p.add_argument("--nproc", type=int, default=2,
+                   help="ranks (torchrun processes; gloo on the CPU) (default: %(default)s)")
     p.add_argument("--phases", default="memory,comm",
                    help="memory (bytes held, step time) and/or comm (the trainer's collectives per step) "
                         "(default: %(default)s)")

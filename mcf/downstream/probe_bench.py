@@ -92,7 +92,8 @@ def format_table(results: dict[str, Any]) -> str:
 CLAIMS = (
     ("pre-trained landmarks beat the mean shape", ("pretrained", "nme_io"), ("pretrained", "nme_io_mean_shape"), True),
     ("pre-trained landmarks beat random weights", ("pretrained", "nme_io"), ("random", "nme_io"), True),
-    ("pre-trained face/non-face linear beats random", ("pretrained", "face_linear_acc"), ("random", "face_linear_acc"), False),
+    ("pre-trained face/non-face linear beats random", ("pretrained", "face_linear_acc"), ("random", "face_linear_acc"),
+     False),
     ("pre-trained face/non-face 5-NN beats random", ("pretrained", "face_knn_acc"), ("random", "face_knn_acc"), False),
 )
 

@@ -2,10 +2,10 @@
 ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else a local sqlite store ``OUTPUT/mlflow.db`` (no
 server) with its artifacts in ``OUTPUT/mlartifacts/``; a server must answer within seconds at start
 (else one line, exit 2); ``none`` disables; the experiment ``--experiment``, else
-``$MLFLOW_EXPERIMENT_NAME``, else ``mcf-finetune``; rank 0 only. The resolved config goes in as parameters at start; the train
-loss per logged step, the test metrics (fractions and ``_percent``) at the last step, ``metrics.json``
-and the printed paper row are sent by a background thread, so a server that goes away mid-run costs
-one warning, never the fine-tuning."""
+``$MLFLOW_EXPERIMENT_NAME``, else ``mcf-finetune``; rank 0 only. The resolved config goes in as
+parameters at start; the train loss per logged step, the test metrics (fractions and ``_percent``) at
+the last step, ``metrics.json`` and the printed paper row are sent by a background thread, so a
+server that goes away mid-run costs one warning, never the fine-tuning."""
 
 from __future__ import annotations
 

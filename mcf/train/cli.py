@@ -20,9 +20,9 @@ from mcf.errors import ConfigError
 # flag dest → (config key, metavar, type, help)
 FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "output_dir": ("train.output_dir", "DIR", str, "run folder (config.yaml, metrics.jsonl, checkpoints/, reconstructions/, mlflow.db)"),
-    "data": ("data.path", "PATH", str, "image folder, mcf LMDB, the paper's LMDB, webdataset .tar shards (a folder of them, "
-                                       "a brace pattern such as /d/{00000..00099}.tar, a .txt list of paths or URLs, "
-                                       "pipe:COMMAND), or 'builtin' (the built-in faces)"),
+    "data": ("data.path", "PATH", str, "image folder, mcf LMDB, the paper's LMDB, webdataset .tar shards (a folder "
+                                       "of them, a brace pattern such as /d/{00000..00099}.tar, a .txt list of paths "
+                                       "or URLs, pipe:COMMAND), or 'builtin' (the built-in faces)"),
     "lmdb_keys": ("data.lmdb_keys", "FILE", str, "key list of the paper's LMDB layout"),
     "loader": ("data.loader", "auto|dali|torch", str, "input pipeline"),
     "model": ("model.name", "NAME", str, "registered model (mcf_vit_tiny, mcf_vit_base_patch16, ...)"),
@@ -37,7 +37,8 @@ FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "resume": ("train.resume", "auto|none|PATH", str, "auto = newest complete checkpoint in the output dir; or a checkpoint/run path"),
     "seed": ("train.seed", "N", int, "seed of weights, masks, augmentation and data order"),
     "teacher_checkpoint": ("teacher.checkpoint", "PATH|random", str, "frozen perceptual teacher weights ('random' for tests)"),
-    "tracking_uri": ("logging.tracking_uri", "URI|none", str, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a sqlite store in the output dir; 'none' = off)"),
+    "tracking_uri": ("logging.tracking_uri", "URI|none", str, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                                                              "else a sqlite store in the output dir; 'none' = off)"),
     "max_bad_fraction": ("data.max_bad_fraction", "F", float, "stop when more than this fraction of samples fails to decode"),
 }
 
@@ -139,7 +140,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--config", default="demo", metavar="NAME|PATH", help="preset name or YAML file (default: demo)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (repeatable)")
     c.add_argument("--list", action="store_true",
-                   help="list every key with its value in the preset in use (--config, default demo), and its documentation")
+                   help="list every key with its value in the preset in use (--config, default demo), and its "
+                        "documentation")
     c.set_defaults(func=run_config)
 
     p = subparsers.add_parser("pretrain", help="MCF pre-training (DeepSpeed; 1 process, torchrun, deepspeed or srun)",

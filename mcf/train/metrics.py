@@ -69,7 +69,8 @@ def local_artifact_root(uri: str) -> Path | None:
 
 
 # (table, column) of MLflow's sqlite schema holding absolute artifact locations (MLflow 2.x and 3.x)
-_LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"))
+_LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"))
 
 
 def repoint_local_store(db: Path) -> int:
@@ -103,8 +104,8 @@ def repoint_local_store(db: Path) -> int:
                             f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
                             (new_root, len(old) + 1, old, len(old) + 1, old + "/")).rowcount
         if old_roots:
-            log.info("MLflow store %s was moved or copied: its artifact locations now point at %s (were %s)", db, new_root,
-                     ", ".join(sorted(old_roots)))
+            log.info("MLflow store %s was moved or copied: its artifact locations now point at %s (were %s)", db,
+                     new_root, ", ".join(sorted(old_roots)))
         return changed
     except sqlite3.Error as e:
         raise StorageError(f"cannot update the MLflow store {db} after it moved ({e})") from None
@@ -118,8 +119,8 @@ def _ensure_experiment(mlflow: Any, name: str, artifact_root: Path | None) -> No
     if exp is None and artifact_root is not None:
         mlflow.create_experiment(name, artifact_location=artifact_root.as_uri())
     elif exp is not None and artifact_root is not None and exp.artifact_location != artifact_root.as_uri():
-        log.warning("MLflow experiment '%s' keeps its artifacts at %s, not in this store's folder (%s): the experiment was "
-                    "made elsewhere; new pictures go there", name, exp.artifact_location, artifact_root)
+        log.warning("MLflow experiment '%s' keeps its artifacts at %s, not in this store's folder (%s): the "
+                    "experiment was made elsewhere; new pictures go there", name, exp.artifact_location, artifact_root)
     mlflow.set_experiment(name)
 
 

@@ -192,7 +192,8 @@ class Trainer:
         if self.rank == 0:
             log.info("%d rank(s) on %s, %s, ZeRO %d; %d steps (%d per epoch); %s; %s", self.world_size, self.device,
                      cfg.train.precision, cfg.deepspeed.zero, self.total_steps, self.steps_per_epoch,
-                     describe_schedule(cfg, self.global_batch, self.steps_per_epoch, self.total_steps), threads.describe())
+                     describe_schedule(cfg, self.global_batch, self.steps_per_epoch, self.total_steps),
+                     threads.describe())
 
     def _preflight(self) -> UserError | None:
         """Rank 0: lock the output folder (held until :meth:`fit` returns) and check MLflow answers."""
@@ -324,8 +325,8 @@ class Trainer:
 
         # a bar on a terminal; under slurm or `2>file` a bar is a frame per update, so plain lines instead
         self.plain_lines = self.rank == 0 and (not lg.progress or not sys.stderr.isatty())
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or self.plain_lines, dynamic_ncols=True,
-                   desc="pretrain")
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or self.plain_lines,
+                   dynamic_ncols=True, desc="pretrain")
         t_log = self.t_start = time.perf_counter()
         self.first_step = self.step
         self.data_wait_s = 0.0  # host time in next(batches) since the last log
@@ -444,20 +445,23 @@ class Trainer:
         wall = time.perf_counter() - self.t_start
         steps = self.step - self.first_step
         train_s = max(wall - self.side_total_s, 1e-9)
-        lines = [f"done: {self.step} steps ({steps} in this run) in {_hms(wall)}; mean {steps * self.global_batch / train_s:.1f} "
-                 f"images/s over the training steps ({self.side_total_s:.1f} s of checkpoints, reconstructions and monitor "
-                 "not counted)"]
+        lines = [f"done: {self.step} steps ({steps} in this run) in {_hms(wall)}; mean "
+                 f"{steps * self.global_batch / train_s:.1f} images/s over the training steps "
+                 f"({self.side_total_s:.1f} s of checkpoints, reconstructions and monitor not counted)"]
         if self.last_record is not None:
             r = self.last_record
-            lines.append(f"  final loss    {r['loss']:.4f} ({', '.join(f'{k} {r[k]:.4f}' for k in TERMS[1:])}) at step {r['step']}")
+            terms = ", ".join(f"{k} {r[k]:.4f}" for k in TERMS[1:])
+            lines.append(f"  final loss    {r['loss']:.4f} ({terms}) at step {r['step']}")
         lines.append(f"  metrics       {self.out / 'metrics.jsonl'}")
         recon = sorted((self.out / "reconstructions").glob("step_*.png"))
         if recon:
-            lines.append(f"  pictures      {recon[-1].parent}/ ({len(recon)}: original | masked | rebuilt; newest {recon[-1].name})")
+            lines.append(f"  pictures      {recon[-1].parent}/ ({len(recon)}: original | masked | rebuilt; "
+                         f"newest {recon[-1].name})")
         lines.append(f"  checkpoint    {final} (export: mcf export {self.out} encoder.safetensors)")
         sink, tracking = self.logger.mlflow, self.logger.tracking
         if sink is not None and tracking is not None and tracking.uri is not None:
-            lines.append(f"  MLflow        run {sink.run_id} in experiment '{tracking.experiment}': {ui_command(tracking.uri)}")
+            lines.append(f"  MLflow        run {sink.run_id} in experiment '{tracking.experiment}': "
+                         f"{ui_command(tracking.uri)}")
         log.info("%s", "\n".join(lines))
 
     def _stop_requested_anywhere(self, stop: StopRequest) -> bool:
