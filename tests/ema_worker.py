@@ -3,7 +3,7 @@ precision, the EMA of :class:`mcf.train.ema.TargetEMA` against the formula on th
 masters, its forward weights, its collectives, the target's compute dtype, save → load.
 
 DeepSpeed engines of several stages are built one after the other in this one process group (a
-fresh model each); the reference masters come from ``mcf.train.engine.fp32_masters`` (DeepSpeed's
+fresh model each); the reference masters come from ``mcf.train.ds_internals.fp32_masters`` (DeepSpeed's
 ``safe_get_full_fp32_param`` and friends), independent of the EMA's own layout code.
 Prints one JSON line per case on rank 0.
 """
@@ -58,13 +58,13 @@ def _uneven_all_gather(
 def run_case(zero: int, precision: str, target_precision: str, extra: dict, freeze: str | None, uneven: bool) -> dict:
     from mcf.config import build_config
     from mcf.models import create_model_from_config
+    from mcf.train.ds_internals import fp32_masters
     from mcf.train.ema import TargetEMA
     from mcf.train.engine import (
         PRECISION_DTYPES,
         CastInput,
         build_ds_config,
         default_ds_config_path,
-        fp32_masters,
         load_ds_json,
     )
     from mcf.train.optim import build_optimizer, param_groups

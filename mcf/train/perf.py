@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from mcf.measure import PeakMemory, matmul_peak
+from mcf.models import create_model_from_config
 from mcf.models.flops import step_flops
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,6 @@ def flops_per_image(cfg: Any, batch: int = 2) -> float:
 
     Per-image mask ratios (``masking.ratio_range``) are counted at the smallest ratio, the largest
     visible set, which the padded encoder computes on."""
-    from mcf.models import create_model_from_config
-
     meta = copy.deepcopy(cfg)
     meta.teacher.checkpoint = "random"  # nothing is loaded onto the meta device
     meta.model.init_from = None

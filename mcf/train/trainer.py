@@ -1,10 +1,11 @@
 """The pre-training loop: the online model in a DeepSpeed engine, the EMA target and the frozen
 teacher beside it, exact resume, and rank-0 outputs.
 
-One optimizer step = ``accum_steps`` micro-batches. Per step the host waits once, on a 2-float
-all-reduce of (non-finite losses seen, stop requested): a non-finite loss is caught before the
-update is applied and every rank stops after the same step on SIGTERM/SIGUSR1. Loss values stay on
-the device and are reduced every ``log_every`` steps.
+One optimizer step = ``accum_steps`` micro-batches. Per step mcf's host waits once, on a 3-float
+all-reduce of (non-finite losses seen, stop requested, data error): a non-finite loss is caught before
+the update is applied and every rank stops after the same step on SIGTERM/SIGUSR1 (DeepSpeed's own
+syncs per precision and ZeRO stage: README). Loss values stay on the device and are reduced every
+``log_every`` steps. A watchdog thread (:mod:`mcf.train.watchdog`) ends a rank whose step stalls.
 """
 
 from __future__ import annotations
@@ -25,17 +26,19 @@ from torch.profiler import record_function
 from mcf import threads
 from mcf.config import Config, dump_config
 from mcf.configtree import to_dict
+from mcf.data.formats.factory import precheck
 from mcf.dist import rank0_decides
 from mcf.errors import CheckpointError, ConfigError, DataError, StorageError, UnsafeCheckpointError, UserError
+from mcf.models import create_model_from_config
 from mcf.train import checkpoint as ckpt
 from mcf.train import elastic
+from mcf.train.ds_internals import fp32_masters
 from mcf.train.ema import TargetEMA
 from mcf.train.engine import (
     PRECISION_DTYPES,
     CastInput,
     build_ds_config,
     cast_floating_buffers,
-    fp32_masters,
     init_distributed,
     set_tf32,
     setup_env,
@@ -48,6 +51,7 @@ from mcf.train.profile import StepProfiler
 from mcf.train.runlock import RunLock
 from mcf.train.signals import REQUEUE_EXIT_CODE, StopRequest
 from mcf.train.tracking import check_reachable, resolve_tracking
+from mcf.train.watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -113,18 +117,14 @@ class Trainer:
                               "(mcf pretrain passes mcf.downstream.monitor.build_monitor), or set monitor.every=0")
         loader_factory = self.loader_factory or _default_loader_factory()
 
-        from mcf.data.formats.factory import precheck
-
         precheck(cfg.data.path, cfg.data.lmdb_keys)  # missing or damaged data fails before the model is built
         seed = cfg.train.seed
         torch.manual_seed(seed)  # identical initial weights on every rank
         np.random.seed(seed)
         random.seed(seed)
-        from mcf.models import create_model_from_config
-
         model = create_model_from_config(cfg) if startup_error is None else None  # a missing teacher fails here, before DeepSpeed
 
-        self.rank, self.world_size, self.device = init_distributed(cfg.train.precision)
+        self.rank, self.world_size, self.device = init_distributed(cfg.train.precision, cfg.deepspeed.timeout_s)
         set_tf32(self.device, cfg.train.tf32)
         verified = rank0_decides(lambda: self._decide_resume(startup_error))
         if verified != self.resume_dir or (verified is not None and self.resume_state is None):
@@ -317,6 +317,7 @@ class Trainer:
         cfg, model, engine = self.cfg, self.model, self.engine
         t, lg = cfg.train, cfg.logging
         stop = StopRequest().install()
+        watchdog = StepWatchdog(self.rank, t.step_timeout_s, t.step_timeout_slow_s, t.stop_grace_s, stop).start()
         batches = self._batches()
         L = model.num_patches
         self.last_saved = self.step if self.resume_dir is not None else -1
@@ -339,9 +340,11 @@ class Trainer:
             size = cfg.data.img_size or model.spec.img_size
             while self.step < self.total_steps:
                 profiler.begin(self.step + 1)
+                watchdog.step(self.step + 1)
                 nonfinite = torch.zeros((), device=self.device)
                 for micro in range(t.accum_steps):
                     if data_error is None:
+                        watchdog.phase("data")
                         try:
                             t_data = time.perf_counter()
                             with record_function("mcf.data"):
@@ -356,6 +359,7 @@ class Trainer:
                         images = torch.zeros(t.batch_size, 3, size, size, device=self.device)
                     B = images.shape[0]
                     noise = torch.rand(2, B, L, generator=self.mask_gen, device=self.device)  # online / target masks
+                    watchdog.phase("forward/backward")
                     out = model(images, noise[0], noise[1], online=self.online)
                     with record_function("mcf.backward"):
                         engine.backward(out.loss)
@@ -369,6 +373,7 @@ class Trainer:
                 # the one host sync per step: (non-finite losses, stop requested, ranks with a data
                 # error), summed over ranks; filled on the device, since a tensor built from a host
                 # list would cost a second sync on a GPU
+                watchdog.phase("sync (the step's all-reduce: waits for every rank)")
                 with record_function("mcf.sync"):
                     flags = torch.zeros(3, device=self.device)
                     flags[0] = nonfinite
@@ -388,6 +393,7 @@ class Trainer:
                                         f"before applying the update{where}; lower optim.lr/blr or use train.precision=fp32")
                 set_lr(self.optimizer, lr_at(self.step, peak=self.peak_lr, min_lr=cfg.optim.min_lr, warmup=self.warmup,
                                              total=self.total_steps))
+                watchdog.phase("optimizer step")
                 with record_function("mcf.optimizer"):
                     engine.step()  # fp16: DeepSpeed skips an overflowing step and counts it
                 momentum = momentum_at(self.step, cfg.momentum, self.total_steps)
@@ -397,25 +403,32 @@ class Trainer:
                 profiler.end(self.step)
                 self.steps_since_log += 1
                 bar.update(1)
+                watchdog.phase("logging")
                 if self.step % lg.log_every == 0 or self.step == self.total_steps:
                     t_log = self._log(momentum, t_log, bar)
                 if lg.recon_every and self.step % lg.recon_every == 0:
-                    self._timed("reconstructions", self._reconstruction, last)
+                    with watchdog.slow("reconstruction"):
+                        self._timed("reconstructions", self._reconstruction, last)
                 if cfg.monitor.every and self.step % cfg.monitor.every == 0:
-                    self._timed("monitor", self._monitor)
+                    with watchdog.slow("monitor evaluation"):
+                        self._timed("monitor", self._monitor)
                 if stop_now:
-                    self._save()
+                    watchdog.stopping()
+                    with watchdog.slow("checkpoint (stop requested)"):
+                        self._save()
                     if self.rank == 0:
                         log.warning("stopped by signal at step %d; exiting with %d for requeue", self.step, REQUEUE_EXIT_CODE)
                     return REQUEUE_EXIT_CODE
                 if self.step % cfg.checkpoint.every == 0:
-                    self._timed("checkpoint", self._save)
+                    with watchdog.slow("checkpoint"):
+                        self._timed("checkpoint", self._save)
             # the end of the run stays under the stop handlers: a signal during the final checkpoint
             # lets the save finish and turns the exit status into 3 (every rank agrees on it)
-            if self.last_saved != self.step:
-                self._timed("checkpoint", self._save)
-            if last is not None and not (lg.recon_every and self.step % lg.recon_every == 0):
-                self._timed("reconstructions", self._reconstruction, last)
+            with watchdog.slow("final checkpoint"):
+                if self.last_saved != self.step:
+                    self._timed("checkpoint", self._save)
+                if last is not None and not (lg.recon_every and self.step % lg.recon_every == 0):
+                    self._timed("reconstructions", self._reconstruction, last)
             final = self.out / "checkpoints" / ckpt.step_dir_name(self.step)
             self.logger.set_tag("final_checkpoint", str(final.resolve()))
             if self._stop_requested_anywhere(stop):
@@ -425,6 +438,7 @@ class Trainer:
                 return REQUEUE_EXIT_CODE
         finally:
             bar.close()
+            watchdog.close()
             stop.restore()
             batches.close()  # drops the loader's iterators now (a fresh DataLoader per epoch stops its workers then)
         if self.rank == 0:
