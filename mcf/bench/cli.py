@@ -94,6 +94,11 @@ _ATTENTION_FLAGS = [
     ("--repeats", {"help": "timed groups, median reported"}), ("--inner", {"help": "calls per timed group"}),
     ("--min-speedup", {"help": "SDPA/Triton ratio that counts as a Triton win (default 1.1)"}),
     ("--markdown", {"metavar": "OUT", "help": "also write a markdown table to OUT"}),
+    # handled by mcf.bench.attention: fill the attention dispatch table (bf16 and fp32, MCF's shapes)
+    ("--table", {"action": "store_true", "help": "measure every candidate path in bf16 and fp32 at MCF's shapes and "
+                 "write the rows to the per-user attention table that attention.backend=auto reads"}),
+    ("--table-file", {"help": "the table to write with --table (default: the per-user cache; "
+                      "kernels/attention_table.json is the repository's)"}),
 ]
 
 
