@@ -188,10 +188,10 @@ def _tracked(run):
     a one-line error in seconds, not after minutes of measuring."""
 
     def tracked(args: argparse.Namespace) -> int:
-        from mcf.bench.tracking import bench_flags, log_bench_run, resolve_store
+        from mcf.bench.tracking import bench_flags, log_bench_run, resolve
         from mcf.train.tracking import check_reachable
 
-        uri, _ = resolve_store(args.tracking_uri)
+        uri = resolve(args.tracking_uri, args.experiment).uri
         if uri is not None:
             check_reachable(uri)
         result = run(args)
