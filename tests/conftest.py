@@ -5,6 +5,15 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DS_ACCELERATOR", "cpu") if not os.environ.get("MCF_TEST_GPU") else None
+# mcf's per-user cache (the built-in demo set, `mcf bench`'s default MLflow store) in a folder of this
+# test session, never the user's ~/.cache/mcf
+if not os.environ.get("MCF_CACHE"):
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["MCF_CACHE"] = tempfile.mkdtemp(prefix="mcf-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MCF_CACHE"], True)
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".torch_extensions"))
 
 import pytest  # noqa: E402

@@ -162,7 +162,10 @@ def test_export_and_finetune_alignment_from_mcf_pretrain_run(pretrain_run, tmp_p
             assert np.isfinite(m[f"{prefix}{k}"]) and m[f"{prefix}{k}_percent"] == pytest.approx(
                 100 * m[f"{prefix}{k}"]
             )
-    assert "| 300W (NME in %) | NME_io Full | NME_io Common | NME_io Challenging |" in proc.stdout
+    assert "| 300W (NME, FR, AUC in %) | NME_io Full | NME_io Common | NME_io Challenging |" in proc.stdout
+    assert result["config"]["head"] == "uper" and result["config"]["loss"] == "farl"  # FaRL's head and loss
+    assert f"| best (epoch {result['best']['epoch']}, min nme_inter_ocular; the paper's column) |" in proc.stdout
+    assert f"| last (epoch {result['last']['epoch']}) |" in proc.stdout
     assert f"{m['nme_inter_ocular_percent']:.3f}" in proc.stdout and "nme_inter_pupil_percent" in proc.stdout
     assert (tmp_path / "ft" / "finetuned.pt").is_file() and (tmp_path / "ft" / "paper_row.md").is_file()
     assert not (tmp_path / "ft" / "mlflow.db").exists()  # --tracking-uri none
@@ -220,7 +223,9 @@ def test_finetune_alignment_aflw19_from_export(pretrain_run, tmp_path):
     } <= set(m)
     assert 0 < m["nme_diag"] < m["nme_box"] and m["nme_diag_percent"] == pytest.approx(100 * m["nme_diag"])
     assert result["paper_row"]["NME_diag Full"] == f"{m['nme_diag_percent']:.3f}"
-    assert "| AFLW-19 (NME in %) | NME_diag Full | NME_diag Frontal |" in proc.stdout
+    assert "| AFLW-19 (NME, FR, AUC in %) | NME_diag Full | NME_diag Frontal |" in proc.stdout
+    assert result["config"]["box_stretch"] is True
+    assert "| best (epoch 1, min nme_diag; the paper's column) |" in proc.stdout
 
 
 def test_finetune_parsing_lapa_from_paper_layout(tmp_path):
@@ -258,6 +263,7 @@ def test_finetune_parsing_lapa_from_paper_layout(tmp_path):
         and m["mean_f1_percent"] == pytest.approx(100 * m["mean_f1"])
     )
     assert "| LaPa (F1 ×100) | Skin | Hair |" in proc.stdout and f"{100 * m['mean_f1']:.2f} |" in proc.stdout
+    assert result["config"]["head"] == "uper" and "| best (epoch " in proc.stdout and "| last (epoch " in proc.stdout
 
 
 def test_finetune_parsing_celebamask_hq_records_mlflow(tmp_path):
@@ -303,12 +309,72 @@ def test_finetune_parsing_celebamask_hq_records_mlflow(tmp_path):
         and run.data.tags["protocol"] == "celebamask_hq"
         and run.data.params["protocol"] == "celebamask_hq"
     )
-    assert run.data.metrics["test/mean_f1"] == pytest.approx(m["mean_f1"]) and run.data.metrics[
-        "test/mean_f1_percent"
-    ] == pytest.approx(100 * m["mean_f1"])
+    # evaluated after each of the 2 epochs; the best (the reported metrics) and the last both tracked
+    history = client.get_metric_history(run.info.run_id, "test/mean_f1")
+    assert [h.step for h in history] == [2, 4] and [r["epoch"] for r in result["evaluations"]] == [1, 2]
+    best = max(range(2), key=lambda i: history[i].value)  # ties keep the earlier epoch
+    assert result["best"]["epoch"] == best + 1 and m == result["best"]["metrics"]
+    assert run.data.metrics["best/mean_f1"] == pytest.approx(m["mean_f1"])
+    assert run.data.metrics["best/epoch"] == best + 1 and run.data.metrics["last/epoch"] == 2
+    assert run.data.metrics["last/mean_f1_percent"] == pytest.approx(100 * result["last"]["metrics"]["mean_f1"])
+    assert run.data.metrics["test/mean_f1"] == pytest.approx(result["last"]["metrics"]["mean_f1"])
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 4
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"metrics.json", "paper_row.md"}
     assert len(list((out / "mlartifacts").rglob("paper_row.md"))) == 1  # a local store's artifacts stay in the run folder
+
+
+def test_finetune_wflw_best_and_last_low_data_and_accumulation(tmp_path):
+    """The wflw protocol end to end on synthetic WFLW (HRNet's CSVs, 98 points, 6 subsets) with FaRL's head
+    and loss: evaluated every epoch, best and last printed with their epochs in the paper's column order;
+    75 % of the train split (train_data_ratio) and 2 accumulation steps per optimizer step."""
+    data = S.write_wflw(tmp_path / "wflw", num_train=8, num_test=6, size=48)
+    out = tmp_path / "ft"
+    proc = _mcf(
+        "finetune", "alignment", "--data", str(data), "--pretrained", "random", "--output-dir", str(out),
+        "--epochs", "3", "--batch-size", "2", "--grad-accum", "2", "--train-data-ratio", "0.75",
+        "--img-size", "32", "--workers", "0", "--log-every", "1", "--ema-decay", "0", "--lr", "2e-3",
+        "--tracking-uri", "none",
+    )
+    result = json.loads((out / "metrics.json").read_text())
+    cfg, res = result["config"], result["resolved"]
+    assert result["protocol"] == "wflw" and cfg["head"] == "uper" and cfg["loss"] == "farl" and cfg["box_stretch"]
+    assert res["train_size"] == 6 and res["grad_accum"] == 2 and res["steps_per_epoch"] == 1  # 6 // 2 // 2
+    assert result["steps"] == 3 and len(result["train_losses"]) == 6  # micro-steps
+    ev = result["evaluations"]
+    assert [r["epoch"] for r in ev] == [1, 2, 3]
+    best = min(ev, key=lambda r: r["nme_inter_ocular"])
+    assert result["best"]["epoch"] == best["epoch"] and result["last"]["epoch"] == 3
+    assert result["metrics"] == result["best"]["metrics"]
+    m = result["metrics"]
+    for sub in ("largepose", "expression", "illumination", "makeup", "occlusion", "blur"):
+        assert np.isfinite(m[f"{sub}/nme_inter_ocular"])
+    assert {"auc_inter_ocular_10", "fr_inter_ocular_10", "nme_inter_pupil"} <= set(m)
+    header = ("| WFLW (NME, FR, AUC in %) | NME_io Full | NME_io Large pose | NME_io Expression | NME_io Illumination "
+              "| NME_io Make-up | NME_io Occlusion | NME_io Blur | FR_io@10 Full | AUC_io@10 Full |")
+    assert header in proc.stdout
+    assert f"| best (epoch {best['epoch']}, min nme_inter_ocular; the paper's column) | " \
+           f"{m['nme_inter_ocular_percent']:.3f} |" in proc.stdout
+    last = result["last"]["metrics"]
+    assert f"| last (epoch 3) | {last['nme_inter_ocular_percent']:.3f} |" in proc.stdout
+    assert (out / "paper_row.md").read_text().count("epoch") == 2
+
+
+def test_finetune_frozen_backbone_trains_the_head_only(tmp_path):
+    """--freeze-backbone: the encoder's weights leave the run exactly as they came in (linear probing)."""
+    data = S.write_aflw19(tmp_path / "a", num_images=4, num_test=2, size=32)
+    out = tmp_path / "ft"
+    _mcf("finetune", "alignment", "--data", str(data), "--pretrained", "random", "--output-dir", str(out),
+         "--max-steps", "2", "--batch-size", "2", "--img-size", "32", "--workers", "0", "--ema-decay", "0",
+         "--freeze-backbone", "--tracking-uri", "none")
+    from mcf.downstream.finetune import FinetuneConfig, _build
+
+    torch.manual_seed(0)  # run_finetune's seed: the same random encoder
+    model = _build(FinetuneConfig(task="alignment", data=str(data), pretrained="random", img_size=32))[0]
+    state = torch.load(out / "finetuned.pt")
+    enc = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    assert enc and all(torch.equal(state[k], v) for k, v in enc.items())
+    assert not torch.equal(state["head.conv_seg.weight"], model.state_dict()["head.conv_seg.weight"])
+    assert json.loads((out / "metrics.json").read_text())["config"]["freeze_backbone"] is True
 
 
 def test_finetune_unreachable_tracking_server_is_one_line_within_seconds(tmp_path):

@@ -401,7 +401,7 @@ def test_paper_rows_print_percent_in_the_tables_columns():
     headers, values = paper_row("lapa", lapa)
     assert headers[0] == "Skin" and headers[-1] == "Mean" and values[-1] == "93.96" and len(values) == 11
     assert paper_row("300w", add_percent({"nme_inter_ocular": 0.0293}))[1][:2] == ["2.930", "n/a"]
-    assert "NME in %" in format_row("aflw19", m) and "F1 ×100" in format_row("lapa", lapa)
+    assert "NME, FR, AUC in %" in format_row("aflw19", m) and "F1 ×100" in format_row("lapa", lapa)
     # a run on one subset fills that subset's columns only
     assert paper_row("aflw19", add_percent({"nme_diag": 0.008}), "test_frontal")[1] == [
         "n/a",

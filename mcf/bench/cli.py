@@ -1,4 +1,6 @@
-"""``mcf bench {step,e2e,data,attention,memory,scale}``: each prints JSON and, with ``--out``, writes it.
+"""``mcf bench {step,e2e,data,attention,memory,scale}``: each prints JSON, with ``--out`` writes it, and
+logs it as an MLflow run (:mod:`mcf.bench.tracking`); ``mcf bench history`` and ``mcf bench results``
+read the tracked runs back.
 
 Nothing heavy is imported here; each sub-command imports its module when it runs.
 """
@@ -45,21 +47,19 @@ def _step_config(args: argparse.Namespace, e2e: bool):
         raise ConfigError(str(e)) from None
 
 
-def _run_step(args: argparse.Namespace) -> int:
+def _run_step(args: argparse.Namespace) -> dict:
     from mcf.bench.step import main
 
-    main(_step_config(args, e2e=False))
-    return 0
+    return main(_step_config(args, e2e=False))
 
 
-def _run_e2e(args: argparse.Namespace) -> int:
+def _run_e2e(args: argparse.Namespace) -> dict:
     from mcf.bench.step import main
 
-    main(_step_config(args, e2e=True))
-    return 0
+    return main(_step_config(args, e2e=True))
 
 
-def _run_data(args: argparse.Namespace) -> int:
+def _run_data(args: argparse.Namespace) -> dict:
     if args.index_scale:
         from mcf.bench.index_scale import IndexScaleConfig
         from mcf.bench.index_scale import main as index_main
@@ -70,14 +70,12 @@ def _run_data(args: argparse.Namespace) -> int:
                                    workdir=args.workdir, out=args.out)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        index_main(cfg)
-        return 0
+        return index_main(cfg)
     from mcf.bench.data import DataBenchConfig, main
 
-    main(DataBenchConfig(data=args.data, count=args.count, file_size=args.file_size, img_size=args.img_size, batch_size=args.batch_size,
+    return main(DataBenchConfig(data=args.data, count=args.count, file_size=args.file_size, img_size=args.img_size, batch_size=args.batch_size,
                          workers=args.workers, batches=args.batches, sources=tuple(args.sources.split(",")), device=args.device,
                          out=args.out))
-    return 0
 
 
 # Flags of benchmarks/bench_attention.py, passed through as given (that script checks them).
@@ -90,8 +88,9 @@ _ATTENTION_FLAGS = [
 ]
 
 
-def _run_attention(args: argparse.Namespace) -> int:
-    from mcf.bench.attention import main
+def _run_attention(args: argparse.Namespace) -> dict:
+    from mcf.bench.attention import run
+    from mcf.bench.common import emit
 
     argv: list[str] = []
     for flag, _ in _ATTENTION_FLAGS:
@@ -102,10 +101,12 @@ def _run_attention(args: argparse.Namespace) -> int:
             argv += [flag, *value]
         elif value not in (None, False):
             argv += [flag, value]
-    return main(argv, out=args.out)
+    result = run(argv)
+    emit(result, args.out)
+    return result
 
 
-def _run_scale(args: argparse.Namespace) -> int:
+def _run_scale(args: argparse.Namespace) -> dict:
     from mcf.bench.scale import ScaleBenchConfig, main
     from mcf.errors import ConfigError
 
@@ -124,8 +125,7 @@ def _run_scale(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise ConfigError(f"bench scale: {e}") from None
-    main(cfg)
-    return 0
+    return main(cfg)
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -133,7 +133,7 @@ def _pair(text: str) -> tuple[int, int]:
     return a, b
 
 
-def _run_memory(args: argparse.Namespace) -> int:
+def _run_memory(args: argparse.Namespace) -> dict:
     from mcf.bench.memory import MemoryBenchConfig, main
     from mcf.errors import ConfigError
 
@@ -156,24 +156,79 @@ def _run_memory(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise ConfigError(f"bench memory: {e}") from None
-    main(cfg)
+    return main(cfg)
+
+
+def _tracked(run):
+    """``run`` (a benchmark: args → its result JSON), then that result logged as an MLflow run.
+
+    The store is resolved and a server probed BEFORE the benchmark runs, so an unreachable server is
+    a one-line error in seconds, not after minutes of measuring."""
+
+    def tracked(args: argparse.Namespace) -> int:
+        from mcf.bench.tracking import bench_flags, log_bench_run, resolve_store
+        from mcf.train.tracking import check_reachable
+
+        uri, _ = resolve_store(args.tracking_uri)
+        if uri is not None:
+            check_reachable(uri)
+        result = run(args)
+        log_bench_run(result, bench_flags(args), tracking_uri=args.tracking_uri, experiment=args.experiment)
+        return 0
+
+    return tracked
+
+
+def _run_history(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mcf.bench.tracking import history
+
+    print(history(args.benchmark, tracking_uri=args.tracking_uri, experiment=args.experiment, config=args.config,
+                  metric=args.metric, plot_path=Path(args.plot) if args.plot else None))
     return 0
+
+
+def _run_results(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mcf.bench.tracking import render_results, write_results
+
+    text = render_results(args.benchmarks.split(","), tracking_uri=args.tracking_uri, experiment=args.experiment,
+                          metric=args.metric)
+    if args.write:
+        write_results(Path(args.write), text)
+        print(f"wrote the tracked-runs section of {args.write}")
+    else:
+        print(text)
+    return 0
+
+
+def _tracking_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--tracking-uri", default=None, metavar="URI|none",
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else $MCF_CACHE/bench/mlflow.db, "
+                        "~/.cache/mcf/bench/mlflow.db without it); 'none' = do not track")
+    p.add_argument("--experiment", default=None,
+                   help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else mcf-bench)")
+    return p
 
 
 def add_parser(subparsers) -> None:
     bench = subparsers.add_parser("bench",
                                   help="benchmarks: paper vs mcf step, loaders, attention, memory, ZeRO scaling (JSON)")
     sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    tracking = _tracking_parent()
 
-    p = sub.add_parser("step", help="compute-only training step: paper's vs mcf's (images/s, MFU)")
+    p = sub.add_parser("step", parents=[tracking], help="compute-only training step: paper's vs mcf's (images/s, MFU)")
     _add_step_args(p, e2e=False)
-    p.set_defaults(func=_run_step)
+    p.set_defaults(func=_tracked(_run_step))
 
-    p = sub.add_parser("e2e", help="training step with the loader in the loop (JPEG files in)")
+    p = sub.add_parser("e2e", parents=[tracking], help="training step with the loader in the loop (JPEG files in)")
     _add_step_args(p, e2e=True)
-    p.set_defaults(func=_run_e2e)
+    p.set_defaults(func=_tracked(_run_e2e))
 
-    p = sub.add_parser("data", help="loader images/s: DALI vs PyTorch on the same files (folder, LMDB, shards); index scale")
+    p = sub.add_parser("data", parents=[tracking], help="loader images/s: DALI vs PyTorch on the same files (folder, LMDB, shards); index scale")
     p.add_argument("--data", default=None, help="image folder (default: synthetic JPEGs)")
     p.add_argument("--count", type=int, default=256, help="synthetic files (default: %(default)s)")
     p.add_argument("--file-size", type=int, default=256, help="synthetic JPEG side (default: %(default)s)")
@@ -189,15 +244,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--folder-files", type=int, default=200_000, help="index-scale: files of the synthetic folder (default: %(default)s)")
     p.add_argument("--worker-keys", type=int, default=1_000_000, help="index-scale: keys a forked worker reads (default: %(default)s)")
     p.add_argument("--workdir", default=None, help="index-scale: keep the synthetic data here (reused; default: a temporary folder)")
-    p.set_defaults(func=_run_data)
+    p.set_defaults(func=_tracked(_run_data))
 
-    p = sub.add_parser("attention", help="attention kernels: Triton vs SDPA vs math (benchmarks/bench_attention.py)")
+    p = sub.add_parser("attention", parents=[tracking], help="attention kernels: Triton vs SDPA vs math (benchmarks/bench_attention.py)")
     p.add_argument("--out", default=None, help="JSON file or folder")
     for flag, kw in _ATTENTION_FLAGS:
         p.add_argument(flag, **kw)
-    p.set_defaults(func=_run_attention)
+    p.set_defaults(func=_tracked(_run_attention))
 
-    p = sub.add_parser("memory", help="activation checkpointing: activation bytes per image and step time per "
+    p = sub.add_parser("memory", parents=[tracking], help="activation checkpointing: activation bytes per image and step time per "
                                        "setting (CPU), and the largest per-GPU batch of ViT-B/L/H")
     p.add_argument("--model", default="mcf_vit_small_patch16", help="the CPU-measured model (default: %(default)s)")
     p.add_argument("--img-size", type=int, default=112,
@@ -216,9 +271,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--reserve-gb", type=float, default=8.0,
                    help="CUDA context, NCCL, fragmentation (default: %(default)s)")
     p.add_argument("--out", default=None)
-    p.set_defaults(func=_run_memory)
+    p.set_defaults(func=_tracked(_run_memory))
 
-    p = sub.add_parser("scale",
+    p = sub.add_parser("scale", parents=[tracking],
                        help="per-rank bytes, step time and collectives per step under ZeRO 0/1/2/3 (2 ranks)")
     p.add_argument("--model", default="mcf_vit_tiny")
     p.add_argument("--img-size", type=int, default=0)
@@ -234,4 +289,23 @@ def add_parser(subparsers) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override of the comm phase's trainer, e.g. train.target_precision=fp32 (repeatable)")
     p.add_argument("--out", default=None)
-    p.set_defaults(func=_run_scale)
+    p.set_defaults(func=_tracked(_run_scale))
+
+    p = sub.add_parser("history", parents=[tracking],
+                       help="a benchmark's tracked throughput per commit and host (table, and a PNG with --plot)")
+    p.add_argument("benchmark", nargs="?", default="step", choices=("step", "e2e", "data", "attention", "memory", "scale"),
+                   help="which benchmark's runs (default: %(default)s)")
+    p.add_argument("--config", default=None,
+                   help="config id (or a unique prefix, or its label) of the runs to show (default: the newest run's)")
+    p.add_argument("--metric", default="images_per_s",
+                   help="metric suffix: <variant>.<metric> per variant, or the metric itself (default: %(default)s)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw it: throughput over commits, a line per variant and host")
+    p.set_defaults(func=_run_history)
+
+    p = sub.add_parser("results", parents=[tracking],
+                       help="the tracked-runs tables of benchmarks/RESULTS.md, regenerated from the store")
+    p.add_argument("--benchmarks", default="step,e2e,data", help="comma list (default: %(default)s)")
+    p.add_argument("--metric", default="images_per_s", help="(default: %(default)s)")
+    p.add_argument("--write", default=None, metavar="MD",
+                   help="replace the generated section of this file (e.g. benchmarks/RESULTS.md) instead of printing")
+    p.set_defaults(func=_run_results)

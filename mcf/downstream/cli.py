@@ -26,8 +26,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_finetune_cmd(args: argparse.Namespace) -> int:
-    from mcf.downstream.finetune import FinetuneConfig, run_finetune
-    from mcf.downstream.protocols import PROTOCOLS, format_row
+    from mcf.downstream.finetune import FinetuneConfig, cli_fields, run_finetune
+    from mcf.downstream.protocols import PROTOCOLS, REPORTED, format_best_last
 
     try:
         milestones = (
@@ -74,6 +74,7 @@ def run_finetune_cmd(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         tracking_uri=args.tracking_uri,
         experiment=args.experiment,
+        **{f.name: getattr(args, f.name) for f in cli_fields()},
     )
     result = run_finetune(cfg)
     p = PROTOCOLS[cfg.protocol]
@@ -81,10 +82,11 @@ def run_finetune_cmd(args: argparse.Namespace) -> int:
         f"{p.title} ({cfg.protocol} protocol) on {cfg.data}: {result['test_split']} ({result['test_size']} images), "
         f"pretrained={cfg.pretrained}, {result['steps']} steps, {result['evaluated']} weights evaluated"
     )
-    print(format_row(cfg.protocol, result["metrics"], cfg.test_split))
+    print(format_best_last(cfg.protocol, result["best"], result["last"], cfg.test_split))
     metrics = result["metrics"]
     width = max(len(k) for k in metrics)
-    print("metrics (<name> is a fraction, <name>_percent = 100 × it; the tables print percent):")
+    print(f"{REPORTED} metrics, epoch {result[REPORTED]['epoch']} (<name> is a fraction, <name>_percent = 100 × it; "
+          "the tables print percent):")
     for k, v in metrics.items():
         print(f"  {k:<{width}}  {v:.6g}")
     return 0
@@ -116,7 +118,8 @@ def _finetune_flags(p: argparse.ArgumentParser, task: str) -> None:
         required=True,
         metavar="DIR",
         help="AFLW-19 (AFLWinfo_release.mat + data/flickr), 300W (afw, helen, lfpw, ibug with .pts files, or HRNet's "
-        "face_landmarks_300w_*.csv) or train/ test/ .pts folders"
+        "face_landmarks_300w_*.csv), WFLW (HRNet's face_landmarks_wflw_*.csv + WFLW_images) or train/ test/ .pts "
+        "folders"
         if task == "alignment"
         else "LaPa (train|val|test/images,labels,landmarks) or CelebAMask-HQ (official layout + CelebA's "
         "list_eval_partition.txt)",
@@ -148,7 +151,7 @@ def _finetune_flags(p: argparse.ArgumentParser, task: str) -> None:
         help="per rank (protocol: a global batch of 40 split over the ranks)",
     )
     p.add_argument(
-        "--epochs", type=int, default=None, help="protocol: AFLW-19 150, 300W 250, LaPa and CelebAMask-HQ 300"
+        "--epochs", type=int, default=None, help="protocol: AFLW-19 and WFLW 150, 300W 250, LaPa and CelebAMask-HQ 300"
     )
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=None, help="head lr (protocol: alignment 1e-2, parsing 1e-3)")
@@ -192,7 +195,8 @@ def _finetune_flags(p: argparse.ArgumentParser, task: str) -> None:
     )
     if task == "alignment":
         p.add_argument(
-            "--context", type=float, default=None, help="crop side / box side (protocol: AFLW-19 1.0, 300W 1.25)"
+            "--context", type=float, default=None,
+            help="crop side / box side (protocol: AFLW-19 1.0, 300W and WFLW 1.25)"
         )
     else:
         p.add_argument(
@@ -217,7 +221,7 @@ def _finetune_flags(p: argparse.ArgumentParser, task: str) -> None:
         "--test-split",
         default=None,
         help="AFLW-19: test (+ frontal subset) or test_frontal; 300W: test_full (+ common, challenging), test_common, "
-        "test_challenging; LaPa/CelebAMask-HQ: test or val",
+        "test_challenging; WFLW: test (+ its 6 subsets) or test_<subset>; LaPa/CelebAMask-HQ: test or val",
     )
     p.add_argument(
         "--tracking-uri",
@@ -226,6 +230,15 @@ def _finetune_flags(p: argparse.ArgumentParser, task: str) -> None:
         help="MLflow (default: sqlite store in the output dir; 'none' = off)",
     )
     p.add_argument("--experiment", default="mcf-finetune", help="MLflow experiment name")
+    from mcf.downstream.finetune import cli_fields
+
+    for f in cli_fields():  # declared once, in FinetuneConfig's field metadata
+        flag = "--" + f.name.replace("_", "-")
+        if f.metadata.get("bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=f.metadata.get("type", str), choices=f.metadata.get("choices"), default=f.default,
+                           help=f.metadata["help"])
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run_finetune_cmd, task=task, context=None, paint_order="farl")
 
@@ -254,7 +267,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _finetune_flags(
         tasks.add_parser(
             "alignment",
-            help="landmarks on FaRL's AFLW-19 (NME_diag, NME_box) or 300W protocol (NME inter-ocular, inter-pupil)",
+            help="landmarks on FaRL's AFLW-19 (NME_diag, NME_box), 300W or WFLW protocol (NME inter-ocular, "
+            "inter-pupil; WFLW: FR and AUC @10)",
         ),
         "alignment",
     )

@@ -17,6 +17,11 @@ pixels, box [4] x1, y1, x2, y2)``; ``subsets`` names boolean masks over a test s
   helen/trainset + lfpw/trainset (3148), ``test_common`` = helen/testset + lfpw/testset (554),
   ``test_challenging`` = ibug (135), ``test_full`` (= ``test``) = both (689): HRNet's and FaRL's
   subsets. The box is the points' bounding box.
+* **WFLW, HRNet's annotation files** (what FaRL reads; farl/datasets/wflw.py): ``DIR/face_landmarks_wflw_
+  {train,test,test_<subset>}.csv`` (image path, scale, centre x, centre y, 98 × (x, y); no offset) with
+  the images under ``DIR/WFLW_images``. ``test`` (2500 faces) carries the six subsets (``largepose``,
+  ``expression``, ``illumination``, ``makeup``, ``occlusion``, ``blur``) as masks, matched by image
+  and points; ``test_<subset>`` is one subset alone. The box is the centre ± 100 × scale.
 * **Any iBUG ``.pts`` folders** (x first): ``DIR/train`` and ``DIR/test`` (any nesting).
 
 Parsing (:func:`open_parsing`) — ``sample = (PIL RGB image, label map uint8 [H, W])`` and
@@ -266,8 +271,11 @@ class PtsFolder(AlignmentDataset):
         return _open_rgb(self.items[i][0]), pts, points_box(pts)
 
 
-def read_hrnet_csv(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """HRNet's 300W CSV → ``[(image path, points [68, 2], box x1 y1 x2 y2)]`` in FaRL's coordinates."""
+def read_hrnet_csv(
+    path: Path, num_points: int = 68, offset: float = HRNET_COORD_OFFSET
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """HRNet's 300W / WFLW CSV → ``[(image path, points [K, 2], box x1 y1 x2 y2)]`` in FaRL's coordinates
+    (``offset`` subtracted: 2 for 300W, 0 for WFLW)."""
     rows = []
     for n, line in enumerate(path.read_text().splitlines()[1:], start=2):  # first line: the header
         line = line.strip()
@@ -276,16 +284,12 @@ def read_hrnet_csv(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
         fields = line.split(",")
         try:
             scale, cx, cy = (float(v) for v in fields[1:4])
-            pts = np.array([float(v) for v in fields[4:]], dtype=np.float64).reshape(68, 2) - HRNET_COORD_OFFSET
+            pts = np.array([float(v) for v in fields[4:]], dtype=np.float64).reshape(num_points, 2) - offset
         except ValueError as e:
             raise DataError(
-                f"{path}:{n}: not an HRNet 300W row (image, scale, centre x, centre y, 68 points): {e}"
+                f"{path}:{n}: not an HRNet row (image, scale, centre x, centre y, {num_points} points): {e}"
             ) from None
-        cx, cy, half = (
-            cx - HRNET_COORD_OFFSET,
-            cy - HRNET_COORD_OFFSET,
-            100.0 * scale,
-        )  # the box side is 200 × scale
+        cx, cy, half = cx - offset, cy - offset, 100.0 * scale  # the box side is 200 × scale
         rows.append(
             (
                 HRNET_PATH_FIXES.get(fields[0], fields[0]),
@@ -331,6 +335,62 @@ class Face300WCSV(AlignmentDataset):
         return _open_rgb(self.root / path), pts.copy(), box.copy()
 
 
+WFLW_CSV = "face_landmarks_wflw_{}.csv"
+WFLW_IMAGES = "WFLW_images"
+# FaRL's trainers/wflw_farl.yaml evaluation sets, in the order of its table.
+WFLW_SUBSETS = ("largepose", "expression", "illumination", "makeup", "occlusion", "blur")
+
+
+class WFLW(AlignmentDataset):
+    """WFLW through HRNet's annotation CSVs (see the module docstring)."""
+
+    name = "wflw"
+    num_points = 98
+
+    def __init__(self, root: str | Path, split: str = "train"):
+        self.root = Path(root)
+        splits = ("train", "test", *(f"test_{s}" for s in WFLW_SUBSETS))
+        if split not in splits:
+            raise DataError(f"WFLW splits are {', '.join(splits)}; got {split!r}")
+        self.rows = self._read(split)
+        if not self.rows:
+            raise DataError(f"{self.root}: no faces in the WFLW {split} split")
+        missing = [p for p, _, _ in self.rows if not (self.root / WFLW_IMAGES / p).is_file()]
+        if missing:
+            raise DataError(f"{self.root}: {len(missing)} WFLW images missing under {WFLW_IMAGES}, e.g. {missing[:3]}")
+        self.subsets: dict[str, np.ndarray] = {}
+        if split == "test":
+            key = {self._key(r): i for i, r in enumerate(self.rows)}
+            for sub in WFLW_SUBSETS:
+                if not (self.root / WFLW_CSV.format(f"test_{sub}")).is_file():
+                    continue  # a subset file absent: that subset is not scored
+                mask = np.zeros(len(self.rows), dtype=bool)
+                for r in self._read(f"test_{sub}"):
+                    if self._key(r) not in key:
+                        raise DataError(f"{self.root}: a {sub} face ({r[0]}) is not in the WFLW test split")
+                    mask[key[self._key(r)]] = True
+                self.subsets[sub] = mask
+
+    def _read(self, split: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        f = self.root / WFLW_CSV.format(split)
+        if not f.is_file():
+            raise DataError(f"{self.root}: HRNet's {f.name} is missing (WFLW split {split!r})")
+        return read_hrnet_csv(f, num_points=98, offset=0.0)
+
+    @staticmethod
+    def _key(row) -> tuple[str, float, float]:
+        """FaRL's sample name: the image and the points' mean (one image holds several faces)."""
+        cx, cy = row[1].mean(0)
+        return row[0], round(float(cx), 3), round(float(cy), 3)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        path, pts, box = self.rows[i]
+        return _open_rgb(self.root / WFLW_IMAGES / path), pts.copy(), box.copy()
+
+
 def open_alignment(root: str | Path, split: str) -> AlignmentDataset:
     """AFLW-19 when ``AFLWinfo_release.mat`` is in ``root``, HRNet's 300W CSVs when present, else ``.pts`` folders."""
     root = Path(root).expanduser()
@@ -340,6 +400,8 @@ def open_alignment(root: str | Path, split: str) -> AlignmentDataset:
         return AFLW19(root, split)
     if (root / HRNET_300W_CSV["train"]).is_file():
         return Face300WCSV(root, split)
+    if (root / WFLW_CSV.format("train")).is_file():
+        return WFLW(root, split)
     return PtsFolder(root, split)
 
 
@@ -513,10 +575,13 @@ def open_parsing(root: str | Path, split: str, *, landmarks: bool = True, order:
 
 
 def detect_protocol(task: str, root: str | Path) -> str:
-    """The benchmark a data folder holds, by its layout: ``aflw19`` or ``300w``; ``lapa`` or ``celebamask_hq``."""
+    """The benchmark a data folder holds, by its layout: ``aflw19``, ``wflw`` or ``300w``; ``lapa`` or
+    ``celebamask_hq``."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"{task} data folder not found: {root}")
     if task == "alignment":
-        return "aflw19" if (root / "AFLWinfo_release.mat").is_file() else "300w"
+        if (root / "AFLWinfo_release.mat").is_file():
+            return "aflw19"
+        return "wflw" if (root / WFLW_CSV.format("train")).is_file() else "300w"
     return "celebamask_hq" if (root / "CelebA-HQ-img").is_dir() else "lapa"

@@ -16,11 +16,12 @@ and ``OUTPUT/finetuned.pt`` (model state dict) are written on rank 0, and the ru
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,6 +77,31 @@ class FinetuneConfig:
     log_every: int = 10
     tracking_uri: str | None = None  # MLflow: None = sqlite store in output_dir; 'none' = off; or a server URI
     experiment: str = "mcf-finetune"
+    # Declared once here: `mcf finetune` makes a flag of every field with a "help" (cli.py reads the metadata).
+    head: str | None = field(default=None, metadata={
+        "help": "uper: FaRL's UPerHead on blocks 3,5,7,11 (scaled to the depth), the protocol's; light: mcf's "
+                "soft-argmax head (alignment) / light FPN (parsing)", "choices": ("uper", "light")})
+    loss: str | None = field(default=None, metadata={
+        "help": "alignment loss: farl = per-point Euclidean distance + heatmap BCE (uper's default); l1 = L1 of "
+                "the coordinates (light's default)", "choices": ("farl", "l1")})
+    box_stretch: bool | None = field(default=None, metadata={
+        "help": "alignment: scale a non-square box's width and height apart onto the square frame (FaRL, the "
+                "protocols'); --no-box-stretch: the square of its longer side", "bool": True})
+    eval_every: int = field(default=1, metadata={
+        "help": "evaluate the test split every N epochs and at the end; the best (by the Full metric) and the "
+                "last are reported (FaRL: every epoch, its tables the best); 0 = at the end only", "type": int})
+    train_data_ratio: float | None = field(default=None, metadata={
+        "help": "train on this random share of the train split (FaRL's train_data_ratio, the low-data rows); "
+                "the subset is fixed by --seed", "type": float})
+    freeze_backbone: bool = field(default=False, metadata={
+        "help": "linear probing: the encoder is frozen (out of the optimizer, eval mode, no_grad); only the "
+                "head trains (FaRL's freeze_backbone optimizer)", "bool": True})
+    grad_accum: int | None = field(default=None, metadata={
+        "help": "gradient accumulation steps per optimizer step (default: 1, or what the memory check picks "
+                "to keep the protocol's global batch)", "type": int})
+    memory_check: bool = field(default=True, metadata={
+        "help": "estimate the run's memory before starting and fit the micro-batch (+ accumulation) to the "
+                "machine, or stop with what fits; --no-memory-check skips it", "bool": True})
 
     def __post_init__(self) -> None:
         from mcf.downstream.datasets import detect_protocol
@@ -103,10 +129,14 @@ class FinetuneConfig:
             "context": p.context,
             "warp_factor": p.warp_factor,
             "test_split": p.test_split,
+            "head": p.head,
+            "box_stretch": p.box_stretch,
         }
         for k, v in defaults.items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
+        if self.loss is None:
+            self.loss = ("farl" if self.head == "uper" else "l1") if self.task == "alignment" else "ce"
         self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
         if self.warmup_steps is None:
             # -1: 5 % of the run, known once the loader is built
@@ -148,6 +178,24 @@ class FinetuneConfig:
             )
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError("precision must be fp32 or bf16")
+        if self.head not in ("uper", "light"):
+            raise ConfigError(f"head must be uper or light, got {self.head!r}")
+        losses = ("farl", "l1") if self.task == "alignment" else ("ce",)
+        if self.loss not in losses:
+            raise ConfigError(f"the {self.task} loss must be one of {', '.join(losses)}, got {self.loss!r}")
+        if self.loss == "farl" and self.head != "uper":
+            raise ConfigError("the farl alignment loss needs heatmaps: use it with --head uper")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be >= 0 epochs, got {self.eval_every}")
+        if self.train_data_ratio is not None and not 0 < self.train_data_ratio <= 1:
+            raise ConfigError(f"train_data_ratio must be in (0, 1], got {self.train_data_ratio}")
+        if self.grad_accum is not None and self.grad_accum < 1:
+            raise ConfigError(f"grad_accum must be >= 1, got {self.grad_accum}")
+
+
+def cli_fields() -> list:
+    """The :class:`FinetuneConfig` fields that declare their own command-line flag (metadata ``help``)."""
+    return [f for f in fields(FinetuneConfig) if "help" in f.metadata]
 
 
 class TaskData(torch.utils.data.Dataset):
@@ -227,6 +275,8 @@ def _alignment_data(cfg: FinetuneConfig, split: str):
         return D.AFLW19(root, split)
     if not root.is_dir():
         raise DataError(f"alignment data folder not found: {root}")
+    if cfg.protocol == "wflw":
+        return D.WFLW(root, split)
     if (root / D.HRNET_300W_CSV["train"]).is_file():
         return D.Face300WCSV(root, split)
     return D.PtsFolder(root, split)
@@ -240,9 +290,39 @@ def _parsing_data(cfg: FinetuneConfig, split: str):
     return D.CelebAMaskHQ(Path(cfg.data).expanduser(), split, cfg.paint_order)
 
 
+class _Subset:
+    """Items ``indices`` of ``base`` (its ``num_points`` / ``classes`` / ``align_points`` carried over)."""
+
+    def __init__(self, base: Any, indices: np.ndarray):
+        self.base, self.indices = base, indices
+        for name in ("num_points", "classes", "name"):
+            if hasattr(base, name):
+                setattr(self, name, getattr(base, name))
+        self.subsets: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.base[int(self.indices[i])]
+
+    def align_points(self, i: int):
+        return self.base.align_points(int(self.indices[i]))
+
+
+def train_subset(base: Any, ratio: float, seed: int) -> Any:
+    """FaRL's ``train_data_ratio``: ``max(1, round(ratio × N))`` items drawn without replacement by a generator
+    seeded with ``seed`` (the same subset for every epoch and rank), in their original order."""
+    if ratio >= 1:
+        return base
+    n = max(1, round(ratio * len(base)))
+    keep = np.sort(np.random.default_rng([seed & 0xFFFFFFFF, 0x7261]).permutation(len(base))[:n])
+    return _Subset(base, keep)
+
+
 def _build(cfg: FinetuneConfig):
     """(model, train data, test data, encoder weights, classes or num_points) for ``cfg``."""
-    from mcf.downstream.heads import LandmarkModel, ParsingModel
+    from mcf.downstream.heads import build_task_model
     from mcf.downstream.protocols import PROTOCOLS
     from mcf.downstream.transforms import AlignmentTransform, ParsingTransform
     from mcf.downstream.weights import arch_from_spec, build_encoder, load_encoder_weights
@@ -257,16 +337,21 @@ def _build(cfg: FinetuneConfig):
         train, test = _alignment_data(cfg, "train"), _alignment_data(cfg, cfg.test_split)
         if train.num_points != test.num_points:
             raise ConfigError(f"train has {train.num_points} points, {cfg.test_split} {test.num_points}")
-        model = LandmarkModel(encoder, train.num_points)
+        model = build_task_model("alignment", cfg.head, encoder, train.num_points)
+        geometry["stretch"] = cfg.box_stretch
         t_train = AlignmentTransform(cfg.img_size, cfg.context, aug, color, **geometry)
         t_test = AlignmentTransform(cfg.img_size, cfg.context, **geometry)
         info: Any = train.num_points
     else:
         train, test = _parsing_data(cfg, "train"), _parsing_data(cfg, cfg.test_split)
-        model = ParsingModel(encoder, len(train.classes))
+        model = build_task_model("parsing", cfg.head, encoder, len(train.classes))
         t_train = ParsingTransform(cfg.img_size, cfg.crop, aug, color, **geometry)
         t_test = ParsingTransform(cfg.img_size, cfg.crop, **geometry)
         info = train.classes
+    if cfg.freeze_backbone:
+        model.backbone.freeze()
+    if cfg.train_data_ratio is not None:
+        train = train_subset(train, cfg.train_data_ratio, cfg.seed)
     return (
         model,
         TaskData(cfg.task, train, t_train, cfg.seed, True),
@@ -276,15 +361,18 @@ def _build(cfg: FinetuneConfig):
     )
 
 
-def build_engine(model: torch.nn.Module, groups: list[dict], cfg: FinetuneConfig, world_size: int, batch: int):
-    """A DeepSpeed engine around ``model`` with a client AdamW (nothing JIT-compiled); ``batch`` per rank."""
+def build_engine(
+    model: torch.nn.Module, groups: list[dict], cfg: FinetuneConfig, world_size: int, batch: int, accum: int = 1
+):
+    """A DeepSpeed engine around ``model`` with a client AdamW (nothing JIT-compiled); ``batch`` per rank and
+    micro-step, ``accum`` micro-steps per optimizer step."""
     import deepspeed
 
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))  # refine_backbone.yaml: betas [0.9, 0.999]
     ds = {
-        "train_batch_size": batch * world_size,
+        "train_batch_size": batch * world_size * accum,
         "train_micro_batch_size_per_gpu": batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": accum,
         "zero_optimization": {"stage": cfg.zero},
         "bf16": {"enabled": cfg.precision == "bf16"},
         "gradient_clipping": cfg.grad_clip,
@@ -320,9 +408,10 @@ def evaluate_alignment(
     device: torch.device,
     dtype: torch.dtype,
     auc_threshold: float | None = None,
+    auc_norm: str = "box",
 ) -> dict[str, float]:
     """NMEs on ``data`` (a test split) in the original image's pixels, overall and per named subset
-    (``frontal/…``, ``common/…``, ``challenging/…``); fractions and ``_percent``."""
+    (``frontal/…``, ``common/…``, ``challenging/…``, WFLW's ``largepose/…`` ...); fractions and ``_percent``."""
     from mcf.downstream.metrics import add_percent, alignment_metrics
     from mcf.downstream.warp import from_frame
 
@@ -335,11 +424,11 @@ def evaluate_alignment(
         preds.append(from_frame(p, m, t.frame, t.warp_factor))  # (N, K, 2) source px
         gts.append(pts), boxes.append(box), idx.append(i)
     pred, gt, box, idx = torch.cat(preds), torch.cat(gts), torch.cat(boxes), torch.cat(idx)
-    metrics = alignment_metrics(pred, gt, box, auc_threshold)
+    metrics = alignment_metrics(pred, gt, box, auc_threshold, auc_norm)
     for name, mask in getattr(data.base, "subsets", {}).items():
         sel = torch.from_numpy(mask[idx.numpy()])
         if sel.any():
-            part = alignment_metrics(pred[sel], gt[sel], box[sel], auc_threshold)
+            part = alignment_metrics(pred[sel], gt[sel], box[sel], auc_threshold, auc_norm)
             metrics.update({f"{name}/{k}": v for k, v in part.items()})
     return add_percent(metrics)
 
@@ -373,11 +462,66 @@ def evaluate_parsing(
     return add_percent(parsing_metrics(cm, classes))
 
 
+def plan_batch(cfg: FinetuneConfig, model: torch.nn.Module, world_size: int, device: torch.device,
+               train_size: int) -> tuple[int, int, str]:
+    """``(micro-batch per rank, accumulation steps, what the memory check said)``. Without ``batch_size`` the
+    protocol's global batch is kept: the largest micro-batch that fits this rank's memory, the accumulation
+    making up the rest; an explicit ``batch_size`` that does not fit raises with what would."""
+    from mcf.downstream import memory
+    from mcf.downstream.protocols import PROTOCOLS
+
+    min_batch = 2 if cfg.head == "uper" else 1  # BatchNorm needs two values per channel at the 1×1 pooling
+    accum = cfg.grad_accum or 1
+    batch = min(per_rank_batch(cfg, world_size), max(1, train_size // world_size))
+    if cfg.batch_size is not None and cfg.batch_size < min_batch:
+        raise ConfigError(
+            f"--head uper needs a micro-batch of at least {min_batch} per rank (BatchNorm), got {cfg.batch_size}"
+        )
+    batch = max(batch, min(min_batch, max(1, train_size // world_size)))
+    if not cfg.memory_check:
+        return batch, accum, "memory check off"
+    est = memory.estimate(model, cfg.img_size, batch, ema=cfg.ema_decay > 0, bf16=cfg.precision == "bf16")
+    budget = memory.available(device)
+    gib = 2**30
+    if est.total <= budget:
+        return batch, accum, f"fits: {est.describe()}; {budget / gib:.1f} GiB available"
+    if cfg.batch_size is not None or cfg.grad_accum is not None:
+        found = memory.fit(est, budget, batch * accum * world_size, world_size, min_batch)
+        hint = (f"--batch-size {found[0]} --grad-accum {found[1]} fits (the same global batch)" if found
+                else "not even the smallest micro-batch fits: lower --img-size, use --freeze-backbone or bf16")
+        raise ConfigError(
+            f"not enough memory for batch {batch} per rank: {est.describe()}, {budget / gib:.1f} GiB available; {hint}"
+        )
+    found = memory.fit(est, budget, PROTOCOLS[cfg.protocol].global_batch_size, world_size, min_batch)
+    if found is None:
+        raise ConfigError(
+            f"not enough memory for the smallest micro-batch ({min_batch}): {est.describe()}, {budget / gib:.1f} GiB "
+            "available; lower --img-size, use --freeze-backbone or --precision bf16"
+        )
+    batch, accum = found
+    return batch, accum, (
+        f"the protocol's batch does not fit ({est.describe()}; {budget / gib:.1f} GiB available): "
+        f"micro-batch {batch} x {accum} accumulation steps per rank keeps the global batch"
+    )
+
+
+def _evaluate(cfg: FinetuneConfig, model: torch.nn.Module, test: TaskData, info: Any, batch: int,
+              device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    from mcf.downstream.protocols import PROTOCOLS
+
+    p = PROTOCOLS[cfg.protocol]
+    if cfg.task == "alignment":
+        return evaluate_alignment(model, test, batch, device, dtype, p.auc_threshold, p.auc_norm)
+    return evaluate_parsing(model, test, info, max(1, batch // 4), device, dtype)
+
+
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Train, evaluate, write ``metrics.json`` / ``paper_row.md``; returns
-    ``{'metrics', 'paper_row', 'train_losses', 'steps', ...}``."""
+    """Train, evaluating the test split every ``eval_every`` epochs and at the end; write ``metrics.json`` /
+    ``paper_row.md``; returns ``{'metrics' (the reported = best), 'best', 'last', 'evaluations', 'paper_row',
+    'train_losses', 'steps', ...}``."""
     from mcf.downstream.heads import param_groups_lrd
-    from mcf.downstream.protocols import PROTOCOLS, format_row, paper_row
+    from mcf.downstream.losses import alignment_loss
+    from mcf.downstream.protocols import BEST_KEYS, REPORTED, format_best_last, is_better, paper_row
     from mcf.downstream.tracking import FinetuneTracker
     from mcf.fileio import atomic_path, write_text_atomic
     from mcf.train.engine import init_distributed
@@ -385,6 +529,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model, train, test, weights, info = _build(cfg)  # data and checkpoint errors surface before DeepSpeed starts
     rank, world_size, device = init_distributed()
+    if world_size > 1 and device.type == "cuda":  # FaRL's SyncBN (the UPerHead, the pyramid); gloo has no SyncBN
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    batch, accum, memory_note = plan_batch(cfg, model, world_size, device, len(train))
+    if rank == 0:
+        log.info("memory: %s", memory_note)
     depth = model.backbone.depth
     groups = param_groups_lrd(
         model, depth, cfg.weight_decay, cfg.layer_decay, encoder_lr_scale=cfg.backbone_lr / cfg.lr
@@ -398,43 +547,59 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         )
     else:
         sampler = torch.utils.data.RandomSampler(train, generator=torch.Generator().manual_seed(cfg.seed))
-    batch = min(per_rank_batch(cfg, world_size), len(train) // world_size) or 1
-    engine = build_engine(model, groups, cfg, world_size, batch)
+    engine = build_engine(model, groups, cfg, world_size, batch, accum)
     if ema is not None:
         ema.model.to(device)
     loader = torch.utils.data.DataLoader(
         train, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.workers, persistent_workers=False
     )
-    steps_per_epoch = max(1, len(loader))
+    if len(loader) < accum:
+        raise ConfigError(
+            f"{len(loader)} micro-batches of {batch} per epoch and rank cannot make one step of {accum} accumulation "
+            "steps: lower --grad-accum or --batch-size"
+        )
+    steps_per_epoch = len(loader) // accum  # optimizer steps; the last len(loader) % accum micro-batches are dropped
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, total // 20)
     milestones = tuple(m * steps_per_epoch for m in cfg.lr_milestones)
     out = Path(cfg.output_dir)
-    resolved = {"world_size": world_size, "batch_per_rank": batch, "total_steps": total,
-                "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup}
+    resolved = {"world_size": world_size, "batch_per_rank": batch, "grad_accum": accum, "total_steps": total,
+                "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup, "train_size": len(train),
+                "memory": memory_note}
     tracker = FinetuneTracker(cfg.tracking_uri, cfg.experiment, out, out.name, enabled=rank == 0,
                               params={**asdict(cfg), "resolved": resolved})
     tracker.set_tags({"task": cfg.task, "protocol": cfg.protocol, "pretrained": cfg.pretrained,
-                      "source_format": weights.source_format})
+                      "source_format": weights.source_format, "reported": REPORTED})
     if rank == 0:
         log.info(
-            "fine-tuning %s (%s protocol) on %s (%d train, %d %s) from %s [%s]: %d steps, batch %d x %d ranks",
-            cfg.task,
-            cfg.protocol,
-            cfg.data,
-            len(train),
-            len(test),
-            cfg.test_split,
-            cfg.pretrained,
-            weights.source_format,
-            total,
-            batch,
-            world_size,
+            "fine-tuning %s (%s protocol, %s head, %s loss) on %s (%d train, %d %s) from %s [%s]: %d steps, "
+            "batch %d x %d accumulation x %d ranks",
+            cfg.task, cfg.protocol, cfg.head, cfg.loss, cfg.data, len(train), len(test), cfg.test_split,
+            cfg.pretrained, weights.source_format, total, batch, accum, world_size,
         )
 
     losses: list[float] = []
-    step, epoch, t0 = 0, 0, time.time()
+    evaluations: list[dict[str, Any]] = []  # {'epoch', 'step', 'metrics'} in order
+    best: dict[str, Any] | None = None
+    step, micro, epoch, t0 = 0, 0, 0, time.time()
     status = "FAILED"
+
+    def evaluate_now(epoch_done: int) -> None:
+        nonlocal best
+        evaluated, eval_dtype = (ema.model, torch.float32) if ema is not None else (engine.module, dtype)
+        metrics = _evaluate(cfg, evaluated, test, info, batch, device, eval_dtype)
+        record = {"epoch": epoch_done, "step": step, "metrics": metrics}
+        evaluations.append(record)
+        if is_better(cfg.protocol, metrics, best["metrics"] if best else None):
+            best = record
+        key = BEST_KEYS[cfg.protocol][0]
+        tracker.log_metrics({**{f"test/{k}": v for k, v in metrics.items()}, "test/epoch": float(epoch_done),
+                             f"best/{key}": best["metrics"].get(key, float("nan")) if best else float("nan"),
+                             "best/epoch": float(best["epoch"]) if best else float("nan")}, step)
+        if rank == 0:
+            log.info("epoch %d (step %d) %s %.6g; best epoch %s", epoch_done, step, key, metrics.get(key, float("nan")),
+                     best["epoch"] if best else "none")
+
     try:
         while step < total:
             train.epoch = epoch
@@ -442,7 +607,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 sampler.set_epoch(epoch)
             else:
                 sampler.generator.manual_seed(cfg.seed + epoch)
-            for x, y in loader:
+            for x, y in itertools.islice(loader, steps_per_epoch * accum):  # whole accumulation cycles only
                 if cfg.schedule == "step":
                     lr = step_lr_at(step, peak=cfg.lr, warmup=warmup, milestones=milestones, gamma=cfg.lr_gamma)
                 else:
@@ -450,17 +615,23 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 for g in engine.optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 engine.train()
-                pred = engine(x.to(device=device, dtype=dtype))
+                output = engine(x.to(device=device, dtype=dtype))
                 y = y.to(device)
-                loss = F.l1_loss(pred.float(), y) if cfg.task == "alignment" else F.cross_entropy(pred.float(), y)
+                if cfg.task == "alignment":
+                    loss = alignment_loss(output, y, cfg.loss)
+                else:
+                    loss = F.cross_entropy(output.float(), y)
                 engine.backward(loss)
                 engine.step()
+                losses.append(float(loss.detach()))
+                micro += 1
+                if micro % accum:
+                    continue
                 if ema is not None:
                     ema.update(engine.module)
-                losses.append(float(loss.detach()))
                 step += 1
                 if step % cfg.log_every == 0 or step == total:
-                    mean_loss = float(np.mean(losses[-cfg.log_every :]))
+                    mean_loss = float(np.mean(losses[-cfg.log_every * accum :]))
                     tracker.log_metrics({"train/loss": mean_loss, "train/lr": lr}, step)
                     if rank == 0:
                         log.info(
@@ -468,17 +639,19 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                         )
                 if step >= total:
                     break
-            epoch += 1
-
-        module = engine.module
-        evaluated, eval_dtype = (ema.model, torch.float32) if ema is not None else (module, dtype)
-        if cfg.task == "alignment":
-            metrics = evaluate_alignment(
-                evaluated, test, batch, device, eval_dtype, PROTOCOLS[cfg.protocol].auc_threshold
-            )
-        else:
-            metrics = evaluate_parsing(evaluated, test, info, max(1, batch // 4), device, eval_dtype)
+            else:
+                epoch += 1  # a whole epoch done
+            if step < total and cfg.eval_every and epoch % cfg.eval_every == 0:
+                evaluate_now(epoch)
+        # the last evaluation, at the end of training: epochs are counted from 1, the one the last step fell in
+        if not evaluations or evaluations[-1]["step"] != step:
+            evaluate_now(epoch + 1)
+        last = evaluations[-1]
+        if best is None:  # every evaluation NaN: report the last
+            best = last
+        metrics = best["metrics"] if REPORTED == "best" else last["metrics"]
         headers, values = paper_row(cfg.protocol, metrics, cfg.test_split)
+        module = engine.module
         result = {
             "task": cfg.task,
             "protocol": cfg.protocol,
@@ -489,24 +662,35 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             "test_size": len(test),
             "test_split": cfg.test_split,
             "evaluated": "ema" if ema is not None else "trained",
+            "reported": REPORTED,
             "metrics": metrics,
+            "best": {"epoch": best["epoch"], "step": best["step"], "metrics": best["metrics"]},
+            "last": {"epoch": last["epoch"], "step": last["step"], "metrics": last["metrics"]},
+            "evaluations": [{"epoch": r["epoch"], "step": r["step"], **{k: r["metrics"][k] for k in
+                             (BEST_KEYS[cfg.protocol][0],) if k in r["metrics"]}} for r in evaluations],
             "paper_row": dict(zip(headers, values)),
-            "final_loss": float(np.mean(losses[-cfg.log_every :])),
+            "paper_row_last": dict(zip(*paper_row(cfg.protocol, last["metrics"], cfg.test_split))),
+            "final_loss": float(np.mean(losses[-cfg.log_every * accum :])),
             "config": asdict(cfg),
+            "resolved": resolved,
             "train_losses": losses,
         }
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             write_text_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
-            write_text_atomic(out / "paper_row.md", format_row(cfg.protocol, metrics, cfg.test_split) + "\n")
+            write_text_atomic(out / "paper_row.md", format_best_last(cfg.protocol, result["best"], result["last"],
+                                                                     cfg.test_split) + "\n")
             state = (ema.model if ema is not None else module).state_dict()
             state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state.items()}
             with atomic_path(out / "finetuned.pt") as tmp:
                 torch.save(state, tmp)
-            tracker.log_metrics({f"test/{k}": v for k, v in metrics.items()}, step)
+            tracker.log_metrics({**{f"best/{k}": v for k, v in best["metrics"].items()},
+                                 **{f"last/{k}": v for k, v in last["metrics"].items()},
+                                 "best/epoch": float(best["epoch"]), "last/epoch": float(last["epoch"])}, step)
             tracker.log_artifact(out / "metrics.json")
             tracker.log_artifact(out / "paper_row.md")
-            log.info("%s test metrics: %s", cfg.task, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            log.info("%s: best epoch %d, last epoch %d; %s", cfg.task, best["epoch"], last["epoch"],
+                     ", ".join(f"{h} {v}" for h, v in zip(headers, values)))
         status = "FINISHED"
     finally:
         tracker.close(status)

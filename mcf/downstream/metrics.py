@@ -10,7 +10,10 @@ Alignment (per image, then averaged over the test set; farl/experiments/face_ali
 * ``nme_inter_pupil``: mean error / the distance between the eye centres (68 points: the means of
   36–41 and 42–47; AFLW-19: points 7 and 10).
 * ``auc_box_7`` / ``fr_box_7`` (AFLW-19): area under the NME_box cumulative error curve up to 7 %,
-  and the share of images above it (FaRL's ``AUC_FR``, step 1e-4, Simpson's rule).
+  and the share of images above it (FaRL's ``AUC_FR``, step 1e-4, Simpson's rule);
+  ``auc_inter_ocular_10`` / ``fr_inter_ocular_10`` (WFLW): the same on NME_inter-ocular up to 10 %.
+* WFLW (98 points): inter-ocular = points 60 and 72 (outer eye corners), inter-pupil = 96 and 97
+  (FaRL's scorers/wflw.yaml).
 
 Units: every ratio is written twice — ``<name>`` as a **fraction** (0.00932) and ``<name>_percent``
 (0.932, the unit of the papers' tables) — so a fraction is never compared with a percentage.
@@ -33,6 +36,7 @@ IBUG68_OUTER_EYES = (36, 45)
 EYE_GROUPS: dict[int, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]] = {
     68: {"inter_ocular": ((36,), (45,)), "inter_pupil": (tuple(range(36, 42)), tuple(range(42, 48)))},
     19: {"inter_ocular": ((6,), (11,)), "inter_pupil": ((7,), (10,))},
+    98: {"inter_ocular": ((60,), (72,)), "inter_pupil": ((96,), (97,))},  # scorers/wflw.yaml
 }
 AUC_STEP = 1e-4  # FaRL AUC_FR(step=0.0001)
 
@@ -151,20 +155,28 @@ def add_percent(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def alignment_metrics(
-    pred: torch.Tensor, gt: torch.Tensor, boxes: torch.Tensor | None, auc_threshold: float | None = None
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    boxes: torch.Tensor | None,
+    auc_threshold: float | None = None,
+    auc_norm: str = "box",
 ) -> dict[str, float]:
     """The NMEs that apply (fractions): box-normalised ones when ``boxes`` is given, inter-ocular and
-    inter-pupil for 68- and 19-point sets; ``auc_box_<t>`` / ``fr_box_<t>`` when ``auc_threshold``."""
-    out: dict[str, float] = {}
+    inter-pupil for 19-, 68- and 98-point sets; ``auc_<auc_norm>_<t>`` / ``fr_<auc_norm>_<t>`` (``t`` the
+    threshold in percent) when ``auc_threshold``, on the per-image NMEs of ``auc_norm`` (``box``,
+    ``inter_ocular``, ...)."""
+    per_image: dict[str, torch.Tensor] = {}
     if boxes is not None:
-        out["nme_diag"] = float(nme(pred, gt, box_diag(boxes)).mean())
-        per_box = nme(pred, gt, box_size(boxes))
-        out["nme_box"] = float(per_box.mean())
-        if auc_threshold is not None:
-            t = round(auc_threshold * 100)
-            out[f"auc_box_{t}"], out[f"fr_box_{t}"] = auc_fr(per_box, auc_threshold)
+        per_image["diag"] = nme(pred, gt, box_diag(boxes))
+        per_image["box"] = nme(pred, gt, box_size(boxes))
     for name, (left, right) in EYE_GROUPS.get(gt.shape[1], {}).items():
-        out[f"nme_{name}"] = float(nme(pred, gt, eye_distance(gt, left, right)).mean())
+        per_image[name] = nme(pred, gt, eye_distance(gt, left, right))
+    out = {f"nme_{k}": float(v.mean()) for k, v in per_image.items()}
+    if auc_threshold is not None:
+        if auc_norm not in per_image:
+            raise ValueError(f"no {auc_norm} NME for {gt.shape[1]} points to take an AUC of")
+        t = round(auc_threshold * 100)
+        out[f"auc_{auc_norm}_{t}"], out[f"fr_{auc_norm}_{t}"] = auc_fr(per_image[auc_norm], auc_threshold)
     return out
 
 

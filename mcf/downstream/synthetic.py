@@ -1,5 +1,5 @@
 """Tiny synthetic datasets written in the exact on-disk layouts of AFLW-19, iBUG ``.pts`` folders, 300W
-(``.pts`` and HRNet's CSVs), LaPa and CelebAMask-HQ — for tests and smoke runs where the real
+(``.pts`` and HRNet's CSVs), WFLW (HRNet's CSVs), LaPa and CelebAMask-HQ — for tests and smoke runs where the real
 benchmarks are not available.
 
 Alignment images are a random-coloured ellipse "face" on noise with the landmarks drawn as bright
@@ -23,6 +23,9 @@ from mcf.downstream.datasets import (
     HRNET_COORD_OFFSET,
     LAPA_ALIGN_POINTS,
     SPLITS_300W,
+    WFLW_CSV,
+    WFLW_IMAGES,
+    WFLW_SUBSETS,
     points_box,
     write_pts,
 )
@@ -122,6 +125,34 @@ def write_300w(root: str | Path, per_folder: int = 2, size: int = 64, seed: int 
         )
         for key, lines in rows.items():
             (root / HRNET_300W_CSV[key]).write_text("\n".join([header, *lines]) + "\n")
+    return root
+
+
+def write_wflw(root: str | Path, num_train: int = 6, num_test: int = 6, size: int = 64, seed: int = 0) -> Path:
+    """WFLW as FaRL reads it: ``root/WFLW_images/<event>/*.jpg`` and HRNet's ``face_landmarks_wflw_{train,
+    test,test_<subset>}.csv`` (98 points, box = centre ± 100 × scale); test face ``i`` is in subset
+    ``WFLW_SUBSETS[i % 6]`` (and face 0 also in ``blur``), so every subset has a face."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    (root / WFLW_IMAGES / "0--Parade").mkdir(parents=True, exist_ok=True)
+    header = "image_name,scale,center_w,center_h," + ",".join(f"original_{i}_{a}" for i in range(98) for a in "xy")
+    rows: dict[str, list[str]] = {"train": [], "test": [], **{f"test_{s}": [] for s in WFLW_SUBSETS}}
+    for split, n in (("train", num_train), ("test", num_test)):
+        for i in range(n):
+            img, pts, box = _face(rng, size, 98)
+            name = f"0--Parade/{split}_{i:04d}.jpg"
+            img.save(root / WFLW_IMAGES / name, quality=95)
+            side = max(box[2] - box[0], box[3] - box[1])
+            cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+            coords = ",".join(f"{v:.6f}" for v in pts.reshape(-1))
+            line = f"{name},{side / 200:.6f},{cx:.6f},{cy:.6f},{coords}"
+            rows[split].append(line)
+            if split == "test":
+                rows[f"test_{WFLW_SUBSETS[i % len(WFLW_SUBSETS)]}"].append(line)
+                if i == 0:
+                    rows["test_blur"].append(line)
+    for key, lines in rows.items():
+        (root / WFLW_CSV.format(key)).write_text("\n".join([header, *lines]) + "\n")
     return root
 
 
@@ -256,3 +287,38 @@ def write_celebamask_hq(root: str | Path, num_images: int = 6, size: int = 64, s
     (root / "CelebA-HQ-to-CelebA-mapping.txt").write_text("\n".join(mapping) + "\n")
     (root / "list_eval_partition.txt").write_text("\n".join(partition) + "\n")
     return root
+
+
+WRITERS = {
+    "aflw19": lambda root, n, size: write_aflw19(root, num_images=n, num_test=max(2, n // 2), size=size),
+    "300w": lambda root, n, size: write_300w(root, per_folder=max(1, n // 3), size=size, csv=True),
+    "wflw": lambda root, n, size: write_wflw(root, num_train=n, num_test=max(6, n // 2), size=size),
+    "lapa": lambda root, n, size: write_lapa(root, num_train=n, num_test=max(2, n // 4), size=(size + size // 8, size)),
+    "celebamask_hq": lambda root, n, size: write_celebamask_hq(root, num_images=n + 2, size=size),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mcf.downstream.synthetic BENCHMARK DIR``: a tiny synthetic copy of a benchmark in its own
+    layout, to try ``mcf finetune`` end to end before downloading anything."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m mcf.downstream.synthetic", description=main.__doc__)
+    p.add_argument("benchmark", choices=sorted(WRITERS))
+    p.add_argument("root", metavar="DIR")
+    p.add_argument("--images", type=int, default=12, help="training images (the test split is smaller)")
+    p.add_argument("--size", type=int, default=64, help="image side in px")
+    args = p.parse_args(argv)
+    if Path(args.root).exists() and any(Path(args.root).iterdir()):
+        p.error(f"{args.root} exists and is not empty")
+    root = WRITERS[args.benchmark](Path(args.root), args.images, args.size)
+    task = "parsing" if args.benchmark in ("lapa", "celebamask_hq") else "alignment"
+    print(
+        f"wrote a synthetic {args.benchmark} to {root}; try:\n  mcf finetune {task} --data {root} "
+        "--pretrained random --epochs 2 --batch-size 4 --img-size 64 --workers 0"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,12 +1,12 @@
 """Crops, alignments and augmentations of the fine-tuning tasks, built on :mod:`mcf.downstream.warp`.
 
 Every sample goes into a ``frame``-px frame (FaRL: 512) by one 3×3 matrix (source px → frame px):
-a square box crop (alignment), FaRL's 5-point similarity (LaPa) or a plain resize (CelebAMask-HQ,
-LaPa's ``resize`` option); training draws a random rotation/scale/shift about the frame centre on
-top; an optional tanh warp follows; the network sees the frame sampled at ``size`` px. Landmarks go
-through the same map and predictions come back through its inverse, so NMEs are measured in the
-original image's pixels; parsing logits are warped back onto the original label map before the
-argmax. Randomness is a pure function of ``(seed, epoch, index)``.
+a box crop (alignment; stretched to the square frame as FaRL does, or squared), FaRL's 5-point
+similarity (LaPa) or a plain resize (CelebAMask-HQ, LaPa's ``resize`` option); training draws a random
+rotation/scale/shift about the frame centre on top; an optional tanh warp follows; the network sees the
+frame sampled at ``size`` px. Landmarks go through the same map and predictions come back through its
+inverse, so NMEs are measured in the original image's pixels; parsing logits are warped back onto the
+original label map before the argmax. Randomness is a pure function of ``(seed, epoch, index)``.
 """
 
 from __future__ import annotations
@@ -123,8 +123,9 @@ class Photometric:
 
 @dataclass(frozen=True)
 class AlignmentTransform:
-    """Face crop: the square of the box's longer side × ``context`` onto the frame (FaRL: ``context``
-    = 1 / ``scale_mu``: 1.0 on AFLW-19, 1.25 on 300W), jittered and recoloured when training.
+    """Face crop: the box × ``context`` onto the frame (FaRL: ``context`` = 1 / ``scale_mu``: 1.0 on AFLW-19,
+    1.25 on 300W and WFLW), jittered and recoloured when training. ``stretch``: the box's width and height
+    scaled apart onto the square frame (FaRL); otherwise the square of its longer side.
 
     Returns the normalised image ``[3, S, S]``, the points in the frame scaled to ``[0, 1]``
     (``(X + ½) / frame``, FaRL's ``normalize_points``) and the 3×3 source → frame matrix.
@@ -136,9 +137,10 @@ class AlignmentTransform:
     color: Photometric | None = None
     frame: int = FARL_FRAME
     warp_factor: float = 0.0
+    stretch: bool = False
 
     def matrix(self, box: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        base = box_matrix(box, self.frame)
+        base = box_matrix(box, self.frame, self.stretch)
         angle, ds, dx, dy = (
             self.augment.draw(rng) if self.augment is not None and rng is not None else (0.0, 0.0, 0.0, 0.0)
         )

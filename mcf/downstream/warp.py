@@ -58,18 +58,23 @@ def fit_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.array([[a, -b, t[0]], [b, a, t[1]], [0.0, 0.0, 1.0]])
 
 
-def box_matrix(box: np.ndarray, frame: int = FARL_FRAME) -> np.ndarray:
-    """``[3, 3]``: the square of the box's longer side, centred on ``box`` (x1, y1, x2, y2), onto the frame.
+def box_matrix(box: np.ndarray, frame: int = FARL_FRAME, stretch: bool = False) -> np.ndarray:
+    """``[3, 3]``: the box (x1, y1, x2, y2) onto the frame.
 
-    The square's edges go to the frame's pixel edges (``x → (x − x1) / side · frame − ½``), as FaRL's
-    ``UpdateCropAndResizeMatrix(align_corners=False)``. For a square box (AFLW-19's) this is FaRL's map;
-    a non-square box keeps its aspect ratio here where FaRL would stretch it.
+    ``stretch=False``: the square of the box's longer side, centred on the box (the aspect ratio kept).
+    ``stretch=True``: the box itself, its width and height scaled apart onto the square frame, as FaRL's
+    ``UpdateCropAndResizeMatrix`` does under every alignment protocol (identical for a square box; an
+    AFLW-19 box 1.3:1 comes out 1.3× taller). The edges go to the frame's pixel edges
+    (``x → (x − x1) / w · frame − ½``, ``align_corners=False``).
     """
     x1, y1, x2, y2 = (float(v) for v in box)
-    side = max(x2 - x1, y2 - y1, 1e-6)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    s = frame / side
-    return np.array([[s, 0.0, -(cx - side / 2) * s - 0.5], [0.0, s, -(cy - side / 2) * s - 0.5], [0.0, 0.0, 1.0]])
+    if stretch:
+        w, h = max(x2 - x1, 1e-6), max(y2 - y1, 1e-6)
+    else:
+        w = h = max(x2 - x1, y2 - y1, 1e-6)
+    sx, sy = frame / w, frame / h
+    return np.array([[sx, 0.0, -(cx - w / 2) * sx - 0.5], [0.0, sy, -(cy - h / 2) * sy - 0.5], [0.0, 0.0, 1.0]])
 
 
 def resize_matrix(width: int, height: int, frame: int = FARL_FRAME) -> np.ndarray:
