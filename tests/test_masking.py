@@ -52,7 +52,8 @@ def test_ratio_range_attends_what_the_batch_maximum_padding_attended():
     from mcf.models import Objective, create_model
 
     torch.manual_seed(0)
-    model = create_model("mcf_vit_tiny", teacher_checkpoint="random", objective=Objective(mask_ratio_range=(0.5, 0.9))).eval()
+    objective = Objective(mask_ratio_range=(0.5, 0.9))
+    model = create_model("mcf_vit_tiny", teacher_checkpoint="random", objective=objective).eval()
     x, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 64)
     ratios = torch.tensor([0.7, 0.85, 0.62, 0.9])
     enc = model.online.encoder
@@ -75,8 +76,8 @@ def test_ratio_range_forward_has_no_graph_break():
 
     from mcf.models import Objective, create_model
 
-    model = create_model("mcf_vit_tiny", teacher_checkpoint="random", objective=Objective(mask_ratio_range=(0.6, 0.9)), depth=1,
-                         decoder_depth=1)
+    model = create_model("mcf_vit_tiny", teacher_checkpoint="random", depth=1, decoder_depth=1,
+                         objective=Objective(mask_ratio_range=(0.6, 0.9)))
     x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
     ratios = model._draw_ratios(2, x.device)
     torch._dynamo.reset()

@@ -52,7 +52,8 @@ class Objective:
     @property
     def weights(self) -> dict[str, float]:
         """The weight of each term of :class:`mcf.models.mcf.MCFOutput`'s ``losses``."""
-        return {"perceptual": self.perceptual_weight, "contrastive": self.contrastive_weight, "pixel": self.pixel_weight}
+        return {"perceptual": self.perceptual_weight, "contrastive": self.contrastive_weight,
+                "pixel": self.pixel_weight}
 
     @property
     def encoder_ratio(self) -> float:

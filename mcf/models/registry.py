@@ -89,8 +89,9 @@ def create_teacher(name: str, checkpoint: str | None, img_size: int | None = Non
 
 
 def create_model(name: str, *, teacher_checkpoint: str | None = None, teacher_name: str | None = None,
-                 teacher_img_size: int | None = None, objective: Objective | None = None, init_from: str | None = None,
-                 init_decoder: bool = True, norm_impl: str = "torch", attn_backend: str = "auto", **arch_overrides: Any) -> MCF:
+                 teacher_img_size: int | None = None, objective: Objective | None = None,
+                 init_from: str | None = None, init_decoder: bool = True, norm_impl: str = "torch",
+                 attn_backend: str = "auto", **arch_overrides: Any) -> MCF:
     """Build the MCF model ``name`` (see :func:`list_models`), teacher included.
 
     Args:
@@ -127,5 +128,5 @@ def create_model_from_config(cfg: Any) -> MCF:
                           "data.img_size unset")
     return create_model(cfg.model.name, teacher_checkpoint=cfg.teacher.checkpoint, teacher_name=cfg.teacher.name,
                         teacher_img_size=cfg.teacher.img_size, objective=Objective.from_config(cfg),
-                        init_from=cfg.model.init_from, init_decoder=cfg.model.init_decoder, norm_impl=cfg.model.norm_impl,
-                        attn_backend=cfg.attention.backend, **overrides)
+                        init_from=cfg.model.init_from, init_decoder=cfg.model.init_decoder,
+                        norm_impl=cfg.model.norm_impl, attn_backend=cfg.attention.backend, **overrides)

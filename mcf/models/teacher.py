@@ -14,9 +14,9 @@ from mcf.models.layers import call_block
 
 def timm_vit(arch: ViTArch) -> VisionTransformer:
     """A headless timm ViT of shape ``arch`` (the layout of the MoCo v3 / MAE / timm checkpoints)."""
-    return VisionTransformer(img_size=arch.img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim, depth=arch.depth,
-                             num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio, qkv_bias=True, num_classes=0,
-                             global_pool="token", norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    return VisionTransformer(img_size=arch.img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim,
+                             depth=arch.depth, num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio, qkv_bias=True,
+                             num_classes=0, global_pool="token", norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
 # the teachers' architectures: a ViT like any other (timm's, where the encoders are mcf's MaskedViT)
