@@ -16,7 +16,9 @@ table. Only the standard library, torch and mcf are imported, and mcf only where
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import json
 import math
 import re
@@ -38,7 +40,7 @@ OPTIONAL = [("nvidia.dali", "nvidia-dali-cuda130"), ("mlflow", "mlflow")]
 # config keys other work adds (issue 11): recorded from a run's config.yaml where the config has them
 WATCHED_KEYS = ("train.target_precision", "train.tf32", "data.num_workers", "data.loader", "deepspeed.reduce_dtype",
                 "attention.backend", "masking.ratio_range", "train.compile")
-EXPECTED_STAGES = ("install", "kernels", "pretrain", "resume", "compile", "triton_range", "profile", "bench_step",
+EXPECTED_STAGES = ("install", "pretrain", "resume", "bench_step", "profile", "kernels", "compile", "triton_range",
                    "bench_attention", "loader")
 
 
@@ -234,8 +236,50 @@ def read_stages(work: Path) -> list[dict[str, Any]]:
         if status != "pass":
             logf = work / f"{name}.log"
             row["log_tail"] = logf.read_text(errors="replace").splitlines()[-25:] if logf.is_file() else []
+            if row.get("result") is None:
+                got = partial(work, name)
+                if got:
+                    row["partial"] = got
         rows.append(row)
     return rows
+
+
+# the run folder each training stage writes (resume continues pretrain's)
+RUN_DIRS = {"pretrain": "pretrain", "resume": "pretrain", "compile": "compile", "triton_range": "triton_range"}
+
+
+def partial(work: Path, name: str) -> dict[str, Any]:
+    """What a stage that ran out of time (or failed) measured before it stopped: the steps its run logged
+    (loss, images/s, complete checkpoints), the kernel tests pytest reported, the loader runs that finished."""
+    out: dict[str, Any] = {}
+    try:
+        if name in RUN_DIRS:
+            run = work / RUN_DIRS[name]
+            path = run / "metrics.jsonl"
+            rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+            rows = [r for r in rows if "loss" in r]
+            if rows:
+                speeds = [r["images_per_s"] for r in rows[3:]] or [r["images_per_s"] for r in rows]
+                out.update(steps_logged=[rows[0]["step"], rows[-1]["step"]], loss_last=rows[-1]["loss"],
+                           images_per_s_median=statistics.median(speeds))
+            done = sorted(int(p.parent.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*/COMPLETE"))
+            if done:
+                out["complete_checkpoints"] = done
+            if name in ("compile", "triton_range"):
+                counts = compile_log(work / f"{name}.log")
+                out.update(graph_breaks=counts["graph_breaks"], recompiles=counts["recompiles"])
+        elif name == "kernels":  # pytest -q progress lines: one character per test
+            text = (work / "kernels.log").read_text(errors="replace") if (work / "kernels.log").is_file() else ""
+            marks = "".join(m.group(1) for m in re.finditer(r"^([.FEsx]+)(?: +\[ *\d+%\])?$", text, flags=re.MULTILINE))
+            if marks:
+                out.update(passed=marks.count("."), failed=marks.count("F") + marks.count("E"), skipped=marks.count("s"))
+        elif name == "loader":
+            files = sorted(work.glob("loader_w*.json"))
+            if files:
+                out.update(loader_summary(files))
+    except (OSError, ValueError, KeyError, CheckFailed):
+        pass
+    return out
 
 
 def _headline(row: dict[str, Any]) -> str:
@@ -267,6 +311,8 @@ def _headline(row: dict[str, Any]) -> str:
             return ", ".join(f"{w} workers {ips:.0f} img/s" for w, ips in r["torch_images_per_s"].items())
     except (KeyError, TypeError, IndexError, ValueError):
         pass
+    if row.get("partial"):
+        return "partial: " + ", ".join(f"{k} {v}" for k, v in row["partial"].items() if not isinstance(v, dict))
     return ""
 
 
@@ -322,8 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("summary")
     s.add_argument("work", type=Path)
     s.add_argument("out", type=Path)
+    s.add_argument("--quiet", action="store_true", help="only write the JSON (after each stage)")
     args = p.parse_args(argv)
     if args.cmd == "summary":
+        if args.quiet:
+            with contextlib.redirect_stdout(io.StringIO()):
+                return min(summary(args.work, args.out), 100)
         return min(summary(args.work, args.out), 100)
     stdout, sys.stdout = sys.stdout, sys.stderr  # libraries print (DeepSpeed's checkpoint reader): stdout is the JSON's
     try:

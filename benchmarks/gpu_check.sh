@@ -2,32 +2,35 @@
 # The GPU proof: one call on the lent GPU machine (one H200, Python 3.12, torch 2.11 + CUDA 13, triton
 # 3.6; no DeepSpeed, lmdb, pytest, MLflow, DALI; nothing downloadable there), under 8 minutes.
 #
-#   bash benchmarks/gpu_vendor.sh           # here, once: DeepSpeed's sdist + missing wheels → .gpu_vendor/
+#   bash benchmarks/gpu_vendor.sh           # here, once: a DeepSpeed wheel + missing wheels → .gpu_vendor/
 #   bash benchmarks/gpu_check.sh            # there, with .gpu_vendor carried along (README, Benchmarks)
 #   bash benchmarks/gpu_check.sh --list     # the stages and their time limits
 #   ALLOW_CPU=1 SIZE=tiny bash benchmarks/gpu_check.sh    # the CPU rehearsal of the same plumbing
 #
 # Stages, each under its own time limit (they sum to well under the 600 s a call may run, and a global
 # DEADLINE shortens the last ones if earlier ones ran long, so the summary always prints):
-#   install          DeepSpeed + missing wheels from .gpu_vendor/ (pip --no-index), mcf itself with
+#   install          DeepSpeed's wheel (built by gpu_vendor.sh) + missing wheels from .gpu_vendor/ (pip --no-index,
+#                    DeepSpeed seeing CUDA, no nvcc; a --dry-run where all is installed), mcf itself with
 #                    --no-deps -e (so mcf.kernels maps to kernels/); every module the stages need imports
-#   kernels          the Triton kernel tests compiled for the GPU against their references
 #   pretrain         `mcf pretrain`, ViT-B/16, bf16, ZeRO-1, torch loader on synthetic JPEGs, random
 #                    teacher, STEPS steps; losses finite; EMA = m·target + (1−m)·online from the fp32
 #                    masters between the last two checkpoints
 #   resume           RESUME_STEPS more steps from pretrain's last checkpoint (resume auto), one profiled
+#   bench_step       `mcf bench step` (paper vs mcf: images/s, MFU)
+#   profile          torch.profiler of one resume step: shares of mcf.target/teacher/ema/sync/...
+#   kernels          the Triton kernel tests compiled for the GPU against their references
 #   compile          the same with train.compile=true, TORCH_LOGS=recompiles,graph_breaks (counted)
 #   triton_range     attention.backend=triton + masking.ratio_range (compiled unless RANGE_COMPILE=0)
-#   profile          torch.profiler of one resume step: shares of mcf.target/teacher/ema/sync/...
-#   bench_step       `mcf bench step` (paper vs mcf: images/s, MFU)
 #   bench_attention  `mcf bench attention --full`: Triton vs SDPA vs math; the TRITON_FASTER rows to paste
 #   loader           `mcf bench data`: torch loader images/s at 2 vs 12 workers (DALI is not there)
 # Out ($OUT, else benchmarks/out/): gpu_check.json (every stage: status, seconds, limit, result),
-# gpu_check.log, gpu_check_stages.tar.gz (each stage's log and JSON). Exit status: stages not passed.
+# gpu_check.log, gpu_check_stages.tar.gz (each stage's log and JSON). gpu_check.json is rewritten after every
+# stage; a stage that fails or runs out of time reports what it measured before ("partial": steps logged, loss,
+# images/s, complete checkpoints; kernel tests passed so far). Exit status: stages not passed.
 #
 # Knobs (environment): STAGES (subset, in order), SIZE=gpu|tiny, MODEL CONFIG BATCH STEPS RESUME_STEPS
 # COMPILE_STEPS RANGE_STEPS IMG PRECISION ZERO ATTN_BACKEND RANGE RANGE_COMPILE KERNEL_TESTS ATTN_ARGS
-# BENCH_ARGS LOADER_WORKERS LOADER_COUNT LOADER_IMG LOADER_BATCH LOADER_BATCHES DEADLINE LIMIT_SCALE
+# BENCH_ARGS LOADER_WORKERS LOADER_COUNT LOADER_IMG LOADER_BATCH LOADER_BATCHES DEADLINE LIMIT_SCALE CACHE CLEAN_CACHE
 # LIMITS (name:s ...) VENDOR WORK PYTHON, COMMIT (recorded when the copy there has no .git).
 # SIZE=tiny (with ALLOW_CPU=1 on a machine without CUDA) runs every stage at toy sizes: a rehearsal
 # of this script, not a GPU figure.
@@ -35,13 +38,15 @@ set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
 
-# name:limit in seconds, in run order; the limits sum to 465 s (the kernel tests JIT-compile ~50 kernel variants)
-STAGE_LIMITS=(install:50 kernels:85 pretrain:80 resume:45 compile:65 triton_range:45 profile:5 bench_step:30
+# name:limit in seconds, in run order: the figures that matter most first (a pretrain, its resume, the step
+# benchmark, the profile of a resumed step), then the compile-heavy stages (the kernel tests JIT-compile ~50
+# variants; compile and triton_range reuse their Triton/Inductor caches, CACHE below); the limits sum to 465 s
+STAGE_LIMITS=(install:50 pretrain:80 resume:45 bench_step:30 profile:5 kernels:85 compile:65 triton_range:45
               bench_attention:30 loader:30)
 DEADLINE_DEFAULT=470    # whole script, seconds: the device tool allows 600 per call
 RESERVE=15              # kept for the summary and `timeout --kill-after`
 
-PY=${PYTHON:-python3}
+PY=$(command -v "${PYTHON:-python3}" || echo "${PYTHON:-python3}")  # absolute: the install runs with nvcc folders off PATH
 OUT=${OUT:-benchmarks/out}
 WORK=${WORK:-/tmp/mcf_gpu_check}
 VENDOR=${VENDOR:-.gpu_vendor}
@@ -80,10 +85,13 @@ DEADLINE=${DEADLINE:-$(( DEADLINE_DEFAULT * LIMIT_SCALE ))}
 PROFILE_STEP=$(( STEPS + (RESUME_STEPS > 3 ? 3 : RESUME_STEPS) ))   # a resumed step past the first two
 
 export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
-# compile caches of this run only: a truncated entry left by another process broke a rehearsal's Inductor load
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$WORK/inductor_cache}
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$WORK/triton_cache}
+# compile caches in CACHE, a folder of this script's own that outlives WORK: every stage, and a second call on the
+# same (warm) machine, reuses the Triton kernels, Inductor graphs and DeepSpeed ops compiled before. CLEAN_CACHE=1
+# empties it first (a truncated entry left by a killed process once broke a rehearsal's Inductor load).
+CACHE=${CACHE:-/tmp/mcf_gpu_check_cache}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$CACHE/torch_extensions}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$CACHE/inductor_cache}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$CACHE/triton_cache}
 
 stage_names() { local e; for e in "${STAGE_LIMITS[@]}"; do echo "${e%%:*}"; done; }
 stage_limit() {  # NAME → seconds: LIMITS (name:s ...) overrides the table; the table's are scaled by LIMIT_SCALE
@@ -109,18 +117,34 @@ need_data() {
         "$PY" -c "from mcf.bench.feeds import make_jpeg_folder; make_jpeg_folder('$WORK/data', $DATA_COUNT, $DATA_SIZE)"
 }
 
+without_nvcc() {  # PATH without the folders that hold an nvcc (the GPU machine has no CUDA toolkit)
+    local d out=""
+    IFS=: read -r -a dirs <<< "$PATH"
+    for d in "${dirs[@]}"; do [ -x "$d/nvcc" ] || out="${out:+$out:}$d"; done
+    echo "$out"
+}
+
 st_install() {
-    if ! "$PY" -c "import deepspeed, lmdb, pytest, pytest_timeout" 2>/dev/null; then
-        if [ ! -d "$VENDOR" ]; then
-            echo "DeepSpeed/lmdb/pytest missing and no $VENDOR/:" \
-                "run benchmarks/gpu_vendor.sh where pip works, and carry $VENDOR"
-            return 1
-        fi
-        local sdist=()
-        "$PY" -c "import deepspeed" 2>/dev/null || sdist=("$(ls "$VENDOR"/deepspeed-*.tar.gz | head -n 1)")
-        # pip resolves against what is installed: only what is missing (or too old) comes from the folder
-        DS_BUILD_OPS=0 "$PY" -m pip install --no-index --find-links "$VENDOR" --no-build-isolation --no-cache-dir \
-            --progress-bar off "${sdist[@]}" lmdb pytest pytest-timeout || return 1
+    # DeepSpeed comes as the wheel gpu_vendor.sh built (setup.py must not run there: on a CUDA machine it
+    # requires nvidia-ml-py and, without nvcc, fails in builder.is_compatible()). The install runs as it
+    # will there: DeepSpeed's accelerator detection sees CUDA (forced in the CPU rehearsal), no nvcc on
+    # PATH, no CUDA_HOME, pip's own config ignored (only the vendor folder). Where everything already
+    # imports (a rehearsal host), the same command runs with --dry-run: the resolution is what is tested.
+    local wheel dry=() have=0
+    "$PY" -c "import deepspeed, lmdb, pytest, pytest_timeout" 2>/dev/null && have=1
+    if [ ! -d "$VENDOR" ]; then
+        [ "$have" = 1 ] && { echo "everything imports; no $VENDOR/ to rehearse the vendored install with"; } ||
+            { echo "DeepSpeed/lmdb/pytest missing and no $VENDOR/:" \
+                   "run benchmarks/gpu_vendor.sh where pip works, and carry $VENDOR"; return 1; }
+    else
+        wheel=$(ls "$VENDOR"/deepspeed-*-py3-none-any.whl 2>/dev/null | head -n 1)
+        [ -n "$wheel" ] || { echo "no DeepSpeed wheel in $VENDOR/ (rerun benchmarks/gpu_vendor.sh)"; return 1; }
+        [ "$have" = 1 ] && dry=(--dry-run)
+        echo "pip install ${dry[*]} $wheel lmdb pytest pytest-timeout (DS_ACCELERATOR=cuda, no nvcc)"
+        # shellcheck disable=SC2097,SC2098  # PATH is the stripped one for pip only
+        env -u CUDA_HOME -u CUDA_PATH -u DS_BUILD_OPS PATH="$(without_nvcc)" DS_ACCELERATOR=cuda PIP_CONFIG_FILE=/dev/null \
+            "$PY" -m pip install "${dry[@]}" --no-index --find-links "$VENDOR" --no-build-isolation --no-cache-dir \
+            --progress-bar off "$wheel" lmdb pytest pytest-timeout || return 1
     fi
     local here="import mcf.kernels, pathlib as p, sys
 sys.exit(p.Path(mcf.kernels.__file__).resolve().parent != p.Path('kernels').resolve())"
@@ -235,6 +259,8 @@ run_stage() {  # NAME: runs it under its limit (shortened to the time left), app
         >> "$WORK/stages.tsv"
     say "   $name: $status (exit $rc)"
     [ "$status" = pass ] || tail -n 15 "$WORK/$name.log" | sed 's/^/   | /' | tee -a "$OUT/gpu_check.log" >&2
+    # the JSON after every stage: a call cut off later (the device tool's own limit) still has what ran
+    check summary "$WORK" "$OUT/gpu_check.json" --quiet > /dev/null 2>&1
 }
 
 finish() {
@@ -255,6 +281,8 @@ main() {
     local s selected
     mkdir -p "$OUT"
     rm -rf "$WORK" && mkdir -p "$WORK"
+    [ "${CLEAN_CACHE:-0}" = 1 ] && rm -rf "$CACHE"
+    mkdir -p "$CACHE"
     : > "$OUT/gpu_check.log"
     T0=$(date +%s)
     HAS_CUDA=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Download, here (where pip reaches PyPI), what benchmarks/gpu_check.sh must install on the GPU machine
 # (Python 3.12, x86-64, nothing downloadable there) into ONE ignored folder, .gpu_vendor/:
-#   - DeepSpeed 0.19.8's sdist (it has no wheel; built there with DS_BUILD_OPS=0, no ops compiled),
+#   - a DeepSpeed 0.19.8 wheel built HERE from its sdist (PyPI has no wheel): py3-none-any, no op compiled
+#     (DS_BUILD_OPS=0: every op is JIT-compiled on first use, on any accelerator). Its setup.py must not run
+#     on the GPU machine: when it detects CUDA it adds nvidia-ml-py to the requirements (not vendored) and,
+#     without nvcc, raises MissingCUDAException in builder.is_compatible(), which it calls for every op
+#     whatever DS_BUILD_OPS says. Built with DS_ACCELERATOR=cpu, the wheel requires no nvidia-ml-py
+#     (DeepSpeed's CUDA accelerator imports pynvml only if present) and records no installed op,
 #   - cp312 manylinux wheels of what the GPU image lacks: DeepSpeed's requirements (hjson, pydantic,
 #     pydantic-core, annotated-types, typing-inspection, msgpack, psutil, py-cpuinfo, einops, ninja,
 #     packaging, typing-extensions), lmdb, pytest, pytest-timeout and pytest's (pluggy, iniconfig, pygments).
@@ -29,7 +34,24 @@ WHEELS=(
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64)
 
 mkdir -p "$DEST"
-"$PY" -m pip download --no-deps --no-binary :all: --no-build-isolation -d "$DEST" "$SDIST"
+if ! ls "$DEST"/deepspeed-0.19.8-py3-none-any.whl > /dev/null 2>&1; then
+    SRC=$(mktemp -d)
+    trap 'rm -rf "$SRC"' EXIT
+    "$PY" -m pip download --no-deps --no-binary :all: --no-build-isolation -d "$SRC" "$SDIST"
+    DS_ACCELERATOR=cpu DS_BUILD_OPS=0 "$PY" -m pip wheel --no-deps --no-build-isolation --no-cache-dir -w "$DEST" \
+        "$SRC"/deepspeed-0.19.8.tar.gz
+fi
+rm -f "$DEST"/deepspeed-*.tar.gz   # an sdist there would run setup.py on the GPU machine
+# the wheel must be accelerator-neutral: no nvidia-ml-py requirement, no pre-built op
+"$PY" - "$DEST"/deepspeed-0.19.8-py3-none-any.whl <<'PYEOF' || exit 1
+import sys, zipfile
+whl = zipfile.ZipFile(sys.argv[1])
+meta = whl.read("deepspeed-0.19.8.dist-info/METADATA").decode()
+info = whl.read("deepspeed/git_version_info_installed.py").decode()
+bad = [r for r in meta.splitlines() if r.startswith("Requires-Dist:") and "nvidia-ml-py" in r]
+if bad or "installed_ops" not in info or ": True" in info:
+    sys.exit(f"gpu_vendor.sh: {sys.argv[1]} is not accelerator-neutral: {bad or info}")
+PYEOF
 "$PY" -m pip download --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
     "${PLATFORMS[@]/#/--platform=}" -d "$DEST" "${WHEELS[@]}"
 

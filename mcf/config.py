@@ -150,8 +150,21 @@ class TrainConfig:
         help="Resuming on another number of ranks: keep_global_batch (accum_steps re-derived so that batch_size*accum_steps*ranks "
              "stays the checkpoint's; an error when it cannot divide), keep_micro_batch (batch_size and accum_steps as configured: "
              "the global batch changes), refuse (an error).")
+    step_timeout_s: float = field(
+        900.0, help="Step watchdog: a step (data wait, forward/backward, optimizer, sync) that takes longer than this many "
+                    "seconds is a stall: the rank logs which phase stalled with a stack dump and exits with 4 (mcf.train."
+                    "STALL_EXIT_CODE) so the launcher can requeue. 0 = off. Keep it below deepspeed.timeout_s.")
+    step_timeout_slow_s: float = field(
+        3600.0, help="The watchdog's deadline for the first steps after a start or resume (compilation, warm-up) and for "
+                     "checkpoints, the monitor's evaluation and the final save.")
+    stop_grace_s: float = field(
+        120.0, help="After SIGTERM/SIGUSR1 the run checkpoints at the next step boundary; when none comes within this many "
+                    "seconds (a stalled data stream, a hung file system) the process exits with 3 (REQUEUE_EXIT_CODE) "
+                    "without a new checkpoint. 0 = wait for the boundary however long it takes.")
 
     def __post_init__(self) -> None:
+        if min(self.step_timeout_s, self.step_timeout_slow_s, self.stop_grace_s) < 0:
+            raise ConfigError("train.step_timeout_s, step_timeout_slow_s and stop_grace_s must be >= 0 (seconds; 0 = off)")
         if self.batch_size < 1 or self.accum_steps < 1 or self.epochs < 1:
             raise ConfigError("train.batch_size, accum_steps and epochs must be >= 1")
         if self.elastic not in ("keep_global_batch", "keep_micro_batch", "refuse"):
@@ -171,10 +184,16 @@ class DeepSpeedConfig:
     reduce_dtype: Literal["fp32", "bf16", "fp16"] = field(
         "fp32", help="dtype in which gradients are summed across ranks (DeepSpeed's communication_data_type, every ZeRO stage); "
                      "fp32 as the paper's DDP did; bf16/fp16 halve the traffic but round every partial sum.")
+    timeout_s: float = field(
+        1800.0, help="Collective timeout of the process group (NCCL's watchdog aborts a collective that waits longer; "
+                     "torch's default is 10 min). Long work of one rank (checkpoint conversion, indexing) is waited for "
+                     "without a collective, so this only bounds real hangs.")
 
     def __post_init__(self) -> None:
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError("deepspeed.zero must be 0, 1, 2 or 3")
+        if self.timeout_s < 60:
+            raise ConfigError(f"deepspeed.timeout_s must be >= 60 (seconds), got {self.timeout_s}")
 
 
 @dataclass(kw_only=True)

@@ -23,7 +23,8 @@ def _teacher_sd(t):
 
 def _check_same(teacher, reference):
     for k, v in reference.model.state_dict().items():
-        torch.testing.assert_close(teacher.model.state_dict()[k], v, msg=k)
+        # bit-exact: a format conversion moves and renames weights, it computes nothing
+        torch.testing.assert_close(teacher.model.state_dict()[k], v, rtol=0, atol=0, msg=k)
 
 
 def test_mocov3_format(tmp_path, reference_teacher):
@@ -82,10 +83,11 @@ def test_mae_initialisation_with_pos_embed_interpolation(tmp_path):
     sd["head.weight"] = torch.randn(10, 96)
     torch.save({"model": sd}, tmp_path / "mae.pth")
     model = create_model("mcf_vit_tiny", teacher_checkpoint="random", init_from=str(tmp_path / "mae.pth"))  # 8x8 grid
-    torch.testing.assert_close(model.online.encoder.blocks[1].mlp.fc1.weight, src.online.encoder.blocks[1].mlp.fc1.weight)
-    torch.testing.assert_close(model.online.decoder.decoder_pred.weight, src.online.decoder.decoder_pred.weight)
+    # bit-exact: init_from copies weights (only the position table is resampled)
+    assert torch.equal(model.online.encoder.blocks[1].mlp.fc1.weight, src.online.encoder.blocks[1].mlp.fc1.weight)
+    assert torch.equal(model.online.decoder.decoder_pred.weight, src.online.decoder.decoder_pred.weight)
     assert model.online.encoder.pos_embed.shape == (1, 65, 96)
     # the target starts as a copy of the initialised online encoder
-    torch.testing.assert_close(model.target.encoder.blocks[1].mlp.fc1.weight, src.online.encoder.blocks[1].mlp.fc1.weight)
+    assert torch.equal(model.target.encoder.blocks[1].mlp.fc1.weight, src.online.encoder.blocks[1].mlp.fc1.weight)
     without = create_model("mcf_vit_tiny", teacher_checkpoint="random", init_from=str(tmp_path / "mae.pth"), init_decoder=False)
     assert not torch.equal(without.online.decoder.decoder_pred.weight, src.online.decoder.decoder_pred.weight)

@@ -59,10 +59,10 @@ def test_yaml_alias_bombs_cycles_and_deep_nesting_are_one_line(tmp_path):
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
-        t0 = time.monotonic()
+        t0 = time.process_time()  # CPU time: the old code burned 46 s of it; a loaded machine's wall clock says nothing
         with pytest.raises(ConfigError, match=message) as e:
             build_config(str(tmp_path / name))
-        assert time.monotonic() - t0 < 5 and len(str(e.value)) < 300 and str(tmp_path / name) in str(e.value)
+        assert time.process_time() - t0 < 10 and len(str(e.value)) < 300 and str(tmp_path / name) in str(e.value)
     with pytest.raises(ConfigError, match="the value of 'masking.ratio_range' contains itself"):
         build_config("demo", ["masking.ratio_range=&a [*a]"])
     # a wrong value is quoted abbreviated, however large

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from tolerances import assert_close_scaled
 
 from mcf.losses import ContrastiveLoss
 
@@ -25,7 +26,7 @@ def _reference(q, k, tau=0.2):
 
 def test_single_process_matches_formula():
     q, k = torch.randn(8, 16), torch.randn(8, 16)
-    torch.testing.assert_close(ContrastiveLoss(0.2)(q, k), _reference(q, k))
+    assert_close_scaled(ContrastiveLoss(0.2)(q, k), _reference(q, k), depth=3)  # normalize, q.k, logsumexp
 
 
 def test_gather_is_called_only_with_several_ranks():
@@ -61,7 +62,7 @@ def test_two_gloo_ranks_equal_concatenated_batch():
     q = q_all.clone().requires_grad_(True)
     full = _reference(q, k_all)
     # each rank's loss is the mean over its queries: their mean is the whole batch's loss
-    torch.testing.assert_close(out[:, 0].mean(), full.detach())
+    assert_close_scaled(out[:, 0].mean(), full.detach(), depth=4)  # other GEMM shapes per rank, one more mean
     full.backward()
     # per-rank gradients are of the rank's own mean; the full-batch mean halves them
-    torch.testing.assert_close(torch.cat([out[0, 1:], out[1, 1:]]).view(8, 6) / 2, q.grad)
+    assert_close_scaled(torch.cat([out[0, 1:], out[1, 1:]]).view(8, 6) / 2, q.grad, depth=8)  # forward + backward

@@ -3,6 +3,7 @@ transform parameters: bijection, determinism, disjoint covering shares, exact an
 
 import numpy as np
 import pytest
+from tolerances import assert_close_scaled
 
 from mcf.data import DistributedSampler, build_transform
 from mcf.data.core.sampler import FeistelPermutation
@@ -185,4 +186,5 @@ def test_transform_output_normalised():
     kept = [i for i in range(20) if not tf.params(40, 30, seed=0, epoch=0, index=i).flip]
     y0 = tf(Image.fromarray(a), index=kept[0])
     y1 = tf(Image.fromarray(a), index=flipped[0])
-    assert np.allclose(y0.numpy()[:, :, ::-1], y1.numpy())
+    # 8-bit resampling is integer arithmetic; only the fp32 normalisation rounds (x/255 - mean) / std
+    assert_close_scaled(y0.numpy()[:, :, ::-1].copy(), y1.numpy(), dtype=np.float32, depth=2)

@@ -7,6 +7,7 @@ processes as torch sees GPUs, so CUDA_VISIBLE_DEVICES narrows it (``nvidia-smi -
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -106,3 +107,59 @@ def test_torchrun_sh_counts_the_gpus_torch_sees(tmp_path):
     assert _nproc(tmp_path, str(fake), CUDA_VISIBLE_DEVICES="0,3", NPROC_PER_NODE="3") == "3"  # explicit wins
     # the real torch of this (GPU-less) machine sees none, whatever nvidia-smi lists
     assert _nproc(tmp_path, None, CUDA_VISIBLE_DEVICES="0,1") == "1"
+
+
+# Runs mcf's process-group start with CUDA faked: DeepSpeed's CUDA accelerator over a torch that reports
+# COUNT visible devices; torch.distributed.init_process_group is replaced by a recorder that checks
+# device_id as torch does ("device_id cuda:k is out of range") and then starts a one-member gloo group
+# in its place (a store of its own), so DeepSpeed's wrapper finds a started group.
+INIT_PROBE = '''
+import functools, json, os, sys
+import torch, torch.distributed as dist
+count = int(sys.argv[1])
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: count
+torch.cuda.is_bf16_supported = lambda *a, **k: True
+current = []
+def set_device(d):
+    index = d if isinstance(d, int) else torch.device(d).index
+    if not 0 <= index < count:
+        raise RuntimeError("CUDA error: invalid device ordinal")
+    current.append(index)
+torch.cuda.set_device = set_device
+calls = []
+real_init = dist.init_process_group
+@functools.wraps(real_init)  # the same signature: DeepSpeed and mcf see device_id as supported
+def fake_init(backend=None, **kw):
+    dev = kw.get("device_id")
+    calls.append({"backend": backend, "device_id": str(dev) if dev is not None else None,
+                  "timeout_s": kw["timeout"].total_seconds() if kw.get("timeout") else None})
+    if dev is not None and not 0 <= dev.index < count:
+        raise ValueError(f"device_id {dev} is out of range")
+    real_init("gloo", store=dist.HashStore(), rank=0, world_size=1)
+dist.init_process_group = fake_init
+from mcf.train.engine import init_distributed
+try:
+    _, _, device = init_distributed("bf16", timeout_s=float(sys.argv[2]))
+    result = {"device": str(device)}
+except Exception as e:
+    result = {"error": f"{type(e).__name__}: {e}"}
+print("PROBE " + json.dumps({"calls": calls, "current": current, **result}))
+'''
+
+
+@pytest.mark.parametrize("local_rank, count, want", [(1, 1, "cuda:0"), (5, 4, "cuda:1")])
+def test_init_process_group_gets_the_bound_device_and_the_timeout(local_rank, count, want):
+    """Per-task binding (one visible GPU, LOCAL_RANK >= 1): the arguments that reach init_process_group name the
+    device the rank bound, not cuda:LOCAL_RANK (DeepSpeed 0.19.8's choice, which torch rejects), and the timeout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID")}
+    env.update(DS_ACCELERATOR="cuda", RANK=str(local_rank), WORLD_SIZE="8", LOCAL_RANK=str(local_rank),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
+    r = subprocess.run([sys.executable, "-c", INIT_PROBE, str(count), "2700"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    lines = [x for x in r.stdout.splitlines() if x.startswith("PROBE ")]
+    assert lines, r.stdout + r.stderr
+    got = json.loads(lines[-1][len("PROBE "):])
+    assert got.get("error") is None, got
+    assert got["calls"] == [{"backend": "nccl", "device_id": want, "timeout_s": 2700.0}]
+    assert got["device"] == want and got["current"] == [int(want.split(":")[1])]

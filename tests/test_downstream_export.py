@@ -6,12 +6,16 @@ import sys
 
 import pytest
 import torch
+from tolerances import assert_close_scaled
 
 from mcf.compat import SEED_PREFIXES, from_seed_state_dict
 from mcf.downstream.export import export, load_timm, read_export_metadata
 from mcf.downstream.weights import build_encoder, load_encoder_weights
 from mcf.errors import CheckpointError, UserError
 from mcf.models import create_model
+
+# rounding stages of mcf_vit_tiny's encoder: patch embed, 4 blocks, final norm
+ENCODER_DEPTH = 6
 
 
 def _model(**overrides):
@@ -40,7 +44,7 @@ def _features_match(model, path, img_size=32):
         ours = model.online.encoder.forward_features(x)
         theirs = timm_model.forward_features(x)
     assert theirs.shape == ours.shape
-    assert (theirs - ours).abs().max().item() < 1e-5
+    assert_close_scaled(theirs, ours, depth=ENCODER_DEPTH)  # timm's blocks vs ours: other kernels, other last bits
 
 
 def test_export_consolidated_roundtrip_through_timm(tmp_path):
@@ -58,7 +62,7 @@ def test_export_consolidated_roundtrip_through_timm(tmp_path):
     tm = timm.create_model(meta["timm.name"], pretrained=True, pretrained_cfg_overlay=dict(file=str(out)), num_classes=0, **kwargs).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert (tm.forward_features(x) - m.online.encoder.forward_features(x)).abs().max().item() < 1e-5
+        assert_close_scaled(tm.forward_features(x), m.online.encoder.forward_features(x), depth=ENCODER_DEPTH)
     _features_match(m, out)
 
 
@@ -88,7 +92,7 @@ def test_export_safetensors_reload_and_encoder_rebuild(tmp_path):
     enc = build_encoder(w).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(enc.forward_features(x), m.online.encoder.forward_features(x), atol=1e-6)
+        assert_close_scaled(enc.forward_features(x), m.online.encoder.forward_features(x), depth=ENCODER_DEPTH)
     # another resolution rebuilds the fixed sin-cos table: loads, runs
     assert build_encoder(w, img_size=48).forward_features(torch.randn(1, 3, 48, 48)).shape == (1, 1 + 144, 96)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tolerances import assert_close_scaled
 
 from mcf.downstream import synthetic as S
 from mcf.downstream.heads import (
@@ -130,9 +131,8 @@ def test_export_and_finetune_alignment_from_mcf_pretrain_run(pretrain_run, tmp_p
     m.online.load_state_dict(d["online"])
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert (
-            load_timm(out).eval().forward_features(x) - m.online.encoder.forward_features(x)
-        ).abs().max().item() < 1e-5
+        # timm's blocks vs ours (patch embed, 4 blocks, norm): other kernels, other last bits
+        assert_close_scaled(load_timm(out).eval().forward_features(x), m.online.encoder.forward_features(x), depth=6)
     assert read_export_metadata(out)["mcf.step"] == str(d["step"])
 
     data = S.write_300w(tmp_path / "300w", per_folder=3)

@@ -1,4 +1,5 @@
 import torch
+from tolerances import assert_close_scaled
 
 from mcf.models.masking import max_keep, num_keep, random_masking
 
@@ -65,9 +66,10 @@ def test_ratio_range_attends_what_the_batch_maximum_padding_attended():
     assert m.keep == 32 and m_old.keep == int(m.keep_lens.max()) == 24
     assert torch.equal(m.mask, m_old.mask) and torch.equal(m.keep_lens, m_old.keep_lens)
     for i, n in enumerate(m.keep_lens.tolist()):
-        torch.testing.assert_close(lat[i, : 1 + n], lat_old[i, : 1 + n], rtol=1e-5, atol=1e-6)
+        # other padding = other GEMM shapes = other blocking: last bits differ per host (patch embed + 4 blocks)
+        assert_close_scaled(lat[i, : 1 + n], lat_old[i, : 1 + n], depth=5, msg=f"latent {i}")
     assert key_mask.sum(1).tolist() == [1 + n for n in m.keep_lens.tolist()]
-    torch.testing.assert_close(pred, pred_old, rtol=1e-5, atol=1e-6)
+    assert_close_scaled(pred, pred_old, depth=8, msg="prediction")  # encoder 5 + decoder embed, 2 blocks, head
 
 
 def test_ratio_range_forward_has_no_graph_break():

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from tolerances import assert_close_scaled, assert_no_worse_than
 
 from mcf.errors import ConfigError
 from mcf.models import Objective, create_model, list_models
@@ -43,10 +44,11 @@ def test_every_trainable_parameter_gets_a_gradient_and_frozen_parts_none(tiny):
 def test_loss_is_weighted_sum_of_reported_terms(tiny):
     out = tiny(torch.randn(4, 3, 32, 32))
     expected = 1000 * out.losses["perceptual"] + out.losses["contrastive"]
-    torch.testing.assert_close(out.loss.detach(), expected)
+    assert_close_scaled(out.loss.detach(), expected, depth=2)  # a sum of weighted scalars, in another order
     m2 = create_model("mcf_vit_tiny", teacher_checkpoint="random", objective=Objective(pixel_weight=2.0, norm_pix=True))
     o2 = m2(torch.randn(4, 3, 32, 32))
-    torch.testing.assert_close(o2.loss.detach(), 1000 * o2.losses["perceptual"] + o2.losses["contrastive"] + 2 * o2.losses["pixel"])
+    want = 1000 * o2.losses["perceptual"] + o2.losses["contrastive"] + 2 * o2.losses["pixel"]
+    assert_close_scaled(o2.loss.detach(), want, depth=3)
 
 
 def test_ema_matches_formula(tiny):
@@ -57,13 +59,13 @@ def test_ema_matches_formula(tiny):
     online = dict(tiny.online.named_parameters())
     tiny.update_target(0.99)
     for n, p in tiny.target.named_parameters():
-        torch.testing.assert_close(p, before[n] * 0.99 + online[n] * 0.01, rtol=0, atol=1e-6)
+        assert_close_scaled(p, before[n] * 0.99 + online[n] * 0.01, depth=2, msg=n)  # lerp vs mul-add: last bits
     # explicit fp32 masters (what the trainer passes under mixed precision / ZeRO)
     masters = {n: torch.randn_like(p) for n, p in tiny.target.named_parameters()}
     before = {n: p.clone() for n, p in tiny.target.named_parameters()}
     tiny.update_target(0.9, masters)
     for n, p in tiny.target.named_parameters():
-        torch.testing.assert_close(p, before[n] * 0.9 + masters[n] * 0.1, rtol=0, atol=1e-6)
+        assert_close_scaled(p, before[n] * 0.9 + masters[n] * 0.1, depth=2, msg=n)
 
 
 def test_state_dict_leaves_out_teacher_and_round_trips(tiny):
@@ -75,7 +77,8 @@ def test_state_dict_leaves_out_teacher_and_round_trips(tiny):
     x = torch.randn(2, 3, 32, 32)
     noise = torch.rand(2, 64)
     other.eval(), tiny.eval()
-    torch.testing.assert_close(other.online.encoder(x, 0.75, noise)[0], tiny.online.encoder(x, 0.75, noise)[0])
+    # bit-exact: the same weights through the same code path on one host
+    assert torch.equal(other.online.encoder(x, 0.75, noise)[0], tiny.online.encoder(x, 0.75, noise)[0])
 
 
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
@@ -84,7 +87,8 @@ def test_attention_backends_agree(tiny, backend):
     tiny.set_attention_backend("math")
     ref = tiny(x, n1, n2).loss
     tiny.set_attention_backend(backend)
-    torch.testing.assert_close(tiny(x, n1, n2).loss, ref, rtol=1e-5, atol=1e-5)
+    # teacher (12 blocks) + online encoder (4) + decoder (2) + heads: other attention kernels, other last bits
+    assert_close_scaled(tiny(x, n1, n2).loss, ref, depth=20)
 
 
 def test_variable_mask_ratio_pads_and_trains():
@@ -99,7 +103,7 @@ def test_variable_mask_ratio_pads_and_trains():
     lat, m, key_mask = enc(x[:2], 0.75, noise, torch.tensor([0.75, 0.9]))
     assert key_mask is not None and key_mask.sum(1).tolist() == [17, 7]
     alone, _, _ = enc(x[1:2], 0.9, noise[1:2])
-    torch.testing.assert_close(lat[1, :7], alone[0], rtol=1e-5, atol=1e-5)
+    assert_close_scaled(lat[1, :7], alone[0], depth=5)  # patch embed + 4 blocks at other GEMM shapes
     # and the model trains: the loss falls on a fixed batch
     model.train()
     opt = torch.optim.AdamW(model.online.parameters(), lr=1e-3)
@@ -119,7 +123,7 @@ def test_pos_embed_interpolation_preserves_grid():
     assert same is pe
     big = interpolate_pos_embed(pe, 64)
     assert big.shape == (1, 65, 32)
-    torch.testing.assert_close(big[:, 0], pe[:, 0])
+    assert torch.equal(big[:, 0], pe[:, 0])  # bit-exact: the class token is copied, not interpolated
 
 
 def test_base_model_api_at_224():
@@ -135,9 +139,10 @@ def test_base_model_api_at_224():
 def test_triton_backend_in_the_model_matches_math_with_variable_ratios():
     """The padded variable-ratio encoder through the Triton kernels (CPU: Triton's interpreter).
 
-    Reference: the math backend in fp64. Triton's fp32 error must stay within twice SDPA's fp32
-    error. The contrastive term is off: its BatchNorm over a 2-sample batch amplifies rounding so
-    much that it would swamp the attention path being checked.
+    Reference: the math backend in fp64. Triton's fp32 error must stay within twice SDPA's fp32 error
+    plus a floor of a few fp32 eps of the values' magnitude (SDPA may be exact on AMX). The contrastive
+    term is off: its BatchNorm over a 2-sample batch amplifies rounding so much that it would swamp the
+    attention path being checked.
     """
     from mcf.kernels import triton_status
 
@@ -158,7 +163,8 @@ def test_triton_backend_in_the_model_matches_math_with_variable_ratios():
         results[backend] = [t.double() for t in (out.loss.detach(), model.online.encoder.blocks[0].attn.qkv.weight.grad,
                                                    model.online.decoder.mask_token.grad)]
     for ref, sdpa, got in zip(results["math"], results["sdpa"], results["triton"]):
-        assert (got - ref).abs().max() <= 2 * (sdpa - ref).abs().max() + 1e-6
+        # floor: on AMX hosts SDPA can equal the fp64 reference exactly (patch embed, 1+1 blocks, head)
+        assert_no_worse_than(got, ref, sdpa, dtype=torch.float32, depth=4)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

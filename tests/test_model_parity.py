@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block, VisionTransformer
+from tolerances import assert_close_scaled
 
 from mcf.compat import from_seed_state_dict
 from mcf.models import create_model
@@ -181,19 +182,21 @@ def test_loss_terms_and_input_gradient_match_release(pair):
     out = ours(x, online_noise=n1, target_noise=n2)
     out.loss.backward()
 
-    torch.testing.assert_close(out.mask, mask)
-    torch.testing.assert_close(out.pred, pred, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.losses["perceptual"], perc.detach(), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(out.losses["contrastive"], con.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.loss, total, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-7)
+    assert torch.equal(out.mask, mask)  # bit-exact: the same noise sorted the same way
+    # two implementations of one objective: other op order, other last bits; depth = rounding stages on the
+    # longest path (online encoder 5 + decoder 3; teacher 12 + heads for the loss terms; x2 for the backward)
+    assert_close_scaled(out.pred, pred, depth=8, msg="pred")
+    assert_close_scaled(out.losses["perceptual"], perc.detach(), depth=20, msg="perceptual")
+    assert_close_scaled(out.losses["contrastive"], con.detach(), depth=20, msg="contrastive")
+    assert_close_scaled(out.loss, total, depth=20, msg="loss")
+    assert_close_scaled(x.grad, x_ref.grad, depth=40, msg="input gradient")
     # and the parameter gradients of the online encoder agree too
     ref_g = seed.online_encoder.blocks[0].attn.qkv.weight.grad
-    torch.testing.assert_close(ours.online.encoder.blocks[0].attn.qkv.weight.grad, ref_g, rtol=1e-4, atol=1e-7)
+    assert_close_scaled(ours.online.encoder.blocks[0].attn.qkv.weight.grad, ref_g, depth=40, msg="qkv gradient")
 
 
 def test_position_embedding_matches_mae(pair):
     _, ours, _ = pair
     ref = torch.from_numpy(np_sincos_2d(96, 8)).float()[None]
-    torch.testing.assert_close(ours.online.encoder.pos_embed, ref)
+    assert_close_scaled(ours.online.encoder.pos_embed, ref, depth=2)  # sin/cos of the same fp32 angles, rounded twice
     assert torch.all(ours.online.encoder.pos_embed[0, 0] == 0)  # class token position: zeros

@@ -14,6 +14,7 @@ import subprocess
 
 import pytest
 import torch
+from tolerances import assert_close_scaled
 from train_helpers import BIN, check, complete_steps, env, free_port, kill_tree, losses, metrics, pretrain_args, run, start, wait_for
 
 REF_STEPS = 20
@@ -112,7 +113,8 @@ def test_bf16_zero3_ema_follows_the_formula_from_fp32_masters(tmp_path):
     for name in ema_names:
         t3, online = c3["target"][name], c3["online"][name]
         expected = m * c2["target"][name] + (1 - m) * online
-        torch.testing.assert_close(t3, expected, rtol=1e-6, atol=1e-7, msg=name)
+        # m*a + (1-m)*b in fp32, elementwise: FMA or not (vectorised vs scalar kernels) changes the last bits
+        assert_close_scaled(t3, expected, dtype=torch.float32, depth=2, msg=name)
         not_bf16 += int((online != online.bfloat16().float()).any())
     assert not_bf16 > 0  # the masters are real fp32 values, so a bf16-based EMA would have failed above
     # export-fp32 writes exactly the consolidated dict, loadable with weights_only=True

@@ -33,8 +33,10 @@ import logging
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -360,38 +362,125 @@ def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int, state: 
     return [safe_load(f) for f in files]
 
 
-def universal_copy(path: Path, rank: int) -> Path:
+CONVERT_WAIT_S = 6 * 3600.0  # how long the other ranks wait for rank 0's conversion (ViT-H from 256 ranks: well under)
+CONVERT_POLL_S = (0.05, 5.0)  # first and longest pause between two looks at the result (doubling)
+CONVERT_LOG_S = 60.0  # a progress line this often while waiting
+CONVERT_LOCK_STALE_S = 120.0  # a conversion whose heartbeat (mcf.train.runlock) is older than this was interrupted
+
+
+def universal_copy(path: Path, rank: int, wait_s: float = CONVERT_WAIT_S) -> Path:
     """``path/universal``: DeepSpeed's universal checkpoint of the ZeRO 1-3 step directory ``path``,
-    converted by rank 0 on first use (a collective: every rank waits for it)."""
+    converted by rank 0 on first use, reused when complete.
+
+    The conversion reads every shard (tens of minutes for ViT-L/H written by many ranks); the other
+    ranks wait for it without a collective, which the process group's timeout would abort: they poll
+    the rendezvous store (no shared file system needed) with a deadline of ``wait_s`` seconds and log
+    every minute what they wait for. Rank 0 converts under a lock in the scratch folder
+    (:class:`~mcf.train.runlock.RunLock`, heartbeat): a conversion still alive elsewhere (a previous
+    attempt of the job that has not exited) is waited for, never deleted; an interrupted one (stale
+    lock) is started over.
+    """
     out = path / UNIVERSAL
-    error = ""
-    if rank == 0 and not out.is_dir():
-        import argparse
-        import contextlib
-        import io
-
-        from deepspeed.checkpoint import ds_to_universal
-
-        # The converter writes a "latest_universal" file beside its output folder: convert inside a
-        # scratch folder, then move the result into place (an interrupted conversion leaves only scratch).
-        scratch = path / f".{UNIVERSAL}.tmp"
-        shutil.rmtree(scratch, ignore_errors=True)
-        args = argparse.Namespace(input_folder=str(path), output_folder=str(scratch / UNIVERSAL), num_extract_workers=1,
-                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-        log.info("converting %s to DeepSpeed's universal checkpoint for a new number of ranks", path)
-        chatter = io.StringIO()  # the converter prints its arguments and progress bars
+    key = f"mcf/universal/{_from_rank0(secrets.token_hex(8) if rank == 0 else '')}"  # fast: every rank is here
+    if rank == 0:
         try:
-            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), safe_torch_load():
-                ds_to_universal.main(args)  # reads every shard with full unpickling (weights-only off)
-            os.replace(scratch / UNIVERSAL, out)
-        except Exception as e:  # noqa: BLE001 - any converter failure means this checkpoint cannot be re-split
-            error = f"{type(e).__name__}: {e}"
-        shutil.rmtree(scratch, ignore_errors=True)
-    error = _from_rank0(error)  # the other ranks wait here, and stop too when rank 0 failed
+            error = "" if out.is_dir() else _convert_universal(path, out, wait_s)
+        except BaseException as e:  # the others must not wait for a result that will never come
+            _store_set(key, f"rank 0 stopped: {type(e).__name__}: {e}")
+            raise
+        _store_set(key, error or "ok")
+    else:
+        error = _store_wait(key, wait_s, f"rank 0's conversion of {path} to DeepSpeed's universal checkpoint (for a new "
+                                         f"number of ranks)")
+        error = "" if error == "ok" else error
     if error:
         raise CheckpointError(f"cannot convert {path} for another number of ranks ({error}); resume it on the number of ranks "
                               "that wrote it")
     return out
+
+
+def _convert_universal(path: Path, out: Path, wait_s: float) -> str:
+    """Rank 0: convert ``path`` into ``out`` (or wait for the live conversion that holds the lock); the error, or ''."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    from mcf.errors import RunLockedError
+    from mcf.train.runlock import LOCK_NAME, RunLock
+
+    # The converter writes a "latest_universal" file beside its output folder: convert inside a scratch
+    # folder, then move the result into place (an interrupted conversion leaves only scratch).
+    scratch = path / f".{UNIVERSAL}.tmp"
+    try:
+        lock = RunLock(scratch, CONVERT_LOCK_STALE_S).acquire()
+    except RunLockedError as e:
+        log.warning("another process is converting %s (%s): waiting for it instead of starting over", path, e)
+        deadline = time.monotonic() + wait_s
+        while not out.is_dir():
+            if time.monotonic() > deadline:
+                return f"the conversion by another process did not finish within {wait_s:.0f} s"
+            if not (scratch / LOCK_NAME).exists():  # it ended without a result: convert here
+                return _convert_universal(path, out, wait_s)
+            time.sleep(CONVERT_POLL_S[1])
+        return ""
+    try:
+        for leftover in scratch.iterdir():  # an interrupted attempt's partial output (its lock was stale)
+            if not leftover.name.startswith(LOCK_NAME):
+                shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
+        args = argparse.Namespace(input_folder=str(path), output_folder=str(scratch / UNIVERSAL), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        log.info("converting %s to DeepSpeed's universal checkpoint for a new number of ranks (the other ranks wait "
+                 "for it without a collective)", path)
+        t0 = time.monotonic()
+        chatter = io.StringIO()  # the converter prints its arguments and progress bars
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), safe_torch_load():
+            ds_to_universal.main(args)  # reads every shard with full unpickling (weights-only off)
+        os.replace(scratch / UNIVERSAL, out)
+        log.info("converted %s in %.0f s", path, time.monotonic() - t0)
+        error = ""
+    except Exception as e:  # noqa: BLE001 - any converter failure means this checkpoint cannot be re-split
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        lock.release()
+    shutil.rmtree(scratch, ignore_errors=True)
+    return error
+
+
+def _store():
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    return dist.distributed_c10d._get_default_store()
+
+
+def _store_set(key: str, value: str) -> None:
+    store = _store()
+    if store is not None:
+        store.set(key, value)
+
+
+def _store_wait(key: str, wait_s: float, what: str) -> str:
+    """The value rank 0 sets under ``key`` in the rendezvous store, polled (a store read, not a collective)
+    until ``wait_s`` seconds have passed; a progress line every :data:`CONVERT_LOG_S` seconds."""
+    store = _store()
+    if store is None:
+        return "ok"
+    t0 = time.monotonic()
+    last_log, pause = t0, CONVERT_POLL_S[0]
+    log.info("waiting for %s (up to %.0f s)", what, wait_s)
+    while not store.check([key]):
+        now = time.monotonic()
+        if now - t0 > wait_s:
+            return f"waited {wait_s:.0f} s for {what} in vain"
+        if now - last_log >= CONVERT_LOG_S:
+            log.info("still waiting for %s: %.0f s so far (deadline %.0f s)", what, now - t0, wait_s)
+            last_log = now
+        time.sleep(pause)
+        pause = min(CONVERT_POLL_S[1], pause * 2)
+    return store.get(key).decode()
 
 
 def _from_rank0(value: str) -> str:

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import subprocess
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +73,16 @@ def setup_env() -> tuple[int, int, int]:
     return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
 
 
-def init_distributed(wanted_precision: str = "fp32") -> tuple[int, int, torch.device]:
+def init_distributed(wanted_precision: str = "fp32", timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
     """Start the process group on DeepSpeed's accelerator (NCCL on CUDA, gloo on CPU).
 
-    Returns (rank, world_size, device). On the CPU accelerator DeepSpeed's shared-memory collective
-    op is disabled before init: it is JIT-compiled (27–70 s) and gloo is enough here.
+    Returns (rank, world_size, device). mcf starts the process group itself (:func:`process_group_kwargs`):
+    DeepSpeed 0.19.8 would pass ``device_id=cuda:LOCAL_RANK``, which torch rejects when each task sees
+    only its own GPU, and torch's 10-minute default timeout; DeepSpeed then finds the group started and
+    only wraps it. On the CPU accelerator DeepSpeed's shared-memory collective op is disabled before init:
+    it is JIT-compiled (27–70 s) and gloo is enough here.
     """
-    _, _, local_rank = setup_env()
+    _, world_size, local_rank = setup_env()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "mcf" / "torch_extensions"))
     import deepspeed
     import deepspeed.ops
@@ -94,10 +98,34 @@ def init_distributed(wanted_precision: str = "fp32") -> tuple[int, int, torch.de
         device = torch.device("cpu")
     else:
         device = bind_device(accel, local_rank)
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False)
     import torch.distributed as dist
 
+    backend = accel.communication_backend_name()
+    if not dist.is_initialized():
+        dist.init_process_group(**process_group_kwargs(backend, device, world_size, timeout_s))
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def process_group_kwargs(backend: str, device: torch.device, world_size: int, timeout_s: float) -> dict[str, Any]:
+    """The arguments of ``torch.distributed.init_process_group`` (ranks and address come from the environment).
+
+    ``device_id`` (the rank's own bound device, not ``cuda:LOCAL_RANK``) lets NCCL create its communicator
+    eagerly and bind it to that GPU; it is given on CUDA with more than one rank, as DeepSpeed does
+    (a single rank has no peer; torch 2.6.0 < v < 2.7.1 could hang with it, pytorch#153960).
+    ``timeout`` bounds every collective (the NCCL watchdog aborts one that waits longer).
+    """
+    import inspect
+
+    import torch.distributed as dist
+    from packaging import version
+
+    kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
+    hangs = version.parse("2.6.0") < version.parse(torch.__version__.split("+")[0]) < version.parse("2.7.1")
+    if (device.type == "cuda" and world_size != 1 and not hangs
+            and "device_id" in inspect.signature(dist.init_process_group).parameters):
+        kwargs["device_id"] = device
+    return kwargs
 
 
 def device_index(local_rank: int, device_count: int) -> int:
@@ -187,6 +215,11 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
         if "enabled" in section and section["enabled"] not in ("auto",) and bool(section["enabled"]) != want:
             raise conflict(f"{name}.enabled", section["enabled"], p, "train.precision")
         section["enabled"] = want
+    if p == "bf16":
+        # DeepSpeed's gradient-overflow check costs a host sync per step at ZeRO-1/2 (an .item()) and skips a
+        # non-finite step silently; the trainer's finite-loss check stops the run before such an update in the
+        # step's one sync (bf16 has fp32's range: a non-finite gradient under a finite loss is not expected)
+        ds["bf16"].setdefault("check_grad_overflow", False)
     # DeepSpeed 0.19.8 reads communication_data_type in the engine (ZeRO 0 and the BF16 optimizer's all-reduce),
     # DeepSpeedZeroOptimizer (ZeRO 1/2) and DeepSpeedZeroOptimizer_Stage3; unset, it is the training dtype (bf16/fp16)
     comm = ds.get("communication_data_type")

@@ -1,10 +1,11 @@
 """The pre-training loop: the online model in a DeepSpeed engine, the EMA target and the frozen
 teacher beside it, exact resume, and rank-0 outputs.
 
-One optimizer step = ``accum_steps`` micro-batches. Per step the host waits once, on a 2-float
-all-reduce of (non-finite losses seen, stop requested): a non-finite loss is caught before the
-update is applied and every rank stops after the same step on SIGTERM/SIGUSR1. Loss values stay on
-the device and are reduced every ``log_every`` steps.
+One optimizer step = ``accum_steps`` micro-batches. Per step mcf's host waits once, on a 3-float
+all-reduce of (non-finite losses seen, stop requested, data error): a non-finite loss is caught before
+the update is applied and every rank stops after the same step on SIGTERM/SIGUSR1 (DeepSpeed's own
+syncs per precision and ZeRO stage: README). Loss values stay on the device and are reduced every
+``log_every`` steps. A watchdog thread (:mod:`mcf.train.watchdog`) ends a rank whose step stalls.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from mcf.train.profile import StepProfiler
 from mcf.train.runlock import RunLock
 from mcf.train.signals import REQUEUE_EXIT_CODE, StopRequest
 from mcf.train.tracking import check_reachable
+from mcf.train.watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +117,7 @@ class Trainer:
         random.seed(seed)
         model = create_model_from_config(cfg) if startup_error is None else None  # a missing teacher fails here, before DeepSpeed
 
-        self.rank, self.world_size, self.device = init_distributed(cfg.train.precision)
+        self.rank, self.world_size, self.device = init_distributed(cfg.train.precision, cfg.deepspeed.timeout_s)
         set_tf32(self.device, cfg.train.tf32)
         verified = rank0_decides(lambda: self._decide_resume(startup_error))
         if verified != self.resume_dir or (verified is not None and self.resume_state is None):
@@ -305,6 +307,7 @@ class Trainer:
         cfg, model, engine = self.cfg, self.model, self.engine
         t, lg = cfg.train, cfg.logging
         stop = StopRequest().install()
+        watchdog = StepWatchdog(self.rank, t.step_timeout_s, t.step_timeout_slow_s, t.stop_grace_s, stop).start()
         batches = self._batches()
         L = model.num_patches
         self.last_saved = self.step if self.resume_dir is not None else -1
@@ -320,9 +323,11 @@ class Trainer:
             size = cfg.data.img_size or model.spec.img_size
             while self.step < self.total_steps:
                 profiler.begin(self.step + 1)
+                watchdog.step(self.step + 1)
                 nonfinite = torch.zeros((), device=self.device)
                 for micro in range(t.accum_steps):
                     if data_error is None:
+                        watchdog.phase("data")
                         try:
                             with record_function("mcf.data"):
                                 images = next(batches)  # (B, 3, H, W) fp32, normalised
@@ -335,6 +340,7 @@ class Trainer:
                         images = torch.zeros(t.batch_size, 3, size, size, device=self.device)
                     B = images.shape[0]
                     noise = torch.rand(2, B, L, generator=self.mask_gen, device=self.device)  # online / target masks
+                    watchdog.phase("forward/backward")
                     out = model(images, noise[0], noise[1], online=self.online)
                     with record_function("mcf.backward"):
                         engine.backward(out.loss)
@@ -348,6 +354,7 @@ class Trainer:
                 # the one host sync per step: (non-finite losses, stop requested, ranks with a data
                 # error), summed over ranks; filled on the device, since a tensor built from a host
                 # list would cost a second sync on a GPU
+                watchdog.phase("sync (the step's all-reduce: waits for every rank)")
                 with record_function("mcf.sync"):
                     flags = torch.zeros(3, device=self.device)
                     flags[0] = nonfinite
@@ -367,6 +374,7 @@ class Trainer:
                                         f"before applying the update{where}; lower optim.lr/blr or use train.precision=fp32")
                 set_lr(self.optimizer, lr_at(self.step, peak=self.peak_lr, min_lr=cfg.optim.min_lr, warmup=self.warmup,
                                              total=self.total_steps))
+                watchdog.phase("optimizer step")
                 with record_function("mcf.optimizer"):
                     engine.step()  # fp16: DeepSpeed skips an overflowing step and counts it
                 momentum = momentum_at(self.step, cfg.momentum, self.total_steps)
@@ -376,25 +384,32 @@ class Trainer:
                 profiler.end(self.step)
                 self.steps_since_log += 1
                 bar.update(1)
+                watchdog.phase("logging")
                 if self.step % lg.log_every == 0 or self.step == self.total_steps:
                     t_log = self._log(momentum, t_log, bar)
                 if lg.recon_every and self.step % lg.recon_every == 0:
-                    self._reconstruction(last)
+                    with watchdog.slow("reconstruction"):
+                        self._reconstruction(last)
                 if cfg.monitor.every and self.step % cfg.monitor.every == 0:
-                    self._monitor()
+                    with watchdog.slow("monitor evaluation"):
+                        self._monitor()
                 if stop_now:
-                    self._save()
+                    watchdog.stopping()
+                    with watchdog.slow("checkpoint (stop requested)"):
+                        self._save()
                     if self.rank == 0:
                         log.warning("stopped by signal at step %d; exiting with %d for requeue", self.step, REQUEUE_EXIT_CODE)
                     return REQUEUE_EXIT_CODE
                 if self.step % cfg.checkpoint.every == 0:
-                    self._save()
+                    with watchdog.slow("checkpoint"):
+                        self._save()
             # the end of the run stays under the stop handlers: a signal during the final checkpoint
             # lets the save finish and turns the exit status into 3 (every rank agrees on it)
-            if self.last_saved != self.step:
-                self._save()
-            if last is not None and not (lg.recon_every and self.step % lg.recon_every == 0):
-                self._reconstruction(last)
+            with watchdog.slow("final checkpoint"):
+                if self.last_saved != self.step:
+                    self._save()
+                if last is not None and not (lg.recon_every and self.step % lg.recon_every == 0):
+                    self._reconstruction(last)
             final = self.out / "checkpoints" / ckpt.step_dir_name(self.step)
             self.logger.set_tag("final_checkpoint", str(final.resolve()))
             if self._stop_requested_anywhere(stop):
@@ -404,6 +419,7 @@ class Trainer:
                 return REQUEUE_EXIT_CODE
         finally:
             bar.close()
+            watchdog.close()
             stop.restore()
             batches.close()  # drops the loader's iterators now (a fresh DataLoader per epoch stops its workers then)
         if self.rank == 0:
