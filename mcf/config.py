@@ -133,7 +133,10 @@ class TrainConfig:
     max_steps: int | None = field(None, help="Stop after this many optimizer steps (overrides epochs).")
     precision: Literal["fp32", "bf16", "fp16"] = field("bf16", help="Training precision (fp16 uses dynamic loss scaling).")
     seed: int = field(0, help="Seed of weights, masks, augmentation and data order.")
-    resume: str = field("auto", help="auto (newest intact checkpoint in output_dir, else the previous one), none, or a checkpoint path.")
+    resume: str = field("auto", help="auto (newest intact checkpoint in output_dir, else the previous one), none, or a checkpoint path; "
+                        "none or another folder's checkpoint is refused while output_dir holds a run (see overwrite_run).")
+    overwrite_run: bool = field(False, help="Start a new run (resume none or a checkpoint of another folder) in an output_dir that holds "
+                                "a run: that run's checkpoints, metrics.jsonl and reconstructions are deleted first.")
     compile: bool = field(False, help="torch.compile the online model.")
     target_precision: Literal["auto", "fp32"] = field(
         "auto", help="Dtype of the EMA target's forward: auto = the training precision (the EMA itself stays fp32), "

@@ -122,36 +122,54 @@ def _first_line(e: BaseException) -> str:
     return first[:200]
 
 
+MAX_DEPTH = 256  # containers nested deeper than this are refused (DeepSpeed's files nest < 10 deep)
+MAX_OBJECTS = 50_000_000  # distinct containers and values walked at most (a ViT-g ZeRO shard holds ~10^4)
+
+
+def _walk(obj: Any, path: Any, *, keys: bool) -> Iterator[Any]:
+    """Every distinct object reachable from ``obj`` through dicts, lists, tuples and sets, each once.
+
+    Linear in the number of distinct objects: a container shared many times (``a = [a, a]`` nested 60
+    deep is 2**60 paths but 61 lists) is walked once (memo by ``id``). Bounded: nesting deeper than
+    :data:`MAX_DEPTH` or more than :data:`MAX_OBJECTS` objects is refused with one line. ``keys``:
+    walk dict keys too.
+    """
+    seen: set[int] = set()
+    todo: list[tuple[Any, int]] = [(obj, 0)]
+    while todo:
+        x, depth = todo.pop()
+        if isinstance(x, (dict, list, tuple, set, frozenset, argparse.Namespace)):
+            if id(x) in seen:
+                continue
+            seen.add(id(x))
+            if len(seen) > MAX_OBJECTS:
+                raise CheckpointError(f"refusing to load {_name(path)}: it holds more than {MAX_OBJECTS:,} containers")
+            if depth >= MAX_DEPTH:
+                raise CheckpointError(f"refusing to load {_name(path)}: its containers nest more than {MAX_DEPTH} deep")
+        yield x
+        if isinstance(x, dict):
+            items = [*x.keys(), *x.values()] if keys else x.values()
+            todo.extend((v, depth + 1) for v in items)
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            todo.extend((v, depth + 1) for v in x)
+
+
 def _check_namespaces(obj: Any, path: Any) -> None:
     """Every argparse.Namespace in ``obj`` must hold only plain values (MAE's ``args`` do)."""
-    todo = [obj]
-    while todo:
-        x = todo.pop()
+    for x in _walk(obj, path, keys=False):
         if isinstance(x, argparse.Namespace):
             for key, value in vars(x).items():
-                bad = _non_plain(value)
+                bad = _non_plain(value, path)
                 if bad is not None:
                     raise refusal(path, f"an argparse.Namespace whose '{key}' is a {bad} (a Namespace may hold only plain values)")
-        elif isinstance(x, dict):
-            todo.extend(x.values())
-        elif isinstance(x, (list, tuple, set)):
-            todo.extend(x)
 
 
-def _non_plain(value: Any) -> str | None:
+def _non_plain(value: Any, path: Any = "<object>") -> str | None:
     """The type name of the first non-plain value inside ``value`` (None when all plain)."""
-    todo = [value]
-    while todo:
-        x = todo.pop()
-        if isinstance(x, PLAIN):
+    for x in _walk(value, path, keys=True):
+        if isinstance(x, PLAIN) or isinstance(x, (list, tuple, set, frozenset)) or type(x) is dict:
             continue
-        if isinstance(x, (list, tuple, set, frozenset)):
-            todo.extend(x)
-        elif type(x) is dict:
-            todo.extend(x.keys())
-            todo.extend(x.values())
-        else:
-            return type(x).__qualname__
+        return type(x).__qualname__
     return None
 
 

@@ -154,6 +154,7 @@ def test_hash_option_catches_same_size_corruption_and_old_markers_still_load(tmp
         integrity.verify(d)
     old = fake_checkpoint(tmp_path / "checkpoints", 6)
     (old / "COMPLETE").write_text("6\n")  # mcf-pretrain-v1 marker
+    torch.save({}, old / "mp_rank_00_model_states.pt")  # what DeepSpeed always writes (checked under old markers)
     integrity.verify(old)
 
 

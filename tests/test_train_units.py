@@ -104,7 +104,9 @@ def test_checkpoint_discovery_and_pruning(tmp_path):
     for step, complete in [(5, True), (10, True), (15, True), (20, False)]:
         d = root / ckpt.step_dir_name(step)
         d.mkdir(parents=True)
-        if complete:
+        if complete:  # an old-format marker: the files every save writes must be there
+            for name in ("mcf_state.pt", "mp_rank_00_model_states.pt", "rank_00000.pt"):
+                torch.save({}, d / name)
             (d / ckpt.COMPLETE).write_text(f"{step}\n")
     assert ckpt.find_resume("auto", tmp_path / "run").name == "step_00000015"  # the interrupted save is skipped
     assert ckpt.find_resume("none", tmp_path / "run") is None

@@ -299,6 +299,7 @@ def comm_phase(args: argparse.Namespace, device: torch.device, workdir: Path, me
         f"train.precision={args.precision}",
         f"deepspeed.zero={args.stage}",
         "train.resume=none",
+        "train.overwrite_run=true",  # a fresh run in the scratch folder each time
         f"train.output_dir={workdir}",
         "logging.log_every=1000000",
         "logging.progress=false",

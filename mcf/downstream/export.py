@@ -67,15 +67,22 @@ def timm_name_and_kwargs(arch: ViTArch, model_name: str | None = None) -> tuple[
     return name, arch.to_dict()
 
 
+def _check_target(out: str | Path) -> Path:
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"export target must end in .safetensors, got {out.name}")
+    if out.is_dir():
+        raise UserError(f"export target {out} is a directory: name the file to write (e.g. {out / 'encoder.safetensors'})")
+    return out
+
+
 def export_weights(weights: EncoderWeights, out: str | Path, source: str = "") -> Path:
     """Write ``weights`` as a timm safetensors file with the metadata above."""
     from safetensors.torch import save_file
 
     if weights.state_dict is None:
         raise UserError("nothing to export: the source is 'random'")
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise UserError(f"export target must end in .safetensors, got {out.name}")
+    out = _check_target(out)
     sd = dict(weights.state_dict)
     if "pos_embed" not in sd:
         from mcf.models.pos_embed import sincos_2d
@@ -100,6 +107,7 @@ def export_weights(weights: EncoderWeights, out: str | Path, source: str = "") -
 
 def export(source: str | Path, out: str | Path) -> Path:
     """``mcf export SOURCE OUT``: any checkpoint :func:`load_encoder_weights` reads → timm safetensors."""
+    _check_target(out)  # before reading a large checkpoint
     weights = load_encoder_weights(source)
     if weights.state_dict is None:
         raise UserError("nothing to export: the source is 'random'")

@@ -27,7 +27,7 @@ def pretrain_tiny(output_dir: str | Path, steps: int, seed: int = 0) -> tuple[Pa
     """Run ``mcf pretrain --config demo`` for ``steps`` steps; returns (run dir, seconds)."""
     out = Path(output_dir)
     cmd = [sys.executable, "-m", "mcf", "pretrain", "--config", "demo", "--output-dir", str(out), "--max-steps", str(steps), "--seed",
-           str(seed), "--tracking-uri", "none", "--resume", "none", "--checkpoint-every", str(steps), "--set", "logging.progress=false"]
+           str(seed), "--tracking-uri", "none", "--resume", "none", "--overwrite-run", "--checkpoint-every", str(steps), "--set", "logging.progress=false"]
     log.info("pre-training: %s", " ".join(cmd))
     t0 = time.time()
     env = dict(os.environ)

@@ -102,7 +102,8 @@ def infer_arch(sd: dict[str, torch.Tensor], hint: ViTArch | None = None) -> ViTA
 def _clean_encoder(sd: dict) -> dict[str, torch.Tensor]:
     """Keep the ViT tensors (drop heads, decoders, MAE's mask token), fp32 and contiguous."""
     drop = ("head.", "fc.", "fc_norm.", "decoder", "mask_token")
-    return {k: v.detach().float().contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor) and not k.startswith(drop)}
+    return {k: v.detach().float().contiguous() for k, v in sd.items()
+            if isinstance(k, str) and isinstance(v, torch.Tensor) and not k.startswith(drop)}
 
 
 def from_consolidated(obj: dict, fmt: str) -> EncoderWeights:
@@ -163,7 +164,30 @@ def from_export(path: Path) -> EncoderWeights:
     return EncoderWeights(sd, infer_arch(sd, hint), fmt, meta.get(META_MODEL) or None, step)
 
 
+def check_shapes(weights: EncoderWeights, source: Any) -> EncoderWeights:
+    """Every tensor of ``weights`` has the shape its architecture gives it (a ViT built on the meta
+    device: no memory, no init); a file with a wrong-shaped tensor is one line naming it, never a
+    silent export or a loader's traceback. Unknown names are left to the loader's strict check."""
+    from mcf.models.vit import MaskedViT
+
+    a = weights.arch
+    with torch.device("meta"):
+        want = MaskedViT(a.img_size, a.patch_size, 3, a.embed_dim, a.depth, a.num_heads, a.mlp_ratio).state_dict()
+    for name, t in (weights.state_dict or {}).items():
+        if name in want and tuple(t.shape) != tuple(want[name].shape):
+            raise CheckpointError(f"{source}: tensor {name} has shape {list(t.shape)}, a ViT of {a} needs "
+                                  f"{list(want[name].shape)}: the file is damaged or was edited")
+    return weights
+
+
 def load_encoder_weights(source: str | Path, *, random_arch: ViTArch | None = None) -> EncoderWeights:
+    """Resolve ``source`` to encoder weights, every tensor's shape checked (:func:`check_shapes`); see
+    :func:`_load_encoder_weights`."""
+    weights = _load_encoder_weights(source, random_arch=random_arch)
+    return weights if weights.state_dict is None else check_shapes(weights, source)
+
+
+def _load_encoder_weights(source: str | Path, *, random_arch: ViTArch | None = None) -> EncoderWeights:
     """Resolve ``source`` to encoder weights.
 
     Args:

@@ -119,7 +119,7 @@ def newest_intact(root: Path) -> Path | None:
         return step_dir
     if found:
         raise CheckpointError(f"no intact checkpoint in {root} ({len(found)} damaged; newest: {problems[0]}); "
-                              "restore the files, or start over with --resume none")
+                              "restore the files, or start over with --resume none --overwrite-run")
     return None
 
 
@@ -310,7 +310,27 @@ def read_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not an mcf pre-training checkpoint")
     if not isinstance(state.get("config"), dict) or not isinstance(state.get("target"), dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"{path / MCF_STATE} is damaged (no step, config or target weights)")
+    missing = [k for k in ("train", "model") if not isinstance(state["config"].get(k), dict)]
+    train = state["config"].get("train") or {}
+    if missing or not all(isinstance(train.get(k), int) for k in ("batch_size", "accum_steps")) \
+            or not isinstance(state.get("world_size"), int):
+        raise CheckpointError(f"{path / MCF_STATE} is damaged (its config lacks {', '.join(missing) or 'train sizes'}, "
+                              "or no world size)")
     return state
+
+
+def check_same_model(path: Path, state: dict[str, Any], model: dict[str, Any]) -> None:
+    """A checkpoint resumes only into the model that wrote it (``model.name``, ``model.img_size``); one line
+    naming both otherwise, before any weight is loaded."""
+    saved = state["config"]["model"]
+    sizes = saved.get("img_size"), model.get("img_size")  # None: the model's default (compared when both are set)
+    if saved.get("name") != model.get("name") or None not in sizes and sizes[0] != sizes[1]:
+        def show(m: dict[str, Any]) -> str:
+            return m.get("name") if m.get("img_size") is None else f"{m.get('name')} at {m.get('img_size')} px"
+
+        raise CheckpointError(f"{path} holds a {show(saved)} model, this run builds {show(model)}: resume with "
+                              f"--model {saved.get('name')} (and its model.img_size), or start a new run in another "
+                              "--output-dir (model.init_from can start one from exported weights)")
 
 
 def _check_same_layout(path: Path, config: dict[str, Any], engine: Any) -> None:
@@ -352,9 +372,15 @@ def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int, state: 
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside DeepSpeed's wrapper
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
     integrity.writer_of(engine)  # DeepSpeed's own reads go through safe_load from here on
-    with safe_torch_load():
-        load_path, _ = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+    try:
+        with safe_torch_load():
+            load_path, _ = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+    except RuntimeError as e:  # torch's load_state_dict: "size mismatch for ...", "Missing key(s) ..."
+        first = str(e).strip().splitlines()
+        detail = next((x.strip() for x in first if "size mismatch" in x or "Missing key" in x), first[0] if first else "")
+        raise CheckpointError(f"{path} does not fit this run's model ({detail[:300]}): resume it with the model and "
+                              "model.img_size that wrote it") from None
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {load_dir}")
     if universal:
@@ -541,8 +567,10 @@ def load_consolidated(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def export_fp32(src: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
-    d = load_consolidated(src)
     out = Path(out)
+    if out.is_dir():
+        raise StorageError(f"{out} is a directory: name the file to write (e.g. {out / 'mcf_fp32.pt'})")
+    d = load_consolidated(src)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

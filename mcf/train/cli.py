@@ -37,6 +37,8 @@ FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "teacher_checkpoint": ("teacher.checkpoint", "PATH|random", str, "frozen perceptual teacher weights ('random' for tests)"),
     "tracking_uri": ("logging.tracking_uri", "URI|none", str, "MLflow tracking URI (default: sqlite store in the output dir; 'none' = off)"),
     "max_bad_fraction": ("data.max_bad_fraction", "F", float, "stop when more than this fraction of samples fails to decode"),
+    "overwrite_run": ("train.overwrite_run", "", bool, "start a new run in an output dir that holds one: delete that run's "
+                      "checkpoints and logs first"),
 }
 
 OVERRIDES_ENV = "MCF_OVERRIDES"
@@ -137,6 +139,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default="demo", metavar="NAME|PATH", help="preset name (demo, small, base, large, huge) or a YAML file (default: demo)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (repeatable)")
     for dest, (key, metavar, tp, text) in FLAGS.items():
+        if tp is bool:  # a switch: sets the key to true
+            p.add_argument("--" + dest.replace("_", "-"), dest=dest, action="store_const", const=True, default=None,
+                           help=f"{text} [{key}=true]")
+            continue
         p.add_argument("--" + dest.replace("_", "-"), dest=dest, type=tp, default=None, metavar=metavar, help=f"{text} [{key}]")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's; LOCAL_RANK wins
     p.set_defaults(func=run_pretrain)

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 from collections.abc import Callable
@@ -291,6 +292,12 @@ def verify(step_dir: Path) -> None:
         pts = sorted(p for p in step_dir.iterdir() if p.name.endswith(".pt"))
     except OSError as e:
         raise CheckpointError(f"cannot list {step_dir}: {e.strerror}") from None
+    if not listed:  # an old marker (the step alone) or one listing nothing: the files every save writes must be there
+        names = {p.name for p in pts}
+        missing = sorted(set(_always_written(names)) - names)
+        if missing:
+            raise CheckpointError(f"{step_dir / missing[0]} is missing ({len(missing)} file(s) every checkpoint holds; "
+                                  "its marker lists no files)")
     with ThreadPoolExecutor(SCAN_THREADS) as pool:
         scans = list(pool.map(_try, [lambda p=p: _scan(p) for p in pts]))
         unsafe = [e for e in scans if isinstance(e, UnsafeCheckpointError)]
@@ -304,6 +311,23 @@ def verify(step_dir: Path) -> None:
     damaged = [e for e in scans if e is not None]
     if damaged:
         raise damaged[0]
+
+
+_RANK_FILE = re.compile(r"^rank_(\d{5})\.pt$")
+_OPTIM_SHARD = re.compile(r"^(.*zero_pp_rank_)(\d+)(_mp_rank_00_optim_states\.pt)$")
+
+
+def _always_written(names: set[str]) -> list[str]:
+    """The files a save of ``N`` ranks always writes, ``N`` taken from the rank files present: the run
+    state, the module, one ``rank_*.pt`` per rank and, when the optimizer is sharded, one shard per rank."""
+    shards = [m for x in names if (m := _OPTIM_SHARD.match(x))]
+    ranks = [int(m.group(1)) for x in names if (m := _RANK_FILE.match(x))] + [int(m.group(2)) for m in shards]
+    n = max(ranks, default=0) + 1
+    out = ["mcf_state.pt", "mp_rank_00_model_states.pt", *(f"rank_{r:05d}.pt" for r in range(n))]
+    if shards:
+        head, tail = shards[0].group(1), shards[0].group(3)
+        out += [f"{head}{r}{tail}" for r in range(n)]
+    return out
 
 
 def _try(fn: Callable[[], None]) -> CheckpointError | None:

@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 from mcf.errors import RunLockedError, StorageError
@@ -100,7 +101,7 @@ class Holder:
             return cls(host=str(d["host"]), pid=int(d["pid"]), proc_start=d.get("proc_start"), boot_id=str(d.get("boot_id", "")),
                        pidns=str(d.get("pidns", "")), started=str(d.get("started", "?")), token=str(d["token"]),
                        slurm_job=d.get("slurm_job"), slurm_restart=int(d.get("slurm_restart") or 0))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: nested brackets ("[[[[...")
             return None
 
     def describe(self) -> str:
@@ -218,19 +219,22 @@ class RunLock:
         the attributes."""
         for attempt in range(retries):
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO in its place must not block
             except FileNotFoundError:
                 return None, None, None
             except OSError:
                 return None, None, ("unreadable",)
             try:
                 st = os.fstat(fd)
+                if not S_ISREG(st.st_mode):
+                    raise StorageError(f"{path} is not a file (a folder, a FIFO, ...): mcf's run lock goes there; move it away")
                 text = os.read(fd, 1 << 16).decode(errors="replace")
             finally:
                 os.close(fd)
             holder = Holder.parse(text)
             if holder is not None or attempt == retries - 1:
-                return holder, max(0.0, self._fs_now() - st.st_mtime) if age else None, (st.st_ino, st.st_mtime_ns)
+                # the heartbeat's age; negative: its mtime lies in the future (a clock set wrong, a touch -d)
+                return holder, self._fs_now() - st.st_mtime if age else None, (st.st_ino, st.st_mtime_ns)
             time.sleep(0.05)  # being written by its creator right now
         return None, None, None
 
@@ -275,8 +279,12 @@ class RunLock:
             breaker.unlink(missing_ok=True)
 
     def _refusal(self, h: Holder | None, age: float | None) -> str:
-        beat = f", heartbeat {age:.0f} s ago" if age is not None else ""
         who = h.describe() if h is not None else "its lock file cannot be read (being written, or damaged)"
+        if age is not None and age < -self.heartbeat_s:  # no heartbeat writes a future time: it can never age
+            return (f"output folder {self.folder} is locked by {who} (lock {self.path}), whose heartbeat time lies "
+                    f"{-age:.0f} s in the future (a clock set wrong): it will not go stale by itself; if no run uses "
+                    f"this folder, delete {self.path}, else use another --output-dir")
+        beat = f", heartbeat {age:.0f} s ago" if age is not None else ""
         return (f"output folder {self.folder} is in use by another run: {who} (lock {self.path}{beat}); wait for it "
                 f"to finish or use another --output-dir (the lock of a run that died is taken over automatically: at once on "
                 f"the same machine, after {self.stale_s:.0f} s without heartbeat from another one)")

@@ -46,6 +46,7 @@ from mcf.train.metrics import RunLogger, flatten, save_reconstruction
 from mcf.train.optim import build_optimizer, describe_schedule, lr_at, momentum_at, param_groups, peak_lr, set_lr, warmup_steps
 from mcf.train.perf import Throughput
 from mcf.train.profile import StepProfiler
+from mcf.train.rundir import check_not_in_data, check_start
 from mcf.train.runlock import RunLock
 from mcf.train.signals import REQUEUE_EXIT_CODE, StopRequest
 from mcf.train.tracking import check_reachable
@@ -188,7 +189,9 @@ class Trainer:
     def _preflight(self) -> UserError | None:
         """Rank 0: lock the output folder (held until :meth:`fit` returns) and check MLflow answers."""
         try:
+            check_not_in_data(self.out, self.cfg.data.path)
             self.lock = RunLock(self.out, self.cfg.train.lock_stale_s).acquire()
+            check_start(self.out, self.cfg.train.resume, self.cfg.train.overwrite_run)
             ckpt.make_root(self.out / "checkpoints")
             uri = self.cfg.logging.tracking_uri
             if uri and uri.lower() != "none":
@@ -216,6 +219,7 @@ class Trainer:
             self.resume_state = None
         self.resized = False
         if self.resume_state is not None:
+            ckpt.check_same_model(self.resume_dir, self.resume_state, to_dict(cfg)["model"])
             saved = elastic.RunShape.of_checkpoint(self.resume_state)
             cfg.train.accum_steps = elastic.plan_accum_steps(cfg.train.elastic, saved, cfg.train.batch_size, cfg.train.accum_steps,
                                                              world_size)

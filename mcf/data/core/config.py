@@ -28,6 +28,8 @@ class DataConfig:
     max_bad_fraction: float = field(0.01, help="Stop the run when more than this fraction of the samples seen failed to decode.")
     max_image_pixels: int = field(64_000_000, help="Images with more pixels (from the header) are bad samples: a decompression-bomb guard.")
     shuffle_buffer: int = field(2048, help="webdataset shards: samples per shuffle window (streamed shards hold one window per worker).")
+    stream_stall_s: float = field(120.0, help="pipe: shards: a command that delivers less than 64 KiB in this many seconds of "
+                                  "waiting is stalled; the rest of its shard is bad samples (substituted, counted), never a hang.")
     index_cache: str | None = field(None, help="Folder for file/key/shard index files (read-only data); None = <data>/.mcf/.")
     index_wait_s: float = field(7200.0, help="How long ranks other than 0 wait for rank 0 to write a missing or stale index.")
 
@@ -50,5 +52,7 @@ class DataConfig:
             raise ConfigError("data.max_image_pixels must be positive")
         if self.shuffle_buffer < 1:
             raise ConfigError("data.shuffle_buffer must be >= 1")
+        if not self.stream_stall_s > 0:
+            raise ConfigError("data.stream_stall_s must be positive")
         if not self.index_wait_s > 0:
             raise ConfigError("data.index_wait_s must be positive")

@@ -196,6 +196,21 @@ def _stamp(path: Path) -> tuple[int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _array_spec(spec: Any) -> tuple[np.dtype, tuple[int, ...], int]:
+    """``(dtype, shape, byte offset)`` of one header entry ``[dtype.str, shape, offset]``; ``ValueError``
+    for anything else (a tampered header: an object dtype, a negative or non-integer size)."""
+    if not (isinstance(spec, list) and len(spec) == 3 and isinstance(spec[0], str) and isinstance(spec[1], list)):
+        raise ValueError(f"bad array entry {str(spec)[:80]}")
+    dtype, shape, off = spec
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"bad dtype {dtype[:40]!r}") from None
+    if dt.kind not in "biu" or len(shape) > 2 or not all(type(d) is int and 0 <= d < 2**48 for d in (*shape, off)):
+        raise ValueError(f"bad array entry {str(spec)[:80]}")
+    return dt, tuple(shape), off
+
+
 class IndexFile:
     """An opened index: ``meta`` (dict) and ``arrays`` (name -> read-only array).
 
@@ -222,11 +237,13 @@ class IndexFile:
         if 16 + hlen > size:
             raise ValueError("truncated header")
         header = json.loads(mm[16 : 16 + hlen].tobytes())
+        if not (isinstance(header, dict) and isinstance(header.get("meta"), dict) and isinstance(header.get("arrays"), dict)):
+            raise ValueError("header is not {meta, arrays}")
         arrays = {}
-        for name, (dtype, shape, off) in header["arrays"].items():
-            dt = np.dtype(dtype)
+        for name, spec in header["arrays"].items():
+            dt, shape, off = _array_spec(spec)
             nbytes = dt.itemsize * int(np.prod(shape, dtype=np.int64))
-            if off + nbytes > size:
+            if off < 16 + hlen or off + nbytes > size:
                 raise ValueError(f"truncated array {name}")
             arrays[name] = np.asarray(mm[off : off + nbytes]).view(dt).reshape(shape) if nbytes else np.zeros(shape, dt)
         return cls(header["meta"], arrays, path)
@@ -306,9 +323,9 @@ def _writable(path: Path) -> bool:
 def _try_open(path: Path, fresh: Callable[[IndexFile], bool]) -> IndexFile | None:
     try:
         idx = IndexFile.open(path)
-    except (OSError, ValueError, KeyError):
+        return idx if fresh(idx) else None
+    except (OSError, ValueError, KeyError, TypeError, IndexError):  # damaged or tampered: rebuilt
         return None
-    return idx if fresh(idx) else None
 
 
 def open_or_build(

@@ -79,6 +79,23 @@ class EncodedImageDataset:
         return i
 
 
+def _tar_folder(root: Path, depth: int = 3, budget: int = 10_000) -> Path | None:
+    """The first folder under ``root`` (``depth`` levels, ``budget`` entries looked at) that holds
+    ``.tar`` files: webdataset shards passed as an image folder one level too high."""
+    todo = [(root, 0)]
+    while todo and budget > 0:
+        d, level = todo.pop(0)
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)[:budget]
+        except OSError:
+            continue
+        budget -= len(entries)
+        if any(e.name.endswith(".tar") and not e.name.startswith(".") for e in entries):
+            return Path(d)
+        todo.extend((Path(e.path), level + 1) for e in entries if level + 1 < depth and e.is_dir(follow_symlinks=False))
+    return None
+
+
 class ImageFolderDataset(EncodedImageDataset):
     """All images under ``root`` (recursive, symlinks followed, each directory once; sorted;
     extensions in ``IMAGE_EXTENSIONS``), listed by a cached :class:`~mcf.data.formats.scan.FolderIndex`."""
@@ -90,7 +107,9 @@ class ImageFolderDataset(EncodedImageDataset):
         self.max_pixels = max_pixels
         self.index = open_folder_index(self.root, index)
         if not len(self.index):
-            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
+            tars = _tar_folder(self.root)
+            hint = f"; {tars} holds .tar shards: pass it as --data" if tars is not None else ""
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}{hint}")
 
     def __len__(self) -> int:
         return len(self.index)

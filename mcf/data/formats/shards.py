@@ -33,12 +33,21 @@ Numpy only: DALI's spawned source workers unpickle :class:`ShardDataset` and :cl
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import io
+import itertools
 import logging
+import math
 import os
 import re
+import select
+import signal
+import stat
 import subprocess
+import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +57,6 @@ import numpy as np
 
 from mcf.data.core.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, decode_rgb, max_file_bytes
 from mcf.data.core.index import IndexFile, IndexOptions, PackedStrings, index_location, open_or_build, source_hash
-from mcf.data.core.procs import die_with_parent
 from mcf.data.core.sampler import RankShare
 from mcf.data.core.tar_index import count_stream, index_tar
 from mcf.errors import DataError
@@ -63,26 +71,62 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 # -- naming shards -----------------------------------------------------------------------------------
-def expand_braces(pattern: str) -> list[str]:
-    """``a{00..02}b{x,y}`` -> ``a00bx a00by a01bx ...``: numeric ranges (zero-padded when a bound
-    is) and comma lists, as webdataset's brace expansion; other braces are kept literally."""
-    m = _BRACE.search(pattern)
-    if m is None:
-        return [pattern]
-    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        a, b = rng.groups()
-        width = max(len(a), len(b)) if (a.startswith("0") or b.startswith("0")) else 0
+MAX_SHARDS = 1_000_000  # shards one --data may name (LAION-5B in 10k-sample shards is 500k)
+
+
+def _brace_parts(pattern: str) -> list[Sequence[str]]:
+    """``pattern`` as a product of parts, each a sequence of alternatives, none materialised: a literal
+    is ``[text]``, ``{a..b}`` a lazy :class:`_Range`, ``{x,y}`` its list; other braces are literal."""
+    parts: list[Sequence[str]] = []
+    pos = 0
+    for m in _BRACE.finditer(pattern):
+        body = m.group(1)
+        rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+        if rng is None and "," not in body:
+            continue  # kept literally, with what follows
+        parts.append([pattern[pos : m.start()]])
+        parts.append(_Range(*rng.groups()) if rng else body.split(","))
+        pos = m.end()
+    parts.append([pattern[pos:]])
+    return parts
+
+
+class _Range(Sequence[str]):
+    """``{a..b}`` as bash and webdataset expand it: ``{0..10}`` is ``0 1 ... 10``; zero-padded to the
+    wider bound only when a bound is written with a leading zero (``{00..10}``: ``00 01 ... 10``);
+    ``{3..1}`` counts down."""
+
+    def __init__(self, a: str, b: str):
+        self.width = max(len(a), len(b)) if (len(a) > 1 and a[0] == "0") or (len(b) > 1 and b[0] == "0") else 0
         lo, hi = int(a), int(b)
-        step = 1 if hi >= lo else -1
-        options = [str(i).zfill(width) for i in range(lo, hi + step, step)]
-    elif "," in body:
-        options = body.split(",")
-    else:
-        return [head + "{" + body + "}" + t for t in expand_braces(tail)]
-    tails = expand_braces(tail)
-    return [head + o + t for o in options for t in tails]
+        self.range = range(lo, hi + 1) if hi >= lo else range(lo, hi - 1, -1)
+        self.n = abs(hi - lo) + 1  # len() overflows past 2**63 (`{0..99999999999999999999}`)
+
+    def __len__(self) -> int:
+        return len(self.range)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return str(self.range[i]).zfill(self.width)
+
+
+def brace_count(pattern: str) -> int:
+    """How many names :func:`expand_braces` gives for ``pattern``, computed without expanding it."""
+    return math.prod(_count(p) for p in _brace_parts(pattern))
+
+
+def _count(part: Sequence[str]) -> int:
+    return part.n if isinstance(part, _Range) else len(part)
+
+
+def expand_braces(pattern: str, limit: int = MAX_SHARDS) -> list[str]:
+    """``a{00..02}b{x,y}`` -> ``a00bx a00by a01bx ...``: numeric ranges (see :class:`_Range`) and comma
+    lists, as webdataset's brace expansion; other braces are kept literally. More than ``limit``
+    names is a :class:`DataError`, raised before anything is expanded."""
+    parts = _brace_parts(pattern)
+    n = math.prod(_count(p) for p in parts)
+    if n > limit:
+        raise DataError(f"{pattern[:200]} names {n:,} shards, more than the limit of {limit:,}")
+    return ["".join(t) for t in itertools.product(*parts)]
 
 
 def is_remote(url: str) -> bool:
@@ -129,7 +173,7 @@ def _is_shard_dir(p: Path) -> bool:
 def is_shard_spec(path: str | os.PathLike) -> bool:
     """Whether ``--data`` names webdataset shards (see the module docstring for the forms)."""
     s = str(path)
-    if s.startswith("pipe:") or _URL.match(s) or _BRACE.search(s) and len(expand_braces(s)) > 1:
+    if s.startswith("pipe:") or _URL.match(s) or _BRACE.search(s) and brace_count(s) > 1:
         return True
     p = Path(s).expanduser()
     if p.is_dir():
@@ -158,7 +202,7 @@ def resolve_shards(spec: str | os.PathLike) -> ShardSpec:
     if s.startswith("pipe:") or _URL.match(s) and not s.startswith("file://"):
         urls = expand_braces(s)
         data_dir, name = None, "shards"
-    elif _BRACE.search(s) and len(expand_braces(s)) > 1:
+    elif _BRACE.search(s) and brace_count(s) > 1:
         urls = [os.path.abspath(_local(u)) for u in expand_braces(s)]
         data_dir, name = Path(urls[0]).parent, f"shards-{source_hash(os.path.abspath(_local(s)))}"
     else:
@@ -185,6 +229,11 @@ def resolve_shards(spec: str | os.PathLike) -> ShardSpec:
     if not remote:
         missing = [u for u in urls if not os.path.isfile(u)]
         if missing:
+            what = [u for u in missing if os.path.exists(u)]
+            if what:  # a directory, a FIFO, a device: named as what it is, not "not found"
+                kind = "a directory" if os.path.isdir(what[0]) else "not a regular file"
+                raise DataError(f"{len(what)} of {len(urls)} shards are not tar files: {what[0]} is {kind} "
+                                "(list .tar files, or pass a shard folder as --data itself)")
             raise DataError(f"{len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}")
     source = s if data_dir is None else "\n".join(urls)
     return ShardSpec(tuple(urls), source, data_dir, name, remote)
@@ -200,7 +249,7 @@ def _read_list(p: Path) -> list[str]:
             f"{p} is a binary file: pass an image folder, an LMDB directory, shards, or an LMDB with --lmdb-keys"
         )
     try:
-        lines = text.decode("utf-8").splitlines()
+        lines = text.decode("utf-8-sig").splitlines()  # a byte-order mark (Windows editors) is not a path
     except UnicodeDecodeError:
         raise DataError(f"{p} is not a UTF-8 text list of shards") from None
     urls = []
@@ -208,10 +257,11 @@ def _read_list(p: Path) -> list[str]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        names = expand_braces(line, limit=MAX_SHARDS - len(urls))  # the whole list is bounded, not each line
         if is_remote(line):
-            urls.extend(expand_braces(line))
+            urls.extend(names)
         else:
-            urls.extend(os.path.abspath(os.path.join(p.parent, _local(u))) for u in expand_braces(line))
+            urls.extend(os.path.abspath(os.path.join(p.parent, _local(u))) for u in names)
     return urls
 
 
@@ -233,19 +283,93 @@ def check_url(url: str) -> None:
         raise DataError(f"unknown shard URL protocol {protocol!r} in {url} ({e})") from None
 
 
+STREAM_STALL_S = 120.0  # default data.stream_stall_s
+MIN_PROGRESS_BYTES = 64 * 1024  # a pipe must deliver this much within every stream_stall_s seconds of waiting
+
+
+class StalledStream(OSError):
+    """A ``pipe:`` shard that stopped delivering data (see :class:`_DeadlineStream`)."""
+
+
+class _DeadlineStream(io.RawIOBase):
+    """The read end of a ``pipe:`` command's stdout, with a deadline: :data:`MIN_PROGRESS_BYTES` (or the
+    end of the stream) must arrive within every ``stall_s`` seconds spent waiting for it, else
+    :class:`StalledStream`. Only time blocked in this reader counts (not the time the consumer
+    spends decoding between reads), so a slow consumer is never cut off, and a stream that trickles
+    (a byte a minute) is as stalled as one that stops. The descriptor stays its owner's to close."""
+
+    def __init__(self, fd: int, stall_s: float, what: str):
+        self.fd, self.stall_s, self.what = fd, stall_s, what
+        self.waited, self.progress = 0.0, 0
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while True:
+            t0 = time.monotonic()
+            ready = self._poll.poll(max(0.0, self.stall_s - self.waited) * 1000.0)
+            self.waited += time.monotonic() - t0
+            if ready:
+                data = os.read(self.fd, len(b))
+                b[: len(data)] = data
+                self.progress += len(data)
+                if self.progress >= MIN_PROGRESS_BYTES:
+                    self.waited, self.progress = 0.0, 0
+                return len(data)  # 0: end of the stream
+            if self.waited >= self.stall_s:
+                raise StalledStream(f"stalled: less than {MIN_PROGRESS_BYTES // 1024} KiB in {self.stall_s:g} s of "
+                                    f"waiting (data.stream_stall_s) from {self.what[:200]}")
+
+
+_SIG_DFL = 0
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """libc, loaded in the parent: a forked child must not load libraries (not async-signal-safe)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.signal.argtypes, libc.signal.restype = (ctypes.c_int, ctypes.c_void_p), ctypes.c_void_p
+    return libc
+
+
+def _pipe_child_init() -> None:
+    """In a ``pipe:`` command's process, before exec: the default disposition for every signal and an
+    empty signal mask (a loader worker ignores SIGTERM and SIGUSR1, and ignored signals survive
+    exec), and SIGKILL when the process that started it dies (``PR_SET_PDEATHSIG``). Plain libc
+    calls only: the forking thread may not be the main one."""
+    libc = _libc()
+    for sig in range(1, signal.SIGRTMIN):
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            libc.signal(sig, _SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 @contextlib.contextmanager
-def open_stream(url: str) -> Iterator[BinaryIO]:
-    """A readable byte stream of shard ``url``: a ``pipe:`` command's stdout, an fsspec URL, or a file."""
+def open_stream(url: str, stall_s: float = STREAM_STALL_S) -> Iterator[BinaryIO]:
+    """A readable byte stream of shard ``url``: a ``pipe:`` command's stdout, an fsspec URL, or a file.
+
+    A ``pipe:`` command runs in a process group of its own, with the default signal dispositions and
+    mask, and dies (SIGKILL) with the process that started it; when the stream is closed the whole
+    group is killed (the command's own children too). Its stdout is read with a deadline
+    (``stall_s``, see :class:`_DeadlineStream`): a stalled command is a shard that broke off.
+    """
     if url.startswith("pipe:"):
-        proc = subprocess.Popen(
-            url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, preexec_fn=die_with_parent
-        )  # killed with its worker
+        _libc()
+        proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                preexec_fn=_pipe_child_init, process_group=0)
         try:
-            yield proc.stdout
+            yield io.BufferedReader(_DeadlineStream(proc.stdout.fileno(), stall_s, url), 1 << 16)
         finally:
+            try:  # before the shell is reaped: its pid, the group's id, cannot be reused until then
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             proc.stdout.close()
-            if proc.poll() is None:
-                proc.kill()
             rc = proc.wait()
             if rc not in (0, -9):
                 log.warning("shard command %r exited with status %d", url, rc)
@@ -261,7 +385,11 @@ def open_stream(url: str) -> Iterator[BinaryIO]:
         with f:
             yield f
         return
-    with open(url[len("file://") :] if url.startswith("file://") else url, "rb") as f:
+    try:
+        fd = open_regular(_local(url))
+    except (OSError, BadImage) as e:
+        raise DataError(f"cannot open {url}: {e}") from None
+    with os.fdopen(fd, "rb") as f:
         yield f
 
 
@@ -363,7 +491,7 @@ def build_shard_index(
     if not spec.remote:
         big = max((s[0] for s in stats), default=0) >= 2**32
         arrays["offset"] = np.array(offsets, dtype=np.uint64 if big else np.uint32)
-        arrays["length"] = np.array(sizes, dtype=np.uint32)
+        arrays["length"] = np.array(sizes, dtype=np.uint64 if max(sizes, default=0) >= 2**32 else np.uint32)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -461,6 +589,17 @@ def open_shard_index(spec: ShardSpec, options: IndexOptions | None = None, worke
 
 
 # -- datasets ----------------------------------------------------------------------------------------
+def open_regular(path: str) -> int:
+    """A read-only descriptor of the regular file ``path``; ``BadImage`` for anything else. Opened
+    with ``O_NONBLOCK`` and checked after opening: a shard replaced by a FIFO mid-run would block
+    ``open`` until a writer came (never), a device would never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BadImage("not a regular file (replaced by a FIFO, a device or a folder?)")
+    return fd
+
+
 class _Handles:
     """Open shard files of this process (at most ``limit``, least recently used closed first);
     forgotten after a fork."""
@@ -473,7 +612,7 @@ class _Handles:
             self.pid, self.fds = os.getpid(), OrderedDict()  # inherited descriptors: left to the parent
         fd = self.fds.pop(path, None)
         if fd is None:
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_regular(path)
             while len(self.fds) >= self.limit:
                 os.close(self.fds.popitem(last=False)[1])
         self.fds[path] = fd
@@ -515,7 +654,7 @@ class ShardDataset:
         try:
             head = os.pread(self._handles.get(url), 100, off - 512)
             member = head.split(b"\0", 1)[0].decode("utf-8", "replace")
-        except OSError:
+        except (OSError, BadImage):  # gone, or no longer a regular file: named by number
             pass
         return f"{url}[{member or f'sample {j}'}]"
 

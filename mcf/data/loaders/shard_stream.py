@@ -1,7 +1,7 @@
 """Remote webdataset shards (``pipe:`` commands, fsspec URLs), streamed by the PyTorch loader.
 
-A remote shard cannot be read by offset, so it is read front to back (``tarfile`` streaming mode,
-nothing extracted to disk). The epoch's shard sequence is that of local shards (shards shuffled
+A remote shard cannot be read by offset, so it is read front to back (the local indexer's header
+checks, :func:`~mcf.data.tar_index.stream_samples`; nothing extracted to disk). The epoch's shard sequence is that of local shards (shards shuffled
 per ``(seed, epoch)``, :class:`ShardSampler`), but each rank takes a contiguous ``N // world_size``
 of it (dealing every shard's samples over the ranks, as local shards do, would stream every shard on
 every rank), and then:
@@ -37,7 +37,7 @@ from mcf.data.core.source import MAX_ATTEMPTS
 from mcf.data.core.tar_index import TarDamage, stream_samples
 from mcf.data.core.transforms import PretrainTransform, normalize_batch, sample_rng
 from mcf.data.core.workers import worker_init
-from mcf.data.formats.shards import ShardSampler, StreamedShards, open_stream
+from mcf.data.formats.shards import STREAM_STALL_S, ShardSampler, StreamedShards, open_stream
 from mcf.data.loaders.base import PretrainLoader, shutdown_workers
 from mcf.errors import DataError
 
@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 class _Reader:
     """Samples of one stream, read shard by shard; keeps the current shard open between windows."""
 
-    def __init__(self, urls: list[str], max_bytes: int | None = None):
-        self.urls, self.max_bytes = urls, max_bytes
+    def __init__(self, urls: list[str], max_bytes: int | None = None, stall_s: float = STREAM_STALL_S):
+        self.urls, self.max_bytes, self.stall_s = urls, max_bytes, stall_s
         self._at: tuple[int, int] | None = None  # (shard, next sample) of the open stream
         self._ctx: contextlib.ExitStack | None = None
         self._gen: Iterator[bytes] | None = None
@@ -57,7 +57,7 @@ class _Reader:
         self.close()
         self._ctx = contextlib.ExitStack()
         try:
-            f = self._ctx.enter_context(open_stream(self.urls[shard]))
+            f = self._ctx.enter_context(open_stream(self.urls[shard], self.stall_s))
             self._gen = stream_samples(f, self.max_bytes)
         except (DataError, OSError) as e:
             log.warning("shard %s: %s", self.urls[shard], e)
@@ -143,16 +143,17 @@ class _StreamBatches(torch.utils.data.IterableDataset):
         max_pixels: int,
         epoch: int,
         position: int,
+        stall_s: float = STREAM_STALL_S,
     ):
         super().__init__()
         self.plan, self.urls, self.transform, self.seed, self.max_pixels = plan, urls, transform, seed, max_pixels
-        self.epoch, self.position = epoch, position
+        self.epoch, self.position, self.stall_s = epoch, position, stall_s
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         info = torch.utils.data.get_worker_info()
         k = 0 if info is None else info.id
         stream = (self.position + k) % self.plan.streams  # the stream whose turn follows `position`
-        reader = _Reader(self.urls, max_file_bytes(self.max_pixels))
+        reader = _Reader(self.urls, max_file_bytes(self.max_pixels), self.stall_s)
         try:
             yield from self._stream(stream, reader)
         finally:
@@ -246,7 +247,8 @@ class ShardStreamLoader(PretrainLoader):
     def _batches(self, epoch, offset):
         position = offset // self.global_batch  # this rank's batches of the epoch (same world and batch size: checked)
         ds = _StreamBatches(
-            self.plan, list(self.dataset.spec.urls), self.transform, self.seed, self.dataset.max_pixels, epoch, position
+            self.plan, list(self.dataset.spec.urls), self.transform, self.seed, self.dataset.max_pixels, epoch, position,
+            self.cfg.stream_stall_s,
         )
         nw = self.cfg.num_workers
         self.close()

@@ -33,6 +33,7 @@ from mcf.data.formats.datasets import (
     scan_image_folder,
 )
 from mcf.data.formats.factory import open_dataset
+from mcf.data.formats.shards import MANIFEST_FORMAT as SHARDS_FORMAT
 from mcf.errors import DataError
 
 PROGRESS_KEY = b"__progress__"
@@ -55,15 +56,56 @@ def encode_image(data: bytes, *, resize_short: int | None, quality: int | None, 
     return buf.getvalue()
 
 
-def prepare_output(out: Path, *, quality: int | None, resize_short: int | None, overwrite: bool) -> None:
-    """Check a build's re-encoding options and clear ``out`` (only with ``overwrite``); raises DataError."""
+MANIFEST_FORMATS = (FORMAT, SHARDS_FORMAT)  # a folder whose manifest.json names one of these was made by mcf
+
+
+def made_by_mcf(folder: Path) -> bool:
+    """Whether ``folder`` is the output of an mcf build (its ``manifest.json`` names an mcf format)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") in MANIFEST_FORMATS
+
+
+def _relation(a: Path, b: Path) -> str | None:
+    """How folder ``a`` sits relative to ``b`` (both resolved): 'is', 'is inside', 'contains' or None."""
+    if a == b:
+        return "is"
+    if b in a.parents:
+        return "is inside"
+    if a in b.parents:
+        return "contains"
+    return None
+
+
+def prepare_output(out: Path, *, sources: list[str | os.PathLike] = (), quality: int | None,
+                   resize_short: int | None, overwrite: bool) -> None:
+    """Check a build's options and output, then clear ``out`` (only with ``overwrite``); raises DataError.
+
+    Everything is checked before anything is deleted: ``out`` must not be a symbolic link, must not
+    be, hold or lie inside any of ``sources`` (the data read: a folder, an LMDB, a list, the shard
+    files), and is deleted only when it is an mcf build's output (:func:`made_by_mcf`).
+    """
     if quality is not None and not 1 <= quality <= 100:
         raise DataError("--quality must be in 1..100")
     if resize_short is not None and resize_short < 1:
         raise DataError("--resize-short must be positive")
+    if out.is_symlink():
+        raise DataError(f"{out} is a symbolic link: give the folder itself (a build never writes through or "
+                        "replaces a link)")
+    real_out = Path(os.path.abspath(out)).resolve()
+    for src in sources:
+        real_src = Path(os.path.abspath(src)).resolve()
+        how = _relation(real_out, real_src)
+        if how is not None:
+            raise DataError(f"the output {out} {how} the source {src}: choose an OUT outside the data")
     if out.exists():
         if not overwrite:
             raise DataError(f"{out} already exists (pass --overwrite to replace it)")
+        if not out.is_dir() or not made_by_mcf(out):
+            raise DataError(f"{out} is not the output of an mcf build (no mcf manifest.json): --overwrite deletes "
+                            "only what mcf made; remove it yourself or choose another OUT")
         shutil.rmtree(out)
 
 
@@ -115,7 +157,7 @@ def build_lmdb(
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise DataError(f"source folder not found: {src}")
-    prepare_output(out, quality=quality, resize_short=resize_short, overwrite=overwrite)
+    prepare_output(out, sources=[src], quality=quality, resize_short=resize_short, overwrite=overwrite)
     files = scan_image_folder(src)
     if not files:
         raise DataError(f"no images under {src}")

@@ -85,6 +85,19 @@ def _fingerprint(ds: Any) -> str:
     return h.hexdigest()
 
 
+def _read_progress(path: Path) -> dict[str, Any]:
+    """An interrupted build's ``progress.json``; a damaged one is a DataError naming it."""
+    try:
+        state = json.loads(path.read_text())
+        keys = {"done": int, "count": int, "shards": list, "bad": list, "options": dict}
+        if isinstance(state, dict) and all(isinstance(state.get(k), t) for k, t in keys.items()) and all(
+                isinstance(s, dict) and isinstance(s.get("name"), str) and "/" not in s["name"] for s in state["shards"]):
+            return state
+    except (OSError, ValueError):
+        pass
+    raise DataError(f"{path} is damaged (not the progress record of a build): delete {path.parent} to start over")
+
+
 def _atomic_json(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1))
 
@@ -160,10 +173,13 @@ def build_shards(
         raise DataError("give --max-count and/or --max-bytes")
     if (max_count is not None and max_count < 1) or (max_bytes is not None and max_bytes < 2048):
         raise DataError("--max-count must be >= 1 and --max-bytes >= 2048")
-    prepare_output(out, quality=quality, resize_short=resize_short, overwrite=overwrite)
-    ds = open_dataset(src, lmdb_keys, index=IndexOptions(write=False))
+    ds = open_dataset(src, lmdb_keys, index=IndexOptions(write=False))  # SRC checked before OUT is touched
     if isinstance(ds, StreamedShards):
         raise DataError("build-shards reads local data (an image folder, an LMDB or local shards)")
+    sources = [p for p in (src, lmdb_keys) if p is not None and os.path.exists(p)]
+    if isinstance(ds, ShardDataset):
+        sources += ds.spec.urls
+    prepare_output(out, sources=sources, quality=quality, resize_short=resize_short, overwrite=overwrite)
     options = {
         "max_count": max_count,
         "max_bytes": max_bytes,
@@ -174,16 +190,16 @@ def build_shards(
         "lmdb_keys": str(lmdb_keys) if lmdb_keys else None,
     }
     partial = out.with_name(out.name + ".partial")
+    state_path = partial / PROGRESS
+    if partial.is_symlink() or partial.exists() and (not partial.is_dir() or any(partial.iterdir())
+                                                      and not state_path.is_file()):
+        raise DataError(f"{partial} exists and is not an interrupted build-shards (no {PROGRESS}): move it away")
+    fingerprint = _fingerprint(ds)
+    state = _read_progress(state_path) if state_path.is_file() else {
+        "done": 0, "count": 0, "shards": [], "bad": [], "options": options, "source": fingerprint}
     partial.mkdir(parents=True, exist_ok=True)
     for stray in partial.glob("*.tmp"):
         stray.unlink()
-    fingerprint = _fingerprint(ds)
-    state_path = partial / PROGRESS
-    state = (
-        json.loads(state_path.read_text())
-        if state_path.is_file()
-        else {"done": 0, "count": 0, "shards": [], "bad": [], "options": options, "source": fingerprint}
-    )
     if state["options"] != options or state["source"] != fingerprint:
         raise DataError(
             f"{partial} is an interrupted build with other options or another source; delete it to start over"
