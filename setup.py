@@ -39,7 +39,7 @@ setup(
     python_requires=">=3.10",
     packages=PACKAGES,
     package_dir={"mcf.kernels": "kernels", "mcf.ds_configs": "ds_configs"},
-    package_data={"mcf.presets": ["*.yaml"], "mcf.ds_configs": ["*.json"]},
+    package_data={"mcf.presets": ["*.yaml"], "mcf.ds_configs": ["*.json"], "mcf.kernels": ["*.json"]},
     install_requires=[
         "torch>=2.4",
         "timm>=1.0",

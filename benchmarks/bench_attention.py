@@ -25,10 +25,11 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
-from mcf.kernels import masked_attention, masked_attention_ref, triton_status
+from mcf.kernels import triton_status
 
-BACKENDS = ("triton", "sdpa", "math")
+from mcf.models.attention import candidate
+
+BACKENDS = ("triton", "sdpa", "sdpa_fp32", "math")  # sdpa_fp32: SDPA on fp32 casts of the inputs, cast back
 MODES = ("fwd", "fwd+bwd")
 FULL = dict(batch=(64, 256), heads=(12, 16), tokens=(50, 197), head_dim=64, masked=(False, True), dtype="bfloat16", warmup=5, repeats=20, inner=5)
 TINY = dict(batch=(2,), heads=(2,), tokens=(20,), head_dim=32, masked=(False, True), dtype="float32", warmup=1, repeats=2, inner=1)
@@ -36,13 +37,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _attention_fn(backend: str) -> Callable:
-    if backend == "triton":
-        return masked_attention
-    if backend == "math":
-        return masked_attention_ref
-    if backend == "sdpa":
-        return lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=None if m is None else m[:, None, None, :])
-    raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    return candidate(backend)  # the same functions attention.backend runs
 
 
 def _synchronize(device: torch.device) -> None:

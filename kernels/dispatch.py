@@ -1,17 +1,29 @@
-"""Can the Triton kernels run here, and should ``attention.backend=auto`` use them?
+"""Can the Triton kernels run here, and which attention path should ``attention.backend=auto`` take?
 
-``triton_status`` answers the first question (with a reason a user can act on); ``prefer_triton``
-the second, from measurements only: a shape gets the Triton kernel under ``auto`` only if
-``benchmarks/bench_attention.py`` showed it faster than SDPA on that GPU.
+``triton_status`` answers the first question (with a reason a user can act on). ``auto_candidate``
+the second, from measurements only: the attention table (``attention_table.json`` beside this file,
+plus a per-user cache that ``mcf bench attention --table`` writes) holds, per host class (CPU ISA or
+GPU name, with the torch version), dtype, head dimension and sequence length, the measured forward +
+backward time of each candidate path; ``auto`` takes the fastest at the nearest measured length.
+Where the table has no row for the host, dtype and head dimension, a documented default applies
+(:func:`default_candidate`). ``prefer_triton`` is the older GPU-only rule (``TRITON_FASTER``), kept
+as the default on a GPU the table does not know.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from mcf.kernels import _triton_utils as tu
+
+from mcf.measure import cpu_isa, native_bf16  # noqa: F401 - native_bf16 re-exported: the table's host classes
 
 # Largest head dimension the attention kernels take (padded to a power of two inside).
 MAX_HEAD_DIM = 256
@@ -126,3 +138,162 @@ def prefer_triton(q: torch.Tensor, key_mask: torch.Tensor | None = None, table: 
 def _row_matches(row: TritonFaster, device_name: str, dtype: torch.dtype, head_dim: int, tokens: int, masked: bool) -> bool:
     return (device_name.startswith(row.device) and row.dtype == dtype and row.head_dim == head_dim and row.masked == masked
             and row.min_tokens <= tokens <= row.max_tokens)
+
+
+# -- the measured attention table --------------------------------------------------------------------
+# Candidate paths of ``auto`` (mcf.models.attention implements each): PyTorch's fused SDPA in the
+# input dtype; the math reference (two matmuls and a softmax, in the input dtype); SDPA on inputs
+# cast to fp32 and the output cast back (on CPUs whose bf16 flash kernel is slower than its fp32
+# one); the mcf Triton kernel (GPUs only under ``auto``).
+CANDIDATES = ("sdpa", "math", "sdpa_fp32", "triton")
+TABLE_FILE = Path(__file__).with_name("attention_table.json")
+TABLE_FORMAT = 1
+def host_class(device: torch.device | str = "cpu") -> str:
+    """The table's key for ``device``: ``cpu/<isa>/torch<major.minor>`` or ``cuda/<GPU name>/torch<major.minor>``."""
+    device = torch.device(device)
+    version = "torch" + ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda/{_device_name(index)}/{version}"
+    if device.type == "cpu":
+        return f"cpu/{cpu_isa()}/{version}"
+    return f"{device.type}/{version}"
+
+
+def user_table_path() -> Path:
+    """The per-user cache of measured rows: ``$MCF_ATTENTION_TABLE``, else
+    ``$XDG_CACHE_HOME/mcf/attention_table.json`` (``~/.cache`` without XDG_CACHE_HOME)."""
+    explicit = os.environ.get("MCF_ATTENTION_TABLE")
+    if explicit:
+        return Path(explicit)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "mcf" / "attention_table.json"
+
+
+def read_table(path: Path) -> dict[str, Any]:
+    """``{"format": 1, "hosts": {host_class: {"rows": [row, ...]}}}``; empty when ``path`` is missing.
+
+    A row: ``dtype`` (``bfloat16`` ...), ``head_dim``, ``tokens``, ``masked``, ``B``, ``H``, ``ms``
+    (candidate → median ms of forward + backward), ``source`` (command, date, commit)."""
+    if not path.is_file():
+        return {"format": TABLE_FORMAT, "hosts": {}}
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"attention table {path} is unreadable ({e}): delete it or rerun `mcf bench attention --table`") from None
+    if not isinstance(table, dict) or table.get("format") != TABLE_FORMAT or not isinstance(table.get("hosts"), dict):
+        raise ValueError(f"attention table {path} is not format {TABLE_FORMAT}: delete it or rerun `mcf bench attention --table`")
+    return table
+
+
+def merge_rows(table: dict[str, Any], host: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``table`` with ``rows`` added under ``host``; a row of the same (dtype, head dim, tokens, masked) is replaced."""
+    def key(r: dict[str, Any]) -> tuple:
+        return r["dtype"], r["head_dim"], r["tokens"], r["masked"]
+
+    old = table["hosts"].get(host, {}).get("rows", [])
+    new_keys = {key(r) for r in rows}
+    merged = [r for r in old if key(r) not in new_keys] + list(rows)
+    hosts = {**table["hosts"], host: {"rows": sorted(merged, key=key)}}
+    return {"format": TABLE_FORMAT, "hosts": hosts}
+
+
+def write_table(path: Path, host: str, rows: list[dict[str, Any]]) -> Path:
+    """Merge ``rows`` into the table at ``path`` (created with its folder) and return the path."""
+    table = merge_rows(read_table(path), host, rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    _load_rows.cache_clear()
+    _choice.clear()
+    return path
+
+
+@functools.cache
+def _load_rows(host: str) -> tuple[dict[str, Any], ...]:
+    """The rows for ``host``: the repository's table, overridden row by row by the user's cache."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for path in (TABLE_FILE, user_table_path()):
+        for r in read_table(path)["hosts"].get(host, {}).get("rows", []):
+            rows[(r["dtype"], r["head_dim"], r["tokens"], r["masked"])] = r
+    return tuple(rows.values())
+
+
+def default_candidate(device_type: str, dtype: torch.dtype) -> str:
+    """``auto`` where the table has no row for the host, dtype and head dimension: on a CPU, fp32 SDPA
+    for bf16/fp16 inputs (cast in and out; measured on AVX512-BF16 and AMX hosts, whose bf16 flash
+    kernel was 3-10x slower than the fp32 one at MCF's shapes, and on an AVX2 host bf16 is emulated),
+    SDPA otherwise; on a GPU SDPA (or Triton where ``TRITON_FASTER`` lists the shape)."""
+    if device_type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return "sdpa_fp32"
+    return "sdpa"
+
+
+def pick(rows: tuple[dict[str, Any], ...] | list[dict[str, Any]], dtype: torch.dtype, tokens: int, head_dim: int, masked: bool,
+         allowed: tuple[str, ...] = CANDIDATES) -> str | None:
+    """The fastest ``allowed`` candidate of the row nearest to ``tokens`` (ratio of lengths) among
+    ``rows`` of this dtype and head dimension (rows of the same masking first); None without rows."""
+    name = str(dtype).replace("torch.", "")
+    same = [r for r in rows if r["dtype"] == name and r["head_dim"] == head_dim]
+    same = [r for r in same if r["masked"] == masked] or same
+    for r in sorted(same, key=lambda r: abs(math.log(r["tokens"] / tokens))):
+        timed = {c: ms for c, ms in r["ms"].items() if c in allowed and ms is not None}
+        if timed:
+            return min(timed, key=timed.get)
+    return None
+
+
+# (host, dtype, tokens, head dim, masked) -> candidate: one table lookup per shape and process
+_choice: dict[tuple, str] = {}
+
+
+def auto_candidate(q: torch.Tensor, key_mask: torch.Tensor | None = None) -> str:
+    """``attention.backend=auto`` for ``q`` ``[B, H, S, D]``: the measured fastest candidate (see the module doc)."""
+    return _auto_choice(q.device.type, q.device.index, q.dtype, int(q.shape[-2]), int(q.shape[-1]), key_mask is not None)
+
+
+@torch.compiler.assume_constant_result  # traced code gets the answer as a constant: no graph break
+def _auto_choice(device_type: str, index: int | None, dtype: torch.dtype, tokens: int, head_dim: int, masked: bool) -> str:
+    key = (device_type, index, dtype, tokens, head_dim, masked)
+    choice = _choice.get(key)
+    if choice is None:
+        choice = _choice[key] = _resolve(torch.device(device_type, index), dtype, tokens, head_dim, masked)
+    return choice
+
+
+def _resolve(device: torch.device, dtype: torch.dtype, tokens: int, head_dim: int, masked: bool) -> str:
+    allowed = ("sdpa", "math", "sdpa_fp32")
+    triton_ok = (device.type == "cuda" and dtype in tu.SUPPORTED_DTYPES and head_dim <= MAX_HEAD_DIM
+                 and triton_status(device)[0])
+    if triton_ok:
+        allowed += ("triton",)
+    rows = _load_rows(host_class(device)) if device.type in ("cpu", "cuda") else ()
+    chosen = pick(rows, dtype, tokens, head_dim, masked, allowed)
+    if chosen is not None:
+        return chosen
+    if triton_ok:  # the older GPU rule: shapes listed in TRITON_FASTER
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if any(_row_matches(r, _device_name(index), dtype, head_dim, tokens, masked) for r in TRITON_FASTER):
+            return "triton"
+    return default_candidate(device.type, dtype)
+
+
+def rows_from_bench(results: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    """Table rows from ``benchmarks/bench_attention.py`` results: the fwd+bwd medians per shape.
+
+    At several (B, H) for one (dtype, head dim, tokens, masked) the candidates' times are summed over them."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for r in results:
+        if r["mode"] != "fwd+bwd" or r["backend"] not in CANDIDATES:
+            continue
+        key = (r["dtype"], r["D"], r["S"], r["masked"])
+        row = rows.setdefault(key, {"dtype": r["dtype"], "head_dim": r["D"], "tokens": r["S"], "masked": r["masked"],
+                                    "shapes": [], "ms": {}, "source": source})
+        if [r["B"], r["H"]] not in row["shapes"]:
+            row["shapes"].append([r["B"], r["H"]])
+        ms = r.get("median_ms")
+        prev = row["ms"].get(r["backend"], 0.0)
+        row["ms"][r["backend"]] = None if ms is None or prev is None else round(prev + ms, 4)
+    return list(rows.values())
+

@@ -1,11 +1,14 @@
 """Measuring the device: which device, synchronised timing, the peak matmul rate, peak memory.
 
 Shared by training (:mod:`mcf.train.perf`: MFU and peak memory in every metrics record) and the
-benchmarks (:mod:`mcf.bench`); imports nothing from mcf, so both can stand on it.
+benchmarks (:mod:`mcf.bench`), and the CPU's class (:func:`cpu_isa`) by the attention table of
+:mod:`mcf.kernels.dispatch`; imports nothing from mcf, so all can stand on it.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import platform
 import statistics
 import time
@@ -45,17 +48,83 @@ def time_repeats(run: Callable[[], None], device: torch.device, repeats: int) ->
     return times
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int | None = None) -> float:
-    """Measured FLOP/s of an ``n × n × n`` matrix product in ``dtype`` (median of ``repeats``).
+# ``ONEDNN_MAX_CPU_ISA`` values (oneDNN's names) that leave out the native bf16 dot products.
+_ONEDNN_NO_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
-    Random operands (never zeros: they can run faster than real data). Defaults: n=8192 and 20
-    repeats on a GPU, n=2048 and 3 repeats on the CPU.
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+@functools.cache
+def cpu_isa() -> str:
+    """The CPU's class for the kernels mcf runs: ``amx_bf16`` | ``avx512_bf16`` (native bf16 dot
+    products) | ``avx512`` | ``avx2`` | ``default``, capped by what torch was told to use
+    (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``: ``=AVX2`` and ``=default`` emulate an older host)."""
+    flags = _cpu_flags()
+    if "amx_bf16" in flags and "avx512_bf16" in flags:
+        isa = "amx_bf16"
+    elif "avx512_bf16" in flags:
+        isa = "avx512_bf16"
+    elif "avx512f" in flags:
+        isa = "avx512"
+    elif "avx2" in flags:
+        isa = "avx2"
+    else:
+        isa = "default"
+    order = ("default", "avx2", "avx512", "avx512_bf16", "amx_bf16")
+    aten = torch.backends.cpu.get_cpu_capability().lower()  # "default" | "avx2" | "avx512" | ...
+    cap = aten if aten in ("default", "avx2") else "amx_bf16"  # ATen's own vectorised kernels (SDPA's among them)
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()  # oneDNN's: the matrix products
+    if onednn in _ONEDNN_NO_BF16:
+        cap = min(cap, "avx512" if onednn.startswith("AVX512") else "avx2", key=order.index)
+    return min(isa, cap, key=order.index)
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` multiplies bf16 natively (every CUDA device mcf supports; a CPU with AVX512-BF16/AMX)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and cpu_isa() in ("avx512_bf16", "amx_bf16")
+
+
+# Matrix side of the peak's n×n×n product, fixed per device type and dtype so that the figure does
+# not move with a size chosen at run time; bf16 on a CPU without native bf16 (emulated, ~30× slower
+# than fp32) is timed at 512 and labelled as such (``bf16_n``).
+PEAK_N = {("cuda", "bf16"): 8192, ("cuda", "fp32"): 8192, ("cpu", "bf16"): 2048, ("cpu", "fp32"): 2048}
+PEAK_N_EMULATED = 512
+PEAK_WARMUP = {"cuda": 3, "cpu": 2}
+PEAK_REPEATS = {"cuda": 20, "cpu": 7}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def peak_size(device: torch.device, dtype: torch.dtype) -> int:
+    """The fixed matrix side of :func:`matmul_peak` for ``device`` and ``dtype``."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and not native_bf16(device):
+        return PEAK_N_EMULATED
+    return PEAK_N.get((device.type, _DTYPE_NAMES.get(dtype, "fp32")), 2048)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int | None = None) -> float:
+    """Measured FLOP/s of an ``n × n × n`` matrix product in ``dtype``: the median of ``repeats`` after
+    warm-up products (handle creation, kernel selection, caches, CPU frequency ramp).
+
+    Random operands (never zeros: they can run faster than real data). Defaults (the one method of
+    ``mcf bench step`` and the trainer's MFU): n from :data:`PEAK_N` (:func:`peak_size`), repeats
+    from :data:`PEAK_REPEATS`.
     """
-    n = n or (8192 if device.type == "cuda" else 2048)
-    repeats = repeats or (20 if device.type == "cuda" else 3)
+    n = n or peak_size(device, dtype)
+    repeats = repeats or PEAK_REPEATS.get(device.type, 7)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)  # warm-up: handle creation, kernel selection
+    for _ in range(PEAK_WARMUP.get(device.type, 2)):
+        torch.mm(a, b)
     if device.type == "cuda":
         times = []
         for _ in range(repeats):
@@ -71,23 +140,20 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, 
 
 
 def measure_peaks(device: torch.device) -> dict[str, float]:
-    """Peak matmul FLOP/s by dtype: bf16 on a GPU; fp32 and bf16 on the CPU.
-
-    On a CPU without native bf16 (no AVX512-BF16/AMX) a bf16 product is emulated and can be 50×
-    slower than fp32: both are probed at n=512 first and a dtype more than 4× slower than the other
-    is not timed at full size (its n=512 rate is reported, under ``<dtype>_n``).
-    """
+    """Peak matmul FLOP/s by dtype (:func:`matmul_peak`): bf16 on a GPU; fp32 and bf16 on the CPU,
+    each at its fixed size (``<dtype>_n``; bf16 at 512 where the CPU has no native bf16)."""
     if device.type == "cuda":
-        return {"bf16": matmul_peak(device, torch.bfloat16)}
-    probe = {"fp32": matmul_peak(device, torch.float32, 512, 2), "bf16": matmul_peak(device, torch.bfloat16, 512, 1)}
-    best = max(probe.values())
+        return {"bf16": matmul_peak(device, torch.bfloat16), "bf16_n": peak_size(device, torch.bfloat16)}
     peaks: dict[str, float] = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        if probe[name] * 4 < best:
-            peaks[name], peaks[f"{name}_n"] = probe[name], 512
-        else:
-            peaks[name], peaks[f"{name}_n"] = matmul_peak(device, dtype), 2048
+        peaks[name], peaks[f"{name}_n"] = matmul_peak(device, dtype), peak_size(device, dtype)
     return peaks
+
+
+def peak_at_least(peak: float, achieved: float) -> tuple[float, bool]:
+    """``(max(peak, achieved), raised)``: a measured peak below an achieved rate is wrong (the host
+    was busier while the peak was measured); the achieved rate is then the best known peak."""
+    return (achieved, True) if achieved > peak else (peak, False)
 
 
 def fast_dtype(peaks: dict[str, float]) -> str:

@@ -32,33 +32,10 @@ STEPS = 2
 MOMENTUM = 0.9  # far from 1, so that an EMA of the wrong values differs visibly
 
 
-class _Done:
-    def wait(self) -> None:
-        pass
-
-
-def _uneven_all_gather(
-    outputs: list[torch.Tensor],
-    tensor: torch.Tensor,
-    group: object = None,
-    async_op: bool = False,
-) -> _Done | None:
-    """NCCL's all-gather of unequal sizes (gloo has none), emulated with a padded one: the EMA's
-    uneven layout is checked here; NCCL itself only on a GPU."""
-    n = max(o.numel() for o in outputs)
-    send = torch.zeros(n, dtype=tensor.dtype)
-    send[: tensor.numel()] = tensor
-    buf = torch.empty(n * len(outputs), dtype=tensor.dtype)
-    dist.all_gather_single(buf, send)
-    for q, o in enumerate(outputs):
-        o.copy_(buf[q * n : q * n + o.numel()])
-    return _Done() if async_op else None
-
-
-def run_case(zero: int, precision: str, target_precision: str, extra: dict, freeze: str | None, uneven: bool) -> dict:
+def run_case(zero: int, precision: str, target_precision: str, extra: dict, freeze: str | None) -> dict:
     from mcf.config import build_config
     from mcf.models import create_model_from_config
-    from mcf.train.ds_internals import fp32_masters
+    from mcf.train.ds_internals import flat_row_lengths, fp32_masters
     from mcf.train.ema import TargetEMA
     from mcf.train.engine import (
         PRECISION_DTYPES,
@@ -104,19 +81,32 @@ def run_case(zero: int, precision: str, target_precision: str, extra: dict, free
     names = [n for n, _ in model.ema_pairs()]
     ref = {n: p.detach().clone() for n, p in model.ema_pairs()}  # fp32 copies, the EMA's start
     forward_dtype = dtype if target_precision == "auto" else torch.float32
-    if uneven:
-        dist.all_gather = _uneven_all_gather
-    ema = TargetEMA(model.target, engine, forward_dtype, fixed=fixed, uneven=uneven or None)
+    ema = TargetEMA(model.target, engine, forward_dtype, fixed=fixed)
+    predicted = None
+    groups = getattr(engine.optimizer, "bit16_groups", getattr(engine.optimizer, "bf16_groups", None))
+    if ema.layout.kind == "flat":  # the planner of the bytes report, from the optimizer's groups alone
+        by_id = {id(p): n for n, p in engine.module.named_parameters()}
+        sizes = {n: p.numel() for n, p in model.target.named_parameters()}
+        predicted = flat_row_lengths(
+            [[(by_id[id(p)], p.numel()) for p in g] for g in groups],
+            {n: k for n, k in sizes.items() if n not in fixed},
+            {n: sizes[n] for n in fixed},
+            world,
+        )
     acts: list[torch.dtype] = []
     model.target.encoder.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: acts.append(o.dtype))
     online = CastInput(engine, dtype)
     g = torch.Generator().manual_seed(rank)
     img = model.spec.img_size
     per_update, exact, weights_exact = [], True, True
+    secondary = 0
     for _ in range(STEPS):
         images = torch.randn(4, 3, img, img, generator=g)
         out = model(images, online=online)
         engine.backward(out.loss)
+        # ZeRO++ hpZ: parameters with a secondary (intra-group) partition, made in the forward, dropped by the step
+        held = [getattr(p, "ds_secondary_tensor", None) is not None for p in engine.module.parameters()]
+        secondary = max(secondary, sum(held))
         engine.step()
         masters = {**fp32_masters(engine, [n for n in names if n not in fixed], precision, zero), **fixed}
         for n in names:  # the formula, per parameter, with the ops the released update used
@@ -146,7 +136,9 @@ def run_case(zero: int, precision: str, target_precision: str, extra: dict, free
         "target_precision": target_precision,
         "extra": extra,
         "freeze": freeze,
-        "uneven": ema.uneven,
+        "world": world,
+        "row_lengths": ema.layout.row_lengths if ema.sharded else [],
+        "predicted_row_lengths": predicted,
         "gathered_numel": ema.rows.buffer.numel() if ema.sharded else 0,
         "optimizer": type(engine.optimizer).__name__,
         "kind": ema.layout.kind,
@@ -159,6 +151,7 @@ def run_case(zero: int, precision: str, target_precision: str, extra: dict, free
         "shard_numel": ema.layout.shard_numel,
         "total_numel": sum(r.numel() for r in ref.values()),
         "masters_not_bf16": sum(int((m != m.bfloat16().float()).any()) for m in masters.values()),
+        "secondary_partitions": secondary,
     }
 
 
@@ -173,7 +166,6 @@ def main() -> int:
             case.get("target_precision", "auto"),
             case.get("extra", {}),
             case.get("freeze"),
-            case.get("uneven", False),
         )
         if dist.get_rank() == 0:
             print("RESULT " + json.dumps(result), flush=True)

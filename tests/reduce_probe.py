@@ -2,8 +2,9 @@
 
 Usage: ``python tests/reduce_probe.py OUT.json pretrain ...``. The JSON holds the exit status, the
 engine's and its ZeRO optimizer's ``communication_data_type``, and ``[name, dtype, numel]`` per
-all_reduce / reduce_scatter call (the torch.distributed functions are wrapped before DeepSpeed is
-imported, since DeepSpeed keeps references to some of them). Used by tests/test_reduce_dtype.py.
+all_reduce / reduce (ZeRO-1/2 buckets to their owners) / reduce_scatter call (the torch.distributed
+functions are wrapped before DeepSpeed is imported, since DeepSpeed keeps references to some of
+them). Used by tests/test_reduce_dtype.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-REDUCTIONS = ("all_reduce", "all_reduce_coalesced", "reduce_scatter", "reduce_scatter_tensor")
+REDUCTIONS = ("all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor")
 records: list[tuple[str, str, int]] = []
 engines: list = []
 

@@ -21,3 +21,36 @@ def test_attention_json(tmp_path):
     # the rows to paste into TRITON_FASTER: none here (Triton was not run), said as a comment
     assert result["suggested_rows"].startswith("# rows for mcf.kernels.dispatch.TRITON_FASTER")
     assert "# none: keep TRITON_FASTER empty" in result["suggested_rows"]
+
+
+def test_table_run_fills_the_table_auto_reads(tmp_path, monkeypatch):
+    """``--table``: every candidate timed in bf16 and fp32, the rows merged under this host's class,
+    and ``attention.backend=auto`` then takes the fastest of them."""
+    import torch
+    from mcf.kernels import dispatch
+
+    from mcf.models.attention import resolve_backend
+
+    table = tmp_path / "table.json"
+    monkeypatch.setenv("MCF_ATTENTION_TABLE", str(table))
+    monkeypatch.setattr(dispatch, "TABLE_FILE", tmp_path / "none.json")
+    dispatch._load_rows.cache_clear()
+    dispatch._choice.clear()
+    out = tmp_path / "attention.json"
+    argv = ["bench", "attention", "--table", "--batch", "2", "--heads", "2", "--tokens", "8", "--head-dim", "16",
+            "--warmup", "0", "--repeats", "1", "--out", str(out)]
+    try:
+        assert main(argv) == 0
+        result = json.loads(out.read_text())
+        host = dispatch.host_class("cpu")
+        assert result["table"]["host"] == host and result["table"]["path"] == str(table)
+        rows = dispatch.read_table(table)["hosts"][host]["rows"]
+        assert {r["dtype"] for r in rows} == {"bfloat16", "float32"}
+        for r in rows:
+            assert set(r["ms"]) == {"sdpa", "sdpa_fp32", "math"} and all(ms > 0 for ms in r["ms"].values())
+            dtype = getattr(torch, r["dtype"])
+            q = torch.zeros(2, 2, 8, 16, dtype=dtype)
+            assert resolve_backend("auto", q, None) == min(r["ms"], key=r["ms"].get)
+    finally:
+        dispatch._load_rows.cache_clear()
+        dispatch._choice.clear()

@@ -85,3 +85,47 @@ def test_compile_is_timed_beside_eager_in_one_run(tmp_path, monkeypatch):
         assert v["images_per_s"] > 0 and v["flops_per_image"] > 1e8 and v["mfu"] > 0
     assert comp["flops_per_image"] == eager["flops_per_image"]
     assert result["compile_speedup"] == pytest.approx(comp["images_per_s"] / eager["images_per_s"])
+
+
+def test_mcf_step_casts_each_weight_once():
+    """bf16 mcf step: the frozen teacher's and the EMA target's forward weights are stored in bf16
+    (never cast per use), autocast casts each online weight once per step (and each gradient back
+    once), and the residual streams stay bf16 (no activation round trips per block)."""
+    from mcf.bench.step import StepBenchConfig, build_model, mcf_step_fn
+    from mcf.models.flops import CastCounter
+
+    cfg = StepBenchConfig(model="mcf_vit_tiny", img_size=None, batch_size=2)
+    cpu = torch.device("cpu")
+    model = build_model(cfg, cpu, "mcf")
+    step = mcf_step_fn(model, cpu, 0.99, bf16=True)
+    assert {p.dtype for p in model.teacher.parameters()} == {p.dtype for p in model.target.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.online.parameters()} == {torch.float32}  # the trained weights stay fp32
+    x = torch.randn(2, 3, model.spec.img_size, model.spec.img_size)
+    step(x)
+    with CastCounter() as casts:
+        step(x)
+    n_online = sum(1 for _ in model.online.parameters())
+    pairs = casts.summary()["by_pair"]
+    # + a few for the inputs, loss terms and fixed tables (the images to bf16, fp32 losses, ...)
+    assert pairs["float32->bfloat16"] <= n_online + 8, pairs
+    assert pairs["bfloat16->float32"] <= n_online + 8, pairs
+    assert casts.calls == sum(pairs.values())
+
+
+def test_the_target_ema_stays_fp32_beside_bf16_forward_weights():
+    """The target's forward weights (bf16) are the rounded fp32 EMA, not an EMA kept in bf16."""
+    from mcf.bench.step import StepBenchConfig, build_model, mcf_step_fn
+
+    cfg = StepBenchConfig(model="mcf_vit_tiny", img_size=None, batch_size=2)
+    cpu = torch.device("cpu")
+    model = build_model(cfg, cpu, "mcf")
+    start = {n: p.detach().clone() for n, p in model.ema_pairs()}
+    online0 = {n: p.detach().clone() for n, p in model.online.named_parameters()}
+    step = mcf_step_fn(model, cpu, 0.5, bf16=True)
+    step(torch.randn(2, 3, model.spec.img_size, model.spec.img_size))
+    online = dict(model.online.named_parameters())
+    for name, t in model.ema_pairs():
+        expected = start[name] * 0.5 + online[name].detach() * 0.5  # fp32 EMA after one update
+        assert t.dtype == torch.bfloat16
+        torch.testing.assert_close(t, expected.bfloat16(), rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(online0[n], p) for n, p in online.items())  # the optimizer did step

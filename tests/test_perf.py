@@ -69,3 +69,31 @@ def test_a_model_the_meta_device_cannot_count_still_trains(monkeypatch):
     monkeypatch.setattr(perf, "flops_per_image", broken)
     t = Throughput(build_config("demo"), torch.device("cpu"), torch.float32, world_size=1)
     assert set(t.fields(10.0)) == {"peak_memory_gb"}
+
+
+def test_a_peak_below_the_achieved_rate_is_raised(monkeypatch):
+    import mcf.train.perf as perf
+
+    monkeypatch.setattr(perf, "device_peak_flops", lambda device, dtype: (1e6, "a busy host's measurement"))
+    t = Throughput(build_config("demo"), torch.device("cpu"), torch.float32, world_size=1)
+    f = t.fields(images_per_s=1000.0)  # far above 1 MFLOP/s
+    assert f["mfu"] == pytest.approx(1.0) and f["peak_tflops"] == pytest.approx(f["tflops_per_device"])
+    assert "raised" in t.peak_source
+    assert t.fields(images_per_s=10.0)["mfu"] == pytest.approx(0.01)  # the raised peak holds
+
+
+def test_peak_sizes_are_fixed_per_dtype(monkeypatch):
+    """One method (``matmul_peak``) and one size per device type and dtype, whatever the other dtype
+    measures: bf16 at 512 only where the CPU emulates it."""
+    import mcf.measure as common
+
+    calls = []
+    monkeypatch.setattr(common, "time_repeats", lambda run, device, repeats: calls.append(repeats) or [1.0] * repeats)
+    monkeypatch.setattr(torch, "mm", lambda a, b: calls.append(a.shape[0]))
+    for native in (True, False):
+        monkeypatch.setattr(common, "native_bf16", lambda device, native=native: native)
+        peaks = common.measure_peaks(torch.device("cpu"))
+        assert peaks["fp32_n"] == 2048 and peaks["bf16_n"] == (2048 if native else 512)
+        assert peaks["fp32"] == 2 * 2048**3  # median of the (fake) 1 s repeats
+    assert common.PEAK_REPEATS["cpu"] in calls
+    assert common.peak_at_least(5.0, 7.0) == (7.0, True) and common.peak_at_least(5.0, 3.0) == (5.0, False)

@@ -69,3 +69,31 @@ def test_gradients_are_reduced_in_the_reduce_dtype(tmp_path, zero, reduce_dtype)
     # every gradient went through a reduction in the wanted dtype, and none in another low precision
     assert summed.get(want, 0) >= _trainable_params(), summed
     assert not {d for d in summed if d in ("bfloat16", "float16") and d != want}, summed
+
+
+def test_communication_defaults_overlap_the_reduction_and_size_the_buckets(tmp_path):
+    """ZeRO-1/2: the reduction issued from the gradient hooks (overlap_comm), to the owners within one node and
+    all-reduced beyond; every stage: 8 buckets per backward (ViT-B/16: 117,963,520 trainable elements). A key the
+    JSON sets wins; the shipped JSONs leave these keys to mcf."""
+    from mcf.train.engine import MIN_BUCKET, online_trainable_params
+
+    def zo(world: int, *overrides: str) -> dict:
+        return build_ds_config(build_config("demo", list(overrides)), world)["zero_optimization"]
+
+    vit_b = build_config("demo", ["model.name=mcf_vit_base_patch16"])
+    assert online_trainable_params(vit_b) == 117_963_520
+    for zero in (1, 2):
+        for precision in ("bf16", "fp32"):
+            z = zo(2, f"deepspeed.zero={zero}", f"train.precision={precision}")
+            assert z["overlap_comm"] is True and z["use_multi_rank_bucket_allreduce"] is False, z
+            assert z["reduce_bucket_size"] == MIN_BUCKET  # the demo model: 636,592 / 8 is below the floor
+        assert zo(64, f"deepspeed.zero={zero}", "train.precision=bf16")["use_multi_rank_bucket_allreduce"] is True
+        z = zo(8, f"deepspeed.zero={zero}", "train.precision=bf16", "model.name=mcf_vit_base_patch16")
+        assert z["reduce_bucket_size"] == 117_963_520 // 8 and z["use_multi_rank_bucket_allreduce"] is False
+    z3 = zo(2, "deepspeed.zero=3", "train.precision=bf16", "model.name=mcf_vit_base_patch16")
+    assert z3["reduce_bucket_size"] == 117_963_520 // 8 and "use_multi_rank_bucket_allreduce" not in z3
+    assert "overlap_comm" not in zo(2, "deepspeed.zero=0")
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": False, "reduce_bucket_size": 12345}}))
+    z = zo(2, "deepspeed.zero=2", "train.precision=bf16", f"deepspeed.config={path}")
+    assert z["overlap_comm"] is False and z["reduce_bucket_size"] == 12345

@@ -85,6 +85,11 @@ _ATTENTION_FLAGS = [
     ("--batch", {"nargs": "+"}), ("--heads", {"nargs": "+"}), ("--tokens", {"nargs": "+"}), ("--head-dim", {}),
     ("--dtype", {}), ("--backends", {"nargs": "+"}), ("--modes", {"nargs": "+"}), ("--device", {}), ("--warmup", {}),
     ("--repeats", {}), ("--inner", {}), ("--min-speedup", {}), ("--markdown", {}),
+    # handled by mcf.bench.attention: fill the attention dispatch table (bf16 and fp32, MCF's shapes)
+    ("--table", {"action": "store_true", "help": "measure every candidate path in bf16 and fp32 at MCF's shapes and "
+                 "write the rows to the per-user attention table that attention.backend=auto reads"}),
+    ("--table-file", {"help": "the table to write with --table (default: the per-user cache; "
+                      "kernels/attention_table.json is the repository's)"}),
 ]
 
 
@@ -107,6 +112,7 @@ def _run_attention(args: argparse.Namespace) -> dict:
 
 
 def _run_scale(args: argparse.Namespace) -> dict:
+    from mcf.bench.projection import Compute, Network
     from mcf.bench.scale import ScaleBenchConfig, main
     from mcf.errors import ConfigError
 
@@ -122,6 +128,13 @@ def _run_scale(args: argparse.Namespace) -> dict:
             phases=tuple(p for p in args.phases.split(",") if p),
             overrides=tuple(args.set),
             out=args.out,
+            options=tuple(o for o in args.options.split(",") if o),
+            project=tuple(m for m in args.project.split(",") if m),
+            gpus=tuple(int(g) for g in args.gpus.split(",") if g),
+            network=Network(gpus_per_node=args.gpus_per_node, intra_GBps=args.intra_gbytes, inter_Gbps=args.inter_gbits,
+                            inter_efficiency=args.inter_efficiency, rail_aligned=not args.one_nic_per_ring,
+                            hop_intra_us=args.hop_intra_us, hop_inter_us=args.hop_inter_us),
+            compute=Compute(peak_tflops=args.peak_tflops, mfu=args.mfu, batch_size=args.project_batch),
         )
     except ValueError as e:
         raise ConfigError(f"bench scale: {e}") from None
@@ -288,6 +301,23 @@ def add_parser(subparsers) -> None:
                         "(default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override of the comm phase's trainer, e.g. train.target_precision=fp32 (repeatable)")
+    p.add_argument("--options", default="reduce-fp32",
+                   help="gradient reduction options, one comm run each: reduce-fp32, reduce-bf16 (each bucket to "
+                        "its owners), allreduce-fp32, allreduce-bf16 (DeepSpeed's path) (default: %(default)s)")
+    p.add_argument("--project", default="", metavar="MODELS",
+                   help="project the counted steps to these models at --gpus (e.g. mcf_vit_base_patch16,...)")
+    p.add_argument("--gpus", default="8,64,256", help="GPU counts of the projection (default: %(default)s)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--intra-gbytes", type=float, default=360.0, help="GB/s per GPU within a node (NVLink)")
+    p.add_argument("--inter-gbits", type=float, default=400.0, help="Gb/s per GPU across nodes (its NIC)")
+    p.add_argument("--inter-efficiency", type=float, default=0.8, help="share of the NIC line rate reached")
+    p.add_argument("--one-nic-per-ring", action="store_true",
+                   help="pessimistic: a GPU's cross-node traffic leaves through its one NIC (no rail-aligned rings)")
+    p.add_argument("--hop-intra-us", type=float, default=1.0, help="ring hop latency within a node (µs)")
+    p.add_argument("--hop-inter-us", type=float, default=5.0, help="ring hop latency across nodes (µs)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100 SXM: 989)")
+    p.add_argument("--mfu", type=float, default=0.45, help="share of the peak the step's compute reaches")
+    p.add_argument("--project-batch", type=int, default=64, help="images per GPU per step of the projection")
     p.add_argument("--out", default=None)
     p.set_defaults(func=_tracked(_run_scale))
 

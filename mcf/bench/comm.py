@@ -8,6 +8,10 @@ from inside another (``all_gather_into_tensor`` → ``all_gather_single``, ``all
 ``all_gather``) is counted once, as the outer one; the ops inside ``_coalescing_manager`` are one
 collective (``coalesced[op,…]``, bytes summed), as NCCL runs them.
 
+Each call also records whether it was issued while an autograd backward was running
+(``torch._C._current_graph_task_id() >= 0``: from a gradient hook, as DeepSpeed's ``overlap_comm``
+reductions are), which is how the overlap of the gradient reduction with the backward is measured.
+
 Bytes are those of the whole buffer the operation works on, per rank: the tensor of an
 all-reduce / broadcast / reduce, the output of an all-gather, the input of a reduce-scatter or an
 all-to-all (a ring moves about (W − 1)/W of that through each rank's link).
@@ -66,6 +70,7 @@ class Call:
     op: str
     dtype: str
     bytes: int
+    in_backward: bool = False
 
 
 class CollectiveCounter:
@@ -136,6 +141,7 @@ class CollectiveCounter:
             name,
             str(ts[0].dtype).replace("torch.", "") if ts else "-",
             sum(t.numel() * t.element_size() for t in ts),
+            torch._C._current_graph_task_id() >= 0,
         )
         if self._group is not None:
             self._group.append(call)
@@ -178,6 +184,7 @@ class CollectiveCounter:
                                 f"coalesced[{ops}]",
                                 group[0].dtype,
                                 sum(c.bytes for c in group),
+                                group[0].in_backward,
                             )
                         )
 
@@ -196,18 +203,26 @@ class CollectiveCounter:
         n = max(len(tags), 1)
 
         def table(key: Callable[[Call], str]) -> dict[str, dict[str, float]]:
-            count: Counter[str] = Counter()
-            nbytes: defaultdict[str, int] = defaultdict(int)
-            for c in calls:
-                count[key(c)] += 1
-                nbytes[key(c)] += c.bytes
-            return {k: {"count": count[k] / n, "bytes": nbytes[k] / n} for k in sorted(count)}
+            return table_of(calls, n, key)
 
         signatures = {t: sorted((c.label, c.op, c.dtype, c.bytes) for c in calls if c.tag == t) for t in tags}
+        during = [c for c in calls if c.in_backward]
         return {
+            "in_backward": {"count": len(during) / n, "bytes": sum(c.bytes for c in during) / n},
+            "in_backward_by_label": table_of(during, n, lambda c: c.label or "other"),
             "collectives": len(calls) / n,
             "bytes": sum(c.bytes for c in calls) / n,
             "by_op": table(lambda c: f"{c.op}/{c.dtype}"),
             "by_label": table(lambda c: c.label or "other"),
             "steady": len({str(v) for v in signatures.values()}) <= 1,
         }
+
+
+def table_of(calls: list[Call], n: int, key: Callable[[Call], str]) -> dict[str, dict[str, float]]:
+    """Count and bytes of ``calls`` per ``key``, divided by ``n`` (steps)."""
+    count: Counter[str] = Counter()
+    nbytes: defaultdict[str, int] = defaultdict(int)
+    for c in calls:
+        count[key(c)] += 1
+        nbytes[key(c)] += c.bytes
+    return {k: {"count": count[k] / n, "bytes": nbytes[k] / n} for k in sorted(count)}

@@ -334,6 +334,10 @@ def comm_phase(args: argparse.Namespace, device: torch.device, workdir: Path, me
         model.contrastive.gather = COUNTER.labelled(model.contrastive.gather, "keys")
         if hasattr(trainer, "ema"):
             trainer.ema.update = COUNTER.labelled(trainer.ema.update, "ema")
+        # the engine's backward (its gradient hooks, then its epilogue) issues the gradient reduction;
+        # its step, at ZeRO-1/2, the all-gather of the updated parameters
+        trainer.engine.backward = COUNTER.labelled(trainer.engine.backward, "grads")
+        trainer.engine.step = COUNTER.labelled(trainer.engine.step, "params")
 
     def counted_loop() -> int:
         active["loop"] = True
@@ -348,7 +352,8 @@ def comm_phase(args: argparse.Namespace, device: torch.device, workdir: Path, me
         rank, world = dist.get_rank(), dist.get_world_size()
         steady = COUNTER.per_step(list(range(1, comm_steps)))
         first = COUNTER.per_step([0])
-        one = [[c.label or "other", c.op, c.dtype, c.bytes] for c in COUNTER.select([1])]  # step 2, in call order
+        # step 2, in call order (the last field: issued during the backward)
+        one = [[c.label or "other", c.op, c.dtype, c.bytes, c.in_backward] for c in COUNTER.select([1])]
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, {"rank": rank, "per_step": steady, "first_step": first, "step_2_calls": one})
         if rank != 0:
@@ -371,6 +376,16 @@ def comm_phase(args: argparse.Namespace, device: torch.device, workdir: Path, me
         )
         minimum["target_weights_bytes"] = target_bytes if sharded else 0
         worst = max(gathered, key=lambda r: (r["per_step"]["collectives"], r["per_step"]["bytes"]))["per_step"]
+        # the gradient reduction, and the share of its bytes issued while the backward still ran (overlap_comm)
+        red = worst["by_label"].get("grads", {"count": 0.0, "bytes": 0.0})
+        during = worst["in_backward_by_label"].get("grads", {"count": 0.0, "bytes": 0.0})
+        grads = {
+            "count": red["count"],
+            "bytes": red["bytes"],
+            "in_backward_count": during["count"],
+            "in_backward_bytes": during["bytes"],
+            "overlap_share": during["bytes"] / red["bytes"] if red["bytes"] else 0.0,
+        }
         comm = {
             "steps_counted": comm_steps - 1,
             "ranks": gathered,
@@ -380,10 +395,22 @@ def comm_phase(args: argparse.Namespace, device: torch.device, workdir: Path, me
             "bytes_over_minimum": worst["bytes"] / minimum["bytes"],
             "bytes_over_minimum_with_target": worst["bytes"] / (minimum["bytes"] + minimum["target_weights_bytes"]),
             "ema": worst["by_label"].get("ema", {"count": 0.0, "bytes": 0.0}),
+            "grads": grads,
+            "step_2_calls": gathered[0]["step_2_calls"],
+            "reduce_bucket_elements": getattr(engine.optimizer, "reduce_bucket_size", None),
             "reduce_dtype": str(reduce_dtype).replace("torch.", ""),
             "trainable_params": params,
             "ds_config": "the trainer's default for the stage and precision (ds_configs/)",
             "overrides": list(args.set),
+            # what mcf.bench.projection scales from
+            "world": world,
+            "batch_size": args.batch_size,
+            "precision": args.precision,
+            "facts": {"trainable": params, "proj_dim": trainer.model.spec.proj_dim},
+            "ema_gather_elements": trainer.ema.rows.buffer.numel() if trainer.ema.sharded else 0,
+            "param_bytes": param_bytes,
+            "reduce_bytes": reduce_bytes,
+            "forward_bytes": torch.empty((), dtype=fwd).element_size(),
         }
         result = {
             "stage": args.stage,

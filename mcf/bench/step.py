@@ -7,9 +7,13 @@ The variants run the same model (same name, sizes, seed), batch and device, one 
   (original, rebuilt), a per-parameter Python momentum update inside the step before the forward,
   ``torch.optim.AdamW`` with its default implementation, ``loss.item()`` and a device synchronise
   every step, a plain DataLoader feed (in-memory tensors; JPEG files through PIL in ``e2e``).
-- ``mcf`` — our path: bf16 autocast, attention by dispatch (``auto``: SDPA, or the Triton kernel
-  where it was measured faster on the GPU), ``torch.optim.AdamW(fused=True)``, the EMA as two
-  ``_foreach`` ops after the optimizer step, no host synchronisation inside the timed steps,
+- ``mcf`` — our path, in the trainer's precisions: bf16 autocast for the online model (each weight
+  cast once per step: autocast caches the casts of trainable leaves), the frozen teacher's and the
+  EMA target's forward weights stored in bf16 (the trainer's ``teacher.to(dtype)`` and
+  ``train.target_precision=auto``; the EMA itself in fp32, copied into them after each update),
+  attention by dispatch (``auto``: the measured fastest path per device, dtype and shape,
+  ``mcf.kernels.dispatch``), ``torch.optim.AdamW(fused=True)``, the EMA as ``_foreach`` ops after
+  the optimizer step, no host synchronisation inside the timed steps,
   batches pre-staged on the device (``e2e``: mcf's loader — DALI when
   it works here, else its PyTorch loader). The teacher also runs twice, the original under
   ``no_grad``: batching both passes would add a backward pass over the original's half.
@@ -29,7 +33,11 @@ FLOPs are counted (``torch.utils.flop_counter``) during the paper variant's firs
 forward and backward of the whole step, the teacher's two passes and the target's included — and
 MFU is ``images/s × FLOPs/image`` over the device's matmul peak measured in the same run (bf16 on
 a GPU; on a CPU the faster of fp32 and bf16 — without AVX512-BF16 the bf16 product is emulated and
-far slower, and mcf's variant then runs in fp32 too).
+far slower, and mcf's variant then runs in fp32 too), by ``mcf.measure.matmul_peak`` (fixed
+sizes, warm-up, median: the trainer's method); a peak below an achieved rate is raised to it and
+flagged (``peak_raised_to_achieved``). Each eager variant's dtype conversions in one step are
+counted (``dtype_casts_per_step``, ``mcf.models.flops.CastCounter``) and the CPU time of each window
+is reported beside its wall time (``cpu_s_per_step``: on a shared host the steadier figure).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from __future__ import annotations
 import logging
 import statistics
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -44,8 +53,8 @@ from typing import Any
 import torch
 
 from mcf.bench.common import emit, run_info
-from mcf.measure import PeakMemory, device_name, fast_dtype, measure_peaks, peak_flops, resolve_device, sync, time_repeats
-from mcf.models.flops import count_flops, step_flops, use_math_attention
+from mcf.measure import PeakMemory, device_name, fast_dtype, measure_peaks, peak_at_least, peak_flops, resolve_device, sync, time_repeats
+from mcf.models.flops import CastCounter, count_flops, step_flops, use_math_attention
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +163,27 @@ def paper_step_fn(model: torch.nn.Module, device: torch.device, momentum: float)
 def mcf_step_fn(model: torch.nn.Module, device: torch.device, momentum: float, compile: bool = False, bf16: bool = True
                 ) -> Callable[[torch.Tensor], None]:
     """Our step (see the module docstring); the loss stays on the device until the end. ``bf16``:
-    autocast to bf16 (off on a CPU whose bf16 matmul was measured slower than fp32)."""
+    autocast to bf16 (off on a CPU whose bf16 matmul was measured slower than fp32), the teacher's
+    and the target's forward weights stored in bf16 (the target's fp32 EMA kept beside them)."""
     opt = torch.optim.AdamW(model.online.parameters(), fused=True, **_adamw_kwargs())
+    targets = [t for _, t in model.ema_pairs()]
+    ema = targets  # fp32: the target's own parameters are the EMA
+    if bf16:
+        ema = [t.detach().clone() for t in targets]  # the fp32 EMA; the target computes in bf16
+        model.teacher.to(torch.bfloat16)  # frozen: no master copy needed (as the trainer)
+        model.target.to(torch.bfloat16)
+        targets = [t for _, t in model.ema_pairs()]
+    online = dict(model.online.named_parameters())
+    sources = [online[name] for name, _ in model.ema_pairs()]
     fwd = torch.compile(model) if compile else model
     loss_sum = torch.zeros((), device=device)
+
+    @torch.no_grad()
+    def update_target() -> None:  # t ← m·t + (1 − m)·θ in fp32, then into the bf16 forward weights
+        torch._foreach_mul_(ema, momentum)
+        torch._foreach_add_(ema, sources, alpha=1.0 - momentum)
+        if ema is not targets:
+            torch._foreach_copy_(targets, ema)
 
     def step(images: torch.Tensor) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -165,7 +191,7 @@ def mcf_step_fn(model: torch.nn.Module, device: torch.device, momentum: float, c
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        model.update_target(momentum)
+        update_target()
         loss_sum.add_(out.loss.detach())
 
     step.loss_sum = loss_sum  # type: ignore[attr-defined]
@@ -225,10 +251,15 @@ class _Variant:
         else:
             self.step = mcf_step_fn(self.model, device, cfg.momentum, variant == "mcf_compiled", self.bf16)
         self.flops_per_image = None
+        self.casts: dict[str, Any] | None = None
         first = 0
-        if count_flops_now:  # the first warm-up step, counted
-            self.flops_per_image = count_flops(lambda: self.step(next(self.feed))) / cfg.batch_size
-            first = 1
+        if variant != "mcf_compiled":  # the first warm-up step, its dtype conversions (and FLOPs) counted
+            with CastCounter() as casts:
+                if count_flops_now:
+                    self.flops_per_image = count_flops(lambda: self.step(next(self.feed))) / cfg.batch_size
+                else:
+                    self.step(next(self.feed))
+            self.casts, first = casts.summary(), 1
         for _ in range(first, cfg.warmup):
             self.step(next(self.feed))
         sync(device)
@@ -241,10 +272,13 @@ class _Variant:
             self.peak_bytes = mem.peak_bytes()
             self.peak_source = mem.source + " (whole process, over this variant's build and warm-up)"
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
 
     def window(self) -> None:
-        """One timed window of ``cfg.steps`` steps, synchronised at both ends."""
+        """One timed window of ``cfg.steps`` steps, synchronised at both ends (wall and process CPU time)."""
+        cpu = time.process_time()
         self.times += time_repeats(lambda: [self.step(next(self.feed)) for _ in range(self.cfg.steps)], self.device, 1)
+        self.cpu_times.append(time.process_time() - cpu)
 
     def result(self, peaks: dict[str, float], flops_per_image: float | None) -> dict[str, Any]:
         cfg, variant, device = self.cfg, self.name, self.device
@@ -253,13 +287,19 @@ class _Variant:
             "images_per_s": cfg.batch_size / (ms / 1e3),
             "ms_per_step": ms,
             "ms_per_step_windows": [t / cfg.steps * 1e3 for t in self.times],
+            # process CPU time (all threads) per step: less moved by other processes than wall time
+            "cpu_s_per_step": statistics.median(self.cpu_times) / cfg.steps,
+            "images_per_cpu_s": cfg.batch_size * cfg.steps / statistics.median(self.cpu_times),
+            "threads": torch.get_num_threads(),
+            "dtype_casts_per_step": self.casts,
             "peak_memory_bytes": self.peak_bytes,
             "peak_memory_source": self.peak_source,
             "flops_per_image": None,
             "mfu": None,
             "precision": ("fp16 autocast + GradScaler" if device.type == "cuda" else "fp32") if variant == "paper" else (
                 "bf16 autocast" if self.bf16 else "fp32 (bf16 matmul measured slower than fp32 on this device)"),
-            "attention": "math (eager)" if variant == "paper" else "auto (SDPA / Triton by dispatch)",
+            "attention": "math (eager)" if variant == "paper" else "auto (measured dispatch: mcf.kernels.dispatch)",
+            "attention_choices": None if variant == "paper" else _attention_choices(device),
             "optimizer": "torch.optim.AdamW (default impl)" if variant == "paper" else "torch.optim.AdamW(fused=True)",
             "compiled": variant == "mcf_compiled",
             **self.info,
@@ -293,11 +333,20 @@ def _resident_bytes(device: torch.device) -> int:
     return 0
 
 
+def _attention_choices(device: torch.device) -> dict[str, str]:
+    """What ``auto`` chose so far in this process on ``device``: ``"<dtype> S<len> D<dim>[ masked]"`` → path."""
+    from mcf.kernels.dispatch import _choice
+
+    return {f"{str(dt)[6:]} S{s} D{d}{' masked' if m else ''}": c for (typ, _, dt, s, d, m), c in _choice.items() if typ == device.type}
+
+
 def _set_mfu(result: dict[str, Any], flops_per_image: float, peaks: dict[str, float]) -> None:
     result["flops_per_image"] = flops_per_image
     achieved = result["images_per_s"] * flops_per_image
     result["achieved_flops"] = achieved
-    result["mfu"] = achieved / peak_flops(peaks)
+    reference, raised = peak_at_least(peak_flops(peaks), achieved)
+    result["peak_raised_to_achieved"] = raised  # the measured peak was below this rate: it was wrong
+    result["mfu"] = achieved / reference
     for k, v in peaks.items():
         if not k.endswith("_n"):
             result[f"mfu_vs_{k}_peak"] = achieved / v

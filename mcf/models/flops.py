@@ -7,10 +7,13 @@ it does not see the CPU's fused SDPA kernel. Counting is therefore done on the m
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -21,12 +24,38 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
+class CastCounter(TorchDispatchMode):
+    """Counts the dtype conversions that reach ATen while active: ``_to_copy`` to another dtype
+    (``.to``, ``.float()``, autocast's casts) and ``copy_`` between dtypes, forward and backward.
+
+    ``calls``, ``bytes`` (of the converted output) and ``by_pair`` (``"float32->bfloat16"`` → calls).
+    Compiled code is not seen (inductor fuses its casts into kernels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls, self.bytes, self.by_pair = 0, 0, Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        src = dst = None
+        if func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor):
+            src, dst = args[0], out
+        elif func is torch.ops.aten.copy_.default:
+            src, dst = args[1], args[0]
+        if src is not None and isinstance(src, torch.Tensor) and src.dtype != dst.dtype:
+            self.calls += 1
+            self.bytes += dst.numel() * dst.element_size()
+            self.by_pair[f"{str(src.dtype)[6:]}->{str(dst.dtype)[6:]}"] += 1
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        return {"calls": self.calls, "mbytes": round(self.bytes / 1e6, 3), "by_pair": dict(self.by_pair.most_common())}
+
+
 def use_math_attention(model: nn.Module) -> None:
-    """Every attention of an MCF model on the plain-matmul path the counter sees (mcf's blocks and the timm teacher's)."""
+    """Every attention of an MCF model on the plain-matmul path the counter sees (mcf's blocks and the teacher's)."""
     model.set_attention_backend("math")
-    for m in model.teacher.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = False
+    model.teacher.set_attention_backend("math")
 
 
 def step_flops(build: Callable[[], nn.Module], batch: int) -> int:

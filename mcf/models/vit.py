@@ -56,7 +56,10 @@ class MaskedViT(nn.Module):
         Returns the normed latent ``[N, 1 + keep, D]`` (class token first), the masking, and the key
         mask ``[N, 1 + keep]`` (None unless per-sample ratios pad the visible sets).
         """
-        x = self.patch_embed(images) + self.pos_embed[:, 1:, :].to(images.dtype)  # (N, L, D)
+        x = self.patch_embed(images)  # (N, L, D), in the compute dtype (bf16 under autocast)
+        # the position table in the patches' dtype, not the images': an fp32 add would promote the
+        # whole residual stream to fp32 under autocast and cast it back before every Linear
+        x = x + self.pos_embed[:, 1:, :].to(x.dtype)
         N, L, D = x.shape
         if noise is None:
             noise = torch.rand(N, L, device=x.device)

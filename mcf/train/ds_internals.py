@@ -198,6 +198,14 @@ class _Builder:
             self.runs.append(_Run(master, start, col, valid))
             self.segments.append(_Segment(name, self.rank * piece, col, valid))
 
+    def fixed(self, master: int, params: list[tuple[str, int]]) -> None:
+        """Frozen parameters (``params``: name, offset in ``masters[master]``), whose values every rank has:
+        the largest first, each to the rank whose row is then shortest (the lowest such rank), as one
+        owned flat space: the gathered rows stay as even as the masters' layout allows."""
+        for name, off in sorted(params, key=lambda x: (-self.shapes[x[0]].numel(), x[1])):
+            q = min(range(self.world), key=lambda r: (self.row_len[r], r))
+            self.flat_space(master, [(name, off)], 0, owners=range(q, q + 1))
+
     def layout(self, kind: str, masters: Callable[[], list[torch.Tensor]]) -> _Layout:
         missing = [n for n in self.shapes if n not in self.offsets]
         if missing:
@@ -225,6 +233,30 @@ def _replicated(builder: _Builder, names: list[str], masters: Callable[[], list[
     return lay
 
 
+def flat_row_lengths(
+    groups: list[list[tuple[str, int]]], tracked: dict[str, int], fixed: dict[str, int], world: int
+) -> list[int]:
+    """Each rank's share of the EMA (elements) at ZeRO-1/2 on ``world`` ranks, laid out as DeepSpeed
+    0.19.8's ``DeepSpeedZeroOptimizer`` does (no model, no process group): per optimizer group
+    (``groups``: its trainable parameters, (name, numel), in order) one flat space padded to a
+    multiple of ``2·W`` elements (``nccl_start_alignment_factor · W``) and cut in ``W`` equal
+    partitions; ``tracked``: the EMA's parameters (name → numel), ``fixed``: its frozen ones.
+    The gather costs ``W × max(rows)`` elements."""
+    shapes = {n: torch.Size([k]) for n, k in {**tracked, **fixed}.items()}
+    b = _Builder(shapes, world, 0)
+    for group in groups:
+        offsets, total = [], 0
+        for name, numel in group:
+            if name in tracked and name not in fixed:
+                offsets.append((name, total))
+            total += numel
+        part = -(-total // (2 * world)) * 2
+        b.flat_space(0, offsets, part)
+    offsets = torch.tensor([0] + list(fixed.values())).cumsum(0).tolist()
+    b.fixed(0, list(zip(fixed, offsets)))
+    return list(b.row_len)
+
+
 def build_layout(
     engine: Any, tracked: dict[str, torch.Size], fixed: dict[str, torch.Tensor], world: int, rank: int
 ) -> _Layout:
@@ -244,10 +276,10 @@ def build_layout(
     def with_fixed(get: Callable[[], list[torch.Tensor]]) -> Callable[[], list[torch.Tensor]]:
         return get if fixed_flat is None else (lambda: [*get(), fixed_flat])
 
-    def add_fixed(master: int) -> None:  # one flat space owned by rank 0 (every rank has the values)
+    def add_fixed(master: int) -> None:  # masters[master]: the fixed values, flat; each parameter to one rank
         if fixed_flat is not None:
             offsets = torch.tensor([0] + [t.numel() for t in fixed_t]).cumsum(0).tolist()
-            b.flat_space(master, list(zip(fixed_names, offsets)), 0, owners=range(0, 1))
+            b.fixed(master, list(zip(fixed_names, offsets)))
 
     def check_world(groups: list[Any]) -> None:
         import torch.distributed as dist

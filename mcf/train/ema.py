@@ -3,8 +3,11 @@
 ``t ← m·t + (1 − m)·θ`` in fp32, θ the online model's fp32 master weights after the optimizer step.
 Each rank keeps the EMA only of the master elements its optimizer owns, so the update needs no
 communication; the target's forward weights, in its forward dtype, are then assembled from every
-rank's shard by one ``all_gather_into_tensor`` per step. The gather starts right after the update
-and is awaited by a forward pre-hook of the target, so it overlaps whatever runs in between.
+rank's shard by one ``all_gather_into_tensor`` per step, of equal rows (each rank's shard padded to
+the longest: gloo and NCCL run the same call, so the CPU tests run what the GPU runs). The gather
+starts right after the update and is awaited by a forward pre-hook of the target, so it overlaps
+whatever runs in between. Its cost, ``W × max(share)`` elements, is
+:func:`mcf.train.ds_internals.flat_row_lengths`'s.
 Where every rank holds every fp32 master (fp32 at ZeRO 0-2, whose module weights *are* the
 masters; bf16/fp16 at ZeRO 0 under DeepSpeed's FP16_(Unfused)Optimizer) the EMA is whole on every
 rank and nothing is communicated.
@@ -12,7 +15,8 @@ rank and nothing is communicated.
 Where the fp32 masters live in DeepSpeed, and the layout of this rank's shard built from them:
 :mod:`mcf.train.ds_internals`.
 
-Frozen online parameters (no master) are averaged against their fixed fp32 values, by rank 0.
+Frozen online parameters (no master) are averaged against their fixed fp32 values, each by the rank
+whose row is shortest when it is placed (every rank has the values), so they add little padding.
 """
 
 from __future__ import annotations
@@ -37,40 +41,26 @@ def _all_gather() -> Callable[..., Any]:
 
 
 class _Rows:
-    """The gathered buffer: every rank's shard, one row each. ``uneven``: rows of each rank's own
-    length, back to back (``all_gather`` into a list, which NCCL runs as one group of broadcasts:
-    each rank receives only the real elements); else rows of the longest length (one
-    ``all_gather_single``; gloo needs equal sizes)."""
+    """The gathered buffer ``[W, row]``: every rank's shard, one row each, padded to the longest
+    (``row = max(lengths)``), filled by one ``all_gather_single`` of equal sizes. gloo refuses an
+    all-gather of unequal sizes and NCCL would run one as a group of broadcasts: equal rows are the
+    one call both run alike, at ``W × row`` elements received instead of ``sum(lengths)``."""
 
-    def __init__(self, lengths: list[int], rank: int, uneven: bool, dtype: torch.dtype, device: torch.device):
-        self.lengths, self.uneven = lengths, uneven
+    def __init__(self, lengths: list[int], rank: int, dtype: torch.dtype, device: torch.device):
+        self.lengths = lengths
         self.row = max(lengths)
-        sizes = lengths if uneven else [self.row] * len(lengths)
-        self.starts = [sum(sizes[:q]) for q in range(len(sizes))]
-        self.buffer = torch.empty(sum(sizes), dtype=dtype, device=device)
-        self.send = torch.zeros(
-            sizes[rank], dtype=dtype, device=device
-        )  # padded: the tail beyond this rank's length stays 0
-        self._outputs = [self.buffer.narrow(0, a, n) for a, n in zip(self.starts, sizes)]
+        self.buffer = torch.empty(len(lengths) * self.row, dtype=dtype, device=device)
+        self.send = torch.zeros(self.row, dtype=dtype, device=device)  # the tail beyond this rank's length stays 0
 
     def gather(self, shard: torch.Tensor, async_op: bool = False) -> Any:
-        import torch.distributed as dist
-
         self.send.narrow(0, 0, shard.numel()).copy_(shard)
-        if self.uneven:
-            return dist.all_gather(self._outputs, self.send, async_op=async_op)
         return _all_gather()(self.buffer, self.send, async_op=async_op)
 
     def views(self, pieces: list[_Piece], flat: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(sources in the buffer, destinations in ``flat``) of every piece."""
         src = []
         for p in pieces:
-            if p.rows == 1:
-                src.append(self.buffer.narrow(0, self.starts[p.row] + p.col, p.cols).view(1, p.cols))
-            else:  # all ranks at once (ZeRO-3): equal rows
-                src.append(
-                    self.buffer.view(len(self.lengths), self.row)[p.row : p.row + p.rows, p.col : p.col + p.cols]
-                )
+            src.append(self.buffer.view(len(self.lengths), self.row)[p.row : p.row + p.rows, p.col : p.col + p.cols])
         dst = [flat.narrow(0, p.dst, p.rows * p.cols).view(p.rows, p.cols) for p in pieces]
         return src, dst
 
@@ -88,8 +78,6 @@ class TargetEMA:
         engine: the DeepSpeed engine of the online model (``engine.module``: the online model).
         forward_dtype: the dtype the target computes in (its weights are cast to it).
         fixed: fp32 values of frozen online parameters (they have no master weights).
-        uneven: gather rows of each rank's own length (see :class:`_Rows`); default: under NCCL
-            for ZeRO-1/2 layouts, whose ranks hold unequal shares of the target (ZeRO-3's are equal).
     """
 
     def __init__(
@@ -98,7 +86,6 @@ class TargetEMA:
         engine: Any,
         forward_dtype: torch.dtype,
         fixed: dict[str, torch.Tensor] | None = None,
-        uneven: bool | None = None,
     ):
         import torch.distributed as dist
 
@@ -127,16 +114,14 @@ class TargetEMA:
                 view.copy_(init[n])
             p.data = view
         self._pending: Any = None
-        if uneven is None:
-            uneven = lay.kind == "flat" and dist.is_initialized() and dist.get_backend() == "nccl"
-        self.uneven = bool(uneven) and lay.kind == "flat"
         if lay.kind != "replicated":
-            self.rows = _Rows(lay.row_lengths, self.rank, self.uneven, forward_dtype, device)
+            self.rows = _Rows(lay.row_lengths, self.rank, forward_dtype, device)
             self._src, self._dst = self.rows.views(lay.pieces, self.flat)
         self._hook = target.register_forward_pre_hook(lambda *_: self.wait())
         if self.rank == 0:
             gather = (
-                f", one all-gather of {self.rows.buffer.numel()} elements per step"
+                f", one all-gather of {self.rows.buffer.numel()} elements per step "
+                f"({sum(lay.row_lengths)} without padding)"
                 if lay.kind != "replicated"
                 else ", no communication"
             )
@@ -187,7 +172,7 @@ class TargetEMA:
         self.wait()
         lay = self.layout
         if self.sharded:
-            rows = _Rows(lay.row_lengths, self.rank, self.uneven, torch.float32, self.flat.device)
+            rows = _Rows(lay.row_lengths, self.rank, torch.float32, self.flat.device)
             rows.gather(self.shard)
             flat = torch.zeros(lay.target_numel, dtype=torch.float32, device=self.flat.device)
             src, dst = rows.views(lay.pieces, flat)

@@ -167,10 +167,63 @@ def load_ds_json(name_or_path: str) -> dict[str, Any]:
     return data
 
 
-def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+# A backward issues its gradient reduction in about this many buckets: the first ones overlap the rest of
+# the backward (overlap_comm), only the last is left when it ends (1/8 of the reduction exposed)
+GRAD_BUCKETS = 8
+MIN_BUCKET = 100_000  # elements (0.4 MB fp32): smaller buckets would be latency-bound
+MAX_BUCKET = 500_000_000  # DeepSpeed's default; also its ipg buffer (x2 with overlap_comm) in the reduce dtype
+# Up to this many ranks (one 8-GPU node) each bucket is reduced to its owners; beyond, all-reduced (see below)
+OWNER_REDUCE_MAX_RANKS = 8
+
+
+def online_trainable_params(cfg: Config) -> int:
+    """Trainable elements of the online model ``cfg`` describes, counted on the meta device (no weights,
+    no teacher; ~0.1 s): what the gradient reduction moves per step."""
+    from mcf.models.mcf import MCFOnline
+    from mcf.models.registry import get_spec
+
+    overrides = {k: v for k, v in (("proj_hidden", cfg.loss.projector_hidden), ("proj_dim", cfg.loss.projector_dim))
+                 if v is not None}
+    spec = get_spec(cfg.model.name, img_size=cfg.model.img_size, **overrides)
+    with torch.device("meta"):
+        online = MCFOnline(spec)
+    return sum(p.numel() for p in online.parameters() if p.requires_grad)
+
+
+def grad_bucket_elements(trainable_params: int) -> int:
+    """``reduce_bucket_size`` (elements) for a model: :data:`GRAD_BUCKETS` buckets per backward, within
+    [:data:`MIN_BUCKET`, :data:`MAX_BUCKET`], even (DeepSpeed's 4-byte alignment of 2-byte elements)."""
+    return 2 * (min(MAX_BUCKET, max(MIN_BUCKET, -(-trainable_params // GRAD_BUCKETS))) // 2)
+
+
+def communication_defaults(zero: int, trainable_params: int, world_size: int) -> dict[str, Any]:
+    """The ``zero_optimization`` keys mcf sets unless the JSON does (see the README's "Communication"):
+
+    - ZeRO-1/2 ``overlap_comm``: each full bucket's reduction is issued from the gradient hooks during
+      the backward, on DeepSpeed's reduction stream; at ZeRO-1 only in the accumulation boundary's
+      backward, so the gradients are reduced once per optimizer step (ZeRO-2 reduces each micro-batch);
+    - ZeRO-1/2 ``use_multi_rank_bucket_allreduce``: false up to :data:`OWNER_REDUCE_MAX_RANKS` ranks (each
+      bucket reduced to the ranks owning its slices, one ``reduce`` per owner: a reduce-scatter's bytes,
+      half an all-reduce's), true beyond (DeepSpeed's default: one all-reduce per bucket), because the
+      owner reduces number ~2·W per step and each pays a ring's latency: ``mcf bench scale --project``
+      projects ViT-B/16 at 64 GPUs to 85.8 % with them and 93.4 % with all-reduces (RESULTS.md);
+    - every stage ``reduce_bucket_size`` from the model size (:func:`grad_bucket_elements`).
+    """
+    out: dict[str, Any] = {}
+    if zero in (1, 2, 3):
+        out["reduce_bucket_size"] = grad_bucket_elements(trainable_params)
+    if zero in (1, 2):
+        out.update(overlap_comm=True, contiguous_gradients=True,
+                   use_multi_rank_bucket_allreduce=world_size > OWNER_REDUCE_MAX_RANKS)
+    return out
+
+
+def build_ds_config(cfg: Config, world_size: int, trainable_params: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config for this run: ``deepspeed.config`` (or ``ds_configs/zero{Z}_{P}.json``
     when it exists, else a minimal one) with the batch keys, ZeRO stage, precision and clipping
-    filled from the mcf config. A key the JSON sets to a different value than the flags is an error.
+    filled from the mcf config, and the communication keys of :func:`communication_defaults` where the
+    JSON leaves them out (``trainable_params``: the online model's, counted when not given).
+    A key the JSON sets to a different value than the flags is an error.
     """
     t, z, p = cfg.train, cfg.deepspeed.zero, cfg.train.precision
     if cfg.deepspeed.config:
@@ -203,6 +256,10 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if "stage" in zo and int(zo["stage"]) != z:
         raise conflict("zero_optimization.stage", zo["stage"], z, "deepspeed.zero")
     zo["stage"] = z
+    if trainable_params is None:
+        trainable_params = online_trainable_params(cfg)
+    for key, value in communication_defaults(z, trainable_params, world_size).items():
+        zo.setdefault(key, value)
     if zo.get("offload_optimizer", {}).get("device", "none") not in ("none", None):
         log.warning("optimizer offload makes DeepSpeed use DeepSpeedCPUAdam (JIT-compiled, ~2 min on first use)")
     elif z in (1, 2) and not cfg.optim.grad_clip and "grad_accum_dtype" not in ds.get("data_types", {}):

@@ -7,8 +7,9 @@
 - ``tflops``: achieved by the whole job, ``flops_per_image × images_per_s / 1e12``;
   ``tflops_per_device`` divides by the ranks.
 - ``mfu``: ``tflops_per_device`` over the device's peak: the dense bf16 peak of a known GPU
-  (:data:`GPU_BF16_PEAK_TFLOPS`), else a short matmul measured at start (bf16 on a GPU, the
-  training dtype on a CPU).
+  (:data:`GPU_BF16_PEAK_TFLOPS`), else a matmul measured at start by ``mcf bench step``'s method
+  (``mcf.bench.common.matmul_peak``: a fixed size per dtype, warm-up, the median of repeats; bf16 on
+  a GPU, the training dtype on a CPU). A peak below the achieved rate is raised to it (logged once).
 - ``peak_memory_gb``: rank 0's peak: the CUDA allocator's ``max_memory_allocated``, on a CPU the
   process's resident-set high-water mark.
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mcf.measure import PeakMemory, matmul_peak
+from mcf.measure import PeakMemory, matmul_peak, peak_at_least, peak_size
 from mcf.models import create_model_from_config
 from mcf.models.flops import step_flops
 
@@ -65,10 +66,10 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, 
         known = known_gpu_peak(name)
         if known:
             return known[1] * 1e12, f"datasheet dense bf16 peak of the {known[0]} ({name})"
-        return matmul_peak(device, torch.bfloat16), f"measured bf16 8192^3 matmul on {name} (not in the table)"
-    return matmul_peak(
-        device, dtype, n=1024, repeats=3
-    ), f"measured {str(dtype).replace('torch.', '')} 1024^3 matmul on the CPU"
+        n = peak_size(device, torch.bfloat16)
+        return matmul_peak(device, torch.bfloat16), f"measured bf16 {n}^3 matmul on {name} (not in the table)"
+    n = peak_size(device, dtype)
+    return matmul_peak(device, dtype), f"measured {str(dtype).replace('torch.', '')} {n}^3 matmul on the CPU (median)"
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -122,6 +123,11 @@ class Throughput:
             return out
         tflops = self.flops_per_image * images_per_s / 1e12
         per_device = tflops / self.world_size
+        peak, raised = peak_at_least(self.peak_flops, per_device * 1e12)
+        if raised:
+            log.warning("achieved %.3f TFLOP/s per device is above the measured peak %.3f (%s): MFU is now "
+                        "reported against the achieved rate", per_device, self.peak_flops / 1e12, self.peak_source)
+            self.peak_flops, self.peak_source = peak, f"raised to an achieved rate (was: {self.peak_source})"
         return {
             "flops_per_image": self.flops_per_image,
             "tflops": tflops,
