@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from mcf.kernels import _triton_utils as tu
 
+from mcf.fileio import mcf_cache_dir
 from mcf.measure import cpu_isa, native_bf16  # noqa: F401 - native_bf16 re-exported: the table's host classes
 
 # Largest head dimension the attention kernels take (padded to a power of two inside).
@@ -162,12 +163,11 @@ def host_class(device: torch.device | str = "cpu") -> str:
 
 def user_table_path() -> Path:
     """The per-user cache of measured rows: ``$MCF_ATTENTION_TABLE``, else
-    ``$XDG_CACHE_HOME/mcf/attention_table.json`` (``~/.cache`` without XDG_CACHE_HOME)."""
+    ``attention_table.json`` in mcf's cache (``$MCF_CACHE``, ``~/.cache/mcf``)."""
     explicit = os.environ.get("MCF_ATTENTION_TABLE")
     if explicit:
         return Path(explicit)
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "mcf" / "attention_table.json"
+    return mcf_cache_dir() / "attention_table.json"
 
 
 def read_table(path: Path) -> dict[str, Any]:

@@ -51,7 +51,9 @@ class MaskingConfig:
 
 @dataclass(kw_only=True)
 class AttentionConfig:
-    backend: Literal["auto", "sdpa", "triton", "math"] = field("auto", help="Attention kernel: math (reference), sdpa (PyTorch), triton (mcf kernels), auto (measured choice).")
+    backend: Literal["auto", "sdpa", "sdpa_fp32", "triton", "math"] = field(
+        "auto", help="Attention kernel: math (reference), sdpa (PyTorch), sdpa_fp32 (SDPA on fp32 casts), triton (mcf "
+        "kernels), auto (the measured choice per host, dtype and shape: kernels/attention_table.json).")
 
 
 @dataclass(kw_only=True)

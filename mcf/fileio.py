@@ -59,3 +59,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def mcf_cache_dir() -> Path:
+    """mcf's per-user cache: ``$MCF_CACHE``, else ``~/.cache/mcf`` (the built-in demo set, indexes of
+    remote shards, the attention table's measured rows, ``mcf bench``'s default MLflow store)."""
+    return Path(os.environ.get("MCF_CACHE") or Path.home() / ".cache" / "mcf").expanduser()

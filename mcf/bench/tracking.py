@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mcf.fileio import mcf_cache_dir
+
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "mcf-bench"
@@ -53,8 +55,7 @@ END_MARK = "<!-- mcf bench results: end -->"
 # -- the store ---------------------------------------------------------------------------------------
 def default_store() -> Path:
     """``$MCF_CACHE/bench/mlflow.db`` (``~/.cache/mcf/bench/mlflow.db``): one history per user."""
-    root = Path(os.environ.get("MCF_CACHE") or Path.home() / ".cache" / "mcf").expanduser()
-    return root / "bench" / "mlflow.db"
+    return mcf_cache_dir() / "bench" / "mlflow.db"
 
 
 def resolve_store(explicit: str | None) -> tuple[str | None, str]:

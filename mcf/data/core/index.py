@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from mcf.errors import DataError
-from mcf.fileio import atomic_path
+from mcf.fileio import atomic_path, mcf_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -292,11 +292,6 @@ class IndexOptions:
 
 def source_hash(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-
-
-def mcf_cache_dir() -> Path:
-    """``$MCF_CACHE`` or ``~/.cache/mcf``."""
-    return Path(os.environ.get("MCF_CACHE") or Path.home() / ".cache" / "mcf").expanduser()
 
 
 def index_location(name: str, source: str, data_dir: Path | None, cache_dir: str | os.PathLike | None) -> Path:

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mcf.data.core.index import mcf_cache_dir
 from mcf.data.formats.datasets import FORMAT, FORMAT_VERSION, LENGTH_KEY, MANIFEST, LMDBDataset, image_key, name_key
 from mcf.errors import DataError
+from mcf.fileio import mcf_cache_dir
 
 BUILTIN_VERSION = 1
 FACE_SIZE = 64
