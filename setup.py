@@ -48,6 +48,7 @@ setup(
         "pillow",
         "lmdb",
         "mlflow>=2.10",
+        "psutil",  # MLflow's system metrics (CPU, memory) of every run
         "safetensors",
         "pyyaml",
         "tqdm",

@@ -12,18 +12,20 @@
 #   --dry-run            print the torchrun command instead of running it
 # Everything else is passed to `mcf pretrain` unchanged, e.g.
 #   launchers/torchrun.sh --nproc-per-node 8 --config base --data /data/faces.lmdb --output-dir runs/base
-# The interpreter is $MCF_PYTHON (default: python); extra torchrun flags go in $MCF_TORCHRUN_ARGS.
+# The interpreter is $MCF_PYTHON, else the repository's .venv/bin/python (what `make demo` made),
+# else the first python3/python on PATH that imports torch and mcf; --dry-run checks it too.
+# Extra torchrun flags go in $MCF_TORCHRUN_ARGS.
 # With --nnodes > 1, start the script once per node with its --node-rank (static rendezvous).
 set -euo pipefail
 
-PY=${MCF_PYTHON:-python}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NPROC=${NPROC_PER_NODE:-}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 ADDR=${MASTER_ADDR:-127.0.0.1}
 PORT=${MASTER_PORT:-29500}
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 need() { [ "$2" -ge 2 ] || { echo "torchrun.sh: $1 needs a value" >&2; exit 2; }; }
 
 DRY_RUN=0
@@ -41,6 +43,22 @@ while [ $# -gt 0 ]; do
         *) ARGS+=("$1"); shift ;;
     esac
 done
+
+# an interpreter that has torch and mcf: a bare `python` on a cluster node often has neither
+has_mcf() { "$1" -c 'import torch, mcf' >/dev/null 2>&1; }
+if [ -n "${MCF_PYTHON:-}" ]; then
+    PY=$MCF_PYTHON
+else
+    PY=
+    for cand in "$ROOT/.venv/bin/python" python3 python; do
+        if command -v "$cand" >/dev/null 2>&1 && has_mcf "$cand"; then PY=$cand; break; fi
+    done
+    [ -n "$PY" ] || { echo "torchrun.sh: no python with torch and mcf found (tried $ROOT/.venv/bin/python, python3," \
+        "python); run \`make demo\` or \`source .venv/bin/activate\`, or set MCF_PYTHON" >&2; exit 2; }
+fi
+has_mcf "$PY" || { echo "torchrun.sh: MCF_PYTHON=$PY cannot import torch and mcf" \
+    "($("$PY" -c 'import torch, mcf' 2>&1 | tail -n 1));" \
+    "point MCF_PYTHON at the environment mcf is installed in" >&2; exit 2; }
 
 if [ -z "$NPROC" ]; then
     # the GPUs torch will see: CUDA_VISIBLE_DEVICES applies (nvidia-smi -L lists every GPU of the node)

@@ -13,6 +13,7 @@ import sys
 
 from mcf.errors import UserError
 from mcf.logs import setup_logging
+from mcf.threads import set_cpu_threads
 
 # (module, command names it registers): imported lazily so a missing optional extra only
 # breaks its own command.
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging()
+    set_cpu_threads()  # before torch starts its thread pool: per rank, whichever launcher started us
     try:
         rc = args.func(args)
     except UserError as e:

@@ -205,9 +205,14 @@ class DeepSpeedConfig:
 class LoggingConfig:
     log_every: int = field(10, help="Steps between metric logs (values are gathered from the device only then).")
     recon_every: int = field(500, help="Steps between reconstruction PNGs (0 = only at the end).")
-    tracking_uri: str | None = field(None, help="MLflow tracking URI; None = a local sqlite store in the output folder; 'none' disables MLflow.")
-    experiment: str = field("mcf", help="MLflow experiment name.")
-    progress: bool = field(True, help="tqdm progress bar on rank 0.")
+    tracking_uri: str | None = field(None, help="MLflow tracking URI; None = $MLFLOW_TRACKING_URI if set, else a "
+                                                "local sqlite store in the output folder; 'none' disables MLflow.")
+    experiment: str | None = field(None, help="MLflow experiment name; None = $MLFLOW_EXPERIMENT_NAME if set, "
+                                              "else 'mcf'.")
+    system_metrics: bool = field(True, help="MLflow samples CPU/GPU utilisation and memory every 10 s (its System "
+                                            "metrics tab).")
+    progress: bool = field(True, help="tqdm progress bar on rank 0 when stderr is a terminal; plain log lines every "
+                                      "log_every steps otherwise (or when false).")
     profile_step: int = field(0, help="Profile this optimizer step (torch.profiler, rank 0): time shares of the mcf.* ranges "
                                       "(data, online, target, teacher, backward, optimizer, ema, sync) in OUTPUT/profile_step_N.json; 0 = off.")
 

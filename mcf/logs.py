@@ -18,7 +18,7 @@ import os
 DATE_FORMAT = "%H:%M:%S"
 # Records of these loggers below WARNING are start-up noise (creating the sqlite store, running its
 # migrations, creating the experiment); warnings and errors still show.
-QUIET_BELOW_WARNING = ("mlflow.store.db.utils", "mlflow.tracking.fluent", "alembic")
+QUIET_BELOW_WARNING = ("mlflow.store.db.utils", "mlflow.tracking.fluent", "alembic", "mlflow.system_metrics")
 
 
 def launcher_rank() -> tuple[int, int]:

@@ -57,16 +57,17 @@ def test_bench_step_is_an_mlflow_run_with_every_figure(tmp_path, monkeypatch):
 def test_tracking_rules_and_none(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/env.db")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team-bench")
-    assert tracking.resolve_store(None) == (f"sqlite:///{tmp_path}/env.db", "MLFLOW_TRACKING_URI")
-    assert tracking.resolve_store("http://x:5000") == ("http://x:5000", "--tracking-uri")
-    assert tracking.resolve_store("none") == (None, "--tracking-uri none")
-    assert tracking.resolve_experiment(None) == ("team-bench", "MLFLOW_EXPERIMENT_NAME")
-    assert tracking.resolve_experiment("x") == ("x", "--experiment")
+    t = tracking.resolve(None)
+    assert (t.uri, t.experiment) == (f"sqlite:///{tmp_path}/env.db", "team-bench")
+    assert "$MLFLOW_TRACKING_URI" in t.rule and "$MLFLOW_EXPERIMENT_NAME" in t.rule
+    assert tracking.resolve("http://x:5000").uri == "http://x:5000"
+    assert tracking.resolve("none").uri is None
+    assert tracking.resolve(None, "x").experiment == "x"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
     monkeypatch.setenv("MCF_CACHE", str(tmp_path / "cache"))
-    assert tracking.resolve_store(None) == (f"sqlite:///{tmp_path}/cache/bench/mlflow.db", "the default bench store")
-    assert tracking.resolve_experiment(None) == ("mcf-bench", "the default")
+    t = tracking.resolve(None)
+    assert (t.uri, t.experiment) == (f"sqlite:///{tmp_path}/cache/bench/mlflow.db", "mcf-bench")
     # `none` logs nothing anywhere (the default store is never created)
     result = {"benchmark": "step", "mcf": {"images_per_s": 1.0}}
     assert tracking.log_bench_run(result, {"model": "m"}, tracking_uri="none") is None

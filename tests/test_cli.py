@@ -36,6 +36,31 @@ def test_config_command_prints_resolved_config_and_lists_keys(capsys):
     assert "unknown config key 'trian.seed'" in capsys.readouterr().err
 
 
+def test_config_list_shows_the_values_of_the_preset_that_runs(capsys):
+    """`mcf pretrain` with no --config runs the demo preset, so `mcf config --list` (and `--config demo`) shows the
+    demo's values, the built-in default beside a changed one; `--config base` and --set are honoured too."""
+    from mcf.cli import main
+
+    for argv in (["config", "--list"], ["config", "--list", "--config", "demo"]):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "model.name = 'mcf_vit_tiny'  [default 'mcf_vit_base_patch16']" in out
+        assert "checkpoint.every = 100  [default 1000]" in out
+    assert main(["config", "--list", "--config", "base", "--set", "train.seed=3"]) == 0
+    out = capsys.readouterr().out
+    assert "\nmodel.name = 'mcf_vit_base_patch16'\n" in out and "train.seed = 3  [default 0]" in out
+
+
+def test_every_bench_flag_has_help():
+    import argparse
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    bench = next(a for a in sub.choices["bench"]._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"bench {name} {a.option_strings[0]}" for name, p in bench.choices.items() for a in p._actions
+               if a.option_strings and a.dest != "help" and not a.help]
+    assert not missing, missing
+
+
 def test_error_quoting_hostile_input_stays_bounded(tmp_path, capsys):
     """An error that quotes a path or value from the input (here a shard list whose one line is a
     megabyte) is one bounded line, saying how long the message was."""

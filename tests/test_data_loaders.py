@@ -159,6 +159,36 @@ def test_salted_folder_skips_counts_and_stops(kind, tmp_path_factory):
         _epoch(strict, 0)
 
 
+def test_one_early_bad_file_in_a_nearly_clean_folder_does_not_stop_the_run(tmp_path):
+    """1 bad file of 104 (0.96 %) under data.max_bad_fraction=1 %, met early: the fraction seen then is far above 1 %,
+    but the 99 % lower confidence bound is not, so the epoch runs to its end; a folder really worse than the threshold
+    still stops, and the message states the rule."""
+    from data_helpers import make_folder
+
+    from mcf.data.loaders.base import MIN_SAMPLES_FOR_BAD_CHECK, bad_fraction_lower_bound
+
+    make_folder(tmp_path / "f", 103)
+    (tmp_path / "f" / "img999.jpg").write_bytes(b"not a jpeg")
+    ld = _loader(tmp_path / "f", "torch", bs=8, max_bad_fraction=0.01)
+    ld.set_epoch(0)
+    met_at = None
+    for _ in ld:
+        if ld.bad_samples and met_at is None:
+            met_at = ld.samples_seen
+    assert ld.samples_seen == 104 and ld.bad_samples == 1
+    # the old rule (fraction seen > 1 % from 32 samples on) would have stopped here
+    assert 1 > 0.01 * max(met_at, MIN_SAMPLES_FOR_BAD_CHECK), met_at
+    assert bad_fraction_lower_bound(1, 40) < 0.01 < bad_fraction_lower_bound(10, 100)
+    assert bad_fraction_lower_bound(1, 32) > 0  # max_bad_fraction=0 still stops at the first bad sample from 32 on
+
+    for i in range(12):
+        (tmp_path / "f" / f"img{i:03d}.png").write_bytes(b"broken")
+    worse = _loader(tmp_path / "f", "torch", bs=8, max_bad_fraction=0.01)
+    rule = r"with 99% confidence at least .* above data.max_bad_fraction=1.0%; the check starts at 32"
+    with pytest.raises(DataError, match=rule):
+        _epoch(worse, 0)
+
+
 def test_builtin_loader(tmp_path, monkeypatch):
     monkeypatch.setenv("MCF_CACHE", str(tmp_path))
     ld = _loader("builtin", "torch", bs=8)

@@ -21,7 +21,8 @@ SOURCES = {"mcf": ROOT / "mcf", "mcf.kernels": ROOT / "kernels"}
 # is that of the longest prefix naming it; every package's command-line entry point (``cli``,
 # ``__main__``) sits on top, where the commands are wired together.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("mcf.errors", "mcf.fileio", "mcf.logs", "mcf.dist", "mcf.serialization", "mcf.configtree", "mcf.measure"),
+    ("mcf.errors", "mcf.fileio", "mcf.logs", "mcf.threads", "mcf.dist", "mcf.serialization", "mcf.configtree",
+     "mcf.measure"),
     ("mcf.kernels",),
     ("mcf.models", "mcf.losses"),
     ("mcf.compat",),

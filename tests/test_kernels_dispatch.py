@@ -223,10 +223,11 @@ def test_every_candidate_matches_the_reference(name, dtype, masked):
 def test_teacher_attention_goes_through_the_dispatch(monkeypatch):
     import mcf.models.attention as attn_mod
     from mcf.models.teacher import TEACHERS, PerceptualTeacher
+    from mcf.models.teacher import timm_vit as build_timm_vit
 
     spec = TEACHERS["vit_tiny_debug"]
     teacher = PerceptualTeacher(spec)
-    timm_vit = spec.build()
+    timm_vit = build_timm_vit(spec)
     assert set(teacher.model.state_dict()) == set(timm_vit.state_dict())  # checkpoints load as before
     timm_vit.load_state_dict(teacher.model.state_dict())
     x = torch.randn(2, 3, 32, 32)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -119,6 +120,30 @@ def test_launchers_agree(deepspeed_no_ssh, torchrun_two_nodes):
 def test_help(script):
     r = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "mcf pretrain" in r.stdout and "MCF_PYTHON" in r.stdout
+
+
+@pytest.mark.parametrize("script", [TORCHRUN, DEEPSPEED], ids=["torchrun", "deepspeed"])
+def test_help_is_the_header_comment_only(script):
+    r = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert "set -euo" not in r.stdout and r.stdout.splitlines()[0].startswith("Start `mcf pretrain`")
+
+
+def test_torchrun_sh_picks_and_checks_a_python_with_torch_and_mcf(tmp_path):
+    """Without MCF_PYTHON the script finds an interpreter that imports torch and mcf (not a bare `python`); --dry-run
+    refuses one that cannot, in one line naming it."""
+    e = {k: v for k, v in launcher_env().items() if k != "MCF_PYTHON"}
+    r = subprocess.run(["bash", str(TORCHRUN), "--dry-run", "--nproc-per-node", "1"], capture_output=True, text=True,
+                       timeout=120, env=e, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    py = shlex.split(r.stdout)[0]
+    assert subprocess.run([py, "-c", "import torch, mcf"], env=e, timeout=120).returncode == 0, py
+    bare = tmp_path / "python"
+    bare.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\" >&2; exit 1\n")
+    bare.chmod(0o755)
+    r = subprocess.run(["bash", str(TORCHRUN), "--dry-run"], capture_output=True, text=True, timeout=60,
+                       env=dict(e, MCF_PYTHON=str(bare)))
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert f"MCF_PYTHON={bare} cannot import torch and mcf" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("args, message", [

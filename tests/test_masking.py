@@ -50,10 +50,11 @@ def test_padded_length_is_the_range_bound_for_float32_ratios():
 def test_ratio_range_attends_what_the_batch_maximum_padding_attended():
     """Padding to the range's bound (host) instead of the batch's largest keep (a device read) changes
     only the padding: same masks, same visible tokens' encoding, same prediction and loss terms."""
-    from mcf.models import create_model
+    from mcf.models import Objective, create_model
 
     torch.manual_seed(0)
-    model = create_model("mcf_vit_tiny", teacher_checkpoint="random", mask_ratio_range=(0.5, 0.9)).eval()
+    objective = Objective(mask_ratio_range=(0.5, 0.9))
+    model = create_model("mcf_vit_tiny", teacher_checkpoint="random", objective=objective).eval()
     x, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 64)
     ratios = torch.tensor([0.7, 0.85, 0.62, 0.9])
     enc = model.online.encoder
@@ -75,9 +76,10 @@ def test_ratio_range_forward_has_no_graph_break():
     """No host sync in masking → torch.compile traces masking + encoder + decoder as one graph."""
     import torch._dynamo
 
-    from mcf.models import create_model
+    from mcf.models import Objective, create_model
 
-    model = create_model("mcf_vit_tiny", teacher_checkpoint="random", mask_ratio_range=(0.6, 0.9), depth=1, decoder_depth=1)
+    model = create_model("mcf_vit_tiny", teacher_checkpoint="random", depth=1, decoder_depth=1,
+                         objective=Objective(mask_ratio_range=(0.6, 0.9)))
     x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
     ratios = model._draw_ratios(2, x.device)
     torch._dynamo.reset()

@@ -3,7 +3,7 @@ import torch
 from tolerances import assert_close_scaled, assert_no_worse_than
 
 from mcf.errors import ConfigError
-from mcf.models import create_model, list_models
+from mcf.models import Objective, create_model, list_models
 from mcf.models.pos_embed import interpolate_pos_embed, sincos_2d
 
 
@@ -45,7 +45,7 @@ def test_loss_is_weighted_sum_of_reported_terms(tiny):
     out = tiny(torch.randn(4, 3, 32, 32))
     expected = 1000 * out.losses["perceptual"] + out.losses["contrastive"]
     assert_close_scaled(out.loss.detach(), expected, depth=2)  # a sum of weighted scalars, in another order
-    m2 = create_model("mcf_vit_tiny", teacher_checkpoint="random", pixel_weight=2.0, norm_pix=True)
+    m2 = create_model("mcf_vit_tiny", teacher_checkpoint="random", objective=Objective(pixel_weight=2.0, norm_pix=True))
     o2 = m2(torch.randn(4, 3, 32, 32))
     want = 1000 * o2.losses["perceptual"] + o2.losses["contrastive"] + 2 * o2.losses["pixel"]
     assert_close_scaled(o2.loss.detach(), want, depth=3)
@@ -93,7 +93,7 @@ def test_attention_backends_agree(tiny, backend):
 
 def test_variable_mask_ratio_pads_and_trains():
     torch.manual_seed(0)
-    model = create_model("mcf_vit_tiny", teacher_checkpoint="random", mask_ratio_range=(0.6, 0.9))
+    model = create_model("mcf_vit_tiny", teacher_checkpoint="random", objective=Objective(mask_ratio_range=(0.6, 0.9)))
     x = torch.randn(8, 3, 32, 32)
     removed = model(x).mask.sum(1)
     assert removed.min() >= int(64 * 0.6) - 1 and removed.max() <= 64 - int(64 * 0.1) and removed.unique().numel() > 1
@@ -150,8 +150,8 @@ def test_triton_backend_in_the_model_matches_math_with_variable_ratios():
     if not ok:
         pytest.skip(f"Triton cannot run here: {reason}")
     torch.manual_seed(0)
-    model = create_model("mcf_vit_tiny", teacher_checkpoint="random", mask_ratio_range=(0.6, 0.9), depth=1, decoder_depth=1,
-                         contrastive_weight=0.0)
+    model = create_model("mcf_vit_tiny", teacher_checkpoint="random", depth=1, decoder_depth=1,
+                         objective=Objective(mask_ratio_range=(0.6, 0.9), contrastive_weight=0.0))
     x, n1, n2 = torch.randn(2, 3, 32, 32), torch.rand(2, 64), torch.rand(2, 64)
     results = {}
     for backend, dtype in (("math", torch.float64), ("sdpa", torch.float32), ("triton", torch.float32)):

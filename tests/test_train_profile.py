@@ -11,7 +11,8 @@ from mcf.train.profile import RANGES
 
 def test_profile_step_writes_the_share_of_each_range(tmp_path):
     out = tmp_path / "run"
-    check(run(pretrain_args(out, 3, "--set", "logging.profile_step=2", "--set", "data.num_workers=0")))
+    p = check(run(pretrain_args(out, 3, "--set", "logging.profile_step=2", "--set", "data.num_workers=0")))
+    assert "gpuGetDeviceCount" not in p.stdout + p.stderr  # kineto's false alarm on a CPU (no GPU, nothing wrong)
     assert [p.name for p in out.glob("profile_step_*.json")] == ["profile_step_2.json"]
     prof = json.loads((out / "profile_step_2.json").read_text())
     assert prof["step"] == 2 and prof["device"] == "cpu" and prof["wall_ms"] > 0

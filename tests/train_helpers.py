@@ -24,7 +24,9 @@ def free_port() -> int:
 
 def env(**extra: str) -> dict[str, str]:
     e = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "MCF_OVERRIDES"):
+    # (MLFLOW_*: a team store exported in the environment is not the tests')
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "MCF_OVERRIDES",
+              "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
         e.pop(k, None)
     e.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true", PYTHONPATH=str(ROOT),
              TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"), PYTHONUNBUFFERED="1")

@@ -31,7 +31,7 @@ PORT=${MASTER_PORT:-29500}
 NO_SSH=0
 NODE_RANK=${NODE_RANK:-}
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 need() { [ "$2" -ge 2 ] || { echo "launch.sh: $1 needs a value" >&2; exit 2; }; }
 
 ARGS=()

@@ -14,11 +14,13 @@ def _add_step_args(p: argparse.ArgumentParser, e2e: bool) -> None:
     p.add_argument("--model", default="mcf_vit_small_patch16", help="model name (default: %(default)s)")
     p.add_argument("--img-size", type=int, default=112, help="input side; 0 = the model's own (default: %(default)s)")
     p.add_argument("--teacher-img-size", type=int, default=None, help="teacher input side (default: = --img-size)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="images per step (default: %(default)s)")
     p.add_argument("--steps", type=int, default=1, help="steps per timed window (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed windows, median reported (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps before the timed windows (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="auto (the first GPU if any, else cpu), cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--compile", action="store_true",
                    help="also time the mcf step torch.compile-d, beside eager (variant mcf_compiled)")
     p.add_argument("--variants", default="paper,mcf",
@@ -30,7 +32,8 @@ def _add_step_args(p: argparse.ArgumentParser, e2e: bool) -> None:
     if e2e:
         p.add_argument("--data", default=None, help="image folder (default: synthetic JPEGs in a temporary folder)")
         p.add_argument("--workers", type=int, default=2, help="loader workers, both variants (default: %(default)s)")
-        p.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"), help="mcf's loader (default: %(default)s)")
+        p.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"),
+                       help="mcf's loader (default: %(default)s)")
 
 
 def _step_config(args: argparse.Namespace, e2e: bool):
@@ -82,9 +85,15 @@ def _run_data(args: argparse.Namespace) -> dict:
 _ATTENTION_FLAGS = [
     ("--tiny", {"action": "store_true", "help": "tiny shapes (CPU smoke test; the default without a GPU)"}),
     ("--full", {"action": "store_true", "help": "MCF shapes (the default on a GPU)"}),
-    ("--batch", {"nargs": "+"}), ("--heads", {"nargs": "+"}), ("--tokens", {"nargs": "+"}), ("--head-dim", {}),
-    ("--dtype", {}), ("--backends", {"nargs": "+"}), ("--modes", {"nargs": "+"}), ("--device", {}), ("--warmup", {}),
-    ("--repeats", {}), ("--inner", {}), ("--min-speedup", {}), ("--markdown", {}),
+    ("--batch", {"nargs": "+", "help": "batch sizes"}), ("--heads", {"nargs": "+", "help": "head counts"}),
+    ("--tokens", {"nargs": "+", "help": "sequence lengths"}), ("--head-dim", {"help": "head dimension"}),
+    ("--dtype", {"help": "input dtype (float16, bfloat16, float32)"}),
+    ("--backends", {"nargs": "+", "help": "kernels compared (default: all)"}),
+    ("--modes", {"nargs": "+", "help": "fwd and/or fwd+bwd (default: both)"}),
+    ("--device", {"help": "device (default: cuda if available, else cpu)"}), ("--warmup", {"help": "untimed calls"}),
+    ("--repeats", {"help": "timed groups, median reported"}), ("--inner", {"help": "calls per timed group"}),
+    ("--min-speedup", {"help": "SDPA/Triton ratio that counts as a Triton win (default 1.1)"}),
+    ("--markdown", {"metavar": "OUT", "help": "also write a markdown table to OUT"}),
     # handled by mcf.bench.attention: fill the attention dispatch table (bf16 and fp32, MCF's shapes)
     ("--table", {"action": "store_true", "help": "measure every candidate path in bf16 and fp32 at MCF's shapes and "
                  "write the rows to the per-user attention table that attention.backend=auto reads"}),
@@ -179,10 +188,10 @@ def _tracked(run):
     a one-line error in seconds, not after minutes of measuring."""
 
     def tracked(args: argparse.Namespace) -> int:
-        from mcf.bench.tracking import bench_flags, log_bench_run, resolve_store
+        from mcf.bench.tracking import bench_flags, log_bench_run, resolve
         from mcf.train.tracking import check_reachable
 
-        uri, _ = resolve_store(args.tracking_uri)
+        uri = resolve(args.tracking_uri, args.experiment).uri
         if uri is not None:
             check_reachable(uri)
         result = run(args)
@@ -245,18 +254,24 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", default=None, help="image folder (default: synthetic JPEGs)")
     p.add_argument("--count", type=int, default=256, help="synthetic files (default: %(default)s)")
     p.add_argument("--file-size", type=int, default=256, help="synthetic JPEG side (default: %(default)s)")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--img-size", type=int, default=224, help="output side of the loaders' crops (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="loader workers (DALI threads, DataLoader processes) (default: %(default)s)")
     p.add_argument("--batches", type=int, default=6, help="timed batches per loader (default: %(default)s)")
-    p.add_argument("--sources", default="folder,lmdb,shards")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None)
+    p.add_argument("--sources", default="folder,lmdb,shards",
+                   help="comma list of the stores the same files are read from (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="where batches are delivered: auto (GPU if any), cpu, cuda (default: %(default)s)")
+    p.add_argument("--out", default=None, help="JSON file or folder")
     p.add_argument("--index-scale", type=int, default=0, metavar="N",
                    help="instead: open time and bytes per sample of the indexes for N synthetic keys/samples (e.g. 20000000)")
-    p.add_argument("--folder-files", type=int, default=200_000, help="index-scale: files of the synthetic folder (default: %(default)s)")
-    p.add_argument("--worker-keys", type=int, default=1_000_000, help="index-scale: keys a forked worker reads (default: %(default)s)")
-    p.add_argument("--workdir", default=None, help="index-scale: keep the synthetic data here (reused; default: a temporary folder)")
+    p.add_argument("--folder-files", type=int, default=200_000,
+                   help="index-scale: files of the synthetic folder (default: %(default)s)")
+    p.add_argument("--worker-keys", type=int, default=1_000_000,
+                   help="index-scale: keys a forked worker reads (default: %(default)s)")
+    p.add_argument("--workdir", default=None,
+                   help="index-scale: keep the synthetic data here (reused; default: a temporary folder)")
     p.set_defaults(func=_tracked(_run_data))
 
     p = sub.add_parser("attention", parents=[tracking], help="attention kernels: Triton vs SDPA vs math (benchmarks/bench_attention.py)")
@@ -271,31 +286,38 @@ def add_parser(subparsers) -> None:
     p.add_argument("--img-size", type=int, default=112,
                    help="its input side; 0 = the model's own (default: %(default)s)")
     p.add_argument("--batch-sizes", default="4,8", help="two batch sizes of the CPU measurement (default: %(default)s)")
-    p.add_argument("--modes", default="none,encoder,decoder,teacher,all")
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--modes", default="none,encoder,decoder,teacher,all",
+                   help="train.activation_checkpointing settings compared (default: %(default)s)")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
+                   help="weights' and activations' dtype, as DeepSpeed runs the online model (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per setting, interleaved (default: %(default)s)")
     p.add_argument("--project", default="mcf_vit_base_patch16,mcf_vit_large_patch16,mcf_vit_huge_patch14",
                    help="models counted at their own size on the meta device for the batch projection ('' = none)")
-    p.add_argument("--project-teacher", default="vit_base_patch16")
-    p.add_argument("--project-batch-sizes", default="64,128")
-    p.add_argument("--gpu-gb", type=float, default=80.0)
+    p.add_argument("--project-teacher", default="vit_base_patch16",
+                   help="the projected models' teacher (default: %(default)s)")
+    p.add_argument("--project-batch-sizes", default="64,128",
+                   help="two batch sizes of the meta count (large, so the activations' peak shows) "
+                        "(default: %(default)s)")
+    p.add_argument("--gpu-gb", type=float, default=80.0,
+                   help="GPU memory the largest batch is projected for (default: %(default)s)")
     p.add_argument("--ranks", type=int, default=8, help="GPUs the ZeRO state is sharded over (default: %(default)s)")
-    p.add_argument("--zero", type=int, default=1)
+    p.add_argument("--zero", type=int, default=1, help="ZeRO stage of the projection (default: %(default)s)")
     p.add_argument("--reserve-gb", type=float, default=8.0,
                    help="CUDA context, NCCL, fragmentation (default: %(default)s)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="JSON file or folder")
     p.set_defaults(func=_tracked(_run_memory))
 
     p = sub.add_parser("scale", parents=[tracking],
                        help="per-rank bytes, step time and collectives per step under ZeRO 0/1/2/3 (2 ranks)")
-    p.add_argument("--model", default="mcf_vit_tiny")
-    p.add_argument("--img-size", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=4, help="per rank")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--stages", default="0,1,2,3")
+    p.add_argument("--model", default="mcf_vit_tiny", help="model name (default: %(default)s)")
+    p.add_argument("--img-size", type=int, default=0, help="input side; 0 = the model's own (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, help="per rank (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up step (default: %(default)s)")
+    p.add_argument("--stages", default="0,1,2,3", help="comma list of ZeRO stages (default: %(default)s)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="the online model's dtype, as the trainer runs it (bf16: bf16 weights + fp32 masters)")
-    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=2,
+                   help="ranks (torchrun processes; gloo on the CPU) (default: %(default)s)")
     p.add_argument("--phases", default="memory,comm",
                    help="memory (bytes held, step time) and/or comm (the trainer's collectives per step) "
                         "(default: %(default)s)")
@@ -307,7 +329,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--project", default="", metavar="MODELS",
                    help="project the counted steps to these models at --gpus (e.g. mcf_vit_base_patch16,...)")
     p.add_argument("--gpus", default="8,64,256", help="GPU counts of the projection (default: %(default)s)")
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node of the projection (default: %(default)s)")
     p.add_argument("--intra-gbytes", type=float, default=360.0, help="GB/s per GPU within a node (NVLink)")
     p.add_argument("--inter-gbits", type=float, default=400.0, help="Gb/s per GPU across nodes (its NIC)")
     p.add_argument("--inter-efficiency", type=float, default=0.8, help="share of the NIC line rate reached")
@@ -318,7 +340,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100 SXM: 989)")
     p.add_argument("--mfu", type=float, default=0.45, help="share of the peak the step's compute reaches")
     p.add_argument("--project-batch", type=int, default=64, help="images per GPU per step of the projection")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="JSON file or folder")
     p.set_defaults(func=_tracked(_run_scale))
 
     p = sub.add_parser("history", parents=[tracking],

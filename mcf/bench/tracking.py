@@ -54,32 +54,17 @@ END_MARK = "<!-- mcf bench results: end -->"
 
 # -- the store ---------------------------------------------------------------------------------------
 def default_store() -> Path:
-    """``$MCF_CACHE/bench/mlflow.db`` (``~/.cache/mcf/bench/mlflow.db``): one history per user."""
-    return mcf_cache_dir() / "bench" / "mlflow.db"
+    """The folder of the default bench store, ``$MCF_CACHE/bench`` (``~/.cache/mcf/bench``): its
+    ``mlflow.db`` holds one history per user, whatever folder a benchmark runs in."""
+    return mcf_cache_dir() / "bench"
 
 
-def resolve_store(explicit: str | None) -> tuple[str | None, str]:
-    """(tracking URI or None for "off", the rule that chose it).
+def resolve(tracking_uri: str | None, experiment: str | None = None):
+    """MLflow's conventions as every mcf command follows them (:func:`mcf.train.tracking.resolve_tracking`),
+    with this user's bench store as the default and ``mcf-bench`` as the default experiment."""
+    from mcf.train.tracking import resolve_tracking
 
-    ``explicit`` (``--tracking-uri``) first, ``none`` turning tracking off; then
-    ``MLFLOW_TRACKING_URI``; then :func:`default_store`.
-    """
-    if explicit:
-        return (None, "--tracking-uri none") if explicit.lower() == "none" else (explicit, "--tracking-uri")
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env, "MLFLOW_TRACKING_URI"
-    return f"sqlite:///{default_store()}", "the default bench store"
-
-
-def resolve_experiment(explicit: str | None) -> tuple[str, str]:
-    """(experiment name, the rule): ``--experiment``, then ``MLFLOW_EXPERIMENT_NAME``, then ``mcf-bench``."""
-    if explicit:
-        return explicit, "--experiment"
-    env = os.environ.get("MLFLOW_EXPERIMENT_NAME")
-    if env:
-        return env, "MLFLOW_EXPERIMENT_NAME"
-    return EXPERIMENT, "the default"
+    return resolve_tracking(tracking_uri, default_store(), experiment, EXPERIMENT)
 
 
 # -- what a run holds --------------------------------------------------------------------------------
@@ -191,10 +176,9 @@ def log_bench_run(result: dict[str, Any], flags: dict[str, Any], *, tracking_uri
     from mcf.bench.common import git_commit
     from mcf.train.metrics import start_mlflow
 
-    uri, rule = resolve_store(tracking_uri)
-    if uri is None:
+    chosen = resolve(tracking_uri, experiment)
+    if chosen.uri is None:
         return None
-    name, exp_rule = resolve_experiment(experiment)
     benchmark = str(result.get("benchmark", "bench"))
     commit = str(result.get("commit") or git_commit())
     host = host_description()
@@ -203,11 +187,10 @@ def log_bench_run(result: dict[str, Any], flags: dict[str, Any], *, tracking_uri
             "config_label": config_label(benchmark, flags)}
     params = {**{f"flag.{k}": v for k, v in flags.items()}, **host, **versions(), "commit": tags["commit"],
               "dirty": tags["dirty"], "benchmark": benchmark}
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    log.info("MLflow: bench run in %s (%s), experiment '%s' (%s)", uri, rule, name, exp_rule)
-    sink = start_mlflow(uri, Path.cwd(), name, run_name=f"{benchmark} {tags['config_label']} @ {tags['commit']}",
-                        params=params)
+    if chosen.local_db is not None:
+        chosen.local_db.parent.mkdir(parents=True, exist_ok=True)
+    sink = start_mlflow(chosen, run_name=f"{benchmark} {tags['config_label']} @ {tags['commit']}", params=params,
+                        system_metrics=False)
     for key, value in tags.items():
         sink.set_tag(key, value)
     metrics = flatten_metrics(result)
@@ -245,9 +228,9 @@ def _client(tracking_uri: str | None):
     from mcf.errors import TrackingError
     from mcf.train.tracking import check_reachable
 
-    uri, _ = resolve_store(tracking_uri)
+    uri = resolve(tracking_uri).uri
     if uri is None:
-        raise TrackingError("--tracking-uri none: there is no store to read the history from")
+        raise TrackingError("tracking is off (--tracking-uri none or MLFLOW_TRACKING_URI=none): no store to read")
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise TrackingError(f"no benchmark runs tracked yet: {uri} does not exist (run `mcf bench step` first)")
     check_reachable(uri)
@@ -260,7 +243,7 @@ def tracked_runs(benchmark: str, *, tracking_uri: str | None = None, experiment:
     from mcf.errors import TrackingError
 
     client, uri = _client(tracking_uri)
-    name, _ = resolve_experiment(experiment)
+    name = resolve(tracking_uri, experiment).experiment
     exp = client.get_experiment_by_name(name)
     if exp is None:
         raise TrackingError(f"no experiment '{name}' in {uri}: no benchmark has been tracked there")

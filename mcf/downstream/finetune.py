@@ -95,9 +95,10 @@ class FinetuneConfig:
     workers: int = field(2, help="DataLoader workers.")
     seed: int = field(0, help="Seed of the head, data order, augmentation and train_data_ratio's subset.")
     log_every: int = field(10, help="Steps between loss logs.")
-    tracking_uri: str | None = field(None, help="MLflow tracking URI; None = a sqlite store in output_dir; 'none' "
-                                                "= off.")
-    experiment: str = field("mcf-finetune", help="MLflow experiment name.")
+    tracking_uri: str | None = field(None, help="MLflow tracking URI; None = $MLFLOW_TRACKING_URI if set, else a "
+                                                "sqlite store in output_dir; 'none' = off.")
+    experiment: str | None = field(None, help="MLflow experiment name; None = $MLFLOW_EXPERIMENT_NAME if set, else "
+                                              "mcf-finetune.")
     # The fields below also declare their command-line flag here (flag=True): cli.py reads the metadata.
     head: str | None = field(None, flag=True, choices=("uper", "light"), help=(
         "uper: FaRL's UPerHead on blocks 3,5,7,11 (scaled to the depth), the protocol's; light: mcf's "

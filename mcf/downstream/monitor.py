@@ -62,7 +62,7 @@ class RepresentationMonitor:
         x = self.recon_images.to(device=p.device, dtype=p.dtype)
         L = online.encoder.num_patches
         noise = torch.rand(len(x), L, generator=torch.Generator().manual_seed(self.seed)).to(p.device)  # fixed masks
-        out = online(x, model.mask_ratio, noise)
+        out = online(x, model.objective.mask_ratio, noise)
         return float(pixel_loss(x.float(), out.pred.float(), out.mask, online.spec.patch_size))
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mcf.errors import UserError
@@ -85,3 +86,58 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append("Per held-out photo NME_io: " + "; ".join(f"{name}: " + ", ".join(f"{k.split('/')[1]} {r[k]:.4f}" for k in per_photo)
                                                      for name, r in rows.items()))
     return "\n".join(lines)
+
+
+# (what is claimed, encoder and metric of the left side, of the right side, True = lower is better)
+CLAIMS = (
+    ("pre-trained landmarks beat the mean shape", ("pretrained", "nme_io"), ("pretrained", "nme_io_mean_shape"), True),
+    ("pre-trained landmarks beat random weights", ("pretrained", "nme_io"), ("random", "nme_io"), True),
+    ("pre-trained face/non-face linear beats random", ("pretrained", "face_linear_acc"), ("random", "face_linear_acc"),
+     False),
+    ("pre-trained face/non-face 5-NN beats random", ("pretrained", "face_knn_acc"), ("random", "face_knn_acc"), False),
+)
+
+
+def summarize_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread (sample std, min, max) of every column over the seeds' ``run_probe_benchmark`` results, and
+    each comparison of :data:`CLAIMS` with the number of seeds it holds on: a claim is made only when it holds on
+    every seed (one seed's ordering is not a finding: a re-run flipped the landmark reading)."""
+    seeds = [r["info"]["seed"] for r in runs]
+    stats: dict[str, dict[str, dict[str, float]]] = {}
+    for enc in runs[0]["rows"]:
+        stats[enc] = {}
+        for key, _ in COLUMNS:
+            v = np.array([r["rows"][enc][key] for r in runs], dtype=np.float64)
+            stats[enc][key] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                               "min": float(v.min()), "max": float(v.max())}
+    claims = []
+    for text, (le, lk), (re_, rk), lower in CLAIMS:
+        holds = sum((r["rows"][le][lk] < r["rows"][re_][rk]) if lower else (r["rows"][le][lk] > r["rows"][re_][rk])
+                    for r in runs)
+        claims.append({"claim": text, "holds_on": int(holds), "seeds": len(runs), "claimed": holds == len(runs)})
+    return {"seeds": seeds, "stats": stats, "claims": claims}
+
+
+def format_seeds(summary: dict[str, Any]) -> str:
+    """A markdown table of mean ± std [min, max] over the seeds, and what holds across them."""
+    n = len(summary["seeds"])
+    lines = [f"Over {n} seeds ({', '.join(map(str, summary['seeds']))}): mean ± std [min, max]", "",
+             "| encoder | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    for enc, cols in summary["stats"].items():
+        lines.append(f"| {enc} | " + " | ".join(f"{s['mean']:.4f} ± {s['std']:.4f} [{s['min']:.4f}, {s['max']:.4f}]"
+                                                 for s in (cols[k] for k, _ in COLUMNS)) + " |")
+    lines.append("")
+    for c in summary["claims"]:
+        verdict = "holds on every seed" if c["claimed"] else "not claimed"
+        lines.append(f"- {c['claim']}: {c['holds_on']} of {c['seeds']} seeds ({verdict})")
+    return "\n".join(lines)
+
+
+def run_probe_seeds(seeds: list[int], pretrained: str | None = None, pretrain_steps: int = 300,
+                    output_dir: str | Path = "runs/probe", warps: int = 100) -> dict[str, Any]:
+    """:func:`run_probe_benchmark` once per seed (its own pre-training in ``output_dir/seed_N``, its own warps and
+    random encoder), then :func:`summarize_seeds`."""
+    if not seeds:
+        raise ValueError("at least one seed")
+    runs = [run_probe_benchmark(pretrained, pretrain_steps, Path(output_dir) / f"seed_{s}", warps, s) for s in seeds]
+    return {"runs": runs, "summary": summarize_seeds(runs)}

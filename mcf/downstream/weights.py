@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mcf.errors import CheckpointError
+from mcf.models.arch import ViTArch
+from mcf.models.loading import strip_prefix
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +33,6 @@ META_SOURCE = "mcf.source"
 META_STEP = "mcf.step"
 META_MODEL = "mcf.model"
 EXPORT_FORMAT = "mcf-timm-vit/1"
-
-
-@dataclass(frozen=True)
-class ViTArch:
-    """What rebuilds the encoder: the :class:`mcf.models.vit.MaskedViT` / timm ``VisionTransformer`` kwargs."""
-
-    img_size: int = 224
-    patch_size: int = 16
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -62,9 +49,9 @@ class EncoderWeights:
     step: int | None = None
 
 
-def arch_from_spec(spec: Any) -> ViTArch:
-    return ViTArch(img_size=spec.img_size, patch_size=spec.patch_size, embed_dim=spec.embed_dim, depth=spec.depth,
-                   num_heads=spec.num_heads, mlp_ratio=float(spec.mlp_ratio))
+def arch_from_spec(spec: ViTArch) -> ViTArch:
+    """The encoder of an :class:`mcf.models.MCFSpec` (or any :class:`ViTArch`)."""
+    return spec.vit()
 
 
 def arch_from_config(config: dict | None) -> tuple[ViTArch, str] | None:
@@ -113,10 +100,6 @@ def infer_arch(sd: dict[str, torch.Tensor], hint: ViTArch | None = None) -> ViTA
     return ViTArch(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
 
 
-def _strip(sd: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
 def _clean_encoder(sd: dict) -> dict[str, torch.Tensor]:
     """Keep the ViT tensors (drop heads, decoders, MAE's mask token), fp32 and contiguous."""
     drop = ("head.", "fc.", "fc_norm.", "decoder", "mask_token")
@@ -127,7 +110,7 @@ def _clean_encoder(sd: dict) -> dict[str, torch.Tensor]:
 def from_consolidated(obj: dict, fmt: str) -> EncoderWeights:
     """``{'online': {encoder.*, ...}, 'config': {...}, 'step': N}`` (the trainer's consolidated state)."""
     online = obj["online"]
-    sd = _clean_encoder(_strip(online, "encoder."))
+    sd = _clean_encoder(strip_prefix(online, "encoder."))
     if not sd:
         raise CheckpointError("the checkpoint's 'online' state has no 'encoder.*' weights")
     from_cfg = arch_from_config(obj.get("config"))
@@ -154,7 +137,7 @@ def from_paper(obj: dict) -> EncoderWeights:
 
     sd = obj["model"] if isinstance(obj.get("model"), dict) else obj
     if sd and all(k.startswith("module.") for k in sd):
-        sd = _strip(sd, "module.")
+        sd = strip_prefix(sd, "module.")
     enc = {}
     for k, v in sd.items():
         new = seed_key_to_mcf(k)

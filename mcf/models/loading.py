@@ -54,7 +54,8 @@ def read_checkpoint(path: str | Path) -> dict:
     return obj
 
 
-def _strip(sd: dict, prefix: str) -> dict:
+def strip_prefix(sd: dict, prefix: str) -> dict:
+    """The entries of ``sd`` whose key starts with ``prefix``, the prefix removed (the others dropped)."""
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
@@ -64,7 +65,7 @@ def vit_state_dict(obj: dict) -> tuple[dict, str]:
         sd = obj["state_dict"]
         for prefix in ("module.base_encoder.", "base_encoder."):
             if any(k.startswith(prefix) for k in sd):
-                return _strip(sd, prefix), "mocov3"
+                return strip_prefix(sd, prefix), "mocov3"
         obj = sd
     if "model" in obj and isinstance(obj["model"], dict):
         return _strip_module(obj["model"]), "mae"
@@ -78,7 +79,7 @@ def vit_state_dict(obj: dict) -> tuple[dict, str]:
 
 def _strip_module(sd: dict) -> dict:
     if sd and all(k.startswith("module.") for k in sd):
-        return _strip(sd, "module.")
+        return strip_prefix(sd, "module.")
     return sd
 
 

@@ -13,28 +13,12 @@ from torch.profiler import record_function
 from mcf.losses.contrastive import ContrastiveLoss
 from mcf.losses.perceptual import PerceptualLoss
 from mcf.losses.pixel import pixel_loss, unpatchify
+from mcf.models.arch import MCFSpec
 from mcf.models.decoder import MAEDecoder
 from mcf.models.heads import build_predictor, build_projector
+from mcf.models.objective import Objective
 from mcf.models.teacher import PerceptualTeacher
 from mcf.models.vit import MaskedViT
-
-
-@dataclass(frozen=True)
-class MCFSpec:
-    """Architecture of an MCF model (encoder ViT, MAE decoder, contrastive heads, teacher name)."""
-
-    img_size: int = 224
-    patch_size: int = 16
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    mlp_ratio: float = 4.0
-    proj_hidden: int = 4096
-    proj_dim: int = 256
-    teacher: str = "vit_base_patch16"
 
 
 @dataclass
@@ -107,24 +91,24 @@ class TargetEncoder(nn.Module):
 class MCF(nn.Module):
     """Mask Contrastive Face: total = w_p·perceptual + w_c·contrastive + w_x·pixel.
 
+    ``spec`` is the architecture, ``teacher`` the frozen perceptual teacher, ``objective`` the
+    masking and loss options (:class:`Objective`: weights, temperature, perceptual layers …).
+
     ``forward(images, online_noise, target_noise)`` → :class:`MCFOutput`. The noises (``[N, L]``)
     fix the two masks; by default each is drawn uniformly on the images' device. ``online`` lets the
     trainer pass the DeepSpeed engine that wraps ``self.online``.
     """
 
-    def __init__(self, spec: MCFSpec, teacher: PerceptualTeacher, *, mask_ratio: float = 0.75, mask_ratio_range: tuple[float, float] | None = None,
-                 perceptual_weight: float = 1000.0, contrastive_weight: float = 1.0, pixel_weight: float = 0.0, norm_pix: bool = False,
-                 temperature: float = 0.2, perceptual_layers: tuple[int, ...] = (2, 5, 8, 11), perceptual_norm: str = "token",
-                 perceptual_resize: str = "nearest", norm_impl: str = "torch", attn_backend: str = "auto"):
+    def __init__(self, spec: MCFSpec, teacher: PerceptualTeacher, objective: Objective | None = None, *,
+                 norm_impl: str = "torch", attn_backend: str = "auto"):
         super().__init__()
         self.spec = spec
-        self.mask_ratio, self.mask_ratio_range = mask_ratio, mask_ratio_range
-        self.weights = {"perceptual": perceptual_weight, "contrastive": contrastive_weight, "pixel": pixel_weight}
-        self.norm_pix = norm_pix
+        self.objective = Objective() if objective is None else objective
+        o = self.objective
         self.online = MCFOnline(spec, norm_impl, attn_backend)
         self.target = TargetEncoder(self.online)
-        self.perceptual = PerceptualLoss(teacher, perceptual_layers, perceptual_norm, perceptual_resize)
-        self.contrastive = ContrastiveLoss(temperature)
+        self.perceptual = PerceptualLoss(teacher, o.perceptual_layers, o.perceptual_norm, o.perceptual_resize)
+        self.contrastive = ContrastiveLoss(o.temperature)
         self._register_state_dict_hook(_drop_teacher_keys)
 
     @property
@@ -159,17 +143,16 @@ class MCF(nn.Module):
         self.teacher.set_grad_checkpointing("teacher" in parts[mode])
 
     def _draw_ratios(self, n: int, device: torch.device) -> torch.Tensor | None:
-        if self.mask_ratio_range is None:
+        if self.objective.mask_ratio_range is None:
             return None
-        lo, hi = self.mask_ratio_range
+        lo, hi = self.objective.mask_ratio_range
         return lo + (hi - lo) * torch.rand(n, device=device)
 
     def forward(self, images: torch.Tensor, online_noise: torch.Tensor | None = None, target_noise: torch.Tensor | None = None,
                 *, online: nn.Module | None = None) -> MCFOutput:
         online = self.online if online is None else online
         N = images.shape[0]
-        # with per-image ratios the encoders take the range's lower bound: it fixes the padded length on the host
-        ratio = self.mask_ratio if self.mask_ratio_range is None else self.mask_ratio_range[0]
+        ratio = self.objective.encoder_ratio  # a host float: the padded length is known without a device sync
         # record_function ranges: stable names for `logging.profile_step` (a few µs each when not profiling)
         with record_function("mcf.online"):
             o: OnlineOutput = online(images, ratio, online_noise, self._draw_ratios(N, images.device))
@@ -182,9 +165,10 @@ class MCF(nn.Module):
         terms = {
             "perceptual": perceptual,
             "contrastive": self.contrastive(o.q, k),
-            "pixel": pixel_loss(images, o.pred, o.mask, self.spec.patch_size, self.norm_pix),
+            "pixel": pixel_loss(images, o.pred, o.mask, self.spec.patch_size, self.objective.norm_pix),
         }
-        loss = sum(self.weights[name] * value for name, value in terms.items())
+        weights = self.objective.weights
+        loss = sum(weights[name] * value for name, value in terms.items())
         return MCFOutput(loss=loss, losses={k: v.detach() for k, v in terms.items()}, pred=o.pred, mask=o.mask)
 
     # -- EMA ------------------------------------------------------------------------------------

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from operator import attrgetter
 from typing import Any
 
 from mcf.errors import ConfigError
 from mcf.logs import launcher_rank
+from mcf.models.arch import MCFSpec, ViTArch
 from mcf.models.loading import init_from_mae, load_teacher_weights
-from mcf.models.mcf import MCF, MCFSpec
-from mcf.models.teacher import TEACHERS, PerceptualTeacher, TeacherSpec
+from mcf.models.mcf import MCF
+from mcf.models.objective import Objective
+from mcf.models.teacher import TEACHERS, PerceptualTeacher
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,9 @@ def get_spec(name: str, **overrides: Any) -> MCFSpec:
     spec = MODELS[name]
     unknown = set(overrides) - {f.name for f in dataclasses.fields(MCFSpec)}
     if unknown:
-        raise ConfigError(f"unknown model override(s) {sorted(unknown)}")
+        objective = sorted(unknown & set(Objective.config_keys()))
+        hint = f"; {', '.join(objective)} belong(s) to the objective: objective=Objective(...)" if objective else ""
+        raise ConfigError(f"unknown model override(s) {sorted(unknown)}{hint}")
     spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
     if spec.img_size % spec.patch_size:
         raise ConfigError(f"model.img_size={spec.img_size} is not a multiple of {name}'s patch size {spec.patch_size}")
@@ -65,7 +70,7 @@ def create_teacher(name: str, checkpoint: str | None, img_size: int | None = Non
     """The frozen teacher; ``checkpoint='random'`` is the only way to a random one."""
     if name not in TEACHERS:
         raise ConfigError(f"unknown teacher '{name}' (teachers: {', '.join(sorted(TEACHERS))})")
-    spec: TeacherSpec = TEACHERS[name]
+    spec: ViTArch = TEACHERS[name]
     if img_size is not None:
         spec = dataclasses.replace(spec, img_size=img_size)
     if spec.img_size % spec.patch_size:
@@ -83,47 +88,45 @@ def create_teacher(name: str, checkpoint: str | None, img_size: int | None = Non
     return teacher
 
 
-def create_model(name: str, *, teacher_checkpoint: str | None = None, teacher_name: str | None = None, teacher_img_size: int | None = None,
-                 init_from: str | None = None, init_decoder: bool = True, img_size: int | None = None, mask_ratio: float = 0.75,
-                 mask_ratio_range: tuple[float, float] | None = None, perceptual_weight: float = 1000.0, contrastive_weight: float = 1.0,
-                 pixel_weight: float = 0.0, norm_pix: bool = False, temperature: float = 0.2,
-                 perceptual_layers: tuple[int, ...] = (2, 5, 8, 11), perceptual_norm: str = "token", perceptual_resize: str = "nearest",
-                 norm_impl: str = "torch", attn_backend: str = "auto", **spec_overrides: Any) -> MCF:
+def create_model(name: str, *, teacher_checkpoint: str | None = None, teacher_name: str | None = None,
+                 teacher_img_size: int | None = None, objective: Objective | None = None,
+                 init_from: str | None = None, init_decoder: bool = True, norm_impl: str = "torch",
+                 attn_backend: str = "auto", **arch_overrides: Any) -> MCF:
     """Build the MCF model ``name`` (see :func:`list_models`), teacher included.
 
-    ``teacher_checkpoint`` is required: a path (MoCo v3, MAE, timm or safetensors), or ``"random"``
-    for tests and benchmarks. ``init_from`` initialises encoder and decoder from an MAE checkpoint.
-    Architecture fields of :class:`MCFSpec` may be overridden (``depth=2`` …).
+    Args:
+        teacher_checkpoint: required: a path (MoCo v3, MAE, timm or safetensors), or ``"random"``
+            for tests and benchmarks. ``teacher_name`` / ``teacher_img_size`` replace the model's
+            matching teacher / its input size.
+        objective: the masking and loss options (:class:`Objective`; default: the paper's).
+        init_from: an MAE checkpoint that initialises encoder and decoder (the decoder only with
+            ``init_decoder``).
+        norm_impl, attn_backend: LayerNorm and attention implementations (same parameters, same numbers).
+        arch_overrides: fields of :class:`MCFSpec` (``img_size=64``, ``depth=2`` …; None = the model's).
     """
-    spec = get_spec(name, img_size=img_size, **spec_overrides)
+    spec = get_spec(name, **arch_overrides)
     teacher = create_teacher(teacher_name or spec.teacher, teacher_checkpoint, teacher_img_size)
-    model = MCF(spec, teacher, mask_ratio=mask_ratio, mask_ratio_range=mask_ratio_range, perceptual_weight=perceptual_weight,
-                contrastive_weight=contrastive_weight, pixel_weight=pixel_weight, norm_pix=norm_pix, temperature=temperature,
-                perceptual_layers=tuple(perceptual_layers), perceptual_norm=perceptual_norm, perceptual_resize=perceptual_resize,
-                norm_impl=norm_impl, attn_backend=attn_backend)
+    model = MCF(spec, teacher, objective, norm_impl=norm_impl, attn_backend=attn_backend)
     if init_from:
         init_from_mae(model.online, init_from, decoder=init_decoder)
         model.target.encoder.load_state_dict(model.online.encoder.state_dict())
     return model
 
 
+# config keys that override a field of the model's MCFSpec (None = the model's own value)
+ARCH_KEYS = {"model.img_size": "img_size", "loss.projector_hidden": "proj_hidden", "loss.projector_dim": "proj_dim"}
+
+
 def create_model_from_config(cfg: Any) -> MCF:
-    """Build the model described by an :class:`mcf.config.Config`."""
+    """Build the model described by an :class:`mcf.config.Config`: its ``model``, ``teacher`` and
+    ``attention`` sections, the :class:`Objective` of ``loss`` and ``masking``, the :data:`ARCH_KEYS`."""
+    overrides = {field: attrgetter(key)(cfg) for key, field in ARCH_KEYS.items()}
     model_size = get_spec(cfg.model.name, img_size=cfg.model.img_size).img_size
     if cfg.data.img_size is not None and cfg.data.img_size != model_size:
         raise ConfigError(f"data.img_size={cfg.data.img_size} but the model {cfg.model.name} takes {model_size} px images: set "
                           f"model.img_size={cfg.data.img_size} to train at that size (the position embeddings follow) and leave "
                           "data.img_size unset")
-    spec_overrides = {}
-    if cfg.loss.projector_hidden is not None:
-        spec_overrides["proj_hidden"] = cfg.loss.projector_hidden
-    if cfg.loss.projector_dim is not None:
-        spec_overrides["proj_dim"] = cfg.loss.projector_dim
     return create_model(cfg.model.name, teacher_checkpoint=cfg.teacher.checkpoint, teacher_name=cfg.teacher.name,
-                        teacher_img_size=cfg.teacher.img_size, init_from=cfg.model.init_from, init_decoder=cfg.model.init_decoder,
-                        img_size=cfg.model.img_size, mask_ratio=cfg.masking.ratio, mask_ratio_range=cfg.masking.ratio_range,
-                        perceptual_weight=cfg.loss.perceptual_weight, contrastive_weight=cfg.loss.contrastive_weight,
-                        pixel_weight=cfg.loss.pixel_weight, norm_pix=cfg.loss.norm_pix, temperature=cfg.loss.temperature,
-                        perceptual_layers=cfg.loss.perceptual_layers, perceptual_norm=cfg.loss.perceptual_norm,
-                        perceptual_resize=cfg.loss.perceptual_resize, norm_impl=cfg.model.norm_impl, attn_backend=cfg.attention.backend,
-                        **spec_overrides)
+                        teacher_img_size=cfg.teacher.img_size, objective=Objective.from_config(cfg),
+                        init_from=cfg.model.init_from, init_decoder=cfg.model.init_decoder,
+                        norm_impl=cfg.model.norm_impl, attn_backend=cfg.attention.backend, **overrides)

@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Attention, VisionTransformer
 
+from mcf.models.arch import ViTArch
 from mcf.models.attention import attention
 from mcf.models.layers import call_block
 
 
-@dataclass(frozen=True)
-class TeacherSpec:
-    img_size: int = 224
-    patch_size: int = 16
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-
-    def build(self) -> VisionTransformer:
-        return VisionTransformer(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
-                                 num_heads=self.num_heads, mlp_ratio=4.0, qkv_bias=True, num_classes=0, global_pool="token",
-                                 norm_layer=partial(nn.LayerNorm, eps=1e-6))
+def timm_vit(arch: ViTArch) -> VisionTransformer:
+    """A headless timm ViT of shape ``arch`` (the layout of the MoCo v3 / MAE / timm checkpoints)."""
+    return VisionTransformer(img_size=arch.img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim,
+                             depth=arch.depth, num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio, qkv_bias=True,
+                             num_classes=0, global_pool="token", norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
 class DispatchedAttention(nn.Module):
@@ -50,11 +43,12 @@ class DispatchedAttention(nn.Module):
         return self.proj_drop(self.proj(self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))))
 
 
-TEACHERS = {
-    "vit_base_patch16": TeacherSpec(),  # the paper's MoCo v3 ViT-B/16
-    "vit_small_patch16": TeacherSpec(embed_dim=384, num_heads=6),
-    "vit_large_patch16": TeacherSpec(embed_dim=1024, depth=24, num_heads=16),
-    "vit_tiny_debug": TeacherSpec(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=2),
+# the teachers' architectures: a ViT like any other (timm's, where the encoders are mcf's MaskedViT)
+TEACHERS: dict[str, ViTArch] = {
+    "vit_base_patch16": ViTArch(),  # the paper's MoCo v3 ViT-B/16
+    "vit_small_patch16": ViTArch(embed_dim=384, num_heads=6),
+    "vit_large_patch16": ViTArch(embed_dim=1024, depth=24, num_heads=16),
+    "vit_tiny_debug": ViTArch(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=2),
 }
 
 
@@ -65,10 +59,10 @@ class PerceptualTeacher(nn.Module):
     of the given blocks, ``[N, 1 + L, D]`` each.
     """
 
-    def __init__(self, spec: TeacherSpec, name: str = "custom"):
+    def __init__(self, spec: ViTArch, name: str = "custom"):
         super().__init__()
         self.spec, self.name = spec, name
-        self.model = spec.build()
+        self.model = timm_vit(spec)
         for blk in self.model.blocks:
             blk.attn = DispatchedAttention(blk.attn)
         self.grad_checkpointing = False

@@ -20,7 +20,9 @@ from mcf.errors import ConfigError
 # flag dest → (config key, metavar, type, help)
 FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "output_dir": ("train.output_dir", "DIR", str, "run folder (config.yaml, metrics.jsonl, checkpoints/, reconstructions/, mlflow.db)"),
-    "data": ("data.path", "PATH", str, "image folder, mcf LMDB, the paper's LMDB, or 'builtin' (the built-in faces)"),
+    "data": ("data.path", "PATH", str, "image folder, mcf LMDB, the paper's LMDB, webdataset .tar shards (a folder "
+                                       "of them, a brace pattern such as /d/{00000..00099}.tar, a .txt list of paths "
+                                       "or URLs, pipe:COMMAND), or 'builtin' (the built-in faces)"),
     "lmdb_keys": ("data.lmdb_keys", "FILE", str, "key list of the paper's LMDB layout"),
     "loader": ("data.loader", "auto|dali|torch", str, "input pipeline"),
     "model": ("model.name", "NAME", str, "registered model (mcf_vit_tiny, mcf_vit_base_patch16, ...)"),
@@ -35,7 +37,8 @@ FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "resume": ("train.resume", "auto|none|PATH", str, "auto = newest complete checkpoint in the output dir; or a checkpoint/run path"),
     "seed": ("train.seed", "N", int, "seed of weights, masks, augmentation and data order"),
     "teacher_checkpoint": ("teacher.checkpoint", "PATH|random", str, "frozen perceptual teacher weights ('random' for tests)"),
-    "tracking_uri": ("logging.tracking_uri", "URI|none", str, "MLflow tracking URI (default: sqlite store in the output dir; 'none' = off)"),
+    "tracking_uri": ("logging.tracking_uri", "URI|none", str, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                                                              "else a sqlite store in the output dir; 'none' = off)"),
     "max_bad_fraction": ("data.max_bad_fraction", "F", float, "stop when more than this fraction of samples fails to decode"),
     "overwrite_run": ("train.overwrite_run", "", bool, "start a new run in an output dir that holds one: delete that run's "
                       "checkpoints and logs first"),
@@ -121,18 +124,30 @@ def _command_config(args: argparse.Namespace) -> type:
 
 
 def run_config(args: argparse.Namespace) -> int:
-    """Print the resolved config as YAML, or every key with its default and help (``--list``)."""
+    """Print the resolved config as YAML, or every key with its resolved value, the dataclass default
+    where the preset or an override changed it, and its help (``--list``)."""
     from mcf.config import Config, dump_config
-    from mcf.configtree import describe, describe_fields
+    from mcf.configtree import describe, describe_fields, to_dict
+    from mcf.train.metrics import flatten
 
-    if args.list:
-        rows = describe(Config) if args.command_keys == "pretrain" else describe_fields(_command_config(args))
-        for key, default, text in rows:
+    if args.command_keys != "pretrain":
+        if not args.list:
+            raise ConfigError("--command selects the keys --list prints; the resolved config is printed for pretrain "
+                              "only")
+        for key, default, text in describe_fields(_command_config(args)):
             print(f"{key} = {default!r}\n    {text}")
         return 0
-    if args.command_keys != "pretrain":
-        raise ConfigError("--command selects the keys --list prints; the resolved config is printed for pretrain only")
-    print(dump_config(config_from_args(args)), end="")
+    cfg = config_from_args(args)
+    if args.list:
+        resolved = flatten(to_dict(cfg))
+        print(f"# the keys of `mcf pretrain --config {args.config}`{' with the overrides given' if args.set else ''}: "
+              "key = value as it runs [built-in default where that differs]")
+        for key, default, text in describe(Config):
+            value = resolved[key]
+            note = f"  [default {default!r}]" if value != default else ""
+            print(f"{key} = {value!r}{note}\n    {text}")
+        return 0
+    print(dump_config(cfg), end="")
     return 0
 
 
@@ -140,10 +155,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     c = subparsers.add_parser("config", help="print the resolved config (preset + flags + --set), or list every key (--list)")
     c.add_argument("--config", default="demo", metavar="NAME|PATH", help="preset name or YAML file (default: demo)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (repeatable)")
-    c.add_argument("--list", action="store_true", help="list every key with its default and documentation")
+    c.add_argument("--list", action="store_true",
+                   help="list every key with its value in the preset in use (--config, default demo), and its "
+                        "documentation")
     c.add_argument("--command", dest="command_keys", choices=("pretrain", *COMMAND_CONFIGS), default="pretrain",
-                   help="whose keys --list prints: pretrain's tree, or finetune's (its --set keys; None = the "
-                        "protocol's value)")
+                   help="whose keys --list prints: pretrain's tree, or finetune's (declared defaults; its --set "
+                        "keys; None = the protocol's value)")
     c.set_defaults(func=run_config)
 
     p = subparsers.add_parser("pretrain", help="MCF pre-training (DeepSpeed; 1 process, torchrun, deepspeed or srun)",

@@ -1,9 +1,12 @@
 """Run outputs on rank 0: ``metrics.jsonl``, MLflow (params, metrics, pictures, final checkpoint),
 and reconstruction pictures (original | masked | rebuilt).
 
-MLflow defaults to a local sqlite store in the output folder (no server); ``logging.tracking_uri``
-names a server (``http://…``) or ``none``. A local store keeps its artifacts (the pictures) in
-``mlartifacts/`` beside its database, so the default run folder is complete on its own. On resume
+MLflow's URI is ``logging.tracking_uri`` (``--tracking-uri``: a server ``http://…``, any MLflow URI,
+or ``none``), else ``$MLFLOW_TRACKING_URI``, else a local sqlite store in the output folder (no
+server); the experiment ``logging.experiment``, else ``$MLFLOW_EXPERIMENT_NAME``, else ``mcf``
+(:func:`~mcf.train.tracking.resolve_tracking`). A local store keeps its artifacts (the pictures) in
+``mlartifacts/`` beside its database, so the default run folder is complete on its own, and a copied
+or moved folder is re-pointed at its own artifacts when mcf next opens it. On resume
 the same MLflow run continues (its id is kept in ``OUTPUT/mlflow_run_id``) and ``metrics.jsonl`` is
 cut back to the resumed step. An unreachable server at start is a one-line error; after that MLflow
 is fed by a background thread that rides out outages (:mod:`mcf.train.tracking`), and
@@ -26,13 +29,12 @@ from mcf.configtree import to_dict
 from mcf.errors import StorageError, TrackingError
 from mcf.losses.pixel import unpatchify
 from mcf.train.integrity import describe_write_error
-from mcf.train.tracking import MlflowSink, bound_http_retries, check_reachable
+from mcf.train.tracking import MlflowSink, Tracking, bound_http_retries, check_reachable, resolve_tracking
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 RUN_ID_FILE = "mlflow_run_id"
-MLFLOW_DB = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"  # MLflow artifacts of the local store (pictures), inside the run folder
 # the loader's normalisation (mcf.data.core.transforms), undone for pictures
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -66,52 +68,117 @@ def local_artifact_root(uri: str) -> Path | None:
     return db.parent.resolve() / ARTIFACT_DIR
 
 
+# (table, column) of MLflow's sqlite schema holding absolute artifact locations (MLflow 2.x and 3.x)
+_LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"))
+
+
+def repoint_local_store(db: Path) -> int:
+    """Make a run folder's own store point at its own ``mlartifacts/`` again after the folder was
+    copied or moved: MLflow stores absolute artifact locations, so a copy would otherwise list the
+    original's pictures (none once it is deleted) and a resumed copy would write into the original.
+
+    Every location ending in ``/mlartifacts`` (mcf's layout) that is not this folder's is rewritten,
+    with everything below it. Returns the number of rows changed (0 for a store that never moved).
+    """
+    import sqlite3
+
+    if not db.is_file() or db.stat().st_size == 0:
+        return 0
+    new_root = (db.parent.resolve() / ARTIFACT_DIR).as_uri()
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "experiments" not in tables:
+            return 0
+        old_roots = {loc for (loc,) in con.execute("SELECT artifact_location FROM experiments")
+                     if loc and loc.rstrip("/").endswith("/" + ARTIFACT_DIR) and loc.rstrip("/") != new_root}
+        changed = 0
+        with con:
+            for old in old_roots:
+                old = old.rstrip("/")
+                for table, column in _LOCATION_COLUMNS:
+                    if table in tables:
+                        changed += con.execute(
+                            f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 - fixed names
+                            f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                            (new_root, len(old) + 1, old, len(old) + 1, old + "/")).rowcount
+        if old_roots:
+            log.info("MLflow store %s was moved or copied: its artifact locations now point at %s (were %s)", db,
+                     new_root, ", ".join(sorted(old_roots)))
+        return changed
+    except sqlite3.Error as e:
+        raise StorageError(f"cannot update the MLflow store {db} after it moved ({e})") from None
+    finally:
+        con.close()
+
+
 def _ensure_experiment(mlflow: Any, name: str, artifact_root: Path | None) -> None:
     """Select experiment ``name``, creating it with ``artifact_root`` (a local store) when new."""
     exp = mlflow.get_experiment_by_name(name)
     if exp is None and artifact_root is not None:
         mlflow.create_experiment(name, artifact_location=artifact_root.as_uri())
     elif exp is not None and artifact_root is not None and exp.artifact_location != artifact_root.as_uri():
-        log.warning("MLflow experiment '%s' keeps its artifacts at %s, not in this store's folder (%s): the run folder was "
-                    "moved or the experiment was made elsewhere; new pictures go there", name, exp.artifact_location, artifact_root)
+        log.warning("MLflow experiment '%s' keeps its artifacts at %s, not in this store's folder (%s): the "
+                    "experiment was made elsewhere; new pictures go there", name, exp.artifact_location, artifact_root)
     mlflow.set_experiment(name)
 
 
-def start_mlflow(uri: str | None, output_dir: Path, experiment: str, *, run_name: str, run_id: str | None = None,
-                 params: dict[str, Any] | None = None) -> MlflowSink:
+def _known_run(uri: str, run_id: str) -> bool:
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).get_run(run_id)
+    except Exception:  # noqa: BLE001 - RESOURCE_DOES_NOT_EXIST, or a store that cannot say
+        return False
+    return True
+
+
+def start_mlflow(tracking: Tracking, *, run_name: str, run_id: str | None = None, params: dict[str, Any] | None = None,
+                 system_metrics: bool = True) -> MlflowSink:
     """Start (or, with ``run_id``, continue) an MLflow run; every mcf command that tracks starts here.
 
-    ``uri`` None is the default local store ``OUTPUT/mlflow.db`` (created with the umask's mode, not
-    sqlite's 0644; its artifacts in ``OUTPUT/mlartifacts``). A server must answer within seconds
+    ``tracking`` comes from :func:`~mcf.train.tracking.resolve_tracking` (its ``uri`` must not be
+    None). The run folder's own store (``tracking.local_db``) is created with the umask's mode, not
+    sqlite's 0644, keeps its artifacts in ``mlartifacts/`` beside it, and is re-pointed there if the
+    folder was copied or moved (:func:`repoint_local_store`). A server must answer within seconds
     (:func:`~mcf.train.tracking.check_reachable`), MLflow's HTTP retries are bounded, ``params``
-    (nested) are logged flattened, and the run is then fed by a background :class:`MlflowSink`.
+    (nested) are logged flattened, ``system_metrics`` asks MLflow to sample CPU/GPU use and memory
+    (its "System metrics" tab; needs psutil, and pynvml for GPUs), and the run is then fed by a
+    background :class:`MlflowSink`. A ``run_id`` this store does not know (the URI changed since)
+    starts a new run, with a warning.
 
     Raises:
         TrackingError: an unreachable server, or one that fails at start (one line naming the URI).
         StorageError: the local store cannot be created.
     """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = tracking.uri
     if uri is None:
-        db = output_dir.resolve() / MLFLOW_DB
+        raise ValueError("start_mlflow needs a tracking URI (resolve_tracking gave None: MLflow is off)")
+    if tracking.local_db is not None:
+        db = tracking.local_db
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
             db.touch(mode=0o666)
         except OSError as e:
             raise StorageError(describe_write_error(db, e)) from None
-        uri = f"sqlite:///{db}"
+        repoint_local_store(db)
     check_reachable(uri)
     bound_http_retries()
     import mlflow
 
     try:
         mlflow.set_tracking_uri(uri)
-        _ensure_experiment(mlflow, experiment, local_artifact_root(uri))
-        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
-        if params is not None:
-            flat = {k: str(v)[:500] for k, v in flatten(params).items()}
-            keys = sorted(flat)
-            for i in range(0, len(keys), 100):
-                mlflow.log_params({k: flat[k] for k in keys[i:i + 100]})
+        if run_id is not None and not _known_run(uri, run_id):
+            log.warning("MLflow run %s (from %s) is not in %s: the tracking URI changed since; starting a new run",
+                        run_id, RUN_ID_FILE, uri)
+            run_id = None
+        _ensure_experiment(mlflow, tracking.experiment, local_artifact_root(uri))
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
+                               log_system_metrics=system_metrics and _has_psutil())
+        if params is not None and run_id is None:
+            log_params(mlflow, params)
     except Exception as e:  # noqa: BLE001 - MlflowException, requests' errors: a server that answers badly
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         try:
@@ -119,8 +186,32 @@ def start_mlflow(uri: str | None, output_dir: Path, experiment: str, *, run_name
         except Exception:  # noqa: BLE001, S110 - the server that just failed may fail this too
             pass
         raise TrackingError(f"MLflow tracking at {uri} failed at start ({first}); fix it or pass --tracking-uri none") from None
-    log.info("MLflow: %s, run %s", uri, run.info.run_id)
+    log.info("MLflow: %s, experiment '%s', run %s (%s)", uri, tracking.experiment, run.info.run_id, tracking.rule)
     return MlflowSink(mlflow, run.info.run_id, uri)
+
+
+def log_params(mlflow: Any, params: dict[str, Any]) -> None:
+    """Log nested ``params`` flattened (values cut to 500 characters), 100 per request (MLflow's limit)."""
+    flat = {k: str(v)[:500] for k, v in flatten(params).items()}
+    keys = sorted(flat)
+    for i in range(0, len(keys), 100):
+        mlflow.log_params({k: flat[k] for k in keys[i:i + 100]})
+
+
+def _has_psutil() -> bool:
+    try:
+        import psutil  # noqa: F401 - MLflow's system metrics read it
+    except ImportError:
+        log.warning("psutil is not installed: MLflow's system metrics (CPU, memory) are off; pip install psutil")
+        return False
+    return True
+
+
+def ui_command(uri: str) -> str:
+    """The shell command that opens ``uri`` in the MLflow UI (a server's URI is opened in a browser)."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 class RunLogger:
@@ -130,6 +221,8 @@ class RunLogger:
         self.enabled = rank == 0
         self.output_dir = output_dir
         self.mlflow = None
+        self.tracking: Tracking | None = None
+        self.resumed_run = False
         if not self.enabled:
             return
         path = self.metrics_path = output_dir / METRICS_FILE
@@ -142,17 +235,25 @@ class RunLogger:
             self._file = open(path, "a")
         except OSError as e:
             raise StorageError(describe_write_error(path, e)) from None
-        uri = cfg.logging.tracking_uri
-        if uri is not None and uri.lower() == "none":
+        self.tracking = resolve_tracking(cfg.logging.tracking_uri, output_dir, cfg.logging.experiment, "mcf")
+        if self.tracking.uri is None:
+            log.info("MLflow is off (%s); metrics go to %s only", self.tracking.rule, path)
             return
         id_file = output_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if resume_step is not None and id_file.is_file() else None
-        self.mlflow = start_mlflow(uri, output_dir, cfg.logging.experiment, run_name=output_dir.name, run_id=run_id,
-                                   params=None if run_id else to_dict(cfg))
+        self.mlflow = start_mlflow(self.tracking, run_name=output_dir.name, run_id=run_id, params=to_dict(cfg),
+                                   system_metrics=cfg.logging.system_metrics)
+        self.resumed_run = run_id == self.mlflow.run_id
         try:
             id_file.write_text(self.mlflow.run_id + "\n")
         except OSError as e:
             raise StorageError(describe_write_error(id_file, e)) from None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Constants of the run (FLOPs per image, the device's peak), logged once as MLflow params
+        when the run is new (a resumed run keeps the values it logged first)."""
+        if self.enabled and self.mlflow is not None and not self.resumed_run:
+            self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

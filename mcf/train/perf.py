@@ -10,6 +10,9 @@
   (:data:`GPU_BF16_PEAK_TFLOPS`), else a matmul measured at start by ``mcf bench step``'s method
   (``mcf.bench.common.matmul_peak``: a fixed size per dtype, warm-up, the median of repeats; bf16 on
   a GPU, the training dtype on a CPU). A peak below the achieved rate is raised to it (logged once).
+- ``flops_per_image`` and the peak (``peak_tflops``) are constants of the run: :meth:`Throughput.params`
+  (MLflow params, logged once); the others come with every metrics record (:meth:`Throughput.fields`),
+  and ``peak_tflops`` too once the peak was raised (it then differs from the param).
 - ``peak_memory_gb``: rank 0's peak: the CUDA allocator's ``max_memory_allocated``, on a CPU the
   process's resident-set high-water mark.
 """
@@ -107,6 +110,7 @@ class Throughput:
             log.warning("model FLOPs not counted (%s: %s): the logs carry no TFLOP/s or MFU", type(e).__name__, e)
             self.flops_per_image = None
         self.peak_flops, self.peak_source = device_peak_flops(device, dtype)
+        self.peak_raised = False
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the matmul probe's buffers are not the run's
         if self.flops_per_image is not None:
@@ -116,6 +120,13 @@ class Throughput:
                 self.peak_flops / 1e12,
                 self.peak_source,
             )
+
+    def params(self) -> dict[str, float | str]:
+        """The run's constants, logged once (MLflow params), not with every record."""
+        out: dict[str, float | str] = {"peak_tflops": self.peak_flops / 1e12, "peak_source": self.peak_source}
+        if self.flops_per_image is not None:
+            out["flops_per_image"] = self.flops_per_image
+        return out
 
     def fields(self, images_per_s: float) -> dict[str, float]:
         out = {"peak_memory_gb": peak_memory_bytes(self.device) / 1e9}
@@ -128,11 +139,8 @@ class Throughput:
             log.warning("achieved %.3f TFLOP/s per device is above the measured peak %.3f (%s): MFU is now "
                         "reported against the achieved rate", per_device, self.peak_flops / 1e12, self.peak_source)
             self.peak_flops, self.peak_source = peak, f"raised to an achieved rate (was: {self.peak_source})"
-        return {
-            "flops_per_image": self.flops_per_image,
-            "tflops": tflops,
-            "tflops_per_device": per_device,
-            "mfu": per_device * 1e12 / self.peak_flops,
-            "peak_tflops": self.peak_flops / 1e12,
-            **out,
-        }
+            self.peak_raised = True
+        fields = {"tflops": tflops, "tflops_per_device": per_device, "mfu": per_device * 1e12 / self.peak_flops, **out}
+        if self.peak_raised:  # no longer the peak logged as a param at start
+            fields["peak_tflops"] = self.peak_flops / 1e12
+        return fields

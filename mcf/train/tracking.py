@@ -22,6 +22,8 @@ import socket
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -35,6 +37,60 @@ MAX_PENDING = 100_000
 BATCH = 1000  # MLflow's limit of metrics per log_batch
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own variables, usually exported once for a cluster
+EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
+LOCAL_STORE = "mlflow.db"  # the run folder's own store: sqlite, no server
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where a command's MLflow run goes: see :func:`resolve_tracking`."""
+
+    uri: str | None
+    """The tracking URI; None: MLflow is off."""
+    experiment: str
+    rule: str
+    """Which rules chose ``uri`` and ``experiment``, for the log line."""
+    local_db: Path | None = None
+    """The sqlite file when ``uri`` is the run folder's own store (mcf creates it and owns its artifacts)."""
+
+
+def resolve_tracking(explicit_uri: str | None, default_store: Path | None, explicit_experiment: str | None = None,
+                     default_experiment: str = "mcf") -> Tracking:
+    """MLflow's conventions, shared by ``mcf pretrain``, ``finetune`` and ``bench``.
+
+    The URI: ``explicit_uri`` (``--tracking-uri``/``logging.tracking_uri``) first, then
+    ``$MLFLOW_TRACKING_URI``, then ``sqlite:///DEFAULT_STORE/mlflow.db`` (the run folder's store);
+    ``none`` from any of them turns MLflow off, and so does the lack of all three. The experiment:
+    ``explicit_experiment``, then ``$MLFLOW_EXPERIMENT_NAME``, then ``default_experiment``.
+    Nothing is created or contacted here.
+    """
+    env = os.environ
+    if explicit_uri:
+        uri, uri_rule = explicit_uri, "--tracking-uri"
+    elif env.get(TRACKING_URI_ENV, "").strip():
+        uri, uri_rule = env[TRACKING_URI_ENV].strip(), f"${TRACKING_URI_ENV}"
+    elif default_store is not None:
+        uri, uri_rule = None, "the run folder's store (no --tracking-uri, no $MLFLOW_TRACKING_URI)"
+    else:
+        uri, uri_rule = "none", "no --tracking-uri, no $MLFLOW_TRACKING_URI and no run folder"
+    if explicit_experiment:
+        experiment, exp_rule = explicit_experiment, "named in the config/flags"
+    elif env.get(EXPERIMENT_ENV, "").strip():
+        experiment, exp_rule = env[EXPERIMENT_ENV].strip(), f"${EXPERIMENT_ENV}"
+    else:
+        experiment, exp_rule = default_experiment, "the default"
+    rule = f"URI from {uri_rule}, experiment {exp_rule}"
+    if uri is not None and uri.lower() == "none":
+        return Tracking(None, experiment, rule)
+    local_db = None
+    if uri is None:
+        assert default_store is not None
+        local_db = default_store.resolve() / LOCAL_STORE
+        uri = f"sqlite:///{local_db}"
+    return Tracking(uri, experiment, rule, local_db)
 
 
 def bound_http_retries() -> None:
@@ -105,6 +161,11 @@ class MlflowSink:
     def set_tag(self, key: str, value: str) -> None:
         self._put("tag", (key, value))
 
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        self._put("params", [Param(k, str(v)) for k, v in params.items()])
+
     def end_run(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:
         """Send what is pending (one last attempt if the server is away), then close the run."""
         with self._cond:
@@ -146,6 +207,8 @@ class MlflowSink:
     def _send(self, kind: str, payload: Any) -> None:
         if kind == "metrics":
             self._client.log_batch(self.run_id, metrics=payload, synchronous=True)
+        elif kind == "params":
+            self._client.log_batch(self.run_id, params=payload, synchronous=True)
         elif kind == "artifact":
             self._client.log_artifact(self.run_id, payload[0], payload[1])
         else:

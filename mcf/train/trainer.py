@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from mcf import threads
 from mcf.config import Config, dump_config
 from mcf.configtree import to_dict
 from mcf.data.formats.factory import precheck
@@ -42,20 +44,25 @@ from mcf.train.engine import (
     setup_env,
 )
 from mcf.train.integrity import describe_write_error
-from mcf.train.metrics import RunLogger, flatten, save_reconstruction
+from mcf.train.metrics import RunLogger, flatten, save_reconstruction, ui_command
 from mcf.train.optim import build_optimizer, describe_schedule, lr_at, momentum_at, param_groups, peak_lr, set_lr, warmup_steps
 from mcf.train.perf import Throughput
 from mcf.train.profile import StepProfiler
 from mcf.train.rundir import check_not_in_data, check_start
 from mcf.train.runlock import RunLock
 from mcf.train.signals import REQUEUE_EXIT_CODE, StopRequest
-from mcf.train.tracking import check_reachable
+from mcf.train.tracking import check_reachable, resolve_tracking
 from mcf.train.watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
 
 TERMS = ("loss", "perceptual", "contrastive", "pixel")
 RECON_IMAGES = 8
+# config keys whose change on resume alters nothing of the training (where it logs, how it shows
+# progress, where the folder is): not worth the "changed config keys" warning
+HARMLESS_ON_RESUME = frozenset({"train.resume", "train.output_dir", "train.lock_stale_s", "logging.progress",
+                                "logging.tracking_uri", "logging.experiment", "logging.system_metrics",
+                                "logging.profile_step", "logging.log_every", "logging.recon_every"})
 
 
 class TrainingError(RuntimeError):
@@ -181,10 +188,13 @@ class Trainer:
         self.monitor = self.monitor_factory(cfg, self.device) if cfg.monitor.every > 0 else None
         # rank 0 logs: model FLOPs per image (counted once) and the device's peak, for TFLOP/s and MFU
         self.throughput = Throughput(cfg, self.device, self.dtype, self.world_size) if self.rank == 0 else None
+        if self.throughput is not None:
+            self.logger.log_params({f"perf.{k}": v for k, v in self.throughput.params().items()})
         if self.rank == 0:
-            log.info("%d rank(s) on %s, %s, ZeRO %d; %d steps (%d per epoch); %s", self.world_size, self.device, cfg.train.precision,
-                     cfg.deepspeed.zero, self.total_steps, self.steps_per_epoch,
-                     describe_schedule(cfg, self.global_batch, self.steps_per_epoch, self.total_steps))
+            log.info("%d rank(s) on %s, %s, ZeRO %d; %d steps (%d per epoch); %s; %s", self.world_size, self.device,
+                     cfg.train.precision, cfg.deepspeed.zero, self.total_steps, self.steps_per_epoch,
+                     describe_schedule(cfg, self.global_batch, self.steps_per_epoch, self.total_steps),
+                     threads.describe())
 
     def _preflight(self) -> UserError | None:
         """Rank 0: lock the output folder (held until :meth:`fit` returns) and check MLflow answers."""
@@ -193,8 +203,8 @@ class Trainer:
             self.lock = RunLock(self.out, self.cfg.train.lock_stale_s).acquire()
             check_start(self.out, self.cfg.train.resume, self.cfg.train.overwrite_run)
             ckpt.make_root(self.out / "checkpoints")
-            uri = self.cfg.logging.tracking_uri
-            if uri and uri.lower() != "none":
+            uri = resolve_tracking(self.cfg.logging.tracking_uri, self.out, self.cfg.logging.experiment).uri
+            if uri is not None:
                 check_reachable(uri)
         except UserError as e:
             return e
@@ -253,7 +263,7 @@ class Trainer:
         self.resume_state = None  # the EMA weights it holds are in the target now
         if self.rank == 0:
             old, new = flatten(state["config"]), flatten(to_dict(self.cfg))
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "train.resume")
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in HARMLESS_ON_RESUME)
             if changed:
                 log.warning("resuming with changed config keys: %s", ", ".join(changed))
             log.info("resumed from %s (step %d, epoch %d)", path, self.step, self.epoch)
@@ -318,9 +328,16 @@ class Trainer:
         last = None
         from tqdm import tqdm
 
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or not lg.progress, dynamic_ncols=True,
-                   desc="pretrain")
-        t_log = time.perf_counter()
+        # a bar on a terminal; under slurm or `2>file` a bar is a frame per update, so plain lines instead
+        self.plain_lines = self.rank == 0 and (not lg.progress or not sys.stderr.isatty())
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or self.plain_lines,
+                   dynamic_ncols=True, desc="pretrain")
+        t_log = self.t_start = time.perf_counter()
+        self.first_step = self.step
+        self.data_wait_s = 0.0  # host time in next(batches) since the last log
+        self.side_work: dict[str, float] = {}  # checkpoint/reconstructions/monitor: seconds since the last log
+        self.side_total_s = 0.0
+        self.last_record: dict[str, Any] | None = None
         profiler = StepProfiler(lg.profile_step, self.out, self.rank, self.device)
         try:
             data_error: DataError | None = None
@@ -333,8 +350,10 @@ class Trainer:
                     if data_error is None:
                         watchdog.phase("data")
                         try:
+                            t_data = time.perf_counter()
                             with record_function("mcf.data"):
                                 images = next(batches)  # (B, 3, H, W) fp32, normalised
+                            self.data_wait_s += time.perf_counter() - t_data
                         except DataError as e:
                             # Too many bad samples on this rank. The other ranks are already inside this
                             # step's collectives: finish the step on a blank batch and stop every rank
@@ -393,10 +412,10 @@ class Trainer:
                     t_log = self._log(momentum, t_log, bar)
                 if lg.recon_every and self.step % lg.recon_every == 0:
                     with watchdog.slow("reconstruction"):
-                        self._reconstruction(last)
+                        self._timed("reconstructions", self._reconstruction, last)
                 if cfg.monitor.every and self.step % cfg.monitor.every == 0:
                     with watchdog.slow("monitor evaluation"):
-                        self._monitor()
+                        self._timed("monitor", self._monitor)
                 if stop_now:
                     watchdog.stopping()
                     with watchdog.slow("checkpoint (stop requested)"):
@@ -406,14 +425,14 @@ class Trainer:
                     return REQUEUE_EXIT_CODE
                 if self.step % cfg.checkpoint.every == 0:
                     with watchdog.slow("checkpoint"):
-                        self._save()
+                        self._timed("checkpoint", self._save)
             # the end of the run stays under the stop handlers: a signal during the final checkpoint
             # lets the save finish and turns the exit status into 3 (every rank agrees on it)
             with watchdog.slow("final checkpoint"):
                 if self.last_saved != self.step:
-                    self._save()
+                    self._timed("checkpoint", self._save)
                 if last is not None and not (lg.recon_every and self.step % lg.recon_every == 0):
-                    self._reconstruction(last)
+                    self._timed("reconstructions", self._reconstruction, last)
             final = self.out / "checkpoints" / ckpt.step_dir_name(self.step)
             self.logger.set_tag("final_checkpoint", str(final.resolve()))
             if self._stop_requested_anywhere(stop):
@@ -427,8 +446,41 @@ class Trainer:
             stop.restore()
             batches.close()  # drops the loader's iterators now (a fresh DataLoader per epoch stops its workers then)
         if self.rank == 0:
-            log.info("done: %d steps; final checkpoint %s", self.step, final)
+            self._summary(final)
         return 0
+
+    def _timed(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        """Run periodic side work (checkpoint, reconstructions, monitor), its time kept out of images/s and named in the
+        next log line."""
+        t0 = time.perf_counter()
+        fn(*args)
+        dt = time.perf_counter() - t0
+        self.side_work[what] = self.side_work.get(what, 0.0) + dt
+        self.side_total_s += dt
+
+    def _summary(self, final: Path) -> None:
+        """Rank 0's closing lines: the final loss, wall time, mean speed, and where everything is."""
+        wall = time.perf_counter() - self.t_start
+        steps = self.step - self.first_step
+        train_s = max(wall - self.side_total_s, 1e-9)
+        lines = [f"done: {self.step} steps ({steps} in this run) in {_hms(wall)}; mean "
+                 f"{steps * self.global_batch / train_s:.1f} images/s over the training steps "
+                 f"({self.side_total_s:.1f} s of checkpoints, reconstructions and monitor not counted)"]
+        if self.last_record is not None:
+            r = self.last_record
+            terms = ", ".join(f"{k} {r[k]:.4f}" for k in TERMS[1:])
+            lines.append(f"  final loss    {r['loss']:.4f} ({terms}) at step {r['step']}")
+        lines.append(f"  metrics       {self.out / 'metrics.jsonl'}")
+        recon = sorted((self.out / "reconstructions").glob("step_*.png"))
+        if recon:
+            lines.append(f"  pictures      {recon[-1].parent}/ ({len(recon)}: original | masked | rebuilt; "
+                         f"newest {recon[-1].name})")
+        lines.append(f"  checkpoint    {final} (export: mcf export {self.out} encoder.safetensors)")
+        sink, tracking = self.logger.mlflow, self.logger.tracking
+        if sink is not None and tracking is not None and tracking.uri is not None:
+            lines.append(f"  MLflow        run {sink.run_id} in experiment '{tracking.experiment}': "
+                         f"{ui_command(tracking.uri)}")
+        log.info("%s", "\n".join(lines))
 
     def _stop_requested_anywhere(self, stop: StopRequest) -> bool:
         flag = torch.tensor([float(stop.requested)], device=self.device)
@@ -442,11 +494,16 @@ class Trainer:
             torch.distributed.all_reduce(vals)
         vals = vals.tolist()
         now = time.perf_counter()
+        side_s = sum(self.side_work.values())
+        train_s = max(now - t_log - side_s, 1e-9)  # the window's time in training steps, side work taken out
         count = max(vals[len(TERMS)], 1.0)
         record: dict[str, Any] = {"step": self.step, "epoch": self.epoch}
         record.update({k: vals[i] / count for i, k in enumerate(TERMS)})
         record.update(lr=self.optimizer.param_groups[0]["lr"], momentum=momentum,
-                      images_per_s=self.steps_since_log * self.global_batch / max(now - t_log, 1e-9), bad_samples=int(vals[-1]))
+                      images_per_s=self.steps_since_log * self.global_batch / train_s, bad_samples=int(vals[-1]),
+                      data_wait=min(self.data_wait_s / train_s, 1.0))
+        if self.side_work:
+            record["side_work_s"] = side_s
         if self.cfg.train.precision == "fp16":
             record["skipped_steps"] = int(self.engine.skipped_steps)
         if self.throughput is not None:
@@ -454,8 +511,15 @@ class Trainer:
             mfu = {"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", **mfu, refresh=False)
         self.logger.log(record)
+        if self.rank == 0:
+            self.last_record = record
+            if self.plain_lines:
+                eta = (self.total_steps - self.step) * train_s / max(self.steps_since_log, 1)
+                log.info("%s", _log_line(record, self.total_steps, eta, self.side_work))
         self.acc.zero_()
         self.steps_since_log = 0
+        self.data_wait_s = 0.0
+        self.side_work = {}
         return now
 
     def _reconstruction(self, last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
@@ -476,3 +540,29 @@ class Trainer:
             metrics = self.monitor.evaluate(self.model)  # eval mode inside, train mode restored
         if self.rank == 0:
             self.logger.log({"step": self.step, **{f"monitor/{k}": float(v) for k, v in metrics.items()}})
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _log_line(r: dict[str, Any], total: int, eta_s: float, side_work: dict[str, float]) -> str:
+    """One plain line per log interval (what the progress bar shows, for a log file)::
+
+        step 20/100 (epoch 1) loss 34.1021 (perceptual 33.6, contrastive 0.0345, pixel 0.47) lr 1.5e-04 | 185.3 img/s,
+        data wait 3%, MFU 1.2%, mem 1.31 GB | ETA 0:00:31 | not counted: checkpoint 2.1 s
+    """
+    terms = ", ".join(f"{k} {r[k]:.4g}" for k in TERMS[1:])
+    speed = [f"{r['images_per_s']:.1f} img/s", f"data wait {r['data_wait']:.0%}"]
+    if "mfu" in r:
+        speed.append(f"MFU {r['mfu']:.1%}")
+    if "peak_memory_gb" in r:
+        speed.append(f"mem {r['peak_memory_gb']:.2f} GB")
+    line = (f"step {r['step']}/{total} (epoch {r['epoch']}) loss {r['loss']:.4f} ({terms}) lr {r['lr']:.2e} | "
+            f"{', '.join(speed)} | ETA {_hms(eta_s)}")
+    if r.get("bad_samples"):
+        line += f" | {r['bad_samples']} bad samples"
+    if side_work:
+        line += " | not counted: " + ", ".join(f"{k} {v:.1f} s" for k, v in side_work.items())
+    return line

@@ -55,9 +55,22 @@ def _close_open_loaders() -> None:
         except Exception as e:  # interpreter shutdown: report, never hang or mask the exit status
             logger.warning("closing a %s loader at exit failed: %s", loader.kind, e)
 
-# The bad-sample threshold is checked only after this many samples, so one early bad file does not
-# stop a run whose overall fraction is tiny.
+# The bad-sample threshold: checked from this many samples seen on, against a one-sided 99 % lower
+# confidence bound of the bad fraction (Wilson score), so one early bad file in a large, nearly clean
+# folder (1 of 40 seen, 2.5 % > 1 %) does not stop the run, while a folder that is really worse than
+# data.max_bad_fraction is stopped as soon as the samples seen show it with 99 % confidence.
 MIN_SAMPLES_FOR_BAD_CHECK = 32
+BAD_FRACTION_Z = 2.326  # one-sided 99 % normal quantile
+
+
+def bad_fraction_lower_bound(bad: int, seen: int, z: float = BAD_FRACTION_Z) -> float:
+    """Wilson score lower bound of the bad fraction after ``bad`` of ``seen`` samples; > 0 whenever bad > 0."""
+    if seen <= 0 or bad <= 0:
+        return 0.0
+    p, n = bad / seen, seen
+    centre = p + z * z / (2 * n)
+    spread = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return max((centre - spread) / (1 + z * z / n), 0.0)
 
 
 class PretrainLoader:
@@ -219,10 +232,14 @@ class PretrainLoader:
                 f"{self._example(j)}: the data set is mostly unreadable (run `mcf data verify` on it)"
             )
         f = self.cfg.max_bad_fraction
-        if self.samples_seen >= MIN_SAMPLES_FOR_BAD_CHECK and self.bad_samples > f * self.samples_seen:
+        if self.samples_seen < MIN_SAMPLES_FOR_BAD_CHECK or self.bad_samples <= f * self.samples_seen:
+            return
+        low = bad_fraction_lower_bound(self.bad_samples, self.samples_seen)
+        if low > f:
             raise DataError(
                 f"{self.bad_samples} of {self.samples_seen} samples seen on rank {self.rank} failed to decode or read "
-                f"({self.bad_samples / self.samples_seen:.1%} > data.max_bad_fraction={f:.1%}); "
+                f"({self.bad_samples / self.samples_seen:.1%}; with 99% confidence at least {low:.2%} of the data set, "
+                f"above data.max_bad_fraction={f:.1%}; the check starts at {MIN_SAMPLES_FOR_BAD_CHECK} samples seen); "
                 f"e.g. {', '.join(self._example(j) for j in self._bad_indices[:3]) or 'n/a'} "
                 "(run `mcf data verify` on the data set)"
             )
