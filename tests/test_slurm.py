@@ -168,6 +168,29 @@ def test_scancel_does_not_requeue(cluster, tmp_path):
     assert cluster.job(job).get("JobState") == "CANCELLED" and cluster.job(job).get("Restarts") == "0", cluster.job(job)
 
 
+def test_a_stalled_step_requeues_a_bounded_number_of_times(cluster, tmp_path):
+    """Exit 4 (a rank's step stalled, mcf.train.STALL_EXIT_CODE) requeues the job to resume from its
+    last checkpoint, but only MCF_STALL_REQUEUES times over its restarts: a stall that follows the job
+    ends it with 4 instead of looping. A stand-in for the trainer exits 4 at once."""
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nprint('fake trainer', *sys.argv[1:4], flush=True)\nsys.exit(4)\n")
+    fake.chmod(0o755)
+    job = cluster.sbatch("--job-name", "mcf-stall", *CPU_TASKS, "--time", "5", "--output", str(tmp_path / "%x-%j.out"),
+                         str(SBATCH), "--max-steps", "5",
+                         env={"MCF_PYTHON": str(fake), "MCF_RUNS_DIR": str(tmp_path / "runs"), "MCF_SLURM_GPUS": "0",
+                              "MCF_STALL_REQUEUES": "1"})
+    log = tmp_path / f"mcf-stall-{job}.out"
+    cluster.wait(job, lambda i: int(i.get("Restarts", 0)) >= 1 or i.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED"}, 120)
+    assert int(cluster.job(job).get("Restarts", 0)) == 1, f"{cluster.job(job)}\n{log_of(log)}"
+    assert "stall requeue 1 of 1" in log.read_text(), log_of(log)
+    time.sleep(3)  # slurmd refuses to relaunch a job id within the second it killed it (see above)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    info = cluster.wait_final(job, JOB_TIMEOUT)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("4:"), f"{info}\n{text[-4000:]}"
+    assert info["Restarts"] == "1" and "already requeued 1 time(s)" in text and "not requeueing" in text, text[-4000:]
+
+
 def test_unavailable_slurm_skips_or_fails_on_ci(tmp_path, monkeypatch):
     import slurm_cluster
 
