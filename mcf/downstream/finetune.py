@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from mcf.configtree import field
 from mcf.errors import ConfigError, DataError
+from mcf.logs import launcher_rank
 
 log = logging.getLogger(__name__)
 
@@ -548,9 +549,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from mcf.downstream.losses import alignment_loss
     from mcf.downstream.protocols import BEST_KEYS, REPORTED, format_best_last, is_better, paper_row
     from mcf.downstream.tracking import FinetuneTracker
+    from mcf.downstream.tracking import probe as probe_tracking
     from mcf.fileio import atomic_path, write_text_atomic
     from mcf.train.engine import init_distributed
 
+    if launcher_rank()[0] == 0:
+        probe_tracking(cfg.tracking_uri, cfg.experiment, Path(cfg.output_dir))
     torch.manual_seed(cfg.seed)
     model, train, test, weights, info = _build(cfg)  # data and checkpoint errors surface before DeepSpeed starts
     rank, world_size, device = init_distributed()

@@ -15,6 +15,16 @@ from typing import Any
 DEFAULT_EXPERIMENT = "mcf-finetune"
 
 
+def probe(uri: str | None, experiment: str | None, output_dir: Path) -> None:
+    """Fail fast: an unreachable tracking server is one line (:class:`~mcf.errors.TrackingError`) within
+    seconds, before data, model and DeepSpeed are built (the tracker itself starts after them)."""
+    from mcf.train.tracking import check_reachable, resolve_tracking
+
+    tracking = resolve_tracking(uri, output_dir, experiment, DEFAULT_EXPERIMENT)
+    if tracking.uri is not None:
+        check_reachable(tracking.uri)
+
+
 class FinetuneTracker:
     """No-op unless ``enabled`` and the URI is not ``none``."""
 
