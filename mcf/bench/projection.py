@@ -136,20 +136,14 @@ def flops_per_image(name: str) -> tuple[float, float, float]:
     """(step, online forward, backward) FLOPs per image of model ``name``, counted on the meta device
     (the backward: the step's count less the forward's)."""
     from mcf.models import create_model
-    from mcf.models.flops import step_flops, use_math_attention
+    from mcf.models.flops import meta_model, step_flops
 
     def build() -> Any:
         return create_model(name, teacher_checkpoint="random")
 
     batch = 2
     total = step_flops(build, batch)
-    with torch.device("meta"):
-        model = build()
-    model = model.to("meta").train()
-    use_math_attention(model)
-    model.set_activation_checkpointing("none")
-    size = model.spec.img_size
-    images = torch.empty(batch, 3, size, size, device="meta")
+    model, images = meta_model(build, batch)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(images)
     per_module = counter.get_flop_counts()

@@ -58,18 +58,25 @@ def use_math_attention(model: nn.Module) -> None:
     model.teacher.set_attention_backend("math")
 
 
-def step_flops(build: Callable[[], nn.Module], batch: int) -> int:
-    """FLOPs of one training step of the MCF model ``build()`` makes, on ``batch`` images: the online
-    forward and backward, the target's forward, the teacher's two passes and the backward through the
-    rebuilt one. Counted on the meta device (no memory, no arithmetic: seconds even for ViT-H), on
-    the math attention path, without activation checkpointing (its recomputation is not model FLOPs)."""
+def meta_model(build: Callable[[], nn.Module], batch: int) -> tuple[nn.Module, torch.Tensor]:
+    """The MCF model ``build()`` makes, on the meta device in train mode, every attention on the math
+    path and no activation checkpointing, with a ``[batch, 3, H, W]`` meta batch of its input size:
+    what a FLOP count runs (nothing is allocated or computed)."""
     with torch.device("meta"):
         model = build()
     model = model.to("meta").train()
     use_math_attention(model)
     model.set_activation_checkpointing("none")
     size = model.spec.img_size
-    images = torch.empty(batch, 3, size, size, device="meta")
+    return model, torch.empty(batch, 3, size, size, device="meta")
+
+
+def step_flops(build: Callable[[], nn.Module], batch: int) -> int:
+    """FLOPs of one training step of the MCF model ``build()`` makes, on ``batch`` images: the online
+    forward and backward, the target's forward, the teacher's two passes and the backward through the
+    rebuilt one. Counted on the meta device (no memory, no arithmetic: seconds even for ViT-H), on
+    the math attention path, without activation checkpointing (its recomputation is not model FLOPs)."""
+    model, images = meta_model(build, batch)
 
     def fwd_bwd() -> None:
         model(images).loss.backward()
