@@ -5,6 +5,7 @@ works after it is copied and the original deleted, and CPU threads set per rank 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -117,6 +118,26 @@ def test_resolve_tracking_follows_mlflows_conventions(monkeypatch, tmp_path):
     assert resolve_tracking(None, tmp_path).uri is None
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert resolve_tracking(None, None).uri is None  # no store anywhere: off
+
+
+def test_a_started_run_leaves_the_environment_as_it_was(monkeypatch, tmp_path):
+    """MLflow's set_tracking_uri/set_experiment export $MLFLOW_TRACKING_URI/$MLFLOW_EXPERIMENT_ID: run A's store
+    would become the default of the next command in this process and of its children (the CI failure where a
+    fine-tuning subprocess logged into an earlier test's store)."""
+    from mcf.train.metrics import start_mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    sink = start_mlflow(resolve_tracking(None, tmp_path / "a", None, "mcf"), run_name="a", system_metrics=False)
+    sink.end_run()
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ
+    assert resolve_tracking(None, tmp_path / "b").local_db == (tmp_path / "b").resolve() / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://team:5000")  # an exported value stays exported
+    sink = start_mlflow(resolve_tracking(f"sqlite:///{tmp_path / 'c.db'}", None), run_name="c", system_metrics=False)
+    sink.end_run()
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://team:5000" and "MLFLOW_EXPERIMENT_ID" not in os.environ
+    assert [r.info.run_name for r in _store_runs(tmp_path / "a" / "mlflow.db", "mcf")] == ["a"]
 
 
 def _store_runs(db: Path, experiment: str) -> list:

@@ -16,9 +16,11 @@ one-line :class:`~mcf.errors.StorageError`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,14 @@ from mcf.configtree import to_dict
 from mcf.errors import StorageError, TrackingError
 from mcf.losses.pixel import unpatchify
 from mcf.train.integrity import describe_write_error
-from mcf.train.tracking import MlflowSink, Tracking, bound_http_retries, check_reachable, resolve_tracking
+from mcf.train.tracking import (
+    TRACKING_URI_ENV,
+    MlflowSink,
+    Tracking,
+    bound_http_retries,
+    check_reachable,
+    resolve_tracking,
+)
 
 log = logging.getLogger(__name__)
 
@@ -169,12 +178,14 @@ def start_mlflow(tracking: Tracking, *, run_name: str, run_id: str | None = None
     import mlflow
 
     try:
-        mlflow.set_tracking_uri(uri)
+        with _environment_kept(TRACKING_URI_ENV, "MLFLOW_EXPERIMENT_ID"):
+            mlflow.set_tracking_uri(uri)
         if run_id is not None and not _known_run(uri, run_id):
             log.warning("MLflow run %s (from %s) is not in %s: the tracking URI changed since; starting a new run",
                         run_id, RUN_ID_FILE, uri)
             run_id = None
-        _ensure_experiment(mlflow, tracking.experiment, local_artifact_root(uri))
+        with _environment_kept(TRACKING_URI_ENV, "MLFLOW_EXPERIMENT_ID"):
+            _ensure_experiment(mlflow, tracking.experiment, local_artifact_root(uri))
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
                                log_system_metrics=system_metrics and _has_psutil())
         if params is not None and run_id is None:
@@ -188,6 +199,23 @@ def start_mlflow(tracking: Tracking, *, run_name: str, run_id: str | None = None
         raise TrackingError(f"MLflow tracking at {uri} failed at start ({first}); fix it or pass --tracking-uri none") from None
     log.info("MLflow: %s, experiment '%s', run %s (%s)", uri, tracking.experiment, run.info.run_id, tracking.rule)
     return MlflowSink(mlflow, run.info.run_id, uri)
+
+
+@contextlib.contextmanager
+def _environment_kept(*names: str) -> Iterator[None]:
+    """Undo what the block writes to ``os.environ[name]``: ``mlflow.set_tracking_uri`` exports the URI as
+    ``$MLFLOW_TRACKING_URI`` and ``mlflow.set_experiment`` its id as ``$MLFLOW_EXPERIMENT_ID`` (MLflow >= 2.x),
+    which would make this run's store the default of every later command in the process and of every
+    process it starts (a fine-tuning after a pretraining in one notebook, a launcher's children)."""
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def log_params(mlflow: Any, params: dict[str, Any]) -> None:
