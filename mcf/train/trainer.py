@@ -169,7 +169,7 @@ class Trainer:
         self.online = CastInput(self.engine, self.dtype)
         # the EMA stays fp32, kept where the fp32 masters are; the target computes in its forward dtype
         self.ema = TargetEMA(model.target, self.engine, self.dtype if t.target_precision == "auto" else torch.float32,
-                             fixed=self.frozen_fp32)
+                             fixed=self.frozen_fp32, source=t.ema_source)
 
         # masks come from a generator of their own (per rank), so no other RNG consumer (data-loader
         # workers, libraries) can shift them between an interrupted and an uninterrupted run
