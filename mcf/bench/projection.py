@@ -200,16 +200,17 @@ def _scaled_calls(counted: dict[str, Any], stage: int, facts: dict[str, Any], wo
     return out
 
 
-def extrapolate_blocks(small: dict[str, Any], large: dict[str, Any], units: tuple[float, float, float]) -> dict[str, Any]:
+def extrapolate_blocks(small: dict[str, Any], large: dict[str, Any],
+                       units: tuple[float, float, float]) -> dict[str, Any]:
     """The counted step of a model extrapolated from two counts of it with fewer transformer blocks (the same
     widths, so DeepSpeed classifies every parameter alike: persistent or gathered at ZeRO-3, bucket by bucket).
 
     ``units``: (the blocks of ``small``, of ``large``, of the model) in one unit, e.g. (1, 2, 4) for ViT-B/16
     counted with 3+2 and 6+4 encoder+decoder blocks (12+8). Every class of collective (label, operation,
     dtype, issued during the backward) is linear in the blocks, in number and in bytes (each block adds its
-    parameters' gathers and gradients; the rest is fixed): ``small + (large − small)·(u − u₀)/(u₁ − u₀)``. A
-    collective's time is affine in its bytes, so a class projects as its count times one call of its mean size
-    (:func:`project`); the order within the step is lost, the phase (backward, forward, after) is kept."""
+    parameters' gathers and gradients; the rest is fixed): ``small + (large − small)·(u − u₀)/(u₁ − u₀)``.
+    A collective's time is affine in its bytes, so a class projects as its count times one call of its mean
+    size (:func:`project`); the order within the step is lost, the phase (backward, forward, after) is kept."""
     u0, u1, u = units
     f = (u - u0) / (u1 - u0)
 

@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [project(c["comm"], int(k.split(":")[0]), args.model, g, net, compute)
             for g in (int(x) for x in args.gpus.split(",")) for k, c in counted.items()]
     print(table(rows))
-    emit({"benchmark": "scale_widths", "model": args.model, "zero_set": zero_set, "units": UNITS, "counted": counted, "projection": rows,
-          "projection_table": table(rows)}, args.out)
+    emit({"benchmark": "scale_widths", "model": args.model, "zero_set": zero_set, "units": UNITS, "counted": counted,
+          "projection": rows, "projection_table": table(rows)}, args.out)
     return 0
 
 
