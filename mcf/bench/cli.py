@@ -172,11 +172,26 @@ def _prepare_scale(args: argparse.Namespace):
     return (lambda: main(cfg)), flags
 
 
+def _memory_config(args: argparse.Namespace):
+    return _resolve(MemoryBenchConfig, args, "memory")
+
+
 def _prepare_memory(args: argparse.Namespace):
     from mcf.bench.memory import main
 
-    cfg = _resolve(MemoryBenchConfig, args, "memory")
+    cfg = _memory_config(args)
     return (lambda: main(cfg)), logged_flags(cfg, MemoryBenchConfig)
+
+
+def config_from_args(args: argparse.Namespace):
+    """The resolved config of a parsed ``mcf bench step|e2e|data|memory|scale`` command line (nothing is run)."""
+    command = args.bench_command
+    if command in ("step", "e2e"):
+        return _step_config(args, e2e=command == "e2e")
+    configs = {"data": _data_config, "memory": _memory_config, "scale": _scale_config}
+    if command not in configs:
+        raise ConfigError(f"bench {command} has no config of its own")
+    return configs[command](args)
 
 
 def _tracked(prepare):
