@@ -25,7 +25,6 @@ PAPER_MODELS = ("mcf_vit_base_patch16", "mcf_vit_large_patch16", "mcf_vit_huge_p
 OPTIONS = ("reduce-fp32", "reduce-bf16", "allreduce-fp32", "allreduce-bf16")  # scale's gradient reductions
 
 
-
 @dataclass(kw_only=True)
 class StepBenchConfig:
     """Sizes and switches of the step benchmark (defaults: about a minute on a 2-core CPU): the config of ``mcf
