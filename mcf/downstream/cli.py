@@ -227,15 +227,10 @@ def _finetune_flags(p: argparse.ArgumentParser, task: str) -> None:
                    help="MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME if set, else mcf-finetune)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config key (repeatable; `mcf config --list --command finetune`)")
-    from mcf.downstream.finetune import cli_fields
+    from mcf.configtree import add_flags
+    from mcf.downstream.finetune import FinetuneConfig
 
-    for f in cli_fields():  # declared once, in FinetuneConfig's field metadata
-        flag = "--" + f.name.replace("_", "-")
-        if f.metadata.get("bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
-        else:
-            p.add_argument(flag, type=f.metadata.get("type", str), choices=f.metadata.get("choices"), default=None,
-                           help=f.metadata["help"])
+    add_flags(p, FinetuneConfig)  # the flags declared once, in FinetuneConfig's field metadata (flag=True)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run_finetune_cmd, task=task)
 
