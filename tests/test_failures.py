@@ -10,7 +10,17 @@ import time
 
 import pytest
 from train_helpers import (
-    BIN, complete_steps, env, free_port, kill_tree, losses, metrics, pretrain_args, run, start, wait_for,
+    BIN,
+    complete_steps,
+    env,
+    free_port,
+    kill_tree,
+    losses,
+    metrics,
+    pretrain_args,
+    run,
+    start,
+    wait_for,
 )
 
 from mcf.errors import ConfigError, StorageError

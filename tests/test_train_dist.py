@@ -16,7 +16,18 @@ import pytest
 import torch
 from tolerances import assert_close_scaled
 from train_helpers import (
-    BIN, check, complete_steps, env, free_port, kill_tree, losses, metrics, pretrain_args, run, start, wait_for,
+    BIN,
+    check,
+    complete_steps,
+    env,
+    free_port,
+    kill_tree,
+    losses,
+    metrics,
+    pretrain_args,
+    run,
+    start,
+    wait_for,
 )
 
 REF_STEPS = 20

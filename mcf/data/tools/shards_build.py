@@ -35,7 +35,12 @@ from mcf.data.core.tar_index import TarDamage, stream_samples
 from mcf.data.formats.factory import open_dataset
 from mcf.data.formats.shards import FORMAT as INDEX_FORMAT
 from mcf.data.formats.shards import (
-    MANIFEST_FORMAT, ShardDataset, StreamedShards, open_shards, open_stream, resolve_shards,
+    MANIFEST_FORMAT,
+    ShardDataset,
+    StreamedShards,
+    open_shards,
+    open_stream,
+    resolve_shards,
 )
 from mcf.data.formats.shards import VERSION as INDEX_VERSION
 from mcf.data.tools.lmdb_build import encode_image, prepare_output
