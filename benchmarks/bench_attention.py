@@ -232,7 +232,8 @@ def suggested_rows(out: dict) -> str:
             continue
         speedup = min(w["speedup"] for w in wins)
         lines.append(
-            f'TritonFaster(device="{device}", dtype=torch.{dtype}, head_dim={D}, min_tokens={S}, max_tokens={S}, masked={masked}, speedup={speedup}, source="bench_attention {out["meta"]["date"]}"),'
+            f'TritonFaster(device="{device}", dtype=torch.{dtype}, head_dim={D}, min_tokens={S}, max_tokens={S}, '
+            f'masked={masked}, speedup={speedup}, source="bench_attention {out["meta"]["date"]}"),'
         )
     if len(lines) == 1:
         lines.append("# none: keep TRITON_FASTER empty (auto = SDPA)")
@@ -240,7 +241,10 @@ def suggested_rows(out: dict) -> str:
 
 
 def _format_row(row: dict) -> str:
-    shape = f"B{row['B']:<4} H{row['H']:<3} S{row['S']:<4} D{row['D']:<4} {row['dtype']:<9} {'masked' if row['masked'] else 'full  '}"
+    shape = (
+        f"B{row['B']:<4} H{row['H']:<3} S{row['S']:<4} D{row['D']:<4} {row['dtype']:<9} "
+        f"{'masked' if row['masked'] else 'full  '}"
+    )
     if "error" in row:
         return f"{shape} {row['backend']:<7} {row['mode']:<8} n/a ({row['error']})"
     return (
@@ -252,7 +256,8 @@ def to_markdown(out: dict) -> str:
     """A results table (one line per shape and mode; ms per call, Triton's speedup over SDPA)."""
     meta = out["meta"]
     lines = [
-        f"Attention, {meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}, {meta['date']}",
+        f"Attention, {meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}, "
+        f"{meta['date']}",
         "(median of {repeats} groups of {inner} calls after {warmup} warm-up calls)".format(**meta),
         "",
         "| B | H | S | D | mask | mode | triton ms | sdpa ms | math ms | sdpa / triton |",

@@ -127,8 +127,9 @@ def main() -> None:
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['n']:,} | {r['sampler']} | {r['rss_added_mb']:.1f} MB | {r['bytes_per_sample']:.2f} B | {r['peak_mb']:.0f} MB | "
-            f"{r['first_batch_s'] * 1e3:.1f} ms | {r['next_batch_ms']:.2f} ms | {r['rank_epoch_s']:.2f} s |"
+            f"| {r['n']:,} | {r['sampler']} | {r['rss_added_mb']:.1f} MB | {r['bytes_per_sample']:.2f} B | "
+            f"{r['peak_mb']:.0f} MB | {r['first_batch_s'] * 1e3:.1f} ms | {r['next_batch_ms']:.2f} ms | "
+            f"{r['rank_epoch_s']:.2f} s |"
         )
 
 

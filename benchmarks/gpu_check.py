@@ -416,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def loader_summary(paths: list[Path]) -> dict[str, Any]:
-    """``mcf bench data`` runs at several worker counts → images/s of mcf's torch loader and the release's PIL loader."""
+    """``mcf bench data`` runs at several worker counts → images/s of mcf's torch loader and the release's
+    PIL loader."""
     torch_ips, paper_ips, runs = {}, {}, []
     for path in paths:
         d = json.loads(path.read_text())

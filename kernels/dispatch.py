@@ -105,7 +105,8 @@ def triton_status(where: torch.Tensor | torch.device | str | None = None) -> tup
         if major < 8:
             return (
                 False,
-                f"the Triton kernels need compute capability >= 8.0 (bf16 tensor cores); {_device_name(index)} is {major}.{minor}",
+                f"the Triton kernels need compute capability >= 8.0 (bf16 tensor cores); {_device_name(index)} is "
+                f"{major}.{minor}",
             )
         if isinstance(where, torch.Tensor) and where.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             return False, f"{_device_name(index)} does not support bfloat16"

@@ -422,7 +422,8 @@ def _(q, k, v, key_mask, kv_lens, scale):
 @torch.library.custom_op(
     "mcf::masked_attention_bwd",
     mutates_args=(),
-    schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_mask, Tensor? kv_lens, float scale) -> (Tensor, Tensor, Tensor)",
+    schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_mask, Tensor? kv_lens, "
+           "float scale) -> (Tensor, Tensor, Tensor)",
 )
 def masked_attention_bwd(dout, q, k, v, out, lse, key_mask, kv_lens, scale):
     """``(dq, dk, dv)``, each contiguous, in the dtype of its input."""
@@ -470,7 +471,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: t
         raise ValueError(f"q, k, v must be [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not agree (same B, H, D; k and v the same shape)"
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not agree (same B, H, D; k and v the same "
+            "shape)"
         )
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in tu.SUPPORTED_DTYPES:
         raise ValueError(

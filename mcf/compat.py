@@ -58,7 +58,8 @@ def from_seed_state_dict(model: MCF, state_dict: dict, strict: bool = False) -> 
             report.unexpected.append(key)
         elif own[new].shape != value.shape:
             raise CheckpointError(
-                f"'{key}' has shape {tuple(value.shape)} in the checkpoint, {tuple(own[new].shape)} in the model (wrong architecture?)"
+                f"'{key}' has shape {tuple(value.shape)} in the checkpoint, {tuple(own[new].shape)} in the model "
+                "(wrong architecture?)"
             )
         else:
             mapped[new] = value

@@ -20,8 +20,9 @@ naming the file and the offending type; an unreadable, truncated or foreign file
 :class:`~mcf.errors.CheckpointError`.
 
 DeepSpeed reads its own files with ``torch.load`` and weights-only off (full, code-running
-unpickling); wrap every DeepSpeed read (``engine.load_checkpoint``, ``get_fp32_state_dict_from_zero_checkpoint``, ...) in
-:func:`safe_torch_load`, which makes ``torch.load`` itself the safe loader for its duration::
+unpickling); wrap every DeepSpeed read (``engine.load_checkpoint``,
+``get_fp32_state_dict_from_zero_checkpoint``, ...) in :func:`safe_torch_load`, which makes
+``torch.load`` itself the safe loader for its duration::
 
     from mcf.serialization import safe_load, safe_torch_load
 

@@ -56,7 +56,8 @@ def test_suggested_rows_need_a_win_at_every_size(bench):
     out = {"meta": meta, "results": results, "triton_faster": bench.triton_faster(results, meta["device_name"], 1.1)}
     text = bench.suggested_rows(out)
     assert (
-        'TritonFaster(device="NVIDIA H100 80GB HBM3", dtype=torch.bfloat16, head_dim=64, min_tokens=50, max_tokens=50, masked=True, speedup=1.25'
+        'TritonFaster(device="NVIDIA H100 80GB HBM3", dtype=torch.bfloat16, head_dim=64, min_tokens=50, max_tokens=50, '
+        'masked=True, speedup=1.25'
         in text
     )
     results[3]["median_ms"] = 4.0  # no win at B=256: no row

@@ -153,7 +153,8 @@ def test_bf16_zero3_ema_follows_the_formula_from_fp32_masters(tmp_path):
 
 
 def test_mcf_without_arguments_runs_the_demo(tmp_path):
-    """`mcf` alone = `mcf pretrain` on the demo preset (shortened through $MCF_OVERRIDES); MLflow's local store is read back."""
+    """`mcf` alone = `mcf pretrain` on the demo preset (shortened through $MCF_OVERRIDES); MLflow's local
+    store is read back."""
     p = subprocess.run([str(BIN / "mcf")], cwd=tmp_path, capture_output=True, text=True, timeout=400,
                        env=env(MCF_OVERRIDES="train.max_steps=6 logging.log_every=2 logging.recon_every=3"))
     check(p)

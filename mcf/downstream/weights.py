@@ -65,7 +65,8 @@ def arch_from_config(config: dict | None) -> tuple[ViTArch, str] | None:
         spec = get_spec(name, img_size=config["model"].get("img_size"))
     except Exception as e:  # noqa: BLE001 - an unknown model name in an old run: fall back to the shapes
         log.warning(
-            "checkpoint config names model %r, which cannot be rebuilt (%s): inferring the architecture from the weights",
+            "checkpoint config names model %r, which cannot be rebuilt (%s): "
+            "inferring the architecture from the weights",
             name,
             e,
         )
@@ -224,7 +225,8 @@ def _load_encoder_weights(source: str | Path, *, random_arch: ViTArch | None = N
             from mcf.train.checkpoint import load_consolidated
         except ImportError:
             raise CheckpointError(
-                f"{path} is a directory, and reading run/step directories needs mcf.train.checkpoint, which is not installed"
+                f"{path} is a directory, and reading run/step directories needs mcf.train.checkpoint, which is not "
+                "installed"
             ) from None
         return from_consolidated(load_consolidated(path), "run")
     if path.suffix == ".safetensors":
@@ -263,6 +265,7 @@ def build_encoder(weights: EncoderWeights, img_size: int | None = None, attn_bac
     result = enc.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
-            f"encoder weights do not fit the ViT: missing {result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}"
+            f"encoder weights do not fit the ViT: missing {result.missing_keys[:4]}, unexpected "
+            f"{result.unexpected_keys[:4]}"
         )
     return enc

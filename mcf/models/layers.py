@@ -21,7 +21,8 @@ def make_norm(dim: int, impl: str = "torch") -> nn.Module:
             from apex.normalization import FusedLayerNorm
         except ImportError:
             raise ConfigError(
-                "model.norm_impl=apex needs NVIDIA apex, which is not installed (it is not on PyPI: build it from NVIDIA's apex repository, or use norm_impl=torch)"
+                "model.norm_impl=apex needs NVIDIA apex, which is not installed (it is not on PyPI: build it from "
+                "NVIDIA's apex repository, or use norm_impl=torch)"
             ) from None
         return FusedLayerNorm(dim, eps=LN_EPS)
     raise ConfigError(f"unknown model.norm_impl '{impl}' (torch or apex)")

@@ -33,7 +33,10 @@ class LoadReport:
     ignored: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return f"loaded {len(self.loaded)}, missing {len(self.missing)}, unexpected {len(self.unexpected)}, ignored {len(self.ignored)}"
+        return (
+            f"loaded {len(self.loaded)}, missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
+            f"ignored {len(self.ignored)}"
+        )
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -100,7 +103,8 @@ def load_teacher_weights(teacher: nn.Module, path: str | Path) -> LoadReport:
     for k, v in clean.items():
         if k in own and own[k].shape != v.shape:
             raise CheckpointError(
-                f"teacher checkpoint {path}: '{k}' has shape {tuple(v.shape)}, the teacher {tuple(own[k].shape)} (wrong architecture?)"
+                f"teacher checkpoint {path}: '{k}' has shape {tuple(v.shape)}, the teacher {tuple(own[k].shape)} "
+                "(wrong architecture?)"
             )
     result = model.load_state_dict(clean, strict=False)
     report.missing, report.unexpected = list(result.missing_keys), list(result.unexpected_keys)

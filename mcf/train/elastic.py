@@ -58,7 +58,10 @@ class RunShape:
         return cls(int(mcf_state["world_size"]), int(t["batch_size"]), int(t["accum_steps"]))
 
     def __str__(self) -> str:
-        return f"{self.world_size} rank(s) x batch {self.batch_size} x accum {self.accum_steps} = global batch {self.global_batch}"
+        return (
+            f"{self.world_size} rank(s) x batch {self.batch_size} x accum {self.accum_steps} "
+            f"= global batch {self.global_batch}"
+        )
 
 
 def plan_accum_steps(policy: str, saved: RunShape, batch_size: int, accum_steps: int, world_size: int) -> int:

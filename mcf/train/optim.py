@@ -97,6 +97,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def describe_schedule(cfg: Config, global_batch: int, steps_per_epoch: int, total: int) -> str:
     return (
-        f"lr peak {peak_lr(cfg.optim, global_batch):.3g} (global batch {global_batch}), warm-up {warmup_steps(cfg.optim, steps_per_epoch)} "
-        f"steps, cosine to {cfg.optim.min_lr:.3g} at step {total}; momentum {cfg.momentum.base} ({cfg.momentum.schedule})"
+        f"lr peak {peak_lr(cfg.optim, global_batch):.3g} (global batch {global_batch}), warm-up "
+        f"{warmup_steps(cfg.optim, steps_per_epoch)} steps, cosine to {cfg.optim.min_lr:.3g} at step {total}; "
+        f"momentum {cfg.momentum.base} ({cfg.momentum.schedule})"
     )

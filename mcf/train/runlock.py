@@ -299,8 +299,8 @@ class RunLock:
         beat = f", heartbeat {age:.0f} s ago" if age is not None else ""
         return (
             f"output folder {self.folder} is in use by another run: {who} (lock {self.path}{beat}); wait for it "
-            f"to finish or use another --output-dir (the lock of a run that died is taken over automatically: at once on "
-            f"the same machine, after {self.stale_s:.0f} s without heartbeat from another one)"
+            "to finish or use another --output-dir (the lock of a run that died is taken over automatically: at once "
+            f"on the same machine, after {self.stale_s:.0f} s without heartbeat from another one)"
         )
 
     def _heartbeat(self) -> None:

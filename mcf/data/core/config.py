@@ -24,8 +24,8 @@ class DataConfig:
     )
     num_workers: int | Literal["auto"] = field(
         "auto",
-        help="Decoding workers per rank (DataLoader workers / DALI threads and source workers); 'auto' = the CPUs of this "
-        "rank (affinity mask / ranks on the node) minus 1 for the main process, 1..16 (mcf.data.core.workers).",
+        help="Decoding workers per rank (DataLoader workers / DALI threads and source workers); 'auto' = the CPUs of "
+        "this rank (affinity mask / ranks on the node) minus 1 for the main process, 1..16 (mcf.data.core.workers).",
     )
     prefetch: int = field(2, help="Batches prefetched per worker / DALI queue depth.")
     img_size: int | None = field(None, help="Input resolution; None = the model's image size.")

@@ -323,7 +323,8 @@ class PaperLMDBDataset(EncodedImageDataset):
             raise DataError(f"{self.path}: 'length' is {int(length)} but {kf} lists {len(self.keys)} keys")
         if missing:
             raise DataError(
-                f"{self.path}: keys listed in {kf} are missing from the LMDB, e.g. {missing[0].decode(errors='replace')!r}"
+                f"{self.path}: keys listed in {kf} are missing from the LMDB, e.g. "
+                f"{missing[0].decode(errors='replace')!r}"
             )
 
     def __len__(self) -> int:

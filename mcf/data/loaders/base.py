@@ -121,7 +121,8 @@ class PretrainLoader:
         self.num_batches = self.sampler.per_rank // batch_size
         if self.num_batches == 0:
             raise DataError(
-                f"{len(dataset)} samples give no full batch of {batch_size} per rank on {world_size} rank(s); use more data or a smaller batch"
+                f"{len(dataset)} samples give no full batch of {batch_size} per rank on {world_size} rank(s); use more "
+                "data or a smaller batch"
             )
         self.epoch = 0
         self.offset = 0  # samples of ``epoch`` consumed by all ranks together

@@ -1,8 +1,9 @@
 """Remote webdataset shards (``pipe:`` commands, fsspec URLs), streamed by the PyTorch loader.
 
 A remote shard cannot be read by offset, so it is read front to back (the local indexer's header
-checks, :func:`~mcf.data.tar_index.stream_samples`; nothing extracted to disk). The epoch's shard sequence is that of local shards (shards shuffled
-per ``(seed, epoch)``, :class:`ShardSampler`), but each rank takes a contiguous ``N // world_size``
+checks, :func:`~mcf.data.tar_index.stream_samples`; nothing extracted to disk). The epoch's shard
+sequence is that of local shards (shards shuffled per ``(seed, epoch)``, :class:`ShardSampler`),
+but each rank takes a contiguous ``N // world_size``
 of it (dealing every shard's samples over the ranks, as local shards do, would stream every shard on
 every rank), and then:
 
