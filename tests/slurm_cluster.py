@@ -259,7 +259,9 @@ class SlurmCluster:
         return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, **kw)
 
     def sbatch(self, *args: str, env: dict | None = None, cwd: str | os.PathLike | None = None) -> int:
-        r = self.run("sbatch", "--parsable", *args, env={**self.env, **(env or {})}, cwd=cwd)
+        """Submit; ``env`` adds to the cluster's environment, a ``None`` value removes the variable."""
+        merged = {k: v for k, v in {**self.env, **(env or {})}.items() if v is not None}
+        r = self.run("sbatch", "--parsable", *args, env=merged, cwd=cwd)
         if r.returncode != 0:
             raise RuntimeError(f"sbatch failed: {r.stderr.strip()}")
         return int(r.stdout.strip().split(";")[0])

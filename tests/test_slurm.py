@@ -51,6 +51,7 @@ def submit(cluster, tmp: Path, name: str, *trainer_args: str, script: Path = SBA
         tasks = ("--nodes", "1", "--ntasks-per-node", "1", "--cpus-per-task", "2", "--gpus-per-node=0")
         env["MCF_RANKS_PER_NODE"] = "2"
         env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR", str(tmp / "torch_extensions"))
+        env["OMP_NUM_THREADS"] = None  # as on a cluster: the deepspeed launcher sets none, mcf chooses per rank
     job = cluster.sbatch(
         "--job-name", name, *tasks, "--time", "15", "--output", str(tmp / "%x-%j.out"), "--chdir", str(REPO),
         str(script), "--config", "demo", "--batch-size", "2", "--log-every", "1", "--checkpoint-every", "1000",
@@ -128,6 +129,11 @@ def test_signal_checkpoints_requeues_and_resumes(cluster, tmp_path, script):
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text[-6000:]}"
     assert "requeueing job" in text and "restart 1" in text and "2 rank(s)" in text
+    if script == SBATCH_DS:  # 2 ranks from one launcher in one `srun -c 2` task share its 2 CPUs (they took 2 each)
+        threads = re.findall(
+            r"(\d+) CPU threads per rank \((.*?local ranks \(LOCAL_SIZE\); OMP_NUM_THREADS was unset)\)", text
+        )
+        assert threads and {n for n, _ in threads} == {"1"}, (threads, text[-4000:])
     assert f"resumed from {out / 'checkpoints' / f'step_{stop_step:08d}'}" in text or f"(step {stop_step}," in text, (
         text[-4000:]
     )

@@ -55,7 +55,6 @@ class CastCounter(TorchDispatchMode):
 def use_math_attention(model: nn.Module) -> None:
     """Every attention of an MCF model on the plain-matmul path the counter sees (mcf's blocks and the teacher's)."""
     model.set_attention_backend("math")
-    model.teacher.set_attention_backend("math")
 
 
 def meta_model(build: Callable[[], nn.Module], batch: int) -> tuple[nn.Module, torch.Tensor]:

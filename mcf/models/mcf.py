@@ -120,6 +120,7 @@ class MCF(nn.Module):
         self.target = TargetEncoder(self.online)
         self.perceptual = PerceptualLoss(teacher, o.perceptual_layers, o.perceptual_norm, o.perceptual_resize)
         self.contrastive = ContrastiveLoss(o.temperature)
+        teacher.set_attention_backend(attn_backend)  # attention.backend is the whole model's, the teacher's too
         self._register_state_dict_hook(_drop_teacher_keys)
 
     @property
@@ -135,6 +136,8 @@ class MCF(nn.Module):
         self.contrastive.rank, self.contrastive.world_size = rank, world_size
 
     def set_attention_backend(self, backend: str) -> None:
+        """Every attention of the model: the online and target encoders, the decoder and the frozen teacher."""
+        self.teacher.set_attention_backend(backend)
         for enc in (self.online.encoder, self.target.encoder):
             enc.set_attention_backend(backend)
         for blk in self.online.decoder.decoder_blocks:
