@@ -47,70 +47,18 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from mcf.bench.common import emit, run_info
+from mcf.bench.config import VARIANTS, StepBenchConfig
 from mcf.measure import PeakMemory, device_name, fast_dtype, measure_peaks, peak_at_least, peak_flops, resolve_device, sync, time_repeats
 from mcf.models.flops import CastCounter, count_flops, step_flops, use_math_attention
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("paper", "mcf", "mcf_compiled")  # mcf_compiled: mcf's step with torch.compile, beside eager with --compile
-
-
-@dataclass(kw_only=True)
-class StepBenchConfig:
-    """Sizes and switches of the step benchmark (defaults: about a minute on a 2-core CPU)."""
-
-    model: str = "mcf_vit_small_patch16"
-    """Model name (``mcf.models.list_models()``)."""
-    img_size: int | None = 112
-    """Input side in pixels; None = the model's own (224 for the ViT-*/16 models)."""
-    teacher_img_size: int | None = None
-    """Teacher input side; None = the same as ``img_size`` (the paper: 224 for both)."""
-    batch_size: int = 4
-    steps: int = 1
-    """Steps per timed window."""
-    repeats: int = 3
-    """Timed windows; the median is reported."""
-    warmup: int = 2
-    """Untimed steps first (the first one is FLOP-counted in the paper variant)."""
-    device: str = "auto"
-    compile: bool = False
-    """Also time mcf's step with its model ``torch.compile``-d (variant ``mcf_compiled``), beside eager."""
-    momentum: float = 0.99
-    e2e: bool = False
-    """Loader in the loop: JPEG files through each variant's loader."""
-    data: str | None = None
-    """Image folder for ``e2e``; None = synthetic JPEGs written to a temporary folder."""
-    workers: int = 2
-    """Loader workers (both variants)."""
-    loader: str = "auto"
-    """mcf's loader in ``e2e``: auto (DALI when it works here) | dali | torch."""
-    variants: tuple[str, ...] = ("paper", "mcf")
-    order: str = "interleaved"
-    """``interleaved``: both variants built, their timed windows alternate (fair on a shared
-    machine); ``sequential``: one variant after the other, only one in memory (the e2e default:
-    an idle variant's loader workers would refill their queues during the other's windows)."""
-    profile: bool = False
-    """Also profile one step of each variant and report its top operators."""
-    out: str | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "steps", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.warmup < 1:
-            raise ValueError("warmup must be >= 1 (the first warm-up step is the FLOP count)")
-        if not self.variants or set(self.variants) - set(VARIANTS):
-            raise ValueError(f"variants must be a subset of {VARIANTS}")
-        if self.order not in ("interleaved", "sequential"):
-            raise ValueError("order must be interleaved or sequential")
-        if self.loader not in ("auto", "dali", "torch"):
-            raise ValueError("loader must be auto, dali or torch")
 
 
 # -- the two steps -----------------------------------------------------------------------------------

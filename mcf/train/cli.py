@@ -113,7 +113,14 @@ def run_export(args: argparse.Namespace) -> int:
 
 # The config class of each other command, by name: `mcf config --list --command NAME` documents its keys.
 # Imported by name so that train imports nothing from the packages above it.
-COMMAND_CONFIGS = {"finetune": ("mcf.downstream.finetune", "FinetuneConfig")}
+COMMAND_CONFIGS = {
+    "finetune": ("mcf.downstream.finetune", "FinetuneConfig"),
+    "bench-step": ("mcf.bench.config", "StepBenchConfig"),  # `mcf bench step` and `mcf bench e2e`
+    "bench-data": ("mcf.bench.config", "DataBenchConfig"),
+    "bench-index-scale": ("mcf.bench.config", "IndexScaleConfig"),  # `mcf bench data --index-scale N`
+    "bench-memory": ("mcf.bench.config", "MemoryBenchConfig"),
+    "bench-scale": ("mcf.bench.config", "ScaleBenchConfig"),
+}
 
 
 def _command_config(args: argparse.Namespace) -> type:
@@ -127,15 +134,25 @@ def run_config(args: argparse.Namespace) -> int:
     """Print the resolved config as YAML, or every key with its resolved value, the dataclass default
     where the preset or an override changed it, and its help (``--list``)."""
     from mcf.config import Config, dump_config
-    from mcf.configtree import describe, describe_fields, to_dict
+    from mcf.configtree import REQUIRED, describe, describe_fields, resolve, to_dict
     from mcf.train.metrics import flatten
 
     if args.command_keys != "pretrain":
         if not args.list:
             raise ConfigError("--command selects the keys --list prints; the resolved config is printed for pretrain "
                               "only")
-        for key, default, text in describe_fields(_command_config(args)):
-            print(f"{key} = {default!r}\n    {text}")
+        cls = _command_config(args)
+        rows = describe_fields(cls)
+        if any(default == REQUIRED for _, default, _ in rows):  # finetune: its declared defaults, None = the protocol's
+            for key, default, text in rows:
+                print(f"{key} = {default!r}\n    {text}")
+            return 0
+        resolved = flatten(to_dict(resolve(cls, overrides=args.set)))  # the bench configs: --set applies
+        print(f"# the {args.command_keys} keys{' with the overrides given' if args.set else ''}: key = value as it "
+              "runs [default where that differs]")
+        for key, default, text in describe(cls):
+            note = f"  [default {default!r}]" if resolved[key] != default else ""
+            print(f"{key} = {resolved[key]!r}{note}\n    {text}")
         return 0
     cfg = config_from_args(args)
     if args.list:
@@ -159,8 +176,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="list every key with its value in the preset in use (--config, default demo), and its "
                         "documentation")
     c.add_argument("--command", dest="command_keys", choices=("pretrain", *COMMAND_CONFIGS), default="pretrain",
-                   help="whose keys --list prints: pretrain's tree, or finetune's (declared defaults; its --set "
-                        "keys; None = the protocol's value)")
+                   help="whose keys --list prints: pretrain's tree, finetune's (declared defaults; its --set keys; "
+                        "None = the protocol's value), or a benchmark's (`mcf bench step|e2e|data|memory|scale`; "
+                        "bench-index-scale: `mcf bench data --index-scale N`), resolved with --set")
     c.set_defaults(func=run_config)
 
     p = subparsers.add_parser("pretrain", help="MCF pre-training (DeepSpeed; 1 process, torchrun, deepspeed or srun)",
