@@ -73,8 +73,9 @@ def cpus_per_rank(env: Mapping[str, str], cpus: int) -> tuple[int, str]:
         local = _int(env, key)
         if local:
             if per_task and per_task < cpus:  # the launcher is one srun task: its CPUs, whatever the mask says
-                return max(1, per_task // local), (f"SLURM_CPUS_PER_TASK={per_task} of {cpus} CPUs in the affinity mask / {local} local "
-                                                   f"ranks ({key})")
+                return max(1, per_task // local), (
+                    f"SLURM_CPUS_PER_TASK={per_task} of {cpus} CPUs in the affinity mask / {local} local ranks ({key})"
+                )
             return max(1, cpus // local), f"{cpus} CPUs in the affinity mask / {local} local ranks ({key})"
     if in_slurm:
         if per_task:

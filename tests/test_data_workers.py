@@ -144,14 +144,18 @@ def test_auto_falls_back_to_torch_with_one_log_line(tmp_path, caplog):
                                    dali_check=_failing, **kw)
     assert ld.kind == "torch"
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert warned == ["data: DALI failed its start-up check, using the PyTorch loader (nvJPEG: no such multiline thing)"]
+    assert warned == [
+        "data: DALI failed its start-up check, using the PyTorch loader (nvJPEG: no such multiline thing)"
+    ]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="mcf.data.loaders"):
         other_rank = build_pretrain_loader(DataConfig(path=str(tmp_path), num_workers=0), rank=1, dali_check=_failing,
                                            **{**kw, "world_size": 2, "batch_size": 2})
     assert other_rank.kind == "torch" and not [r for r in caplog.records if r.levelno >= logging.WARNING]
     explicit = DataConfig(path=str(tmp_path), loader="dali", num_workers=0)
-    with pytest.raises(ConfigError, match=r"^data.loader=dali, but DALI failed its start-up check \(nvJPEG: no such multi"):
+    with pytest.raises(
+        ConfigError, match=r"^data.loader=dali, but DALI failed its start-up check \(nvJPEG: no such multi"
+    ):
         build_pretrain_loader(explicit, rank=0, dali_check=_failing, **kw)
     passed = build_pretrain_loader(DataConfig(path=str(tmp_path), loader="auto", num_workers=0), rank=0,
                                    dali_check=lambda d, t: None, **kw)

@@ -15,8 +15,10 @@ def tiny():
 
 def test_registry_lists_paper_sizes():
     names = list_models()
-    for n in ["mcf_vit_tiny", "mcf_vit_small_patch16", "mcf_vit_base_patch16", "mcf_vit_large_patch16", "mcf_vit_huge_patch14",
-              "mcf_vit_base_patch16_dec512d1b", "mcf_vit_base_patch16_dec512d4b"]:
+    for n in [
+        "mcf_vit_tiny", "mcf_vit_small_patch16", "mcf_vit_base_patch16", "mcf_vit_large_patch16",
+        "mcf_vit_huge_patch14", "mcf_vit_base_patch16_dec512d1b", "mcf_vit_base_patch16_dec512d4b",
+    ]:
         assert n in names
     with pytest.raises(ConfigError, match="unknown model"):
         create_model("mcf_vit_gigantic", teacher_checkpoint="random")

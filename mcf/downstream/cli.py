@@ -210,7 +210,10 @@ def _finetune_flags(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 2)")
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--log-every", type=int, default=None, help="steps between loss logs (default 10)")
-    p.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no random geometry or colour while training")
+    p.add_argument(
+        "--no-augment", dest="augment", action="store_false", default=None,
+        help="no random geometry or colour while training",
+    )
     p.add_argument(
         "--test-split",
         default=None,
@@ -266,7 +269,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     _finetune_flags(
         tasks.add_parser(
-            "parsing", epilog=FINETUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, help="segmentation on FaRL's LaPa or CelebAMask-HQ protocol (per-class and mean F1)"
+            "parsing",
+            epilog=FINETUNE_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            help="segmentation on FaRL's LaPa or CelebAMask-HQ protocol (per-class and mean F1)",
         ),
         "parsing",
     )
