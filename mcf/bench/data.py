@@ -44,7 +44,9 @@ def _time_loader(batches, n_batches: int, batch_size: int, device: torch.device)
     sync(device)
     dt = time.perf_counter() - t1
     assert b.shape == first.shape
-    return {"images_per_s": n_batches * batch_size / dt, "seconds": dt, "first_batch_s": t1 - t0, "batch_shape": list(shape)}
+    return {
+        "images_per_s": n_batches * batch_size / dt, "seconds": dt, "first_batch_s": t1 - t0, "batch_shape": list(shape)
+    }
 
 
 def run(cfg: DataBenchConfig) -> dict[str, Any]:

@@ -19,10 +19,15 @@ from mcf.errors import ConfigError
 
 # flag dest → (config key, metavar, type, help)
 FLAGS: dict[str, tuple[str, str, Any, str]] = {
-    "output_dir": ("train.output_dir", "DIR", str, "run folder (config.yaml, metrics.jsonl, checkpoints/, reconstructions/, mlflow.db)"),
-    "data": ("data.path", "PATH", str, "image folder, mcf LMDB, the paper's LMDB, webdataset .tar shards (a folder "
-                                       "of them, a brace pattern such as /d/{00000..00099}.tar, a .txt list of paths "
-                                       "or URLs, pipe:COMMAND), or 'builtin' (the built-in faces)"),
+    "output_dir": (
+        "train.output_dir", "DIR", str,
+        "run folder (config.yaml, metrics.jsonl, checkpoints/, reconstructions/, mlflow.db)",
+    ),
+    "data": (
+        "data.path", "PATH", str,
+        "image folder, mcf LMDB, the paper's LMDB, webdataset .tar shards (a folder of them, a brace pattern such as "
+        "/d/{00000..00099}.tar, a .txt list of paths or URLs, pipe:COMMAND), or 'builtin' (the built-in faces)",
+    ),
     "lmdb_keys": ("data.lmdb_keys", "FILE", str, "key list of the paper's LMDB layout"),
     "loader": ("data.loader", "auto|dali|torch", str, "input pipeline"),
     "model": ("model.name", "NAME", str, "registered model (mcf_vit_tiny, mcf_vit_base_patch16, ...)"),
@@ -34,14 +39,25 @@ FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "zero": ("deepspeed.zero", "0|1|2|3", int, "ZeRO stage"),
     "checkpoint_every": ("checkpoint.every", "N", int, "steps between checkpoints (a final one is always written)"),
     "log_every": ("logging.log_every", "N", int, "steps between metric logs"),
-    "resume": ("train.resume", "auto|none|PATH", str, "auto = newest complete checkpoint in the output dir; or a checkpoint/run path"),
+    "resume": (
+        "train.resume", "auto|none|PATH", str,
+        "auto = newest complete checkpoint in the output dir; or a checkpoint/run path",
+    ),
     "seed": ("train.seed", "N", int, "seed of weights, masks, augmentation and data order"),
-    "teacher_checkpoint": ("teacher.checkpoint", "PATH|random", str, "frozen perceptual teacher weights ('random' for tests)"),
-    "tracking_uri": ("logging.tracking_uri", "URI|none", str, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
-                                                              "else a sqlite store in the output dir; 'none' = off)"),
-    "max_bad_fraction": ("data.max_bad_fraction", "F", float, "stop when more than this fraction of samples fails to decode"),
-    "overwrite_run": ("train.overwrite_run", "", bool, "start a new run in an output dir that holds one: delete that run's "
-                      "checkpoints and logs first"),
+    "teacher_checkpoint": (
+        "teacher.checkpoint", "PATH|random", str, "frozen perceptual teacher weights ('random' for tests)"
+    ),
+    "tracking_uri": (
+        "logging.tracking_uri", "URI|none", str,
+        "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a sqlite store in the output dir; 'none' = off)",
+    ),
+    "max_bad_fraction": (
+        "data.max_bad_fraction", "F", float, "stop when more than this fraction of samples fails to decode"
+    ),
+    "overwrite_run": (
+        "train.overwrite_run", "", bool,
+        "start a new run in an output dir that holds one: delete that run's checkpoints and logs first",
+    ),
 }
 
 OVERRIDES_ENV = "MCF_OVERRIDES"
@@ -107,7 +123,9 @@ def run_export(args: argparse.Namespace) -> int:
 
     d = export_fp32(args.checkpoint, args.out)
     n = sum(v.numel() for v in d["online"].values())
-    logging.getLogger(__name__).info("wrote %s: step %d, %d online parameters (fp32), %d target tensors", args.out, d["step"], n, len(d["target"]))
+    logging.getLogger(__name__).info(
+        "wrote %s: step %d, %d online parameters (fp32), %d target tensors", args.out, d["step"], n, len(d["target"])
+    )
     return 0
 
 
@@ -169,9 +187,13 @@ def run_config(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    c = subparsers.add_parser("config", help="print the resolved config (preset + flags + --set), or list every key (--list)")
+    c = subparsers.add_parser(
+        "config", help="print the resolved config (preset + flags + --set), or list every key (--list)"
+    )
     c.add_argument("--config", default="demo", metavar="NAME|PATH", help="preset name or YAML file (default: demo)")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (repeatable)")
+    c.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (repeatable)"
+    )
     c.add_argument("--list", action="store_true",
                    help="list every key with its value in the preset in use (--config, default demo), and its "
                         "documentation")
@@ -181,23 +203,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "bench-index-scale: `mcf bench data --index-scale N`), resolved with --set")
     c.set_defaults(func=run_config)
 
-    p = subparsers.add_parser("pretrain", help="MCF pre-training (DeepSpeed; 1 process, torchrun, deepspeed or srun)",
-                              description="MCF pre-training. With no arguments: the demo preset (tiny model, built-in faces).",
-                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="demo", metavar="NAME|PATH", help="preset name (demo, small, base, large, huge) or a YAML file (default: demo)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (repeatable)")
+    p = subparsers.add_parser(
+        "pretrain", help="MCF pre-training (DeepSpeed; 1 process, torchrun, deepspeed or srun)",
+        description="MCF pre-training. With no arguments: the demo preset (tiny model, built-in faces).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config", default="demo", metavar="NAME|PATH",
+        help="preset name (demo, small, base, large, huge) or a YAML file (default: demo)",
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (repeatable)"
+    )
     for dest, (key, metavar, tp, text) in FLAGS.items():
         if tp is bool:  # a switch: sets the key to true
             p.add_argument("--" + dest.replace("_", "-"), dest=dest, action="store_const", const=True, default=None,
                            help=f"{text} [{key}=true]")
             continue
-        p.add_argument("--" + dest.replace("_", "-"), dest=dest, type=tp, default=None, metavar=metavar, help=f"{text} [{key}]")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's; LOCAL_RANK wins
+        p.add_argument(
+            "--" + dest.replace("_", "-"), dest=dest, type=tp, default=None, metavar=metavar, help=f"{text} [{key}]"
+        )
+    # the deepspeed launcher's; LOCAL_RANK wins
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run_pretrain)
 
-    e = subparsers.add_parser("export-fp32", help="consolidate a pre-training checkpoint (any ZeRO stage) into one fp32 file",
-                              description="Write {online, target, config, step} (fp32) with torch.save; load with "
-                                          "torch.load(..., weights_only=True) or mcf.train.checkpoint.load_consolidated.")
-    e.add_argument("checkpoint", metavar="CKPT", help="a run folder (newest complete checkpoint) or a checkpoints/step_* directory")
+    e = subparsers.add_parser(
+        "export-fp32", help="consolidate a pre-training checkpoint (any ZeRO stage) into one fp32 file",
+        description=(
+            "Write {online, target, config, step} (fp32) with torch.save; load with "
+            "torch.load(..., weights_only=True) or mcf.train.checkpoint.load_consolidated."
+        ),
+    )
+    e.add_argument(
+        "checkpoint", metavar="CKPT", help="a run folder (newest complete checkpoint) or a checkpoints/step_* directory"
+    )
     e.add_argument("out", metavar="OUT.pt", help="output file")
     e.set_defaults(func=run_export)
