@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from mcf.bench.common import emit
+from mcf.bench.config import ScaleBenchConfig
 from mcf.bench.projection import Compute, Network, extrapolate_blocks, model_facts, project, table
-from mcf.bench.scale import ScaleBenchConfig, run_stage
+from mcf.bench.scale import run_stage
 
 UNITS = (1, 2, 4)  # a quarter, a half, all of the blocks
 
