@@ -26,7 +26,10 @@ def test_every_ds_config_gets_the_reduce_dtype(name):
     zero, precision = int(name[4]), name.split("_")[1]
     base = [f"deepspeed.zero={zero}", f"train.precision={precision}", f"deepspeed.config={name}"]
     assert build_ds_config(build_config("demo", base), 2)["communication_data_type"] == "fp32"  # the default
-    assert build_ds_config(build_config("demo", [*base, "deepspeed.reduce_dtype=bf16"]), 2)["communication_data_type"] == "bf16"
+    assert (
+        build_ds_config(build_config("demo", [*base, "deepspeed.reduce_dtype=bf16"]), 2)["communication_data_type"]
+        == "bf16"
+    )
 
 
 def test_reduce_dtype_is_validated_and_json_conflicts_are_errors(tmp_path):
@@ -52,7 +55,10 @@ def _trainable_params() -> int:
 
 @pytest.mark.parametrize("zero, reduce_dtype", [(0, None), (1, None), (3, None), (2, "bf16")])
 def test_gradients_are_reduced_in_the_reduce_dtype(tmp_path, zero, reduce_dtype):
-    extra = ["--zero", str(zero), "--precision", "bf16", *(["--set", f"deepspeed.reduce_dtype={reduce_dtype}"] if reduce_dtype else [])]
+    extra = [
+        "--zero", str(zero), "--precision", "bf16",
+        *(["--set", f"deepspeed.reduce_dtype={reduce_dtype}"] if reduce_dtype else []),
+    ]
     report = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "reduce_probe.py"), str(report), "pretrain",
                            *pretrain_args(tmp_path / "run", 1, *extra)],

@@ -372,7 +372,9 @@ def build_module_layout(
     partitioned (``ds_tensor``; gathered only around a module's forward/backward): refused."""
     check_deepspeed_version()
     params = dict(engine.module.named_parameters())
-    if hasattr(engine.optimizer, "fp32_partitioned_groups_flat") or any(hasattr(p, "ds_tensor") for p in params.values()):
+    if hasattr(engine.optimizer, "fp32_partitioned_groups_flat") or any(
+        hasattr(p, "ds_tensor") for p in params.values()
+    ):
         raise ConfigError(
             "train.ema_source=bf16_params needs the module's weights whole on every rank (deepspeed.zero 0-2); "
             "ZeRO-3 partitions them: use train.ema_source=fp32_masters"
@@ -388,7 +390,9 @@ def build_module_layout(
         return [params[n].detach().view(-1) for n in names]
 
     return _replicated(
-        _Builder(tracked, world, rank), names + fixed_names, weights if not fixed_t else (lambda: [*weights(), *fixed_t])
+        _Builder(tracked, world, rank),
+        names + fixed_names,
+        weights if not fixed_t else (lambda: [*weights(), *fixed_t]),
     )
 
 
@@ -421,7 +425,8 @@ def fp32_masters(engine: Any, names: list[str], precision: str, zero: int) -> di
 
 def _flat_fp32_masters(optimizer: Any) -> dict[int, torch.Tensor] | None:
     """id(low-precision param) → its fp32 master in DeepSpeed's FP16_(Unfused)Optimizer (bf16/fp16 at ZeRO 0),
-    which keeps fp32 copies per group (``fp32_groups``) or flattened (``fp32_groups_flat``), with no per-param mapping."""
+    which keeps fp32 copies per group (``fp32_groups``) or flattened (``fp32_groups_flat``), with no
+    per-param mapping."""
     groups = getattr(optimizer, "fp16_groups", None)
     if groups is None:
         return None

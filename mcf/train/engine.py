@@ -42,10 +42,14 @@ def _slurm_master_addr() -> str:
     if not nodes or int(os.environ.get("SLURM_NNODES", "1")) <= 1:
         return "127.0.0.1"
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True, timeout=30)
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True, timeout=30
+        )
         return out.stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
-        raise ConfigError("multi-node srun without MASTER_ADDR: export MASTER_ADDR (the first node) and MASTER_PORT") from None
+        raise ConfigError(
+            "multi-node srun without MASTER_ADDR: export MASTER_ADDR (the first node) and MASTER_PORT"
+        ) from None
 
 
 def setup_env() -> tuple[int, int, int]:
@@ -91,8 +95,10 @@ def init_distributed(wanted_precision: str = "fp32", timeout_s: float = 1800.0) 
     accel = get_accelerator()
     for precision, supported in (("fp16", accel.is_fp16_supported), ("bf16", accel.is_bf16_supported)):
         if wanted_precision == precision and not supported():
-            raise ConfigError(f"train.precision={precision} is not supported on this device ({accel.device_name()}); use fp32"
-                              + (" or bf16" if precision == "fp16" and accel.is_bf16_supported() else ""))
+            raise ConfigError(
+                f"train.precision={precision} is not supported on this device ({accel.device_name()}); use fp32"
+                + (" or bf16" if precision == "fp16" and accel.is_bf16_supported() else "")
+            )
     if accel.device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         device = torch.device("cpu")
@@ -136,7 +142,9 @@ def device_index(local_rank: int, device_count: int) -> int:
     set per rank) each rank sees its own, and ``cuda:LOCAL_RANK`` would be an invalid ordinal.
     """
     if device_count < 1:
-        raise ConfigError("no accelerator device is visible to this rank (check CUDA_VISIBLE_DEVICES and the job's GPU binding)")
+        raise ConfigError(
+            "no accelerator device is visible to this rank (check CUDA_VISIBLE_DEVICES and the job's GPU binding)"
+        )
     return local_rank % device_count
 
 
