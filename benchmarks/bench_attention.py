@@ -31,8 +31,14 @@ from mcf.models.attention import candidate
 
 BACKENDS = ("triton", "sdpa", "sdpa_fp32", "math")  # sdpa_fp32: SDPA on fp32 casts of the inputs, cast back
 MODES = ("fwd", "fwd+bwd")
-FULL = dict(batch=(64, 256), heads=(12, 16), tokens=(50, 197), head_dim=64, masked=(False, True), dtype="bfloat16", warmup=5, repeats=20, inner=5)
-TINY = dict(batch=(2,), heads=(2,), tokens=(20,), head_dim=32, masked=(False, True), dtype="float32", warmup=1, repeats=2, inner=1)
+FULL = dict(
+    batch=(64, 256), heads=(12, 16), tokens=(50, 197), head_dim=64, masked=(False, True), dtype="bfloat16", warmup=5,
+    repeats=20, inner=5,
+)
+TINY = dict(
+    batch=(2,), heads=(2,), tokens=(20,), head_dim=32, masked=(False, True), dtype="float32", warmup=1, repeats=2,
+    inner=1,
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -62,9 +68,14 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repea
     return times
 
 
-def _inputs(B: int, H: int, S: int, D: int, dtype: torch.dtype, device: torch.device, masked: bool, generator: torch.Generator):
+def _inputs(
+    B: int, H: int, S: int, D: int, dtype: torch.dtype, device: torch.device, masked: bool, generator: torch.Generator
+):
     # [B, S, H, D] viewed as [B, H, S, D]: the layout a fused qkv projection produces
-    q, k, v, dout = (torch.randn(B, S, H, D, generator=generator, device="cpu").to(device=device, dtype=dtype).transpose(1, 2) for _ in range(4))
+    q, k, v, dout = (
+        torch.randn(B, S, H, D, generator=generator, device="cpu").to(device=device, dtype=dtype).transpose(1, 2)
+        for _ in range(4)
+    )
     mask = None
     if masked:
         lens = torch.randint(math.ceil(0.6 * S), S + 1, (B,), generator=generator)
@@ -99,7 +110,9 @@ def run(
         interpreter). ``triton_faster`` lists the shapes where Triton's fwd+bwd beat SDPA by at
         least ``min_speedup``: the candidates for ``TRITON_FASTER``.
     """
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     for b in backends:
@@ -131,7 +144,10 @@ def run(
                     for backend in backends:
                         attn = _attention_fn(backend)
                         for mode in modes:
-                            row = {"B": B, "H": H, "S": S, "D": head_dim, "dtype": dtype, "masked": is_masked, "backend": backend, "mode": mode}
+                            row = {
+                                "B": B, "H": H, "S": S, "D": head_dim, "dtype": dtype, "masked": is_masked,
+                                "backend": backend, "mode": mode,
+                            }
                             if backend == "triton" and not triton_ok:
                                 row["error"] = triton_reason
                             else:
@@ -188,7 +204,12 @@ def triton_faster(results: list[dict], device_name: str, min_speedup: float) -> 
             continue
         speedup = sdpa["median_ms"] / row["median_ms"]
         if speedup >= min_speedup:
-            wins.append({"device": device_name, "dtype": dtype, "head_dim": D, "tokens": S, "masked": masked, "B": B, "H": H, "speedup": round(speedup, 3)})
+            wins.append(
+                {
+                    "device": device_name, "dtype": dtype, "head_dim": D, "tokens": S, "masked": masked, "B": B, "H": H,
+                    "speedup": round(speedup, 3),
+                }
+            )
     return wins
 
 
@@ -197,7 +218,11 @@ def suggested_rows(out: dict) -> str:
     groups: dict[tuple, list[dict]] = {}
     for w in out["triton_faster"]:
         groups.setdefault((w["device"], w["dtype"], w["head_dim"], w["tokens"], w["masked"]), []).append(w)
-    tried = {(r["dtype"], r["D"], r["S"], r["masked"]): set() for r in out["results"] if r["backend"] == "triton" and r["mode"] == "fwd+bwd"}
+    tried = {
+        (r["dtype"], r["D"], r["S"], r["masked"]): set()
+        for r in out["results"]
+        if r["backend"] == "triton" and r["mode"] == "fwd+bwd"
+    }
     for r in out["results"]:
         if r["backend"] == "triton" and r["mode"] == "fwd+bwd":
             tried[(r["dtype"], r["D"], r["S"], r["masked"])].add((r["B"], r["H"]))
@@ -206,24 +231,33 @@ def suggested_rows(out: dict) -> str:
         if {(w["B"], w["H"]) for w in wins} != tried[(dtype, D, S, masked)]:
             continue
         speedup = min(w["speedup"] for w in wins)
-        lines.append(f'TritonFaster(device="{device}", dtype=torch.{dtype}, head_dim={D}, min_tokens={S}, max_tokens={S}, masked={masked}, speedup={speedup}, source="bench_attention {out["meta"]["date"]}"),')
+        lines.append(
+            f'TritonFaster(device="{device}", dtype=torch.{dtype}, head_dim={D}, min_tokens={S}, max_tokens={S}, '
+            f'masked={masked}, speedup={speedup}, source="bench_attention {out["meta"]["date"]}"),'
+        )
     if len(lines) == 1:
         lines.append("# none: keep TRITON_FASTER empty (auto = SDPA)")
     return "\n".join(lines)
 
 
 def _format_row(row: dict) -> str:
-    shape = f"B{row['B']:<4} H{row['H']:<3} S{row['S']:<4} D{row['D']:<4} {row['dtype']:<9} {'masked' if row['masked'] else 'full  '}"
+    shape = (
+        f"B{row['B']:<4} H{row['H']:<3} S{row['S']:<4} D{row['D']:<4} {row['dtype']:<9} "
+        f"{'masked' if row['masked'] else 'full  '}"
+    )
     if "error" in row:
         return f"{shape} {row['backend']:<7} {row['mode']:<8} n/a ({row['error']})"
-    return f"{shape} {row['backend']:<7} {row['mode']:<8} {row['median_ms']:9.3f} ms  {row['tflops'] * 1e3:9.1f} GFLOP/s"
+    return (
+        f"{shape} {row['backend']:<7} {row['mode']:<8} {row['median_ms']:9.3f} ms  {row['tflops'] * 1e3:9.1f} GFLOP/s"
+    )
 
 
 def to_markdown(out: dict) -> str:
     """A results table (one line per shape and mode; ms per call, Triton's speedup over SDPA)."""
     meta = out["meta"]
     lines = [
-        f"Attention, {meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}, {meta['date']}",
+        f"Attention, {meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}, "
+        f"{meta['date']}",
         "(median of {repeats} groups of {inner} calls after {warmup} warm-up calls)".format(**meta),
         "",
         "| B | H | S | D | mask | mode | triton ms | sdpa ms | math ms | sdpa / triton |",
@@ -236,12 +270,16 @@ def to_markdown(out: dict) -> str:
         ms = {b: by_backend[b].get("median_ms") if b in by_backend else None for b in BACKENDS}
         cells = [f"{ms[b]:.3f}" if ms[b] is not None else "n/a" for b in BACKENDS]
         ratio = f"{ms['sdpa'] / ms['triton']:.2f}" if ms["sdpa"] and ms["triton"] else "n/a"
-        lines.append(f"| {B} | {H} | {S} | {D} | {'yes' if masked else 'no'} | {mode} | " + " | ".join(cells) + f" | {ratio} |")
+        lines.append(
+            f"| {B} | {H} | {S} | {D} | {'yes' if masked else 'no'} | {mode} | " + " | ".join(cells) + f" | {ratio} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test; the default without a GPU)")
     size.add_argument("--full", action="store_true", help="MCF shapes (the default on a GPU)")
@@ -266,8 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = TINY if args.tiny or (not args.full and device.type != "cuda") else FULL
-    overrides = {"batch": args.batch, "heads": args.heads, "tokens": args.tokens, "head_dim": args.head_dim, "dtype": args.dtype,
-                 "warmup": args.warmup, "repeats": args.repeats, "inner": args.inner}
+    overrides = {
+        "batch": args.batch, "heads": args.heads, "tokens": args.tokens, "head_dim": args.head_dim, "dtype": args.dtype,
+        "warmup": args.warmup, "repeats": args.repeats, "inner": args.inner,
+    }
     config = {**preset, **{k: v for k, v in overrides.items() if v is not None}}
     out = run(**config, device=device, backends=args.backends, modes=args.modes, min_speedup=args.min_speedup)
     if args.json:

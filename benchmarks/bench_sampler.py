@@ -60,7 +60,9 @@ def _status(key: str) -> float:
 
 def _worker(blob: bytes, batch: int, queue: mp.Queue) -> None:
     sampler = pickle.loads(blob)
-    type(sampler)(1000, rank=0, world_size=1).take(0, 0, 0, 100)  # one-time costs (numpy's first calls) before the baseline
+    type(sampler)(1000, rank=0, world_size=1).take(
+        0, 0, 0, 100
+    )  # one-time costs (numpy's first calls) before the baseline
     rss0 = _status("VmRSS")
     n = sampler.n if hasattr(sampler, "n") else sampler.num_samples
     offset = (n // WORLD // batch - 2) * batch * WORLD  # two batches before the end of the epoch
@@ -101,22 +103,34 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for n in args.sizes:
-        for name, sampler in (("explicit permutation (before)", ExplicitPermutationSampler(n, rank=RANK, world_size=WORLD)),
-                              ("feistel (after)", DistributedSampler(n, rank=RANK, world_size=WORLD))):
+        for name, sampler in (
+            ("explicit permutation (before)", ExplicitPermutationSampler(n, rank=RANK, world_size=WORLD)),
+            ("feistel (after)", DistributedSampler(n, rank=RANK, world_size=WORLD)),
+        ):
             r = measure(sampler, args.batch)
             rows.append({"n": n, "sampler": name, **r, "bytes_per_sample": r["rss_added_mb"] * 2**20 / n})
             print(json.dumps(rows[-1]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
     flags = Path("/proc/cpuinfo").read_text()
-    info = {"commit": commit, "python": platform.python_version(), "numpy": np.__version__,
-            "avx512_bf16": "avx512_bf16" in flags, "avx2": "avx2" in flags, "batch": args.batch, "rank": RANK, "world": WORLD}
+    info = {
+        "commit": commit, "python": platform.python_version(), "numpy": np.__version__,
+        "avx512_bf16": "avx512_bf16" in flags, "avx2": "avx2" in flags, "batch": args.batch, "rank": RANK,
+        "world": WORLD,
+    }
     if args.out:
         Path(args.out).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
-    print("| samples | order | RSS added per worker | per sample | peak RSS | first batch | next batches | rank's epoch |")
+    print(
+        "| samples | order | RSS added per worker | per sample | peak RSS | first batch | next batches | rank's epoch |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['n']:,} | {r['sampler']} | {r['rss_added_mb']:.1f} MB | {r['bytes_per_sample']:.2f} B | {r['peak_mb']:.0f} MB | "
-              f"{r['first_batch_s'] * 1e3:.1f} ms | {r['next_batch_ms']:.2f} ms | {r['rank_epoch_s']:.2f} s |")
+        print(
+            f"| {r['n']:,} | {r['sampler']} | {r['rss_added_mb']:.1f} MB | {r['bytes_per_sample']:.2f} B | "
+            f"{r['peak_mb']:.0f} MB | {r['first_batch_s'] * 1e3:.1f} ms | {r['next_batch_ms']:.2f} ms | "
+            f"{r['rank_epoch_s']:.2f} s |"
+        )
 
 
 if __name__ == "__main__":

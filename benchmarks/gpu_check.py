@@ -32,9 +32,9 @@ from typing import Any
 REQUIRED = [
     ("torch", "torch"), ("triton", "triton"), ("timm", "timm"), ("numpy", "numpy"), ("PIL", "pillow"),
     ("skimage", "scikit-image"), ("safetensors", "safetensors"), ("yaml", "pyyaml"), ("tqdm", "tqdm"),
-    ("deepspeed", "deepspeed"), ("hjson", "hjson"), ("pydantic", "pydantic"), ("msgpack", "msgpack"), ("psutil", "psutil"),
-    ("cpuinfo", "py-cpuinfo"), ("einops", "einops"), ("lmdb", "lmdb"), ("pytest", "pytest"), ("pytest_timeout", "pytest-timeout"),
-    ("mcf", "mcf"), ("mcf.kernels", "mcf"),
+    ("deepspeed", "deepspeed"), ("hjson", "hjson"), ("pydantic", "pydantic"), ("msgpack", "msgpack"),
+    ("psutil", "psutil"), ("cpuinfo", "py-cpuinfo"), ("einops", "einops"), ("lmdb", "lmdb"), ("pytest", "pytest"),
+    ("pytest_timeout", "pytest-timeout"), ("mcf", "mcf"), ("mcf.kernels", "mcf"),
 ]
 OPTIONAL = [("nvidia.dali", "nvidia-dali-cuda130"), ("mlflow", "mlflow")]
 # config keys other work adds (issue 11): recorded from a run's config.yaml where the config has them
@@ -77,9 +77,13 @@ def check_imports(repo: Path) -> dict[str, Any]:
                                              "(reinstall: pip install --no-deps -e .)")
     import torch
 
-    out["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                    "capability": list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None}
+    out["torch"] = {
+        "version": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "capability": list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None,
+    }
     out["python"] = sys.version.split()[0]
     if out["missing"]:
         raise CheckFailed(f"not importable: {', '.join(out['missing'])}", out)
@@ -181,7 +185,9 @@ def profile(run: Path, step: int) -> dict[str, Any]:
     """The shares of the mcf.* ranges in the step that ``logging.profile_step`` profiled."""
     path = run / f"profile_step_{step}.json"
     if not path.is_file():
-        raise CheckFailed(f"{path.name} missing: logging.profile_step={step} wrote no profile (see the resume stage's log)")
+        raise CheckFailed(
+            f"{path.name} missing: logging.profile_step={step} wrote no profile (see the resume stage's log)"
+        )
     prof = json.loads(path.read_text())
     shares = {}
     for k, v in prof["ranges"].items():
@@ -272,7 +278,9 @@ def partial(work: Path, name: str) -> dict[str, Any]:
             text = (work / "kernels.log").read_text(errors="replace") if (work / "kernels.log").is_file() else ""
             marks = "".join(m.group(1) for m in re.finditer(r"^([.FEsx]+)(?: +\[ *\d+%\])?$", text, flags=re.MULTILINE))
             if marks:
-                out.update(passed=marks.count("."), failed=marks.count("F") + marks.count("E"), skipped=marks.count("s"))
+                out.update(
+                    passed=marks.count("."), failed=marks.count("F") + marks.count("E"), skipped=marks.count("s")
+                )
         elif name == "loader":
             files = sorted(work.glob("loader_w*.json"))
             if files:
@@ -301,7 +309,9 @@ def _headline(row: dict[str, Any]) -> str:
         if name == "profile":
             sh = r["shares"]
             key = "device" if r.get("device_ms") else "host"
-            return f"{key} shares: " + ", ".join(f"{k} {v[key] * 100:.0f}%" for k, v in sh.items() if v[key] is not None)
+            return f"{key} shares: " + ", ".join(
+                f"{k} {v[key] * 100:.0f}%" for k, v in sh.items() if v[key] is not None
+            )
         if name == "bench_step":
             return ", ".join(f"{v} {r[v]['images_per_s']:.0f} img/s (MFU {r[v]['mfu'] * 100:.1f}%)"
                              for v in ("paper", "mcf") if r.get(v))
@@ -390,7 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "junit":
             result = junit(args.xml)
             if result["failures"] or result["errors"] or not result["tests"]:
-                raise CheckFailed(f"{result['failures'] + result['errors']} of {result['tests']} kernel tests failed", result)
+                raise CheckFailed(
+                    f"{result['failures'] + result['errors']} of {result['tests']} kernel tests failed", result
+                )
         else:  # loader
             result = loader_summary(args.jsons)
     except CheckFailed as e:
@@ -404,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def loader_summary(paths: list[Path]) -> dict[str, Any]:
-    """``mcf bench data`` runs at several worker counts → images/s of mcf's torch loader and the release's PIL loader."""
+    """``mcf bench data`` runs at several worker counts → images/s of mcf's torch loader and the release's
+    PIL loader."""
     torch_ips, paper_ips, runs = {}, {}, []
     for path in paths:
         d = json.loads(path.read_text())
@@ -417,9 +430,11 @@ def loader_summary(paths: list[Path]) -> dict[str, Any]:
                 target[str(row["workers"])] = row["images_per_s"]
     if not torch_ips:
         raise CheckFailed("no torch-loader row with images/s in " + ", ".join(map(str, paths)))
-    return {"torch_images_per_s": torch_ips, "paper_pil_images_per_s": paper_ips, "dali_available": runs[0].get("dali_available"),
-            "device": runs[0].get("device"), "files": runs[0].get("files"), "img_size": runs[0]["config"]["img_size"],
-            "batch_size": runs[0]["config"]["batch_size"]}
+    return {
+        "torch_images_per_s": torch_ips, "paper_pil_images_per_s": paper_ips,
+        "dali_available": runs[0].get("dali_available"), "device": runs[0].get("device"), "files": runs[0].get("files"),
+        "img_size": runs[0]["config"]["img_size"], "batch_size": runs[0]["config"]["batch_size"],
+    }
 
 
 if __name__ == "__main__":

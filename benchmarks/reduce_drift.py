@@ -34,12 +34,16 @@ def free_port() -> int:
 
 
 def run(out: Path, steps: int, zero: int, precision: str, reduce_dtype: str, nproc: int) -> float:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port()), "-m", "mcf",
-           "pretrain", "--config", "demo", "--output-dir", str(out), "--max-steps", str(steps), "--log-every", "1",
-           "--tracking-uri", "none", "--loader", "torch", "--zero", str(zero), "--precision", precision,
-           "--set", f"deepspeed.reduce_dtype={reduce_dtype}", "--set", "logging.progress=false",
-           "--set", "data.num_workers=0", "--set", "logging.recon_every=0", "--checkpoint-every", str(steps)]
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1"
+    )
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+        str(free_port()), "-m", "mcf", "pretrain", "--config", "demo", "--output-dir", str(out), "--max-steps",
+        str(steps), "--log-every", "1", "--tracking-uri", "none", "--loader", "torch", "--zero", str(zero),
+        "--precision", precision, "--set", f"deepspeed.reduce_dtype={reduce_dtype}", "--set", "logging.progress=false",
+        "--set", "data.num_workers=0", "--set", "logging.recon_every=0", "--checkpoint-every", str(steps),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -83,9 +87,15 @@ def main() -> None:
             runs["fp32"] = ("fp32", "fp32")
         seconds = {name: run(Path(tmp) / name, args.steps, args.zero, *pr, args.nproc) for name, pr in runs.items()}
         ref = Path(tmp) / "bf16_reduce_fp32"
-        result = {"steps": args.steps, "zero": args.zero, "nproc": args.nproc, "reference": "bf16 training, fp32 reduction",
-                  "final_loss_reference": losses(ref)[-1], "seconds": seconds,
-                  "bf16_reduction": compare(ref, Path(tmp) / "bf16_reduce_bf16")}
+        result = {
+            "steps": args.steps,
+            "zero": args.zero,
+            "nproc": args.nproc,
+            "reference": "bf16 training, fp32 reduction",
+            "final_loss_reference": losses(ref)[-1],
+            "seconds": seconds,
+            "bf16_reduction": compare(ref, Path(tmp) / "bf16_reduce_bf16"),
+        }
         if "fp32" in runs:
             result["fp32_training"] = compare(ref, Path(tmp) / "fp32")
     text = json.dumps(result, indent=1)

@@ -15,7 +15,10 @@ from mcf.kernels._triton_utils import cast, jit, tl, triton
 from mcf.kernels.dispatch import triton_status
 
 
-def decoder_input_ref(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos_embed: torch.Tensor, keep_lens: torch.Tensor | None = None) -> torch.Tensor:
+def decoder_input_ref(
+    x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos_embed: torch.Tensor,
+    keep_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
     """MAE's gather/cat/add sequence, generalised to per-sample visible counts.
 
     Args:
@@ -68,15 +71,25 @@ def _decoder_input_fwd_kernel(
     ids = tl.load(Ids + b * stride_ib + (rows - 1) * stride_il, mask=row_ok & (rows >= 1), other=0).to(tl.int32)
     from_x = row_ok & ((rows == 0) | ((ids >= 0) & (ids < keep)))
     src = tl.where(rows == 0, 0, ids + 1)
-    x = tl.load(X + b * stride_xb + src[:, None] * stride_xs + cols[None, :] * stride_xc, mask=from_x[:, None] & col_ok[None, :], other=0.0)
+    x = tl.load(
+        X + b * stride_xb + src[:, None] * stride_xs + cols[None, :] * stride_xc,
+        mask=from_x[:, None] & col_ok[None, :],
+        other=0.0,
+    )
     out_ty = Out.dtype.element_ty
     # cast like the reference: mask token and position embedding to x's dtype, then add (in fp32)
     tok = cast(tl.load(MaskTok + cols, mask=col_ok, other=0.0), out_ty, EMULATE_RTNE)
     tok = tl.where(from_x[:, None], x, tok[None, :])
-    pos = tl.load(Pos + rows[:, None] * stride_ps + cols[None, :] * stride_pc, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    pos = tl.load(
+        Pos + rows[:, None] * stride_ps + cols[None, :] * stride_pc, mask=row_ok[:, None] & col_ok[None, :], other=0.0
+    )
     pos = cast(pos, out_ty, EMULATE_RTNE)
     out = tok.to(tl.float32) + pos.to(tl.float32)
-    tl.store(Out + b * (L + 1) * C + rows[:, None] * C + cols[None, :], cast(out, out_ty, EMULATE_RTNE), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(
+        Out + b * (L + 1) * C + rows[:, None] * C + cols[None, :],
+        cast(out, out_ty, EMULATE_RTNE),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
 @jit
@@ -104,11 +117,19 @@ def _decoder_input_bwd_kernel(
         pos = start + tl.arange(0, BLOCK_L)  # output row 1 + pos
         ok = pos < L
         ids = tl.load(Ids + b * stride_ib + pos * stride_il, mask=ok, other=0).to(tl.int32)
-        g = tl.load(g_base + (pos[:, None] + 1) * stride_gs + cols[None, :] * stride_gc, mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        g = tl.load(
+            g_base + (pos[:, None] + 1) * stride_gs + cols[None, :] * stride_gc,
+            mask=ok[:, None] & col_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
         visible = (ids >= 0) & (ids < keep)
         slot_ok = ok & (ids >= 0) & (ids < K)
         gx = tl.where(visible[:, None], g, 0.0)
-        tl.store(gx_base + (ids[:, None] + 1) * C + cols[None, :], cast(gx, GX.dtype.element_ty, EMULATE_RTNE), mask=slot_ok[:, None] & col_ok[None, :])
+        tl.store(
+            gx_base + (ids[:, None] + 1) * C + cols[None, :],
+            cast(gx, GX.dtype.element_ty, EMULATE_RTNE),
+            mask=slot_ok[:, None] & col_ok[None, :],
+        )
         acc += tl.sum(tl.where((ok & ~visible)[:, None], g, 0.0), axis=0)
     tl.store(GMask + b * C + cols, acc, mask=col_ok)
 
@@ -140,9 +161,9 @@ def _decoder_input_fwd(x, mask_token, ids_restore, pos_embed, keep_lens) -> torc
     bl, bc = _blocks(C, tu.is_interpreted(_decoder_input_fwd_kernel))
     with _on_device(x):
         _decoder_input_fwd_kernel[(B, triton.cdiv(L + 1, bl), triton.cdiv(C, bc))](
-            x, mask_token, ids_restore, pos, keep_lens if keep_lens is not None else ids_restore, out,
-            *x.stride(), *ids_restore.stride(), *pos.stride(), L, K1 - 1, C,
-            HAS_KEEP=keep_lens is not None, EMULATE_RTNE=tu.emulate_rtne(_decoder_input_fwd_kernel), BLOCK_L=bl, BLOCK_C=bc,
+            x, mask_token, ids_restore, pos, keep_lens if keep_lens is not None else ids_restore, out, *x.stride(),
+            *ids_restore.stride(), *pos.stride(), L, K1 - 1, C, HAS_KEEP=keep_lens is not None,
+            EMULATE_RTNE=tu.emulate_rtne(_decoder_input_fwd_kernel), BLOCK_L=bl, BLOCK_C=bc,
         )
     return out
 
@@ -156,9 +177,9 @@ def _decoder_input_bwd(grad, ids_restore, keep_lens, num_x_tokens: int) -> tuple
     bl, bc = _blocks(C, tu.is_interpreted(_decoder_input_bwd_kernel))
     with _on_device(grad):
         _decoder_input_bwd_kernel[(B, triton.cdiv(C, bc))](
-            grad, ids_restore, keep_lens if keep_lens is not None else ids_restore, gx, gmask,
-            *grad.stride(), *ids_restore.stride(), L1 - 1, num_x_tokens - 1, C,
-            HAS_KEEP=keep_lens is not None, EMULATE_RTNE=tu.emulate_rtne(_decoder_input_bwd_kernel), BLOCK_L=bl, BLOCK_C=bc,
+            grad, ids_restore, keep_lens if keep_lens is not None else ids_restore, gx, gmask, *grad.stride(),
+            *ids_restore.stride(), L1 - 1, num_x_tokens - 1, C, HAS_KEEP=keep_lens is not None,
+            EMULATE_RTNE=tu.emulate_rtne(_decoder_input_bwd_kernel), BLOCK_L=bl, BLOCK_C=bc,
         )
     return gx, gmask
 
@@ -233,7 +254,10 @@ decoder_input_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 
 
-def decoder_input(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos_embed: torch.Tensor, keep_lens: torch.Tensor | None = None) -> torch.Tensor:
+def decoder_input(
+    x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos_embed: torch.Tensor,
+    keep_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``decoder_input_ref`` in one Triton pass (un-shuffle, mask tokens, position embedding).
 
     Args:
@@ -251,13 +275,18 @@ def decoder_input(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.
         ValueError: inconsistent shapes or devices.
     """
     if x.dim() != 3 or ids_restore.dim() != 2 or ids_restore.shape[0] != x.shape[0]:
-        raise ValueError(f"x must be [B, 1 + K, C] and ids_restore [B, L]; got {tuple(x.shape)}, {tuple(ids_restore.shape)}")
+        raise ValueError(
+            f"x must be [B, 1 + K, C] and ids_restore [B, L]; got {tuple(x.shape)}, {tuple(ids_restore.shape)}"
+        )
     B, K1, C = x.shape
     L = ids_restore.shape[1]
     if K1 < 1 or L < K1 - 1:
         raise ValueError(f"x has {K1 - 1} visible slots but ids_restore only {L} positions")
     if mask_token.numel() != C or pos_embed.numel() != (L + 1) * C or pos_embed.shape[-1] != C:
-        raise ValueError(f"mask_token must be [1, 1, {C}] and pos_embed [1, {L + 1}, {C}]; got {tuple(mask_token.shape)}, {tuple(pos_embed.shape)}")
+        raise ValueError(
+            f"mask_token must be [1, 1, {C}] and pos_embed [1, {L + 1}, {C}]; got {tuple(mask_token.shape)}, "
+            f"{tuple(pos_embed.shape)}"
+        )
     if ids_restore.dtype.is_floating_point or ids_restore.dtype == torch.bool:
         raise ValueError(f"ids_restore must be an integer tensor, not {ids_restore.dtype}")
     if keep_lens is not None and (tuple(keep_lens.shape) != (B,) or keep_lens.dtype.is_floating_point):

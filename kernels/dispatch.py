@@ -103,7 +103,11 @@ def triton_status(where: torch.Tensor | torch.device | str | None = None) -> tup
     if torch.version.hip is None:
         major, minor = torch.cuda.get_device_capability(index)
         if major < 8:
-            return False, f"the Triton kernels need compute capability >= 8.0 (bf16 tensor cores); {_device_name(index)} is {major}.{minor}"
+            return (
+                False,
+                f"the Triton kernels need compute capability >= 8.0 (bf16 tensor cores); {_device_name(index)} is "
+                f"{major}.{minor}",
+            )
         if isinstance(where, torch.Tensor) and where.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             return False, f"{_device_name(index)} does not support bfloat16"
     return True, f"Triton {tu.triton.__version__} on {_device_name(index)}"
@@ -114,7 +118,9 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def prefer_triton(q: torch.Tensor, key_mask: torch.Tensor | None = None, table: tuple[TritonFaster, ...] | None = None) -> bool:
+def prefer_triton(
+    q: torch.Tensor, key_mask: torch.Tensor | None = None, table: tuple[TritonFaster, ...] | None = None
+) -> bool:
     """The ``auto`` policy: use the Triton attention for this call?
 
     True only on a CUDA device where Triton can run and ``(device, dtype, head dim, tokens, masked)``
@@ -136,9 +142,16 @@ def prefer_triton(q: torch.Tensor, key_mask: torch.Tensor | None = None, table: 
     return any(_row_matches(r, name, q.dtype, head_dim, tokens, masked) for r in rows)
 
 
-def _row_matches(row: TritonFaster, device_name: str, dtype: torch.dtype, head_dim: int, tokens: int, masked: bool) -> bool:
-    return (device_name.startswith(row.device) and row.dtype == dtype and row.head_dim == head_dim and row.masked == masked
-            and row.min_tokens <= tokens <= row.max_tokens)
+def _row_matches(
+    row: TritonFaster, device_name: str, dtype: torch.dtype, head_dim: int, tokens: int, masked: bool
+) -> bool:
+    return (
+        device_name.startswith(row.device)
+        and row.dtype == dtype
+        and row.head_dim == head_dim
+        and row.masked == masked
+        and row.min_tokens <= tokens <= row.max_tokens
+    )
 
 
 # -- the measured attention table --------------------------------------------------------------------
@@ -180,9 +193,13 @@ def read_table(path: Path) -> dict[str, Any]:
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"attention table {path} is unreadable ({e}): delete it or rerun `mcf bench attention --table`") from None
+        raise ValueError(
+            f"attention table {path} is unreadable ({e}): delete it or rerun `mcf bench attention --table`"
+        ) from None
     if not isinstance(table, dict) or table.get("format") != TABLE_FORMAT or not isinstance(table.get("hosts"), dict):
-        raise ValueError(f"attention table {path} is not format {TABLE_FORMAT}: delete it or rerun `mcf bench attention --table`")
+        raise ValueError(
+            f"attention table {path} is not format {TABLE_FORMAT}: delete it or rerun `mcf bench attention --table`"
+        )
     return table
 
 
@@ -230,8 +247,10 @@ def default_candidate(device_type: str, dtype: torch.dtype) -> str:
     return "sdpa"
 
 
-def pick(rows: tuple[dict[str, Any], ...] | list[dict[str, Any]], dtype: torch.dtype, tokens: int, head_dim: int, masked: bool,
-         allowed: tuple[str, ...] = CANDIDATES) -> str | None:
+def pick(
+    rows: tuple[dict[str, Any], ...] | list[dict[str, Any]], dtype: torch.dtype, tokens: int, head_dim: int,
+    masked: bool, allowed: tuple[str, ...] = CANDIDATES,
+) -> str | None:
     """The fastest ``allowed`` candidate of the row nearest to ``tokens`` (ratio of lengths) among
     ``rows`` of this dtype and head dimension (rows of the same masking first); None without rows."""
     name = str(dtype).replace("torch.", "")
@@ -250,11 +269,15 @@ _choice: dict[tuple, str] = {}
 
 def auto_candidate(q: torch.Tensor, key_mask: torch.Tensor | None = None) -> str:
     """``attention.backend=auto`` for ``q`` ``[B, H, S, D]``: the measured fastest candidate (see the module doc)."""
-    return _auto_choice(q.device.type, q.device.index, q.dtype, int(q.shape[-2]), int(q.shape[-1]), key_mask is not None)
+    return _auto_choice(
+        q.device.type, q.device.index, q.dtype, int(q.shape[-2]), int(q.shape[-1]), key_mask is not None
+    )
 
 
 @torch.compiler.assume_constant_result  # traced code gets the answer as a constant: no graph break
-def _auto_choice(device_type: str, index: int | None, dtype: torch.dtype, tokens: int, head_dim: int, masked: bool) -> str:
+def _auto_choice(
+    device_type: str, index: int | None, dtype: torch.dtype, tokens: int, head_dim: int, masked: bool
+) -> str:
     key = (device_type, index, dtype, tokens, head_dim, masked)
     choice = _choice.get(key)
     if choice is None:

@@ -16,7 +16,9 @@ from mcf.kernels._triton_utils import cast, jit, tl, triton
 from mcf.kernels.dispatch import MAX_HEAD_DIM, triton_status
 
 
-def masked_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+def masked_attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Softmax attention with an optional per-sample key mask, in plain PyTorch.
 
     Args:
@@ -74,7 +76,8 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_os, stride_od,
     stride_mb, stride_ms,
     H, S_Q, S_K, D,
-    HAS_MASK: tl.constexpr, HAS_KVLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KVLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # grid: (B * H, cdiv(S_Q, BLOCK_M)); one program = BLOCK_M query rows of one (b, h)
@@ -141,8 +144,16 @@ def _attn_bwd_preprocess_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < S_Q) & (offs_d[None, :] < D)
-    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, mask=ok, other=0.0)
-    do = tl.load(DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd, mask=ok, other=0.0)
+    o = tl.load(
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+        mask=ok,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd,
+        mask=ok,
+        other=0.0,
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(Delta + pid_bh * S_Q + offs_m, delta, mask=offs_m < S_Q)
 
@@ -157,7 +168,8 @@ def _attn_bwd_dkdv_kernel(
     stride_gb, stride_gh, stride_gs, stride_gd,
     stride_mb, stride_ms,
     H, S_Q, S_K, D,
-    HAS_MASK: tl.constexpr, HAS_KVLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KVLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # grid: (B * H, cdiv(S_K, BLOCK_N)); one program = BLOCK_N keys, looping over all query blocks.
@@ -175,15 +187,31 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if tl.max(valid.to(tl.int32), axis=0) > 0:  # a fully masked key block has zero gradients
         kv_ok = valid[:, None] & d_ok[None, :]
-        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+        k = tl.load(
+            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+            mask=kv_ok,
+            other=0.0,
+        )
+        v = tl.load(
+            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+            mask=kv_ok,
+            other=0.0,
+        )
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_gb + h * stride_gh
         for start_m in range(0, S_Q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < S_Q
-            qt = tl.load(q_base + offs_m[None, :] * stride_qs + offs_d[:, None] * stride_qd, mask=m_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_M)
-            do = tl.load(do_base + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+            qt = tl.load(
+                q_base + offs_m[None, :] * stride_qs + offs_d[:, None] * stride_qd,
+                mask=m_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )  # (BLOCK_D, BLOCK_M)
+            do = tl.load(
+                do_base + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd,
+                mask=m_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )  # (BLOCK_M, BLOCK_D)
             lse2 = tl.load(Lse + pid_bh * S_Q + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
             delta = tl.load(Delta + pid_bh * S_Q + offs_m, mask=m_ok, other=0.0)
             st = _dot(k, qt, DOT_PRECISION, UPCAST_DOT) * qk_scale  # (BLOCK_N, BLOCK_M)
@@ -209,7 +237,8 @@ def _attn_bwd_dq_kernel(
     stride_gb, stride_gh, stride_gs, stride_gd,
     stride_mb, stride_ms,
     H, S_Q, S_K, D,
-    HAS_MASK: tl.constexpr, HAS_KVLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KVLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # grid: (B * H, cdiv(S_Q, BLOCK_M)); one program = BLOCK_M query rows, looping over key blocks.
@@ -222,8 +251,16 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = offs_m < S_Q
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd,
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     lse2 = tl.load(Lse + pid_bh * S_Q + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(Delta + pid_bh * S_Q + offs_m, mask=m_ok, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
@@ -238,15 +275,23 @@ def _attn_bwd_dq_kernel(
         valid = _key_validity(Mask, KvLen, b, offs_n, S_K, stride_mb, stride_ms, HAS_MASK, HAS_KVLEN)
         if tl.max(valid.to(tl.int32), axis=0) > 0:
             kv_ok = valid[None, :] & d_ok[:, None]
-            kt = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd, mask=kv_ok, other=0.0)  # (BLOCK_D, BLOCK_N)
-            vt = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None] * stride_vd, mask=kv_ok, other=0.0)  # (BLOCK_D, BLOCK_N)
+            kt = tl.load(
+                k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd, mask=kv_ok, other=0.0
+            )  # (BLOCK_D, BLOCK_N)
+            vt = tl.load(
+                v_base + offs_n[None, :] * stride_vs + offs_d[:, None] * stride_vd, mask=kv_ok, other=0.0
+            )  # (BLOCK_D, BLOCK_N)
             s = _dot(q, kt, DOT_PRECISION, UPCAST_DOT) * qk_scale
             p = tl.where(valid[None, :], tl.exp2(s - lse2[:, None]), 0.0)
             dp = _dot(do, vt, DOT_PRECISION, UPCAST_DOT)
             ds = p * (dp - delta[:, None])
             dq += _dot(cast(ds, kt.dtype, EMULATE_RTNE), tl.trans(kt), DOT_PRECISION, UPCAST_DOT)
     dq = dq * sm_scale
-    tl.store(DQ + pid_bh * S_Q * D + offs_m[:, None] * D + offs_d[None, :], cast(dq, DQ.dtype.element_ty, EMULATE_RTNE), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(
+        DQ + pid_bh * S_Q * D + offs_m[:, None] * D + offs_d[None, :],
+        cast(dq, DQ.dtype.element_ty, EMULATE_RTNE),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,7 +326,9 @@ def _block_d(head_dim: int) -> int:
 def _dot_flags(dtype: torch.dtype, interpreted: bool) -> dict:
     """Precision flags of the kernels; the UPCAST_DOT and EMULATE_RTNE work-arounds only in the interpreter."""
     upcast = interpreted and dtype == torch.bfloat16
-    return dict(DOT_PRECISION="ieee" if upcast else tu.dot_precision(dtype), UPCAST_DOT=upcast, EMULATE_RTNE=interpreted)
+    return dict(
+        DOT_PRECISION="ieee" if upcast else tu.dot_precision(dtype), UPCAST_DOT=upcast, EMULATE_RTNE=interpreted
+    )
 
 
 def _key_args(q: torch.Tensor, key_mask: torch.Tensor | None, kv_lens: torch.Tensor | None):
@@ -308,16 +355,17 @@ def _attn_fwd(q, k, v, key_mask, kv_lens, scale: float) -> tuple[torch.Tensor, t
     bm, bn, warps, stages = _config("fwd", block_d, q.dtype, tu.is_interpreted(_attn_fwd_kernel))
     with _on_device(q):
         _attn_fwd_kernel[(B * H, triton.cdiv(S_Q, bm))](
-            q, k, v, out, lse, mask, lens, scale,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, sms,
-            H, S_Q, S_K, D,
-            HAS_MASK=key_mask is not None, HAS_KVLEN=kv_lens is not None, **_dot_flags(q.dtype, tu.is_interpreted(_attn_fwd_kernel)),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+            q, k, v, out, lse, mask, lens, scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, sms, H,
+            S_Q, S_K, D, HAS_MASK=key_mask is not None, HAS_KVLEN=kv_lens is not None,
+            **_dot_flags(q.dtype, tu.is_interpreted(_attn_fwd_kernel)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
+            num_warps=warps, num_stages=stages,
         )
     return out, lse
 
 
-def _attn_bwd(dout, q, k, v, out, lse, key_mask, kv_lens, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attn_bwd(
+    dout, q, k, v, out, lse, key_mask, kv_lens, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, S_Q, D = q.shape
     S_K = k.shape[2]
     dq = tu.empty((B, H, S_Q, D), q.dtype, q.device)
@@ -372,8 +420,10 @@ def _(q, k, v, key_mask, kv_lens, scale):
 
 
 @torch.library.custom_op(
-    "mcf::masked_attention_bwd", mutates_args=(),
-    schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_mask, Tensor? kv_lens, float scale) -> (Tensor, Tensor, Tensor)",
+    "mcf::masked_attention_bwd",
+    mutates_args=(),
+    schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_mask, Tensor? kv_lens, "
+           "float scale) -> (Tensor, Tensor, Tensor)",
 )
 def masked_attention_bwd(dout, q, k, v, out, lse, key_mask, kv_lens, scale):
     """``(dq, dk, dv)``, each contiguous, in the dtype of its input."""
@@ -382,7 +432,11 @@ def masked_attention_bwd(dout, q, k, v, out, lse, key_mask, kv_lens, scale):
 
 @masked_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, key_mask, kv_lens, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,9 +470,14 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: t
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not agree (same B, H, D; k and v the same shape)")
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not agree (same B, H, D; k and v the same "
+            "shape)"
+        )
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in tu.SUPPORTED_DTYPES:
-        raise ValueError(f"q, k, v must share one dtype among float32, bfloat16, float16; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(
+            f"q, k, v must share one dtype among float32, bfloat16, float16; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
     if q.shape[3] > MAX_HEAD_DIM:
@@ -432,10 +491,15 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: t
         if tuple(key_mask.shape) != (B, S_K):
             raise ValueError(f"a bool key_mask must be [B, S_K] = {(B, S_K)}, got {tuple(key_mask.shape)}")
     elif key_mask.dtype.is_floating_point or key_mask.dtype.is_complex or tuple(key_mask.shape) != (B,):
-        raise ValueError(f"key_mask must be [B, S_K] bool or [B] integer valid lengths; got {key_mask.dtype} {tuple(key_mask.shape)}")
+        raise ValueError(
+            f"key_mask must be [B, S_K] bool or [B] integer valid lengths; got {key_mask.dtype} {tuple(key_mask.shape)}"
+        )
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None, *, scale: float | None = None) -> torch.Tensor:
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None, *,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Softmax attention with a per-sample key mask, fused in Triton (forward and backward).
 
     Same result as ``masked_attention_ref``, in O(S) memory: an online softmax over key blocks,

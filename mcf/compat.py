@@ -50,12 +50,17 @@ def from_seed_state_dict(model: MCF, state_dict: dict, strict: bool = False) -> 
         new = seed_key_to_mcf(key)
         if new is None:
             report.unexpected.append(key)
-        elif new.startswith("perceptual.teacher.model.head.") or (new.startswith("target.projector.") and ("running_" in new or "num_batches" in new)):
+        elif new.startswith("perceptual.teacher.model.head.") or (
+            new.startswith("target.projector.") and ("running_" in new or "num_batches" in new)
+        ):
             report.ignored.append(key)
         elif new not in own:
             report.unexpected.append(key)
         elif own[new].shape != value.shape:
-            raise CheckpointError(f"'{key}' has shape {tuple(value.shape)} in the checkpoint, {tuple(own[new].shape)} in the model (wrong architecture?)")
+            raise CheckpointError(
+                f"'{key}' has shape {tuple(value.shape)} in the checkpoint, {tuple(own[new].shape)} in the model "
+                "(wrong architecture?)"
+            )
         else:
             mapped[new] = value
     with torch.no_grad():
@@ -63,7 +68,13 @@ def from_seed_state_dict(model: MCF, state_dict: dict, strict: bool = False) -> 
             own[name].copy_(value.to(own[name].dtype))
     report.loaded = sorted(mapped)
     has_teacher = any(k.startswith("perceptual.teacher.") for k in mapped)
-    report.missing = sorted(k for k in own if k not in mapped and not k.endswith("num_batches_tracked") and (has_teacher or not k.startswith("perceptual.teacher.")))
+    report.missing = sorted(
+        k
+        for k in own
+        if k not in mapped
+        and not k.endswith("num_batches_tracked")
+        and (has_teacher or not k.startswith("perceptual.teacher."))
+    )
     if strict and report.missing:
         raise CheckpointError(f"released checkpoint lacks {len(report.missing)} weights, e.g. {report.missing[:4]}")
     return report

@@ -337,3 +337,103 @@ def describe_fields(cls: type) -> list[tuple[str, Any, str]]:
             default = REQUIRED
         rows.append((key, list(default) if isinstance(default, tuple) else default, f.metadata.get("help", "")))
     return rows
+
+
+# -- command-line flags declared in the field metadata ------------------------------------------------
+# A leaf whose metadata holds ``flag`` (True: ``--<name-with-dashes>``, or the flag's own name) is set by that
+# flag; the flag is sugar for the key, so ``--set key=value`` reaches the same value. More metadata:
+# ``const`` (a switch that sets the key to this value), ``bool`` (``--x/--no-x``), ``type`` and ``choices`` (else
+# read from the annotation), ``metavar``, ``none_flag`` (the flag value that means None, e.g. 0 = "the model's
+# own"), ``flag_help`` (the flag's help, where it differs from the key's).
+
+
+def flag_fields(cls: type) -> dict[str, dataclasses.Field]:
+    """The leaves of ``cls`` that declare a command-line flag, by dotted key."""
+    return {k: f for k, f in flat_keys(cls).items() if f.metadata.get("flag")}
+
+
+def flag_name(key: str, f: dataclasses.Field) -> str:
+    flag = f.metadata["flag"]
+    return flag if isinstance(flag, str) else "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def flag_dest(key: str, f: dataclasses.Field) -> str:
+    """The argparse destination of a key's flag (``--one-nic-per-ring`` → ``one_nic_per_ring``)."""
+    return flag_name(key, f).lstrip("-").replace("-", "_")
+
+
+def flag_value(f: dataclasses.Field, value: Any) -> Any:
+    """A key's value as its flag writes it: a switch thrown or not, a comma list, ``none_flag`` for None."""
+    meta = f.metadata
+    if "const" in meta:
+        return value == meta["const"]
+    if value is None and "none_flag" in meta:
+        return meta["none_flag"]
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return value
+
+
+def _flag_type(tp: Any) -> tuple[Any, tuple | None]:
+    """(argparse type, choices) of an annotation: numbers and Literals are checked by argparse; everything
+    else (lists as comma text) is handed to the resolution as text."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        tp = args[0]
+    if typing.get_origin(tp) is typing.Literal:
+        return str, typing.get_args(tp)
+    return (tp if tp in (int, float) else str), None
+
+
+def add_flags(parser: Any, cls: type, *, skip: typing.Collection[str] = (), defaults: dict[str, Any] | None = None
+              ) -> None:
+    """Add the flags that ``cls``'s fields declare to an argparse parser (none of ``skip``'s keys). Each one defaults
+    to None (unset: the key keeps its config value); its help names the key and its default (``defaults`` where the
+    command's base config differs from the declared one)."""
+    import argparse
+
+    hints: dict[str, Any] = {}
+    for key in flat_keys(cls):  # the annotation of each dotted key, read from its own section
+        owner: Any = cls
+        for part in key.split(".")[:-1]:
+            owner = _field_types(owner)[part]
+        hints[key] = _field_types(owner)[key.rsplit(".", 1)[-1]]
+    declared = {key: default for key, default, _ in describe_fields(cls)}
+    for key, f in flag_fields(cls).items():
+        if key in skip:
+            continue
+        meta = f.metadata
+        default = (defaults or {}).get(key, declared[key])
+        shown = flag_value(f, default)
+        if "const" in meta or "flag_help" in meta:  # a switch, or a flag whose meaning is its own
+            text = f"{meta.get('flag_help', meta['help'])} [{key}]"
+        else:
+            text = f"{meta['help']} [{key}; default: {shown}]"
+        text = text.replace("%", "%%")
+        name, dest = flag_name(key, f), flag_dest(key, f)
+        if "const" in meta:
+            parser.add_argument(name, dest=dest, action="store_const", const=meta["const"], default=None, help=text)
+        elif meta.get("bool"):
+            parser.add_argument(name, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            tp, choices = _flag_type(hints[key])
+            parser.add_argument(name, dest=dest, type=meta.get("type", tp), choices=meta.get("choices", choices),
+                                metavar=meta.get("metavar"), default=None, help=text)
+
+
+def flags_given(cls: type, args: Any, *, skip: typing.Collection[str] = ()) -> dict[str, Any]:
+    """The nested dict of the keys that ``cls``'s flags set in a parsed argparse namespace (the ``flags`` of
+    :func:`resolve`); a flag's ``none_flag`` value becomes None."""
+    out: dict[str, Any] = {}
+    for key, f in flag_fields(cls).items():
+        value = getattr(args, flag_dest(key, f), None)
+        if key in skip or value is None:
+            continue
+        if "none_flag" in f.metadata and value == f.metadata["none_flag"]:
+            value = None
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out

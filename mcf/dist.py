@@ -66,7 +66,9 @@ def rank0_decides(decide: Callable[[], T]) -> T:
     dist.broadcast_object_list(box, src=0)
     if box[0][0] == "error":
         cls = _error_class(box[0][1])
-        raise cls(box[0][2]) if cls is not UserError or box[0][1] == "UserError" else RuntimeError(f"rank 0: {box[0][2]}")
+        raise (
+            cls(box[0][2]) if cls is not UserError or box[0][1] == "UserError" else RuntimeError(f"rank 0: {box[0][2]}")
+        )
     return box[0][1]
 
 

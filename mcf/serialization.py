@@ -20,8 +20,9 @@ naming the file and the offending type; an unreadable, truncated or foreign file
 :class:`~mcf.errors.CheckpointError`.
 
 DeepSpeed reads its own files with ``torch.load`` and weights-only off (full, code-running
-unpickling); wrap every DeepSpeed read (``engine.load_checkpoint``, ``get_fp32_state_dict_from_zero_checkpoint``, ...) in
-:func:`safe_torch_load`, which makes ``torch.load`` itself the safe loader for its duration::
+unpickling); wrap every DeepSpeed read (``engine.load_checkpoint``,
+``get_fp32_state_dict_from_zero_checkpoint``, ...) in :func:`safe_torch_load`, which makes
+``torch.load`` itself the safe loader for its duration::
 
     from mcf.serialization import safe_load, safe_torch_load
 
@@ -161,7 +162,9 @@ def _check_namespaces(obj: Any, path: Any) -> None:
             for key, value in vars(x).items():
                 bad = _non_plain(value, path)
                 if bad is not None:
-                    raise refusal(path, f"an argparse.Namespace whose '{key}' is a {bad} (a Namespace may hold only plain values)")
+                    raise refusal(
+                        path, f"an argparse.Namespace whose '{key}' is a {bad} (a Namespace may hold only plain values)"
+                    )
 
 
 def _non_plain(value: Any, path: Any = "<object>") -> str | None:
@@ -206,8 +209,10 @@ def safe_load(f: str | os.PathLike | IO[bytes], map_location: Any = "cpu", *, mm
         raise CheckpointError(f"cannot read {name}: permission denied") from None
     except EOFError:
         raise CheckpointError(f"cannot read {name}: the file is empty or cut short") from None
-    except (RuntimeError, OSError, ValueError, TypeError, KeyError, AttributeError, IndexError, MemoryError, OverflowError,
-            UnicodeDecodeError, zipfile.BadZipFile) as e:  # what torch raises on damaged zips and storages
+    except (
+        RuntimeError, OSError, ValueError, TypeError, KeyError, AttributeError, IndexError, MemoryError, OverflowError,
+        UnicodeDecodeError, zipfile.BadZipFile,
+    ) as e:  # what torch raises on damaged zips and storages
         raise CheckpointError(f"cannot read {name}: damaged or not a PyTorch checkpoint ({_first_line(e)})") from None
     _check_namespaces(obj, name)
     return obj
@@ -265,12 +270,16 @@ def unsafe_globals(path: str | os.PathLike) -> list[str]:
                 with zipfile.ZipFile(fh) as z:
                     pkl = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
                     if len(pkl) != 1:
-                        raise CheckpointError(f"cannot read {p}: a zip file but not a PyTorch checkpoint (no single data.pkl)")
+                        raise CheckpointError(
+                            f"cannot read {p}: a zip file but not a PyTorch checkpoint (no single data.pkl)"
+                        )
                     names = _pickle_globals(io.BytesIO(z.read(pkl[0])))
             else:
                 fh.seek(0)
                 if fh.read(4) == b"PK\x03\x04":
-                    raise CheckpointError(f"cannot read {p}: a zip checkpoint cut short or damaged (no zip directory at its end)")
+                    raise CheckpointError(
+                        f"cannot read {p}: a zip checkpoint cut short or damaged (no zip directory at its end)"
+                    )
                 fh.seek(0)
                 names = _pickle_globals(fh)
     except CheckpointError:

@@ -14,7 +14,9 @@ if not os.environ.get("MCF_CACHE"):
 
     os.environ["MCF_CACHE"] = tempfile.mkdtemp(prefix="mcf-test-cache-")
     atexit.register(shutil.rmtree, os.environ["MCF_CACHE"], True)
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".torch_extensions"))
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".torch_extensions")
+)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -47,9 +49,16 @@ def mlflow_server(tmp_path):
     from train_helpers import BIN, env, free_port, kill_tree
 
     port = free_port()
-    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--default-artifact-root", str(tmp_path / "art")],
-                            env=env(), stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--default-artifact-root", str(tmp_path / "art"),
+        ],
+        env=env(),
+        stdout=open(tmp_path / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:

@@ -19,7 +19,9 @@ BAD_FILES = {
     "bad/huge.png",  # 3000x3000 > the test's max_image_pixels (4e6)
 }
 # Odd but valid files: decoded to RGB by both loaders.
-ODD_FILES = {"odd/cmyk.jpg", "odd/grey.jpg", "odd/grey16.png", "odd/palette_alpha.png", "odd/rgba.png", "odd/image.webp"}
+ODD_FILES = {
+    "odd/cmyk.jpg", "odd/grey.jpg", "odd/grey16.png", "odd/palette_alpha.png", "odd/rgba.png", "odd/image.webp",
+}
 HUGE_LIMIT = 4_000_000
 
 

@@ -56,8 +56,12 @@ from mcf.cli import main  # noqa: E402
 
 rc = main(sys.argv[2:])
 engine = engines[0] if engines else None
-comm = {"engine": str(engine.communication_data_type).removeprefix("torch.") if engine else None,
-        "optimizer": str(getattr(engine.optimizer, "communication_data_type", None)).removeprefix("torch.") if engine else None}
+comm = {
+    "engine": str(engine.communication_data_type).removeprefix("torch.") if engine else None,
+    "optimizer": str(getattr(engine.optimizer, "communication_data_type", None)).removeprefix("torch.")
+    if engine
+    else None,
+}
 with open(sys.argv[1], "w") as f:
     json.dump({"rc": rc, "communication_data_type": comm, "records": records}, f)
 sys.exit(rc)

@@ -25,11 +25,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SETUP_SCRIPT = REPO / "scripts" / "ci_slurm_setup.sh"
-BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo", "srun", "scancel", "munged", "munge", "unmunge")
+BINARIES = (
+    "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo", "srun", "scancel", "munged", "munge", "unmunge",
+)
 MUNGED = "/usr/sbin/munged"
 
 # Job states after which a job will not run again (a requeued job passes through REQUEUED/PENDING).
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+FINAL_STATES = {
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED",
+}
 
 
 class SlurmUnavailable(RuntimeError):
@@ -37,7 +41,9 @@ class SlurmUnavailable(RuntimeError):
 
 
 def _which(name: str) -> str | None:
-    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None)
+    return shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None
+    )
 
 
 def _free_ports(n: int) -> list[int]:
@@ -107,7 +113,10 @@ class SlurmCluster:
     def _munge_ok(self) -> bool:
         sock = f"--socket={self.munge_socket}"
         enc = subprocess.run(["munge", sock, "-n"], capture_output=True, timeout=10)
-        return enc.returncode == 0 and subprocess.run(["unmunge", sock], input=enc.stdout, capture_output=True, timeout=10).returncode == 0
+        return (
+            enc.returncode == 0
+            and subprocess.run(["unmunge", sock], input=enc.stdout, capture_output=True, timeout=10).returncode == 0
+        )
 
     def _start_munged(self) -> None:
         """A private munged (own socket, pid and log file) so that clusters never share or stop
@@ -117,9 +126,15 @@ class SlurmCluster:
         shutil.chown(self.munge_dir, "munge", "munge")
         self.munge_dir.chmod(0o755)
         d = self.munge_dir
-        r = subprocess.run(["runuser", "-u", "munge", "--", MUNGED, f"--socket={self.munge_socket}", f"--pid-file={d / 'munged.pid'}",
-                            f"--log-file={d / 'munged.log'}", f"--seed-file={d / 'munged.seed'}"],
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            [
+                "runuser", "-u", "munge", "--", MUNGED, f"--socket={self.munge_socket}",
+                f"--pid-file={d / 'munged.pid'}", f"--log-file={d / 'munged.log'}", f"--seed-file={d / 'munged.seed'}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if r.returncode != 0:
             raise SlurmUnavailable(f"munged did not start: {r.stderr.strip()}")
         self._started_munged = True
@@ -177,16 +192,22 @@ class SlurmCluster:
         for cmd in (["slurmctld", "-f", str(self.conf)], ["slurmd", "-N", "localhost", "-f", str(self.conf)]):
             r = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=30)
             if r.returncode != 0:
-                raise SlurmUnavailable(f"{cmd[0]} did not start (rc {r.returncode}): {r.stderr.strip()[-500:]}\n{self.log_tail()}")
+                raise SlurmUnavailable(
+                    f"{cmd[0]} did not start (rc {r.returncode}): {r.stderr.strip()[-500:]}\n{self.log_tail()}"
+                )
         deadline = time.monotonic() + self.start_timeout
         state = ""
         while time.monotonic() < deadline:
-            r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True, timeout=15)
+            r = subprocess.run(
+                ["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True, timeout=15
+            )
             state = r.stdout.strip() or r.stderr.strip()
             if r.returncode == 0 and state.startswith("idle"):
                 return
             time.sleep(0.5)
-        raise SlurmUnavailable(f"the slurm node did not become idle in {self.start_timeout:.0f} s (last: {state!r})\n{self.log_tail()}")
+        raise SlurmUnavailable(
+            f"the slurm node did not become idle in {self.start_timeout:.0f} s (last: {state!r})\n{self.log_tail()}"
+        )
 
     def stop(self, timeout: float = 60) -> None:
         """Cancel all jobs, wait for the queue to drain, shut the daemons down, stop our munged."""
@@ -194,7 +215,9 @@ class SlurmCluster:
             subprocess.run(["scancel", "--full", "-u", "root"], env=self.env, capture_output=True, timeout=15)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                r = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True, timeout=15)
+                r = subprocess.run(
+                    ["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True, timeout=15
+                )
                 if r.returncode != 0 or not r.stdout.strip():
                     break
                 time.sleep(0.5)
@@ -202,7 +225,11 @@ class SlurmCluster:
             for pidfile in ("slurmctld.pid", "slurmd.pid"):
                 self._wait_gone(self.workdir / "run" / pidfile, 20)
         if self._started_munged:
-            subprocess.run(["runuser", "-u", "munge", "--", MUNGED, "--stop", f"--socket={self.munge_socket}"], capture_output=True, timeout=20)
+            subprocess.run(
+                ["runuser", "-u", "munge", "--", MUNGED, "--stop", f"--socket={self.munge_socket}"],
+                capture_output=True,
+                timeout=20,
+            )
             self._started_munged = False
         if self.munge_dir is not None:
             shutil.rmtree(self.munge_dir, ignore_errors=True)
@@ -232,7 +259,9 @@ class SlurmCluster:
         return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, **kw)
 
     def sbatch(self, *args: str, env: dict | None = None, cwd: str | os.PathLike | None = None) -> int:
-        r = self.run("sbatch", "--parsable", *args, env={**self.env, **(env or {})}, cwd=cwd)
+        """Submit; ``env`` adds to the cluster's environment, a ``None`` value removes the variable."""
+        merged = {k: v for k, v in {**self.env, **(env or {})}.items() if v is not None}
+        r = self.run("sbatch", "--parsable", *args, env=merged, cwd=cwd)
         if r.returncode != 0:
             raise RuntimeError(f"sbatch failed: {r.stderr.strip()}")
         return int(r.stdout.strip().split(";")[0])

@@ -40,8 +40,12 @@ def stall_in_data_path(seconds: float) -> None:
 
 
 def _stalling_build(*args, **kwargs):
-    return StallingLoader(_build(*args, **kwargs), int(os.environ["MCF_STALL_AT"]), float(os.environ.get("MCF_STALL_S", "600")),
-                          Path(os.environ["MCF_STALL_MARK"]))
+    return StallingLoader(
+        _build(*args, **kwargs),
+        int(os.environ["MCF_STALL_AT"]),
+        float(os.environ.get("MCF_STALL_S", "600")),
+        Path(os.environ["MCF_STALL_MARK"]),
+    )
 
 
 mcf.data.build_pretrain_loader = _stalling_build

@@ -12,7 +12,9 @@ from mcf.cli import main
 def test_attention_json(tmp_path):
     pytest.importorskip("triton")
     out = tmp_path / "attention.json"
-    assert main(["bench", "attention", "--tiny", "--modes", "fwd", "--backends", "sdpa", "math", "--out", str(out)]) == 0
+    assert (
+        main(["bench", "attention", "--tiny", "--modes", "fwd", "--backends", "sdpa", "math", "--out", str(out)]) == 0
+    )
     result = json.loads(out.read_text())
     for key in ("benchmark", "device", "results", "date", "commit"):
         assert key in result, key

@@ -10,16 +10,20 @@ from mcf.cli import main
 
 def test_data_json(tmp_path):
     out = tmp_path / "data.json"
-    argv = ["bench", "data", "--count", "24", "--file-size", "48", "--img-size", "32", "--batch-size", "4", "--batches", "2",
-            "--workers", "0", "--out", str(out)]
+    argv = [
+        "bench", "data", "--count", "24", "--file-size", "48", "--img-size", "32", "--batch-size", "4", "--batches",
+        "2", "--workers", "0", "--out", str(out),
+    ]
     assert main(argv) == 0
     result = json.loads(out.read_text())
     for key in ("results", "ratio", "dali_available", "device", "files", "date", "commit"):
         assert key in result, key
     assert result["files"] == 24
     rows = {(r["source"], r["loader"]): r for r in result["results"]}
-    assert set(rows) == {("folder", "torch"), ("folder", "dali"), ("lmdb", "torch"), ("lmdb", "dali"), ("shards", "torch"),
-                         ("shards", "dali"), ("folder", "paper-pil")}
+    assert set(rows) == {
+        ("folder", "torch"), ("folder", "dali"), ("lmdb", "torch"), ("lmdb", "dali"), ("shards", "torch"),
+        ("shards", "dali"), ("folder", "paper-pil"),
+    }
     for key, row in rows.items():
         if "images_per_s" in row:
             assert row["images_per_s"] > 0 and row["batch_shape"] == [4, 3, 32, 32], key
@@ -34,12 +38,16 @@ def test_data_json(tmp_path):
 
 def test_index_scale_json(tmp_path):
     out = tmp_path / "index.json"
-    argv = ["bench", "data", "--index-scale", "20000", "--folder-files", "2000", "--worker-keys", "20000", "--out", str(out)]
+    argv = [
+        "bench", "data", "--index-scale", "20000", "--folder-files", "2000", "--worker-keys", "20000", "--out", str(out)
+    ]
     assert main(argv) == 0
     r = json.loads(out.read_text())
     keys = r["keys"]
     assert keys["samples"] == 20000 and keys["index_bytes_per_sample"] < 18  # 13-character keys + a uint32 offset
     assert keys["reopen"]["open_s"] < keys["first_open"]["open_s"] + 1
-    assert keys["worker_list_of_str"]["private_dirty_growth_per_key"] > 10 * max(keys["worker_compact"]["private_dirty_growth_per_key"], 1)
+    assert keys["worker_list_of_str"]["private_dirty_growth_per_key"] > 10 * max(
+        keys["worker_compact"]["private_dirty_growth_per_key"], 1
+    )
     assert r["folder"]["files"] == 2000 and r["folder"]["index_bytes_per_sample"] < 24
     assert r["shards"]["index_bytes_per_sample"] < 9 and r["shards"]["sampler_batch_of_256_s"] > 0

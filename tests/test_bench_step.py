@@ -13,7 +13,9 @@ from mcf.models.flops import attention_block_flops, count_flops, linear_flops
 
 VARIANT_FIELDS = ("images_per_s", "ms_per_step", "peak_memory_bytes", "flops_per_image", "mfu", "precision")
 TOP_FIELDS = ("paper", "mcf", "ratio", "device", "model", "batch_size", "precision", "peak_flops", "date", "commit")
-TINY = ["--model", "mcf_vit_tiny", "--img-size", "0", "--batch-size", "4", "--steps", "1", "--repeats", "2", "--warmup", "1"]
+TINY = [
+    "--model", "mcf_vit_tiny", "--img-size", "0", "--batch-size", "4", "--steps", "1", "--repeats", "2", "--warmup", "1"
+]
 
 
 def _check(result: dict) -> None:
@@ -98,7 +100,11 @@ def test_mcf_step_casts_each_weight_once():
     cpu = torch.device("cpu")
     model = build_model(cfg, cpu, "mcf")
     step = mcf_step_fn(model, cpu, 0.99, bf16=True)
-    assert {p.dtype for p in model.teacher.parameters()} == {p.dtype for p in model.target.parameters()} == {torch.bfloat16}
+    assert (
+        {p.dtype for p in model.teacher.parameters()}
+        == {p.dtype for p in model.target.parameters()}
+        == {torch.bfloat16}
+    )
     assert {p.dtype for p in model.online.parameters()} == {torch.float32}  # the trained weights stay fp32
     x = torch.randn(2, 3, model.spec.img_size, model.spec.img_size)
     step(x)

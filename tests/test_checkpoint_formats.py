@@ -89,5 +89,7 @@ def test_mae_initialisation_with_pos_embed_interpolation(tmp_path):
     assert model.online.encoder.pos_embed.shape == (1, 65, 96)
     # the target starts as a copy of the initialised online encoder
     assert torch.equal(model.target.encoder.blocks[1].mlp.fc1.weight, src.online.encoder.blocks[1].mlp.fc1.weight)
-    without = create_model("mcf_vit_tiny", teacher_checkpoint="random", init_from=str(tmp_path / "mae.pth"), init_decoder=False)
+    without = create_model(
+        "mcf_vit_tiny", teacher_checkpoint="random", init_from=str(tmp_path / "mae.pth"), init_decoder=False
+    )
     assert not torch.equal(without.online.decoder.decoder_pred.weight, src.online.decoder.decoder_pred.weight)

@@ -29,7 +29,12 @@ FILES = {"model": "mp_rank_00_model_states.pt", "optimizer": "zero_pp_rank_0_mp_
 def trained(tmp_path_factory):
     """1 rank, ZeRO-1 (an optimizer shard), checkpoints at steps 2 and 4."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    check(run(pretrain_args(out, 4, "--zero", "1", "--checkpoint-every", "2", "--set", "checkpoint.keep_last=3"), launcher="python"))
+    check(
+        run(
+            pretrain_args(out, 4, "--zero", "1", "--checkpoint-every", "2", "--set", "checkpoint.keep_last=3"),
+            launcher="python",
+        )
+    )
     assert complete_steps(out) == [2, 4]
     return out
 
@@ -62,7 +67,10 @@ def test_tampered_file_is_refused_by_export_and_export_fp32(trained, tmp_path, c
     target = run_dir / STEP4 / FILES[kind]
     marker = tmp_path / "PWNED"
     write_payload(target, marker, safe_load(target))  # the real content plus a payload
-    for argv in (["export-fp32", str(run_dir), str(tmp_path / "w.pt")], ["export", str(run_dir / STEP4), str(tmp_path / "e.safetensors")]):
+    for argv in (
+        ["export-fp32", str(run_dir), str(tmp_path / "w.pt")],
+        ["export", str(run_dir / STEP4), str(tmp_path / "e.safetensors")],
+    ):
         assert main(argv) == 2
         line = one_error_line(capsys.readouterr().err)
         assert f"refusing to load {target}: it holds posix.system" in line, line
@@ -123,17 +131,32 @@ def fake_checkpoint(root: Path, step: int, hash_files: bool = False) -> Path:
     return d
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: (d / "COMPLETE").write_text("garbage{"), "not an mcf checkpoint marker"),
-    (lambda d: (d / "COMPLETE").write_text(json.dumps({"format": "mcf-complete/2", "step": 4, "files": {"../x.pt": {"size": 1}}})),
-     "not a file of this folder"),
-    (lambda d: (d / "COMPLETE").write_text(json.dumps({"format": "mcf-complete/2", "step": 9, "files": {}})), "names step 9"),
-    (lambda d: (d / "COMPLETE").write_text("7\n"), "names step 7"),
-    (lambda d: (d / "rank_00000.pt").unlink(), "rank_00000.pt is missing"),
-    (lambda d: os.truncate(d / "mcf_state.pt", 10), "is 10 bytes"),
-    (lambda d: (shutil.move(d / "mcf_state.pt", d.parent / "elsewhere.pt"), os.symlink(d.parent / "elsewhere.pt", d / "mcf_state.pt")),
-     "symbolic link"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "COMPLETE").write_text("garbage{"), "not an mcf checkpoint marker"),
+        (
+            lambda d: (d / "COMPLETE").write_text(
+                json.dumps({"format": "mcf-complete/2", "step": 4, "files": {"../x.pt": {"size": 1}}})
+            ),
+            "not a file of this folder",
+        ),
+        (
+            lambda d: (d / "COMPLETE").write_text(json.dumps({"format": "mcf-complete/2", "step": 9, "files": {}})),
+            "names step 9",
+        ),
+        (lambda d: (d / "COMPLETE").write_text("7\n"), "names step 7"),
+        (lambda d: (d / "rank_00000.pt").unlink(), "rank_00000.pt is missing"),
+        (lambda d: os.truncate(d / "mcf_state.pt", 10), "is 10 bytes"),
+        (
+            lambda d: (
+                shutil.move(d / "mcf_state.pt", d.parent / "elsewhere.pt"),
+                os.symlink(d.parent / "elsewhere.pt", d / "mcf_state.pt"),
+            ),
+            "symbolic link",
+        ),
+    ],
+)
 def test_verify_refuses_damage(tmp_path, damage, message):
     d = fake_checkpoint(tmp_path / "checkpoints", 4)
     integrity.verify(d)

@@ -16,13 +16,20 @@ def test_presets_load():
 
 
 def test_overrides_apply_and_coerce():
-    cfg = build_config("demo", ["optim.lr=0.01", "masking.ratio_range=[0.6, 0.9]", "loss.perceptual_layers=1,2", "data.hflip=false",
-                                "train.max_steps=7"])
+    cfg = build_config(
+        "demo",
+        [
+            "optim.lr=0.01", "masking.ratio_range=[0.6, 0.9]", "loss.perceptual_layers=1,2", "data.hflip=false",
+            "train.max_steps=7",
+        ],
+    )
     assert cfg.optim.lr == 0.01 and cfg.masking.ratio_range == (0.6, 0.9)
     assert cfg.loss.perceptual_layers == (1, 2) and cfg.data.hflip is False and cfg.train.max_steps == 7
 
 
-@pytest.mark.parametrize("bad,fragment", [("optim.lrr=1", "optim.lr"), ("trian.seed=1", "train.seed"), ("seed=1", "train.seed")])
+@pytest.mark.parametrize(
+    "bad,fragment", [("optim.lrr=1", "optim.lr"), ("trian.seed=1", "train.seed"), ("seed=1", "train.seed")]
+)
 def test_unknown_key_names_it_and_close_keys(bad, fragment):
     with pytest.raises(ConfigError) as e:
         build_config("demo", [bad])
@@ -30,7 +37,9 @@ def test_unknown_key_names_it_and_close_keys(bad, fragment):
 
 
 def test_bad_values_raise():
-    for bad in ["masking.ratio=1.5", "train.batch_size=0", "deepspeed.zero=4", "train.precision=fp8", "train.batch_size=abc"]:
+    for bad in [
+        "masking.ratio=1.5", "train.batch_size=0", "deepspeed.zero=4", "train.precision=fp8", "train.batch_size=abc",
+    ]:
         with pytest.raises(ConfigError):
             build_config("demo", [bad])
     with pytest.raises(ConfigError, match="unknown preset"):

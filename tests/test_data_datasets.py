@@ -153,7 +153,9 @@ def test_interrupted_build_never_opens_and_resumes(tmp_path, monkeypatch):
     (tmp_path / "h.partial").mkdir()
     build_lmdb_partial = lmdb.open(str(tmp_path / "h.partial"), map_size=1 << 20)
     with build_lmdb_partial.begin(write=True) as txn:
-        txn.put(lmdb_build.PROGRESS_KEY, json.dumps({"done": 1, "count": 1, "bad": [], "options": {}, "files": ""}).encode())
+        txn.put(
+            lmdb_build.PROGRESS_KEY, json.dumps({"done": 1, "count": 1, "bad": [], "options": {}, "files": ""}).encode()
+        )
     build_lmdb_partial.close()
     with pytest.raises(DataError, match="delete it"):
         build_lmdb(tmp_path / "g", tmp_path / "h", workers=0, progress=False)
@@ -198,7 +200,9 @@ def test_builtin_real_faces(tmp_path, monkeypatch):
 
 def test_cli_commands(tmp_path, capsys):
     make_folder(tmp_path / "f", 6)
-    assert _cli(["data", "build-lmdb", str(tmp_path / "f"), str(tmp_path / "db"), "--workers", "0", "--no-progress"]) == 0
+    assert (
+        _cli(["data", "build-lmdb", str(tmp_path / "f"), str(tmp_path / "db"), "--workers", "0", "--no-progress"]) == 0
+    )
     assert _cli(["data", "verify", str(tmp_path / "db"), "--no-progress"]) == 0
     assert _cli(["data", "info", str(tmp_path / "db"), "--json"]) == 0
     out = capsys.readouterr().out

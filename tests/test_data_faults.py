@@ -256,7 +256,8 @@ def test_killed_loaders_leave_no_workers(tmp_path):
     script = (
         "import sys, torch\n"
         "from mcf.data import DataConfig, build_pretrain_loader\n"
-        "lds = [build_pretrain_loader(DataConfig(path=sys.argv[1], loader=k, num_workers=2), img_size=32, batch_size=4,\n"
+        "lds = [build_pretrain_loader(DataConfig(path=sys.argv[1], loader=k, num_workers=2), img_size=32, "
+        "batch_size=4,\n"
         "       rank=0, world_size=1, seed=0, device=torch.device('cpu')) for k in ('torch', 'dali')]\n"
         "its = [iter(ld) for ld in lds]\n"
         "[next(it) for it in its]\n"

@@ -13,7 +13,9 @@ def test_torch_loader_workers_after_parent_opened_lmdb(tmp_path):
     build_lmdb(tmp_path / "src", tmp_path / "db", workers=1, progress=False)
     LMDBDataset(tmp_path / "db")[0]  # the parent process opens the environment and keeps it
     cfg = DataConfig(path=str(tmp_path / "db"), loader="torch", num_workers=2)
-    loader = build_pretrain_loader(cfg, img_size=32, batch_size=4, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
+    loader = build_pretrain_loader(
+        cfg, img_size=32, batch_size=4, rank=0, world_size=1, seed=0, device=torch.device("cpu")
+    )
     for epoch in range(2):
         loader.set_epoch(epoch)
         batches = list(loader)

@@ -128,7 +128,11 @@ def test_odd_files_decode_identically_in_both_loaders(tmp_path):
     payload = [np.frombuffer(prepare_for_dali((tmp_path / "s" / f).read_bytes())[0], np.uint8) for f in files]
     pipe = Pipeline(batch_size=len(files), num_threads=1, device_id=None)
     with pipe:
-        pipe.set_outputs(fn.decoders.image(fn.external_source(source=lambda: payload, batch=True), device="cpu", output_type=types.RGB))
+        pipe.set_outputs(
+            fn.decoders.image(
+                fn.external_source(source=lambda: payload, batch=True), device="cpu", output_type=types.RGB
+            )
+        )
     pipe.build()
     (out,) = pipe.run()
     for k, f in enumerate(files):
@@ -150,7 +154,9 @@ def test_salted_folder_skips_counts_and_stops(kind, tmp_path_factory):
     assert ld.bad_samples >= len(BAD_FILES)
     assert {e.split("/salted/", 1)[1] for e in ld.bad_examples} <= BAD_FILES
     # The other loader counts exactly the same (same substitution rule).
-    other = _loader(root, "dali" if kind == "torch" else "torch", bs=n, max_bad_fraction=0.5, max_image_pixels=HUGE_LIMIT)
+    other = _loader(
+        root, "dali" if kind == "torch" else "torch", bs=n, max_bad_fraction=0.5, max_image_pixels=HUGE_LIMIT
+    )
     _epoch(other, 0)
     assert other.bad_samples == ld.bad_samples
     # Past the threshold the run stops with an error naming bad files.
@@ -229,7 +235,9 @@ def test_auto_falls_back_to_torch(folder):
         raise ImportError("no DALI")
 
     c = DataConfig(path=str(folder), loader="auto", num_workers=0)
-    ld = build_pretrain_loader(c, img_size=32, batch_size=4, rank=0, world_size=1, seed=0, device=CPU, dali_check=no_dali)
+    ld = build_pretrain_loader(
+        c, img_size=32, batch_size=4, rank=0, world_size=1, seed=0, device=CPU, dali_check=no_dali
+    )
     assert ld.kind == "torch"
 
 
@@ -252,7 +260,9 @@ def test_light_imports():
     import subprocess
     import sys
 
-    code = "import sys, mcf.data, mcf.data.cli, mcf.data.core.source; assert 'torch' not in sys.modules, 'torch imported'"
+    code = (
+        "import sys, mcf.data, mcf.data.cli, mcf.data.core.source; assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -90,7 +90,10 @@ def test_same_world_size_resume_is_exact():
 def _consume(n, seed, epoch, offset, world, batch, batches):
     """What ``world`` ranks consume in ``batches`` batches of ``batch`` from ``offset``: per-rank
     lists of indices (in the order each rank reads them) and the new global offset."""
-    got = [DistributedSampler(n, rank=r, world_size=world, seed=seed).take(epoch, offset, 0, batch * batches) for r in range(world)]
+    got = [
+        DistributedSampler(n, rank=r, world_size=world, seed=seed).take(epoch, offset, 0, batch * batches)
+        for r in range(world)
+    ]
     return [g.tolist() for g in got], offset + batches * batch * world
 
 
@@ -149,7 +152,10 @@ def test_resplit_shares_after_offset_cover_the_rest():
         n, w = int(rng.integers(1, 300)), int(rng.integers(1, 12))
         offset = int(rng.integers(0, n + 1))
         order = _order(n, 1, 0)
-        shares = [DistributedSampler(n, rank=r, world_size=w, seed=1).take(0, offset, 0, (n - offset) // w).tolist() for r in range(w)]
+        shares = [
+            DistributedSampler(n, rank=r, world_size=w, seed=1).take(0, offset, 0, (n - offset) // w).tolist()
+            for r in range(w)
+        ]
         rest = [i for sh in shares for i in sh]
         assert len(rest) == len(set(rest)) == w * ((n - offset) // w)
         assert set(rest) == set(order[offset : offset + len(rest)])

@@ -21,7 +21,14 @@ from shard_helpers import add_member, make_shards
 
 from mcf.data import DataConfig, build_lmdb, build_pretrain_loader, open_dataset
 from mcf.data.core.tar_index import index_tar
-from mcf.data.formats.shards import ShardDataset, ShardSampler, StreamedShards, expand_braces, is_shard_spec, resolve_shards
+from mcf.data.formats.shards import (
+    ShardDataset,
+    ShardSampler,
+    StreamedShards,
+    expand_braces,
+    is_shard_spec,
+    resolve_shards,
+)
 from mcf.data.tools import shards_build as sb
 from mcf.errors import DataError
 

@@ -1,6 +1,7 @@
 """``data.num_workers: auto`` and DALI's start-up check (issue 11, defects 5 and 7)."""
 
 import logging
+import os
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ CPU = torch.device("cpu")
         ({"LOCAL_SIZE": "4"}, 32, 8, 7),  # the deepspeed launcher
         # torchrun inside srun: the launcher's ranks share the task's CPUs
         ({"LOCAL_WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_CPUS_PER_TASK": "64"}, 64, 32, AUTO_WORKERS_CAP),
+        # the deepspeed launcher as one srun -c 8 task (pretrain_deepspeed.sbatch), its mask not bound: 8 CPUs / 2
+        ({"LOCAL_SIZE": "2", "SLURM_PROCID": "0", "SLURM_CPUS_PER_TASK": "8"}, 80, 4, 3),
         ({"SLURM_PROCID": "3", "SLURM_CPUS_PER_TASK": "10"}, 10, 10, 9),  # srun -c 10, task bound to its CPUs
         ({"SLURM_PROCID": "3", "SLURM_CPUS_PER_TASK": "10"}, 80, 10, 9),  # srun -c 10 without binding
         ({"SLURM_PROCID": "0", "SLURM_NTASKS_PER_NODE": "4", "SLURM_CPUS_ON_NODE": "48"}, 48, 12, 11),
@@ -38,6 +41,34 @@ def test_auto_num_workers(env, cpus, per_rank, workers):
     assert cpus_per_rank(env, cpus)[0] == per_rank
     n, how = auto_num_workers(env, cpus)
     assert n == workers and "\n" not in how and str(cpus) in how
+
+
+@pytest.mark.parametrize(
+    "env,threads",
+    [
+        ({"LOCAL_SIZE": "2", "SLURM_PROCID": "0", "SLURM_CPUS_PER_TASK": "8"}, "4"),  # deepspeed in one srun task
+        ({"SLURM_PROCID": "5", "SLURM_CPUS_PER_TASK": "8"}, "8"),  # a rank srun started itself
+        ({"LOCAL_WORLD_SIZE": "4"}, "20"),  # torchrun, no slurm
+        ({"LOCAL_SIZE": "2", "OMP_NUM_THREADS": "3"}, "3"),  # set by the user or a launcher: kept
+    ],
+)
+def test_cpu_threads_per_rank_use_the_same_share_as_the_workers(monkeypatch, env, threads):
+    """OMP_NUM_THREADS per rank from :func:`cpus_per_rank`: the deepspeed launcher inside one ``srun -c 8`` task starts
+    2 ranks that share the task's 8 CPUs (each took all 8 before: SLURM_CPUS_PER_TASK read as every rank's own)."""
+    import torch
+
+    from mcf import threads as T
+
+    for key in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_PROCID", "SLURM_STEP_ID",
+                "SLURM_CPUS_PER_TASK", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_CPUS_ON_NODE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(80)))
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    n, why = T.set_cpu_threads()
+    assert os.environ["OMP_NUM_THREADS"] == threads and n == int(threads) and set_to == [n] and "\n" not in why
 
 
 def test_auto_uses_the_affinity_mask(monkeypatch):
@@ -113,14 +144,18 @@ def test_auto_falls_back_to_torch_with_one_log_line(tmp_path, caplog):
                                    dali_check=_failing, **kw)
     assert ld.kind == "torch"
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert warned == ["data: DALI failed its start-up check, using the PyTorch loader (nvJPEG: no such multiline thing)"]
+    assert warned == [
+        "data: DALI failed its start-up check, using the PyTorch loader (nvJPEG: no such multiline thing)"
+    ]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="mcf.data.loaders"):
         other_rank = build_pretrain_loader(DataConfig(path=str(tmp_path), num_workers=0), rank=1, dali_check=_failing,
                                            **{**kw, "world_size": 2, "batch_size": 2})
     assert other_rank.kind == "torch" and not [r for r in caplog.records if r.levelno >= logging.WARNING]
     explicit = DataConfig(path=str(tmp_path), loader="dali", num_workers=0)
-    with pytest.raises(ConfigError, match=r"^data.loader=dali, but DALI failed its start-up check \(nvJPEG: no such multi"):
+    with pytest.raises(
+        ConfigError, match=r"^data.loader=dali, but DALI failed its start-up check \(nvJPEG: no such multi"
+    ):
         build_pretrain_loader(explicit, rank=0, dali_check=_failing, **kw)
     passed = build_pretrain_loader(DataConfig(path=str(tmp_path), loader="auto", num_workers=0), rank=0,
                                    dali_check=lambda d, t: None, **kw)

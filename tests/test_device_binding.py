@@ -89,7 +89,9 @@ def _nproc(tmp_path: Path, python_path: str | None, **env: str) -> str:
     e.update(PATH=f"{stub_bin}:{e['PATH']}", MCF_PYTHON=sys.executable, **env)
     if python_path:
         e["PYTHONPATH"] = python_path
-    r = subprocess.run(["bash", str(TORCHRUN), "--dry-run", "--config", "demo"], env=e, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["bash", str(TORCHRUN), "--dry-run", "--config", "demo"], env=e, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     words = r.stdout.split()
     assert words[-3:] == ["pretrain", "--config", "demo"]

@@ -52,14 +52,24 @@ def test_export_consolidated_roundtrip_through_timm(tmp_path):
 
     m = _model()
     ckpt = tmp_path / "c.pt"
-    torch.save({"online": m.online.state_dict(), "target": m.target.state_dict(), "config": {"model": {"name": "mcf_vit_tiny"}}, "step": 9}, ckpt)
+    torch.save(
+        {
+            "online": m.online.state_dict(),
+            "target": m.target.state_dict(),
+            "config": {"model": {"name": "mcf_vit_tiny"}},
+            "step": 9,
+        },
+        ckpt,
+    )
     out = export(ckpt, tmp_path / "enc.safetensors")
     meta = read_export_metadata(out)
     kwargs = json.loads(meta["timm.kwargs"])
     assert meta["timm.name"] == "vit_base_patch16_224" and meta["mcf.step"] == "9"
     assert kwargs == {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_ratio": 4.0}
     # the documented recipe, by hand
-    tm = timm.create_model(meta["timm.name"], pretrained=True, pretrained_cfg_overlay=dict(file=str(out)), num_classes=0, **kwargs).eval()
+    tm = timm.create_model(
+        meta["timm.name"], pretrained=True, pretrained_cfg_overlay=dict(file=str(out)), num_classes=0, **kwargs
+    ).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert_close_scaled(tm.forward_features(x), m.online.encoder.forward_features(x), depth=ENCODER_DEPTH)
@@ -111,6 +121,9 @@ def test_export_errors(tmp_path):
 
 
 def test_export_cli_error_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mcf", "export", str(tmp_path / "nope"), str(tmp_path / "x.safetensors")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mcf", "export", str(tmp_path / "nope"), str(tmp_path / "x.safetensors")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("mcf: error: checkpoint not found")

@@ -320,7 +320,9 @@ def test_finetune_parsing_celebamask_hq_records_mlflow(tmp_path):
     assert run.data.metrics["test/mean_f1"] == pytest.approx(result["last"]["metrics"]["mean_f1"])
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 4
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"metrics.json", "paper_row.md"}
-    assert len(list((out / "mlartifacts").rglob("paper_row.md"))) == 1  # a local store's artifacts stay in the run folder
+    assert (
+        len(list((out / "mlartifacts").rglob("paper_row.md"))) == 1
+    )  # a local store's artifacts stay in the run folder
 
 
 def test_finetune_wflw_best_and_last_low_data_and_accumulation(tmp_path):

@@ -67,8 +67,13 @@ def test_probe_benchmark_table_from_a_checkpoint(tmp_path, capsys):
     from mcf.models import create_model
 
     m = create_model("mcf_vit_tiny", teacher_checkpoint="random")
-    torch.save({"online": m.online.state_dict(), "target": {}, "config": {"model": {"name": "mcf_vit_tiny"}}, "step": 5}, tmp_path / "c.pt")
-    assert main(["probe", "--pretrained", str(tmp_path / "c.pt"), "--warps", "4", "--json", str(tmp_path / "r.json")]) == 0
+    torch.save(
+        {"online": m.online.state_dict(), "target": {}, "config": {"model": {"name": "mcf_vit_tiny"}}, "step": 5},
+        tmp_path / "c.pt",
+    )
+    assert (
+        main(["probe", "--pretrained", str(tmp_path / "c.pt"), "--warps", "4", "--json", str(tmp_path / "r.json")]) == 0
+    )
     out = capsys.readouterr().out
     assert "| random |" in out and "| pretrained |" in out and "face/non-face linear acc" in out
     import json

@@ -9,7 +9,19 @@ import subprocess
 import time
 
 import pytest
-from train_helpers import BIN, complete_steps, env, free_port, kill_tree, losses, metrics, pretrain_args, run, start, wait_for
+from train_helpers import (
+    BIN,
+    complete_steps,
+    env,
+    free_port,
+    kill_tree,
+    losses,
+    metrics,
+    pretrain_args,
+    run,
+    start,
+    wait_for,
+)
 
 from mcf.errors import ConfigError, StorageError
 from mcf.train import integrity
@@ -125,11 +137,21 @@ def test_sigterm_during_the_final_checkpoint_finishes_it_and_exits_3(tmp_path):
     (leftover / "rank_00000.pt").write_bytes(b"half a file")
     args = pretrain_args(out, 4, "--zero", "2")
     port = str(free_port())
-    procs = [subprocess.Popen([str(BIN / "python"), "-m", "mcf", "pretrain", *args], cwd=env()["PYTHONPATH"],
-                              env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                                      MCF_TEST_SIGNAL_IN_SAVE="4"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-             for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "python"), "-m", "mcf", "pretrain", *args],
+            cwd=env()["PYTHONPATH"],
+            env=env(
+                RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                MCF_TEST_SIGNAL_IN_SAVE="4",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for r in range(2)
+    ]
     try:
         logs = [p.communicate(timeout=300)[0] for p in procs]
     finally:
@@ -137,7 +159,9 @@ def test_sigterm_during_the_final_checkpoint_finishes_it_and_exits_3(tmp_path):
             kill_tree(p)
     assert [p.returncode for p in procs] == [3, 3], logs
     assert "sends itself SIGTERM" in logs[0] and "stopped by signal during the final checkpoint" in logs[0]
-    assert complete_steps(out) == [4] and sorted(d.name for d in (out / "checkpoints").glob("step_*")) == ["step_00000004"]
+    assert complete_steps(out) == [4] and sorted(d.name for d in (out / "checkpoints").glob("step_*")) == [
+        "step_00000004"
+    ]
     files = json.loads((out / "checkpoints" / "step_00000004" / "COMPLETE").read_text())["files"]
     assert {"rank_00000.pt", "rank_00001.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
             "zero_pp_rank_1_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt", "mcf_state.pt"} == set(files)
@@ -153,8 +177,10 @@ def small_disk(tmp_path):
     try:
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mnt)], check=True, capture_output=True)
     except (OSError, subprocess.CalledProcessError) as e:
-        pytest.skip(reason=f"cannot mount a small tmpfs here ({e}): needs root; the same error path is tested with /dev/full "
-                           "in test_checkpoint_integrity.py")
+        pytest.skip(
+            reason=f"cannot mount a small tmpfs here ({e}): needs root; the same error path is tested with /dev/full "
+            "in test_checkpoint_integrity.py"
+        )
     try:
         yield mnt
     finally:
@@ -163,10 +189,16 @@ def small_disk(tmp_path):
 
 def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(small_disk):
     out = small_disk / "run"
-    p = run(pretrain_args(out, 6, "--zero", "1", "--checkpoint-every", "2", "--set", "checkpoint.keep_last=5"), launcher="python")
+    p = run(
+        pretrain_args(out, 6, "--zero", "1", "--checkpoint-every", "2", "--set", "checkpoint.keep_last=5"),
+        launcher="python",
+    )
     line = error_line(p.stderr)
     assert p.returncode == 2, p.stderr[-3000:]
-    assert f"no space left on device writing {out}/checkpoints/step_00000004/" in line and "step_00000002, is intact" in line
+    assert (
+        f"no space left on device writing {out}/checkpoints/step_00000004/" in line
+        and "step_00000002, is intact" in line
+    )
     assert complete_steps(out) == [2] and not (out / "checkpoints" / "step_00000004").exists()
     integrity.verify(out / "checkpoints" / "step_00000002")
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
@@ -222,12 +254,16 @@ def test_data_size_other_than_the_model_size_is_refused(tmp_path, monkeypatch, c
     from mcf.config import build_config
     from mcf.models import create_model_from_config
 
-    with pytest.raises(ConfigError, match="data.img_size=64 but the model mcf_vit_tiny takes 32 px images: set model.img_size=64"):
+    with pytest.raises(
+        ConfigError, match="data.img_size=64 but the model mcf_vit_tiny takes 32 px images: set model.img_size=64"
+    ):
         create_model_from_config(build_config("demo", overrides=["data.img_size=64"]))
     create_model_from_config(build_config("demo", overrides=["data.img_size=32"]))  # equal is fine
     with pytest.raises(ConfigError, match="not a multiple of mcf_vit_tiny's patch size 4"):
         create_model_from_config(build_config("demo", overrides=["model.img_size=30"]))
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999").items():
         monkeypatch.setenv(k, v)
-    rc = main(["pretrain", "--set", "data.img_size=64", "--output-dir", str(tmp_path / "run"), "--tracking-uri", "none"])
+    rc = main(
+        ["pretrain", "--set", "data.img_size=64", "--output-dir", str(tmp_path / "run"), "--tracking-uri", "none"]
+    )
     assert rc == 2 and "data.img_size=64" in error_line(capsys.readouterr().err)

@@ -19,8 +19,10 @@ import pytest
 from train_helpers import BIN, ROOT, env, free_port, kill_tree, wait_for
 
 UMASK = 0o002  # group-writable, as on many shared clusters; 0o022 would hide a file written 0o644 regardless
-NOISE = ("Setting accelerator", "Setting ds_accelerator", "Creating initial MLflow database", "Updating database tables",
-         "does not exist. Creating a new experiment")
+NOISE = (
+    "Setting accelerator", "Setting ds_accelerator", "Creating initial MLflow database", "Updating database tables",
+    "does not exist. Creating a new experiment",
+)
 
 
 def _mcf(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -71,9 +73,17 @@ def test_mlflow_ui_with_the_readme_command_shows_the_reconstructions(run, tmp_pa
     readme = (ROOT / "README.md").read_text()
     assert "mlflow ui --backend-store-uri sqlite:///runs/demo/mlflow.db" in readme
     port = free_port()
-    ui = subprocess.Popen([str(BIN / "mlflow"), "ui", "--backend-store-uri", "sqlite:///runs/demo/mlflow.db", "--host", "127.0.0.1",
-                           "--port", str(port), "--workers", "1"], cwd=run["base"], env=env(),
-                          stdout=open(tmp_path / "ui.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    ui = subprocess.Popen(
+        [
+            str(BIN / "mlflow"), "ui", "--backend-store-uri", "sqlite:///runs/demo/mlflow.db", "--host", "127.0.0.1",
+            "--port", str(port), "--workers", "1",
+        ],
+        cwd=run["base"],
+        env=env(),
+        stdout=open(tmp_path / "ui.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def get(path: str, body: dict | None = None) -> bytes:
@@ -108,8 +118,12 @@ def test_every_file_written_respects_the_umask(run, tmp_path):
     from data_helpers import make_folder
 
     make_folder(tmp_path / "imgs", 6)
-    _ok(_mcf("data", "build-lmdb", str(tmp_path / "imgs"), str(run["base"] / "built.lmdb"), "--no-progress", "--workers", "0",
-             cwd=tmp_path))
+    _ok(
+        _mcf(
+            "data", "build-lmdb", str(tmp_path / "imgs"), str(run["base"] / "built.lmdb"), "--no-progress", "--workers",
+            "0", cwd=tmp_path,
+        )
+    )
     _ok(_mcf("data", "builtin", str(run["base"] / "builtin.lmdb"), cwd=tmp_path))
     wrong = []
     for root, dirs, files in os.walk(run["base"]):
@@ -121,7 +135,9 @@ def test_every_file_written_respects_the_umask(run, tmp_path):
             if p.stat().st_mode & 0o777 != want:
                 wrong.append(f"{p.relative_to(run['base'])}: {oct(p.stat().st_mode & 0o777)}")
     assert not wrong, wrong
-    assert (run["base"] / "exports" / "encoder.safetensors").is_file() and (run["base"] / "built.lmdb" / "data.mdb").is_file()
+    assert (run["base"] / "exports" / "encoder.safetensors").is_file() and (
+        run["base"] / "built.lmdb" / "data.mdb"
+    ).is_file()
 
 
 def test_no_third_party_start_up_noise(run, tmp_path):
@@ -164,22 +180,50 @@ def test_every_package_folder_and_data_file_is_declared():
 def test_editable_install_in_a_fresh_environment_is_quiet(tmp_path):
     """`pip install -e .` as a newcomer runs it (a fresh venv, build isolation, PyPI): no warnings."""
     venv.create(tmp_path / "v", with_pip=True, symlinks=True)
-    e = dict(os.environ, PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1")  # the machine's pip.conf is not ours
+    e = dict(
+        os.environ, PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1"
+    )  # the machine's pip.conf is not ours
     e.pop("PYTHONPATH", None)
-    p = subprocess.run([str(tmp_path / "v" / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)],
-                       cwd=tmp_path, env=e, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [str(tmp_path / "v" / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)],
+        cwd=tmp_path,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.strip() == "" and p.stderr.strip() == "", p.stdout[-3000:] + p.stderr[-3000:]
-    where = subprocess.run([str(tmp_path / "v" / "bin" / "python"), "-c",
-                            "import importlib.util as u; print(*(u.find_spec(m).origin for m in ('mcf.config', 'mcf.kernels')))"],
-                           cwd=tmp_path, env=e, capture_output=True, text=True, timeout=60)
+    where = subprocess.run(
+        [
+            str(tmp_path / "v" / "bin" / "python"),
+            "-c",
+            "import importlib.util as u; print(*(u.find_spec(m).origin for m in ('mcf.config', 'mcf.kernels')))",
+        ],
+        cwd=tmp_path,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert where.returncode == 0, where.stderr
     assert where.stdout.split() == [str(ROOT / "mcf" / "config.py"), str(ROOT / "kernels" / "__init__.py")]
     # a regular wheel (what `pip install .` and a cluster image get) carries the data files too
-    p = subprocess.run([str(tmp_path / "v" / "bin" / "python"), "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "w"),
-                        str(ROOT)], cwd=tmp_path, env=e, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            str(tmp_path / "v" / "bin" / "python"), "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "w"),
+            str(ROOT),
+        ],
+        cwd=tmp_path,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0 and p.stdout.strip() == "" and p.stderr.strip() == "", p.stdout[-3000:] + p.stderr[-3000:]
     [wheel] = (tmp_path / "w").glob("mcf-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"mcf/presets/demo.yaml", "mcf/presets/base.yaml", "mcf/ds_configs/zero1_bf16.json", "mcf/kernels/__init__.py",
-            "mcf/kernels/masked_attention.py", "mcf/train/trainer.py"} <= names
+    assert {
+        "mcf/presets/demo.yaml", "mcf/presets/base.yaml", "mcf/ds_configs/zero1_bf16.json", "mcf/kernels/__init__.py",
+        "mcf/kernels/masked_attention.py", "mcf/train/trainer.py",
+    } <= names

@@ -35,8 +35,12 @@ def gc():
 
 def run_script(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     e = {k: v for k, v in os.environ.items() if k not in ("OUT", "WORK", "STAGES", "DEADLINE", "LIMITS", "SIZE")}
-    e.update({"PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "CUDA_VISIBLE_DEVICES": "",
-              "CACHE": str(tmp_path / "cache")})
+    e.update(
+        {
+            "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
+            "CUDA_VISIBLE_DEVICES": "", "CACHE": str(tmp_path / "cache"),
+        }
+    )
     e.update(env)
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
 
@@ -69,8 +73,14 @@ def test_runner_records_every_outcome_and_prints_the_summary(tmp_path):
     assert [s["name"] for s in doc["stages"]] == ["profile", "kernels", "resume"]
     assert got["profile"]["status"] == "skipped" and "needs the resume stage" in got["profile"]["note"]
     assert got["resume"]["status"] == "skipped" and "needs the pretrain stage" in got["resume"]["note"]
-    assert got["kernels"]["status"] == "timeout" and got["kernels"]["limit_s"] == 1 and got["kernels"]["rc"] in (124, 137)
-    assert doc["failed"] == 3 and doc["not_run"] == [] and doc["meta"]["stages"].split() == ["profile", "kernels", "resume"]
+    assert (
+        got["kernels"]["status"] == "timeout" and got["kernels"]["limit_s"] == 1 and got["kernels"]["rc"] in (124, 137)
+    )
+    assert (
+        doc["failed"] == 3
+        and doc["not_run"] == []
+        and doc["meta"]["stages"].split() == ["profile", "kernels", "resume"]
+    )
     with tarfile.open(tmp_path / "out" / "gpu_check_stages.tar.gz") as tar:
         names = {Path(n).name for n in tar.getnames()}
     assert {"stages.tsv", "meta.txt", "profile.log", "kernels.log"} <= names
@@ -95,7 +105,11 @@ def test_summary_of_fabricated_stages(gc, tmp_path, capsys):
     (work / "meta.txt").write_text("date=2026-11-30T00:00:00Z\nstages=kernels pretrain resume\n")
     assert gc.summary(work, tmp_path / "s.json") == 2  # pretrain failed, resume never ran
     doc = json.loads((tmp_path / "s.json").read_text())
-    assert doc["not_run"] == ["resume"] and doc["stages"][1]["log_tail"][-1] == "line 39" and len(doc["stages"][1]["log_tail"]) == 25
+    assert (
+        doc["not_run"] == ["resume"]
+        and doc["stages"][1]["log_tail"][-1] == "line 39"
+        and len(doc["stages"][1]["log_tail"]) == 25
+    )
     assert "9 passed, 0 failed, 1 skipped" in capsys.readouterr().out
 
 
@@ -128,7 +142,9 @@ def _vendor_with_deepspeed_wheel(tmp_path: Path) -> Path:
     info = f"deepspeed-{dist.version}.dist-info"
     with zipfile.ZipFile(vendor / f"deepspeed-{dist.version}-py3-none-any.whl", "w") as whl:
         whl.writestr(f"{info}/METADATA", dist.read_text("METADATA"))
-        whl.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: mcf-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        whl.writestr(
+            f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: mcf-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
         whl.writestr(f"{info}/RECORD", f"{info}/METADATA,,\n{info}/WHEEL,,\n{info}/RECORD,,\n")
     return vendor
 
@@ -178,10 +194,13 @@ def test_a_stage_out_of_time_reports_what_it_measured(gc, tmp_path):
     run = work / "pretrain"
     (run / "checkpoints" / "step_00000004").mkdir(parents=True)
     (run / "checkpoints" / "step_00000004" / "COMPLETE").write_text("{}")
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "images_per_s": 100.0 + s}) + "\n"
-                                               for s in range(1, 7)))
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 1.0 / s, "images_per_s": 100.0 + s}) + "\n" for s in range(1, 7))
+    )
     (work / "kernels.log").write_text("..s.F.                                  [ 60%]\n....\n")
-    (work / "stages.tsv").write_text("pretrain\ttimeout\t124\t80.0\t80\tran past 80s\nkernels\ttimeout\t124\t85.0\t85\t\n")
+    (work / "stages.tsv").write_text(
+        "pretrain\ttimeout\t124\t80.0\t80\tran past 80s\nkernels\ttimeout\t124\t85.0\t85\t\n"
+    )
     (work / "meta.txt").write_text("stages=pretrain kernels\n")
     gc.summary(work, tmp_path / "s.json")
     rows = {r["name"]: r for r in json.loads((tmp_path / "s.json").read_text())["stages"]}
@@ -200,8 +219,10 @@ def test_the_json_is_written_after_every_stage_and_the_cache_outlives_work(tmp_p
     e.update(PYTHON=sys.executable, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), CUDA_VISIBLE_DEVICES="",
              ALLOW_CPU="1", STAGES="profile kernels", LIMITS="kernels:120", CACHE=str(cache),
              KERNEL_TESTS="tests/test_kernels_dispatch.py")
-    proc = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT)], cwd=ROOT, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     log = tmp_path / "out" / "gpu_check.log"
     try:
         deadline = time.monotonic() + 120

@@ -37,8 +37,12 @@ def test_shared_references_load_in_linear_time(tmp_path):
 @pytest.mark.timeout(60)
 def test_export_of_a_self_sharing_pickle_ends(tmp_path):
     torch.save({"args": self_sharing_list()}, tmp_path / "a.pth")
-    proc = subprocess.run([sys.executable, "-m", "mcf", "export", str(tmp_path / "a.pth"), str(tmp_path / "x.safetensors")],
-                          capture_output=True, text=True, timeout=50)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mcf", "export", str(tmp_path / "a.pth"), str(tmp_path / "x.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("mcf: error:"), proc.stderr[-2000:]
 
 
@@ -312,8 +316,10 @@ def test_stalled_pipe_shard_becomes_bad_samples_and_its_children_die(tmp_path, c
     make_shards(tmp_path / "s", (6, 6))
     flag, status, pidfile = tmp_path / "stall", tmp_path / "status", tmp_path / "pid"
     part = (tmp_path / "s" / "00001.tar").stat().st_size // 3
-    stalling = (f"pipe:if [ -e {flag} ]; then head -c {part} {tmp_path}/s/00001.tar; grep -E 'SigBlk|SigIgn' "
-                f"/proc/self/status > {status}; sleep 300 & echo $! > {pidfile}; wait; else cat {tmp_path}/s/00001.tar; fi")
+    stalling = (
+        f"pipe:if [ -e {flag} ]; then head -c {part} {tmp_path}/s/00001.tar; grep -E 'SigBlk|SigIgn' "
+        f"/proc/self/status > {status}; sleep 300 & echo $! > {pidfile}; wait; else cat {tmp_path}/s/00001.tar; fi"
+    )
     lst = tmp_path / "list.txt"
     lst.write_text(f"pipe:cat {tmp_path}/s/00000.tar\n{stalling}\n")
 
@@ -375,7 +381,9 @@ def test_local_shard_replaced_by_a_fifo_mid_run_is_bad_samples(tmp_path, kind):
     make_shards(tmp_path / "s", (6, 6))
     cfg = DataConfig(path=str(tmp_path / "s"), loader=kind, num_workers=0 if kind == "torch" else 1, shuffle_buffer=12,
                      max_bad_fraction=0.9)
-    run = build_pretrain_loader(cfg, img_size=32, batch_size=12, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
+    run = build_pretrain_loader(
+        cfg, img_size=32, batch_size=12, rank=0, world_size=1, seed=0, device=torch.device("cpu")
+    )
     os.remove(tmp_path / "s" / "00001.tar")
     os.mkfifo(tmp_path / "s" / "00001.tar")
     run.set_epoch(0)
@@ -426,9 +434,13 @@ def test_a_fresh_run_in_a_used_folder_is_an_explicit_choice_and_runs_never_mix(t
         p = run(pretrain_args(out, 1, "--resume", resume), launcher="python")
         assert p.returncode == 2 and "holds another run" in _last_error(p.stderr) and "--overwrite-run" in p.stderr
     assert (out / "metrics.jsonl").read_bytes() == first and complete_steps(out) == [2]  # nothing touched
-    check(run(pretrain_args(out, 1, "--resume", "none", "--overwrite-run", "--checkpoint-every", "1"), launcher="python"))
+    check(
+        run(pretrain_args(out, 1, "--resume", "none", "--overwrite-run", "--checkpoint-every", "1"), launcher="python")
+    )
     assert complete_steps(out) == [1] and sorted(losses(out)) == [1]  # only the new run's files
-    check(run(pretrain_args(out, 2, "--checkpoint-every", "1"), launcher="python"))  # --resume auto: the new run goes on
+    check(
+        run(pretrain_args(out, 2, "--checkpoint-every", "1"), launcher="python")
+    )  # --resume auto: the new run goes on
     assert complete_steps(out)[-1] == 2 and sorted(losses(out)) == [1, 2]
 
 

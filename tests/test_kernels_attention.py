@@ -23,7 +23,9 @@ from tolerances import K_DEFAULT, assert_close_scaled, assert_no_worse_than  # n
 INTERPRETED = tu.is_interpreted(_attn_fwd_kernel)
 ON_GPU = torch.cuda.is_available() and not INTERPRETED
 DEVICE = "cuda" if ON_GPU else "cpu"
-NEEDS_GPU = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU and TRITON_INTERPRET=0 (conftest turns the CPU interpreter on by default)")
+NEEDS_GPU = pytest.mark.skipif(
+    not ON_GPU, reason="needs a CUDA GPU and TRITON_INTERPRET=0 (conftest turns the CPU interpreter on by default)"
+)
 # The floor, in eps(dtype) x max|ref64|. fp32: two chained reductions (QK^T then PV; dS then dS K in the
 # backward) at tolerances.K_DEFAULT eps each; a 1e-3 relative fp32 error is ~8000 eps, far above it.
 # fp16/bf16: the kernels accumulate in fp32, so what counts in the dtype's eps is the rounding of P and
@@ -122,7 +124,10 @@ def test_strided_inputs_and_gradient():
 
 def test_every_key_masked_gives_zeros():
     q, k, v = (torch.randn(2, 2, 19, 32, device=DEVICE, requires_grad=True) for _ in range(3))
-    for key_mask in (torch.zeros(2, 19, dtype=torch.bool, device=DEVICE), torch.zeros(2, dtype=torch.long, device=DEVICE)):
+    for key_mask in (
+        torch.zeros(2, 19, dtype=torch.bool, device=DEVICE),
+        torch.zeros(2, dtype=torch.long, device=DEVICE),
+    ):
         out = masked_attention(q, k, v, key_mask)
         grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
         assert (out == 0).all()
@@ -153,10 +158,15 @@ def test_opcheck_forward_and_backward_ops():
     q, k, v = (torch.randn(1, 2, 19, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     mask = torch.rand(1, 19, device=DEVICE) < 0.6
     torch.library.opcheck(torch.ops.mcf.masked_attention_fwd.default, (q, k, v, mask, None, 0.25))
-    torch.library.opcheck(torch.ops.mcf.masked_attention_fwd.default, (q, k, v, None, torch.tensor([11], dtype=torch.int32, device=DEVICE), 0.25))
+    torch.library.opcheck(
+        torch.ops.mcf.masked_attention_fwd.default,
+        (q, k, v, None, torch.tensor([11], dtype=torch.int32, device=DEVICE), 0.25),
+    )
     out, lse = torch.ops.mcf.masked_attention_fwd(q, k, v, mask, None, 0.25)
     args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, mask, None, 0.25)
-    torch.library.opcheck(torch.ops.mcf.masked_attention_bwd.default, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.mcf.masked_attention_bwd.default, args, test_utils=("test_schema", "test_faketensor")
+    )
 
 
 def test_torch_compile_traces_the_op():

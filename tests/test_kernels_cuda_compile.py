@@ -44,12 +44,27 @@ def compile_all(full: bool) -> list[str]:
     ma = importlib.import_module("mcf.kernels.masked_attention")
     di = importlib.import_module("mcf.kernels.decoder_input")
 
-    def build(fn, pointers: dict[str, str], consts: dict, ones: tuple[str, ...], cc: int, warps: int, stages: int) -> str:
+    def build(
+        fn, pointers: dict[str, str], consts: dict, ones: tuple[str, ...], cc: int, warps: int, stages: int
+    ) -> str:
         # As a real launch specialises: strides equal to 1 become constants, pointers 16-byte aligned.
         consts = {**consts, **{n: 1 for n in ones if n in fn.arg_names}}
-        sig = {n: "constexpr" if n in consts else "*" + pointers[n] if n in pointers else "fp32" if n == "sm_scale" else "i32" for n in fn.arg_names}
+        sig = {
+            n: "constexpr"
+            if n in consts
+            else "*" + pointers[n]
+            if n in pointers
+            else "fp32"
+            if n == "sm_scale"
+            else "i32"
+            for n in fn.arg_names
+        }
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in pointers}
-        kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32), options={"num_warps": warps, "num_stages": stages})
+        kernel = triton.compile(
+            ASTSource(fn, sig, consts, attrs),
+            target=GPUTarget("cuda", cc, 32),
+            options={"num_warps": warps, "num_stages": stages},
+        )
         shared = kernel.metadata.shared
         assert "cubin" in kernel.asm, f"{fn.__name__}: no cubin"
         assert shared <= SHARED_LIMIT[cc], f"{fn.__name__} sm_{cc}: {shared} B shared memory > {SHARED_LIMIT[cc]}"
@@ -63,17 +78,31 @@ def compile_all(full: bool) -> list[str]:
         ptr = {n: dt for n in ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")}
         ptr.update(Lse="fp32", Delta="fp32", Mask="u8", KvLen="i32")
         strides_d = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_gd", "stride_ms")
-        for name, fn in (("fwd", ma._attn_fwd_kernel), ("dkdv", ma._attn_bwd_dkdv_kernel), ("dq", ma._attn_bwd_dq_kernel)):
+        for name, fn in (
+            ("fwd", ma._attn_fwd_kernel),
+            ("dkdv", ma._attn_bwd_dkdv_kernel),
+            ("dq", ma._attn_bwd_dq_kernel),
+        ):
             bm, bn, warps, stages = ma._config(name, block_d, dtype, interpreted=False)
             consts = dict(flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d)
-            lines.append(f"{dt} D={D} mask={has_mask} kvlen={has_kvlen} " + build(fn, ptr, consts, strides_d, cc, warps, stages))
-        lines.append(f"{dt} D={D} " + build(ma._attn_bwd_preprocess_kernel, ptr, dict(BLOCK_M=64, BLOCK_D=block_d), ("stride_od", "stride_gd"), cc, 4, 1))
+            lines.append(
+                f"{dt} D={D} mask={has_mask} kvlen={has_kvlen} " + build(fn, ptr, consts, strides_d, cc, warps, stages)
+            )
+        lines.append(
+            f"{dt} D={D} "
+            + build(
+                ma._attn_bwd_preprocess_kernel, ptr, dict(BLOCK_M=64, BLOCK_D=block_d), ("stride_od", "stride_gd"), cc,
+                4, 1,
+            )
+        )
     for cc, dt in itertools.product((80, 90), ("bf16", "fp32")) if full else [(90, "bf16")]:
         ptr = dict(X=dt, MaskTok="fp32", Ids="i64", Pos="fp32", KeepLens="i64", Out=dt, G=dt, GX=dt, GMask="fp32")
         bl, bc = di._blocks(512, interpreted=False)
         for fn in (di._decoder_input_fwd_kernel, di._decoder_input_bwd_kernel):
             consts = dict(HAS_KEEP=True, EMULATE_RTNE=False, BLOCK_L=bl, BLOCK_C=bc)
-            lines.append(f"{dt} C=512 " + build(fn, ptr, consts, ("stride_xc", "stride_il", "stride_pc", "stride_gc"), cc, 4, 1))
+            lines.append(
+                f"{dt} C=512 " + build(fn, ptr, consts, ("stride_xc", "stride_il", "stride_pc", "stride_gc"), cc, 4, 1)
+            )
     return lines
 
 

@@ -70,20 +70,27 @@ def test_matches_reference(B, K, L, C, dtype, param_dtype, keep):
     leaves64 = [t.double().requires_grad_() for t in (x, mask_token, pos_embed)]
     ref64 = decoder_input_ref(leaves64[0], leaves64[1], ids_restore, leaves64[2], keep_lens)
     _, gmask64, gpos64 = torch.autograd.grad(ref64, leaves64, grad.double())
-    for name, got, same, exact in (("grad mask_token", gmask, ref_gmask, gmask64), ("grad pos_embed", gpos, ref_gpos, gpos64)):
+    for name, got, same, exact in (
+        ("grad mask_token", gmask, ref_gmask, gmask64),
+        ("grad pos_embed", gpos, ref_gpos, gpos64),
+    ):
         assert got.dtype == same.dtype == param_dtype and got.shape == same.shape
         assert_no_worse_than(got, exact, same, dtype=param_dtype, k=FLOOR_EPS, msg=name)
 
 
 def test_strided_x_int32_ids_and_frozen_pos_embed():
-    x, mask_token, ids_restore, pos_embed, keep_lens = inputs(3, 5, 14, 40, torch.float32, torch.float32, "ragged", torch.int32, strided_x=True)
+    x, mask_token, ids_restore, pos_embed, keep_lens = inputs(
+        3, 5, 14, 40, torch.float32, torch.float32, "ragged", torch.int32, strided_x=True
+    )
     x.requires_grad_()
     mask_token.requires_grad_()
     out = decoder_input(x, mask_token, ids_restore, pos_embed, keep_lens)  # pos_embed: no grad (fixed sin-cos)
     ref = decoder_input_ref(x, mask_token, ids_restore.long(), pos_embed, keep_lens)
     assert torch.equal(out, ref)
     grad = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, (x, mask_token), grad), torch.autograd.grad(ref, (x, mask_token), grad)):
+    for got, want in zip(
+        torch.autograd.grad(out, (x, mask_token), grad), torch.autograd.grad(ref, (x, mask_token), grad)
+    ):
         assert_close_scaled(got, want)  # grad x: a gather; grad mask_token: one sum, in another order
 
 
@@ -95,7 +102,11 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.mcf.decoder_input_fwd.default, (x, mask_token, ids_restore, pos_embed, keep_lens))
     torch.library.opcheck(torch.ops.mcf.decoder_input_fwd.default, (x, mask_token, ids_restore, pos_embed, None))
     grad = torch.randn(2, 8, 16, device=DEVICE)
-    torch.library.opcheck(torch.ops.mcf.decoder_input_bwd.default, (grad, ids_restore, keep_lens, 4), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.mcf.decoder_input_bwd.default,
+        (grad, ids_restore, keep_lens, 4),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_rejects_bad_inputs():

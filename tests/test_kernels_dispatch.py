@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     environ.update(env)
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environ, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=environ, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_interpreter_runs_on_cpu():
@@ -39,7 +41,10 @@ def test_interpreter_runs_on_cpu():
 
 def test_auto_is_sdpa_on_cpu():
     q = torch.zeros(2, 12, 50, 64)
-    row = TritonFaster(device="", dtype=torch.float32, head_dim=64, min_tokens=1, max_tokens=1000, masked=False, speedup=2.0, source="test")
+    row = TritonFaster(
+        device="", dtype=torch.float32, head_dim=64, min_tokens=1, max_tokens=1000, masked=False, speedup=2.0,
+        source="test",
+    )
     assert not prefer_triton(q, None)
     assert not prefer_triton(q, None, table=(row,))  # never on the CPU, whatever the table says
 
@@ -49,7 +54,10 @@ def test_table_is_empty_until_measured():
 
 
 def test_row_matching():
-    row = TritonFaster(device="NVIDIA H100", dtype=torch.bfloat16, head_dim=64, min_tokens=40, max_tokens=60, masked=True, speedup=1.3, source="test")
+    row = TritonFaster(
+        device="NVIDIA H100", dtype=torch.bfloat16, head_dim=64, min_tokens=40, max_tokens=60, masked=True, speedup=1.3,
+        source="test",
+    )
     assert _row_matches(row, "NVIDIA H100 80GB HBM3", torch.bfloat16, 64, 50, True)
     assert not _row_matches(row, "NVIDIA A100-SXM4-80GB", torch.bfloat16, 64, 50, True)
     assert not _row_matches(row, "NVIDIA H100 80GB HBM3", torch.float16, 64, 50, True)
@@ -83,7 +91,8 @@ def test_without_triton_the_references_still_work():
         "import sys\n"
         "sys.modules['triton'] = None  # import triton -> ImportError\n"
         "import torch\n"
-        "from mcf.kernels import decoder_input, decoder_input_ref, masked_attention, masked_attention_ref, prefer_triton, triton_status\n"
+        "from mcf.kernels import decoder_input, decoder_input_ref, masked_attention, masked_attention_ref, "
+        "prefer_triton, triton_status\n"
         "ok, reason = triton_status(torch.device('cpu'))\n"
         "assert not ok and 'triton is not installed' in reason, reason\n"
         "q = torch.randn(1, 1, 4, 32)\n"
@@ -120,7 +129,10 @@ def user_table(tmp_path, monkeypatch):
 
 
 def _row(dtype: str, tokens: int, head_dim: int, **ms: float) -> dict:
-    return {"dtype": dtype, "head_dim": head_dim, "tokens": tokens, "masked": False, "shapes": [[2, 2]], "ms": ms, "source": "test"}
+    return {
+        "dtype": dtype, "head_dim": head_dim, "tokens": tokens, "masked": False, "shapes": [[2, 2]], "ms": ms,
+        "source": "test",
+    }
 
 
 def test_pick_takes_the_fastest_at_the_nearest_length():

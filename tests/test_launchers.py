@@ -33,7 +33,10 @@ def free_port() -> int:
 
 
 def launcher_env() -> dict[str, str]:
-    env = dict(os.environ, MCF_PYTHON=sys.executable, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true")
+    env = dict(
+        os.environ, MCF_PYTHON=sys.executable, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+        MLFLOW_DISABLE_TELEMETRY="true",
+    )
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     return env
 
@@ -49,7 +52,11 @@ def run_nodes(cmds: list[list[str]], logdir: Path) -> list[str]:
     for i, cmd in enumerate(cmds):
         f = open(logdir / f"node{i}.log", "w")
         logs.append(f)
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=launcher_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
     try:
         for p in procs:
             p.wait(timeout=TIMEOUT)
@@ -84,8 +91,13 @@ def deepspeed_no_ssh(tmp_path_factory):
     hostfile = tmp / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")  # never contacted with --no-ssh
     port, out = free_port(), tmp / "run"
-    cmds = [["bash", str(DEEPSPEED), "--hostfile", str(hostfile), "--gpus-per-node", "1", "--no-ssh", "--node-rank", str(r),
-             "--master-addr", "127.0.0.1", "--master-port", str(port), *trainer_args(out)] for r in (0, 1)]
+    cmds = [
+        [
+            "bash", str(DEEPSPEED), "--hostfile", str(hostfile), "--gpus-per-node", "1", "--no-ssh", "--node-rank",
+            str(r), "--master-addr", "127.0.0.1", "--master-port", str(port), *trainer_args(out),
+        ]
+        for r in (0, 1)
+    ]
     return out, run_nodes(cmds, tmp)
 
 
@@ -113,7 +125,9 @@ def test_launchers_agree(deepspeed_no_ssh, torchrun_two_nodes):
     tr = [json.loads(line) for line in (torchrun_two_nodes[0] / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(ds, tr, strict=True):
         assert a["step"] == b["step"]
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), f"step {a['step']}: deepspeed {a['loss']} vs torchrun {b['loss']}"
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (
+            f"step {a['step']}: deepspeed {a['loss']} vs torchrun {b['loss']}"
+        )
 
 
 @pytest.mark.parametrize("script", [TORCHRUN, DEEPSPEED], ids=["torchrun", "deepspeed"])

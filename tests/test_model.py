@@ -15,8 +15,10 @@ def tiny():
 
 def test_registry_lists_paper_sizes():
     names = list_models()
-    for n in ["mcf_vit_tiny", "mcf_vit_small_patch16", "mcf_vit_base_patch16", "mcf_vit_large_patch16", "mcf_vit_huge_patch14",
-              "mcf_vit_base_patch16_dec512d1b", "mcf_vit_base_patch16_dec512d4b"]:
+    for n in [
+        "mcf_vit_tiny", "mcf_vit_small_patch16", "mcf_vit_base_patch16", "mcf_vit_large_patch16",
+        "mcf_vit_huge_patch14", "mcf_vit_base_patch16_dec512d1b", "mcf_vit_base_patch16_dec512d4b",
+    ]:
         assert n in names
     with pytest.raises(ConfigError, match="unknown model"):
         create_model("mcf_vit_gigantic", teacher_checkpoint="random")
@@ -79,6 +81,22 @@ def test_state_dict_leaves_out_teacher_and_round_trips(tiny):
     other.eval(), tiny.eval()
     # bit-exact: the same weights through the same code path on one host
     assert torch.equal(other.online.encoder(x, 0.75, noise)[0], tiny.online.encoder(x, 0.75, noise)[0])
+
+
+def test_the_attention_backend_reaches_every_attention_teacher_included():
+    """attention.backend is the whole model's: the frozen teacher's 12 blocks (most of the step's attention) follow it
+    at build time and when it is changed (they stayed on auto before)."""
+    from mcf.models.teacher import DispatchedAttention
+
+    def backends(model):
+        return [m.backend for m in model.modules() if hasattr(m, "backend")]
+
+    model = create_model("mcf_vit_tiny", teacher_checkpoint="random", attn_backend="math")
+    teacher = [m for m in model.teacher.modules() if isinstance(m, DispatchedAttention)]
+    assert len(teacher) == 12 and {m.backend for m in teacher} == {"math"}
+    assert set(backends(model)) == {"math"} and len(backends(model)) >= 12 + 4 + 2
+    model.set_attention_backend("sdpa")
+    assert set(backends(model)) == {"sdpa"}
 
 
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
@@ -156,6 +174,10 @@ def test_triton_backend_in_the_model_matches_math_with_variable_ratios():
     results = {}
     for backend, dtype in (("math", torch.float64), ("sdpa", torch.float32), ("triton", torch.float32)):
         model.to(dtype).set_attention_backend(backend)
+        # the teacher's 12 unmasked blocks stay on SDPA in the Triton pass: this test is about the padded encoder
+        # and decoder (the kernels without a mask are checked in test_kernels_attention), and 12 more blocks through
+        # the interpreter's backward would take minutes
+        model.teacher.set_attention_backend("sdpa" if backend == "triton" else backend)
         model.zero_grad()
         torch.manual_seed(1)  # the same per-sample ratios in every pass
         out = model(x.to(dtype), n1, n2)

@@ -60,7 +60,9 @@ class SeedEncoder(nn.Module):
         self.patch_embed = PatchEmbed(img, p, 3, dim)
         L = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.pos_embed = nn.Parameter(torch.from_numpy(np_sincos_2d(dim, int(L**0.5))).float()[None], requires_grad=False)
+        self.pos_embed = nn.Parameter(
+            torch.from_numpy(np_sincos_2d(dim, int(L**0.5))).float()[None], requires_grad=False
+        )
         self.blocks = nn.ModuleList([Block(dim, heads, 4.0, qkv_bias=True, norm_layer=LN) for _ in range(depth)])
         self.norm = LN(dim)
 
@@ -107,15 +109,21 @@ class SeedMCF(nn.Module):
         L = self.online_encoder.patch_embed.num_patches
         self.decoder_embed = nn.Linear(dim, ddim)
         self.mask_token = nn.Parameter(torch.randn(1, 1, ddim) * 0.02)
-        self.decoder_pos_embed = nn.Parameter(torch.from_numpy(np_sincos_2d(ddim, int(L**0.5))).float()[None], requires_grad=False)
-        self.decoder_blocks = nn.ModuleList([Block(ddim, dheads, 4.0, qkv_bias=True, norm_layer=LN) for _ in range(ddepth)])
+        self.decoder_pos_embed = nn.Parameter(
+            torch.from_numpy(np_sincos_2d(ddim, int(L**0.5))).float()[None], requires_grad=False
+        )
+        self.decoder_blocks = nn.ModuleList(
+            [Block(ddim, dheads, 4.0, qkv_bias=True, norm_layer=LN) for _ in range(ddepth)]
+        )
         self.decoder_norm = LN(ddim)
         self.decoder_pred = nn.Linear(ddim, p * p * 3)
         for po, pt in zip(self.online_encoder.parameters(), self.target_encoder.parameters()):
             pt.data.copy_(po.data)
         self.perceptual_loss = nn.Module()
-        self.perceptual_loss.model = SeedTeacher(img_size=img, patch_size=4, embed_dim=64, depth=12, num_heads=2, qkv_bias=True,
-                                                 norm_layer=LN, num_classes=1000)
+        self.perceptual_loss.model = SeedTeacher(
+            img_size=img, patch_size=4, embed_dim=64, depth=12, num_heads=2, qkv_bias=True, norm_layer=LN,
+            num_classes=1000,
+        )
 
     def unpatchify(self, x):
         h = int(x.shape[1] ** 0.5)
@@ -164,7 +172,9 @@ def test_seed_layout_loads_completely(pair):
     _, ours, report = pair
     assert not report.missing, report.missing
     assert not report.unexpected, report.unexpected
-    assert all(k.startswith("perceptual_loss.model.head.") or "running_" in k or "num_batches" in k for k in report.ignored)
+    assert all(
+        k.startswith("perceptual_loss.model.head.") or "running_" in k or "num_batches" in k for k in report.ignored
+    )
     assert any(k.startswith("perceptual.teacher.") for k in report.loaded)
 
 

@@ -37,7 +37,9 @@ def test_second_lock_is_refused_naming_the_holder_and_released_on_exit(tmp_path)
             RunLock(tmp_path / "run").acquire()
         assert time.monotonic() - t0 < 2
         msg = str(e.value)
-        assert f"pid {os.getpid()} on host {socket.gethostname()}, started {first.me.started}" in msg and "\n" not in msg
+        assert (
+            f"pid {os.getpid()} on host {socket.gethostname()}, started {first.me.started}" in msg and "\n" not in msg
+        )
     assert not (tmp_path / "run" / LOCK_NAME).exists()
     RunLock(tmp_path / "run").acquire().release()
 
@@ -140,11 +142,17 @@ def test_concurrent_runs_then_kill9_then_rerun(tmp_path):
     # kill -9 a resumed run once it holds the lock: the lock stays behind, naming a dead process
     killed = start(pretrain_args(out, 80, log_every=10), launcher="python", log=tmp_path / "killed.log")
     try:
-        wait_for(lambda: (out / LOCK_NAME).is_file() and f'"pid": {killed.pid},' in (out / LOCK_NAME).read_text(), 120, killed,
-                 "the lock")
+        wait_for(
+            lambda: (out / LOCK_NAME).is_file() and f'"pid": {killed.pid},' in (out / LOCK_NAME).read_text(),
+            120,
+            killed,
+            "the lock",
+        )
     finally:
         kill_tree(killed, signal.SIGKILL)
     assert (out / LOCK_NAME).is_file()
     rerun = check(run(pretrain_args(out, 62, log_every=1), launcher="python"))
-    assert f"taking over the lock of pid {killed.pid}" in rerun.stderr and f"process {killed.pid} is gone" in rerun.stderr
+    assert (
+        f"taking over the lock of pid {killed.pid}" in rerun.stderr and f"process {killed.pid} is gone" in rerun.stderr
+    )
     assert sorted(losses(out))[-2:] == [61, 62] and not (out / LOCK_NAME).exists()

@@ -175,7 +175,7 @@ def test_pretrain_and_finetune_log_to_mlflow_tracking_uri(tmp_path):
 
 def test_deepspeed_launcher_ranks_get_their_share_of_the_cores(tmp_path):
     """The deepspeed launcher sets no OMP_NUM_THREADS (torchrun sets 1): mcf sets cores // local ranks per rank."""
-    from mcf.threads import cores_available
+    from mcf.threads import available_cpus
 
     out = tmp_path / "run"
     args = ["--output-dir", str(out), "--max-steps", "1", "--loader", "torch", "--tracking-uri", "none",
@@ -186,7 +186,7 @@ def test_deepspeed_launcher_ranks_get_their_share_of_the_cores(tmp_path):
     p = subprocess.run(command(args, nproc=2, launcher="deepspeed"), cwd=ROOT, env=e, capture_output=True, text=True,
                        timeout=500)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    want = max(cores_available() // 2, 1)
-    assert f"{want} CPU threads per rank ({cores_available()} cores available / 2 rank(s) on this node; " \
+    want = max(available_cpus() // 2, 1)
+    assert f"{want} CPU threads per rank ({available_cpus()} CPUs in the affinity mask / 2 local ranks (LOCAL_SIZE); " \
            "OMP_NUM_THREADS was unset)" in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1

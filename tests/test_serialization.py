@@ -46,17 +46,34 @@ def test_deepspeed_types_load_and_others_are_refused(tmp_path):
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    dynamic = CreateLossScaler(torch.half, 0, True, dict(init_scale=2.0**16, scale_window=1000, min_scale=1, delayed_shift=2,
-                                                           consecutive_hysteresis=False))  # as ZeRO builds it for fp16
-    shard = {"optimizer_state_dict": {"loss_scaler": CreateLossScaler(torch.bfloat16, 0, False, None), "dynamic": dynamic,
-                                      "zero_stage": ZeroStageEnum.gradients, "param_slice_mappings": [{"w": fragment_address(8, 0)}],
-                                      "args": argparse.Namespace(lr=1e-3, name="x", sizes=[1, 2], nested={"a": None})},
-             "ds_version": "0.19.8", "flat": torch.arange(4.0)}
+    dynamic = CreateLossScaler(
+        torch.half,
+        0,
+        True,
+        dict(init_scale=2.0**16, scale_window=1000, min_scale=1, delayed_shift=2, consecutive_hysteresis=False),
+    )  # as ZeRO builds it for fp16
+    shard = {
+        "optimizer_state_dict": {
+            "loss_scaler": CreateLossScaler(torch.bfloat16, 0, False, None),
+            "dynamic": dynamic,
+            "zero_stage": ZeroStageEnum.gradients,
+            "param_slice_mappings": [{"w": fragment_address(8, 0)}],
+            "args": argparse.Namespace(lr=1e-3, name="x", sizes=[1, 2], nested={"a": None}),
+        },
+        "ds_version": "0.19.8",
+        "flat": torch.arange(4.0),
+    }
     torch.save(shard, tmp_path / "shard.pt")
     back = safe_load(tmp_path / "shard.pt")
     osd = back["optimizer_state_dict"]
-    assert osd["zero_stage"] is ZeroStageEnum.gradients and osd["param_slice_mappings"][0]["w"] == fragment_address(8, 0)
-    assert osd["loss_scaler"].cur_scale == 1.0 and osd["dynamic"].cur_scale == 2.0**16 and osd["dynamic"].dtype == torch.float16
+    assert osd["zero_stage"] is ZeroStageEnum.gradients and osd["param_slice_mappings"][0]["w"] == fragment_address(
+        8, 0
+    )
+    assert (
+        osd["loss_scaler"].cur_scale == 1.0
+        and osd["dynamic"].cur_scale == 2.0**16
+        and osd["dynamic"].dtype == torch.float16
+    )
     assert torch.equal(back["flat"], torch.arange(4.0)) and unsafe_globals(tmp_path / "shard.pt") == []
 
     import collections
@@ -107,7 +124,12 @@ def test_damaged_files_are_checkpoint_errors(tmp_path):
     cut.write_bytes(good.read_bytes()[:3000])
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "text.pt").write_text("hello")
-    for name, match in [("cut.pt", "cut short"), ("empty.pt", "is empty"), ("text.pt", "damaged"), ("nope.pt", "not found")]:
+    for name, match in [
+        ("cut.pt", "cut short"),
+        ("empty.pt", "is empty"),
+        ("text.pt", "damaged"),
+        ("nope.pt", "not found"),
+    ]:
         with pytest.raises(CheckpointError, match=match) as e:
             safe_load(tmp_path / name)
         assert not isinstance(e.value, UnsafeCheckpointError) and "\n" not in str(e.value)
@@ -118,11 +140,13 @@ def test_damaged_files_are_checkpoint_errors(tmp_path):
 # -- MAE-family checkpoints --------------------------------------------------------------------------
 def mae_args(**extra) -> argparse.Namespace:
     """MAE's main_pretrain.get_args_parser() defaults plus what init_distributed_mode adds."""
-    args = dict(batch_size=64, epochs=400, accum_iter=1, model="mae_vit_base_patch16", input_size=224, mask_ratio=0.75,
-                norm_pix_loss=False, weight_decay=0.05, lr=None, blr=1.5e-4, min_lr=0.0, warmup_epochs=40,
-                data_path="/datasets01/imagenet_full_size/061417/", output_dir="./output_dir", log_dir="./output_dir",
-                device="cuda", seed=0, resume="", start_epoch=0, num_workers=10, pin_mem=True, world_size=8,
-                local_rank=-1, dist_on_itp=False, dist_url="env://", rank=0, gpu=0, distributed=True, dist_backend="nccl")
+    args = dict(
+        batch_size=64, epochs=400, accum_iter=1, model="mae_vit_base_patch16", input_size=224, mask_ratio=0.75,
+        norm_pix_loss=False, weight_decay=0.05, lr=None, blr=1.5e-4, min_lr=0.0, warmup_epochs=40,
+        data_path="/datasets01/imagenet_full_size/061417/", output_dir="./output_dir", log_dir="./output_dir",
+        device="cuda", seed=0, resume="", start_epoch=0, num_workers=10, pin_mem=True, world_size=8, local_rank=-1,
+        dist_on_itp=False, dist_url="env://", rank=0, gpu=0, distributed=True, dist_backend="nccl",
+    )
     return argparse.Namespace(**{**args, **extra})
 
 
@@ -198,7 +222,11 @@ def test_payload_in_init_from_or_teacher_is_refused(tmp_path, use):
 
     marker = tmp_path / "PWNED"
     evil = write_payload(tmp_path / "evil.pth", marker, {"model": {"cls_token": torch.zeros(1, 1, 96)}})
-    kwargs = {"init_from": str(evil), "teacher_checkpoint": "random"} if use == "init_from" else {"teacher_checkpoint": str(evil)}
+    kwargs = (
+        {"init_from": str(evil), "teacher_checkpoint": "random"}
+        if use == "init_from"
+        else {"teacher_checkpoint": str(evil)}
+    )
     with pytest.raises(UnsafeCheckpointError, match="evil.pth: it holds posix.system"):
         create_model("mcf_vit_tiny", **kwargs)
     assert not marker.exists()

@@ -33,7 +33,9 @@ def test_loader_workers_survive_stop_signals(tmp_path):
     try:
         for kind in ("torch", "dali"):
             cfg = DataConfig(path=str(tmp_path / "db"), loader=kind, num_workers=1)
-            loader = build_pretrain_loader(cfg, img_size=32, batch_size=4, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
+            loader = build_pretrain_loader(
+                cfg, img_size=32, batch_size=4, rank=0, world_size=1, seed=0, device=torch.device("cpu")
+            )
             loader.set_epoch(0)
             it = iter(loader)
             next(it)

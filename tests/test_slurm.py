@@ -51,6 +51,7 @@ def submit(cluster, tmp: Path, name: str, *trainer_args: str, script: Path = SBA
         tasks = ("--nodes", "1", "--ntasks-per-node", "1", "--cpus-per-task", "2", "--gpus-per-node=0")
         env["MCF_RANKS_PER_NODE"] = "2"
         env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR", str(tmp / "torch_extensions"))
+        env["OMP_NUM_THREADS"] = None  # as on a cluster: the deepspeed launcher sets none, mcf chooses per rank
     job = cluster.sbatch(
         "--job-name", name, *tasks, "--time", "15", "--output", str(tmp / "%x-%j.out"), "--chdir", str(REPO),
         str(script), "--config", "demo", "--batch-size", "2", "--log-every", "1", "--checkpoint-every", "1000",
@@ -107,7 +108,9 @@ def test_signal_checkpoints_requeues_and_resumes(cluster, tmp_path, script):
 
     # The batch script requeues the job: same id, Restarts=1, pending on slurm's requeue delay
     # (BeginTime, ~2 min), which the test skips by making the job eligible now.
-    cluster.wait(job, lambda i: int(i.get("Restarts", 0)) >= 1 or i.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED"}, 120)
+    cluster.wait(
+        job, lambda i: int(i.get("Restarts", 0)) >= 1 or i.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED"}, 120
+    )
     before = read_steps(out)
     info = cluster.job(job)
     assert int(info.get("Restarts", 0)) == 1, f"the job was not requeued: {info}\n{log_of(log)}"
@@ -126,7 +129,14 @@ def test_signal_checkpoints_requeues_and_resumes(cluster, tmp_path, script):
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text[-6000:]}"
     assert "requeueing job" in text and "restart 1" in text and "2 rank(s)" in text
-    assert f"resumed from {out / 'checkpoints' / f'step_{stop_step:08d}'}" in text or f"(step {stop_step}," in text, text[-4000:]
+    if script == SBATCH_DS:  # 2 ranks from one launcher in one `srun -c 2` task share its 2 CPUs (they took 2 each)
+        threads = re.findall(
+            r"(\d+) CPU threads per rank \((.*?local ranks \(LOCAL_SIZE\); OMP_NUM_THREADS was unset)\)", text
+        )
+        assert threads and {n for n, _ in threads} == {"1"}, (threads, text[-4000:])
+    assert f"resumed from {out / 'checkpoints' / f'step_{stop_step:08d}'}" in text or f"(step {stop_step}," in text, (
+        text[-4000:]
+    )
     steps = read_steps(out)
     assert steps == list(range(1, max_steps + 1)), f"steps across the requeue: {steps}"
     assert (out / "checkpoints" / f"step_{max_steps:08d}" / "COMPLETE").exists()
@@ -149,8 +159,19 @@ def test_scancel_does_not_requeue(cluster, tmp_path):
                     "print('fake trainer', *sys.argv[1:4], flush=True)\n"
                     "time.sleep(120)\n")
     fake.chmod(0o755)
-    job = cluster.sbatch("--job-name", "mcf-cancel", *CPU_TASKS, "--time", "5", "--output", str(tmp_path / "%x-%j.out"), str(SBATCH), "--max-steps", "5",
-                         env={"MCF_PYTHON": str(fake), "MCF_RUNS_DIR": str(tmp_path / "runs"), "MCF_SLURM_GPUS": "0"})
+    job = cluster.sbatch(
+        "--job-name",
+        "mcf-cancel",
+        *CPU_TASKS,
+        "--time",
+        "5",
+        "--output",
+        str(tmp_path / "%x-%j.out"),
+        str(SBATCH),
+        "--max-steps",
+        "5",
+        env={"MCF_PYTHON": str(fake), "MCF_RUNS_DIR": str(tmp_path / "runs"), "MCF_SLURM_GPUS": "0"},
+    )
     log = tmp_path / f"mcf-cancel-{job}.out"
     deadline = time.monotonic() + 60
     while not (log.exists() and log.read_text().count("fake trainer -m mcf") == 2):
@@ -180,7 +201,9 @@ def test_a_stalled_step_requeues_a_bounded_number_of_times(cluster, tmp_path):
                          env={"MCF_PYTHON": str(fake), "MCF_RUNS_DIR": str(tmp_path / "runs"), "MCF_SLURM_GPUS": "0",
                               "MCF_STALL_REQUEUES": "1"})
     log = tmp_path / f"mcf-stall-{job}.out"
-    cluster.wait(job, lambda i: int(i.get("Restarts", 0)) >= 1 or i.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED"}, 120)
+    cluster.wait(
+        job, lambda i: int(i.get("Restarts", 0)) >= 1 or i.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED"}, 120
+    )
     assert int(cluster.job(job).get("Restarts", 0)) == 1, f"{cluster.job(job)}\n{log_of(log)}"
     assert "stall requeue 1 of 1" in log.read_text(), log_of(log)
     time.sleep(3)  # slurmd refuses to relaunch a job id within the second it killed it (see above)

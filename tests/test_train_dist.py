@@ -15,7 +15,20 @@ import subprocess
 import pytest
 import torch
 from tolerances import assert_close_scaled
-from train_helpers import BIN, check, complete_steps, env, free_port, kill_tree, losses, metrics, pretrain_args, run, start, wait_for
+from train_helpers import (
+    BIN,
+    check,
+    complete_steps,
+    env,
+    free_port,
+    kill_tree,
+    losses,
+    metrics,
+    pretrain_args,
+    run,
+    start,
+    wait_for,
+)
 
 REF_STEPS = 20
 
@@ -95,13 +108,25 @@ def test_bf16_zero3_ema_follows_the_formula_from_fp32_masters(tmp_path):
     from mcf.train.checkpoint import load_consolidated
 
     out = tmp_path / "run"
-    check(run(pretrain_args(out, 3, "--zero", "3", "--precision", "bf16", "--checkpoint-every", "1", "--set", "checkpoint.keep_last=3"),
-              nproc=2))
+    check(
+        run(
+            pretrain_args(
+                out, 3, "--zero", "3", "--precision", "bf16", "--checkpoint-every", "1", "--set",
+                "checkpoint.keep_last=3",
+            ),
+            nproc=2,
+        )
+    )
     got = losses(out)
     assert sorted(got) == [1, 2, 3] and all(torch.isfinite(torch.tensor(v)) for v in got.values())
     c2, c3 = (load_consolidated(out / "checkpoints" / f"step_{s:08d}") for s in (2, 3))
     m = c3["config"]["momentum"]["base"]
-    assert c3["step"] == 3 and {k.split(".")[0] for k in c3["online"]} == {"encoder", "projector", "predictor", "decoder"}
+    assert c3["step"] == 3 and {k.split(".")[0] for k in c3["online"]} == {
+        "encoder",
+        "projector",
+        "predictor",
+        "decoder",
+    }
     assert all(v.dtype == torch.float32 for v in c3["online"].values())
     not_bf16 = 0
     from mcf.config import load_config_dict
@@ -128,14 +153,17 @@ def test_bf16_zero3_ema_follows_the_formula_from_fp32_masters(tmp_path):
 
 
 def test_mcf_without_arguments_runs_the_demo(tmp_path):
-    """`mcf` alone = `mcf pretrain` on the demo preset (shortened through $MCF_OVERRIDES); MLflow's local store is read back."""
+    """`mcf` alone = `mcf pretrain` on the demo preset (shortened through $MCF_OVERRIDES); MLflow's local
+    store is read back."""
     p = subprocess.run([str(BIN / "mcf")], cwd=tmp_path, capture_output=True, text=True, timeout=400,
                        env=env(MCF_OVERRIDES="train.max_steps=6 logging.log_every=2 logging.recon_every=3"))
     check(p)
     out = tmp_path / "runs" / "demo"
     recs = metrics(out)
     assert [r["step"] for r in recs] == [2, 4, 6]
-    assert set(recs[0]) >= {"step", "epoch", "loss", "perceptual", "contrastive", "pixel", "lr", "momentum", "images_per_s", "bad_samples"}
+    assert set(recs[0]) >= {
+        "step", "epoch", "loss", "perceptual", "contrastive", "pixel", "lr", "momentum", "images_per_s", "bad_samples",
+    }
     import mlflow
 
     client = mlflow.tracking.MlflowClient(f"sqlite:///{out}/mlflow.db")
@@ -156,7 +184,9 @@ def test_mcf_without_arguments_runs_the_demo(tmp_path):
     assert [m.step for m in client.get_metric_history(run_.info.run_id, "mfu")] == [2, 4, 6]
     assert run_.data.params["model.name"] == "mcf_vit_tiny" and run_.info.status == "FINISHED"
     assert run_.data.tags["final_checkpoint"].endswith("step_00000006")
-    assert {a.path for a in client.list_artifacts(run_.info.run_id, "reconstructions")} == {f"reconstructions/{x}" for x in pngs}
+    assert {a.path for a in client.list_artifacts(run_.info.run_id, "reconstructions")} == {
+        f"reconstructions/{x}" for x in pngs
+    }
 
 
 def test_sigusr1_checkpoints_exits_3_and_resumes_exactly(tmp_path, mlflow_server):
@@ -203,10 +233,18 @@ def test_bad_data_on_one_rank_stops_every_rank(tmp_path):
     args = pretrain_args(out, 9, "--data", str(data), "--batch-size", "4", "--set", "data.max_bad_fraction=0",
                          "--checkpoint-every", "4")
     port = str(free_port())
-    procs = [subprocess.Popen([str(BIN / "python"), "-m", "mcf", "pretrain", *args], cwd=env()["PYTHONPATH"],
-                              env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-             for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "python"), "-m", "mcf", "pretrain", *args],
+            cwd=env()["PYTHONPATH"],
+            env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for r in range(2)
+    ]
     try:
         logs = [p.communicate(timeout=240)[0] for p in procs]
     finally:

@@ -50,8 +50,10 @@ def faces(tmp_path_factory):
 
 
 def _args(out: Path, data: Path, steps: int, zero: int, precision: str, *extra: str) -> list[str]:
-    return pretrain_args(out, steps, "--data", str(data), "--batch-size", str(BATCH), "--zero", str(zero), "--precision", precision,
-                         "--set", "checkpoint.keep_last=4", *extra)
+    return pretrain_args(
+        out, steps, "--data", str(data), "--batch-size", str(BATCH), "--zero", str(zero), "--precision", precision,
+        "--set", "checkpoint.keep_last=4", *extra,
+    )
 
 
 def _records(folder: Path) -> dict[tuple[int, int], list[int]]:
@@ -78,8 +80,13 @@ def _chain(tmp_path: Path, data: Path, zero: int, precision: str) -> dict:
     for name, world, steps, resume in plan:
         extra = ["--resume", str(out[resume[0]] / "checkpoints" / f"step_{resume[1]:08d}")] if resume else []
         out[name] = tmp_path / name
-        p = check(run(_args(out[name], data, steps, zero, precision, "--checkpoint-every", "1" if resume else "2", *extra), nproc=world,
-                      MCF_RECORD_SAMPLES=str(tmp_path / f"rec_{name}")))
+        p = check(
+            run(
+                _args(out[name], data, steps, zero, precision, "--checkpoint-every", "1" if resume else "2", *extra),
+                nproc=world,
+                MCF_RECORD_SAMPLES=str(tmp_path / f"rec_{name}"),
+            )
+        )
         if resume:
             old = 3 - world
             assert f"train.accum_steps 1 -> {2 // world} keeps the global batch 8" in p.stderr, p.stderr[-3000:]
@@ -134,7 +141,9 @@ def _adam_state(step_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], Any
             return x["param"] if isinstance(x, dict) else x
 
         # ZeRO-3 keeps no step per parameter, one per param group
-        groups = torch.load(root / "optimizer_state.pt", weights_only=False).get("optimizer_state_dict", {}).get("state", {})
+        groups = (
+            torch.load(root / "optimizer_state.pt", weights_only=False).get("optimizer_state_dict", {}).get("state", {})
+        )
         for d in (d for d in root.iterdir() if (d / "exp_avg.pt").is_file()):
             g = int(d.name in no_decay)
             step = load(d / "step.pt") if (d / "step.pt").is_file() else groups[g]["step"]
@@ -173,7 +182,9 @@ def _check_adam_continues(before: Path, after: Path, train_step: int) -> None:
         t = b[name]["step"]
         assert t == a[name]["step"] + 1 and t in (train_step, train_step + 1), (name, a[name]["step"], t)
         g = (m3 - b1 * m2) / (1 - b1)
-        torch.testing.assert_close(v3, b2 * v2 + (1 - b2) * g * g, rtol=1e-5, atol=1e-12 + 1e-6 * float(v3.abs().max()), msg=name)
+        torch.testing.assert_close(
+            v3, b2 * v2 + (1 - b2) * g * g, rtol=1e-5, atol=1e-12 + 1e-6 * float(v3.abs().max()), msg=name
+        )
         wd = cfg.optim.weight_decay if a[name]["decays"] else 0.0
         want = th2 * (1 - lr * wd) - lr / (1 - b1**t) * m3 / ((v3 / (1 - b2**t)).sqrt() + eps)
         torch.testing.assert_close(th3, want, rtol=0, atol=2e-7 * max(1.0, float(th2.abs().max())), msg=name)
@@ -192,9 +203,14 @@ def test_two_ranks_to_one_to_two_zero3_bf16(tmp_path, faces):
     _check_chain(_chain(tmp_path, faces, 3, "bf16"))
 
 
-@pytest.mark.skipif(not os.environ.get("MCF_TEST_ELASTIC_MATRIX"), reason="the other stages and precisions take ~1.5 min each: "
-                    "set MCF_TEST_ELASTIC_MATRIX=1 (the default test covers ZeRO-3's universal load in bf16)")
-@pytest.mark.parametrize("zero, precision", [(0, "fp32"), (0, "bf16"), (1, "fp32"), (1, "bf16"), (2, "fp32"), (2, "bf16"), (3, "fp32")])
+@pytest.mark.skipif(
+    not os.environ.get("MCF_TEST_ELASTIC_MATRIX"),
+    reason="the other stages and precisions take ~1.5 min each: "
+    "set MCF_TEST_ELASTIC_MATRIX=1 (the default test covers ZeRO-3's universal load in bf16)",
+)
+@pytest.mark.parametrize(
+    "zero, precision", [(0, "fp32"), (0, "bf16"), (1, "fp32"), (1, "bf16"), (2, "fp32"), (2, "bf16"), (3, "fp32")]
+)
 def test_two_ranks_to_one_to_two_matrix(tmp_path, faces, zero, precision):
     _check_chain(_chain(tmp_path, faces, zero, precision))
 
@@ -211,9 +227,13 @@ def test_plan_accum_steps_policies():
     assert plan_accum_steps("keep_global_batch", saved, 32, 2, 16) == 1
     assert plan_accum_steps("keep_global_batch", saved, 64, 2, 2) == 4  # a new micro-batch too
     assert plan_accum_steps("keep_micro_batch", saved, 32, 2, 4) == 2  # global batch 256 from now on
-    with pytest.raises(ConfigError, match=r"global batch 512 on 32 rank\(s\) with train.batch_size=32 .*keep_micro_batch"):
+    with pytest.raises(
+        ConfigError, match=r"global batch 512 on 32 rank\(s\) with train.batch_size=32 .*keep_micro_batch"
+    ):
         plan_accum_steps("keep_global_batch", saved, 32, 2, 32)
-    with pytest.raises(ConfigError, match=r"train.batch_size=2 \(accum_steps 64\) or train.batch_size=4 \(accum_steps 32\) keeps it"):
+    with pytest.raises(
+        ConfigError, match=r"train.batch_size=2 \(accum_steps 64\) or train.batch_size=4 \(accum_steps 32\) keeps it"
+    ):
         plan_accum_steps("keep_global_batch", saved, 3, 2, 4)  # 512 / (3 * 4) is not whole
     with pytest.raises(ConfigError, match="no batch size keeps it on 1024 rank"):
         plan_accum_steps("keep_global_batch", saved, 1, 2, 1024)
@@ -224,8 +244,16 @@ def test_plan_accum_steps_policies():
 def test_resplit_rank_state_moves_counters_to_rank0():
     from mcf.train.elastic import resplit_rank_state
 
-    old = [{"loader": {"epoch": 3, "offset": 40, "bad_samples": b, "samples_seen": 100}, "acc": torch.tensor([1.0, 2.0, 1.0]) * (r + 1),
-            "steps_since_log": 2, "rng": "per rank", "mask_gen": "per rank"} for r, b in enumerate((1, 4))]
+    old = [
+        {
+            "loader": {"epoch": 3, "offset": 40, "bad_samples": b, "samples_seen": 100},
+            "acc": torch.tensor([1.0, 2.0, 1.0]) * (r + 1),
+            "steps_since_log": 2,
+            "rng": "per rank",
+            "mask_gen": "per rank",
+        }
+        for r, b in enumerate((1, 4))
+    ]
     new0, new1 = resplit_rank_state(old, 0), resplit_rank_state(old, 1)
     assert new0["loader"] == {"epoch": 3, "offset": 40, "bad_samples": 5, "samples_seen": 200}
     assert new1["loader"] == {"epoch": 3, "offset": 40, "bad_samples": 0, "samples_seen": 0}
@@ -245,8 +273,10 @@ def test_cli_refuses_in_one_line(tmp_path):
     config = to_dict(build_config("demo", ["train.batch_size=4"]))
     torch.save({"format": FORMAT, "step": 2, "world_size": 2, "config": config, "target": {}}, step / MCF_STATE)
     (step / COMPLETE).write_text("2\n")
-    cases = [(["--batch-size", "3"], "cannot keep the global batch 8 on 1 rank(s) with train.batch_size=3"),
-             (["--batch-size", "4", "--set", "train.elastic=refuse"], "this run has 1 rank(s) and train.elastic=refuse")]
+    cases = [
+        (["--batch-size", "3"], "cannot keep the global batch 8 on 1 rank(s) with train.batch_size=3"),
+        (["--batch-size", "4", "--set", "train.elastic=refuse"], "this run has 1 rank(s) and train.elastic=refuse"),
+    ]
     for extra, message in cases:
         p = run(pretrain_args(tmp_path / "out", 4, "--resume", str(step), *extra), launcher="python")
         errors = [line for line in p.stderr.splitlines() if line.startswith("mcf: error:")]

@@ -18,7 +18,11 @@ DEADLINE_S = 120  # the failing 2-step run exits in ~15 s on an idle 2-core mach
 
 def test_uncaught_error_in_the_loop_exits_with_loader_workers(tmp_path):
     args = pretrain_args(tmp_path / "run", 3, "--set", "data.num_workers=2")
-    cmd = [sys.executable, str(ROOT / "tests" / "fail_in_loop.py"), *command(args)[3:]]  # `mcf pretrain ...` minus the interpreter
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests" / "fail_in_loop.py"),
+        *command(args)[3:],
+    ]  # `mcf pretrain ...` minus the interpreter
     log = tmp_path / "run.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)

@@ -22,5 +22,7 @@ def test_profile_step_writes_the_share_of_each_range(tmp_path):
         assert 0 < r["host_share"] <= 1.0, (name, r)
     parts = sum(r["host_ms"] for r in prof["ranges"].values())
     assert parts <= prof["wall_ms"] * 1.001  # the ranges do not overlap
-    assert prof["ranges"]["mcf.teacher"]["host_ms"] > prof["ranges"]["mcf.ema"]["host_ms"]  # two ViT forwards vs a foreach axpy
+    assert (
+        prof["ranges"]["mcf.teacher"]["host_ms"] > prof["ranges"]["mcf.ema"]["host_ms"]
+    )  # two ViT forwards vs a foreach axpy
     assert prof["top_ops"] and all("op" in op for op in prof["top_ops"])

@@ -75,7 +75,11 @@ def test_ds_configs_fill_batch_keys(name):
     cfg = build_config("demo", [f"deepspeed.zero={zero}", f"train.precision={precision}", f"deepspeed.config={name}",
                                 "train.batch_size=8", "train.accum_steps=3"])
     ds = build_ds_config(cfg, world_size=4)
-    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 3 and ds["train_batch_size"] == 96
+    assert (
+        ds["train_micro_batch_size_per_gpu"] == 8
+        and ds["gradient_accumulation_steps"] == 3
+        and ds["train_batch_size"] == 96
+    )
     assert ds["zero_optimization"]["stage"] == zero
     assert ds[precision]["enabled"] if precision != "fp32" else not (ds["bf16"]["enabled"] or ds["fp16"]["enabled"])
     assert "optimizer" not in ds and "scheduler" not in ds
@@ -95,7 +99,9 @@ def test_ds_config_conflicts_are_errors(tmp_path):
         build_ds_config(cfg_with({"bf16": {"enabled": True}}, "train.precision=fp32"), 1)
     with pytest.raises(ConfigError, match="optimizer"):
         build_ds_config(cfg_with({"optimizer": {"type": "AdamW"}}), 1)
-    ok = build_ds_config(cfg_with({"train_micro_batch_size_per_gpu": 8, "train_batch_size": 16}, "train.batch_size=8"), 2)
+    ok = build_ds_config(
+        cfg_with({"train_micro_batch_size_per_gpu": 8, "train_batch_size": 16}, "train.batch_size=8"), 2
+    )
     assert ok["train_batch_size"] == 16
 
 
@@ -195,14 +201,21 @@ def test_unsupported_precision_is_a_user_error(clean_env, capsys):
         pytest.skip(reason="fp16 is supported here: no unsupported-precision error to show")
     from mcf.cli import main
 
-    rc = main(["pretrain", "--precision", "fp16", "--zero", "2", "--tracking-uri", "none", "--output-dir", str(clean_env / "run")])
+    rc = main(
+        [
+            "pretrain", "--precision", "fp16", "--zero", "2", "--tracking-uri", "none", "--output-dir",
+            str(clean_env / "run"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "fp16 is not supported" in err and "Traceback" not in err
 
 
 def test_ds_config_skips_the_gradient_norm_only_when_nothing_reads_it(tmp_path):
     """ZeRO-1/2 without clipping: no global gradient norm (one all-reduce per parameter group saved);
-    with clipping, at ZeRO 0/3, with DeepSpeed's BF16_Optimizer (grad_accum_dtype), or when the JSON says, DeepSpeed decides."""
+    with clipping, at ZeRO 0/3, with DeepSpeed's BF16_Optimizer (grad_accum_dtype), or when the JSON
+    says, DeepSpeed decides."""
+
     def zo(*overrides: str, ds: dict | None = None) -> dict:
         extra = []
         if ds is not None:
@@ -216,5 +229,12 @@ def test_ds_config_skips_the_gradient_norm_only_when_nothing_reads_it(tmp_path):
         assert "compute_grad_norm" not in zo(f"deepspeed.zero={zero}", "train.precision=bf16", "optim.grad_clip=1.0")
     for zero in (0, 3):
         assert "compute_grad_norm" not in zo(f"deepspeed.zero={zero}", "train.precision=bf16")
-    assert "compute_grad_norm" not in zo("deepspeed.zero=1", "train.precision=bf16", ds={"data_types": {"grad_accum_dtype": "fp32"}})
-    assert zo("deepspeed.zero=1", "train.precision=bf16", ds={"zero_optimization": {"compute_grad_norm": True}})["compute_grad_norm"] is True
+    assert "compute_grad_norm" not in zo(
+        "deepspeed.zero=1", "train.precision=bf16", ds={"data_types": {"grad_accum_dtype": "fp32"}}
+    )
+    assert (
+        zo("deepspeed.zero=1", "train.precision=bf16", ds={"zero_optimization": {"compute_grad_norm": True}})[
+            "compute_grad_norm"
+        ]
+        is True
+    )

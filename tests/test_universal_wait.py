@@ -42,10 +42,17 @@ def test_the_other_ranks_outwait_the_collective_timeout_without_a_collective(tmp
     step_dir = tmp_path / "step_00000004"
     step_dir.mkdir()
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(step_dir), str(PG_TIMEOUT_S), str(CONVERT_S)], cwd=ROOT,
-                              env=env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                                      MASTER_PORT=port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(step_dir), str(PG_TIMEOUT_S), str(CONVERT_S)],
+            cwd=ROOT,
+            env=env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
     outs = []
     for p in procs:
         try:
@@ -56,7 +63,9 @@ def test_the_other_ranks_outwait_the_collective_timeout_without_a_collective(tmp
             raise
     assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(outs)
     assert "rank 0 got universal" in outs[0] and "rank 1 got universal" in outs[1]
-    assert "waiting for rank 0's conversion of" in outs[1] and "still waiting for rank 0's conversion" in outs[1], outs[1]
+    assert "waiting for rank 0's conversion of" in outs[1] and "still waiting for rank 0's conversion" in outs[1], outs[
+        1
+    ]
     assert (step_dir / ckpt.UNIVERSAL / "zero").is_dir() and not (step_dir / f".{ckpt.UNIVERSAL}.tmp").exists()
 
 

@@ -25,8 +25,10 @@ def free_port() -> int:
 def env(**extra: str) -> dict[str, str]:
     e = dict(os.environ)
     # (MLFLOW_*: a team store exported in the environment is not the tests')
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "MCF_OVERRIDES",
-              "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+    for k in (
+        "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+        "MCF_OVERRIDES", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME",
+    ):
         e.pop(k, None)
     e.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true", PYTHONPATH=str(ROOT),
              TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"), PYTHONUNBUFFERED="1")
@@ -36,31 +38,44 @@ def env(**extra: str) -> dict[str, str]:
 
 def pretrain_args(out: Path, steps: int, *extra: str, log_every: int = 1) -> list[str]:
     """The demo preset, shortened: every step logged, no MLflow, the torch loader, no progress bar."""
-    return ["--config", "demo", "--output-dir", str(out), "--max-steps", str(steps), "--log-every", str(log_every),
-            "--tracking-uri", "none", "--loader", "torch", "--set", "logging.progress=false", "--set", "data.num_workers=0",
-            "--set", "logging.recon_every=0", *extra]
+    return [
+        "--config", "demo", "--output-dir", str(out), "--max-steps", str(steps), "--log-every", str(log_every),
+        "--tracking-uri", "none", "--loader", "torch", "--set", "logging.progress=false", "--set", "data.num_workers=0",
+        "--set", "logging.recon_every=0", *extra,
+    ]
 
 
 def command(args: list[str], nproc: int = 1, launcher: str = "python") -> list[str]:
     if launcher == "python" or (launcher == "torchrun" and nproc == 1):
         return [sys.executable, "-m", "mcf", "pretrain", *args]
     if launcher == "torchrun":
-        return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "-m", "mcf", "pretrain", *args]
+        return [
+            str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "-m", "mcf",
+            "pretrain", *args,
+        ]
     if launcher == "deepspeed":
         return [str(BIN / "deepspeed"), "--no_local_rank", "--num_gpus", str(nproc), "--master_port", str(free_port()),
                 "--module", "mcf", "pretrain", *args]
     raise ValueError(launcher)
 
 
-def run(args: list[str], nproc: int = 1, launcher: str = "torchrun", timeout: float = 300, **env_extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command(args, nproc, launcher), cwd=ROOT, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
+def run(
+    args: list[str], nproc: int = 1, launcher: str = "torchrun", timeout: float = 300, **env_extra: str
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command(args, nproc, launcher), cwd=ROOT, env=env(**env_extra), capture_output=True, text=True, timeout=timeout
+    )
 
 
-def start(args: list[str], nproc: int = 1, launcher: str = "torchrun", log: Path | None = None, **env_extra: str) -> subprocess.Popen:
+def start(
+    args: list[str], nproc: int = 1, launcher: str = "torchrun", log: Path | None = None, **env_extra: str
+) -> subprocess.Popen:
     """Start in a new session (so the whole launcher tree can be killed at once)."""
     out = open(log, "w") if log else subprocess.DEVNULL
-    return subprocess.Popen(command(args, nproc, launcher), cwd=ROOT, env=env(**env_extra), stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        command(args, nproc, launcher), cwd=ROOT, env=env(**env_extra), stdout=out, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def descendants(pid: int) -> list[int]:
@@ -117,5 +132,7 @@ def complete_steps(out: Path) -> list[int]:
 
 
 def check(proc: subprocess.CompletedProcess, rc: int = 0) -> subprocess.CompletedProcess:
-    assert proc.returncode == rc, f"exit {proc.returncode} (wanted {rc})\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == rc, (
+        f"exit {proc.returncode} (wanted {rc})\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
     return proc

@@ -60,7 +60,9 @@ def _option(argv: list[str], flag: str) -> list[str] | None:
     return values
 
 
-def _time_interleaved(backends: list[str], inputs: tuple, device, warmup: int, repeats: int, inner: int) -> dict[str, list[float]]:
+def _time_interleaved(
+    backends: list[str], inputs: tuple, device, warmup: int, repeats: int, inner: int
+) -> dict[str, list[float]]:
     """ms per forward + backward of each backend; the backends alternate within every repeat, so a
     shared host's load falls on all alike. CPU: process CPU time (all threads), steadier than wall
     time when other processes share the cores; GPU: wall time between synchronisations."""
@@ -105,7 +107,9 @@ def run_table(argv: list[str]) -> dict[str, Any]:
         return tuple(int(v) for v in given) if given else (default if isinstance(default, tuple) else (default,))
 
     dtypes = tuple(_option(argv, "--dtype") or TABLE_SHAPES["dtype"])
-    backends = ["sdpa", "sdpa_fp32", "math"] + (["triton"] if device.type == "cuda" and triton_status(device)[0] else [])
+    backends = ["sdpa", "sdpa_fp32", "math"] + (
+        ["triton"] if device.type == "cuda" and triton_status(device)[0] else []
+    )
     timing = {k: int((_option(argv, f"--{k}") or [sizes[k]])[0]) for k in ("warmup", "repeats", "inner")}
     generator = torch.Generator().manual_seed(0)
     results = []
@@ -114,11 +118,16 @@ def run_table(argv: list[str]) -> dict[str, Any]:
             for B in ints("--batch", sizes["batch"]):
                 for H in ints("--heads", sizes["heads"]):
                     for S in ints("--tokens", TABLE_SHAPES["tokens"]):
-                        q, k, v, dout, _ = bench._inputs(B, H, S, head_dim, bench.DTYPES[dtype], device, False, generator)
+                        q, k, v, dout, _ = bench._inputs(
+                            B, H, S, head_dim, bench.DTYPES[dtype], device, False, generator
+                        )
                         ms = _time_interleaved(backends, (q, k, v, dout), device, **timing)
                         for backend, times in ms.items():
-                            row = {"B": B, "H": H, "S": S, "D": head_dim, "dtype": dtype, "masked": False, "backend": backend,
-                                   "mode": "fwd+bwd", "median_ms": statistics.median(times), "times_ms": times}
+                            row = {
+                                "B": B, "H": H, "S": S, "D": head_dim, "dtype": dtype, "masked": False,
+                                "backend": backend, "mode": "fwd+bwd", "median_ms": statistics.median(times),
+                                "times_ms": times,
+                            }
                             results.append(row)
                             print(bench._format_row({**row, "tflops": 0.0}), file=sys.stderr)
     info = run_info(device)
@@ -130,10 +139,13 @@ def run_table(argv: list[str]) -> dict[str, Any]:
     choices = {f"{r['dtype']} S{r['tokens']} D{r['head_dim']}": min((c for c in r["ms"] if r["ms"][c] is not None),
                                                                    key=lambda c: r["ms"][c]) for r in rows}
     print(f"attention table {path}: {len(rows)} rows for {host}", file=sys.stderr)
-    return {"benchmark": "attention", "device": device_name(device), "table": {"host": host, "path": str(path),
-            "rows": rows, "fastest": choices}, "results": results, "dtypes": list(dtypes),
-            "timing": {**timing, "clock": "wall" if device.type == "cuda" else "process CPU time", "order": "interleaved"},
-            **info}
+    return {
+        "benchmark": "attention", "device": device_name(device),
+        "table": {"host": host, "path": str(path), "rows": rows, "fastest": choices}, "results": results,
+        "dtypes": list(dtypes),
+        "timing": {**timing, "clock": "wall" if device.type == "cuda" else "process CPU time", "order": "interleaved"},
+        **info,
+    }
 
 
 def run(argv: list[str]) -> dict[str, Any]:
@@ -161,7 +173,9 @@ def run(argv: list[str]) -> dict[str, Any]:
     # the TritonFaster(...) lines to paste into mcf/kernels/dispatch.py (a comment saying none when Triton never won)
     rows = bench.suggested_rows(result)
     print(rows, file=sys.stderr)
-    return {"benchmark": "attention", "device": device_name(device), **result, "suggested_rows": rows, **run_info(device)}
+    return {
+        "benchmark": "attention", "device": device_name(device), **result, "suggested_rows": rows, **run_info(device)
+    }
 
 
 def main(argv: list[str], out: str | None = None) -> int:

@@ -21,7 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "mcf", "kernels", "benchmarks"], cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=10)
         commit = out.stdout.strip() or "unknown"

@@ -20,38 +20,17 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mcf.bench.common import emit, run_info
+from mcf.bench.config import DataBenchConfig
 from mcf.measure import device_name, resolve_device, sync
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(kw_only=True)
-class DataBenchConfig:
-    data: str | None = None
-    """Image folder; None = ``count`` synthetic JPEGs of ``file_size``² in a temporary folder."""
-    count: int = 256
-    file_size: int = 256
-    img_size: int = 224
-    batch_size: int = 32
-    workers: int = 2
-    batches: int = 6
-    """Timed batches per loader (after one untimed batch)."""
-    sources: tuple[str, ...] = ("folder", "lmdb", "shards")
-    device: str = "auto"
-    out: str | None = None
-
-    def __post_init__(self) -> None:
-        if set(self.sources) - {"folder", "lmdb", "shards"}:
-            raise ValueError("sources must be a subset of folder,lmdb,shards")
-        if self.batches < 1 or self.batch_size < 1 or self.workers < 0:
-            raise ValueError("batches and batch_size must be >= 1, workers >= 0")
 
 
 def _time_loader(batches, n_batches: int, batch_size: int, device: torch.device) -> dict[str, Any]:
@@ -65,7 +44,9 @@ def _time_loader(batches, n_batches: int, batch_size: int, device: torch.device)
     sync(device)
     dt = time.perf_counter() - t1
     assert b.shape == first.shape
-    return {"images_per_s": n_batches * batch_size / dt, "seconds": dt, "first_batch_s": t1 - t0, "batch_shape": list(shape)}
+    return {
+        "images_per_s": n_batches * batch_size / dt, "seconds": dt, "first_batch_s": t1 - t0, "batch_shape": list(shape)
+    }
 
 
 def run(cfg: DataBenchConfig) -> dict[str, Any]:

@@ -94,8 +94,10 @@ def tensor_loader(batch_size: int, img_size: int, batches: int = 4, seed: int = 
     """Compute-only paper feed: a plain DataLoader over in-memory random images (no decoding)."""
     g = torch.Generator().manual_seed(seed)
     data = torch.randn(batch_size * batches, 3, img_size, img_size, generator=g)
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=batch_size, shuffle=True, drop_last=True,
-                                       pin_memory=torch.cuda.is_available())
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(data), batch_size=batch_size, shuffle=True, drop_last=True,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 def tensor_batches(loader: torch.utils.data.DataLoader, device: torch.device) -> Iterator[torch.Tensor]:
@@ -104,20 +106,26 @@ def tensor_batches(loader: torch.utils.data.DataLoader, device: torch.device) ->
             yield images.to(device, non_blocking=True)
 
 
-def staged_batches(batch_size: int, img_size: int, device: torch.device, batches: int = 2, seed: int = 0) -> Iterator[torch.Tensor]:
+def staged_batches(
+    batch_size: int, img_size: int, device: torch.device, batches: int = 2, seed: int = 0
+) -> Iterator[torch.Tensor]:
     """Compute-only mcf feed: batches already on ``device``, rotated (no host work per step)."""
     g = torch.Generator().manual_seed(seed)
     staged = [torch.randn(batch_size, 3, img_size, img_size, generator=g).to(device) for _ in range(batches)]
     return itertools.cycle(staged)
 
 
-def mcf_loader(path: str | os.PathLike, img_size: int, batch_size: int, workers: int, device: torch.device, loader: str = "auto",
-               prefetch: int = 2) -> tuple[Any, str]:
+def mcf_loader(
+    path: str | os.PathLike, img_size: int, batch_size: int, workers: int, device: torch.device, loader: str = "auto",
+    prefetch: int = 2,
+) -> tuple[Any, str]:
     """mcf's pre-training loader on ``path`` (``loader``: auto | dali | torch) and the kind it chose."""
     from mcf.data import DataConfig, build_pretrain_loader
 
     cfg = DataConfig(path=str(path), loader=loader, num_workers=workers, prefetch=prefetch)
-    ld = build_pretrain_loader(cfg, img_size=img_size, batch_size=batch_size, rank=0, world_size=1, seed=0, device=device)
+    ld = build_pretrain_loader(
+        cfg, img_size=img_size, batch_size=batch_size, rank=0, world_size=1, seed=0, device=device
+    )
     return ld, ld.kind
 
 

@@ -18,32 +18,17 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mcf.bench.config import IndexScaleConfig
+
 KEY_LEN = 13  # "k" + 12 digits, as the paper's layout (13-character keys)
 FILES_PER_DIR = 1000
 SHARD_SAMPLES = 10_000
-
-
-@dataclass(kw_only=True)
-class IndexScaleConfig:
-    keys: int = 20_000_000
-    """Keys of the paper-layout key file (and samples of the synthetic shard index)."""
-    folder_files: int = 200_000
-    """Empty files of the synthetic image folder (0 = skip)."""
-    worker_keys: int = 1_000_000
-    """Keys a forked worker reads (an epoch of a worker), with the compact index and with ``list[str]``."""
-    workdir: str | None = None
-    """Where the synthetic data goes (reused when present); None = a temporary folder."""
-    out: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.keys < 2 or self.folder_files < 0 or not 0 < self.worker_keys <= self.keys:
-            raise ValueError("need keys >= 2, folder_files >= 0, 0 < worker_keys <= keys")
 
 
 def memory(pid: int | str = "self") -> dict[str, int]:

@@ -34,7 +34,7 @@ import statistics
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -43,12 +43,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from mcf.bench.common import emit, run_info
+from mcf.bench.config import MemoryBenchConfig
 from mcf.measure import PeakMemory
 
 log = logging.getLogger(__name__)
 
-MODES = ("none", "encoder", "decoder", "teacher", "all")
-PAPER_MODELS = ("mcf_vit_base_patch16", "mcf_vit_large_patch16", "mcf_vit_huge_patch14")
 
 
 class LiveBytes(TorchDispatchMode):
@@ -103,40 +102,6 @@ def cpu_flash_attention() -> Iterator[None]:
         yield
     finally:
         F.scaled_dot_product_attention = sdpa
-
-
-@dataclass(kw_only=True)
-class MemoryBenchConfig:
-    model: str = "mcf_vit_small_patch16"
-    img_size: int | None = 112
-    batch_sizes: tuple[int, int] = (4, 8)
-    """Batch sizes of the CPU measurement."""
-    modes: tuple[str, ...] = MODES
-    precision: str = "bf16"
-    """Weights' and activations' dtype, as DeepSpeed runs the online model (bf16 or fp32)."""
-    repeats: int = 3
-    project: tuple[str, ...] = PAPER_MODELS
-    """Models counted at their own size for the batch projection (empty: none)."""
-    project_teacher: str = "vit_base_patch16"
-    project_batch_sizes: tuple[int, int] = (64, 128)
-    """Batch sizes of the meta count: large, so that the peak is the activations' (at the start of the
-    backward), as at the batch sizes that fill a GPU; at small ones the gradients' peak at its end hides them."""
-    gpu_gb: float = 80.0
-    ranks: int = 8
-    zero: int = 1
-    reserve_gb: float = 8.0
-    """CUDA context, NCCL buffers and allocator fragmentation (an assumption, not measured)."""
-    out: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.modes or set(self.modes) - set(MODES):
-            raise ValueError(f"modes must be among {','.join(MODES)}")
-        if len(self.batch_sizes) != 2 or not 0 < self.batch_sizes[0] < self.batch_sizes[1]:
-            raise ValueError("batch_sizes must be two increasing sizes")
-        if self.precision not in ("bf16", "fp32"):
-            raise ValueError("precision must be bf16 or fp32")
-        if self.zero not in (0, 1, 2, 3) or self.ranks < 1 or self.repeats < 1:
-            raise ValueError("zero must be 0-3, ranks and repeats >= 1")
 
 
 def build(name: str, img_size: int | None, teacher: str | None, precision: str, device: str) -> torch.nn.Module:

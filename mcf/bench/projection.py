@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mcf.configtree import field
+
 # ops whose bytes a ring moves twice per rank
 _ALL_REDUCE = ("all_reduce", "all_reduce_coalesced")
 
@@ -47,20 +49,18 @@ class Network:
     per GPU, NCCL's rings rail-aligned: each of a node's GPUs is the cross-node hop of its own rings, so
     a collective across nodes moves ``gpus_per_node`` NICs' worth of bandwidth per GPU ring)."""
 
-    gpus_per_node: int = 8
-    intra_GBps: float = 360.0
-    """Bus bandwidth per GPU within a node (GB/s): NVLink 4 is 450 GB/s each way; ~360 is what NCCL reaches."""
-    inter_Gbps: float = 400.0
-    """Per GPU, across nodes (Gb/s): the GPU's NIC."""
-    inter_efficiency: float = 0.8
-    """The share of the NIC's line rate a collective reaches (protocol, congestion)."""
-    rail_aligned: bool = True
-    """Rings cross nodes through every NIC of a node at once (NCCL on rail-optimised fabrics); False: each
-    GPU's traffic leaves through its one NIC (a pessimistic bound, the issue's 40 GB/s per GPU)."""
-    hop_intra_us: float = 1.0
-    """Latency per ring hop within a node (µs)."""
-    hop_inter_us: float = 5.0
-    """Latency per ring hop between nodes (µs)."""
+    gpus_per_node: int = field(8, flag=True, help="GPUs per node.")
+    intra_GBps: float = field(360.0, flag="--intra-gbytes", help=(
+        "Bus bandwidth per GPU within a node (GB/s): NVLink 4 is 450 GB/s each way; ~360 is what NCCL reaches."))
+    inter_Gbps: float = field(400.0, flag="--inter-gbits", help="Per GPU, across nodes (Gb/s): the GPU's NIC.")
+    inter_efficiency: float = field(0.8, flag=True, help=(
+        "The share of the NIC's line rate a collective reaches (protocol, congestion)."))
+    rail_aligned: bool = field(True, flag="--one-nic-per-ring", const=False, help=(
+        "Rings cross nodes through every NIC of a node at once (NCCL on rail-optimised fabrics); False: each GPU's "
+        "traffic leaves through its one NIC (a pessimistic bound, the issue's 40 GB/s per GPU)."), flag_help=(
+        "pessimistic: a GPU's cross-node traffic leaves through its one NIC (no rail-aligned rings)"))
+    hop_intra_us: float = field(1.0, flag=True, help="Latency per ring hop within a node (µs).")
+    hop_inter_us: float = field(5.0, flag=True, help="Latency per ring hop between nodes (µs).")
 
     def __post_init__(self) -> None:
         if self.gpus_per_node < 1 or min(self.intra_GBps, self.inter_Gbps) <= 0 or not 0 < self.inter_efficiency <= 1:
@@ -95,12 +95,10 @@ class Network:
 
 @dataclass(kw_only=True)
 class Compute:
-    peak_tflops: float = 989.0
-    """The GPU's dense bf16 peak (H100 SXM: 989)."""
-    mfu: float = 0.45
-    """The share of the peak the step's compute reaches (40-50 % for ViT training on H100)."""
-    batch_size: int = 64
-    """Images per GPU per step."""
+    peak_tflops: float = field(989.0, flag=True, help="The GPU's dense bf16 peak (TFLOP/s; H100 SXM: 989).")
+    mfu: float = field(0.45, flag=True, help=(
+        "The share of the peak the step's compute reaches (40-50 % for ViT training on H100)."))
+    batch_size: int = field(64, flag="--project-batch", help="Images per GPU per step of the projection.")
 
     def __post_init__(self) -> None:
         if self.peak_tflops <= 0 or not 0 < self.mfu <= 1 or self.batch_size < 1:

@@ -25,60 +25,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from mcf.bench.common import REPO_ROOT, emit
-from mcf.bench.projection import Compute, Network, project, table
+from mcf.bench.config import ScaleBenchConfig
+from mcf.bench.projection import project, table
 from mcf.errors import UserError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(kw_only=True)
-class ScaleBenchConfig:
-    model: str = "mcf_vit_tiny"
-    img_size: int | None = None
-    batch_size: int = 4
-    """Per rank."""
-    steps: int = 3
-    """Timed steps (after one warm-up step)."""
-    stages: tuple[int, ...] = (0, 1, 2, 3)
-    precision: str = "fp32"
-    nproc: int = 2
-    phases: tuple[str, ...] = ("memory", "comm")
-    overrides: tuple[str, ...] = ()
-    """Config overrides of the comm phase's trainer (``key=value``)."""
-    timeout_s: int = 900
-    out: str | None = None
-    options: tuple[str, ...] = ("reduce-fp32",)
-    """Gradient reduction options of the comm phase, one trainer run each: ``reduce-{fp32,bf16}`` (mcf's
-    default: each bucket reduced to its owners, ``use_multi_rank_bucket_allreduce: false``) or
-    ``allreduce-{fp32,bf16}`` (DeepSpeed's default: each bucket all-reduced; ZeRO-1/2 only), in that
-    ``deepspeed.reduce_dtype``."""
-    project: tuple[str, ...] = ()
-    """Models to project the counted steps to (``mcf.bench.projection``), e.g. the ViT-B/L/H names."""
-    gpus: tuple[int, ...] = (8, 64, 256)
-    """GPU counts of the projection."""
-    network: Network = field(default_factory=Network)
-    compute: Compute = field(default_factory=Compute)
-
-    def __post_init__(self) -> None:
-        if not self.phases or set(self.phases) - {"memory", "comm"}:
-            raise ValueError("phases must be among memory,comm")
-        if set(self.stages) - {0, 1, 2, 3}:
-            raise ValueError("stages must be among 0,1,2,3")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError("precision must be fp32 or bf16")
-        if self.nproc < 1 or self.steps < 1 or self.batch_size < 1:
-            raise ValueError("nproc, steps and batch_size must be >= 1")
-        if not self.options or set(self.options) - set(OPTIONS):
-            raise ValueError(f"options must be among {','.join(OPTIONS)}")
-        if self.project and "comm" not in self.phases:
-            raise ValueError("the projection needs the comm phase (--phases comm)")
-        if any(g < 1 for g in self.gpus):
-            raise ValueError("gpus must be >= 1")
 
 
 def _free_port() -> int:
@@ -87,7 +43,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-OPTIONS = ("reduce-fp32", "reduce-bf16", "allreduce-fp32", "allreduce-bf16")
 
 
 def option_overrides(option: str, stage: int, precision: str, workdir: Path) -> list[str]:

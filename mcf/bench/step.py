@@ -47,70 +47,28 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from mcf.bench.common import emit, run_info
-from mcf.measure import PeakMemory, device_name, fast_dtype, measure_peaks, peak_at_least, peak_flops, resolve_device, sync, time_repeats
+from mcf.bench.config import VARIANTS, StepBenchConfig
+from mcf.measure import (
+    PeakMemory,
+    device_name,
+    fast_dtype,
+    measure_peaks,
+    peak_at_least,
+    peak_flops,
+    resolve_device,
+    sync,
+    time_repeats,
+)
 from mcf.models.flops import CastCounter, count_flops, step_flops, use_math_attention
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("paper", "mcf", "mcf_compiled")  # mcf_compiled: mcf's step with torch.compile, beside eager with --compile
-
-
-@dataclass(kw_only=True)
-class StepBenchConfig:
-    """Sizes and switches of the step benchmark (defaults: about a minute on a 2-core CPU)."""
-
-    model: str = "mcf_vit_small_patch16"
-    """Model name (``mcf.models.list_models()``)."""
-    img_size: int | None = 112
-    """Input side in pixels; None = the model's own (224 for the ViT-*/16 models)."""
-    teacher_img_size: int | None = None
-    """Teacher input side; None = the same as ``img_size`` (the paper: 224 for both)."""
-    batch_size: int = 4
-    steps: int = 1
-    """Steps per timed window."""
-    repeats: int = 3
-    """Timed windows; the median is reported."""
-    warmup: int = 2
-    """Untimed steps first (the first one is FLOP-counted in the paper variant)."""
-    device: str = "auto"
-    compile: bool = False
-    """Also time mcf's step with its model ``torch.compile``-d (variant ``mcf_compiled``), beside eager."""
-    momentum: float = 0.99
-    e2e: bool = False
-    """Loader in the loop: JPEG files through each variant's loader."""
-    data: str | None = None
-    """Image folder for ``e2e``; None = synthetic JPEGs written to a temporary folder."""
-    workers: int = 2
-    """Loader workers (both variants)."""
-    loader: str = "auto"
-    """mcf's loader in ``e2e``: auto (DALI when it works here) | dali | torch."""
-    variants: tuple[str, ...] = ("paper", "mcf")
-    order: str = "interleaved"
-    """``interleaved``: both variants built, their timed windows alternate (fair on a shared
-    machine); ``sequential``: one variant after the other, only one in memory (the e2e default:
-    an idle variant's loader workers would refill their queues during the other's windows)."""
-    profile: bool = False
-    """Also profile one step of each variant and report its top operators."""
-    out: str | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "steps", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.warmup < 1:
-            raise ValueError("warmup must be >= 1 (the first warm-up step is the FLOP count)")
-        if not self.variants or set(self.variants) - set(VARIANTS):
-            raise ValueError(f"variants must be a subset of {VARIANTS}")
-        if self.order not in ("interleaved", "sequential"):
-            raise ValueError("order must be interleaved or sequential")
-        if self.loader not in ("auto", "dali", "torch"):
-            raise ValueError("loader must be auto, dali or torch")
 
 
 # -- the two steps -----------------------------------------------------------------------------------
@@ -205,22 +163,32 @@ def _feed(cfg: StepBenchConfig, variant: str, device: torch.device, img_size: in
 
     if not cfg.e2e:
         if variant == "paper":
-            return feeds.tensor_batches(feeds.tensor_loader(cfg.batch_size, img_size), device), {"feed": "DataLoader over in-memory tensors"}
+            return feeds.tensor_batches(feeds.tensor_loader(cfg.batch_size, img_size), device), {
+                "feed": "DataLoader over in-memory tensors"
+            }
         return feeds.staged_batches(cfg.batch_size, img_size, device), {"feed": "pre-staged device tensors"}
     if variant == "paper":
         ld = feeds.paper_loader(folder, img_size, cfg.batch_size, cfg.workers, device, length=samples)
-        return feeds.paper_batches(ld, device), {"feed": f"PIL DataLoader ({cfg.workers} workers)", "loader": "torch-pil"}
+        return feeds.paper_batches(ld, device), {
+            "feed": f"PIL DataLoader ({cfg.workers} workers)", "loader": "torch-pil"
+        }
     ld, kind = feeds.mcf_loader(folder, img_size, cfg.batch_size, cfg.workers, device, cfg.loader)
     info: dict[str, Any] = {"feed": f"mcf.data {kind} loader ({cfg.workers} workers)", "loader": kind}
     if kind != "dali":
         from mcf.data import dali_available
 
         info["dali_available"] = bool(dali_available(device))
-        info["note"] = "DALI unavailable here: mcf's PyTorch loader ran" if not info["dali_available"] else f"loader={cfg.loader} chosen"
+        info["note"] = (
+            "DALI unavailable here: mcf's PyTorch loader ran"
+            if not info["dali_available"]
+            else f"loader={cfg.loader} chosen"
+        )
     return feeds.mcf_batches(ld), info
 
 
-def _profile_top(step: Callable[[torch.Tensor], None], batch: torch.Tensor, device: torch.device, top: int = 12) -> list[dict[str, Any]]:
+def _profile_top(
+    step: Callable[[torch.Tensor], None], batch: torch.Tensor, device: torch.device, top: int = 12
+) -> list[dict[str, Any]]:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -235,8 +203,10 @@ def _profile_top(step: Callable[[torch.Tensor], None], batch: torch.Tensor, devi
 class _Variant:
     """One variant, built and warmed up: its model, step, feed and the peak memory of its warm-up."""
 
-    def __init__(self, cfg: StepBenchConfig, variant: str, device: torch.device, peaks: dict[str, float], folder: str | None,
-                 count_flops_now: bool):
+    def __init__(
+        self, cfg: StepBenchConfig, variant: str, device: torch.device, peaks: dict[str, float], folder: str | None,
+        count_flops_now: bool,
+    ):
         self.cfg, self.name, self.device = cfg, variant, device
         mem = PeakMemory(device)
         base = _resident_bytes(device)  # what is already held (the other variant, when interleaved)
@@ -296,8 +266,11 @@ class _Variant:
             "peak_memory_source": self.peak_source,
             "flops_per_image": None,
             "mfu": None,
-            "precision": ("fp16 autocast + GradScaler" if device.type == "cuda" else "fp32") if variant == "paper" else (
-                "bf16 autocast" if self.bf16 else "fp32 (bf16 matmul measured slower than fp32 on this device)"),
+            "precision": (
+                ("fp16 autocast + GradScaler" if device.type == "cuda" else "fp32")
+                if variant == "paper"
+                else ("bf16 autocast" if self.bf16 else "fp32 (bf16 matmul measured slower than fp32 on this device)")
+            ),
             "attention": "math (eager)" if variant == "paper" else "auto (measured dispatch: mcf.kernels.dispatch)",
             "attention_choices": None if variant == "paper" else _attention_choices(device),
             "optimizer": "torch.optim.AdamW (default impl)" if variant == "paper" else "torch.optim.AdamW(fused=True)",
@@ -309,7 +282,9 @@ class _Variant:
         if variant == "paper":
             result["last_loss"] = self.step.losses[-1]  # type: ignore[attr-defined]
         else:
-            result["mean_loss"] = float(self.step.loss_sum.item()) / (cfg.warmup + len(self.times) * cfg.steps)  # type: ignore[attr-defined]
+            result["mean_loss"] = float(self.step.loss_sum.item()) / (  # type: ignore[attr-defined]
+                cfg.warmup + len(self.times) * cfg.steps
+            )
         if cfg.profile:
             result["profile_top_ops"] = _profile_top(self.step, next(self.feed), device)
         return result
@@ -337,7 +312,11 @@ def _attention_choices(device: torch.device) -> dict[str, str]:
     """What ``auto`` chose so far in this process on ``device``: ``"<dtype> S<len> D<dim>[ masked]"`` → path."""
     from mcf.kernels.dispatch import _choice
 
-    return {f"{str(dt)[6:]} S{s} D{d}{' masked' if m else ''}": c for (typ, _, dt, s, d, m), c in _choice.items() if typ == device.type}
+    return {
+        f"{str(dt)[6:]} S{s} D{d}{' masked' if m else ''}": c
+        for (typ, _, dt, s, d, m), c in _choice.items()
+        if typ == device.type
+    }
 
 
 def _set_mfu(result: dict[str, Any], flops_per_image: float, peaks: dict[str, float]) -> None:

@@ -182,9 +182,11 @@ def log_bench_run(result: dict[str, Any], flags: dict[str, Any], *, tracking_uri
     benchmark = str(result.get("benchmark", "bench"))
     commit = str(result.get("commit") or git_commit())
     host = host_description()
-    tags = {"benchmark": benchmark, "commit": commit.removesuffix("+dirty"), "dirty": str(commit.endswith("+dirty")).lower(),
-            "host": host["host.name"], "host_class": host_class(host), "config_id": config_id(benchmark, flags),
-            "config_label": config_label(benchmark, flags)}
+    tags = {
+        "benchmark": benchmark, "commit": commit.removesuffix("+dirty"),
+        "dirty": str(commit.endswith("+dirty")).lower(), "host": host["host.name"], "host_class": host_class(host),
+        "config_id": config_id(benchmark, flags), "config_label": config_label(benchmark, flags),
+    }
     params = {**{f"flag.{k}": v for k, v in flags.items()}, **host, **versions(), "commit": tags["commit"],
               "dirty": tags["dirty"], "benchmark": benchmark}
     if chosen.local_db is not None:
@@ -318,7 +320,10 @@ def plot(pts: list[Point], metric: str, title: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(commits) + 3), 4.5))
     for variant, host in dict.fromkeys((p.variant, p.host) for p in pts):
         line = [p for p in pts if p.variant == variant and p.host == host]
-        ax.plot([commits.index(p.commit) for p in line], [p.value for p in line], marker="o", label=f"{variant} @ {host} ({line[0].host_class})")
+        ax.plot(
+            [commits.index(p.commit) for p in line], [p.value for p in line], marker="o",
+            label=f"{variant} @ {host} ({line[0].host_class})",
+        )
     ax.set_xticks(range(len(commits)), commits, rotation=30, ha="right")
     ax.set_xlabel("commit (in the order first measured)")
     ax.set_ylabel(metric.replace("_", " "))

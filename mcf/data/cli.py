@@ -15,35 +15,66 @@ def add_parser(subparsers) -> None:
     b.add_argument("src", metavar="SRC", help="image folder (recursive: JPEG, PNG, WebP, ...)")
     b.add_argument("out", metavar="OUT", help="output LMDB directory (OUT.partial while building)")
     b.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
-    b.add_argument("--resize-short", type=int, default=None, metavar="PX", help="shrink the short side to PX (re-encodes as JPEG)")
-    b.add_argument("--quality", type=int, default=None, help="re-encode every image as JPEG of this quality (default: keep the bytes)")
+    b.add_argument(
+        "--resize-short", type=int, default=None, metavar="PX", help="shrink the short side to PX (re-encodes as JPEG)"
+    )
+    b.add_argument(
+        "--quality",
+        type=int,
+        default=None,
+        help="re-encode every image as JPEG of this quality (default: keep the bytes)",
+    )
     b.add_argument("--chunk-size", type=int, default=512, help="files per committed transaction (resume granularity)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_build_lmdb)
 
-    s = sub.add_parser("build-shards", help="Write an image folder or LMDB as webdataset tar shards (resumable, atomic).")
+    s = sub.add_parser(
+        "build-shards", help="Write an image folder or LMDB as webdataset tar shards (resumable, atomic)."
+    )
     s.add_argument("src", metavar="SRC", help="image folder, mcf LMDB, the paper's LMDB (with --lmdb-keys) or shards")
     s.add_argument("out", metavar="OUT", help="output folder of NNNNN.tar shards (OUT.partial while building)")
     s.add_argument("--lmdb-keys", default=None, help="key list file of the paper's LMDB layout")
-    s.add_argument("--max-count", type=int, default=10_000, help="samples per shard (default %(default)s; 0 = no count limit)")
-    s.add_argument("--max-bytes", type=_size, default=None, help="bytes per shard, e.g. 1G or 500M (default: no byte limit)")
+    s.add_argument(
+        "--max-count", type=int, default=10_000, help="samples per shard (default %(default)s; 0 = no count limit)"
+    )
+    s.add_argument(
+        "--max-bytes", type=_size, default=None, help="bytes per shard, e.g. 1G or 500M (default: no byte limit)"
+    )
     s.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
-    s.add_argument("--resize-short", type=int, default=None, metavar="PX", help="shrink the short side to PX (re-encodes as JPEG)")
-    s.add_argument("--quality", type=int, default=None, help="re-encode every image as JPEG of this quality (default: keep the bytes)")
+    s.add_argument(
+        "--resize-short", type=int, default=None, metavar="PX", help="shrink the short side to PX (re-encodes as JPEG)"
+    )
+    s.add_argument(
+        "--quality",
+        type=int,
+        default=None,
+        help="re-encode every image as JPEG of this quality (default: keep the bytes)",
+    )
     s.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_build_shards)
 
     x = sub.add_parser("index", help="Build (or refresh) the cached index of an image folder, key list or shard set.")
-    x.add_argument("path", metavar="PATH", help="image folder, shards (pattern, folder, list, pipe:/URL), or an LMDB with --lmdb-keys")
+    x.add_argument(
+        "path",
+        metavar="PATH",
+        help="image folder, shards (pattern, folder, list, pipe:/URL), or an LMDB with --lmdb-keys",
+    )
     x.add_argument("--lmdb-keys", default=None, help="key list file of the paper's LMDB layout")
-    x.add_argument("--index-cache", default=None, metavar="DIR", help="write the index into DIR (read-only data; = data.index_cache)")
+    x.add_argument(
+        "--index-cache",
+        default=None,
+        metavar="DIR",
+        help="write the index into DIR (read-only data; = data.index_cache)",
+    )
     x.add_argument("--rebuild", action="store_true", help="rebuild even when the index is fresh")
     x.add_argument("--workers", type=int, default=8, help="processes reading shard headers (default 8)")
     x.set_defaults(func=_index)
 
-    v = sub.add_parser("verify", help="Decode every image of a data set and report the bad ones (exit status 1 if any).")
+    v = sub.add_parser(
+        "verify", help="Decode every image of a data set and report the bad ones (exit status 1 if any)."
+    )
     v.add_argument("path", metavar="PATH", help="image folder, mcf LMDB, paper LMDB (with --lmdb-keys) or 'builtin'")
     v.add_argument("--lmdb-keys", default=None, help="key list file of the paper's LMDB layout")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -131,14 +162,18 @@ def _index(args: argparse.Namespace) -> int:
         table = open_shard_index(resolve_shards(args.path), opts, workers=args.workers)
         n, path = table.total, table.idx.path
         damaged = [k for k in range(len(table)) if table.damage(k)]
-        what = f"image samples in {len(table)} shards" + (f" ({len(damaged)} damaged: see `mcf data verify`)" if damaged else "")
+        what = f"image samples in {len(table)} shards" + (
+            f" ({len(damaged)} damaged: see `mcf data verify`)" if damaged else ""
+        )
     elif Path(args.path).is_dir() and not (Path(args.path) / "data.mdb").exists():
         from mcf.data.formats.scan import open_folder_index
 
         fi = open_folder_index(args.path, opts)
         n, path, what = len(fi), fi.idx.path, "images"
     else:
-        raise DataError(f"{args.path} needs no index (an mcf LMDB derives its keys); for the paper's layout pass --lmdb-keys")
+        raise DataError(
+            f"{args.path} needs no index (an mcf LMDB derives its keys); for the paper's layout pass --lmdb-keys"
+        )
     size = os.path.getsize(path) if path else 0
     print(f"{n} {what}; index {path or '(not written)'}: {size / max(n, 1):.1f} bytes per sample")
     return 0
@@ -174,7 +209,9 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
         return 0
     where = f" in {info['shards']} shards" if "shards" in info else ""
-    print(f"{info['path']}: {info['kind']}, {info['count']} images{where}, {info['disk_bytes'] / 2**20:.1f} MiB on disk")
+    print(
+        f"{info['path']}: {info['kind']}, {info['count']} images{where}, {info['disk_bytes'] / 2**20:.1f} MiB on disk"
+    )
     for url, damage in info.get("damaged_shards") or []:
         print(f"damaged shard {url}: {damage}")
     sizes = [s for s in info["sizes"] if s]

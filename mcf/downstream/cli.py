@@ -210,7 +210,10 @@ def _finetune_flags(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 2)")
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--log-every", type=int, default=None, help="steps between loss logs (default 10)")
-    p.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no random geometry or colour while training")
+    p.add_argument(
+        "--no-augment", dest="augment", action="store_false", default=None,
+        help="no random geometry or colour while training",
+    )
     p.add_argument(
         "--test-split",
         default=None,
@@ -227,15 +230,10 @@ def _finetune_flags(p: argparse.ArgumentParser, task: str) -> None:
                    help="MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME if set, else mcf-finetune)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config key (repeatable; `mcf config --list --command finetune`)")
-    from mcf.downstream.finetune import cli_fields
+    from mcf.configtree import add_flags
+    from mcf.downstream.finetune import FinetuneConfig
 
-    for f in cli_fields():  # declared once, in FinetuneConfig's field metadata
-        flag = "--" + f.name.replace("_", "-")
-        if f.metadata.get("bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
-        else:
-            p.add_argument(flag, type=f.metadata.get("type", str), choices=f.metadata.get("choices"), default=None,
-                           help=f.metadata["help"])
+    add_flags(p, FinetuneConfig)  # the flags declared once, in FinetuneConfig's field metadata (flag=True)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run_finetune_cmd, task=task)
 
@@ -271,7 +269,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     _finetune_flags(
         tasks.add_parser(
-            "parsing", epilog=FINETUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, help="segmentation on FaRL's LaPa or CelebAMask-HQ protocol (per-class and mean F1)"
+            "parsing",
+            epilog=FINETUNE_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            help="segmentation on FaRL's LaPa or CelebAMask-HQ protocol (per-class and mean F1)",
         ),
         "parsing",
     )

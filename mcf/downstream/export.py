@@ -72,7 +72,9 @@ def _check_target(out: str | Path) -> Path:
     if out.suffix != ".safetensors":
         raise UserError(f"export target must end in .safetensors, got {out.name}")
     if out.is_dir():
-        raise UserError(f"export target {out} is a directory: name the file to write (e.g. {out / 'encoder.safetensors'})")
+        raise UserError(
+            f"export target {out} is a directory: name the file to write (e.g. {out / 'encoder.safetensors'})"
+        )
     return out
 
 
@@ -112,7 +114,10 @@ def export(source: str | Path, out: str | Path) -> Path:
     if weights.state_dict is None:
         raise UserError("nothing to export: the source is 'random'")
     path = export_weights(weights, out, str(source))
-    log.info("exported %s encoder (%s, %d tensors) from %s to %s", weights.arch, weights.source_format, len(weights.state_dict), source, path)
+    log.info(
+        "exported %s encoder (%s, %d tensors) from %s to %s", weights.arch, weights.source_format,
+        len(weights.state_dict), source, path,
+    )
     return path
 
 
@@ -135,7 +140,9 @@ def load_timm(path: str | Path, **kwargs) -> torch.nn.Module:
         raise CheckpointError(f"{path} has no '{META_TIMM_NAME}' metadata: not an mcf export")
     args = dict(json.loads(meta.get(META_TIMM_KWARGS, "{}")), num_classes=0)
     args.update(kwargs)
-    model = timm.create_model(meta[META_TIMM_NAME], pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **args)
+    model = timm.create_model(
+        meta[META_TIMM_NAME], pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **args
+    )
     # timm loads non-strictly when num_classes differs from the pretrained config: check ourselves
     from safetensors.torch import load_file
 

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -214,11 +214,6 @@ class FinetuneConfig:
             raise ConfigError(f"train_data_ratio must be in (0, 1], got {self.train_data_ratio}")
         if self.grad_accum is not None and self.grad_accum < 1:
             raise ConfigError(f"grad_accum must be >= 1, got {self.grad_accum}")
-
-
-def cli_fields() -> list:
-    """The :class:`FinetuneConfig` fields that declare their own command-line flag (metadata ``flag``)."""
-    return [f for f in fields(FinetuneConfig) if f.metadata.get("flag")]
 
 
 class TaskData(torch.utils.data.Dataset):

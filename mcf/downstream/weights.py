@@ -64,7 +64,12 @@ def arch_from_config(config: dict | None) -> tuple[ViTArch, str] | None:
     try:
         spec = get_spec(name, img_size=config["model"].get("img_size"))
     except Exception as e:  # noqa: BLE001 - an unknown model name in an old run: fall back to the shapes
-        log.warning("checkpoint config names model %r, which cannot be rebuilt (%s): inferring the architecture from the weights", name, e)
+        log.warning(
+            "checkpoint config names model %r, which cannot be rebuilt (%s): "
+            "inferring the architecture from the weights",
+            name,
+            e,
+        )
         return None
     return arch_from_spec(spec), name
 
@@ -78,7 +83,9 @@ def infer_arch(sd: dict[str, torch.Tensor], hint: ViTArch | None = None) -> ViTA
     try:
         w = sd["patch_embed.proj.weight"]  # (D, 3, p, p)
     except KeyError:
-        raise CheckpointError("no 'patch_embed.proj.weight' in the encoder weights: not a ViT checkpoint of a known layout") from None
+        raise CheckpointError(
+            "no 'patch_embed.proj.weight' in the encoder weights: not a ViT checkpoint of a known layout"
+        ) from None
     embed_dim, patch_size = int(w.shape[0]), int(w.shape[-1])
     depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
     if depth == 0:
@@ -97,7 +104,10 @@ def infer_arch(sd: dict[str, torch.Tensor], hint: ViTArch | None = None) -> ViTA
         same = [s for s in MODELS.values() if (s.embed_dim, s.depth, s.patch_size) == (embed_dim, depth, patch_size)]
         same = same or [s for s in MODELS.values() if (s.embed_dim, s.patch_size) == (embed_dim, patch_size)]
         num_heads = same[0].num_heads if same else max(1, embed_dim // 64)
-    return ViTArch(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+    return ViTArch(
+        img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+    )
 
 
 def _clean_encoder(sd: dict) -> dict[str, torch.Tensor]:
@@ -214,7 +224,10 @@ def _load_encoder_weights(source: str | Path, *, random_arch: ViTArch | None = N
         try:
             from mcf.train.checkpoint import load_consolidated
         except ImportError:
-            raise CheckpointError(f"{path} is a directory, and reading run/step directories needs mcf.train.checkpoint, which is not installed") from None
+            raise CheckpointError(
+                f"{path} is a directory, and reading run/step directories needs mcf.train.checkpoint, which is not "
+                "installed"
+            ) from None
         return from_consolidated(load_consolidated(path), "run")
     if path.suffix == ".safetensors":
         return from_export(path)
@@ -239,7 +252,10 @@ def build_encoder(weights: EncoderWeights, img_size: int | None = None, attn_bac
     from mcf.models.vit import MaskedViT
 
     a = weights.arch
-    enc = MaskedViT(img_size or a.img_size, a.patch_size, 3, a.embed_dim, a.depth, a.num_heads, a.mlp_ratio, attn_backend=attn_backend)
+    enc = MaskedViT(
+        img_size or a.img_size, a.patch_size, 3, a.embed_dim, a.depth, a.num_heads, a.mlp_ratio,
+        attn_backend=attn_backend,
+    )
     if weights.state_dict is None:
         return enc
     sd = dict(weights.state_dict)
@@ -248,5 +264,8 @@ def build_encoder(weights: EncoderWeights, img_size: int | None = None, attn_bac
     sd.setdefault("pos_embed", enc.pos_embed)
     result = enc.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"encoder weights do not fit the ViT: missing {result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}")
+        raise CheckpointError(
+            f"encoder weights do not fit the ViT: missing {result.missing_keys[:4]}, unexpected "
+            f"{result.unexpected_keys[:4]}"
+        )
     return enc

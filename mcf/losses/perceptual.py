@@ -21,7 +21,10 @@ class PerceptualLoss(nn.Module):
     and ``resize="bilinear"`` interpolates instead (options beyond the paper).
     """
 
-    def __init__(self, teacher: PerceptualTeacher, layers: tuple[int, ...] = (2, 5, 8, 11), norm: str = "token", resize: str = "nearest"):
+    def __init__(
+        self, teacher: PerceptualTeacher, layers: tuple[int, ...] = (2, 5, 8, 11), norm: str = "token",
+        resize: str = "nearest",
+    ):
         super().__init__()
         depth = len(teacher.model.blocks)
         if max(layers) >= depth:
@@ -46,5 +49,7 @@ class PerceptualLoss(nn.Module):
         preds = self.teacher.features(self._prepare(rebuilt.to(dtype)), self.layers)
         loss = rebuilt.new_zeros((), dtype=torch.float32)
         for p, t in zip(preds, targets):
-            loss = loss + F.mse_loss(F.normalize(p.float(), dim=self.norm_dim), F.normalize(t.float(), dim=self.norm_dim))
+            loss = loss + F.mse_loss(
+                F.normalize(p.float(), dim=self.norm_dim), F.normalize(t.float(), dim=self.norm_dim)
+            )
         return loss

@@ -21,7 +21,9 @@ def unpatchify(x: torch.Tensor, p: int, channels: int = 3) -> torch.Tensor:
     return torch.einsum("nhwpqc->nchpwq", x).reshape(N, channels, h * p, h * p)
 
 
-def pixel_loss(images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool = False) -> torch.Tensor:
+def pixel_loss(
+    images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool = False
+) -> torch.Tensor:
     """Mean squared error per patch, averaged over removed patches (``mask == 1``)."""
     target = patchify(images, patch_size).float()
     if norm_pix:

@@ -23,7 +23,9 @@ class MAEDecoder(nn.Module):
         self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.register_buffer("decoder_pos_embed", sincos_2d(decoder_dim, grid, cls_token=True))
-        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, num_heads, mlp_ratio, norm_impl, attn_backend) for _ in range(depth)])
+        self.decoder_blocks = nn.ModuleList(
+            [Block(decoder_dim, num_heads, mlp_ratio, norm_impl, attn_backend) for _ in range(depth)]
+        )
         self.decoder_norm = make_norm(decoder_dim, norm_impl)
         self.decoder_pred = nn.Linear(decoder_dim, patch_size**2 * in_chans)
         self.grad_checkpointing = False
@@ -37,7 +39,9 @@ class MAEDecoder(nn.Module):
         """Recompute each block's activations in the backward instead of keeping them."""
         self.grad_checkpointing = enable
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, keep_lens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, latent: torch.Tensor, ids_restore: torch.Tensor, keep_lens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``[N, 1 + keep, D]`` latent → ``[N, L, p·p·3]`` prediction of every patch."""
         x = self.decoder_embed(latent)  # (N, 1 + keep, Dd)
         assemble = decoder_input if self.fused_input else decoder_input_ref  # fused: the Triton kernel (backend=triton)

@@ -55,7 +55,6 @@ class CastCounter(TorchDispatchMode):
 def use_math_attention(model: nn.Module) -> None:
     """Every attention of an MCF model on the plain-matmul path the counter sees (mcf's blocks and the teacher's)."""
     model.set_attention_backend("math")
-    model.teacher.set_attention_backend("math")
 
 
 def meta_model(build: Callable[[], nn.Module], batch: int) -> tuple[nn.Module, torch.Tensor]:
@@ -84,7 +83,9 @@ def step_flops(build: Callable[[], nn.Module], batch: int) -> int:
     return count_flops(fwd_bwd)
 
 
-def linear_flops(batch: int, in_features: int, out_features: int, backward: bool = True, weight_grad: bool = True) -> int:
+def linear_flops(
+    batch: int, in_features: int, out_features: int, backward: bool = True, weight_grad: bool = True
+) -> int:
     """Analytic count of ``nn.Linear`` on ``[batch, in]``: 2·b·i·o forward, the same again for the
     input gradient and for the weight gradient (the bias adds no matmul FLOPs)."""
     fwd = 2 * batch * in_features * out_features

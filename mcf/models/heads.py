@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch.nn as nn
 
 
-def build_mlp(num_layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool = True, track_running_stats: bool = True) -> nn.Sequential:
+def build_mlp(
+    num_layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool = True, track_running_stats: bool = True
+) -> nn.Sequential:
     """Linear (no bias) → BN → ReLU, …, Linear (no bias) [→ BN(affine=False)].
 
     Indices match the released ``nn.Sequential`` (``0`` Linear, ``1`` BN, ``2`` ReLU, ``3`` Linear,

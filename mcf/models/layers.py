@@ -20,7 +20,10 @@ def make_norm(dim: int, impl: str = "torch") -> nn.Module:
         try:
             from apex.normalization import FusedLayerNorm
         except ImportError:
-            raise ConfigError("model.norm_impl=apex needs NVIDIA apex, which is not installed (it is not on PyPI: build it from NVIDIA's apex repository, or use norm_impl=torch)") from None
+            raise ConfigError(
+                "model.norm_impl=apex needs NVIDIA apex, which is not installed (it is not on PyPI: build it from "
+                "NVIDIA's apex repository, or use norm_impl=torch)"
+            ) from None
         return FusedLayerNorm(dim, eps=LN_EPS)
     raise ConfigError(f"unknown model.norm_impl '{impl}' (torch or apex)")
 
@@ -75,7 +78,9 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block (timm ``Block`` layout: norm1, attn, norm2, mlp)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_impl: str = "torch", backend: str = "auto"):
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_impl: str = "torch", backend: str = "auto"
+    ):
         super().__init__()
         self.norm1 = make_norm(dim, norm_impl)
         self.attn = Attention(dim, num_heads, backend)

@@ -33,7 +33,10 @@ class LoadReport:
     ignored: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return f"loaded {len(self.loaded)}, missing {len(self.missing)}, unexpected {len(self.unexpected)}, ignored {len(self.ignored)}"
+        return (
+            f"loaded {len(self.loaded)}, missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
+            f"ignored {len(self.ignored)}"
+        )
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -99,17 +102,24 @@ def load_teacher_weights(teacher: nn.Module, path: str | Path) -> LoadReport:
         clean[k] = v
     for k, v in clean.items():
         if k in own and own[k].shape != v.shape:
-            raise CheckpointError(f"teacher checkpoint {path}: '{k}' has shape {tuple(v.shape)}, the teacher {tuple(own[k].shape)} (wrong architecture?)")
+            raise CheckpointError(
+                f"teacher checkpoint {path}: '{k}' has shape {tuple(v.shape)}, the teacher {tuple(own[k].shape)} "
+                "(wrong architecture?)"
+            )
     result = model.load_state_dict(clean, strict=False)
     report.missing, report.unexpected = list(result.missing_keys), list(result.unexpected_keys)
     report.loaded = [k for k in clean if k in own]
     if report.missing:
-        raise CheckpointError(f"teacher checkpoint {path} ({fmt}) lacks {len(report.missing)} weights, e.g. {report.missing[:4]}")
+        raise CheckpointError(
+            f"teacher checkpoint {path} ({fmt}) lacks {len(report.missing)} weights, e.g. {report.missing[:4]}"
+        )
     log.info("teacher loaded from %s (%s format): %s", path, fmt, report.summary())
     return report
 
 
-_DECODER_KEYS = ("decoder_embed.", "mask_token", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.", "decoder_pred.")
+_DECODER_KEYS = (
+    "decoder_embed.", "mask_token", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.", "decoder_pred.",
+)
 
 
 def init_from_mae(online: nn.Module, path: str | Path, decoder: bool = True) -> LoadReport:
@@ -133,7 +143,10 @@ def init_from_mae(online: nn.Module, path: str | Path, decoder: bool = True) -> 
             if k == "pos_embed" and k in enc_own and v.shape != enc_own[k].shape:
                 v = interpolate_pos_embed(v, enc_own[k].shape[1] - 1)
             enc[k] = v
-    for target, own, part, prefix in ((online.encoder, enc_own, enc, "encoder."), (online.decoder, dec_own, dec, "decoder.")):
+    for target, own, part, prefix in (
+        (online.encoder, enc_own, enc, "encoder."),
+        (online.decoder, dec_own, dec, "decoder."),
+    ):
         if not part:
             continue
         bad = [k for k, v in part.items() if k in own and own[k].shape != v.shape]

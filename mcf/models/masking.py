@@ -36,7 +36,9 @@ def max_keep(num_patches: int, min_ratio: float) -> int:
     return min(num_patches, max(1, math.floor(num_patches * (1 - min_ratio) + _RATIO_EPS)))
 
 
-def random_masking(noise: torch.Tensor, ratio: float, ratios: torch.Tensor | None = None, min_ratio: float | None = None) -> Masking:
+def random_masking(
+    noise: torch.Tensor, ratio: float, ratios: torch.Tensor | None = None, min_ratio: float | None = None
+) -> Masking:
     """Masks from noise ``[N, L]``: patches sorted by noise ascending, the first ``keep`` kept.
 
     ``ratios`` (``[N]``, on the noise's device) gives each sample its own ratio (``ratio`` is then

@@ -45,13 +45,20 @@ class MCFOnline(nn.Module):
     def __init__(self, spec: MCFSpec, norm_impl: str = "torch", attn_backend: str = "auto"):
         super().__init__()
         self.spec = spec
-        self.encoder = MaskedViT(spec.img_size, spec.patch_size, 3, spec.embed_dim, spec.depth, spec.num_heads, spec.mlp_ratio, norm_impl, attn_backend)
+        self.encoder = MaskedViT(
+            spec.img_size, spec.patch_size, 3, spec.embed_dim, spec.depth, spec.num_heads, spec.mlp_ratio, norm_impl,
+            attn_backend,
+        )
         self.projector = build_projector(spec.embed_dim, spec.proj_hidden, spec.proj_dim)
         self.predictor = build_predictor(spec.proj_dim, spec.proj_hidden)
-        self.decoder = MAEDecoder(self.encoder.num_patches, spec.patch_size, spec.embed_dim, spec.decoder_dim, spec.decoder_depth,
-                                  spec.decoder_heads, spec.mlp_ratio, 3, norm_impl, attn_backend, fused_input=attn_backend == "triton")
+        self.decoder = MAEDecoder(
+            self.encoder.num_patches, spec.patch_size, spec.embed_dim, spec.decoder_dim, spec.decoder_depth,
+            spec.decoder_heads, spec.mlp_ratio, 3, norm_impl, attn_backend, fused_input=attn_backend == "triton",
+        )
 
-    def forward(self, images: torch.Tensor, ratio: float, noise: torch.Tensor | None = None, ratios: torch.Tensor | None = None) -> OnlineOutput:
+    def forward(
+        self, images: torch.Tensor, ratio: float, noise: torch.Tensor | None = None, ratios: torch.Tensor | None = None
+    ) -> OnlineOutput:
         latent, m, _ = self.encoder(images, ratio, noise, ratios)  # (N, 1 + keep, D)
         pred = self.decoder(latent, m.ids_restore, m.keep_lens)
         q = self.predictor(self.projector(latent[:, 0]))
@@ -75,7 +82,9 @@ class TargetEncoder(nn.Module):
         spec = online.spec
         self.encoder = copy.deepcopy(online.encoder)
         self.projector = build_projector(spec.embed_dim, spec.proj_hidden, spec.proj_dim, target=True)
-        self.projector.load_state_dict({k: v for k, v in online.projector.state_dict().items() if "running" not in k and "num_batches" not in k})
+        self.projector.load_state_dict(
+            {k: v for k, v in online.projector.state_dict().items() if "running" not in k and "num_batches" not in k}
+        )
         self.requires_grad_(False)
         self.eval()
 
@@ -83,7 +92,9 @@ class TargetEncoder(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, ratio: float, noise: torch.Tensor | None = None, ratios: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, ratio: float, noise: torch.Tensor | None = None, ratios: torch.Tensor | None = None
+    ) -> torch.Tensor:
         latent, _, _ = self.encoder(images, ratio, noise, ratios)
         return self.projector(latent[:, 0])  # (N, proj_dim)
 
@@ -109,6 +120,7 @@ class MCF(nn.Module):
         self.target = TargetEncoder(self.online)
         self.perceptual = PerceptualLoss(teacher, o.perceptual_layers, o.perceptual_norm, o.perceptual_resize)
         self.contrastive = ContrastiveLoss(o.temperature)
+        teacher.set_attention_backend(attn_backend)  # attention.backend is the whole model's, the teacher's too
         self._register_state_dict_hook(_drop_teacher_keys)
 
     @property
@@ -124,6 +136,8 @@ class MCF(nn.Module):
         self.contrastive.rank, self.contrastive.world_size = rank, world_size
 
     def set_attention_backend(self, backend: str) -> None:
+        """Every attention of the model: the online and target encoders, the decoder and the frozen teacher."""
+        self.teacher.set_attention_backend(backend)
         for enc in (self.online.encoder, self.target.encoder):
             enc.set_attention_backend(backend)
         for blk in self.online.decoder.decoder_blocks:
@@ -148,8 +162,10 @@ class MCF(nn.Module):
         lo, hi = self.objective.mask_ratio_range
         return lo + (hi - lo) * torch.rand(n, device=device)
 
-    def forward(self, images: torch.Tensor, online_noise: torch.Tensor | None = None, target_noise: torch.Tensor | None = None,
-                *, online: nn.Module | None = None) -> MCFOutput:
+    def forward(
+        self, images: torch.Tensor, online_noise: torch.Tensor | None = None, target_noise: torch.Tensor | None = None,
+        *, online: nn.Module | None = None,
+    ) -> MCFOutput:
         online = self.online if online is None else online
         N = images.shape[0]
         ratio = self.objective.encoder_ratio  # a host float: the padded length is known without a device sync
@@ -201,7 +217,9 @@ class MCF(nn.Module):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         missing = [k for k in result.missing_keys if not k.startswith("perceptual.teacher.")]
         if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(f"error loading MCF state dict: missing {missing[:8]}, unexpected {result.unexpected_keys[:8]}")
+            raise RuntimeError(
+                f"error loading MCF state dict: missing {missing[:8]}, unexpected {result.unexpected_keys[:8]}"
+            )
         return result
 
 

@@ -24,8 +24,10 @@ _HUGE = dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16)
 
 MODELS: dict[str, MCFSpec] = {
     # debug model + matching tiny teacher (32 px, 4 px patches): tests and the demo
-    "mcf_vit_tiny": MCFSpec(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, decoder_dim=64, decoder_depth=2,
-                            decoder_heads=2, proj_hidden=256, proj_dim=64, teacher="vit_tiny_debug"),
+    "mcf_vit_tiny": MCFSpec(
+        img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, decoder_dim=64, decoder_depth=2, decoder_heads=2,
+        proj_hidden=256, proj_dim=64, teacher="vit_tiny_debug",
+    ),
     "mcf_vit_small_patch16": MCFSpec(**_SMALL, decoder_dim=256, decoder_depth=2, decoder_heads=16),
     "mcf_vit_base_patch16": MCFSpec(**_BASE),
     "mcf_vit_large_patch16": MCFSpec(**_LARGE),
@@ -53,7 +55,10 @@ def get_spec(name: str, **overrides: Any) -> MCFSpec:
         import difflib
 
         close = difflib.get_close_matches(name, MODELS, n=3)
-        raise ConfigError(f"unknown model '{name}'" + (f"; did you mean {', '.join(close)}?" if close else f" (models: {', '.join(list_models())})"))
+        raise ConfigError(
+            f"unknown model '{name}'"
+            + (f"; did you mean {', '.join(close)}?" if close else f" (models: {', '.join(list_models())})")
+        )
     spec = MODELS[name]
     unknown = set(overrides) - {f.name for f in dataclasses.fields(MCFSpec)}
     if unknown:
@@ -74,15 +79,22 @@ def create_teacher(name: str, checkpoint: str | None, img_size: int | None = Non
     if img_size is not None:
         spec = dataclasses.replace(spec, img_size=img_size)
     if spec.img_size % spec.patch_size:
-        raise ConfigError(f"teacher.img_size={spec.img_size} is not a multiple of teacher {name}'s patch size {spec.patch_size}")
+        raise ConfigError(
+            f"teacher.img_size={spec.img_size} is not a multiple of teacher {name}'s patch size {spec.patch_size}"
+        )
     if checkpoint is None:
-        raise ConfigError("a perceptual teacher checkpoint is required: teacher_checkpoint=PATH (MoCo v3 ViT-B/16 in the paper), "
-                          "or the explicit value 'random' for tests and benchmarks")
+        raise ConfigError(
+            "a perceptual teacher checkpoint is required: teacher_checkpoint=PATH (MoCo v3 ViT-B/16 in the paper), "
+            "or the explicit value 'random' for tests and benchmarks"
+        )
     teacher = PerceptualTeacher(spec, name)
     if checkpoint == "random":
         # once per job, not once per rank (RANK is set by every launcher before the model is built)
-        (log.warning if launcher_rank()[0] == 0 else log.debug)("perceptual teacher '%s' has RANDOM weights (teacher_checkpoint='random'): fine for tests and benchmarks, "
-                    "not for real pre-training", name)
+        (log.warning if launcher_rank()[0] == 0 else log.debug)(
+            "perceptual teacher '%s' has RANDOM weights (teacher_checkpoint='random'): fine for tests and benchmarks, "
+            "not for real pre-training",
+            name,
+        )
     else:
         load_teacher_weights(teacher, checkpoint)
     return teacher
@@ -123,9 +135,11 @@ def create_model_from_config(cfg: Any) -> MCF:
     overrides = {field: attrgetter(key)(cfg) for key, field in ARCH_KEYS.items()}
     model_size = get_spec(cfg.model.name, img_size=cfg.model.img_size).img_size
     if cfg.data.img_size is not None and cfg.data.img_size != model_size:
-        raise ConfigError(f"data.img_size={cfg.data.img_size} but the model {cfg.model.name} takes {model_size} px images: set "
-                          f"model.img_size={cfg.data.img_size} to train at that size (the position embeddings follow) and leave "
-                          "data.img_size unset")
+        raise ConfigError(
+            f"data.img_size={cfg.data.img_size} but the model {cfg.model.name} takes {model_size} px images: set "
+            f"model.img_size={cfg.data.img_size} to train at that size (the position embeddings follow) and leave "
+            "data.img_size unset"
+        )
     return create_model(cfg.model.name, teacher_checkpoint=cfg.teacher.checkpoint, teacher_name=cfg.teacher.name,
                         teacher_img_size=cfg.teacher.img_size, objective=Objective.from_config(cfg),
                         init_from=cfg.model.init_from, init_decoder=cfg.model.init_decoder,

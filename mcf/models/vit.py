@@ -17,8 +17,10 @@ class MaskedViT(nn.Module):
     ``pos_embed``, ``blocks.i.*``, ``norm``), so the exported state dict loads into timm as is.
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, depth: int = 12,
-                 num_heads: int = 12, mlp_ratio: float = 4.0, norm_impl: str = "torch", attn_backend: str = "auto"):
+    def __init__(
+        self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, depth: int = 12,
+        num_heads: int = 12, mlp_ratio: float = 4.0, norm_impl: str = "torch", attn_backend: str = "auto",
+    ):
         super().__init__()
         self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -26,7 +28,9 @@ class MaskedViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # Fixed (never trained) sin-cos embedding: a buffer, so it is saved but not optimised.
         self.register_buffer("pos_embed", sincos_2d(embed_dim, self.patch_embed.grid_size, cls_token=True))
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, norm_impl, attn_backend) for _ in range(depth)])
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, norm_impl, attn_backend) for _ in range(depth)]
+        )
         self.norm = make_norm(embed_dim, norm_impl)
         self.grad_checkpointing = False
         self.reset_parameters()

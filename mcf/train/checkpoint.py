@@ -132,7 +132,9 @@ def resolve_checkpoint(path: str | os.PathLike, verify: bool = True) -> Path:
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
     if not p.is_dir():
-        raise CheckpointError(f"{p} is a file, not a checkpoint folder (a run folder, its checkpoints/ or a step_* folder)")
+        raise CheckpointError(
+            f"{p} is a file, not a checkpoint folder (a run folder, its checkpoints/ or a step_* folder)"
+        )
     if _step_of(p) is not None:
         if not (p / COMPLETE).is_file():
             raise CheckpointError(f"checkpoint {p} is incomplete (no {COMPLETE} marker: the save was interrupted)")
@@ -180,7 +182,10 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "accel": accel.get_rng_state() if accel.device_name() != "cpu" else None,
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+            float(np_state[4]),
+        ],
         "python": random.getstate(),
     }
 
@@ -226,7 +231,9 @@ def _fault_injection(step: int, rank: int) -> None:
     wanted, _, name = os.environ.get(SIGNAL_ENV, "").partition(":")
     if wanted == str(step) and rank == 0:
         sig = signal.Signals[name or "SIGTERM"]
-        log.warning("%s=%s: rank 0 sends itself %s inside the save (test fault injection)", SIGNAL_ENV, wanted, sig.name)
+        log.warning(
+            "%s=%s: rank 0 sends itself %s inside the save (test fault injection)", SIGNAL_ENV, wanted, sig.name
+        )
         os.kill(os.getpid(), sig)
 
 
@@ -234,13 +241,19 @@ def _raise_failed(errors: list[tuple[int, str]], path: Path, root: Path) -> None
     rank, first = errors[0]
     others = f" (and {len(errors) - 1} more rank(s))" if len(errors) > 1 else ""
     previous = list_checkpoints(root)
-    kept = f"the last complete checkpoint, {previous[-1].name}, is intact" if previous else "there is no earlier checkpoint"
+    kept = (
+        f"the last complete checkpoint, {previous[-1].name}, is intact"
+        if previous
+        else "there is no earlier checkpoint"
+    )
     raise StorageError(f"checkpoint {path.name} was not written: rank {rank}: {first}{others}; {kept}; "
                        "free space (or fix the folder) and resume with --resume auto")
 
 
-def save_checkpoint(engine: Any, root: Path, step: int, mcf_state: dict[str, Any], rank_state: dict[str, Any], rank: int,
-                    keep_last: int, online_fp32: dict[str, torch.Tensor] | None = None, hash_files: bool = False) -> Path:
+def save_checkpoint(
+    engine: Any, root: Path, step: int, mcf_state: dict[str, Any], rank_state: dict[str, Any], rank: int,
+    keep_last: int, online_fp32: dict[str, torch.Tensor] | None = None, hash_files: bool = False,
+) -> Path:
     """Write ``root/step_{step}`` on every rank (a collective); returns its path once marked complete.
 
     Raises:
@@ -308,7 +321,11 @@ def read_state(path: Path) -> dict[str, Any]:
     state = safe_load(path / MCF_STATE)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an mcf pre-training checkpoint")
-    if not isinstance(state.get("config"), dict) or not isinstance(state.get("target"), dict) or not isinstance(state.get("step"), int):
+    if (
+        not isinstance(state.get("config"), dict)
+        or not isinstance(state.get("target"), dict)
+        or not isinstance(state.get("step"), int)
+    ):
         raise CheckpointError(f"{path / MCF_STATE} is damaged (no step, config or target weights)")
     missing = [k for k in ("train", "model") if not isinstance(state["config"].get(k), dict)]
     train = state["config"].get("train") or {}
@@ -341,9 +358,11 @@ def _check_same_layout(path: Path, config: dict[str, Any], engine: Any) -> None:
     precision = ("bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32") \
         if hasattr(engine, "bfloat16_enabled") else saved_precision
     if (saved_zero, saved_precision) != (zero, precision):
-        raise CheckpointError(f"{path} was written with ZeRO {saved_zero} in {saved_precision}, this run uses ZeRO {zero} in "
-                              f"{precision}: resume with --zero {saved_zero} --precision {saved_precision} (or export it with "
-                              "`mcf export-fp32` and start a new run from those weights)")
+        raise CheckpointError(
+            f"{path} was written with ZeRO {saved_zero} in {saved_precision}, this run uses ZeRO {zero} in "
+            f"{precision}: resume with --zero {saved_zero} --precision {saved_precision} (or export it with "
+            "`mcf export-fp32` and start a new run from those weights)"
+        )
 
 
 def is_partitioned(path: Path) -> bool:
@@ -378,7 +397,9 @@ def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int, state: 
                                                   load_lr_scheduler_states=False)
     except RuntimeError as e:  # torch's load_state_dict: "size mismatch for ...", "Missing key(s) ..."
         first = str(e).strip().splitlines()
-        detail = next((x.strip() for x in first if "size mismatch" in x or "Missing key" in x), first[0] if first else "")
+        detail = next(
+            (x.strip() for x in first if "size mismatch" in x or "Missing key" in x), first[0] if first else ""
+        )
         raise CheckpointError(f"{path} does not fit this run's model ({detail[:300]}): resume it with the model and "
                               "model.img_size that wrote it") from None
     if load_path is None:
@@ -416,12 +437,17 @@ def universal_copy(path: Path, rank: int, wait_s: float = CONVERT_WAIT_S) -> Pat
             raise
         _store_set(key, error or "ok")
     else:
-        error = _store_wait(key, wait_s, f"rank 0's conversion of {path} to DeepSpeed's universal checkpoint (for a new "
-                                         f"number of ranks)")
+        error = _store_wait(
+            key,
+            wait_s,
+            f"rank 0's conversion of {path} to DeepSpeed's universal checkpoint (for a new number of ranks)",
+        )
         error = "" if error == "ok" else error
     if error:
-        raise CheckpointError(f"cannot convert {path} for another number of ranks ({error}); resume it on the number of ranks "
-                              "that wrote it")
+        raise CheckpointError(
+            f"cannot convert {path} for another number of ranks ({error}); resume it on the number of ranks "
+            "that wrote it"
+        )
     return out
 
 
@@ -527,7 +553,9 @@ def _online_fp32(step_dir: Path) -> dict[str, torch.Tensor]:
         files = sorted(step_dir.glob("mp_rank_*_model_states.pt"))
         module = safe_load(files[0])["module"] if files else {}
         masters = safe_load(step_dir / ONLINE_FP32)
-        return {k: masters[k] if k in masters else (v.float() if v.is_floating_point() else v) for k, v in module.items()}
+        return {
+            k: masters[k] if k in masters else (v.float() if v.is_floating_point() else v) for k, v in module.items()
+        }
     has_zero_shards = any(step_dir.glob("*zero_pp_rank_*optim_states.pt"))
     if has_zero_shards:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -544,7 +572,9 @@ def _online_fp32(step_dir: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{step_dir} holds no DeepSpeed model states")
     sd = safe_load(files[0])["module"]
     if any(v.dtype != torch.float32 for v in sd.values() if v.is_floating_point()):
-        log.warning("%s: no fp32 masters found; the module's %s weights are upcast", step_dir, next(iter(sd.values())).dtype)
+        log.warning(
+            "%s: no fp32 masters found; the module's %s weights are upcast", step_dir, next(iter(sd.values())).dtype
+        )
     return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
 
 

@@ -19,10 +19,15 @@ from mcf.errors import ConfigError
 
 # flag dest → (config key, metavar, type, help)
 FLAGS: dict[str, tuple[str, str, Any, str]] = {
-    "output_dir": ("train.output_dir", "DIR", str, "run folder (config.yaml, metrics.jsonl, checkpoints/, reconstructions/, mlflow.db)"),
-    "data": ("data.path", "PATH", str, "image folder, mcf LMDB, the paper's LMDB, webdataset .tar shards (a folder "
-                                       "of them, a brace pattern such as /d/{00000..00099}.tar, a .txt list of paths "
-                                       "or URLs, pipe:COMMAND), or 'builtin' (the built-in faces)"),
+    "output_dir": (
+        "train.output_dir", "DIR", str,
+        "run folder (config.yaml, metrics.jsonl, checkpoints/, reconstructions/, mlflow.db)",
+    ),
+    "data": (
+        "data.path", "PATH", str,
+        "image folder, mcf LMDB, the paper's LMDB, webdataset .tar shards (a folder of them, a brace pattern such as "
+        "/d/{00000..00099}.tar, a .txt list of paths or URLs, pipe:COMMAND), or 'builtin' (the built-in faces)",
+    ),
     "lmdb_keys": ("data.lmdb_keys", "FILE", str, "key list of the paper's LMDB layout"),
     "loader": ("data.loader", "auto|dali|torch", str, "input pipeline"),
     "model": ("model.name", "NAME", str, "registered model (mcf_vit_tiny, mcf_vit_base_patch16, ...)"),
@@ -34,14 +39,25 @@ FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "zero": ("deepspeed.zero", "0|1|2|3", int, "ZeRO stage"),
     "checkpoint_every": ("checkpoint.every", "N", int, "steps between checkpoints (a final one is always written)"),
     "log_every": ("logging.log_every", "N", int, "steps between metric logs"),
-    "resume": ("train.resume", "auto|none|PATH", str, "auto = newest complete checkpoint in the output dir; or a checkpoint/run path"),
+    "resume": (
+        "train.resume", "auto|none|PATH", str,
+        "auto = newest complete checkpoint in the output dir; or a checkpoint/run path",
+    ),
     "seed": ("train.seed", "N", int, "seed of weights, masks, augmentation and data order"),
-    "teacher_checkpoint": ("teacher.checkpoint", "PATH|random", str, "frozen perceptual teacher weights ('random' for tests)"),
-    "tracking_uri": ("logging.tracking_uri", "URI|none", str, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
-                                                              "else a sqlite store in the output dir; 'none' = off)"),
-    "max_bad_fraction": ("data.max_bad_fraction", "F", float, "stop when more than this fraction of samples fails to decode"),
-    "overwrite_run": ("train.overwrite_run", "", bool, "start a new run in an output dir that holds one: delete that run's "
-                      "checkpoints and logs first"),
+    "teacher_checkpoint": (
+        "teacher.checkpoint", "PATH|random", str, "frozen perceptual teacher weights ('random' for tests)"
+    ),
+    "tracking_uri": (
+        "logging.tracking_uri", "URI|none", str,
+        "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a sqlite store in the output dir; 'none' = off)",
+    ),
+    "max_bad_fraction": (
+        "data.max_bad_fraction", "F", float, "stop when more than this fraction of samples fails to decode"
+    ),
+    "overwrite_run": (
+        "train.overwrite_run", "", bool,
+        "start a new run in an output dir that holds one: delete that run's checkpoints and logs first",
+    ),
 }
 
 OVERRIDES_ENV = "MCF_OVERRIDES"
@@ -107,13 +123,22 @@ def run_export(args: argparse.Namespace) -> int:
 
     d = export_fp32(args.checkpoint, args.out)
     n = sum(v.numel() for v in d["online"].values())
-    logging.getLogger(__name__).info("wrote %s: step %d, %d online parameters (fp32), %d target tensors", args.out, d["step"], n, len(d["target"]))
+    logging.getLogger(__name__).info(
+        "wrote %s: step %d, %d online parameters (fp32), %d target tensors", args.out, d["step"], n, len(d["target"])
+    )
     return 0
 
 
 # The config class of each other command, by name: `mcf config --list --command NAME` documents its keys.
 # Imported by name so that train imports nothing from the packages above it.
-COMMAND_CONFIGS = {"finetune": ("mcf.downstream.finetune", "FinetuneConfig")}
+COMMAND_CONFIGS = {
+    "finetune": ("mcf.downstream.finetune", "FinetuneConfig"),
+    "bench-step": ("mcf.bench.config", "StepBenchConfig"),  # `mcf bench step` and `mcf bench e2e`
+    "bench-data": ("mcf.bench.config", "DataBenchConfig"),
+    "bench-index-scale": ("mcf.bench.config", "IndexScaleConfig"),  # `mcf bench data --index-scale N`
+    "bench-memory": ("mcf.bench.config", "MemoryBenchConfig"),
+    "bench-scale": ("mcf.bench.config", "ScaleBenchConfig"),
+}
 
 
 def _command_config(args: argparse.Namespace) -> type:
@@ -127,15 +152,25 @@ def run_config(args: argparse.Namespace) -> int:
     """Print the resolved config as YAML, or every key with its resolved value, the dataclass default
     where the preset or an override changed it, and its help (``--list``)."""
     from mcf.config import Config, dump_config
-    from mcf.configtree import describe, describe_fields, to_dict
+    from mcf.configtree import REQUIRED, describe, describe_fields, resolve, to_dict
     from mcf.train.metrics import flatten
 
     if args.command_keys != "pretrain":
         if not args.list:
             raise ConfigError("--command selects the keys --list prints; the resolved config is printed for pretrain "
                               "only")
-        for key, default, text in describe_fields(_command_config(args)):
-            print(f"{key} = {default!r}\n    {text}")
+        cls = _command_config(args)
+        rows = describe_fields(cls)
+        if any(default == REQUIRED for _, default, _ in rows):  # finetune: its declared defaults, None = the protocol's
+            for key, default, text in rows:
+                print(f"{key} = {default!r}\n    {text}")
+            return 0
+        resolved = flatten(to_dict(resolve(cls, overrides=args.set)))  # the bench configs: --set applies
+        print(f"# the {args.command_keys} keys{' with the overrides given' if args.set else ''}: key = value as it "
+              "runs [default where that differs]")
+        for key, default, text in describe(cls):
+            note = f"  [default {default!r}]" if resolved[key] != default else ""
+            print(f"{key} = {resolved[key]!r}{note}\n    {text}")
         return 0
     cfg = config_from_args(args)
     if args.list:
@@ -152,34 +187,55 @@ def run_config(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    c = subparsers.add_parser("config", help="print the resolved config (preset + flags + --set), or list every key (--list)")
+    c = subparsers.add_parser(
+        "config", help="print the resolved config (preset + flags + --set), or list every key (--list)"
+    )
     c.add_argument("--config", default="demo", metavar="NAME|PATH", help="preset name or YAML file (default: demo)")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (repeatable)")
+    c.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (repeatable)"
+    )
     c.add_argument("--list", action="store_true",
                    help="list every key with its value in the preset in use (--config, default demo), and its "
                         "documentation")
     c.add_argument("--command", dest="command_keys", choices=("pretrain", *COMMAND_CONFIGS), default="pretrain",
-                   help="whose keys --list prints: pretrain's tree, or finetune's (declared defaults; its --set "
-                        "keys; None = the protocol's value)")
+                   help="whose keys --list prints: pretrain's tree, finetune's (declared defaults; its --set keys; "
+                        "None = the protocol's value), or a benchmark's (`mcf bench step|e2e|data|memory|scale`; "
+                        "bench-index-scale: `mcf bench data --index-scale N`), resolved with --set")
     c.set_defaults(func=run_config)
 
-    p = subparsers.add_parser("pretrain", help="MCF pre-training (DeepSpeed; 1 process, torchrun, deepspeed or srun)",
-                              description="MCF pre-training. With no arguments: the demo preset (tiny model, built-in faces).",
-                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="demo", metavar="NAME|PATH", help="preset name (demo, small, base, large, huge) or a YAML file (default: demo)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (repeatable)")
+    p = subparsers.add_parser(
+        "pretrain", help="MCF pre-training (DeepSpeed; 1 process, torchrun, deepspeed or srun)",
+        description="MCF pre-training. With no arguments: the demo preset (tiny model, built-in faces).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config", default="demo", metavar="NAME|PATH",
+        help="preset name (demo, small, base, large, huge) or a YAML file (default: demo)",
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (repeatable)"
+    )
     for dest, (key, metavar, tp, text) in FLAGS.items():
         if tp is bool:  # a switch: sets the key to true
             p.add_argument("--" + dest.replace("_", "-"), dest=dest, action="store_const", const=True, default=None,
                            help=f"{text} [{key}=true]")
             continue
-        p.add_argument("--" + dest.replace("_", "-"), dest=dest, type=tp, default=None, metavar=metavar, help=f"{text} [{key}]")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's; LOCAL_RANK wins
+        p.add_argument(
+            "--" + dest.replace("_", "-"), dest=dest, type=tp, default=None, metavar=metavar, help=f"{text} [{key}]"
+        )
+    # the deepspeed launcher's; LOCAL_RANK wins
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run_pretrain)
 
-    e = subparsers.add_parser("export-fp32", help="consolidate a pre-training checkpoint (any ZeRO stage) into one fp32 file",
-                              description="Write {online, target, config, step} (fp32) with torch.save; load with "
-                                          "torch.load(..., weights_only=True) or mcf.train.checkpoint.load_consolidated.")
-    e.add_argument("checkpoint", metavar="CKPT", help="a run folder (newest complete checkpoint) or a checkpoints/step_* directory")
+    e = subparsers.add_parser(
+        "export-fp32", help="consolidate a pre-training checkpoint (any ZeRO stage) into one fp32 file",
+        description=(
+            "Write {online, target, config, step} (fp32) with torch.save; load with "
+            "torch.load(..., weights_only=True) or mcf.train.checkpoint.load_consolidated."
+        ),
+    )
+    e.add_argument(
+        "checkpoint", metavar="CKPT", help="a run folder (newest complete checkpoint) or a checkpoints/step_* directory"
+    )
     e.add_argument("out", metavar="OUT.pt", help="output file")
     e.set_defaults(func=run_export)

@@ -58,7 +58,10 @@ class RunShape:
         return cls(int(mcf_state["world_size"]), int(t["batch_size"]), int(t["accum_steps"]))
 
     def __str__(self) -> str:
-        return f"{self.world_size} rank(s) x batch {self.batch_size} x accum {self.accum_steps} = global batch {self.global_batch}"
+        return (
+            f"{self.world_size} rank(s) x batch {self.batch_size} x accum {self.accum_steps} "
+            f"= global batch {self.global_batch}"
+        )
 
 
 def plan_accum_steps(policy: str, saved: RunShape, batch_size: int, accum_steps: int, world_size: int) -> int:
@@ -81,12 +84,21 @@ def plan_accum_steps(policy: str, saved: RunShape, batch_size: int, accum_steps:
     per_step = batch_size * world_size
     if saved.global_batch % per_step:
         fits = [b for b in range(1, saved.global_batch + 1) if saved.global_batch % (b * world_size) == 0]
-        near = sorted({max((b for b in fits if b < batch_size), default=0), min((b for b in fits if b > batch_size), default=0)} - {0})
-        hint = (" or ".join(f"train.batch_size={b} (accum_steps {saved.global_batch // (b * world_size)})" for b in near) + " keeps it"
-                if near else f"no batch size keeps it on {world_size} rank(s)")
-        raise ConfigError(f"cannot keep the global batch {saved.global_batch} on {world_size} rank(s) with train.batch_size="
-                          f"{batch_size} ({saved.global_batch} is not a multiple of {per_step}): {hint}; or set "
-                          "train.elastic=keep_micro_batch to change the global batch")
+        near = sorted(
+            {max((b for b in fits if b < batch_size), default=0), min((b for b in fits if b > batch_size), default=0)}
+            - {0}
+        )
+        hint = (
+            " or ".join(f"train.batch_size={b} (accum_steps {saved.global_batch // (b * world_size)})" for b in near)
+            + " keeps it"
+            if near
+            else f"no batch size keeps it on {world_size} rank(s)"
+        )
+        raise ConfigError(
+            f"cannot keep the global batch {saved.global_batch} on {world_size} rank(s) with train.batch_size="
+            f"{batch_size} ({saved.global_batch} is not a multiple of {per_step}): {hint}; or set "
+            "train.elastic=keep_micro_batch to change the global batch"
+        )
     accum = saved.global_batch // per_step
     log.info("resuming on %d rank(s) (was %s): train.accum_steps %d -> %d keeps the global batch %d", world_size, saved,
              accum_steps, accum, saved.global_batch)
@@ -110,7 +122,9 @@ def resplit_rank_state(old: list[dict[str, Any]], rank: int) -> dict[str, Any]:
 
 def reseed(seed: int, rank: int, step: int, mask_gen: torch.Generator) -> None:
     """Fresh random streams for ``rank`` after a world-size change, a function of ``(seed, rank, step)``."""
-    s0, s1, s2 = np.random.SeedSequence([int(seed) & 0xFFFF_FFFF_FFFF_FFFF, rank, step, _RNG_TAG]).generate_state(3, np.uint64)
+    s0, s1, s2 = np.random.SeedSequence([int(seed) & 0xFFFF_FFFF_FFFF_FFFF, rank, step, _RNG_TAG]).generate_state(
+        3, np.uint64
+    )
     mask_gen.manual_seed(int(s0))
     torch.manual_seed(int(s1))
     np.random.seed(int(s2) & 0xFFFF_FFFF)

@@ -225,7 +225,9 @@ def read_marker(step_dir: Path) -> dict[str, Any] | None:
     except ValueError:
         ok = False
     if not ok:
-        raise CheckpointError(f"{path} is damaged (not an mcf checkpoint marker): the save was cut short or the file was altered")
+        raise CheckpointError(
+            f"{path} is damaged (not an mcf checkpoint marker): the save was cut short or the file was altered"
+        )
     if step is not None and data.get("step") != step:
         raise CheckpointError(f"{path} is damaged: it names step {data.get('step')!r}, not {step}")
     for name, entry in data["files"].items():
@@ -256,11 +258,15 @@ def _check_listed(step_dir: Path, name: str, entry: dict[str, Any]) -> None:
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
     if stat.S_ISLNK(st.st_mode):
-        raise CheckpointError(f"{path} is a symbolic link (to {os.readlink(path)}): checkpoint files must be regular files")
+        raise CheckpointError(
+            f"{path} is a symbolic link (to {os.readlink(path)}): checkpoint files must be regular files"
+        )
     if not stat.S_ISREG(st.st_mode):
         raise CheckpointError(f"{path} is not a regular file")
     if st.st_size != entry["size"]:
-        raise CheckpointError(f"{path} is {st.st_size} bytes, its {COMPLETE} marker says {entry['size']} (cut short or replaced)")
+        raise CheckpointError(
+            f"{path} is {st.st_size} bytes, its {COMPLETE} marker says {entry['size']} (cut short or replaced)"
+        )
     if "sha256" in entry:
         try:
             digest = _sha256(path)
@@ -304,7 +310,9 @@ def verify(step_dir: Path) -> None:
         if unsafe:
             raise unsafe[0]
         if listed is not None:
-            checks = list(pool.map(_try, [lambda n=n, e=e: _check_listed(step_dir, n, e) for n, e in sorted(listed.items())]))
+            checks = list(
+                pool.map(_try, [lambda n=n, e=e: _check_listed(step_dir, n, e) for n, e in sorted(listed.items())])
+            )
             damaged = [e for e in checks if e is not None]
             if damaged:
                 raise damaged[0]

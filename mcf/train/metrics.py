@@ -196,7 +196,9 @@ def start_mlflow(tracking: Tracking, *, run_name: str, run_id: str | None = None
             mlflow.end_run(status="FAILED")  # a run started before the failure stays no one's active run
         except Exception:  # noqa: BLE001, S110 - the server that just failed may fail this too
             pass
-        raise TrackingError(f"MLflow tracking at {uri} failed at start ({first}); fix it or pass --tracking-uri none") from None
+        raise TrackingError(
+            f"MLflow tracking at {uri} failed at start ({first}); fix it or pass --tracking-uri none"
+        ) from None
     log.info("MLflow: %s, experiment '%s', run %s (%s)", uri, tracking.experiment, run.info.run_id, tracking.rule)
     return MlflowSink(mlflow, run.info.run_id, uri)
 
@@ -293,7 +295,9 @@ class RunLogger:
             raise StorageError(describe_write_error(self.metrics_path, e)) from None
         if self.mlflow is not None:
             step = int(record["step"])
-            self.mlflow.log_metrics({k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
+            self.mlflow.log_metrics(
+                {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step
+            )
 
     def log_artifact(self, path: Path, folder: str) -> None:
         if self.enabled and self.mlflow is not None:
@@ -335,7 +339,9 @@ def reconstruction_grid(images: torch.Tensor, pred: torch.Tensor, mask: torch.Te
     return (grid.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
-def save_reconstruction(path: Path, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int, scale: int = 1) -> Path:
+def save_reconstruction(
+    path: Path, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int, scale: int = 1
+) -> Path:
     from PIL import Image
 
     grid = reconstruction_grid(images, pred, mask, patch_size)

@@ -31,7 +31,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def no_decay_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad and (p.ndim <= 1 or any(k in n for k in NO_DECAY_NAMES))]
+    return [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.ndim <= 1 or any(k in n for k in NO_DECAY_NAMES))
+    ]
 
 
 def build_optimizer(groups: Iterable[dict], cfg: OptimConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -44,8 +48,10 @@ def build_optimizer(groups: Iterable[dict], cfg: OptimConfig, lr: float, device:
         try:
             from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
         except ImportError:
-            raise ConfigError("optim.impl=apex needs NVIDIA apex, which is not installed (it is not on PyPI; the PyPI 'apex' "
-                              "is unrelated): build it from https://github.com/NVIDIA/apex or use optim.impl=torch") from None
+            raise ConfigError(
+                "optim.impl=apex needs NVIDIA apex, which is not installed (it is not on PyPI; the PyPI 'apex' "
+                "is unrelated): build it from https://github.com/NVIDIA/apex or use optim.impl=torch"
+            ) from None
         if device.type != "cuda":
             raise ConfigError("optim.impl=apex runs on CUDA devices only; use optim.impl=torch")
         return FusedAdam(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, adam_w_mode=True)
@@ -90,5 +96,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def describe_schedule(cfg: Config, global_batch: int, steps_per_epoch: int, total: int) -> str:
-    return (f"lr peak {peak_lr(cfg.optim, global_batch):.3g} (global batch {global_batch}), warm-up {warmup_steps(cfg.optim, steps_per_epoch)} "
-            f"steps, cosine to {cfg.optim.min_lr:.3g} at step {total}; momentum {cfg.momentum.base} ({cfg.momentum.schedule})")
+    return (
+        f"lr peak {peak_lr(cfg.optim, global_batch):.3g} (global batch {global_batch}), warm-up "
+        f"{warmup_steps(cfg.optim, steps_per_epoch)} steps, cosine to {cfg.optim.min_lr:.3g} at step {total}; "
+        f"momentum {cfg.momentum.base} ({cfg.momentum.schedule})"
+    )

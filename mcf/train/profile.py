@@ -47,14 +47,28 @@ def summarize(prof: Any, wall_s: float, step: int, device: torch.device) -> dict
         e = by_name.get(name)
         cpu_us = float(e.cpu_time_total) if e is not None else 0.0
         dev_us = _device_us(e, "time_total") if e is not None else 0.0
-        ranges[name] = {"count": int(e.count) if e is not None else 0, "host_ms": cpu_us / 1e3, "host_share": cpu_us / 1e6 / wall_s,
-                        "device_ms": dev_us / 1e3, "device_share": dev_us / device_total_us if device_total_us else None}
+        ranges[name] = {
+            "count": int(e.count) if e is not None else 0,
+            "host_ms": cpu_us / 1e3,
+            "host_share": cpu_us / 1e6 / wall_s,
+            "device_ms": dev_us / 1e3,
+            "device_share": dev_us / device_total_us if device_total_us else None,
+        }
     ops = [e for e in averages if not e.key.startswith("mcf.") and not e.key.startswith("ProfilerStep")]
     key = (lambda e: _device_us(e, "self_time_total")) if device_total_us else (lambda e: float(e.self_cpu_time_total))
-    top = [{"op": e.key, "count": int(e.count), "self_host_ms": float(e.self_cpu_time_total) / 1e3,
-            "self_device_ms": _device_us(e, "self_time_total") / 1e3} for e in sorted(ops, key=key, reverse=True)[:TOP_OPS]]
-    return {"step": step, "device": str(device), "wall_ms": wall_s * 1e3, "device_ms": device_total_us / 1e3, "ranges": ranges,
-            "top_ops": top}
+    top = [
+        {
+            "op": e.key,
+            "count": int(e.count),
+            "self_host_ms": float(e.self_cpu_time_total) / 1e3,
+            "self_device_ms": _device_us(e, "self_time_total") / 1e3,
+        }
+        for e in sorted(ops, key=key, reverse=True)[:TOP_OPS]
+    ]
+    return {
+        "step": step, "device": str(device), "wall_ms": wall_s * 1e3, "device_ms": device_total_us / 1e3,
+        "ranges": ranges, "top_ops": top,
+    }
 
 
 class StepProfiler:

@@ -74,7 +74,9 @@ def check_start(out: Path, resume: str, overwrite: bool) -> None:
             "start in a new --output-dir, or pass --overwrite-run (train.overwrite_run=true) to delete that run's "
             "checkpoints and logs first")
     removed = clear_run(out)
-    log.warning("train.overwrite_run: deleted the earlier run in %s (%s; %d files and folders)", out, held, len(removed))
+    log.warning(
+        "train.overwrite_run: deleted the earlier run in %s (%s; %d files and folders)", out, held, len(removed)
+    )
 
 
 def clear_run(out: Path) -> list[Path]:

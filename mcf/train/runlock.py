@@ -98,9 +98,11 @@ class Holder:
     def parse(cls, text: str) -> Holder | None:
         try:
             d = json.loads(text)
-            return cls(host=str(d["host"]), pid=int(d["pid"]), proc_start=d.get("proc_start"), boot_id=str(d.get("boot_id", "")),
-                       pidns=str(d.get("pidns", "")), started=str(d.get("started", "?")), token=str(d["token"]),
-                       slurm_job=d.get("slurm_job"), slurm_restart=int(d.get("slurm_restart") or 0))
+            return cls(
+                host=str(d["host"]), pid=int(d["pid"]), proc_start=d.get("proc_start"),
+                boot_id=str(d.get("boot_id", "")), pidns=str(d.get("pidns", "")), started=str(d.get("started", "?")),
+                token=str(d["token"]), slurm_job=d.get("slurm_job"), slurm_restart=int(d.get("slurm_restart") or 0),
+            )
         except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: nested brackets ("[[[[...")
             return None
 
@@ -188,7 +190,9 @@ class RunLock:
         except FileExistsError:
             return False
         except OSError as e:
-            raise StorageError(f"cannot write to output folder {self.folder} (creating {path.name}): {e.strerror}") from None
+            raise StorageError(
+                f"cannot write to output folder {self.folder} (creating {path.name}): {e.strerror}"
+            ) from None
         try:
             os.write(fd, (json.dumps(asdict(holder)) + "\n").encode())
             os.fsync(fd)
@@ -213,7 +217,9 @@ class RunLock:
         except OSError:
             return time.time()
 
-    def _inspect(self, path: Path, retries: int = READ_RETRIES, age: bool = True) -> tuple[Holder | None, float | None, tuple | None]:
+    def _inspect(
+        self, path: Path, retries: int = READ_RETRIES, age: bool = True
+    ) -> tuple[Holder | None, float | None, tuple | None]:
         """(holder or None if unreadable, age of its heartbeat in s (with ``age``), identity (inode,
         mtime)); identity None when the file does not exist. Opened before stat, so NFS revalidates
         the attributes."""
@@ -227,7 +233,9 @@ class RunLock:
             try:
                 st = os.fstat(fd)
                 if not S_ISREG(st.st_mode):
-                    raise StorageError(f"{path} is not a file (a folder, a FIFO, ...): mcf's run lock goes there; move it away")
+                    raise StorageError(
+                        f"{path} is not a file (a folder, a FIFO, ...): mcf's run lock goes there; move it away"
+                    )
                 text = os.read(fd, 1 << 16).decode(errors="replace")
             finally:
                 os.close(fd)
@@ -259,7 +267,11 @@ class RunLock:
         return None
 
     def _earlier_instance_of_my_job(self, h: Holder) -> bool:
-        return self.me.slurm_job is not None and h.slurm_job == self.me.slurm_job and h.slurm_restart < self.me.slurm_restart
+        return (
+            self.me.slurm_job is not None
+            and h.slurm_job == self.me.slurm_job
+            and h.slurm_restart < self.me.slurm_restart
+        )
 
     def _break(self, ident: tuple) -> None:
         """Remove the stale lock seen as ``ident``, under the break lock so only one run does it."""
@@ -285,9 +297,11 @@ class RunLock:
                     f"{-age:.0f} s in the future (a clock set wrong): it will not go stale by itself; if no run uses "
                     f"this folder, delete {self.path}, else use another --output-dir")
         beat = f", heartbeat {age:.0f} s ago" if age is not None else ""
-        return (f"output folder {self.folder} is in use by another run: {who} (lock {self.path}{beat}); wait for it "
-                f"to finish or use another --output-dir (the lock of a run that died is taken over automatically: at once on "
-                f"the same machine, after {self.stale_s:.0f} s without heartbeat from another one)")
+        return (
+            f"output folder {self.folder} is in use by another run: {who} (lock {self.path}{beat}); wait for it "
+            "to finish or use another --output-dir (the lock of a run that died is taken over automatically: at once "
+            f"on the same machine, after {self.stale_s:.0f} s without heartbeat from another one)"
+        )
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

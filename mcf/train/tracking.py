@@ -119,13 +119,19 @@ def check_reachable(uri: str) -> None:
         reason = e.reason.strerror if isinstance(e.reason, OSError) and e.reason.strerror else str(e.reason)
         raise TrackingError(_unreachable(uri, reason)) from None
     except (OSError, ValueError) as e:  # a timeout while reading, a reset connection, a malformed URI
-        reason = "timed out" if isinstance(e, socket.timeout) else (getattr(e, "strerror", None) or str(e) or type(e).__name__)
+        reason = (
+            "timed out"
+            if isinstance(e, socket.timeout)
+            else (getattr(e, "strerror", None) or str(e) or type(e).__name__)
+        )
         raise TrackingError(_unreachable(uri, reason)) from None
 
 
 def _unreachable(uri: str, reason: str) -> str:
-    return (f"MLflow tracking server {uri} is unreachable ({reason}); start it, fix the URI, or pass --tracking-uri none "
-            "to train without MLflow")
+    return (
+        f"MLflow tracking server {uri} is unreachable ({reason}); start it, fix the URI, or pass --tracking-uri none "
+        "to train without MLflow"
+    )
 
 
 class MlflowSink:
@@ -175,8 +181,12 @@ class MlflowSink:
         self._thread.join(timeout_s)
         left = len(self._pending)
         if left or self.dropped:
-            log.warning("MLflow %s: %d record(s) could not be sent (server unreachable)%s; metrics.jsonl has every metric",
-                        self.uri, left, f", {self.dropped} dropped from a full queue" if self.dropped else "")
+            log.warning(
+                "MLflow %s: %d record(s) could not be sent (server unreachable)%s; metrics.jsonl has every metric",
+                self.uri,
+                left,
+                f", {self.dropped} dropped from a full queue" if self.dropped else "",
+            )
         try:
             self._mlflow.end_run(status=status)
         except Exception as e:  # noqa: BLE001 - the server is away: the run's status stays RUNNING there

@@ -46,8 +46,10 @@ class StepWatchdog:
     ``exit`` (``os._exit``) and ``poll_s`` are for tests.
     """
 
-    def __init__(self, rank: int, timeout_s: float, slow_s: float, grace_s: float = 0.0, stop: StopRequest | None = None,
-                 exit: Callable[[int], None] = os._exit, poll_s: float = 0.5):
+    def __init__(
+        self, rank: int, timeout_s: float, slow_s: float, grace_s: float = 0.0, stop: StopRequest | None = None,
+        exit: Callable[[int], None] = os._exit, poll_s: float = 0.5,
+    ):
         self.rank, self.timeout_s, self.slow_s, self.grace_s = rank, timeout_s, max(slow_s, timeout_s), grace_s
         self.stop, self._exit, self.poll_s = stop, exit, poll_s
         self._lock = threading.Lock()
@@ -116,14 +118,22 @@ class StepWatchdog:
                 self._stop_at = now  # the Python handler ran before the wakeup byte was read (or no wakeup fd)
             with self._lock:
                 phase, step, since, deadline = self._phase, self._step, self._since, self._deadline
-            if self._stop_at is not None and self.grace_s > 0 and not self._stopping and now > self._stop_at + self.grace_s:
+            if (
+                self._stop_at is not None
+                and self.grace_s > 0
+                and not self._stopping
+                and now > self._stop_at + self.grace_s
+            ):
                 self._fire(f"no step boundary within train.stop_grace_s={self.grace_s:g} s of the stop signal (step "
                            f"{step}, phase '{phase}' for {now - since:.0f} s): exiting without a new checkpoint",
                            REQUEUE_EXIT_CODE)
                 return
             if deadline is not None and now > deadline:
-                self._fire(f"step {step} stalled in phase '{phase}' for {now - since:.0f} s (deadline train.step_timeout_s="
-                           f"{self.timeout_s:g} s, {self.slow_s:g} s for first steps and checkpoints)", STALL_EXIT_CODE)
+                self._fire(
+                    f"step {step} stalled in phase '{phase}' for {now - since:.0f} s (deadline train.step_timeout_s="
+                    f"{self.timeout_s:g} s, {self.slow_s:g} s for first steps and checkpoints)",
+                    STALL_EXIT_CODE,
+                )
                 return
 
     def _read_signals(self, fd: int) -> None:
@@ -142,7 +152,9 @@ class StepWatchdog:
         log.error(msg)
         print(msg, file=sys.stderr, flush=True)
         try:
-            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)  # the main thread's stack: where it is blocked
+            faulthandler.dump_traceback(
+                file=sys.stderr, all_threads=True
+            )  # the main thread's stack: where it is blocked
         except (OSError, ValueError):  # stderr closed or not a real file
             pass
         for h in logging.getLogger().handlers:

@@ -237,7 +237,9 @@ class IndexFile:
         if 16 + hlen > size:
             raise ValueError("truncated header")
         header = json.loads(mm[16 : 16 + hlen].tobytes())
-        if not (isinstance(header, dict) and isinstance(header.get("meta"), dict) and isinstance(header.get("arrays"), dict)):
+        if not (
+            isinstance(header, dict) and isinstance(header.get("meta"), dict) and isinstance(header.get("arrays"), dict)
+        ):
             raise ValueError("header is not {meta, arrays}")
         arrays = {}
         for name, spec in header["arrays"].items():

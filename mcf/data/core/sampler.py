@@ -130,7 +130,9 @@ class RankShare:
     def take(self, epoch: int, offset: int, start: int, stop: int) -> np.ndarray:
         """Sample ids (int64) of this rank's share entries ``start … stop-1`` after global ``offset``."""
         if not 0 <= start <= stop <= self.share(offset):
-            raise ValueError(f"entries {start}..{stop} outside this rank's share 0..{self.share(offset)} after offset {offset}")
+            raise ValueError(
+                f"entries {start}..{stop} outside this rank's share 0..{self.share(offset)} after offset {offset}"
+            )
         return self.order_at(epoch, offset + self.rank + self.world_size * np.arange(start, stop, dtype=np.int64))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:

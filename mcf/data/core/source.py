@@ -208,7 +208,9 @@ class DaliBatchSource:
         cols: tuple[list, ...] = ([], [], [], [], [], [], [])
         for i in idx.tolist():
             data, r0, r1, flip, n_bad, first_bad, _ = self.source.dali_sample(epoch, i, self.rejected)
-            values = (data, r0, r1, flip, np.array(n_bad, np.int32), np.array(first_bad, np.int64), np.array(i, np.int64))
+            values = (
+                data, r0, r1, flip, np.array(n_bad, np.int32), np.array(first_bad, np.int64), np.array(i, np.int64),
+            )
             for col, v in zip(cols, values):
                 col.append(v)
         return cols

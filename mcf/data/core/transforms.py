@@ -122,7 +122,9 @@ def _mean_std(device):
     (a fresh host-to-GPU copy per batch would synchronise the stream)."""
     import torch
 
-    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = (
+        torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device) for v in (IMAGENET_MEAN, IMAGENET_STD)
+    )
     return mean, std
 
 
@@ -146,4 +148,6 @@ def build_transform(
     """The pre-training transform (see :class:`PretrainTransform`)."""
     if img_size <= 0:
         raise ValueError("img_size must be positive")
-    return PretrainTransform(img_size=img_size, random_resized_crop=random_resized_crop, crop_scale=tuple(crop_scale), hflip=hflip)
+    return PretrainTransform(
+        img_size=img_size, random_resized_crop=random_resized_crop, crop_scale=tuple(crop_scale), hflip=hflip
+    )

@@ -9,7 +9,8 @@
 * :func:`kill_after` bounds an orderly shutdown: a worker still alive after it is killed with
   SIGKILL (workers ignore SIGTERM, so ``terminate()`` would not stop them).
 
-Standard library only: DALI's spawned workers import this module.
+Standard library only (and :mod:`mcf.threads`, which shares the CPU count with the trainer's threads): DALI's
+spawned workers import this module.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
+
+from mcf.threads import available_cpus, cpus_per_rank
 
 # The cap of ``num_workers: auto``. A PIL worker decodes and resizes ~700 face crops/s and an H100
 # step wants ~1.5-2k images/s per GPU, so ~3 workers keep a GPU fed; 16 leaves 5x headroom for
@@ -37,72 +40,6 @@ AUTO_WORKERS_CAP = 16
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _int(env: Mapping[str, str], key: str) -> int | None:
-    try:
-        v = int(env[key])
-    except (KeyError, ValueError):
-        return None
-    return v if v > 0 else None
-
-
-def _slurm_tasks_on_node(env: Mapping[str, str]) -> int | None:
-    """Tasks of this job step on this node: SLURM_NTASKS_PER_NODE, else this node's entry of
-    SLURM_STEP_TASKS_PER_NODE (``"4(x2),3"`` = 4 on nodes 0-1, 3 on node 2; SLURM_NODEID picks)."""
-    n = _int(env, "SLURM_NTASKS_PER_NODE")
-    if n:
-        return n
-    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
-    if not spec:
-        return None
-    counts: list[int] = []
-    try:
-        for part in spec.split(","):
-            count, _, rep = part.partition("(x")
-            counts += [int(count)] * (int(rep.rstrip(")")) if rep else 1)
-    except ValueError:
-        return None
-    node = _int(env, "SLURM_NODEID") or 0
-    return counts[node] if node < len(counts) and counts[node] > 0 else None
-
-
-def cpus_per_rank(env: Mapping[str, str], cpus: int) -> tuple[int, str]:
-    """The CPUs one rank of this node may use, and how that was derived.
-
-    Args:
-        env: the environment (``os.environ``).
-        cpus: CPUs in this process's affinity mask (``len(os.sched_getaffinity(0))``).
-
-    A launcher that starts a node's ranks from one process (torchrun: LOCAL_WORLD_SIZE; the deepspeed
-    launcher: LOCAL_SIZE) hands them all the same mask, so it is shared among them. Under srun,
-    SLURM_CPUS_PER_TASK is each task's own allocation; otherwise, if the mask is narrower than the
-    job's CPUs on this node (SLURM_CPUS_ON_NODE) slurm bound the task to its share already, and if
-    not, the mask is shared by the step's tasks on this node.
-    """
-    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
-        local = _int(env, key)
-        if local:
-            return max(1, cpus // local), f"{cpus} CPUs in the affinity mask / {local} local ranks ({key})"
-    if "SLURM_STEP_ID" in env or "SLURM_PROCID" in env:
-        per_task = _int(env, "SLURM_CPUS_PER_TASK")
-        if per_task:
-            return min(cpus, per_task), f"SLURM_CPUS_PER_TASK={per_task}, {cpus} CPUs in the affinity mask"
-        on_node = _int(env, "SLURM_CPUS_ON_NODE")
-        if on_node and cpus < on_node:
-            return cpus, f"{cpus} CPUs in the affinity mask (slurm bound this task; SLURM_CPUS_ON_NODE={on_node})"
-        tasks = _slurm_tasks_on_node(env)
-        if tasks:
-            return max(1, cpus // tasks), f"{cpus} CPUs in the affinity mask / {tasks} slurm tasks on this node"
-    return cpus, f"{cpus} CPUs in the affinity mask, 1 rank on this node"
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (the affinity mask: taskset, cgroups cpusets, slurm binding)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
 
 
 def auto_num_workers(env: Mapping[str, str] | None = None, cpus: int | None = None) -> tuple[int, str]:

@@ -100,7 +100,9 @@ class ImageFolderDataset(EncodedImageDataset):
     """All images under ``root`` (recursive, symlinks followed, each directory once; sorted;
     extensions in ``IMAGE_EXTENSIONS``), listed by a cached :class:`~mcf.data.formats.scan.FolderIndex`."""
 
-    def __init__(self, root: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, index: IndexOptions | None = None):
+    def __init__(
+        self, root: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, index: IndexOptions | None = None
+    ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"image folder not found: {self.root}")
@@ -147,7 +149,9 @@ def _shared_env(path: Path, subdir: bool):
     if env is None:
         check_lmdb_file(path, subdir)  # a file cut short would SIGBUS once its pages are touched
         try:
-            env = lmdb.open(str(path), subdir=subdir, readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
+            env = lmdb.open(
+                str(path), subdir=subdir, readonly=True, lock=False, readahead=False, meminit=False, max_readers=512
+            )
         except lmdb.Error as e:
             raise DataError(f"cannot open LMDB {data}: {e}") from None
         _ENVS[key] = env
@@ -215,7 +219,11 @@ class LMDBDataset(EncodedImageDataset):
             raise DataError(f"LMDB not found: {self.path}")
         manifest = read_manifest(self.path)
         if manifest is None:
-            hint = " (an interrupted build: run `mcf data build-lmdb` again to resume)" if self.path.name.endswith(".partial") else ""
+            hint = (
+                " (an interrupted build: run `mcf data build-lmdb` again to resume)"
+                if self.path.name.endswith(".partial")
+                else ""
+            )
             raise DataError(f"{self.path} has no {MANIFEST}: not a complete mcf LMDB{hint}")
         if manifest.get("format") != FORMAT:
             raise DataError(f"{self.path / MANIFEST} is not an {FORMAT} manifest")
@@ -314,7 +322,10 @@ class PaperLMDBDataset(EncodedImageDataset):
         if int(length) != len(self.keys):
             raise DataError(f"{self.path}: 'length' is {int(length)} but {kf} lists {len(self.keys)} keys")
         if missing:
-            raise DataError(f"{self.path}: keys listed in {kf} are missing from the LMDB, e.g. {missing[0].decode(errors='replace')!r}")
+            raise DataError(
+                f"{self.path}: keys listed in {kf} are missing from the LMDB, e.g. "
+                f"{missing[0].decode(errors='replace')!r}"
+            )
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -32,7 +32,15 @@ from pathlib import Path
 import numpy as np
 
 from mcf.data.core.decode import IMAGE_EXTENSIONS
-from mcf.data.core.index import INDEX_DIR, RACY_NS, IndexFile, IndexOptions, PackedStrings, index_location, open_or_build
+from mcf.data.core.index import (
+    INDEX_DIR,
+    RACY_NS,
+    IndexFile,
+    IndexOptions,
+    PackedStrings,
+    index_location,
+    open_or_build,
+)
 
 log = logging.getLogger(__name__)
 

@@ -121,7 +121,8 @@ class PretrainLoader:
         self.num_batches = self.sampler.per_rank // batch_size
         if self.num_batches == 0:
             raise DataError(
-                f"{len(dataset)} samples give no full batch of {batch_size} per rank on {world_size} rank(s); use more data or a smaller batch"
+                f"{len(dataset)} samples give no full batch of {batch_size} per rank on {world_size} rank(s); use more "
+                "data or a smaller batch"
             )
         self.epoch = 0
         self.offset = 0  # samples of ``epoch`` consumed by all ranks together
@@ -177,7 +178,9 @@ class PretrainLoader:
         for k in ("seed", "num_samples"):
             mine = len(self.dataset) if k == "num_samples" else getattr(self, k)
             if k in d and int(d[k]) != mine:
-                raise DataError(f"cannot resume the data stream: the checkpoint has data {k}={d[k]}, this run has {mine}")
+                raise DataError(
+                    f"cannot resume the data stream: the checkpoint has data {k}={d[k]}, this run has {mine}"
+                )
         offset = int(d["offset"]) if "offset" in d else int(d["position"]) * int(d["batch_size"]) * int(d["world_size"])
         if not 0 <= offset <= len(self.dataset):
             raise DataError(f"saved data offset {offset} outside 0..{len(self.dataset)}")

@@ -31,7 +31,14 @@ from PIL import Image
 
 from mcf.data.core.decode import decode_rgb, prepare_for_dali
 from mcf.data.core.transforms import IMAGENET_STD, PretrainTransform, SampleParams
-from mcf.data.loaders.dali_loader import FixedBatch, build_pipeline, close_pipeline, first_line, sample_columns, to_torch
+from mcf.data.loaders.dali_loader import (
+    FixedBatch,
+    build_pipeline,
+    close_pipeline,
+    first_line,
+    sample_columns,
+    to_torch,
+)
 
 MEAN_LEVELS = 3.0
 P99_LEVELS = 16.0

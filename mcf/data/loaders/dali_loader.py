@@ -233,8 +233,8 @@ class DaliPretrainLoader(PretrainLoader):
         found = self._find_rejected(src, consumed) if src is not None else []
         if not found:
             raise DataError(
-                f"DALI failed on the batch at sample {offset} of epoch {epoch} and no single sample of it explains the failure "
-                f"({first_line(error)}); use --loader torch"
+                f"DALI failed on the batch at sample {offset} of epoch {epoch} and no single sample of it explains the "
+                f"failure ({first_line(error)}); use --loader torch"
             ) from None
         self.rejected.update(found)
         names = ", ".join(self.dataset.name(j) for j in found[:3])

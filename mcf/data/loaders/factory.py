@@ -111,12 +111,16 @@ def build_pretrain_loader(
     size = cfg.img_size or img_size
     index = IndexOptions(cache_dir=cfg.index_cache, rank=rank, world_size=world_size, wait_s=cfg.index_wait_s)
     dataset = open_dataset(cfg.path, cfg.lmdb_keys, split=split, max_pixels=cfg.max_image_pixels, index=index)
-    transform = build_transform(size, random_resized_crop=cfg.random_resized_crop, crop_scale=cfg.crop_scale, hflip=cfg.hflip)
+    transform = build_transform(
+        size, random_resized_crop=cfg.random_resized_crop, crop_scale=cfg.crop_scale, hflip=cfg.hflip
+    )
     device = torch.device(device)
     kind = cfg.loader
     streamed = isinstance(dataset, StreamedShards)
     if streamed and kind == "dali":
-        raise DataError("remote shards (pipe:, URLs) are streamed by the PyTorch loader only: use --loader torch (or auto)")
+        raise DataError(
+            "remote shards (pipe:, URLs) are streamed by the PyTorch loader only: use --loader torch (or auto)"
+        )
     if streamed:
         kind = "torch"
     elif kind in ("auto", "dali"):
@@ -138,7 +142,9 @@ def build_pretrain_loader(
         cls = DaliPretrainLoader
     else:
         cls = TorchPretrainLoader
-    loader = cls(dataset, transform, cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, device=device)
+    loader = cls(
+        dataset, transform, cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, device=device
+    )
     logger.info(
         "data: %s loader (%s), %d samples, %d batches of %d per rank, %dpx, %d workers",
         loader.kind,

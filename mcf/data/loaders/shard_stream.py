@@ -1,8 +1,9 @@
 """Remote webdataset shards (``pipe:`` commands, fsspec URLs), streamed by the PyTorch loader.
 
 A remote shard cannot be read by offset, so it is read front to back (the local indexer's header
-checks, :func:`~mcf.data.tar_index.stream_samples`; nothing extracted to disk). The epoch's shard sequence is that of local shards (shards shuffled
-per ``(seed, epoch)``, :class:`ShardSampler`), but each rank takes a contiguous ``N // world_size``
+checks, :func:`~mcf.data.tar_index.stream_samples`; nothing extracted to disk). The epoch's shard
+sequence is that of local shards (shards shuffled per ``(seed, epoch)``, :class:`ShardSampler`),
+but each rank takes a contiguous ``N // world_size``
 of it (dealing every shard's samples over the ranks, as local shards do, would stream every shard on
 every rank), and then:
 
@@ -247,8 +248,8 @@ class ShardStreamLoader(PretrainLoader):
     def _batches(self, epoch, offset):
         position = offset // self.global_batch  # this rank's batches of the epoch (same world and batch size: checked)
         ds = _StreamBatches(
-            self.plan, list(self.dataset.spec.urls), self.transform, self.seed, self.dataset.max_pixels, epoch, position,
-            self.cfg.stream_stall_s,
+            self.plan, list(self.dataset.spec.urls), self.transform, self.seed, self.dataset.max_pixels, epoch,
+            position, self.cfg.stream_stall_s,
         )
         nw = self.cfg.num_workers
         self.close()
@@ -267,7 +268,12 @@ class ShardStreamLoader(PretrainLoader):
         nb = self.device.type == "cuda"
         try:
             for imgs, n_bad, bad_idx, idx in batches:
-                yield normalize_batch(imgs.to(self.device, non_blocking=nb)), n_bad.numpy(), bad_idx.numpy(), idx.numpy()
+                yield (
+                    normalize_batch(imgs.to(self.device, non_blocking=nb)),
+                    n_bad.numpy(),
+                    bad_idx.numpy(),
+                    idx.numpy(),
+                )
         except DataError as e:  # re-raised from a worker with its traceback in the message: keep the last line
             raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 

@@ -171,7 +171,9 @@ def build_lmdb(
             raw = txn.get(PROGRESS_KEY)
         state = json.loads(raw) if raw else {"done": 0, "count": 0, "bad": [], "options": options, "files": files_hash}
         if state["options"] != options or state["files"] != files_hash:
-            raise DataError(f"{partial} is an interrupted build with other options or source files; delete it to start over")
+            raise DataError(
+                f"{partial} is an interrupted build with other options or source files; delete it to start over"
+            )
         _run_chunks(env, src, files, state, workers, chunk_size, progress)
         count = state["count"]
         if count == 0:
@@ -241,7 +243,8 @@ def _write_bad_report(path: Path, bad: list[list[str]]) -> None:
 
 
 def verify_dataset(
-    path: str | os.PathLike, lmdb_keys: str | None = None, *, progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | os.PathLike, lmdb_keys: str | None = None, *, progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Decode every sample of a data set: ``{"count": n, "bad": [[name, reason], ...]}``."""
     from tqdm import tqdm
@@ -267,7 +270,9 @@ def dataset_info(path: str | os.PathLike, lmdb_keys: str | None = None, *, sampl
             sizes.append(list(decode_rgb(ds.read_bytes(i), ds.max_pixels).size))
         except READ_ERRORS:
             sizes.append(None)
-    info: dict[str, Any] = {"path": str(p), "kind": type(ds).__name__, "count": len(ds), "disk_bytes": disk, "sizes": sizes}
+    info: dict[str, Any] = {
+        "path": str(p), "kind": type(ds).__name__, "count": len(ds), "disk_bytes": disk, "sizes": sizes,
+    }
     if isinstance(ds, LMDBDataset):
         info["splits"] = ds.manifest.get("splits") or {}
         info["provenance"] = ds.provenance

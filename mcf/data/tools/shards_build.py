@@ -34,7 +34,14 @@ from mcf.data.core.procs import shutdown, worker_pool
 from mcf.data.core.tar_index import TarDamage, stream_samples
 from mcf.data.formats.factory import open_dataset
 from mcf.data.formats.shards import FORMAT as INDEX_FORMAT
-from mcf.data.formats.shards import MANIFEST_FORMAT, ShardDataset, StreamedShards, open_shards, open_stream, resolve_shards
+from mcf.data.formats.shards import (
+    MANIFEST_FORMAT,
+    ShardDataset,
+    StreamedShards,
+    open_shards,
+    open_stream,
+    resolve_shards,
+)
 from mcf.data.formats.shards import VERSION as INDEX_VERSION
 from mcf.data.tools.lmdb_build import encode_image, prepare_output
 from mcf.errors import DataError
@@ -90,8 +97,13 @@ def _read_progress(path: Path) -> dict[str, Any]:
     try:
         state = json.loads(path.read_text())
         keys = {"done": int, "count": int, "shards": list, "bad": list, "options": dict}
-        if isinstance(state, dict) and all(isinstance(state.get(k), t) for k, t in keys.items()) and all(
-                isinstance(s, dict) and isinstance(s.get("name"), str) and "/" not in s["name"] for s in state["shards"]):
+        if (
+            isinstance(state, dict)
+            and all(isinstance(state.get(k), t) for k, t in keys.items())
+            and all(
+                isinstance(s, dict) and isinstance(s.get("name"), str) and "/" not in s["name"] for s in state["shards"]
+            )
+        ):
             return state
     except (OSError, ValueError):
         pass

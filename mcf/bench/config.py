@@ -1,0 +1,219 @@
+"""The configs of ``mcf bench step|e2e|data|memory|scale`` on the project's config tree (:mod:`mcf.configtree`).
+
+Each benchmark's settings are one ``@dataclass(kw_only=True)`` whose fields are declared with
+:func:`mcf.configtree.field`: typed, documented (``mcf config --list --command bench-step``, ``bench-data``,
+``bench-index-scale``, ``bench-memory``, ``bench-scale``), validated in ``__post_init__`` (a
+:class:`~mcf.errors.ConfigError`). A field's metadata also declares its command-line flag (``flag``), so each
+dedicated flag is sugar for its key and ``--set key=value`` reaches every key (:mod:`mcf.bench.cli`).
+
+They live apart from the benchmarks so that building the command line imports no model code; each benchmark
+module re-exports its own (``from mcf.bench.step import StepBenchConfig`` keeps working).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from mcf.bench.projection import Compute, Network
+from mcf.configtree import field
+from mcf.errors import ConfigError
+
+VARIANTS = ("paper", "mcf", "mcf_compiled")  # mcf_compiled: mcf's step with torch.compile, beside eager with --compile
+MODES = ("none", "encoder", "decoder", "teacher", "all")  # train.activation_checkpointing settings
+PAPER_MODELS = ("mcf_vit_base_patch16", "mcf_vit_large_patch16", "mcf_vit_huge_patch14")
+OPTIONS = ("reduce-fp32", "reduce-bf16", "allreduce-fp32", "allreduce-bf16")  # scale's gradient reductions
+
+
+@dataclass(kw_only=True)
+class StepBenchConfig:
+    """Sizes and switches of the step benchmark (defaults: about a minute on a 2-core CPU): the config of ``mcf
+    bench step`` and ``mcf bench e2e`` (``mcf config --list --command bench-step``). Each flag sets the key of its
+    field's metadata; ``--set key=value`` reaches every key."""
+
+    model: str = field("mcf_vit_small_patch16", flag=True, help="Model name (mcf.models.list_models()).")
+    img_size: int | None = field(112, flag=True, none_flag=0, help=(
+        "Input side in pixels; None or 0 = the model's own (224 for the ViT-*/16 models)."))
+    teacher_img_size: int | None = field(None, flag=True, help=(
+        "Teacher input side; None = the same as img_size (the paper: 224 for both)."))
+    batch_size: int = field(4, flag=True, help="Images per step.")
+    steps: int = field(1, flag=True, help="Steps per timed window.")
+    repeats: int = field(3, flag=True, help="Timed windows; the median is reported.")
+    warmup: int = field(2, flag=True, help="Untimed steps before the timed windows (the first one is FLOP-counted "
+                                            "in the paper variant).")
+    device: str = field("auto", flag=True, help="auto (the first GPU if any, else cpu), cpu, cuda, cuda:N.")
+    compile: bool = field(False, flag=True, const=True, help=(
+        "Also time mcf's step with its model torch.compile-d (variant mcf_compiled), beside eager."))
+    momentum: float = field(0.99, help="EMA momentum of the target encoder in both variants' steps.")
+    e2e: bool = field(False, help="Loader in the loop: JPEG files through each variant's loader (set by the "
+                                  "subcommand: `mcf bench e2e`).")
+    data: str | None = field(None, flag=True, help=(
+        "e2e: image folder; None = synthetic JPEGs written to a temporary folder."))
+    workers: int = field(2, flag=True, help="e2e: loader workers (both variants).")
+    loader: Literal["auto", "dali", "torch"] = field("auto", flag=True, help=(
+        "e2e: mcf's loader: auto (DALI when it works here), dali or torch."))
+    variants: tuple[str, ...] = field(("paper", "mcf"), flag=True, help=(
+        "Comma list of paper, mcf, mcf_compiled: the steps timed."))
+    order: Literal["interleaved", "sequential"] = field("interleaved", flag=True, help=(
+        "interleaved: all variants built, their timed windows alternate (fair on a shared machine); sequential: "
+        "one variant after the other, only one in memory (`mcf bench e2e`'s default: an idle variant's loader "
+        "workers would refill their queues during the other's windows)."))
+    profile: bool = field(False, flag=True, const=True, help=(
+        "Also profile one step of each variant and report its top operators (torch.profiler)."))
+    out: str | None = field(None, flag=True, help="JSON file or folder the result is written to.")
+
+    def __post_init__(self) -> None:
+        if self.img_size == 0:  # the flag's "the model's own"
+            self.img_size = None
+        for name in ("batch_size", "steps", "repeats"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+        if self.warmup < 1:
+            raise ConfigError("warmup must be >= 1 (the first warm-up step is the FLOP count)")
+        if not self.variants or set(self.variants) - set(VARIANTS):
+            raise ConfigError(f"variants must be a subset of {VARIANTS}")
+        if self.order not in ("interleaved", "sequential"):
+            raise ConfigError("order must be interleaved or sequential")
+        if self.loader not in ("auto", "dali", "torch"):
+            raise ConfigError("loader must be auto, dali or torch")
+
+
+
+@dataclass(kw_only=True)
+class DataBenchConfig:
+    """The loaders' benchmark: the config of ``mcf bench data`` (``mcf config --list --command bench-data``)."""
+
+    data: str | None = field(None, flag=True, help=(
+        "Image folder; None = count synthetic JPEGs of file_size² px in a temporary folder."))
+    count: int = field(256, flag=True, help="Synthetic files.")
+    file_size: int = field(256, flag=True, help="Synthetic JPEG side (px).")
+    img_size: int = field(224, flag=True, help="Output side of the loaders' crops (px).")
+    batch_size: int = field(32, flag=True, help="Images per batch.")
+    workers: int = field(2, flag=True, help="Loader workers (DALI threads, DataLoader processes).")
+    batches: int = field(6, flag=True, help="Timed batches per loader (after one untimed batch).")
+    sources: tuple[str, ...] = field(("folder", "lmdb", "shards"), flag=True, help=(
+        "Comma list of the stores the same files are read from: folder, lmdb, shards."))
+    device: str = field("auto", flag=True, help="Where batches are delivered: auto (GPU if any), cpu, cuda.")
+    out: str | None = field(None, flag=True, help="JSON file or folder the result is written to.")
+
+    def __post_init__(self) -> None:
+        if set(self.sources) - {"folder", "lmdb", "shards"}:
+            raise ConfigError("sources must be a subset of folder,lmdb,shards")
+        if self.batches < 1 or self.batch_size < 1 or self.workers < 0:
+            raise ConfigError("batches and batch_size must be >= 1, workers >= 0")
+
+
+
+@dataclass(kw_only=True)
+class IndexScaleConfig:
+    """The indexes' benchmark at scale: the config of ``mcf bench data --index-scale N`` (``mcf config --list
+    --command bench-index-scale``)."""
+
+    keys: int = field(20_000_000, flag="--index-scale", metavar="N", help=(
+        "Keys of the paper-layout key file (and samples of the synthetic shard index)."), flag_help=(
+        "instead of the loaders: open time and bytes per sample of the indexes for N synthetic keys/samples "
+        "(e.g. 20000000)"))
+    folder_files: int = field(200_000, flag=True, help="Empty files of the synthetic image folder (0 = skip).")
+    worker_keys: int = field(1_000_000, flag=True, help=(
+        "Keys a forked worker reads (an epoch of a worker), with the compact index and with list[str]; at most "
+        "keys (a larger value is lowered to it)."))
+    workdir: str | None = field(None, flag=True, help=(
+        "Where the synthetic data goes (reused when present); None = a temporary folder."))
+    out: str | None = field(None, flag=True, help="JSON file or folder the result is written to.")
+
+    def __post_init__(self) -> None:
+        if self.keys >= 2 and self.worker_keys > self.keys:  # the CLI's rule: a worker reads at most every key
+            self.worker_keys = self.keys
+        if self.keys < 2 or self.folder_files < 0 or not 0 < self.worker_keys <= self.keys:
+            raise ConfigError("need keys >= 2, folder_files >= 0, 0 < worker_keys <= keys")
+
+
+
+@dataclass(kw_only=True)
+class MemoryBenchConfig:
+    """Activation checkpointing's benchmark: the config of ``mcf bench memory`` (``mcf config --list --command
+    bench-memory``)."""
+
+    model: str = field("mcf_vit_small_patch16", flag=True, help="The CPU-measured model.")
+    img_size: int | None = field(112, flag=True, none_flag=0, help="Its input side; None or 0 = the model's own.")
+    batch_sizes: tuple[int, int] = field((4, 8), flag=True, help="Two batch sizes of the CPU measurement.")
+    modes: tuple[str, ...] = field(MODES, flag=True, help=(
+        "Comma list of the train.activation_checkpointing settings compared."))
+    precision: Literal["bf16", "fp32"] = field("bf16", flag=True, help=(
+        "Weights' and activations' dtype, as DeepSpeed runs the online model."))
+    repeats: int = field(3, flag=True, help="Timed steps per setting, interleaved.")
+    project: tuple[str, ...] = field(PAPER_MODELS, flag=True, help=(
+        "Models counted at their own size on the meta device for the batch projection ('' = none)."))
+    project_teacher: str = field("vit_base_patch16", flag=True, help="The projected models' teacher.")
+    project_batch_sizes: tuple[int, int] = field((64, 128), flag=True, help=(
+        "Two batch sizes of the meta count: large, so that the peak is the activations' (at the start of the "
+        "backward), as at the batch sizes that fill a GPU; at small ones the gradients' peak at its end hides them."))
+    gpu_gb: float = field(80.0, flag=True, help="GPU memory (GB) the largest batch is projected for.")
+    ranks: int = field(8, flag=True, help="GPUs the ZeRO state is sharded over.")
+    zero: int = field(1, flag=True, help="ZeRO stage of the projection.")
+    reserve_gb: float = field(8.0, flag=True, help=(
+        "CUDA context, NCCL buffers and allocator fragmentation (GB; an assumption, not measured)."))
+    out: str | None = field(None, flag=True, help="JSON file or folder the result is written to.")
+
+    def __post_init__(self) -> None:
+        if self.img_size == 0:  # the flag's "the model's own"
+            self.img_size = None
+        if not self.modes or set(self.modes) - set(MODES):
+            raise ConfigError(f"modes must be among {','.join(MODES)}")
+        if len(self.batch_sizes) != 2 or not 0 < self.batch_sizes[0] < self.batch_sizes[1]:
+            raise ConfigError("batch_sizes must be two increasing sizes")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError("precision must be bf16 or fp32")
+        if self.zero not in (0, 1, 2, 3) or self.ranks < 1 or self.repeats < 1:
+            raise ConfigError("zero must be 0-3, ranks and repeats >= 1")
+
+
+
+@dataclass(kw_only=True)
+class ScaleBenchConfig:
+    """ZeRO scaling's benchmark: the config of ``mcf bench scale`` (``mcf config --list --command bench-scale``).
+    Its ``--set`` takes these keys and, for the comm phase's trainer, pretrain's (:attr:`overrides`)."""
+
+    model: str = field("mcf_vit_tiny", flag=True, help="Model name.")
+    img_size: int | None = field(None, flag=True, none_flag=0, help="Input side; None or 0 = the model's own.")
+    batch_size: int = field(4, flag=True, help="Images per rank per step.")
+    steps: int = field(3, flag=True, help="Timed steps, after one warm-up step.")
+    stages: tuple[int, ...] = field((0, 1, 2, 3), flag=True, help="Comma list of ZeRO stages.")
+    precision: Literal["fp32", "bf16"] = field("fp32", flag=True, help=(
+        "The online model's dtype, as the trainer runs it (bf16: bf16 weights + fp32 masters)."))
+    nproc: int = field(2, flag=True, help="Ranks (torchrun processes; gloo on the CPU).")
+    phases: tuple[str, ...] = field(("memory", "comm"), flag=True, help=(
+        "Comma list: memory (bytes held, step time) and/or comm (the trainer's collectives per step)."))
+    overrides: tuple[str, ...] = field((), help=(
+        "Config overrides (key=value) of the comm phase's trainer, e.g. train.target_precision=fp32: what `--set` "
+        "gives with one of `mcf pretrain`'s keys."))
+    timeout_s: int = field(900, help="Seconds each stage's torchrun may take before it is stopped.")
+    out: str | None = field(None, flag=True, help="JSON file or folder the result is written to.")
+    options: tuple[str, ...] = field(("reduce-fp32",), flag=True, help=(
+        "Gradient reduction options of the comm phase, one trainer run each: reduce-fp32, reduce-bf16 (mcf's "
+        "default: each bucket reduced to its owners, use_multi_rank_bucket_allreduce: false) or allreduce-fp32, "
+        "allreduce-bf16 (DeepSpeed's default: each bucket all-reduced; ZeRO-1/2 only), in that "
+        "deepspeed.reduce_dtype."))
+    project: tuple[str, ...] = field((), flag=True, metavar="MODELS", help=(
+        "Models to project the counted steps to at gpus (mcf.bench.projection), e.g. mcf_vit_base_patch16,..."))
+    gpus: tuple[int, ...] = field((8, 64, 256), flag=True, help="Comma list of the projection's GPU counts.")
+    network: Network = field(default_factory=Network, help="The network the projection assumes.")
+    compute: Compute = field(default_factory=Compute, help="The GPUs' compute the projection assumes.")
+
+    def __post_init__(self) -> None:
+        if self.img_size == 0:  # the flag's "the model's own"
+            self.img_size = None
+        if not self.phases or set(self.phases) - {"memory", "comm"}:
+            raise ConfigError("phases must be among memory,comm")
+        if set(self.stages) - {0, 1, 2, 3}:
+            raise ConfigError("stages must be among 0,1,2,3")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError("precision must be fp32 or bf16")
+        if self.nproc < 1 or self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("nproc, steps and batch_size must be >= 1")
+        if not self.options or set(self.options) - set(OPTIONS):
+            raise ConfigError(f"options must be among {','.join(OPTIONS)}")
+        if self.project and "comm" not in self.phases:
+            raise ConfigError("the projection needs the comm phase (--phases comm)")
+        if any(g < 1 for g in self.gpus):
+            raise ConfigError("gpus must be >= 1")
