@@ -143,6 +143,12 @@ class TrainConfig:
     target_precision: Literal["auto", "fp32"] = field(
         "auto", help="Dtype of the EMA target's forward: auto = the training precision (the EMA itself stays fp32), "
                      "fp32 = as released.")
+    ema_source: Literal["fp32_masters", "bf16_params"] = field(
+        "fp32_masters", help="What the EMA target averages: fp32_masters = the optimizer's fp32 master weights, exact "
+                             "(sharded like them: one all-gather of the target per step at ZeRO-1-3 under bf16); "
+                             "bf16_params = the module's weights DeepSpeed already gathers after its step (ZeRO 0-2 "
+                             "only): no EMA collective, a whole fp32 EMA on every rank, each update rounded to bf16 "
+                             "(measured drift: benchmarks/RESULTS.md).")
     tf32: bool = field(True, help="TF32 tensor cores for fp32 matmuls and convolutions (CUDA only; no effect "
                                   "elsewhere).")
     activation_checkpointing: Literal["none", "encoder", "decoder", "teacher", "all"] = field(

@@ -32,7 +32,9 @@ STEPS = 2
 MOMENTUM = 0.9  # far from 1, so that an EMA of the wrong values differs visibly
 
 
-def run_case(zero: int, precision: str, target_precision: str, extra: dict, freeze: str | None) -> dict:
+def run_case(
+    zero: int, precision: str, target_precision: str, extra: dict, freeze: str | None, source: str = "fp32_masters"
+) -> dict:
     from mcf.config import build_config
     from mcf.models import create_model_from_config
     from mcf.train.ds_internals import flat_row_lengths, fp32_masters
@@ -81,7 +83,7 @@ def run_case(zero: int, precision: str, target_precision: str, extra: dict, free
     names = [n for n, _ in model.ema_pairs()]
     ref = {n: p.detach().clone() for n, p in model.ema_pairs()}  # fp32 copies, the EMA's start
     forward_dtype = dtype if target_precision == "auto" else torch.float32
-    ema = TargetEMA(model.target, engine, forward_dtype, fixed=fixed)
+    ema = TargetEMA(model.target, engine, forward_dtype, fixed=fixed, source=source)
     predicted = None
     groups = getattr(engine.optimizer, "bit16_groups", getattr(engine.optimizer, "bf16_groups", None))
     if ema.layout.kind == "flat":  # the planner of the bytes report, from the optimizer's groups alone
@@ -99,6 +101,11 @@ def run_case(zero: int, precision: str, target_precision: str, extra: dict, free
     g = torch.Generator().manual_seed(rank)
     img = model.spec.img_size
     per_update, exact, weights_exact = [], True, True
+    # source=bf16_params: |EMA - exact EMA| <= (1 - m^n)·u_bf16·M + 4n·eps_fp32·M per element, M the running
+    # max of |θ| and |t| (each update adds (1-m)·bf16(θ), bf16(θ) within u_bf16 = 2^-8 of θ, relatively; both
+    # EMAs round twice per update in fp32)
+    magnitude = {n: r.abs() for n, r in ref.items()}
+    over_bound, differs = 0.0, False
     secondary = 0
     for _ in range(STEPS):
         images = torch.randn(4, 3, img, img, generator=g)
@@ -118,9 +125,16 @@ def run_case(zero: int, precision: str, target_precision: str, extra: dict, free
         per_update.append([(c.op, c.dtype, c.bytes) for c in COUNTER.calls])
         full = ema.full_fp32()
         exact &= all(torch.equal(full[n], ref[n]) for n in names)
+        step = len(per_update)
+        for n in names:
+            magnitude[n] = torch.maximum(magnitude[n], torch.maximum(masters[n].abs(), ref[n].abs()))
+            u_bf16, eps32 = torch.finfo(torch.bfloat16).eps / 2, torch.finfo(torch.float32).eps
+            bound = ((1 - MOMENTUM**step) * u_bf16 + 4 * step * eps32) * magnitude[n]
+            over_bound = max(over_bound, float(((full[n] - ref[n]).abs() / bound.clamp_min(1e-30)).max()))
+            differs |= not torch.equal(full[n], ref[n])
         weights = dict(model.target.named_parameters())
         weights_exact &= all(
-            weights[n].dtype == forward_dtype and torch.equal(weights[n], ref[n].to(forward_dtype)) for n in names
+            weights[n].dtype == forward_dtype and torch.equal(weights[n], full[n].to(forward_dtype)) for n in names
         )
     # save -> perturb -> load gives back the same EMA and forward weights
     sd = ema.state_dict()
@@ -129,7 +143,8 @@ def run_case(zero: int, precision: str, target_precision: str, extra: dict, free
     ema.flat.zero_()
     ema.load_state_dict(sd)
     restored = torch.equal(ema.shard, before[0]) and torch.equal(ema.flat, before[1])
-    sd_ok = all(sd[n].dtype == torch.float32 and torch.equal(sd[n], ref[n]) for n in names)
+    # the saved EMA is the EMA's own fp32 values (for the default source `exact` ties them to the formula)
+    sd_ok = all(sd[n].dtype == torch.float32 and torch.equal(sd[n], full[n].cpu()) for n in names)
     return {
         "zero": zero,
         "precision": precision,
@@ -146,6 +161,9 @@ def run_case(zero: int, precision: str, target_precision: str, extra: dict, free
         "weights_exact": bool(weights_exact),
         "restored": bool(restored),
         "state_dict_exact": bool(sd_ok),
+        "source": source,
+        "error_over_bound": over_bound,  # max over elements and steps of |EMA - exact| / the bound above
+        "differs_from_exact": bool(differs),
         "activation_dtypes": sorted({str(a).replace("torch.", "") for a in acts}),
         "update_collectives": per_update,
         "shard_numel": ema.layout.shard_numel,
@@ -160,12 +178,25 @@ def main() -> int:
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     cases = [json.loads(c) for c in sys.argv[1:]]
     for case in cases:
+        if case.get("expect_error"):  # refused while the EMA is built, on every rank alike (before any collective)
+            from mcf.errors import ConfigError
+
+            try:
+                run_case(case["zero"], case["precision"], "auto", {}, None, case["ema_source"])
+                result = {"error": None}
+            except ConfigError as e:
+                result = {"error": str(e)}
+            if dist.get_rank() == 0:
+                print("RESULT " + json.dumps(result), flush=True)
+            dist.barrier()
+            continue
         result = run_case(
             case["zero"],
             case["precision"],
             case.get("target_precision", "auto"),
             case.get("extra", {}),
             case.get("freeze"),
+            case.get("ema_source", "fp32_masters"),
         )
         if dist.get_rank() == 0:
             print("RESULT " + json.dumps(result), flush=True)

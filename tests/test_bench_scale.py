@@ -183,3 +183,49 @@ def test_network_model():
     t8, t64 = net.seconds("reduce", b, 8), net.seconds("reduce", b, 64)
     assert t64 > t8  # more hops, a slower bus
     assert math.isclose(t8, 7e-6 + 7 / 8 * b / 360e9)
+
+
+def test_counts_extrapolated_by_blocks_project_like_the_whole_count():
+    """ZeRO-3 counted at a model's widths with fewer blocks (``mcf.bench.scale_widths``): two counts a unit of
+    blocks apart, every class of collective linear in the blocks, give the whole model's count class by class;
+    projected, it gives what the whole count gives. And the EMA of the bf16 weights (``+ema-bf16``) has no
+    bytes of its own in the minimum."""
+    from mcf.bench.projection import Compute, Network, extrapolate_blocks, model_facts, project
+
+    full = model_facts("mcf_vit_tiny")["trainable"]
+    block = 1000  # elements per unit of blocks
+
+    def counted(units: int) -> dict:
+        trainable = full - (4 - units) * block
+        calls = [["other", "broadcast", "int64", 8, False]] * 2  # fixed: every count has them
+        calls += [["other", "all_gather_into_tensor", "bfloat16", 2 * 500, False]] * (2 * units)  # per block
+        calls += [["grads", "reduce_scatter_tensor", "bfloat16", 2 * trainable / 8, True]] * 7
+        calls += [["grads", "reduce_scatter_tensor", "bfloat16", 2 * trainable / 8, False]]
+        calls += [["params", "all_gather_into_tensor", "bfloat16", 2 * 10, False]] * (3 * units)  # persistent ones
+        calls += [["ema", "all_gather_single", "bfloat16", 2 * 100 * units, False], ["keys", "all_gather_into_tensor",
+                                                                                      "float32", 4 * 64 * 4, False]]
+        return {"step_2_calls": calls, "facts": {"trainable": trainable, "proj_dim": 64}, "world": 2, "batch_size": 2,
+                "ema_gather_elements": 100 * units, "option": "reduce-bf16", "precision": "bf16", "param_bytes": 2,
+                "reduce_bytes": 2, "forward_bytes": 2}
+
+    x = extrapolate_blocks(counted(1), counted(2), (1, 2, 4))
+    whole = counted(4)
+    assert x["facts"]["trainable"] == full and x["ema_gather_elements"] == whole["ema_gather_elements"]
+    by_class = {(c[0], c[1], c[4]): (c[5], c[3]) for c in x["step_2_calls"]}
+    assert by_class[("other", "all_gather_into_tensor", False)] == (8, 8 * 1000)
+    assert by_class[("params", "all_gather_into_tensor", False)] == (12, 12 * 20)
+    assert by_class[("other", "broadcast", False)] == (2, 16)
+    net, compute = Network(), Compute(batch_size=2)
+    for gpus in (8, 64):
+        a, b = project(x, 3, "mcf_vit_tiny", gpus, net, compute), project(whole, 3, "mcf_vit_tiny", gpus, net, compute)
+        assert math.isclose(a["step_ms"], b["step_ms"], rel_tol=1e-9), (a["step_ms"], b["step_ms"])
+        for label in b["by_label"]:
+            assert math.isclose(a["by_label"][label]["bytes"], b["by_label"][label]["bytes"], rel_tol=1e-9), label
+            assert math.isclose(a["by_label"][label]["collectives"], b["by_label"][label]["collectives"]), label
+        # the forward's gathers are gathered once (nothing in the backward): the minimum counts one all-gather
+        assert math.isclose(b["minimum_bytes"], full * 2 * 2 + model_facts("mcf_vit_tiny")["target"] * 2
+                            + gpus * 2 * 64 * 4)
+    bf16_ema = {**whole, "step_2_calls": [c for c in whole["step_2_calls"] if c[0] != "ema"],
+                "ema_source": "bf16_params", "ema_gather_elements": 0}
+    r = project(bf16_ema, 1, "mcf_vit_tiny", 64, net, compute)
+    assert "ema" not in r["by_label"] and r["minimum_bytes"] == full * 2 * 2 + 64 * 2 * 64 * 4

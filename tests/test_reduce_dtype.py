@@ -74,7 +74,7 @@ def test_gradients_are_reduced_in_the_reduce_dtype(tmp_path, zero, reduce_dtype)
 def test_communication_defaults_overlap_the_reduction_and_size_the_buckets(tmp_path):
     """ZeRO-1/2: the reduction issued from the gradient hooks (overlap_comm), to the owners within one node and
     all-reduced beyond; every stage: 8 buckets per backward (ViT-B/16: 117,963,520 trainable elements). A key the
-    JSON sets wins; the shipped JSONs leave these keys to mcf."""
+    JSON sets wins; the shipped JSONs leave these keys to mcf (ZeRO-3's persistence threshold: set to the same 0)."""
     from mcf.train.engine import MIN_BUCKET, online_trainable_params
 
     def zo(world: int, *overrides: str) -> dict:
@@ -92,6 +92,12 @@ def test_communication_defaults_overlap_the_reduction_and_size_the_buckets(tmp_p
         assert z["reduce_bucket_size"] == 117_963_520 // 8 and z["use_multi_rank_bucket_allreduce"] is False
     z3 = zo(2, "deepspeed.zero=3", "train.precision=bf16", "model.name=mcf_vit_base_patch16")
     assert z3["reduce_bucket_size"] == 117_963_520 // 8 and "use_multi_rank_bucket_allreduce" not in z3
+    # ZeRO-3: no persistent parameters (each would cost its own all-gather after every step)
+    assert z3["stage3_param_persistence_threshold"] == 0
+    path = tmp_path / "ds3.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))  # a user's JSON without the key: mcf's default
+    assert zo(2, "deepspeed.zero=3", "train.precision=bf16", f"deepspeed.config={path}")[
+        "stage3_param_persistence_threshold"] == 0
     assert "overlap_comm" not in zo(2, "deepspeed.zero=0")
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": False, "reduce_bucket_size": 12345}}))

@@ -22,7 +22,9 @@ from mcf.errors import ConfigError
 VARIANTS = ("paper", "mcf", "mcf_compiled")  # mcf_compiled: mcf's step with torch.compile, beside eager with --compile
 MODES = ("none", "encoder", "decoder", "teacher", "all")  # train.activation_checkpointing settings
 PAPER_MODELS = ("mcf_vit_base_patch16", "mcf_vit_large_patch16", "mcf_vit_huge_patch14")
-OPTIONS = ("reduce-fp32", "reduce-bf16", "allreduce-fp32", "allreduce-bf16")  # scale's gradient reductions
+# scale's gradient reductions (path-dtype); "+ema-bf16": with train.ema_source=bf16_params (ZeRO 0-2: no EMA gather)
+OPTIONS = tuple(f"{o}{e}" for e in ("", "+ema-bf16") for o in ("reduce-fp32", "reduce-bf16", "allreduce-fp32",
+                                                               "allreduce-bf16"))
 
 
 @dataclass(kw_only=True)
@@ -193,7 +195,7 @@ class ScaleBenchConfig:
         "Gradient reduction options of the comm phase, one trainer run each: reduce-fp32, reduce-bf16 (mcf's "
         "default: each bucket reduced to its owners, use_multi_rank_bucket_allreduce: false) or allreduce-fp32, "
         "allreduce-bf16 (DeepSpeed's default: each bucket all-reduced; ZeRO-1/2 only), in that "
-        "deepspeed.reduce_dtype."))
+        "deepspeed.reduce_dtype; each also with +ema-bf16 (train.ema_source=bf16_params; ZeRO-1/2 only)."))
     project: tuple[str, ...] = field((), flag=True, metavar="MODELS", help=(
         "Models to project the counted steps to at gpus (mcf.bench.projection), e.g. mcf_vit_base_patch16,..."))
     gpus: tuple[int, ...] = field((8, 64, 256), flag=True, help="Comma list of the projection's GPU counts.")

@@ -176,9 +176,12 @@ def _scaled_calls(counted: dict[str, Any], stage: int, facts: dict[str, Any], wo
     groups = len(facts["groups"])
     out = []
     reduces_added = False
-    for label, op, dtype, nbytes, in_backward in counted["step_2_calls"]:
-        count = 1.0
-        big = nbytes >= 64 * 1024 or nbytes >= 0.01 * small["trainable"]  # scales with the model, else a flag/scalar
+    for label, op, dtype, nbytes, in_backward, *times in counted["step_2_calls"]:
+        count = times[0] if times else 1.0  # extrapolate_blocks' calls stand for several of one class
+        if count <= 0:
+            continue
+        each = nbytes / count  # scales with the model, else a flag/scalar
+        big = each >= 64 * 1024 or each >= 0.01 * small["trainable"]
         if label == "ema":
             scaled = nbytes / ema0 * ema if ema0 else 0.0
         elif label == "keys":
@@ -192,6 +195,47 @@ def _scaled_calls(counted: dict[str, Any], stage: int, facts: dict[str, Any], wo
             reduces_added = True
         out.append({"label": label, "op": op, "dtype": dtype, "bytes": scaled, "count": count,
                     "in_backward": bool(in_backward), "scales": big or label in ("ema", "keys")})
+    return out
+
+
+def extrapolate_blocks(small: dict[str, Any], large: dict[str, Any],
+                       units: tuple[float, float, float]) -> dict[str, Any]:
+    """The counted step of a model extrapolated from two counts of it with fewer transformer blocks (the same
+    widths, so DeepSpeed classifies every parameter alike: persistent or gathered at ZeRO-3, bucket by bucket).
+
+    ``units``: (the blocks of ``small``, of ``large``, of the model) in one unit, e.g. (1, 2, 4) for ViT-B/16
+    counted with 3+2 and 6+4 encoder+decoder blocks (12+8). Every class of collective (label, operation,
+    dtype, issued during the backward) is linear in the blocks, in number and in bytes (each block adds its
+    parameters' gathers and gradients; the rest is fixed): ``small + (large − small)·(u − u₀)/(u₁ − u₀)``.
+    A collective's time is affine in its bytes, so a class projects as its count times one call of its mean
+    size (:func:`project`); the order within the step is lost, the phase (backward, forward, after) is kept."""
+    u0, u1, u = units
+    f = (u - u0) / (u1 - u0)
+
+    def classes(c: dict[str, Any]) -> dict[tuple, list[float]]:
+        out: dict[tuple, list[float]] = {}
+        for label, op, dtype, nbytes, in_backward, *times in c["step_2_calls"]:
+            acc = out.setdefault((label, op, dtype, bool(in_backward)), [0.0, 0.0])
+            acc[0] += times[0] if times else 1.0
+            acc[1] += nbytes
+        return out
+
+    a, b = classes(small), classes(large)
+    calls = []
+    for key in dict.fromkeys([*a, *b]):
+        (n0, b0), (n1, b1) = a.get(key, [0.0, 0.0]), b.get(key, [0.0, 0.0])
+        n, nbytes = max(0.0, n0 + (n1 - n0) * f), max(0.0, b0 + (b1 - b0) * f)
+        calls.append([key[0], key[1], key[2], nbytes, key[3], n])
+
+    def lin(x0: float, x1: float) -> float:
+        return x0 + (x1 - x0) * f
+
+    out = dict(small)
+    out["step_2_calls"] = calls
+    out["facts"] = {**small["facts"], "trainable": round(lin(small["facts"]["trainable"], large["facts"]["trainable"]))}
+    out["ema_gather_elements"] = round(lin(small["ema_gather_elements"], large["ema_gather_elements"]))
+    out["extrapolated_from"] = {"units": list(units), "trainable": [small["facts"]["trainable"],
+                                                                    large["facts"]["trainable"]]}
     return out
 
 
@@ -226,9 +270,15 @@ def project(counted: dict[str, Any], stage: int, model: str, world: int, net: Ne
     grads = by_label.get("grads", {"bytes": 0.0})
     params_bytes = facts["trainable"] * counted["param_bytes"]
     reduce_bytes = facts["trainable"] * counted["reduce_bytes"]
+    # ZeRO-3 gathers the parameters for the forward and, unless they stay gathered through the backward (mcf's
+    # ds_configs/zero3: stage3_max_live_parameters 1e9 >= the model, the default reuse distance), again for it
+    regather = any(c["label"] == "other" and c["op"].startswith("all_gather") and c["in_backward"] for c in calls)
     minimum = {0: reduce_bytes, 1: reduce_bytes + params_bytes, 2: reduce_bytes + params_bytes,
-               3: reduce_bytes + 2 * params_bytes}[stage]
-    sharded = stage == 3 or (stage in (1, 2) and counted["precision"] != "fp32")
+               3: reduce_bytes + (2 if regather else 1) * params_bytes}[stage]
+    # the target's weights reach every rank each step where the EMA of the fp32 masters is sharded with them
+    # (train.ema_source=bf16_params averages the gathered bf16 weights instead: no bytes of its own)
+    sharded = counted.get("ema_source", "fp32_masters") == "fp32_masters" and (
+        stage == 3 or (stage in (1, 2) and counted["precision"] != "fp32"))
     minimum += facts["target"] * counted["forward_bytes"] if sharded else 0
     minimum += world * compute.batch_size * facts["proj_dim"] * 4
     nbytes = sum(c["bytes"] for c in calls)

@@ -43,12 +43,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-
-
 def option_overrides(option: str, stage: int, precision: str, workdir: Path) -> list[str]:
     """The trainer's config overrides of an option (:attr:`ScaleBenchConfig.options`)."""
+    option, _, ema = option.partition("+")
     path, dtype = option.split("-")
-    out = [f"deepspeed.reduce_dtype={dtype}"]
+    out = [f"deepspeed.reduce_dtype={dtype}"] + (["train.ema_source=bf16_params"] if ema else [])
     if stage in (1, 2):  # the path set explicitly (mcf's default picks it by rank count)
         from mcf.train.engine import default_ds_config_path, load_ds_json
 
@@ -116,7 +115,7 @@ def run(cfg: ScaleBenchConfig) -> dict[str, Any]:
     stages: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="mcf-bench-scale-") as tmp:
         for stage in cfg.stages:
-            options = [o for o in cfg.options if stage in (1, 2) or not o.startswith("allreduce")]
+            options = [o for o in cfg.options if stage in (1, 2) or not o.startswith("allreduce") and "+ema" not in o]
             for i, option in enumerate(options):  # the first runs every phase, the others the comm phase
                 key = str(stage) if i == 0 else f"{stage}:{option}"
                 stages[key] = run_stage(cfg, stage, Path(tmp), option, None if i == 0 else ("comm",))

@@ -370,7 +370,9 @@ def comm_phase(args: argparse.Namespace, device: torch.device, workdir: Path, me
         # Beyond the minimum: where the fp32 masters are partitioned, the EMA target's forward weights must reach
         # every rank each step in some form (P_target x the forward dtype's bytes), whoever computes them.
         fwd = getattr(getattr(trainer, "ema", None), "forward_dtype", torch.float32)
-        sharded = args.stage == 3 or (args.stage in (1, 2) and args.precision != "fp32")
+        sharded = trainer.ema.source == "fp32_masters" and (
+            args.stage == 3 or (args.stage in (1, 2) and args.precision != "fp32")
+        )  # bf16_params: the EMA needs no bytes of its own
         target_bytes = (
             sum(p.numel() for p in trainer.model.target.parameters()) * torch.empty((), dtype=fwd).element_size()
         )
@@ -408,6 +410,7 @@ def comm_phase(args: argparse.Namespace, device: torch.device, workdir: Path, me
             "precision": args.precision,
             "facts": {"trainable": params, "proj_dim": trainer.model.spec.proj_dim},
             "ema_gather_elements": trainer.ema.rows.buffer.numel() if trainer.ema.sharded else 0,
+            "ema_source": trainer.ema.source,
             "param_bytes": param_bytes,
             "reduce_bytes": reduce_bytes,
             "forward_bytes": torch.empty((), dtype=fwd).element_size(),
@@ -445,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     phases = set(args.phases.split(","))
+    from mcf.bench.scale_widths import register_block_model
+
+    register_block_model(args.model)  # a model of mcf.bench.scale_widths: a quarter or a half of another's blocks
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     on_gpu = torch.cuda.is_available() and torch.cuda.device_count() >= world

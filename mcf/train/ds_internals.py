@@ -362,6 +362,36 @@ def build_layout(
     return _replicated(b, names + fixed_names, masters if not fixed_t else (lambda: [*masters(), *fixed_t]))
 
 
+def build_module_layout(
+    engine: Any, tracked: dict[str, torch.Size], fixed: dict[str, torch.Tensor], world: int, rank: int
+) -> _Layout:
+    """The EMA of the module's own weights (``train.ema_source=bf16_params``), whole on every rank: at ZeRO
+    0-2 DeepSpeed leaves every rank the whole updated module after its step (ZeRO-1/2: ``bit16_groups_flat``,
+    rebuilt by the step's all-gather of the updated partitions, which the default EMA does not use; ZeRO-0:
+    updated in place), so the update reads them and communicates nothing. At ZeRO-3 the module's parameters are
+    partitioned (``ds_tensor``; gathered only around a module's forward/backward): refused."""
+    check_deepspeed_version()
+    params = dict(engine.module.named_parameters())
+    if hasattr(engine.optimizer, "fp32_partitioned_groups_flat") or any(hasattr(p, "ds_tensor") for p in params.values()):
+        raise ConfigError(
+            "train.ema_source=bf16_params needs the module's weights whole on every rank (deepspeed.zero 0-2); "
+            "ZeRO-3 partitions them: use train.ema_source=fp32_masters"
+        )
+    names = [n for n in tracked if n not in fixed]
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise RuntimeError(f"EMA parameters without an online counterpart: {missing[:5]}")
+    fixed_names = [n for n in tracked if n in fixed]
+    fixed_t = [fixed[n].detach().float().reshape(-1).clone() for n in fixed_names]
+
+    def weights() -> list[torch.Tensor]:  # bf16 (fp32 when the run is fp32: then the masters themselves)
+        return [params[n].detach().view(-1) for n in names]
+
+    return _replicated(
+        _Builder(tracked, world, rank), names + fixed_names, weights if not fixed_t else (lambda: [*weights(), *fixed_t])
+    )
+
+
 # -- the fp32 masters, whole (ZeRO-0 bf16/fp16 checkpoints, tests) ------------------------------
 def fp32_masters(engine: Any, names: list[str], precision: str, zero: int) -> dict[str, torch.Tensor]:
     """The fp32 master values of the online parameters ``names`` (after the optimizer step).

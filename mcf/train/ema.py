@@ -17,6 +17,12 @@ Where the fp32 masters live in DeepSpeed, and the layout of this rank's shard bu
 
 Frozen online parameters (no master) are averaged against their fixed fp32 values, each by the rank
 whose row is shortest when it is placed (every rank has the values), so they add little padding.
+
+``source="bf16_params"`` (``train.ema_source``; ZeRO 0-2) averages the module's own weights instead,
+which DeepSpeed has already made whole on every rank after its step: the EMA is whole on every rank
+(4 bytes per target element), still accumulated in fp32, and nothing is communicated; each update
+adds ``(1 − m)·bf16(θ)`` instead of ``(1 − m)·θ``, so the target drifts from the exact EMA by at most
+``(1 − mⁿ)·2⁻⁸·max|θ|`` per element after ``n`` updates (bf16's rounding of θ, averaged).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from mcf.train.ds_internals import _Piece, build_layout
+from mcf.train.ds_internals import _Piece, build_layout, build_module_layout
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +84,8 @@ class TargetEMA:
         engine: the DeepSpeed engine of the online model (``engine.module``: the online model).
         forward_dtype: the dtype the target computes in (its weights are cast to it).
         fixed: fp32 values of frozen online parameters (they have no master weights).
+        source: ``"fp32_masters"`` (exact, the default) or ``"bf16_params"`` (the module's weights after the
+            step, ZeRO 0-2: no communication; see the module doc).
     """
 
     def __init__(
@@ -86,6 +94,7 @@ class TargetEMA:
         engine: Any,
         forward_dtype: torch.dtype,
         fixed: dict[str, torch.Tensor] | None = None,
+        source: str = "fp32_masters",
     ):
         import torch.distributed as dist
 
@@ -95,7 +104,11 @@ class TargetEMA:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         named = dict(target.named_parameters())
         tracked = {n: p.shape for n, p in named.items()}
-        self.layout = lay = build_layout(engine, tracked, fixed or {}, self.world, self.rank)
+        if source not in ("fp32_masters", "bf16_params"):
+            raise ValueError(f"EMA source must be fp32_masters or bf16_params, not {source!r}")
+        self.source = source
+        build = build_layout if source == "fp32_masters" else build_module_layout
+        self.layout = lay = build(engine, tracked, fixed or {}, self.world, self.rank)
         device = next(target.parameters()).device
         masters = lay.masters()
         ema_device = masters[0].device if masters else device
@@ -126,8 +139,9 @@ class TargetEMA:
                 else ", no communication"
             )
             log.info(
-                "EMA target: %s, %d of %d elements on this rank, forward weights in %s%s",
+                "EMA target: %s of the %s, %d of %d elements on this rank, forward weights in %s%s",
                 lay.kind,
+                "module's weights" if source == "bf16_params" else "fp32 masters",
                 lay.shard_numel,
                 sum(p.numel() for p in named.values()),
                 str(forward_dtype).replace("torch.", ""),

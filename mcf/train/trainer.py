@@ -252,7 +252,7 @@ class Trainer:
         self.online = CastInput(self.engine, self.dtype)
         # the EMA stays fp32, kept where the fp32 masters are; the target computes in its forward dtype
         self.ema = TargetEMA(model.target, self.engine, self.dtype if t.target_precision == "auto" else torch.float32,
-                             fixed=self.frozen_fp32)
+                             fixed=self.frozen_fp32, source=t.ema_source)
 
     def _start_state(self) -> None:
         """The per-rank generators, step and loss sums: fresh, or restored from the checkpoint to resume."""
