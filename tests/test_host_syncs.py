@@ -16,7 +16,7 @@ import pytest
 from train_helpers import ROOT, command, env, pretrain_args
 
 STEPS = 5  # steps 2..STEPS-1 are steady: step 1 warms up, the last logs and checkpoints
-TRAINER_SYNC = "tolist mcf/train/trainer.py:_loop"  # the one all-reduce of (non-finite, stop, data error)
+TRAINER_SYNC = "tolist mcf/train/trainer.py:_step_sync"  # the one all-reduce of (non-finite, stop, data error)
 
 
 def step_syncs(tmp_path, precision: str, zero: int, clip: float) -> list[list[str]]:

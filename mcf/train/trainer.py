@@ -15,7 +15,8 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,16 @@ from mcf.train.engine import (
 )
 from mcf.train.integrity import describe_write_error
 from mcf.train.metrics import RunLogger, flatten, save_reconstruction, ui_command
-from mcf.train.optim import build_optimizer, describe_schedule, lr_at, momentum_at, param_groups, peak_lr, set_lr, warmup_steps
+from mcf.train.optim import (
+    build_optimizer,
+    describe_schedule,
+    lr_at,
+    momentum_at,
+    param_groups,
+    peak_lr,
+    set_lr,
+    warmup_steps,
+)
 from mcf.train.perf import Throughput
 from mcf.train.profile import StepProfiler
 from mcf.train.rundir import check_not_in_data, check_start
@@ -67,6 +77,45 @@ HARMLESS_ON_RESUME = frozenset({"train.resume", "train.output_dir", "train.lock_
 
 class TrainingError(RuntimeError):
     """The run cannot continue (e.g. a non-finite loss); the last complete checkpoint is intact."""
+
+
+# a step's last micro-batch, first RECON_IMAGES of it: images (N, 3, H, W), predictions, masks (N, L)
+Recon = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one optimizer step hands to the periodic actions."""
+
+    momentum: float  # the EMA momentum the step used (logged)
+    stop: bool  # a stop signal reached some rank: checkpoint after this step and exit 3
+    last: Recon  # for the reconstructions
+
+
+def due_after(step: int, total: int, every: Mapping[str, int]) -> tuple[str, ...]:
+    """The periodic actions after optimizer step ``step`` (1-based, as logged) of ``total``, in the order they run.
+
+    ``every`` maps ``log``, ``reconstructions``, ``monitor``, ``checkpoint`` to their period in steps (0: never;
+    ``log`` and ``checkpoint`` are >= 1 by the config's validation). The log also comes after the last step, so the
+    run's final loss is always logged; the last step's checkpoint and reconstructions, if not due here, come from
+    :func:`due_at_end`. The step count is global, so a resumed run keeps the schedule of the run it continues."""
+    names = []
+    if step % every["log"] == 0 or step == total:
+        names.append("log")
+    names += [name for name in ("reconstructions", "monitor", "checkpoint") if every[name] and step % every[name] == 0]
+    return tuple(names)
+
+
+def due_at_end(step: int, every: Mapping[str, int], last_saved: int, trained: bool) -> tuple[str, ...]:
+    """What the end of the run adds after step ``step``: the final checkpoint unless step ``step`` is saved already
+    (``last_saved``: the newest step this process saved or resumed from, -1 if none), and the reconstructions of
+    the last micro-batch unless this process ``trained`` no step or :func:`due_after` drew them at this step."""
+    names = []
+    if last_saved != step:
+        names.append("checkpoint")
+    if trained and "reconstructions" not in due_after(step, step, every):
+        names.append("reconstructions")
+    return tuple(names)
 
 
 def _default_loader_factory() -> Callable[..., Any]:
@@ -99,6 +148,21 @@ class Trainer:
 
     # -- setup ------------------------------------------------------------------------------------
     def _setup(self) -> None:
+        """Everything before the first step, in this order: the start-up checks (cheap, before any heavy work),
+        the model, the process group and the resume decision, the loader, the DeepSpeed engine and the EMA,
+        the training state (fresh or resumed), the run's outputs."""
+        startup_error = self._start_up()
+        model = self._build_model(startup_error)
+        self._join_ranks(startup_error)
+        self._place_model(model)
+        self._build_loader()
+        self._build_engine()
+        self._start_state()
+        self._start_outputs()
+
+    def _start_up(self) -> UserError | None:
+        """Rank 0's preflight, the resume plan and the DeepSpeed config; → rank 0's start-up error (raised here
+        with one rank, otherwise once every rank has joined the process group)."""
         cfg = self.cfg
         # gloo's all_gather_into_tensor (the contrastive keys) warns on every call
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
@@ -112,19 +176,29 @@ class Trainer:
         # a first look (names and markers: a wrong path fails early, and the batch plan and DeepSpeed config
         # are known before any heavy work); rank 0 checks the files once the process group is up
         self.resume_dir = ckpt.find_resume(cfg.train.resume, self.out, verify=False)
-        self.ds_config = self._plan_resume(world_size)  # the batch policy on another number of ranks, before any heavy work
+        # the batch policy on another number of ranks, before any heavy work
+        self.ds_config = self._plan_resume(world_size)
         if cfg.monitor.every > 0 and self.monitor_factory is None:
             raise ConfigError(f"monitor.every={cfg.monitor.every} needs a monitor: pass Trainer(monitor_factory=...) "
                               "(mcf pretrain passes mcf.downstream.monitor.build_monitor), or set monitor.every=0")
-        loader_factory = self.loader_factory or _default_loader_factory()
+        self.make_loader = self.loader_factory or _default_loader_factory()
+        return startup_error
 
+    def _build_model(self, startup_error: UserError | None) -> Any:
+        """The data's first check, the seeds, and the model on the CPU (None on a rank 0 whose start-up failed)."""
+        cfg = self.cfg
         precheck(cfg.data.path, cfg.data.lmdb_keys)  # missing or damaged data fails before the model is built
         seed = cfg.train.seed
         torch.manual_seed(seed)  # identical initial weights on every rank
         np.random.seed(seed)
         random.seed(seed)
-        model = create_model_from_config(cfg) if startup_error is None else None  # a missing teacher fails here, before DeepSpeed
+        # a missing teacher fails here, before DeepSpeed
+        return create_model_from_config(cfg) if startup_error is None else None
 
+    def _join_ranks(self, startup_error: UserError | None) -> None:
+        """The process group; rank 0 decides the checkpoint to resume (or raises its start-up error on every rank)
+        and writes config.yaml."""
+        cfg = self.cfg
         self.rank, self.world_size, self.device = init_distributed(cfg.train.precision, cfg.deepspeed.timeout_s)
         set_tf32(self.device, cfg.train.tf32)
         verified = rank0_decides(lambda: self._decide_resume(startup_error))
@@ -136,30 +210,39 @@ class Trainer:
                 (self.out / "config.yaml").write_text(dump_config(cfg))
             except OSError as e:
                 raise StorageError(describe_write_error(self.out / "config.yaml", e)) from None
+
+    def _place_model(self, model: Any) -> None:
         model.set_distributed(self.rank, self.world_size)
-        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+        model.set_activation_checkpointing(self.cfg.train.activation_checkpointing)
         self.model = model.to(self.device).train()
-        self.dtype = PRECISION_DTYPES[cfg.train.precision]
+        self.dtype = PRECISION_DTYPES[self.cfg.train.precision]
         if self.dtype != torch.float32:  # frozen: no master copy needed; the EMA target stays fp32
             model.perceptual.teacher.to(self.dtype)
 
-        t = cfg.train
-        self.loader = loader_factory(cfg.data, img_size=model.spec.img_size, batch_size=t.batch_size, rank=self.rank,
-                                     world_size=self.world_size, seed=seed, device=self.device)
+    def _build_loader(self) -> None:
+        """This rank's loader and the run's length, global batch and lr schedule."""
+        cfg, t = self.cfg, self.cfg.train
+        self.loader = self.make_loader(cfg.data, img_size=self.model.spec.img_size, batch_size=t.batch_size,
+                                       rank=self.rank, world_size=self.world_size, seed=t.seed, device=self.device)
         self.steps_per_epoch = len(self.loader) // t.accum_steps
         if self.steps_per_epoch == 0:
-            raise DataError(f"{len(self.loader)} batches per rank per epoch are fewer than train.accum_steps={t.accum_steps}")
+            raise DataError(f"{len(self.loader)} batches per rank per epoch are fewer than "
+                            f"train.accum_steps={t.accum_steps}")
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.global_batch = t.batch_size * t.accum_steps * self.world_size
         self.peak_lr = peak_lr(cfg.optim, self.global_batch)
         self.warmup = warmup_steps(cfg.optim, self.steps_per_epoch)
 
+    def _build_engine(self) -> None:
+        """The online model in the DeepSpeed engine with its optimizer; the fp32 EMA target beside it."""
         import deepspeed
 
+        cfg, t, model = self.cfg, self.cfg.train, self.model
         # fixed online parameters (the sin-cos position embeddings) have no fp32 master in the optimizer:
         # keep their fp32 values from before DeepSpeed casts or partitions them
         self.frozen_fp32 = {n: p.detach().clone() for n, p in model.online.named_parameters() if not p.requires_grad}
-        self.optimizer = build_optimizer(param_groups(model.online, cfg.optim.weight_decay), cfg.optim, self.peak_lr, self.device)
+        self.optimizer = build_optimizer(param_groups(model.online, cfg.optim.weight_decay), cfg.optim, self.peak_lr,
+                                         self.device)
         self.engine, _, _, _ = deepspeed.initialize(model=model.online, optimizer=self.optimizer, config=self.ds_config,
                                                     dist_init_required=False)
         if self.dtype != torch.float32:  # ZeRO-3 leaves buffers (BatchNorm statistics) in fp32; stages 0-2 cast them
@@ -171,6 +254,9 @@ class Trainer:
         self.ema = TargetEMA(model.target, self.engine, self.dtype if t.target_precision == "auto" else torch.float32,
                              fixed=self.frozen_fp32, source=t.ema_source)
 
+    def _start_state(self) -> None:
+        """The per-rank generators, step and loss sums: fresh, or restored from the checkpoint to resume."""
+        seed = self.cfg.train.seed
         # masks come from a generator of their own (per rank), so no other RNG consumer (data-loader
         # workers, libraries) can shift them between an interrupted and an uninterrupted run
         self.mask_gen = torch.Generator(device=self.device)
@@ -182,7 +268,11 @@ class Trainer:
         if self.resume_dir is not None:
             self._restore(self.resume_dir)
         elif self.rank == 0:
-            ckpt.prune(self.out / "checkpoints", cfg.checkpoint.keep_last)
+            ckpt.prune(self.out / "checkpoints", self.cfg.checkpoint.keep_last)
+
+    def _start_outputs(self) -> None:
+        """The run logger (metrics.jsonl, MLflow), the monitor, the throughput meter, and rank 0's opening line."""
+        cfg = self.cfg
         self.logger = RunLogger(cfg, self.out, self.rank, self.step if self.resume_dir is not None else None)
         # on every rank: under ZeRO-3 its forward passes are collectives that all ranks must join
         self.monitor = self.monitor_factory(cfg, self.device) if cfg.monitor.every > 0 else None
@@ -231,11 +321,12 @@ class Trainer:
         if self.resume_state is not None:
             ckpt.check_same_model(self.resume_dir, self.resume_state, to_dict(cfg)["model"])
             saved = elastic.RunShape.of_checkpoint(self.resume_state)
-            cfg.train.accum_steps = elastic.plan_accum_steps(cfg.train.elastic, saved, cfg.train.batch_size, cfg.train.accum_steps,
-                                                             world_size)
+            cfg.train.accum_steps = elastic.plan_accum_steps(cfg.train.elastic, saved, cfg.train.batch_size,
+                                                             cfg.train.accum_steps, world_size)
             self.resized = saved.world_size != world_size
         ds_config = build_ds_config(cfg, world_size)
-        if self.resized and ckpt.is_partitioned(self.resume_dir):  # ZeRO 1-3 partitions are re-split from the universal copy
+        # ZeRO 1-3 partitions are re-split from the universal copy
+        if self.resized and ckpt.is_partitioned(self.resume_dir):
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
         return ds_config
 
@@ -252,11 +343,13 @@ class Trainer:
             rstate = elastic.resplit_rank_state(rstates, self.rank)
             elastic.reseed(self.cfg.train.seed, self.rank, self.step, self.mask_gen)
             if self.rank == 0:
-                log.info("resumed on %d rank(s) from a checkpoint of %d: the rest of epoch %d is re-split over the new ranks",
+                log.info("resumed on %d rank(s) from a checkpoint of %d: the rest of epoch %d is re-split over the new "
+                         "ranks",
                          self.world_size, len(rstates), rstate["loader"]["epoch"])
         self.loader.load_state_dict(rstate["loader"])
         self.epoch = self.loader.epoch
-        if self.loader.batches_left() == 0:  # the checkpoint closed an epoch (or left only a tail shorter than a global batch)
+        # the checkpoint closed an epoch (or left only a tail shorter than a global batch)
+        if self.loader.batches_left() == 0:
             self.epoch += 1
         self.acc = rstate["acc"].to(self.device)
         self.steps_since_log = int(rstate["steps_since_log"])
@@ -279,7 +372,8 @@ class Trainer:
         online_fp32 = None
         if self.cfg.train.precision != "fp32" and self.cfg.deepspeed.zero == 0 and self.rank == 0:
             names = [n for n, p in self.engine.module.named_parameters() if p.requires_grad]
-            online_fp32 = {k: v.detach().float().cpu() for k, v in fp32_masters(self.engine, names, self.cfg.train.precision, 0).items()}
+            masters = fp32_masters(self.engine, names, self.cfg.train.precision, 0)
+            online_fp32 = {k: v.detach().float().cpu() for k, v in masters.items()}
         path = ckpt.save_checkpoint(self.engine, self.out / "checkpoints", self.step, mcf_state, rank_state, self.rank,
                                     self.cfg.checkpoint.keep_last, online_fp32, hash_files=self.cfg.checkpoint.hash)
         self.last_saved = self.step
@@ -318,136 +412,209 @@ class Trainer:
                     self.lock.release()
 
     def _loop(self) -> int:
-        cfg, model, engine = self.cfg, self.model, self.engine
-        t, lg = cfg.train, cfg.logging
-        stop = StopRequest().install()
-        watchdog = StepWatchdog(self.rank, t.step_timeout_s, t.step_timeout_slow_s, t.stop_grace_s, stop).start()
-        batches = self._batches()
-        L = model.num_patches
-        self.last_saved = self.step if self.resume_dir is not None else -1
-        last = None
+        """The training run, one optimizer step per iteration; → exit status (see :meth:`fit`)."""
+        self._begin_loop()
+        last: Recon | None = None  # the last trained micro-batch, for the end-of-run reconstructions
+        try:
+            while self.step < self.total_steps:
+                self.profiler.begin(self.step + 1)
+                self.watchdog.step(self.step + 1)
+                outcome = self._train_step()
+                self.step += 1
+                self.profiler.end(self.step)
+                self.steps_since_log += 1
+                self.bar.update(1)
+                last = outcome.last
+                if self._periodic(outcome):
+                    return REQUEUE_EXIT_CODE
+            if self._end_of_run(last):
+                return REQUEUE_EXIT_CODE
+        finally:
+            self._end_loop()
+        if self.rank == 0:
+            self._summary()
+        return 0
+
+    def _begin_loop(self) -> None:
+        """The loop's companions (stop handlers, watchdog, progress bar, profiler, batch stream) and its counters."""
         from tqdm import tqdm
 
+        t, lg = self.cfg.train, self.cfg.logging
+        self.stop = StopRequest().install()
+        self.watchdog = StepWatchdog(self.rank, t.step_timeout_s, t.step_timeout_slow_s, t.stop_grace_s,
+                                     self.stop).start()
+        self.batches = self._batches()
+        self.last_saved = self.step if self.resume_dir is not None else -1
         # a bar on a terminal; under slurm or `2>file` a bar is a frame per update, so plain lines instead
         self.plain_lines = self.rank == 0 and (not lg.progress or not sys.stderr.isatty())
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or self.plain_lines,
-                   dynamic_ncols=True, desc="pretrain")
-        t_log = self.t_start = time.perf_counter()
+        self.bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or self.plain_lines,
+                        dynamic_ncols=True, desc="pretrain")
+        self.t_log = self.t_start = time.perf_counter()  # t_log: start of the current log window
         self.first_step = self.step
         self.data_wait_s = 0.0  # host time in next(batches) since the last log
         self.side_work: dict[str, float] = {}  # checkpoint/reconstructions/monitor: seconds since the last log
         self.side_total_s = 0.0
         self.last_record: dict[str, Any] | None = None
-        profiler = StepProfiler(lg.profile_step, self.out, self.rank, self.device)
-        try:
-            data_error: DataError | None = None
-            size = cfg.data.img_size or model.spec.img_size
-            while self.step < self.total_steps:
-                profiler.begin(self.step + 1)
-                watchdog.step(self.step + 1)
-                nonfinite = torch.zeros((), device=self.device)
-                for micro in range(t.accum_steps):
-                    if data_error is None:
-                        watchdog.phase("data")
-                        try:
-                            t_data = time.perf_counter()
-                            with record_function("mcf.data"):
-                                images = next(batches)  # (B, 3, H, W) fp32, normalised
-                            self.data_wait_s += time.perf_counter() - t_data
-                        except DataError as e:
-                            # Too many bad samples on this rank. The other ranks are already inside this
-                            # step's collectives: finish the step on a blank batch and stop every rank
-                            # together at the step's sync, before the update is applied.
-                            data_error = e
-                    if data_error is not None:
-                        images = torch.zeros(t.batch_size, 3, size, size, device=self.device)
-                    B = images.shape[0]
-                    noise = torch.rand(2, B, L, generator=self.mask_gen, device=self.device)  # online / target masks
-                    watchdog.phase("forward/backward")
-                    out = model(images, noise[0], noise[1], online=self.online)
-                    with record_function("mcf.backward"):
-                        engine.backward(out.loss)
-                    loss = out.loss.detach().float()
-                    nonfinite += (~torch.isfinite(loss)).float()
-                    self.acc[:len(TERMS)] += torch.stack([loss, *(out.losses[k].float() for k in TERMS[1:])])
-                    self.acc[-1] += 1
-                    if micro < t.accum_steps - 1:
-                        engine.step()  # not a boundary: DeepSpeed only accumulates
-                last = (images[:RECON_IMAGES], out.pred[:RECON_IMAGES].detach(), out.mask[:RECON_IMAGES])
-                # the one host sync per step: (non-finite losses, stop requested, ranks with a data
-                # error), summed over ranks; filled on the device, since a tensor built from a host
-                # list would cost a second sync on a GPU
-                watchdog.phase("sync (the step's all-reduce: waits for every rank)")
-                with record_function("mcf.sync"):
-                    flags = torch.zeros(3, device=self.device)
-                    flags[0] = nonfinite
-                    flags[1] = float(stop.requested)
-                    flags[2] = float(data_error is not None)
-                    if self.world_size > 1:
-                        torch.distributed.all_reduce(flags)
-                    n_bad, stop_now, data_ranks = flags.tolist()
-                if data_ranks:
-                    if data_error is not None:
-                        raise data_error
-                    raise DataError(f"{int(data_ranks)} other rank(s) stopped on bad data at step {self.step + 1} (their log says "
-                                    f"which files); this rank's data was fine. Nothing of this step was applied")
-                if n_bad and t.precision != "fp16":
-                    where = f"; the last good checkpoint is {ckpt.step_dir_name(self.last_saved)}" if self.last_saved >= 0 else ""
-                    raise TrainingError(f"non-finite loss at step {self.step} ({int(n_bad)} micro-batch(es) over all ranks): stopped "
-                                        f"before applying the update{where}; lower optim.lr/blr or use train.precision=fp32")
-                set_lr(self.optimizer, lr_at(self.step, peak=self.peak_lr, min_lr=cfg.optim.min_lr, warmup=self.warmup,
-                                             total=self.total_steps))
-                watchdog.phase("optimizer step")
-                with record_function("mcf.optimizer"):
-                    engine.step()  # fp16: DeepSpeed skips an overflowing step and counts it
-                momentum = momentum_at(self.step, cfg.momentum, self.total_steps)
-                with record_function("mcf.ema"):  # no communication; starts the target weights' all-gather if sharded
-                    self.ema.update(momentum)
-                self.step += 1
-                profiler.end(self.step)
-                self.steps_since_log += 1
-                bar.update(1)
-                watchdog.phase("logging")
-                if self.step % lg.log_every == 0 or self.step == self.total_steps:
-                    t_log = self._log(momentum, t_log, bar)
-                if lg.recon_every and self.step % lg.recon_every == 0:
-                    with watchdog.slow("reconstruction"):
-                        self._timed("reconstructions", self._reconstruction, last)
-                if cfg.monitor.every and self.step % cfg.monitor.every == 0:
-                    with watchdog.slow("monitor evaluation"):
-                        self._timed("monitor", self._monitor)
-                if stop_now:
-                    watchdog.stopping()
-                    with watchdog.slow("checkpoint (stop requested)"):
-                        self._save()
-                    if self.rank == 0:
-                        log.warning("stopped by signal at step %d; exiting with %d for requeue", self.step, REQUEUE_EXIT_CODE)
-                    return REQUEUE_EXIT_CODE
-                if self.step % cfg.checkpoint.every == 0:
-                    with watchdog.slow("checkpoint"):
-                        self._timed("checkpoint", self._save)
-            # the end of the run stays under the stop handlers: a signal during the final checkpoint
-            # lets the save finish and turns the exit status into 3 (every rank agrees on it)
-            with watchdog.slow("final checkpoint"):
-                if self.last_saved != self.step:
-                    self._timed("checkpoint", self._save)
-                if last is not None and not (lg.recon_every and self.step % lg.recon_every == 0):
-                    self._timed("reconstructions", self._reconstruction, last)
-            final = self.out / "checkpoints" / ckpt.step_dir_name(self.step)
-            self.logger.set_tag("final_checkpoint", str(final.resolve()))
-            if self._stop_requested_anywhere(stop):
-                if self.rank == 0:
-                    log.warning("stopped by signal during the final checkpoint (step %d, complete); exiting with %d",
-                                self.step, REQUEUE_EXIT_CODE)
-                return REQUEUE_EXIT_CODE
-        finally:
-            bar.close()
-            watchdog.close()
-            stop.restore()
-            batches.close()  # drops the loader's iterators now (a fresh DataLoader per epoch stops its workers then)
+        self.profiler = StepProfiler(lg.profile_step, self.out, self.rank, self.device)
+        self.every = {"log": lg.log_every, "reconstructions": lg.recon_every, "monitor": self.cfg.monitor.every,
+                      "checkpoint": self.cfg.checkpoint.every}
+
+    def _end_loop(self) -> None:
+        """On every way out of the loop: the bar, the watchdog thread, the signal handlers, the batch stream."""
+        self.bar.close()
+        self.watchdog.close()
+        self.stop.restore()
+        self.batches.close()  # drops the loader's iterators now (a fresh DataLoader per epoch stops its workers then)
+
+    # -- one optimizer step -----------------------------------------------------------------------
+    def _train_step(self) -> StepOutcome:
+        """Optimizer step ``self.step + 1``: ``accum_steps`` micro-batches, the step's one sync (which raises on bad
+        data or a non-finite loss before anything is applied), the optimizer step at the scheduled lr, the EMA."""
+        accum = self.cfg.train.accum_steps
+        nonfinite = torch.zeros((), device=self.device)  # micro-batches of this step with a non-finite loss
+        data_error: DataError | None = None
+        for micro in range(accum):
+            images, data_error = self._next_batch(data_error)
+            out = self._forward_backward(images)
+            nonfinite += self._accumulate(out)
+            if micro < accum - 1:
+                self.engine.step()  # not a boundary: DeepSpeed only accumulates
+        last = (images[:RECON_IMAGES], out.pred[:RECON_IMAGES].detach(), out.mask[:RECON_IMAGES])
+        stop = self._step_sync(nonfinite, data_error)
+        self._optimizer_step()
+        momentum = self._ema_update()
+        return StepOutcome(momentum=momentum, stop=stop, last=last)
+
+    def _next_batch(self, data_error: DataError | None) -> tuple[torch.Tensor, DataError | None]:
+        """The next micro-batch, (B, 3, H, W) fp32, normalised, and this step's data error so far. After a
+        :class:`DataError` on this rank the step goes on with blank batches: the other ranks are already inside
+        this step's collectives, and every rank stops together at the step's sync, before the update."""
+        if data_error is None:
+            self.watchdog.phase("data")
+            try:
+                t_data = time.perf_counter()
+                with record_function("mcf.data"):
+                    images = next(self.batches)
+                self.data_wait_s += time.perf_counter() - t_data
+                return images, None
+            except DataError as e:  # too many bad samples on this rank
+                data_error = e
+        size = self.cfg.data.img_size or self.model.spec.img_size
+        return torch.zeros(self.cfg.train.batch_size, 3, size, size, device=self.device), data_error
+
+    def _forward_backward(self, images: torch.Tensor) -> Any:
+        """One micro-batch: its masks (from the run's own generator), the forward through online, target and
+        teacher, and the online model's backward. Returns the model's output (loss terms, predictions, mask)."""
+        noise = torch.rand(2, images.shape[0], self.model.num_patches, generator=self.mask_gen,
+                           device=self.device)  # (2, B, L): online / target masks
+        self.watchdog.phase("forward/backward")
+        out = self.model(images, noise[0], noise[1], online=self.online)
+        with record_function("mcf.backward"):
+            self.engine.backward(out.loss)
+        return out
+
+    def _accumulate(self, out: Any) -> torch.Tensor:
+        """Adds a micro-batch's loss terms to ``self.acc`` on the device; → 1.0 if its loss is not finite, else 0.0."""
+        loss = out.loss.detach().float()
+        bad = (~torch.isfinite(loss)).float()
+        self.acc[:len(TERMS)] += torch.stack([loss, *(out.losses[k].float() for k in TERMS[1:])])
+        self.acc[-1] += 1
+        return bad
+
+    def _step_sync(self, nonfinite: torch.Tensor, data_error: DataError | None) -> bool:
+        """The one host sync per step: (non-finite losses, stop requested, ranks with a data error), summed over
+        ranks. Raises on a data error on any rank or a non-finite loss (not under fp16, whose loss scaler skips the
+        step); → whether a stop was requested on any rank."""
+        # filled on the device, since a tensor built from a host list would cost a second sync on a GPU
+        self.watchdog.phase("sync (the step's all-reduce: waits for every rank)")
+        with record_function("mcf.sync"):
+            flags = torch.zeros(3, device=self.device)
+            flags[0] = nonfinite
+            flags[1] = float(self.stop.requested)
+            flags[2] = float(data_error is not None)
+            if self.world_size > 1:
+                torch.distributed.all_reduce(flags)
+            n_bad, stop_now, data_ranks = flags.tolist()
+        if data_ranks:
+            if data_error is not None:
+                raise data_error
+            raise DataError(f"{int(data_ranks)} other rank(s) stopped on bad data at step {self.step + 1} (their log "
+                            "says which files); this rank's data was fine. Nothing of this step was applied")
+        if n_bad and self.cfg.train.precision != "fp16":
+            saved = self.last_saved
+            where = f"; the last good checkpoint is {ckpt.step_dir_name(saved)}" if saved >= 0 else ""
+            raise TrainingError(f"non-finite loss at step {self.step} ({int(n_bad)} micro-batch(es) over all ranks): "
+                                f"stopped before applying the update{where}; lower optim.lr/blr or use "
+                                "train.precision=fp32")
+        return bool(stop_now)
+
+    def _optimizer_step(self) -> None:
+        """The learning rate of step ``self.step`` (0-based), then DeepSpeed's optimizer step."""
+        optim = self.cfg.optim
+        set_lr(self.optimizer, lr_at(self.step, peak=self.peak_lr, min_lr=optim.min_lr, warmup=self.warmup,
+                                     total=self.total_steps))
+        self.watchdog.phase("optimizer step")
+        with record_function("mcf.optimizer"):
+            self.engine.step()  # fp16: DeepSpeed skips an overflowing step and counts it
+
+    def _ema_update(self) -> float:
+        """The target's EMA step after the optimizer step; → the momentum it used (logged)."""
+        momentum = momentum_at(self.step, self.cfg.momentum, self.total_steps)
+        with record_function("mcf.ema"):  # no communication; starts the target weights' all-gather if sharded
+            self.ema.update(momentum)
+        return momentum
+
+    # -- periodic actions -------------------------------------------------------------------------
+    def _periodic(self, outcome: StepOutcome) -> bool:
+        """The actions :func:`due_after` names for the step just taken, in order, with the stop request's
+        checkpoint before the periodic one; → True when the run stops here (checkpointed, exit 3)."""
+        self.watchdog.phase("logging")
+        due = due_after(self.step, self.total_steps, self.every)
+        if "log" in due:
+            self._log(outcome.momentum)
+        if "reconstructions" in due:
+            self._side_work("reconstructions", "reconstruction", self._reconstruction, outcome.last)
+        if "monitor" in due:
+            self._side_work("monitor", "monitor evaluation", self._monitor)
+        if outcome.stop:
+            self._stop_checkpoint()
+            return True
+        if "checkpoint" in due:
+            self._side_work("checkpoint", "checkpoint", self._save)
+        return False
+
+    def _stop_checkpoint(self) -> None:
+        """Every rank reached the step boundary after a stop signal: checkpoint now, for the requeued run."""
+        self.watchdog.stopping()
+        with self.watchdog.slow("checkpoint (stop requested)"):
+            self._save()
         if self.rank == 0:
-            self._summary(final)
-        return 0
+            log.warning("stopped by signal at step %d; exiting with %d for requeue", self.step, REQUEUE_EXIT_CODE)
+
+    def _end_of_run(self, last: Recon | None) -> bool:
+        """The final checkpoint and reconstructions (:func:`due_at_end`), still under the stop handlers: a signal
+        during them lets the save finish and turns the exit status into 3 (every rank agrees on it). → True then."""
+        with self.watchdog.slow("final checkpoint"):
+            due = due_at_end(self.step, self.every, self.last_saved, trained=last is not None)
+            if "checkpoint" in due:
+                self._timed("checkpoint", self._save)
+            if "reconstructions" in due:
+                self._timed("reconstructions", self._reconstruction, last)
+        self.logger.set_tag("final_checkpoint", str(self._final_dir().resolve()))
+        if not self._stop_requested_anywhere():
+            return False
+        if self.rank == 0:
+            log.warning("stopped by signal during the final checkpoint (step %d, complete); exiting with %d",
+                        self.step, REQUEUE_EXIT_CODE)
+        return True
+
+    def _final_dir(self) -> Path:
+        return self.out / "checkpoints" / ckpt.step_dir_name(self.step)
+
+    def _side_work(self, what: str, phase: str, fn: Callable[..., Any], *args: Any) -> None:
+        """Periodic side work under the watchdog's slow deadline (phase ``phase``), timed by :meth:`_timed`."""
+        with self.watchdog.slow(phase):
+            self._timed(what, fn, *args)
 
     def _timed(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
         """Run periodic side work (checkpoint, reconstructions, monitor), its time kept out of images/s and named in the
@@ -458,7 +625,7 @@ class Trainer:
         self.side_work[what] = self.side_work.get(what, 0.0) + dt
         self.side_total_s += dt
 
-    def _summary(self, final: Path) -> None:
+    def _summary(self) -> None:
         """Rank 0's closing lines: the final loss, wall time, mean speed, and where everything is."""
         wall = time.perf_counter() - self.t_start
         steps = self.step - self.first_step
@@ -475,27 +642,29 @@ class Trainer:
         if recon:
             lines.append(f"  pictures      {recon[-1].parent}/ ({len(recon)}: original | masked | rebuilt; "
                          f"newest {recon[-1].name})")
-        lines.append(f"  checkpoint    {final} (export: mcf export {self.out} encoder.safetensors)")
+        lines.append(f"  checkpoint    {self._final_dir()} (export: mcf export {self.out} encoder.safetensors)")
         sink, tracking = self.logger.mlflow, self.logger.tracking
         if sink is not None and tracking is not None and tracking.uri is not None:
             lines.append(f"  MLflow        run {sink.run_id} in experiment '{tracking.experiment}': "
                          f"{ui_command(tracking.uri)}")
         log.info("%s", "\n".join(lines))
 
-    def _stop_requested_anywhere(self, stop: StopRequest) -> bool:
-        flag = torch.tensor([float(stop.requested)], device=self.device)
+    def _stop_requested_anywhere(self) -> bool:
+        flag = torch.tensor([float(self.stop.requested)], device=self.device)
         if self.world_size > 1:
             torch.distributed.all_reduce(flag)
         return bool(flag.item())
 
-    def _log(self, momentum: float, t_log: float, bar: Any) -> float:
+    def _log(self, momentum: float) -> None:
+        """Reduce the window's sums over ranks and log one record (metrics.jsonl, MLflow, the bar or a plain line);
+        images/s counts the window's time less its side work. Starts the next window."""
         vals = torch.cat([self.acc, torch.tensor([float(self.loader.bad_samples)], device=self.device)])
         if self.world_size > 1:
             torch.distributed.all_reduce(vals)
         vals = vals.tolist()
         now = time.perf_counter()
         side_s = sum(self.side_work.values())
-        train_s = max(now - t_log - side_s, 1e-9)  # the window's time in training steps, side work taken out
+        train_s = max(now - self.t_log - side_s, 1e-9)  # the window's time in training steps, side work taken out
         count = max(vals[len(TERMS)], 1.0)
         record: dict[str, Any] = {"step": self.step, "epoch": self.epoch}
         record.update({k: vals[i] / count for i, k in enumerate(TERMS)})
@@ -509,7 +678,8 @@ class Trainer:
         if self.throughput is not None:
             record.update(self.throughput.fields(record["images_per_s"]))
             mfu = {"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", **mfu, refresh=False)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", **mfu,
+                                 refresh=False)
         self.logger.log(record)
         if self.rank == 0:
             self.last_record = record
@@ -520,12 +690,13 @@ class Trainer:
         self.steps_since_log = 0
         self.data_wait_s = 0.0
         self.side_work = {}
-        return now
+        self.t_log = now
 
-    def _reconstruction(self, last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+    def _reconstruction(self, last: Recon | None) -> None:
         if self.rank != 0 or last is None:
             return
-        path = save_reconstruction(self.out / "reconstructions" / f"step_{self.step:08d}.png", *last, self.model.spec.patch_size,
+        path = save_reconstruction(self.out / "reconstructions" / f"step_{self.step:08d}.png", *last,
+                                   self.model.spec.patch_size,
                                    scale=max(1, 128 // last[0].shape[-1]))
         self.logger.log_artifact(path, "reconstructions")
 
@@ -536,7 +707,8 @@ class Trainer:
         if self.monitor is None:
             return
         params = list(self.engine.module.parameters()) if self.cfg.deepspeed.zero == 3 else []
-        with deepspeed.zero.GatheredParameters(params, enabled=bool(params)), torch.no_grad():  # a collective under ZeRO-3
+        # a collective under ZeRO-3
+        with deepspeed.zero.GatheredParameters(params, enabled=bool(params)), torch.no_grad():
             metrics = self.monitor.evaluate(self.model)  # eval mode inside, train mode restored
         if self.rank == 0:
             self.logger.log({"step": self.step, **{f"monitor/{k}": float(v) for k, v in metrics.items()}})
