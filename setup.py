@@ -58,7 +58,7 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
         "triton": ["triton>=3.2"],
-        "test": ["pytest", "pytest-timeout", "ruff"],
+        "test": ["pytest", "pytest-timeout", "ruff==0.17.6"],  # ruff pinned: tests/test_lint.py runs it
     },
     entry_points={"console_scripts": ["mcf=mcf.cli:main"]},
 )
