@@ -95,6 +95,30 @@ def test_a_value_the_config_refuses_is_one_line(capsys):
     assert main(["bench", "scale", "--tracking-uri", "none", "--set", "network.inter_efficiency=2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mcf: error: bench scale: ") and "inter_efficiency" in err and err.count("\n") == 1
+    # the comm phase's trainer config, built as each rank builds it, before any rank starts (it was each rank's
+    # traceback, cut to torchrun's summary)
+    assert main(["bench", "scale", "--tracking-uri", "none", "--set", "optim.lr=-5"]) == 2
+    assert capsys.readouterr().err == "mcf: error: optim.blr / optim.lr must be > 0\n"
+
+
+def test_a_failed_stage_shows_the_failing_ranks_own_lines(tmp_path):
+    """torchrun's summary says only which rank died of which signal; the error quotes that rank's stderr too, read from
+    the files torchrun writes with the flags run_stage passes (--log-dir, --redirects 3)."""
+    import subprocess
+    import sys
+
+    from mcf.bench.scale import _failure_text, _free_port
+
+    script = tmp_path / "worker.py"
+    script.write_text("import os, sys\nif os.environ['RANK'] == '1':\n    sys.exit('rank 1 says: out of bananas')\n")
+    logs = tmp_path / "logs"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(_free_port()), "--log-dir", str(logs), "--redirects", "3",
+                           str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    text = _failure_text(proc, logs)
+    assert "[rank 1] rank 1 says: out of bananas" in text and "[torchrun]" in text, text
+    assert "[rank 0]" not in text  # rank 0 wrote nothing
 
 
 @pytest.mark.parametrize("name", CASES)

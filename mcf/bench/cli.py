@@ -160,7 +160,12 @@ def _scale_config(args: argparse.Namespace):
     trainer = flat_keys(Config)
     trainer_sets = [t for t in args.set if "=" in t and t.split("=", 1)[0].strip() in trainer]
     cfg = _resolve(ScaleBenchConfig, args, "scale", overrides=[t for t in args.set if t not in trainer_sets])
-    return dataclasses.replace(cfg, overrides=(*cfg.overrides, *trainer_sets)) if trainer_sets else cfg
+    cfg = dataclasses.replace(cfg, overrides=(*cfg.overrides, *trainer_sets)) if trainer_sets else cfg
+    if cfg.overrides:  # the trainer's config as each rank will build it: a bad value is one line before any rank starts
+        from mcf.config import build_config
+
+        build_config("demo", list(cfg.overrides))
+    return cfg
 
 
 def _prepare_scale(args: argparse.Namespace):

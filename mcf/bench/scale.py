@@ -75,6 +75,10 @@ def run_stage(cfg: ScaleBenchConfig, stage: int, workdir: Path, option: str = "r
         "127.0.0.1",
         "--master_port",
         str(_free_port()),
+        "--log-dir",  # each rank's own output, for the error when a rank fails (torchrun's summary omits it)
+        str(workdir / f"logs_stage{stage}_{option}"),
+        "--redirects",
+        "3",
         "-m",
         "mcf.bench.scale_worker",
         "--stage",
@@ -102,13 +106,25 @@ def run_stage(cfg: ScaleBenchConfig, stage: int, workdir: Path, option: str = "r
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=cfg.timeout_s)
     if proc.returncode != 0 or not out.exists():
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
-        raise UserError(f"bench scale: ZeRO-{stage} run failed (exit {proc.returncode}):\n{tail}")
+        raise UserError(f"bench scale: ZeRO-{stage} run failed (exit {proc.returncode}):\n"
+                        f"{_failure_text(proc, workdir / f'logs_stage{stage}_{option}')}")
     result = json.loads(out.read_text())
     result["wall_s"] = time.perf_counter() - t0
     if "comm" in result:
         result["comm"]["option"] = option
     return result
+
+
+def _failure_text(proc: subprocess.CompletedProcess, log_dir: Path, lines: int = 12) -> str:
+    """The last ``lines`` of each rank's own stderr (torchrun ``--redirects 3`` writes them under ``log_dir``), then
+    the launcher's: its summary names the rank and signal, the rank's lines say why."""
+    parts = []
+    for err in sorted(log_dir.glob("*/attempt_*/*/stderr.log")):
+        text = err.read_text(errors="replace").strip()
+        if text:
+            parts.append(f"[rank {err.parent.name}] " + "\n".join(text.splitlines()[-lines:]))
+    parts.append("[torchrun] " + "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-lines:]))
+    return "\n".join(parts)
 
 
 def run(cfg: ScaleBenchConfig) -> dict[str, Any]:
