@@ -26,10 +26,15 @@ def _check(result: dict) -> None:
         for key in VARIANT_FIELDS:
             assert v[key] is not None, (variant, key)
         assert v["images_per_s"] > 0 and v["ms_per_step"] > 0 and v["peak_memory_bytes"] > 0
-        assert 0 < v["mfu"] < 1.5
+        assert 0 < v["mfu"] <= 1 and v[f"mfu_vs_{v['compute_dtype']}_peak"] <= 1  # no peak below a rate in its dtype
         assert v["flops_per_image"] == result["paper"]["flops_per_image"]
     assert result["ratio"] == pytest.approx(result["mcf"]["images_per_s"] / result["paper"]["images_per_s"])
     assert result["model"] == "mcf_vit_tiny" and result["batch_size"] == 4
+    measured = result["peak_flops_measured"]  # at the start and at the end: the better of the two, or a rate above it
+    for dtype in ("fp32", "bf16"):
+        assert result["peak_flops"][dtype] >= max(measured["start"][dtype], measured["end"][dtype])
+        assert (result["peak_flops"][dtype] > max(measured["start"][dtype], measured["end"][dtype])) == (
+            dtype in result["peak_raised_to_achieved"])
 
 
 def test_step_json(tmp_path, capsys):

@@ -84,7 +84,7 @@ def test_a_peak_below_the_achieved_rate_is_raised(monkeypatch):
 
 
 def test_peak_sizes_are_fixed_per_dtype(monkeypatch):
-    """One method (``matmul_peak``) and one size per device type and dtype, whatever the other dtype
+    """One method (``matmul_peaks``) and one size per device type and dtype, whatever the other dtype
     measures: bf16 at 512 only where the CPU emulates it."""
     import mcf.measure as common
 
@@ -96,5 +96,32 @@ def test_peak_sizes_are_fixed_per_dtype(monkeypatch):
         peaks = common.measure_peaks(torch.device("cpu"))
         assert peaks["fp32_n"] == 2048 and peaks["bf16_n"] == (2048 if native else 512)
         assert peaks["fp32"] == 2 * 2048**3  # median of the (fake) 1 s repeats
-    assert common.PEAK_REPEATS["cpu"] in calls
+    assert calls.count(common.PEAK_REPEATS["cpu"]) == 2 * 2 * common.PEAK_ROUNDS["cpu"]  # 2 runs × 2 dtypes × rounds
     assert common.peak_at_least(5.0, 7.0) == (7.0, True) and common.peak_at_least(5.0, 3.0) == (5.0, False)
+
+
+def test_a_slow_spell_does_not_lower_the_peak_and_the_dtypes_take_turns(monkeypatch):
+    """The CI host's slow spells outlast a round of products: the peak is the best round's median,
+    and the dtypes' rounds alternate so that one spell cannot cover all of a dtype's rounds."""
+    import mcf.measure as common
+
+    order, spell, current = [], {"rounds_left": 2}, {}  # the first two rounds (fp32, then bf16) at half speed
+
+    def timed(run, device, repeats):
+        run()  # records the dtype of the product timed
+        order.append(common._DTYPE_NAMES[current["dtype"]])
+        slow = spell["rounds_left"] > 0
+        spell["rounds_left"] -= 1
+        return ([2.0, 2.0, 0.5] if slow else [1.0, 1.0, 50.0])[:repeats]  # one odd product per round: the median
+
+    def mm(a, b):
+        current["dtype"] = a.dtype
+
+    monkeypatch.setattr(common, "time_repeats", timed)
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(common, "native_bf16", lambda device: True)
+    peaks = common.measure_peaks(torch.device("cpu"))
+    assert order == ["fp32", "bf16"] * common.PEAK_ROUNDS["cpu"]
+    assert peaks["fp32"] == peaks["bf16"] == 2 * 2048**3  # the 1 s rounds, not the 2 s ones nor one fast product
+    both = common.best_peaks({"fp32": 1.0, "fp32_n": 2048}, {"fp32": 3.0, "fp32_n": 2048})
+    assert both == {"fp32": 3.0, "fp32_n": 2048}

@@ -8,7 +8,7 @@
   ``tflops_per_device`` divides by the ranks.
 - ``mfu``: ``tflops_per_device`` over the device's peak: the dense bf16 peak of a known GPU
   (:data:`GPU_BF16_PEAK_TFLOPS`), else a matmul measured at start by ``mcf bench step``'s method
-  (``mcf.bench.common.matmul_peak``: a fixed size per dtype, warm-up, the median of repeats; bf16 on
+  (``mcf.measure.matmul_peak``: a fixed size per dtype, warm-up, the best of rounds of median products; bf16 on
   a GPU, the training dtype on a CPU). A peak below the achieved rate is raised to it (logged once).
 - ``flops_per_image`` and the peak (``peak_tflops``) are constants of the run: :meth:`Throughput.params`
   (MLflow params, logged once); the others come with every metrics record (:meth:`Throughput.fields`),
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from mcf.measure import PeakMemory, matmul_peak, peak_at_least, peak_size
+from mcf.measure import PEAK_ROUNDS, PeakMemory, matmul_peak, peak_at_least, peak_size
 from mcf.models import create_model_from_config
 from mcf.models.flops import step_flops
 
@@ -72,7 +72,9 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, 
         n = peak_size(device, torch.bfloat16)
         return matmul_peak(device, torch.bfloat16), f"measured bf16 {n}^3 matmul on {name} (not in the table)"
     n = peak_size(device, dtype)
-    return matmul_peak(device, dtype), f"measured {str(dtype).replace('torch.', '')} {n}^3 matmul on the CPU (median)"
+    rounds = PEAK_ROUNDS["cpu"]
+    return matmul_peak(device, dtype), (f"measured {str(dtype).replace('torch.', '')} {n}^3 matmul on the CPU "
+                                        f"(best of {rounds} rounds' median products)")
 
 
 def peak_memory_bytes(device: torch.device) -> int:
