@@ -1,5 +1,5 @@
-"""``mcf bench {step,e2e,data,attention,memory,scale}``: each prints JSON, with ``--out`` writes it, and
-logs it as an MLflow run (:mod:`mcf.bench.tracking`); ``mcf bench history`` and ``mcf bench results``
+"""``mcf bench {step,e2e,data,attention,memory,scale,scale-widths,ema-drift}``: each prints JSON, with ``--out``
+writes it, and logs it as an MLflow run (:mod:`mcf.bench.tracking`); ``mcf bench history`` and ``mcf bench results``
 read the tracked runs back.
 
 Each benchmark's settings are a config of :mod:`mcf.bench.config` (its dedicated flags are sugar for its keys, read
@@ -13,7 +13,15 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from mcf.bench.config import DataBenchConfig, IndexScaleConfig, MemoryBenchConfig, ScaleBenchConfig, StepBenchConfig
+from mcf.bench.config import (
+    DataBenchConfig,
+    EmaDriftConfig,
+    IndexScaleConfig,
+    MemoryBenchConfig,
+    ScaleBenchConfig,
+    ScaleWidthsConfig,
+    StepBenchConfig,
+)
 from mcf.config import Config, preset_dict
 from mcf.configtree import add_flags, flag_dest, flag_fields, flag_value, flags_given, flat_keys, merge, resolve
 from mcf.errors import ConfigError
@@ -152,14 +160,14 @@ def _prepare_attention(args: argparse.Namespace):
     return (lambda: _run_attention(args)), bench_flags(args)
 
 
-def _scale_config(args: argparse.Namespace):
-    """``mcf bench scale``'s config. Its ``--set`` takes a ScaleBenchConfig key, or one of `mcf pretrain`'s keys for
-    the comm phase's trainer (:attr:`ScaleBenchConfig.overrides`, as before the bench had keys); the two key sets
-    are disjoint (pretrain's all sit in sections that ScaleBenchConfig lacks). The trainer's come after any that
-    ``--config``'s ``overrides`` holds."""
+def _scale_config(args: argparse.Namespace, cls: type = ScaleBenchConfig, name: str = "scale"):
+    """``mcf bench scale``'s config (``scale-widths``'s with ``cls=ScaleWidthsConfig``). Its ``--set`` takes a key of
+    ``cls``, or one of `mcf pretrain`'s keys for the comm phase's trainer (``cls.overrides``, as before the bench had
+    keys); the two key sets are disjoint (pretrain's all sit in sections that ``cls`` lacks). The trainer's come
+    after any that ``--config``'s ``overrides`` holds."""
     trainer = flat_keys(Config)
     trainer_sets = [t for t in args.set if "=" in t and t.split("=", 1)[0].strip() in trainer]
-    cfg = _resolve(ScaleBenchConfig, args, "scale", overrides=[t for t in args.set if t not in trainer_sets])
+    cfg = _resolve(cls, args, name, overrides=[t for t in args.set if t not in trainer_sets])
     cfg = dataclasses.replace(cfg, overrides=(*cfg.overrides, *trainer_sets)) if trainer_sets else cfg
     if cfg.overrides:  # the trainer's config as each rank will build it: a bad value is one line before any rank starts
         from mcf.config import build_config
@@ -177,6 +185,31 @@ def _prepare_scale(args: argparse.Namespace):
     return (lambda: main(cfg)), flags
 
 
+def _scale_widths_config(args: argparse.Namespace):
+    return _scale_config(args, ScaleWidthsConfig, "scale-widths")
+
+
+def _prepare_scale_widths(args: argparse.Namespace):
+    from mcf.bench.scale_widths import check_model, main
+
+    cfg = _scale_widths_config(args)
+    check_model(cfg.model, cfg.units[2])
+    flags = logged_flags(cfg, ScaleWidthsConfig)
+    flags["set"] = list(flags.pop("overrides", []))  # the trainer's --set texts, as `bench scale` tracks them
+    return (lambda: main(cfg)), flags
+
+
+def _ema_drift_config(args: argparse.Namespace):
+    return _resolve(EmaDriftConfig, args, "ema-drift")
+
+
+def _prepare_ema_drift(args: argparse.Namespace):
+    from mcf.bench.ema_drift import main
+
+    cfg = _ema_drift_config(args)
+    return (lambda: main(cfg)), logged_flags(cfg, EmaDriftConfig)
+
+
 def _memory_config(args: argparse.Namespace):
     return _resolve(MemoryBenchConfig, args, "memory")
 
@@ -189,11 +222,13 @@ def _prepare_memory(args: argparse.Namespace):
 
 
 def config_from_args(args: argparse.Namespace):
-    """The resolved config of a parsed ``mcf bench step|e2e|data|memory|scale`` command line (nothing is run)."""
+    """The resolved config of a parsed ``mcf bench step|e2e|data|memory|scale|scale-widths|ema-drift`` command line
+    (nothing is run)."""
     command = args.bench_command
     if command in ("step", "e2e"):
         return _step_config(args, e2e=command == "e2e")
-    configs = {"data": _data_config, "memory": _memory_config, "scale": _scale_config}
+    configs = {"data": _data_config, "memory": _memory_config, "scale": _scale_config,
+               "scale-widths": _scale_widths_config, "ema-drift": _ema_drift_config}
     if command not in configs:
         raise ConfigError(f"bench {command} has no config of its own")
     return configs[command](args)
@@ -305,6 +340,19 @@ def add_parser(subparsers) -> None:
                                       "pretrain`'s for the comm phase's trainer, e.g. train.target_precision=fp32 "
                                       "(repeatable)")
     p.set_defaults(func=_tracked(_prepare_scale))
+
+    p = parser("scale-widths", "scale-widths", help="ZeRO's collectives counted at a model's real widths with a "
+                                                     "quarter and a half of its blocks, extrapolated and projected")
+    add_flags(p, ScaleWidthsConfig)
+    _config_args(p, "scale-widths", set_help="set a config key (`mcf config --list --command bench-scale-widths`), or "
+                                             "one of `mcf pretrain`'s for the counted trainer (repeatable)")
+    p.set_defaults(func=_tracked(_prepare_scale_widths))
+
+    p = parser("ema-drift", "ema-drift", help="drift of the bf16-weights EMA target from the exact (fp32 masters) "
+                                              "one over N steps (torchrun, gloo)")
+    add_flags(p, EmaDriftConfig)
+    _config_args(p, "ema-drift")
+    p.set_defaults(func=_tracked(_prepare_ema_drift))
 
     p = sub.add_parser("history", parents=[tracking],
                        help="a benchmark's tracked throughput per commit and host (table, and a PNG with --plot)")

@@ -1,8 +1,10 @@
-"""The configs of ``mcf bench step|e2e|data|memory|scale`` on the project's config tree (:mod:`mcf.configtree`).
+"""The configs of ``mcf bench step|e2e|data|memory|scale|scale-widths|ema-drift|attention --table`` on the project's
+config tree (:mod:`mcf.configtree`).
 
 Each benchmark's settings are one ``@dataclass(kw_only=True)`` whose fields are declared with
 :func:`mcf.configtree.field`: typed, documented (``mcf config --list --command bench-step``, ``bench-data``,
-``bench-index-scale``, ``bench-memory``, ``bench-scale``), validated in ``__post_init__`` (a
+``bench-index-scale``, ``bench-memory``, ``bench-scale``, ``bench-scale-widths``, ``bench-ema-drift``,
+``bench-attention``), validated in ``__post_init__`` (a
 :class:`~mcf.errors.ConfigError`). A field's metadata also declares its command-line flag (``flag``), so each
 dedicated flag is sugar for its key and ``--set key=value`` reaches every key (:mod:`mcf.bench.cli`).
 
@@ -12,8 +14,9 @@ module re-exports its own (``from mcf.bench.step import StepBenchConfig`` keeps 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from mcf.bench.projection import Compute, Network
 from mcf.configtree import field
@@ -219,3 +222,98 @@ class ScaleBenchConfig:
             raise ConfigError("the projection needs the comm phase (--phases comm)")
         if any(g < 1 for g in self.gpus):
             raise ConfigError("gpus must be >= 1")
+
+
+@dataclass(kw_only=True)
+class ScaleWidthsConfig:
+    """ZeRO counted at a model's real widths, extrapolated by blocks (:mod:`mcf.bench.scale_widths`): the config of
+    ``mcf bench scale-widths`` (``mcf config --list --command bench-scale-widths``). Its ``--set`` takes these keys
+    and, for the counted trainer, pretrain's (:attr:`overrides`), as ``mcf bench scale``'s does."""
+
+    model: str = field("mcf_vit_base_patch16", flag=True, help=(
+        "Model counted at its widths; its encoder and decoder depths must divide by units[2]."))
+    stages: tuple[int, ...] = field((3,), flag=True, help="Comma list of ZeRO stages.")
+    options: tuple[str, ...] = field(("reduce-bf16",), flag=True, help=(
+        "Gradient reduction options, one count each (the options of `mcf bench scale`; allreduce-* and +ema-bf16 "
+        "at ZeRO-1/2 only)."))
+    precision: Literal["fp32", "bf16"] = field("bf16", flag=True, help=(
+        "The online model's dtype, as the trainer runs it (bf16: bf16 weights + fp32 masters)."))
+    nproc: int = field(2, flag=True, help="Ranks (torchrun processes; gloo on the CPU).")
+    batch_size: int = field(2, flag=True, help="Images per rank per step (the counted step is the second of three).")
+    units: tuple[int, int, int] = field((1, 2, 4), flag=True, help=(
+        "Blocks in units: counts at units[0]/units[2] and units[1]/units[2] of the model's encoder and decoder "
+        "blocks, extrapolated linearly to all of them (1,2,4: a quarter and a half)."))
+    zero_set: tuple[str, ...] = field((), flag=True, metavar="KEY=JSON,...", help=(
+        "KEY=VALUE pairs (VALUE in JSON) put into the counted DeepSpeed JSON's zero_optimization, e.g. "
+        "stage3_param_persistence_threshold=10000."))
+    overrides: tuple[str, ...] = field((), help=(
+        "Config overrides (key=value) of the counted trainer: what `--set` gives with one of `mcf pretrain`'s keys."))
+    timeout_s: int = field(900, help="Seconds each count's torchrun may take before it is stopped.")
+    gpus: tuple[int, ...] = field((8, 64, 256), flag=True, help="Comma list of the projection's GPU counts.")
+    network: Network = field(default_factory=Network, help="The network the projection assumes.")
+    compute: Compute = field(default_factory=Compute, help="The GPUs' compute the projection assumes.")
+    out: str | None = field(None, flag=True, help="JSON file or folder the result is written to.")
+
+    def __post_init__(self) -> None:
+        if not self.stages or set(self.stages) - {0, 1, 2, 3}:
+            raise ConfigError("stages must be among 0,1,2,3")
+        if not self.options or set(self.options) - set(OPTIONS):
+            raise ConfigError(f"options must be among {','.join(OPTIONS)}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError("precision must be fp32 or bf16")
+        if self.nproc < 1 or self.batch_size < 1 or self.timeout_s < 1:
+            raise ConfigError("nproc, batch_size and timeout_s must be >= 1")
+        if len(self.units) != 3 or not 0 < self.units[0] < self.units[1] <= self.units[2]:
+            raise ConfigError(f"units must be three block counts 0 < a < b <= n, got {self.units}")
+        if not self.gpus or any(g < 1 for g in self.gpus):
+            raise ConfigError("gpus must be >= 1")
+        self.zero_optimization()  # a bad pair is a one-line error before anything runs
+
+    def zero_optimization(self) -> dict[str, Any]:
+        """:attr:`zero_set` as the dict put into ``zero_optimization``."""
+        out = {}
+        for text in self.zero_set:
+            key, sep, value = text.partition("=")
+            try:
+                if not sep or not key.strip():
+                    raise ValueError
+                out[key.strip()] = json.loads(value)
+            except ValueError:
+                raise ConfigError(f"zero_set takes KEY=VALUE with VALUE in JSON, got {text!r}") from None
+        return out
+
+    def scale_config(self, **changes: Any) -> ScaleBenchConfig:
+        """The comm phase of ``mcf bench scale`` this count runs (two steps counted, the second reported)."""
+        return ScaleBenchConfig(model=self.model, stages=self.stages, options=self.options, precision=self.precision,
+                                nproc=self.nproc, batch_size=self.batch_size, steps=2, phases=("comm",),
+                                overrides=self.overrides, timeout_s=self.timeout_s, network=self.network,
+                                compute=self.compute, **changes)
+
+
+@dataclass(kw_only=True)
+class EmaDriftConfig:
+    """Drift of the bf16-weights EMA target against the exact (fp32 masters) one (:mod:`mcf.bench.ema_drift`): the
+    config of ``mcf bench ema-drift`` (``mcf config --list --command bench-ema-drift``). The demo preset's model
+    (``mcf_vit_tiny``, 32 px), bf16, synthetic batches; the ranks run under a torchrun this command starts."""
+
+    steps: int = field(300, flag=True, help="Training steps.")
+    batch_size: int = field(16, flag=True, help="Images per rank per step.")
+    momentum: float = field(0.99, flag=True, help="EMA momentum of both targets (mcf's default, the paper's).")
+    lr: float = field(1e-3, flag=True, help="AdamW learning rate, constant (the demo preset's peak).")
+    zero: int = field(1, flag=True, help="ZeRO stage of the online model's engine: 0, 1 or 2.")
+    report: tuple[int, ...] = field((1, 10, 30, 100, 300), flag=True, help=(
+        "Comma list of the steps at which the two targets are compared (the last step always is)."))
+    nproc: int = field(1, flag=True, help="Ranks (torchrun processes; one is enough: the drift does not depend on "
+                                          "the sharding).")
+    timeout_s: int = field(3600, help="Seconds the torchrun may take before it is stopped.")
+    out: str | None = field(None, flag=True, help="JSON file or folder the result is written to.")
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.nproc < 1 or self.timeout_s < 1:
+            raise ConfigError("steps, batch_size, nproc and timeout_s must be >= 1")
+        if self.zero not in (0, 1, 2):
+            raise ConfigError("zero must be 0, 1 or 2")
+        if not 0.0 <= self.momentum < 1.0 or self.lr <= 0:
+            raise ConfigError("momentum must be in [0, 1) and lr > 0")
+        if any(s < 1 for s in self.report):
+            raise ConfigError("report steps must be >= 1")

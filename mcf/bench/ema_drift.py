@@ -1,8 +1,12 @@
 """How far the EMA target of ``train.ema_source=bf16_params`` drifts from the exact one (fp32 masters).
 
-Run under torchrun (gloo on the CPU; one rank is enough: the drift does not depend on the sharding)::
+``mcf bench ema-drift`` starts the ranks under torchrun (gloo on the CPU; ``--nproc``, default one: the drift
+does not depend on the sharding) and prints their result as JSON::
 
-    torchrun --nproc_per_node 1 -m mcf.bench.ema_drift --steps 300 --out drift.json
+    mcf bench ema-drift --steps 300 --out drift.json
+
+(``python -m mcf.bench.ema_drift ...`` is the same command.) Its keys: ``mcf config --list --command
+bench-ema-drift`` (:class:`~mcf.bench.config.EmaDriftConfig`).
 
 One DeepSpeed engine trains the online model (the ``demo`` preset's ``mcf_vit_tiny`` at 32 px, bf16,
 ZeRO-1, AdamW at a constant learning rate, synthetic batches); two :class:`~mcf.train.ema.TargetEMA`
@@ -14,13 +18,15 @@ and the contrastive loss of the same batch, masks and online model with either t
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
 from typing import Any
 
 import torch
+
+from mcf.bench.config import EmaDriftConfig
+from mcf.errors import UserError
 
 
 def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -33,16 +39,14 @@ def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     return {"max": worst, "mean": diff / size}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--momentum", type=float, default=0.99, help="EMA momentum (mcf's default, the paper's)")
-    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, constant (the demo preset's peak)")
-    ap.add_argument("--zero", type=int, default=1, choices=(0, 1, 2))
-    ap.add_argument("--report", default="1,10,30,100,300", help="steps at which the two targets are compared")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+def _args(cfg: EmaDriftConfig) -> dict[str, Any]:
+    """The config as the result's ``args`` (the flags' values, as the JSON has always recorded them)."""
+    return {"steps": cfg.steps, "batch_size": cfg.batch_size, "momentum": cfg.momentum, "lr": cfg.lr,
+            "zero": cfg.zero, "report": ",".join(map(str, cfg.report)), "out": cfg.out}
+
+
+def worker(cfg: EmaDriftConfig) -> dict[str, Any] | None:
+    """One rank of the measurement (under torchrun); the result on rank 0, None on the others."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import torch.distributed as dist
@@ -56,14 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skips a 30-70 s JIT build
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = build_config("demo", [f"deepspeed.zero={args.zero}", "train.precision=bf16",
-                                f"train.batch_size={args.batch_size}"])
+    run_cfg = build_config("demo", [f"deepspeed.zero={cfg.zero}", "train.precision=bf16",
+                                    f"train.batch_size={cfg.batch_size}"])
     torch.manual_seed(0)
-    model = create_model_from_config(cfg)
+    model = create_model_from_config(run_cfg)
     model.set_distributed(rank, world)
     model.perceptual.teacher.to(torch.bfloat16)
-    opt = build_optimizer(param_groups(model.online, cfg.optim.weight_decay), cfg.optim, args.lr, torch.device("cpu"))
-    engine, *_ = deepspeed.initialize(model=model.online, optimizer=opt, config=build_ds_config(cfg, world),
+    opt = build_optimizer(param_groups(model.online, run_cfg.optim.weight_decay), run_cfg.optim, cfg.lr,
+                          torch.device("cpu"))
+    engine, *_ = deepspeed.initialize(model=model.online, optimizer=opt, config=build_ds_config(run_cfg, world),
                                       dist_init_required=False)
     for b in engine.module.buffers():
         if b.is_floating_point():
@@ -75,17 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     online = CastInput(engine, torch.bfloat16)
     g = torch.Generator().manual_seed(rank)
     img = model.spec.img_size
-    batches = [torch.randn(args.batch_size, 3, img, img, generator=g) for _ in range(8)]
-    probe = torch.randn(args.batch_size, 3, img, img, generator=g)
-    report = {int(s) for s in args.report.split(",")}
+    batches = [torch.randn(cfg.batch_size, 3, img, img, generator=g) for _ in range(8)]
+    probe = torch.randn(cfg.batch_size, 3, img, img, generator=g)
+    report = set(cfg.report)
     rows: list[dict[str, Any]] = []
-    for step in range(1, args.steps + 1):
+    for step in range(1, cfg.steps + 1):
         out = model(batches[step % len(batches)], online=online)
         engine.backward(out.loss)
         engine.step()
-        exact.update(args.momentum)
-        approx.update(args.momentum)
-        if step not in report and step != args.steps:
+        exact.update(cfg.momentum)
+        approx.update(cfg.momentum)
+        if step not in report and step != cfg.steps:
             continue
         losses = []
         with torch.no_grad():
@@ -101,13 +106,70 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)
-    if rank == 0 and args.out:
-        with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "world": world, "rows": rows, "u_bf16": 2.0**-8}, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
+    if rank != 0:
+        return None
+    return {"benchmark": "ema_drift", "args": _args(cfg), "world": world, "rows": rows, "u_bf16": 2.0**-8}
+
+
+def main(cfg: EmaDriftConfig) -> dict[str, Any]:
+    """Run :func:`worker` on ``cfg.nproc`` ranks under torchrun (each row printed on stderr as it is measured);
+    the result JSON printed (and written to ``cfg.out``)."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from mcf.bench.common import emit
+    from mcf.bench.scale import _failure_text, torchrun_command, worker_env
+    from mcf.configtree import to_dict
+
+    with tempfile.TemporaryDirectory(prefix="mcf-bench-ema-drift-") as tmp:
+        config, result, logs = Path(tmp) / "config.json", Path(tmp) / "result.json", Path(tmp) / "logs"
+        config.write_text(json.dumps(to_dict(cfg)))
+        # the ranks' stdout (a JSON line per reported step) on the console too (--tee 1), onto this process's file
+        # descriptor 2 (stderr): stdout carries the result only
+        cmd = [*torchrun_command(cfg.nproc, logs), "--tee", "1", "-m", "mcf.bench.ema_drift", "--worker", str(config),
+               "--result", str(result)]
+        try:
+            proc = subprocess.run(cmd, env=worker_env(), stdout=2, stderr=subprocess.PIPE,
+                                  text=True, timeout=cfg.timeout_s)
+        except subprocess.TimeoutExpired:
+            raise UserError(f"bench ema-drift: the ranks took more than timeout_s={cfg.timeout_s} s") from None
+        if proc.returncode != 0 or not result.exists():
+            raise UserError(f"bench ema-drift: the run failed (exit {proc.returncode}):\n{_failure_text(proc, logs)}")
+        out = json.loads(result.read_text())
+    emit(out, cfg.out)
+    return out
+
+
+def _worker_main(argv: list[str]) -> int:
+    """``--worker CONFIG --result OUT``: a rank run by :func:`main`'s torchrun (CONFIG: the resolved config, JSON)."""
+    import argparse
+
+    from mcf.configtree import resolve
+
+    ap = argparse.ArgumentParser(prog="python -m mcf.bench.ema_drift --worker")
+    ap.add_argument("--worker", required=True)
+    ap.add_argument("--result", required=True)
+    args = ap.parse_args(argv)
+    with open(args.worker) as f:
+        cfg = resolve(EmaDriftConfig, json.load(f))
+    result = worker(cfg)
+    if result is not None:
+        with open(args.result, "w") as f:
+            json.dump(result, f, indent=1)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    if "--worker" in sys.argv[1:]:
+        raise SystemExit(_worker_main(sys.argv[1:]))
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # the former `torchrun -m mcf.bench.ema_drift`: every rank would launch
+        sys.exit("mcf bench ema-drift: error: run `mcf bench ema-drift --nproc N` (or `python -m "
+                 "mcf.bench.ema_drift`) without torchrun: it starts the ranks itself")
+    from mcf.bench.__main__ import main as bench_main
+
+    raise SystemExit(bench_main(["ema-drift", *sys.argv[1:]]))  # the same command as `mcf bench ema-drift`

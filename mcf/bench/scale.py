@@ -43,6 +43,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_command(nproc: int, log_dir: Path) -> list[str]:
+    """``torchrun`` on this host with ``nproc`` ranks, up to the script: a free port, and each rank's own output in
+    files under ``log_dir`` (``--redirects 3``), for the error when a rank fails (torchrun's summary omits it)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(_free_port()), "--log-dir", str(log_dir), "--redirects", "3"]
+
+
+def worker_env() -> dict[str, str]:
+    """The ranks' environment: this checkout importable, JIT-built DeepSpeed ops cached in it."""
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".torch_extensions"))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
 def option_overrides(option: str, stage: int, precision: str, workdir: Path) -> list[str]:
     """The trainer's config overrides of an option (:attr:`ScaleBenchConfig.options`)."""
     option, _, ema = option.partition("+")
@@ -66,19 +81,7 @@ def run_stage(cfg: ScaleBenchConfig, stage: int, workdir: Path, option: str = "r
     phases = phases or cfg.phases
     overrides = (*cfg.overrides, *option_overrides(option, stage, cfg.precision, workdir))
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(cfg.nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "--log-dir",  # each rank's own output, for the error when a rank fails (torchrun's summary omits it)
-        str(workdir / f"logs_stage{stage}_{option}"),
-        "--redirects",
-        "3",
+        *torchrun_command(cfg.nproc, workdir / f"logs_stage{stage}_{option}"),
         "-m",
         "mcf.bench.scale_worker",
         "--stage",
@@ -99,9 +102,7 @@ def run_stage(cfg: ScaleBenchConfig, stage: int, workdir: Path, option: str = "r
     ]
     if cfg.img_size:
         cmd += ["--img-size", str(cfg.img_size)]
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".torch_extensions"))
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = worker_env()
     log.info("bench scale: ZeRO-%d, %d ranks", stage, cfg.nproc)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=cfg.timeout_s)
@@ -123,7 +124,8 @@ def _failure_text(proc: subprocess.CompletedProcess, log_dir: Path, lines: int =
         text = err.read_text(errors="replace").strip()
         if text:
             parts.append(f"[rank {err.parent.name}] " + "\n".join(text.splitlines()[-lines:]))
-    parts.append("[torchrun] " + "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-lines:]))
+    launcher = (proc.stdout or "") + (proc.stderr or "")  # either may have gone to the console (None)
+    parts.append("[torchrun] " + "\n".join(launcher.strip().splitlines()[-lines:]))
     return "\n".join(parts)
 
 

@@ -12,25 +12,30 @@ Absolute bucket sizes of the DeepSpeed config (``stage3_prefetch_bucket_size``) 
 model's share of the trainable elements, so that a bucket spans the same blocks; ``reduce_bucket_size`` is
 mcf's ``P/8`` already.
 
-    python -m mcf.bench.scale_widths --model mcf_vit_base_patch16 --stages 3 --options reduce-bf16 \\
-        --out scale_widths.json
+    mcf bench scale-widths --model mcf_vit_base_patch16 --stages 3 --options reduce-bf16 --out scale_widths.json
+
+(``python -m mcf.bench.scale_widths ...`` is the same command.) Its keys: ``mcf config --list --command
+bench-scale-widths`` (:class:`~mcf.bench.config.ScaleWidthsConfig`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import logging
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from mcf.bench.common import emit
-from mcf.bench.config import ScaleBenchConfig
-from mcf.bench.projection import Compute, Network, extrapolate_blocks, model_facts, project, table
+from mcf.bench.config import ScaleWidthsConfig
+from mcf.bench.projection import extrapolate_blocks, model_facts, project, table
 from mcf.bench.scale import run_stage
+from mcf.errors import ConfigError
 
-UNITS = (1, 2, 4)  # a quarter, a half, all of the blocks
+log = logging.getLogger(__name__)
+UNITS = (1, 2, 4)  # the default units: a quarter, a half, all of the blocks (ScaleWidthsConfig.units)
 
 
 def block_model(name: str, units: int, of: int = UNITS[-1]) -> str:
@@ -73,56 +78,59 @@ def _ds_json(stage: int, precision: str, share: float, workdir: Path, tag: str, 
     return out
 
 
-def count(cfg: ScaleBenchConfig, model: str, zero_set: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Per counted (stage, option): the comm phase at ``UNITS[0]`` and ``UNITS[1]`` of ``model``'s blocks,
-    extrapolated to all of them (the same keys as :func:`mcf.bench.scale.run`'s ``stages``)."""
+def check_model(name: str, of: int) -> None:
+    """A one-line :class:`~mcf.errors.ConfigError` unless ``name`` is a registered model whose encoder and decoder
+    depths divide by ``of`` (checked before any rank starts)."""
+    from mcf.models.registry import MODELS
+
+    if name not in MODELS:
+        raise ConfigError(f"bench scale-widths: unknown model {name!r} (mcf.models.list_models())")
+    spec = MODELS[name]
+    if spec.depth % of or spec.decoder_depth % of:
+        raise ConfigError(f"bench scale-widths: {name}'s depth {spec.depth} and decoder depth {spec.decoder_depth} "
+                          f"must divide by units[2]={of}")
+
+
+def count(cfg: ScaleWidthsConfig) -> dict[str, dict[str, Any]]:
+    """Per counted (stage, option): the comm phase at ``units[0]`` and ``units[1]`` of ``cfg.model``'s blocks (in
+    units of ``units[2]``), extrapolated to all of them (the same keys as :func:`mcf.bench.scale.run`'s
+    ``stages``)."""
+    model, of, zero_set = cfg.model, cfg.units[2], cfg.zero_optimization()
     full = model_facts(model)["trainable"]
+    base = cfg.scale_config()
     out: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="mcf-bench-widths-") as tmp:
         for stage in cfg.stages:
             options = [o for o in cfg.options if stage in (1, 2) or not o.startswith("allreduce") and "+ema" not in o]
             for option in options:
                 counted = []
-                for units in UNITS[:2]:
-                    name = block_model(model, units)
+                for units in cfg.units[:2]:
+                    name = block_model(model, units, of)
                     share = model_facts(name)["trainable"] / full
-                    ds = _ds_json(stage, cfg.precision, share, Path(tmp), f"{units}", zero_set or {})
+                    ds = _ds_json(stage, cfg.precision, share, Path(tmp), f"{units}", zero_set)
                     overrides = (*cfg.overrides, f"deepspeed.config={ds}") if stage == 3 else cfg.overrides
-                    sub = dataclasses.replace(cfg, model=name, img_size=None, overrides=overrides, phases=("comm",))
+                    sub = dataclasses.replace(base, model=name, img_size=None, overrides=overrides)
+                    log.info("bench scale-widths: %s, ZeRO-%d, %s", name, stage, option)
                     counted.append(run_stage(sub, stage, Path(tmp), option, ("comm",))["comm"])
                 key = f"{stage}:{option}"
-                out[key] = {"comm": extrapolate_blocks(counted[0], counted[1], UNITS), "counts": counted}
+                out[key] = {"comm": extrapolate_blocks(counted[0], counted[1], cfg.units), "counts": counted}
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="mcf_vit_base_patch16")
-    ap.add_argument("--stages", default="3")
-    ap.add_argument("--options", default="reduce-bf16")
-    ap.add_argument("--precision", default="bf16")
-    ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--gpus", default="8,64,256")
-    ap.add_argument("--set", action="append", default=[], help="config override of the trainer (repeatable)")
-    ap.add_argument("--zero-set", action="append", default=[],
-                    help="KEY=VALUE (JSON) into the ZeRO-3 JSON's zero_optimization (repeatable), e.g. "
-                         "stage3_param_persistence_threshold=0")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    cfg = ScaleBenchConfig(model=args.model, stages=tuple(int(s) for s in args.stages.split(",")),
-                           options=tuple(args.options.split(",")), precision=args.precision, nproc=args.nproc,
-                           batch_size=args.batch_size, steps=2, phases=("comm",), overrides=tuple(args.set))
-    zero_set = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.zero_set)}
-    counted = count(cfg, args.model, zero_set)
-    net, compute = Network(), Compute()
-    rows = [project(c["comm"], int(k.split(":")[0]), args.model, g, net, compute)
-            for g in (int(x) for x in args.gpus.split(",")) for k, c in counted.items()]
-    print(table(rows))
-    emit({"benchmark": "scale_widths", "model": args.model, "zero_set": zero_set, "units": UNITS, "counted": counted,
-          "projection": rows, "projection_table": table(rows)}, args.out)
-    return 0
+def main(cfg: ScaleWidthsConfig) -> dict[str, Any]:
+    """Count, extrapolate, project; the result JSON printed (and written to ``cfg.out``), the table on stderr."""
+    check_model(cfg.model, cfg.units[2])
+    counted = count(cfg)
+    rows = [project(c["comm"], int(k.split(":")[0]), cfg.model, g, cfg.network, cfg.compute)
+            for g in cfg.gpus for k, c in counted.items()]
+    print(table(rows), file=sys.stderr)
+    result = {"benchmark": "scale_widths", "model": cfg.model, "zero_set": cfg.zero_optimization(),
+              "units": list(cfg.units), "counted": counted, "projection": rows, "projection_table": table(rows)}
+    emit(result, cfg.out)
+    return result
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # the same command as `mcf bench scale-widths`
+    from mcf.bench.__main__ import main as bench_main
+
+    raise SystemExit(bench_main(["scale-widths", *sys.argv[1:]]))

@@ -138,6 +138,8 @@ COMMAND_CONFIGS = {
     "bench-index-scale": ("mcf.bench.config", "IndexScaleConfig"),  # `mcf bench data --index-scale N`
     "bench-memory": ("mcf.bench.config", "MemoryBenchConfig"),
     "bench-scale": ("mcf.bench.config", "ScaleBenchConfig"),
+    "bench-scale-widths": ("mcf.bench.config", "ScaleWidthsConfig"),
+    "bench-ema-drift": ("mcf.bench.config", "EmaDriftConfig"),
 }
 
 
