@@ -13,9 +13,11 @@ import pytest
 from mcf.bench import cli as bench_cli
 from mcf.bench.config import (
     DataBenchConfig,
+    EmaDriftConfig,
     IndexScaleConfig,
     MemoryBenchConfig,
     ScaleBenchConfig,
+    ScaleWidthsConfig,
     StepBenchConfig,
 )
 from mcf.bench.tracking import bench_flags, config_id
@@ -48,6 +50,14 @@ CASES = {
     "scale": (["scale"], ["--one-nic-per-ring", "--hop-inter-us", "2.5"],
               ["network.rail_aligned=false", "network.hop_inter_us=2.5"],
               {"network.rail_aligned": False, "network.hop_inter_us": 2.5}, "bench-scale", ScaleBenchConfig),
+    "scale-widths": (["scale-widths"], ["--units", "1,2,2", "--zero-set", "stage3_param_persistence_threshold=0",
+                                        "--mfu", "0.3"],
+                     ["units=1,2,2", "zero_set=stage3_param_persistence_threshold=0", "compute.mfu=0.3"],
+                     {"units": (1, 2, 2), "zero_set": ("stage3_param_persistence_threshold=0",), "compute.mfu": 0.3},
+                     "bench-scale-widths", ScaleWidthsConfig),
+    "ema-drift": (["ema-drift"], ["--report", "1,5", "--zero", "2", "--lr", "0.01"], ["report=1,5", "zero=2",
+                                                                                      "lr=0.01"],
+                  {"report": (1, 5), "zero": 2, "lr": 0.01}, "bench-ema-drift", EmaDriftConfig),
 }
 
 
@@ -70,7 +80,8 @@ def test_flag_and_set_reach_the_same_value(name):
 BAD_VALUES = {  # a --set of the wrong type per benchmark, and what the error says
     "step": ("batch_size=many", "expected an integer"), "data": ("batch_size=many", "expected an integer"),
     "index-scale": ("folder_files=many", "expected an integer"), "memory": ("gpu_gb=many", "expected a number"),
-    "scale": ("compute.mfu=many", "expected a number"),
+    "scale": ("compute.mfu=many", "expected a number"), "scale-widths": ("nproc=many", "expected an integer"),
+    "ema-drift": ("momentum=many", "expected a number"),
 }
 
 
@@ -99,6 +110,34 @@ def test_a_value_the_config_refuses_is_one_line(capsys):
     # traceback, cut to torchrun's summary)
     assert main(["bench", "scale", "--tracking-uri", "none", "--set", "optim.lr=-5"]) == 2
     assert capsys.readouterr().err == "mcf: error: optim.blr / optim.lr must be > 0\n"
+    assert main(["bench", "scale-widths", "--tracking-uri", "none", "--set", "optim.lr=-5"]) == 2
+    assert capsys.readouterr().err == "mcf: error: optim.blr / optim.lr must be > 0\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["scale-widths", "--model", "mcf_vit_tiny"],  # its decoder has 2 blocks: no quarter of them
+     "bench scale-widths: mcf_vit_tiny's depth 4 and decoder depth 2 must divide by units[2]=4"),
+    (["scale-widths", "--model", "mcf_vit_tinyy"], "bench scale-widths: unknown model 'mcf_vit_tinyy'"),
+    (["scale-widths", "--units", "2,1,4"], "bench scale-widths: units must be three block counts 0 < a < b <= n"),
+    (["scale-widths", "--zero-set", "stage3_param_persistence_threshold"],
+     "bench scale-widths: zero_set takes KEY=VALUE with VALUE in JSON, got 'stage3_param_persistence_threshold'"),
+    (["scale-widths", "--set", "zero_set=[a=b]"], "bench scale-widths: zero_set takes KEY=VALUE with VALUE in JSON"),
+    (["scale-widths", "--options", "reduce-fp16"], "bench scale-widths: options must be among reduce-fp32,"),
+    (["ema-drift", "--zero", "3"], "bench ema-drift: zero must be 0, 1 or 2"),
+    (["ema-drift", "--steps", "0"], "bench ema-drift: steps, batch_size, nproc and timeout_s must be >= 1"),
+])
+def test_scale_widths_and_ema_drift_refuse_bad_values_in_one_line(argv, message, capsys, monkeypatch):
+    """Refused before anything runs: neither benchmark's run may start."""
+    from mcf.bench import ema_drift, scale_widths
+
+    def never(cfg):
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr(scale_widths, "main", never)
+    monkeypatch.setattr(ema_drift, "main", never)
+    assert main(["bench", *argv, "--tracking-uri", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mcf: error: {message}") and err.count("\n") == 1, err
 
 
 def test_a_failed_stage_shows_the_failing_ranks_own_lines(tmp_path):
@@ -175,6 +214,12 @@ def test_scale_set_takes_its_keys_and_the_trainers():
                        "--set", "overrides=[deepspeed.reduce_dtype=bf16]")
     assert cfg.steps == 1
     assert cfg.overrides == ("deepspeed.reduce_dtype=bf16", "train.target_precision=fp32")
+    assert not set(flat_keys(Config)) & set(flat_keys(ScaleWidthsConfig))
+    widths = _config("scale-widths", "--set", "train.target_precision=fp32", "--set", "batch_size=3")
+    assert (widths.batch_size, widths.overrides) == (3, ("train.target_precision=fp32",))
+    # the count runs `bench scale`'s comm phase with these keys
+    scale = widths.scale_config()
+    assert (scale.batch_size, scale.overrides, scale.phases, scale.steps) == (3, widths.overrides, ("comm",), 2)
 
 
 # config ids of these command lines as the tracker computed them before the flags became config keys (read from
@@ -219,7 +264,8 @@ def test_every_bench_flag_is_a_config_key():
     sub = build_parser()._subparsers._group_actions[0].choices["bench"]
     parsers = sub._subparsers._group_actions[0].choices
     classes = {"step": [StepBenchConfig], "e2e": [StepBenchConfig], "data": [DataBenchConfig, IndexScaleConfig],
-               "memory": [MemoryBenchConfig], "scale": [ScaleBenchConfig]}
+               "memory": [MemoryBenchConfig], "scale": [ScaleBenchConfig], "scale-widths": [ScaleWidthsConfig],
+               "ema-drift": [EmaDriftConfig]}
     for command, owners in classes.items():
         dests = {a.dest for a in parsers[command]._actions} - {"help", "set", "config", "tracking_uri", "experiment"}
         keys = {flag_dest(k, f) for cls in owners for k, f in flag_fields(cls).items()}

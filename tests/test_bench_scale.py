@@ -229,3 +229,56 @@ def test_counts_extrapolated_by_blocks_project_like_the_whole_count():
                 "ema_source": "bf16_params", "ema_gather_elements": 0}
     r = project(bf16_ema, 1, "mcf_vit_tiny", 64, net, compute)
     assert "ema" not in r["by_label"] and r["minimum_bytes"] == full * 2 * 2 + 64 * 2 * 64 * 4
+
+
+def test_scale_widths_counts_the_model_at_two_block_counts(tmp_path, capsys):
+    """``mcf bench scale-widths`` end to end on the tiny model (ZeRO-3, one rank, ~40 s): counts with half and all
+    of its blocks (``--units 1,2,2``: its 2 decoder blocks have no quarter), extrapolated to all of them, which is
+    then the whole count class by class; projected at each GPU count; the JSON printed and written."""
+    from mcf.bench.projection import model_facts
+
+    out = tmp_path / "widths.json"
+    assert main(["bench", "scale-widths", "--tracking-uri", "none", "--model", "mcf_vit_tiny", "--units", "1,2,2",
+                 "--stages", "3", "--options", "reduce-fp32", "--precision", "fp32", "--nproc", "1", "--gpus", "8,64",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    assert (result["benchmark"], result["model"], result["units"], result["zero_set"]) == (
+        "scale_widths", "mcf_vit_tiny", [1, 2, 2], {})
+    ((key, counted),) = result["counted"].items()
+    assert key == "3:reduce-fp32"
+    half, whole = counted["counts"]
+    full = model_facts("mcf_vit_tiny")["trainable"]
+    assert half["facts"]["trainable"] < whole["facts"]["trainable"] == counted["comm"]["facts"]["trainable"] == full
+
+    def classes(calls: list) -> dict:
+        out: dict = {}
+        for label, op, dtype, nbytes, in_backward, *times in calls:
+            n, b = out.get((label, op, dtype, bool(in_backward)), (0.0, 0.0))
+            out[(label, op, dtype, bool(in_backward))] = (n + (times[0] if times else 1.0), b + nbytes)
+        return out
+
+    got, want = classes(counted["comm"]["step_2_calls"]), classes(whole["step_2_calls"])
+    assert got.keys() == want.keys() and any(k[3] for k in got)  # the backward's gradient reductions among them
+    for k in want:
+        assert got[k][0] == want[k][0] and math.isclose(got[k][1], want[k][1], rel_tol=1e-12), k
+    assert [(r["gpus"], r["zero"], r["option"]) for r in result["projection"]] == [(8, 3, "reduce-fp32"),
+                                                                                 (64, 3, "reduce-fp32")]
+
+
+def test_scale_widths_zero_set_and_bucket_share_reach_the_counted_json(tmp_path):
+    """``zero_set`` pairs land in the counted DeepSpeed JSON's ``zero_optimization``, and its absolute prefetch bucket
+    is scaled by the counted model's share of the trainable elements."""
+    from mcf.bench.cli import config_from_args
+    from mcf.bench.scale_widths import _ds_json
+    from mcf.cli import build_parser
+    from mcf.train.engine import default_ds_config_path, load_ds_json
+
+    args = build_parser().parse_args(["bench", "scale-widths", "--zero-set",
+                                      'stage3_param_persistence_threshold=10000,stage3_max_live_parameters=1e9'])
+    zero_set = config_from_args(args).zero_optimization()
+    assert zero_set == {"stage3_param_persistence_threshold": 10000, "stage3_max_live_parameters": 1e9}
+    shipped = load_ds_json(str(default_ds_config_path(3, "bf16")))["zero_optimization"]
+    zo = json.loads(_ds_json(3, "bf16", 0.25, tmp_path, "q", zero_set).read_text())["zero_optimization"]
+    assert {k: zo[k] for k in zero_set} == zero_set
+    assert zo["stage3_prefetch_bucket_size"] == max(1, round(shipped["stage3_prefetch_bucket_size"] * 0.25))

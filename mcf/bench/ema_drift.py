@@ -168,8 +168,9 @@ if __name__ == "__main__":
     if "--worker" in sys.argv[1:]:
         raise SystemExit(_worker_main(sys.argv[1:]))
     if "TORCHELASTIC_RUN_ID" in os.environ:  # the former `torchrun -m mcf.bench.ema_drift`: every rank would launch
-        sys.exit("mcf bench ema-drift: error: run `mcf bench ema-drift --nproc N` (or `python -m "
-                 "mcf.bench.ema_drift`) without torchrun: it starts the ranks itself")
+        print("mcf bench: error: run `mcf bench ema-drift --nproc N` (or `python -m mcf.bench.ema_drift`) without "
+              "torchrun: it starts the ranks itself", file=sys.stderr)
+        raise SystemExit(2)
     from mcf.bench.__main__ import main as bench_main
 
     raise SystemExit(bench_main(["ema-drift", *sys.argv[1:]]))  # the same command as `mcf bench ema-drift`
