@@ -1,5 +1,5 @@
-"""``python -m mcf.bench {step,e2e,data,attention,scale}``: the benchmarks without the rest of the
-``mcf`` command (whose other components may need packages a benchmark machine lacks)."""
+"""``python -m mcf.bench {step,e2e,data,attention,memory,scale,scale-widths,ema-drift}``: the benchmarks without the
+rest of the ``mcf`` command (whose other components may need packages a benchmark machine lacks)."""
 
 from __future__ import annotations
 
