@@ -12,6 +12,7 @@ import pytest
 
 from mcf.bench import cli as bench_cli
 from mcf.bench.config import (
+    AttentionTableConfig,
     DataBenchConfig,
     EmaDriftConfig,
     IndexScaleConfig,
@@ -58,6 +59,10 @@ CASES = {
     "ema-drift": (["ema-drift"], ["--report", "1,5", "--zero", "2", "--lr", "0.01"], ["report=1,5", "zero=2",
                                                                                       "lr=0.01"],
                   {"report": (1, 5), "zero": 2, "lr": 0.01}, "bench-ema-drift", EmaDriftConfig),
+    # the pass-through mode's flags (several values after one flag) set --table's keys
+    "attention": (["attention", "--table"], ["--batch", "2", "4", "--dtype", "float32", "--repeats", "3"],
+                  ["batch=2,4", "dtypes=float32", "repeats=3"], {"batch": (2, 4), "dtypes": ("float32",), "repeats": 3},
+                  "bench-attention", AttentionTableConfig),
 }
 
 
@@ -81,7 +86,7 @@ BAD_VALUES = {  # a --set of the wrong type per benchmark, and what the error sa
     "step": ("batch_size=many", "expected an integer"), "data": ("batch_size=many", "expected an integer"),
     "index-scale": ("folder_files=many", "expected an integer"), "memory": ("gpu_gb=many", "expected a number"),
     "scale": ("compute.mfu=many", "expected a number"), "scale-widths": ("nproc=many", "expected an integer"),
-    "ema-drift": ("momentum=many", "expected a number"),
+    "ema-drift": ("momentum=many", "expected a number"), "attention": ("repeats=many", "expected an integer"),
 }
 
 
@@ -125,16 +130,20 @@ def test_a_value_the_config_refuses_is_one_line(capsys):
     (["scale-widths", "--options", "reduce-fp16"], "bench scale-widths: options must be among reduce-fp32,"),
     (["ema-drift", "--zero", "3"], "bench ema-drift: zero must be 0, 1 or 2"),
     (["ema-drift", "--steps", "0"], "bench ema-drift: steps, batch_size, nproc and timeout_s must be >= 1"),
+    (["attention", "--table", "--dtype", "float8"], "bench attention --table: dtypes must be among bfloat16,"),
+    (["attention", "--table", "--set", "tokens=8,0"], "bench attention --table: tokens must be one or more sizes >= 1"),
+    (["attention", "--tiny", "--set", "repeats=3"], "bench attention: --config and --set set the keys of --table"),
+    (["attention", "--table-file", "t.json"], "bench attention: --table-file goes with --table"),
 ])
-def test_scale_widths_and_ema_drift_refuse_bad_values_in_one_line(argv, message, capsys, monkeypatch):
+def test_scale_widths_ema_drift_attention_refuse_bad_values_in_one_line(argv, message, capsys, monkeypatch):
     """Refused before anything runs: neither benchmark's run may start."""
-    from mcf.bench import ema_drift, scale_widths
+    from mcf.bench import attention, ema_drift, scale_widths
 
-    def never(cfg):
+    def never(*args):
         raise AssertionError("the benchmark ran")
 
-    monkeypatch.setattr(scale_widths, "main", never)
-    monkeypatch.setattr(ema_drift, "main", never)
+    for module, name in ((scale_widths, "main"), (ema_drift, "main"), (attention, "run"), (attention, "run_table")):
+        monkeypatch.setattr(module, name, never)
     assert main(["bench", *argv, "--tracking-uri", "none"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"mcf: error: {message}") and err.count("\n") == 1, err
@@ -234,6 +243,9 @@ OLD_IDS = {
     "memory": (["memory", "--batch-sizes", "4,16", "--project", "", "--precision", "fp32"], "4a7e70e536"),
     "scale": (["scale", "--one-nic-per-ring", "--set", "train.target_precision=fp32", "--stages", "3", "--gpus", "8"],
               "22ccea8055"),
+    "attention": (["attention", "--table", "--batch", "2", "--heads", "2", "--tokens", "8", "--head-dim", "16"],
+                  "a5f2f5fa5d"),
+    "attention_pass": (["attention", "--tiny", "--modes", "fwd"], "a07858db9b"),
 }
 
 
@@ -244,7 +256,8 @@ def test_tracked_flags_keep_the_earlier_config_ids(name):
     prepare = {"step": lambda a: bench_cli._prepare_step(a, e2e=False),
                "e2e": lambda a: bench_cli._prepare_step(a, e2e=True),
                "data": bench_cli._prepare_data, "data_index": bench_cli._prepare_data,
-               "memory": bench_cli._prepare_memory, "scale": bench_cli._prepare_scale}[name]
+               "memory": bench_cli._prepare_memory, "scale": bench_cli._prepare_scale,
+               "attention": bench_cli._prepare_attention, "attention_pass": bench_cli._prepare_attention}[name]
     _, flags = prepare(args)
     assert config_id(argv[0], bench_flags(argparse.Namespace(**flags))) == old
 
@@ -270,3 +283,17 @@ def test_every_bench_flag_is_a_config_key():
         dests = {a.dest for a in parsers[command]._actions} - {"help", "set", "config", "tracking_uri", "experiment"}
         keys = {flag_dest(k, f) for cls in owners for k, f in flag_fields(cls).items()}
         assert dests <= keys, (command, dests - keys)
+
+
+def test_attention_table_keys_are_the_pass_through_flags():
+    """``--table``'s keys are set by the flags the pass-through mode has (each field's flag metadata names one), and
+    the pass-through mode has no config."""
+    from mcf.configtree import flag_dest, flag_fields
+
+    sub = build_parser()._subparsers._group_actions[0].choices["bench"]
+    parser = sub._subparsers._group_actions[0].choices["attention"]
+    dests = {a.dest for a in parser._actions}
+    assert {flag_dest(k, f) for k, f in flag_fields(AttentionTableConfig).items()} <= dests
+    assert _config("attention", "--tiny", "--batch", "2") is None
+    cfg = _config("attention", "--table", "--head-dim", "16", "--device", "cpu", "--table-file", "t.json")
+    assert (cfg.head_dim, cfg.device, cfg.table_file, cfg.tokens) == ((16,), "cpu", "t.json", (13, 50, 197))

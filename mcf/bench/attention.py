@@ -1,13 +1,15 @@
 """``mcf bench attention``: runs ``benchmarks/bench_attention.py`` (the kernels' benchmark, owned
 with the kernels) and reports its JSON with this run's date, commit and device added.
 
-Arguments after ``attention`` pass through unchanged (``--tiny``, ``--full``, ``--batch 64`` ...).
+Arguments after ``attention`` pass through unchanged (``--tiny``, ``--full``, ``--batch 64`` ...): that mode has
+no config of its own.
 
 ``--table`` fills the attention dispatch table instead (``mcf.kernels.dispatch``): every candidate
 path (``sdpa``, ``sdpa_fp32``, ``math``; ``triton`` where it can run on the device), forward +
-backward, in bf16 and fp32, at MCF's sequence lengths and head dimensions (:data:`TABLE_SHAPES`;
-``--batch/--heads/--tokens/--head-dim/--dtype`` narrow them); the rows are merged into the per-user
-table (``--table-file PATH``: another, e.g. the repository's ``kernels/attention_table.json``)
+backward, in bf16 and fp32, at MCF's sequence lengths and head dimensions; its settings are the keys of
+:class:`~mcf.bench.config.AttentionTableConfig` (``mcf config --list --command bench-attention``;
+``--batch/--heads/--tokens/--head-dim/--dtype`` set them, as do ``--config`` and ``--set``); the rows are merged
+into the per-user table (``--table-file PATH``: another, e.g. the repository's ``kernels/attention_table.json``)
 under this host's class (CPU ISA or GPU name, torch version), where ``attention.backend=auto``
 finds them.
 """
@@ -26,6 +28,7 @@ from types import ModuleType
 from typing import Any
 
 from mcf.bench.common import REPO_ROOT, emit
+from mcf.bench.config import AttentionTableConfig
 from mcf.errors import UserError
 
 BENCH_FILE = REPO_ROOT / "benchmarks" / "bench_attention.py"
@@ -40,24 +43,12 @@ def load_bench_attention(path: Path = BENCH_FILE) -> ModuleType:
     return module
 
 
-# Shapes of the table: MCF's sequence lengths (ViT-*/16 at 112 px: 13 visible + class for the
-# encoders at 75 % masking, 50 for the decoder and teacher; at 224 px: 50 and 197) and head
-# dimensions (64: the ViT encoders and teachers; 32: the MAE decoder, 512 wide with 16 heads).
-TABLE_SHAPES = {"tokens": (13, 50, 197), "head_dim": (32, 64), "dtype": ("bfloat16", "float32")}
+# Shapes of the table: AttentionTableConfig's defaults (MCF's sequence lengths and head dimensions, its docstring).
+_TABLE = AttentionTableConfig()
+TABLE_SHAPES = {"tokens": _TABLE.tokens, "head_dim": _TABLE.head_dim, "dtype": _TABLE.dtypes}
+# the sizes a config leaves at None, per device type
 TABLE_SIZES = {"cpu": {"batch": 32, "heads": 12, "warmup": 2, "repeats": 7, "inner": 1},
                "cuda": {"batch": 256, "heads": 16, "warmup": 5, "repeats": 20, "inner": 5}}
-
-
-def _option(argv: list[str], flag: str) -> list[str] | None:
-    """The values after ``flag`` in ``argv`` (up to the next flag), None when absent."""
-    if flag not in argv:
-        return None
-    i = argv.index(flag) + 1
-    values = []
-    while i < len(argv) and not argv[i].startswith("--"):
-        values.append(argv[i])
-        i += 1
-    return values
 
 
 def _time_interleaved(
@@ -90,7 +81,7 @@ def _time_interleaved(
     return times
 
 
-def run_table(argv: list[str]) -> dict[str, Any]:
+def run_table(cfg: AttentionTableConfig) -> dict[str, Any]:
     """``--table``: measure the candidates, merge the rows into the table (see the module doc)."""
     import torch
 
@@ -99,25 +90,21 @@ def run_table(argv: list[str]) -> dict[str, Any]:
     from mcf.measure import device_name, resolve_device
 
     bench = load_bench_attention()
-    device = resolve_device((_option(argv, "--device") or ["auto"])[0])
+    device = resolve_device(cfg.device)
     sizes = TABLE_SIZES["cuda" if device.type == "cuda" else "cpu"]
-
-    def ints(flag: str, default: tuple[int, ...] | int) -> tuple[int, ...]:
-        given = _option(argv, flag)
-        return tuple(int(v) for v in given) if given else (default if isinstance(default, tuple) else (default,))
-
-    dtypes = tuple(_option(argv, "--dtype") or TABLE_SHAPES["dtype"])
+    batches, heads = cfg.batch or (sizes["batch"],), cfg.heads or (sizes["heads"],)
+    dtypes = cfg.dtypes
     backends = ["sdpa", "sdpa_fp32", "math"] + (
         ["triton"] if device.type == "cuda" and triton_status(device)[0] else []
     )
-    timing = {k: int((_option(argv, f"--{k}") or [sizes[k]])[0]) for k in ("warmup", "repeats", "inner")}
+    timing = {k: sizes[k] if getattr(cfg, k) is None else getattr(cfg, k) for k in ("warmup", "repeats", "inner")}
     generator = torch.Generator().manual_seed(0)
     results = []
     for dtype in dtypes:
-        for head_dim in ints("--head-dim", TABLE_SHAPES["head_dim"]):
-            for B in ints("--batch", sizes["batch"]):
-                for H in ints("--heads", sizes["heads"]):
-                    for S in ints("--tokens", TABLE_SHAPES["tokens"]):
+        for head_dim in cfg.head_dim:
+            for B in batches:
+                for H in heads:
+                    for S in cfg.tokens:
                         q, k, v, dout, _ = bench._inputs(
                             B, H, S, head_dim, bench.DTYPES[dtype], device, False, generator
                         )
@@ -134,8 +121,7 @@ def run_table(argv: list[str]) -> dict[str, Any]:
     host = host_class(device)
     source = f"mcf bench attention --table, {info['date']}, commit {info['commit']}, {device_name(device)}"
     rows = rows_from_bench(results, source)
-    given = _option(argv, "--table-file")
-    path = write_table(Path(given[0]) if given else user_table_path(), host, rows)
+    path = write_table(Path(cfg.table_file) if cfg.table_file else user_table_path(), host, rows)
     choices = {f"{r['dtype']} S{r['tokens']} D{r['head_dim']}": min((c for c in r["ms"] if r["ms"][c] is not None),
                                                                    key=lambda c: r["ms"][c]) for r in rows}
     print(f"attention table {path}: {len(rows)} rows for {host}", file=sys.stderr)
@@ -149,16 +135,16 @@ def run_table(argv: list[str]) -> dict[str, Any]:
 
 
 def run(argv: list[str]) -> dict[str, Any]:
+    """The pass-through mode: ``argv`` are benchmarks/bench_attention.py's arguments (``--table`` is
+    :func:`run_table`'s, with its config)."""
     import torch
 
     from mcf.bench.common import run_info
     from mcf.measure import device_name, resolve_device
 
     argv = [a for a in argv if a != "--"]
-    if "--table" in argv:
-        return run_table(argv)
-    if "--table-file" in argv:
-        raise UserError("--table-file goes with --table")
+    if "--table" in argv or "--table-file" in argv:
+        raise UserError("--table runs with its config (`mcf bench attention --table`); --table-file goes with --table")
     bench = load_bench_attention()
     with tempfile.TemporaryDirectory(prefix="mcf-bench-attn-") as tmp:
         path = Path(tmp) / "attention.json"

@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 
 from mcf.bench.config import (
+    AttentionTableConfig,
     DataBenchConfig,
     EmaDriftConfig,
     IndexScaleConfig,
@@ -115,7 +116,8 @@ def _prepare_data(args: argparse.Namespace):
     return (lambda: data_main(cfg)), flags
 
 
-# Flags of benchmarks/bench_attention.py, passed through as given (that script checks them).
+# Flags of benchmarks/bench_attention.py, passed through as given (that script checks them); with --table, those that
+# AttentionTableConfig's fields name are its keys (its flag metadata names these flags).
 _ATTENTION_FLAGS = [
     ("--tiny", {"action": "store_true", "help": "tiny shapes (CPU smoke test; the default without a GPU)"}),
     ("--full", {"action": "store_true", "help": "MCF shapes (the default on a GPU)"}),
@@ -136,10 +138,28 @@ _ATTENTION_FLAGS = [
 ]
 
 
-def _run_attention(args: argparse.Namespace) -> dict:
-    from mcf.bench.attention import run
+def _attention_config(args: argparse.Namespace) -> AttentionTableConfig | None:
+    """``mcf bench attention --table``'s config (its keys: the flags its fields name, ``--config``, ``--set``); None
+    in the pass-through mode, which has no config (a ``--config`` or ``--set`` there is an error)."""
+    if not args.table:
+        if args.config is not None or args.set:
+            raise ConfigError("bench attention: --config and --set set the keys of --table (`mcf config --list "
+                              "--command bench-attention`); without --table the flags pass through to "
+                              "benchmarks/bench_attention.py")
+        if args.table_file is not None:
+            raise ConfigError("bench attention: --table-file goes with --table")
+        return None
+    return _resolve(AttentionTableConfig, args, "attention --table")
+
+
+def _run_attention(args: argparse.Namespace, cfg: AttentionTableConfig | None) -> dict:
+    from mcf.bench.attention import run, run_table
     from mcf.bench.common import emit
 
+    if cfg is not None:
+        result = run_table(cfg)
+        emit(result, args.out)
+        return result
     argv: list[str] = []
     for flag, _ in _ATTENTION_FLAGS:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
@@ -157,7 +177,11 @@ def _run_attention(args: argparse.Namespace) -> dict:
 def _prepare_attention(args: argparse.Namespace):
     from mcf.bench.tracking import bench_flags
 
-    return (lambda: _run_attention(args)), bench_flags(args)
+    cfg = _attention_config(args)
+    # tracked by the flags as given (the config ids of the runs before --table had a config); --config and --set
+    # only where given
+    flags = {k: v for k, v in bench_flags(args).items() if k not in ("config", "set") or v}
+    return (lambda: _run_attention(args, cfg)), flags
 
 
 def _scale_config(args: argparse.Namespace, cls: type = ScaleBenchConfig, name: str = "scale"):
@@ -228,7 +252,7 @@ def config_from_args(args: argparse.Namespace):
     if command in ("step", "e2e"):
         return _step_config(args, e2e=command == "e2e")
     configs = {"data": _data_config, "memory": _memory_config, "scale": _scale_config,
-               "scale-widths": _scale_widths_config, "ema-drift": _ema_drift_config}
+               "scale-widths": _scale_widths_config, "ema-drift": _ema_drift_config, "attention": _attention_config}
     if command not in configs:
         raise ConfigError(f"bench {command} has no config of its own")
     return configs[command](args)
@@ -322,10 +346,13 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=_tracked(_prepare_data))
 
     p = sub.add_parser("attention", parents=[tracking],
-                       help="attention kernels: Triton vs SDPA vs math (benchmarks/bench_attention.py)")
+                       help="attention kernels: Triton vs SDPA vs math (benchmarks/bench_attention.py); --table: "
+                            "fill the dispatch table (its keys: `mcf config --list --command bench-attention`)")
     p.add_argument("--out", default=None, help="JSON file or folder")
     for flag, kw in _ATTENTION_FLAGS:
         p.add_argument(flag, **kw)
+    _config_args(p, "attention", set_help="with --table: set any of its keys (repeatable; `mcf config --list "
+                                          "--command bench-attention`)")
     p.set_defaults(func=_tracked(_prepare_attention))
 
     p = parser("memory", "memory", help="activation checkpointing: activation bytes per image and step time per "

@@ -1,5 +1,5 @@
-"""The configs of ``mcf bench step|e2e|data|memory|scale|scale-widths|ema-drift|attention --table`` on the project's
-config tree (:mod:`mcf.configtree`).
+"""The configs of ``mcf bench step|e2e|data|memory|scale|scale-widths|ema-drift|attention --table`` on the
+project's config tree (:mod:`mcf.configtree`).
 
 Each benchmark's settings are one ``@dataclass(kw_only=True)`` whose fields are declared with
 :func:`mcf.configtree.field`: typed, documented (``mcf config --list --command bench-step``, ``bench-data``,
@@ -317,3 +317,44 @@ class EmaDriftConfig:
             raise ConfigError("momentum must be in [0, 1) and lr > 0")
         if any(s < 1 for s in self.report):
             raise ConfigError("report steps must be >= 1")
+
+
+ATTENTION_DTYPES = ("bfloat16", "float32", "float16")  # benchmarks/bench_attention.py's DTYPES
+
+
+@dataclass(kw_only=True)
+class AttentionTableConfig:
+    """The attention dispatch table's measurement: the config of ``mcf bench attention --table``
+    (``mcf config --list --command bench-attention``). Every candidate path, forward + backward, at each shape and
+    dtype; the flags are those of the pass-through mode (``--batch 32 64`` or ``--set batch=32,64``). Defaults:
+    MCF's sequence lengths (ViT-*/16 at 112 px: 13 visible + class for the encoders at 75 % masking, 50 for the
+    decoder and teacher; at 224 px: 50 and 197) and head dimensions (64: the ViT encoders and teachers; 32: the
+    MAE decoder, 512 wide with 16 heads)."""
+
+    batch: tuple[int, ...] | None = field(None, flag=True, help=(
+        "Batch sizes; None = the device's (CPU 32, GPU 256: mcf.bench.attention.TABLE_SIZES)."))
+    heads: tuple[int, ...] | None = field(None, flag=True, help="Head counts; None = the device's (CPU 12, GPU 16).")
+    tokens: tuple[int, ...] = field((13, 50, 197), flag=True, help="Sequence lengths.")
+    head_dim: tuple[int, ...] = field((32, 64), flag=True, help="Head dimensions.")
+    dtypes: tuple[str, ...] = field(("bfloat16", "float32"), flag="--dtype", help=(
+        f"Input dtypes, among {', '.join(ATTENTION_DTYPES)} (the table holds a row per dtype)."))
+    device: str = field("auto", flag=True, help="auto (the first GPU if any, else cpu), cpu, cuda, cuda:N.")
+    warmup: int | None = field(None, flag=True, help="Untimed calls per path; None = the device's (CPU 2, GPU 5).")
+    repeats: int | None = field(None, flag=True, help=(
+        "Timed groups per path, the paths interleaved, the median kept; None = the device's (CPU 7, GPU 20)."))
+    inner: int | None = field(None, flag=True, help="Calls per timed group; None = the device's (CPU 1, GPU 5).")
+    table_file: str | None = field(None, flag=True, help=(
+        "The table the rows are merged into; None = the per-user cache that attention.backend=auto reads "
+        "(kernels/attention_table.json is the repository's)."))
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "heads", "tokens", "head_dim"):
+            values = getattr(self, name)
+            if values is not None and (not values or min(values) < 1):
+                raise ConfigError(f"{name} must be one or more sizes >= 1")
+        if not self.dtypes or set(self.dtypes) - set(ATTENTION_DTYPES):
+            raise ConfigError(f"dtypes must be among {','.join(ATTENTION_DTYPES)}")
+        if self.warmup is not None and self.warmup < 0:
+            raise ConfigError("warmup must be >= 0")
+        if any(v is not None and v < 1 for v in (self.repeats, self.inner)):
+            raise ConfigError("repeats and inner must be >= 1")

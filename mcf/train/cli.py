@@ -140,6 +140,7 @@ COMMAND_CONFIGS = {
     "bench-scale": ("mcf.bench.config", "ScaleBenchConfig"),
     "bench-scale-widths": ("mcf.bench.config", "ScaleWidthsConfig"),
     "bench-ema-drift": ("mcf.bench.config", "EmaDriftConfig"),
+    "bench-attention": ("mcf.bench.config", "AttentionTableConfig"),  # `mcf bench attention --table`
 }
 
 
