@@ -12,6 +12,7 @@ from mcf.cli import build_parser, main
 from mcf.configtree import resolve
 from mcf.downstream.finetune import FinetuneConfig, finetune_ds_config
 from mcf.errors import ConfigError
+from mcf.train.engine import grad_bucket_elements
 
 
 def _finetune(*argv: str) -> FinetuneConfig:
@@ -97,9 +98,13 @@ def test_config_list_documents_finetune_keys(capsys):
 def test_finetune_ds_config_from_the_trainers_builder(tmp_path, zero, precision, clip, accum):
     cfg = FinetuneConfig(task="alignment", data=str(tmp_path), pretrained="random", protocol="300w", zero=zero,
                          precision=precision, grad_clip=clip)
-    # the dict finetune built by hand before (fp16 named disabled now, DeepSpeed's default)
-    assert finetune_ds_config(cfg, 4, 5, accum) == {
+    # the dict finetune built by hand before (fp16 named disabled now, DeepSpeed's default), and pre-training's
+    # communication defaults at ZeRO-1/2: buckets from the trainable size, the reduction overlapped, owner reduces
+    comm = {} if zero == 0 else {"reduce_bucket_size": grad_bucket_elements(3_000_000), "overlap_comm": True,
+                                 "contiguous_gradients": True, "use_multi_rank_bucket_allreduce": False}
+    assert finetune_ds_config(cfg, 4, 5, accum, trainable_params=3_000_000) == {
         "train_batch_size": 5 * 4 * accum, "train_micro_batch_size_per_gpu": 5, "gradient_accumulation_steps": accum,
-        "zero_optimization": {"stage": zero}, "bf16": {"enabled": precision == "bf16"}, "fp16": {"enabled": False},
-        "gradient_clipping": clip, "steps_per_print": 10**9, "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": zero, **comm}, "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False}, "gradient_clipping": clip, "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
     }

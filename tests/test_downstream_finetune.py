@@ -379,6 +379,30 @@ def test_finetune_frozen_backbone_trains_the_head_only(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["config"]["freeze_backbone"] is True
 
 
+@pytest.mark.parametrize("zero, frozen", [(2, False), (1, True)])
+def test_finetune_on_two_ranks_with_pretrainings_communication_defaults(tmp_path, zero, frozen):
+    """Two torchrun ranks at ZeRO-1/2 (gloo): the gradient reduction overlapped with the backward in buckets, owner
+    reduces (pre-training's communication defaults, now also fine-tuning's), a DistributedSampler per rank; at
+    ZeRO-1 with the backbone frozen (only the head's parameters in the optimizer and its buckets)."""
+    from train_helpers import free_port
+
+    data = S.write_aflw19(tmp_path / "a", num_images=8, num_test=2, size=32)
+    out = tmp_path / "ft"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "mcf", "finetune",
+         "alignment", "--data", str(data), "--pretrained", "random", "--output-dir", str(out), "--max-steps", "3",
+         "--batch-size", "2", "--img-size", "32", "--workers", "0", "--ema-decay", "0", "--zero", str(zero),
+         "--tracking-uri", "none", *(["--freeze-backbone"] if frozen else [])],
+        capture_output=True, text=True, env=_env(), timeout=400, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["resolved"]["world_size"] == 2 and result["config"]["zero"] == zero and result["steps"] == 3
+    assert result["config"]["freeze_backbone"] is frozen
+    assert len(result["train_losses"]) == 3 and all(np.isfinite(result["train_losses"]))
+    assert np.isfinite(result["metrics"]["nme_diag"]) and (out / "finetuned.pt").is_file()
+
+
 def test_finetune_unreachable_tracking_server_is_one_line_within_seconds(tmp_path):
     """As for pretrain: a tracking server nobody answers at is exit 2 with one line naming the URI and
     `--tracking-uri none`, in seconds (MLflow's own retries would take minutes), and nothing is trained."""

@@ -379,16 +379,22 @@ def _build(cfg: FinetuneConfig):
     )
 
 
-def finetune_ds_config(cfg: FinetuneConfig, world_size: int, batch: int, accum: int = 1) -> dict[str, Any]:
+def finetune_ds_config(cfg: FinetuneConfig, world_size: int, batch: int, accum: int = 1, *,
+                       trainable_params: int) -> dict[str, Any]:
     """The DeepSpeed config of a fine-tuning run, filled by the trainer's builder
-    (:func:`mcf.train.engine.fill_ds_config`) from nothing: no ds_configs/ JSON, and none of pre-training's
-    communication dtype or sync savings (gradients are reduced in the training dtype, DeepSpeed's default)."""
-    from mcf.train.engine import fill_ds_config
+    (:func:`mcf.train.engine.fill_ds_config`) from nothing (no ds_configs/ JSON), with pre-training's
+    communication defaults (:func:`mcf.train.engine.communication_defaults`: at ZeRO-1/2 the gradient
+    reduction overlapped with the backward in buckets sized from ``trainable_params``, owner reduces up
+    to ``OWNER_REDUCE_MAX_RANKS`` ranks) but none of its communication dtype or sync savings (gradients
+    are reduced in the training dtype, DeepSpeed's default)."""
+    from mcf.train.engine import communication_defaults, fill_ds_config
 
-    return fill_ds_config({}, micro_batch=batch, accum=accum, world_size=world_size, zero=cfg.zero,
-                          precision=cfg.precision, grad_clip=cfg.grad_clip,
-                          keys={"batch": "batch_size", "accum": "grad_accum", "grad_clip": "grad_clip", "zero": "zero",
-                                "precision": "precision"})
+    ds = fill_ds_config({}, micro_batch=batch, accum=accum, world_size=world_size, zero=cfg.zero,
+                        precision=cfg.precision, grad_clip=cfg.grad_clip,
+                        keys={"batch": "batch_size", "accum": "grad_accum", "grad_clip": "grad_clip", "zero": "zero",
+                              "precision": "precision"})
+    ds["zero_optimization"].update(communication_defaults(cfg.zero, trainable_params, world_size))
+    return ds
 
 
 def build_engine(
@@ -399,7 +405,8 @@ def build_engine(
     import deepspeed
 
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))  # refine_backbone.yaml: betas [0.9, 0.999]
-    ds = finetune_ds_config(cfg, world_size, batch, accum)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # the head alone under freeze_backbone
+    ds = finetune_ds_config(cfg, world_size, batch, accum, trainable_params=trainable)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     return engine
 

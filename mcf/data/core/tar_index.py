@@ -15,14 +15,15 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO, TypeVar
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$", re.DOTALL)
 BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")
 MAX_META_BYTES = 1 << 20  # a pax header or GNU long name read into memory (real ones are < 1 KiB)
+T = TypeVar("T")
 
 
 def split_name(name: str) -> tuple[str, str] | None:
@@ -172,8 +173,11 @@ class _Forward:
         return bytes(out)
 
 
-def image_samples(members: Iterator[tuple[str, int, int]]) -> Iterator[tuple[int, int]]:
-    """``(data offset, size)`` of each image sample's image member, in archive order."""
+def _samples(members: Iterable[tuple[str, int, int]], pick: Callable[[str, int, int], T]) -> Iterator[T]:
+    """``pick(name, offset, size)`` of each sample's first image member, in archive order (members grouped
+    into samples by their key, :func:`split_name`). Where the members break off (:class:`TarDamage`), the
+    sample whose image member was picked is yielded before the damage is raised: the damage lies in a
+    later member."""
     key, found = None, None
     try:
         for name, off, n in members:
@@ -185,13 +189,18 @@ def image_samples(members: Iterator[tuple[str, int, int]]) -> Iterator[tuple[int
                     yield found
                 key, found = kx[0], None
             if found is None and image_ext(kx[1]):
-                found = (off, n)
+                found = pick(name, off, n)
     except TarDamage:
-        if found is not None:  # its image member is complete: the damage is in a later member
+        if found is not None:
             yield found
         raise
     if found is not None:
         yield found
+
+
+def image_samples(members: Iterator[tuple[str, int, int]]) -> Iterator[tuple[int, int]]:
+    """``(data offset, size)`` of each image sample's image member, in archive order."""
+    return _samples(members, lambda name, off, n: (off, n))
 
 
 def index_tar(path: str) -> tuple[list[tuple[int, int]], str | None]:
@@ -226,34 +235,22 @@ def stream_samples(f: BinaryIO, max_bytes: int | None = None) -> Iterator[bytes]
     An image member larger than ``max_bytes`` is not read into memory: its sample yields ``b""``
     (a bad sample for the decoder)."""
     src = _Forward(f)
-    key, found = None, None
-    try:
-        for name, off, n in _members(src.read, None):
-            kx = split_name(name)
-            if kx is None:
-                continue
-            if kx[0] != key:
-                if found is not None:
-                    yield found
-                key, found = kx[0], None
-            if found is None and image_ext(kx[1]):
-                if max_bytes is not None and n > max_bytes:
-                    found = b""  # skipped by the stream without being held
-                    continue
-                data = src.read(off, n)
-                if len(data) != n:
-                    raise TarDamage(f"member {name[:200]} is cut short ({len(data)} of {n} bytes)")
-                found = data
-    except TarDamage:
-        if found is not None:  # its image member is complete: the damage is in a later member
-            yield found
-        raise
-    except OSError as e:
-        if found is not None:
-            yield found
-        raise TarDamage(f"{type(e).__name__}: {e}") from None
-    if found is not None:
-        yield found
+
+    def read(pos: int, n: int) -> bytes:
+        try:
+            return src.read(pos, n)
+        except OSError as e:
+            raise TarDamage(f"{type(e).__name__}: {e}") from None
+
+    def pick(name: str, off: int, n: int) -> bytes:
+        if max_bytes is not None and n > max_bytes:
+            return b""  # skipped by the stream without being held
+        data = read(off, n)
+        if len(data) != n:
+            raise TarDamage(f"member {name[:200]} is cut short ({len(data)} of {n} bytes)")
+        return data
+
+    return _samples(_members(read, None), pick)
 
 
 def count_stream(f: BinaryIO) -> tuple[int, str | None]:
