@@ -384,7 +384,7 @@ def add_parser(subparsers) -> None:
     p = sub.add_parser("history", parents=[tracking],
                        help="a benchmark's tracked throughput per commit and host (table, and a PNG with --plot)")
     p.add_argument("benchmark", nargs="?", default="step",
-                   choices=("step", "e2e", "data", "attention", "memory", "scale"),
+                   choices=("step", "e2e", "data", "attention", "memory", "scale", "scale_widths", "ema_drift"),
                    help="which benchmark's runs (default: %(default)s)")
     p.add_argument("--config", default=None,
                    help="config id (or a unique prefix, or its label) of the runs to show (default: the newest run's)")

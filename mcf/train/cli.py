@@ -202,8 +202,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "documentation")
     c.add_argument("--command", dest="command_keys", choices=("pretrain", *COMMAND_CONFIGS), default="pretrain",
                    help="whose keys --list prints: pretrain's tree, finetune's (declared defaults; its --set keys; "
-                        "None = the protocol's value), or a benchmark's (`mcf bench step|e2e|data|memory|scale`; "
-                        "bench-index-scale: `mcf bench data --index-scale N`), resolved with --set")
+                        "None = the protocol's value), or a benchmark's (`mcf bench "
+                        "step|e2e|data|memory|scale|scale-widths|ema-drift`; bench-index-scale: `mcf bench data "
+                        "--index-scale N`; bench-attention: `mcf bench attention --table`), resolved with --set")
     c.set_defaults(func=run_config)
 
     p = subparsers.add_parser(
