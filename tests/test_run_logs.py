@@ -173,6 +173,27 @@ def test_pretrain_and_finetune_log_to_mlflow_tracking_uri(tmp_path):
     assert sorted(r.info.run_name for r in runs) == ["ft", "pre"] and all(r.info.status == "FINISHED" for r in runs)
 
 
+def test_bf16_on_a_cpu_that_emulates_it_is_said_at_start(tmp_path):
+    """On a CPU without native bf16 products (here: torch told to leave AVX512-BF16/AMX out) a bf16 run says at
+    start that its products are emulated and which precision is fast; it still runs as configured."""
+    text = _pretrain(tmp_path / "run", 1, "--precision", "bf16", "--tracking-uri", "none", "--set",
+                     "logging.recon_every=0", cwd=tmp_path, log=tmp_path / "run.log", ONEDNN_MAX_CPU_ISA="AVX2")
+    assert "precision bf16 on a CPU without native bf16 (its class: avx2;" in text
+    assert "--precision fp32 (train.precision) is the fast choice here" in text
+    assert text.count("bf16 matrix products are emulated") == 1  # rank 0 only
+
+
+def test_the_emulated_bf16_warning_only_where_bf16_is_emulated(monkeypatch, caplog):
+    import mcf.measure
+    from mcf.train.engine import warn_emulated_bf16
+
+    for native, precision, warned in ((False, "bf16", True), (True, "bf16", False), (False, "fp32", False)):
+        monkeypatch.setattr(mcf.measure, "native_bf16", lambda device, native=native: native)
+        caplog.clear()
+        assert warn_emulated_bf16(precision) is warned
+        assert ("emulated" in caplog.text) is warned
+
+
 def test_deepspeed_launcher_ranks_get_their_share_of_the_cores(tmp_path):
     """The deepspeed launcher sets no OMP_NUM_THREADS (torchrun sets 1): mcf sets cores // local ranks per rank."""
     from mcf.threads import available_cpus

@@ -559,7 +559,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         probe_tracking(cfg.tracking_uri, cfg.experiment, Path(cfg.output_dir))
     torch.manual_seed(cfg.seed)
     model, train, test, weights, info = _build(cfg)  # data and checkpoint errors surface before DeepSpeed starts
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(cfg.precision)
     if world_size > 1 and device.type == "cuda":  # FaRL's SyncBN (the UPerHead, the pyramid); gloo has no SyncBN
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     batch, accum, memory_note = plan_batch(cfg, model, world_size, device, len(train))

@@ -86,7 +86,7 @@ def init_distributed(wanted_precision: str = "fp32", timeout_s: float = 1800.0) 
     only wraps it. On the CPU accelerator DeepSpeed's shared-memory collective op is disabled before init:
     it is JIT-compiled (27–70 s) and gloo is enough here.
     """
-    _, world_size, local_rank = setup_env()
+    rank, world_size, local_rank = setup_env()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "mcf" / "torch_extensions"))
     import deepspeed
     import deepspeed.ops
@@ -102,6 +102,8 @@ def init_distributed(wanted_precision: str = "fp32", timeout_s: float = 1800.0) 
     if accel.device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         device = torch.device("cpu")
+        if rank == 0:
+            warn_emulated_bf16(wanted_precision)
     else:
         device = bind_device(accel, local_rank)
     import torch.distributed as dist
@@ -111,6 +113,21 @@ def init_distributed(wanted_precision: str = "fp32", timeout_s: float = 1800.0) 
         dist.init_process_group(**process_group_kwargs(backend, device, world_size, timeout_s))
     deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def warn_emulated_bf16(precision: str) -> bool:
+    """Warn (and return True) when ``precision`` is bf16 on a CPU that only emulates bf16 products (no
+    AVX512-BF16 or AMX, or torch told to leave them out: :func:`mcf.measure.cpu_isa`). The run goes on, as
+    configured; its matrix products are then tens of times slower than in fp32 (a 2048³ product at
+    1.8 GFLOP/s against fp32's 138 with the ISA limited to AVX2, benchmarks/RESULTS.md)."""
+    from mcf.measure import cpu_isa, native_bf16
+
+    if precision != "bf16" or native_bf16("cpu"):
+        return False
+    log.warning("precision bf16 on a CPU without native bf16 (its class: %s; no AVX512-BF16 or AMX): bf16 matrix "
+                "products are emulated, tens of times slower than fp32; --precision fp32 (train.precision) is the "
+                "fast choice here", cpu_isa())
+    return True
 
 
 def process_group_kwargs(backend: str, device: torch.device, world_size: int, timeout_s: float) -> dict[str, Any]:
