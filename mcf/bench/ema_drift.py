@@ -171,6 +171,6 @@ if __name__ == "__main__":
         print("mcf bench: error: run `mcf bench ema-drift --nproc N` (or `python -m mcf.bench.ema_drift`) without "
               "torchrun: it starts the ranks itself", file=sys.stderr)
         raise SystemExit(2)
-    from mcf.bench.__main__ import main as bench_main
-
-    raise SystemExit(bench_main(["ema-drift", *sys.argv[1:]]))  # the same command as `mcf bench ema-drift`
+    # the former entry point: the same process becomes `python -m mcf.bench ema-drift` (an exec, not an import:
+    # the command line sits above this module)
+    os.execv(sys.executable, [sys.executable, "-m", "mcf.bench", "ema-drift", *sys.argv[1:]])

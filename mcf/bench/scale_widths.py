@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -130,7 +131,6 @@ def main(cfg: ScaleWidthsConfig) -> dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":  # the same command as `mcf bench scale-widths`
-    from mcf.bench.__main__ import main as bench_main
-
-    raise SystemExit(bench_main(["scale-widths", *sys.argv[1:]]))
+if __name__ == "__main__":  # the former entry point: the same process becomes `python -m mcf.bench scale-widths`
+    # (an exec, not an import: the command line sits above this module)
+    os.execv(sys.executable, [sys.executable, "-m", "mcf.bench", "scale-widths", *sys.argv[1:]])
