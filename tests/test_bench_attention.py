@@ -53,6 +53,34 @@ def test_table_run_fills_the_table_auto_reads(tmp_path, monkeypatch):
             dtype = getattr(torch, r["dtype"])
             q = torch.zeros(2, 2, 8, 16, dtype=dtype)
             assert resolve_backend("auto", q, None) == min(r["ms"], key=r["ms"].get)
+        assert result["timing"]["clock"] == "wall" and rows[0]["source"].endswith(", wall clock")
     finally:
         dispatch._load_rows.cache_clear()
         dispatch._choice.clear()
+
+
+def test_table_clock_is_wall_unless_cpu_is_asked(monkeypatch):
+    """A path's time is wall time (what a step pays) by default; ``--set clock=cpu`` times process CPU time
+    (all threads), which charges a two-thread kernel twice; any other value is refused."""
+    import time
+
+    import pytest
+    import torch
+
+    from mcf.bench import attention
+    from mcf.bench.config import AttentionTableConfig
+    from mcf.errors import ConfigError
+
+    calls = {"wall": 0, "cpu": 0}
+    real_wall, real_cpu = time.perf_counter, time.process_time
+    monkeypatch.setattr(time, "perf_counter", lambda: calls.__setitem__("wall", calls["wall"] + 1) or real_wall())
+    monkeypatch.setattr(time, "process_time", lambda: calls.__setitem__("cpu", calls["cpu"] + 1) or real_cpu())
+    inputs = [torch.randn(1, 1, 4, 8) for _ in range(4)]
+    for clock in ("wall", "cpu"):
+        before = dict(calls)
+        attention._time_interleaved(["math"], tuple(inputs), torch.device("cpu"), 0, 2, 1, clock=clock)
+        assert calls[clock] - before[clock] >= 4  # two repeats, a start and an end each
+        if clock == "wall":
+            assert calls["cpu"] == before["cpu"]  # no process CPU time read
+    with pytest.raises(ConfigError, match="clock must be wall or cpu"):
+        AttentionTableConfig(clock="process")

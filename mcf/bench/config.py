@@ -346,8 +346,14 @@ class AttentionTableConfig:
     table_file: str | None = field(None, flag=True, help=(
         "The table the rows are merged into; None = the per-user cache that attention.backend=auto reads "
         "(kernels/attention_table.json is the repository's)."))
+    clock: str = field("wall", help=(
+        "What a path's time is on a CPU: wall (what a training step pays; use it on a quiet host) or cpu (process "
+        "CPU time, all threads: steadier on a shared host, but a path that runs on more threads pays for each). "
+        "Always wall on a GPU."))
 
     def __post_init__(self) -> None:
+        if self.clock not in ("wall", "cpu"):
+            raise ConfigError(f"clock must be wall or cpu, got {self.clock!r}")
         for name in ("batch", "heads", "tokens", "head_dim"):
             values = getattr(self, name)
             if values is not None and (not values or min(values) < 1):
