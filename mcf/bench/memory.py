@@ -118,6 +118,10 @@ def build(name: str, img_size: int | None, teacher: str | None, precision: str, 
             )
     finally:
         quiet.setLevel(level)
+    # SDPA everywhere, whatever `auto` would take on this host: the count is of the fused kernel's saved tensors
+    # (the output and the log-sum-exp, as flash attention on a GPU keeps), on the CPU as on the meta device; the
+    # math path, `auto`'s choice at short sequences on some CPUs, would also keep each attention matrix
+    model.set_attention_backend("sdpa")
     # as DeepSpeed's bf16 engine: low-precision weights and activations
     return model.to(device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32).train()
 
