@@ -155,7 +155,7 @@ def test_a_failed_stage_shows_the_failing_ranks_own_lines(tmp_path):
     import subprocess
     import sys
 
-    from mcf.bench.scale import _failure_text, _free_port
+    from mcf.bench.scale import _free_port, failure_text
 
     script = tmp_path / "worker.py"
     script.write_text("import os, sys\nif os.environ['RANK'] == '1':\n    sys.exit('rank 1 says: out of bananas')\n")
@@ -164,7 +164,7 @@ def test_a_failed_stage_shows_the_failing_ranks_own_lines(tmp_path):
                            "127.0.0.1", "--master_port", str(_free_port()), "--log-dir", str(logs), "--redirects", "3",
                            str(script)], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    text = _failure_text(proc, logs)
+    text = failure_text(proc, logs)
     assert "[rank 1] rank 1 says: out of bananas" in text and "[torchrun]" in text, text
     assert "[rank 0]" not in text  # rank 0 wrote nothing
 

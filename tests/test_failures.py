@@ -177,8 +177,8 @@ def small_disk(tmp_path):
     try:
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mnt)], check=True, capture_output=True)
     except (OSError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"cannot mount a small tmpfs here ({e}): needs root; the same error path is tested with "
-                    "/dev/full in test_checkpoint_integrity.py")
+        why = f"cannot mount a small tmpfs here ({e})"
+        pytest.skip(f"{why}: needs root; the same error path is tested with /dev/full in test_checkpoint_integrity.py")
     try:
         yield mnt
     finally:

@@ -57,8 +57,7 @@ def _time_interleaved(
     """ms per forward + backward of each backend; the backends alternate within every repeat, so a
     shared host's load falls on all alike. ``clock``: ``wall`` (between synchronisations on a GPU), or on a
     CPU ``cpu``, process CPU time (all threads): steadier when other processes share the cores, but it
-    charges a kernel that runs on two threads twice (on a quiet 2-core host it made the single-threaded math
-    path look up to 6× faster than SDPA in bf16 at 13 tokens)."""
+    charges a kernel that runs on two threads for both, where a step pays its wall time."""
     import torch
 
     from mcf.measure import sync

@@ -121,7 +121,7 @@ def main(cfg: EmaDriftConfig) -> dict[str, Any]:
     from pathlib import Path
 
     from mcf.bench.common import emit
-    from mcf.bench.scale import _failure_text, torchrun_command, worker_env
+    from mcf.bench.scale import failure_text, torchrun_command, worker_env
     from mcf.configtree import to_dict
 
     with tempfile.TemporaryDirectory(prefix="mcf-bench-ema-drift-") as tmp:
@@ -137,7 +137,7 @@ def main(cfg: EmaDriftConfig) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             raise UserError(f"bench ema-drift: the ranks took more than timeout_s={cfg.timeout_s} s") from None
         if proc.returncode != 0 or not result.exists():
-            raise UserError(f"bench ema-drift: the run failed (exit {proc.returncode}):\n{_failure_text(proc, logs)}")
+            raise UserError(f"bench ema-drift: the run failed (exit {proc.returncode}):\n{failure_text(proc, logs)}")
         out = json.loads(result.read_text())
     emit(out, cfg.out)
     return out

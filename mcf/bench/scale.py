@@ -108,7 +108,7 @@ def run_stage(cfg: ScaleBenchConfig, stage: int, workdir: Path, option: str = "r
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=cfg.timeout_s)
     if proc.returncode != 0 or not out.exists():
         raise UserError(f"bench scale: ZeRO-{stage} run failed (exit {proc.returncode}):\n"
-                        f"{_failure_text(proc, workdir / f'logs_stage{stage}_{option}')}")
+                        f"{failure_text(proc, workdir / f'logs_stage{stage}_{option}')}")
     result = json.loads(out.read_text())
     result["wall_s"] = time.perf_counter() - t0
     if "comm" in result:
@@ -116,7 +116,7 @@ def run_stage(cfg: ScaleBenchConfig, stage: int, workdir: Path, option: str = "r
     return result
 
 
-def _failure_text(proc: subprocess.CompletedProcess, log_dir: Path, lines: int = 12) -> str:
+def failure_text(proc: subprocess.CompletedProcess, log_dir: Path, lines: int = 12) -> str:
     """The last ``lines`` of each rank's own stderr (torchrun ``--redirects 3`` writes them under ``log_dir``), then
     the launcher's: its summary names the rank and signal, the rank's lines say why."""
     parts = []

@@ -254,7 +254,8 @@ class _Variant:
         self.times += time_repeats(lambda: [self.step(next(self.feed)) for _ in range(self.cfg.steps)], self.device, 1)
         self.cpu_times.append(time.process_time() - cpu)
 
-    def result(self, peaks: dict[str, float], flops_per_image: float | None) -> dict[str, Any]:
+    def result(self) -> dict[str, Any]:
+        """The variant's figures; its MFU is set by :func:`run` once the run's peaks are final."""
         cfg, variant, device = self.cfg, self.name, self.device
         ms = statistics.median(self.times) / cfg.steps * 1e3
         result: dict[str, Any] = {
@@ -283,8 +284,6 @@ class _Variant:
             "compiled": variant == "mcf_compiled",
             **self.info,
         }
-        if flops_per_image is not None:
-            _set_mfu(result, flops_per_image, peaks)
         if variant == "paper":
             result["last_loss"] = self.step.losses[-1]  # type: ignore[attr-defined]
         else:
@@ -395,7 +394,7 @@ def run(cfg: StepBenchConfig) -> dict[str, Any]:
                 for v in names:
                     built[v].window()
             for v in names:
-                results[v] = built[v].result(peaks, flops)
+                results[v] = built[v].result()
                 built[v].close()
         else:
             for v in names:
@@ -404,7 +403,7 @@ def run(cfg: StepBenchConfig) -> dict[str, Any]:
                 flops = var.flops_per_image if v == "paper" else flops
                 for _ in range(cfg.repeats):
                     var.window()
-                results[v] = var.result(peaks, flops)
+                results[v] = var.result()
                 var.close()
                 del var
     finally:
